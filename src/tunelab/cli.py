@@ -1,0 +1,146 @@
+"""Command line: one command per stage; each parses, validates and calls a library function.
+
+A `UserError` is printed as one line (`error: ...`) with exit code 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer._click import ClickException
+from rich.console import Console
+
+from tunelab.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tunelab: prepare data, fine-tune, evaluate against baselines, predict.")
+data_app = typer.Typer(no_args_is_help=True, help="Data stage.")
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: str = typer.Argument(..., help="builtin:tweets-sentiment or a CSV/TSV/JSONL/JSON/Parquet file"),
+    out: Path = typer.Option(..., "--out", help="dataset dir to write"),
+    text_column: Optional[str] = typer.Option(None, help="column holding the text (default: text)"),
+    label_column: Optional[str] = typer.Option(None, help="column holding the label (default: label)"),
+    seed: int = typer.Option(0, help="seed of the split"),
+    val_ratio: float = typer.Option(0.1, min=0.0, max=0.5),
+    test_ratio: float = typer.Option(0.1, min=0.0, max=0.5),
+    max_rows: Optional[int] = typer.Option(None, min=1, help="keep a seeded stratified sample of this many rows"),
+):
+    """Read, clean, de-duplicate and split a labelled text file into a dataset dir."""
+    from tunelab.data.prepare import PrepareOptions, prepare
+    from tunelab.data.summary import print_dataset_summary
+
+    meta = prepare(source, out, PrepareOptions(text_column, label_column, seed, val_ratio, test_ratio, max_rows))
+    print_dataset_summary(meta, out, console)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    config: Path = typer.Argument(..., help="YAML config (see examples/)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. train.lr=3e-5"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run dir (default: runs/<config name>)"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest checkpoint in --out) or a path"),
+    force: bool = typer.Option(False, "--force", help="resume even if the config or data changed"),
+):
+    """Fine-tune a model; writes the run dir with metrics, checkpoints and model/."""
+    from tunelab.config import load_config
+    from tunelab.train.loop import train as run_train
+
+    cfg = load_config(config, overrides or [])
+    out = out or Path("runs") / (cfg.name or config.stem)
+    summary = run_train(cfg, out, resume=resume, force=force, show_progress=sys.stderr.isatty())
+    console.print_json(json.dumps(summary))
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),
+    data: Optional[Path] = typer.Option(None, "--data", help="dataset dir (default: the one it was trained on)"),
+    split: str = typer.Option("test", "--split"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report JSON (a confusion-matrix PNG goes beside it)"),
+    baseline: Optional[list[str]] = typer.Option(None, "--baseline", help="tfidf, zero_shot (default both)"),
+    no_baselines: bool = typer.Option(False, "--no-baselines"),
+    zero_shot_model: str = typer.Option("builtin:smollm2-135m-instruct", "--zero-shot-model"),
+    zero_shot_samples: int = typer.Option(300, "--zero-shot-samples", min=0,
+                                          help="cap on rows scored zero-shot; 0 = all"),
+):
+    """Evaluate against the TF-IDF and zero-shot baselines on the same split."""
+    from tunelab.evaluate.report import BASELINES, evaluate, print_report
+
+    chosen = [] if no_baselines else (baseline or list(BASELINES))
+    unknown = set(chosen) - set(BASELINES)
+    if unknown:
+        raise UserError(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
+    report = evaluate(model_dir, data, split, out, chosen, zero_shot_model, zero_shot_samples or None)
+    print_report(report, console)
+    if out:
+        console.print(f"report: {out} · confusion matrix: {report['confusion_matrix_png']}")
+
+
+@app.command()
+def predict(
+    model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),
+    texts: Optional[list[str]] = typer.Argument(None, help="texts to classify"),
+    input: Optional[Path] = typer.Option(None, "--input", help="JSONL/CSV/TSV/Parquet file of texts"),
+    out: Optional[Path] = typer.Option(None, "--out", help="predictions JSONL (with --input)"),
+    text_column: str = typer.Option("text", "--text-column"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+):
+    """Labels and per-class probabilities for texts or a file."""
+    from tunelab.predict import predict_file, predict_texts
+
+    if bool(texts) == bool(input):
+        raise UserError("give either texts as arguments or --input FILE (with --out)")
+    if input:
+        if out is None:
+            raise UserError("--input needs --out FILE for the predictions")
+        res = predict_file(model_dir, input, out, text_column, batch_size)
+        console.print(f"wrote {res['predicted']} predictions to {res['out']}")
+        if res["skipped"]:
+            err_console.print(f"skipped {len(res['skipped'])} rows without text: " + ", ".join(
+                f"line {s['line']} ({s['reason']})" for s in res["skipped"][:10]))
+        return
+    for r in predict_texts(model_dir, texts, batch_size):
+        console.print_json(json.dumps(r, ensure_ascii=False))
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out"),
+    data: Path = typer.Option(Path("data/tweets"), "--data"),
+    train_examples: int = typer.Option(8000, "--train-examples", min=32),
+    epochs: float = typer.Option(1.0, "--epochs", min=0.01),
+):
+    """Prepare the built-in tweets, fine-tune MiniLM, compare with the baselines, print the table."""
+    from tunelab.quickstart import run_quickstart
+
+    run_quickstart(out, data, train_examples, epochs, console)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except ClickException as e:  # usage errors: bad option, missing argument
+        e.show()
+        sys.exit(e.exit_code)

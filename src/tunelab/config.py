@@ -1,0 +1,165 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, validated by pydantic.
+
+Unknown keys and bad values fail at load with the dotted name of the key (`UserError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrepareConfig(Section):
+    """How to build `data.dir` if it does not exist yet (same options as `tunelab data prepare`)."""
+
+    source: str = Field(description="builtin:NAME or a CSV/TSV/JSONL/Parquet path")
+    text_column: str | None = None
+    label_column: str | None = None
+    seed: int = 0
+    max_rows: int | None = Field(None, gt=0)
+    val_ratio: float = Field(0.1, gt=0, lt=0.5)
+    test_ratio: float = Field(0.1, gt=0, lt=0.5)
+
+
+class DataConfig(Section):
+    dir: str = Field(description="a prepared dataset dir (dataset.json + train/validation/test.jsonl)")
+    prepare: PrepareConfig | None = None
+    max_train_examples: int | None = Field(None, gt=0, description="seeded stratified subset of train")
+    max_eval_examples: int | None = Field(None, gt=0, description="subset of validation used during training")
+
+
+class ModelConfig(Section):
+    base: str = Field(description="builtin:NAME, tiny-bert, tiny-llama, a local HF model dir, or a hub id")
+    max_length: int = Field(128, gt=0, le=32768)
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class MethodConfig(Section):
+    name: Literal["full", "lora", "head"] = "full"
+    lora: LoraConfig = LoraConfig()
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(5e-5, gt=0, lt=1)
+    head_lr: float | None = Field(None, gt=0, lt=1, description="learning rate of the new task head")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = each epoch")
+    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
+    save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = at each evaluation")
+    keep_last: int = Field(2, gt=0)
+    group_by_length: bool = True
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    num_threads: int | None = Field(None, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(128, gt=0)
+    baselines: list[Literal["tfidf", "zero_shot"]] = ["tfidf", "zero_shot"]
+    zero_shot_model: str = "builtin:smollm2-135m-instruct"
+    zero_shot_samples: int | None = Field(300, gt=0, description="cap on test rows for zero-shot; null = all")
+
+
+class RunConfig(Section):
+    task: Literal["classification"] = "classification"
+    name: str | None = None
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.data.prepare and self.data.prepare.val_ratio + self.data.prepare.test_ratio >= 0.9:
+            raise ValueError("data.prepare.val_ratio + test_ratio must leave at least 10% for train")
+        return self
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """`train.lr=3e-5` -> (["train", "lr"], 3e-05); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like section.key=value (e.g. train.epochs=2)")
+    key, _, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise UserError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override '{item}': '{p}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def validate(raw: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted overrides, validate. Errors name the file or key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path} must be a mapping of sections (model, data, method, train, eval)")
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

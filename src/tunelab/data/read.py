@@ -1,0 +1,166 @@
+"""Readers: a source file -> a stream of `Row(line, fields)` with 1-based source line numbers.
+
+Formats by suffix: .csv, .tsv, .jsonl/.ndjson, .json (array), .parquet. Text is decoded as UTF-8;
+invalid bytes become U+FFFD and the row is flagged (`Row.invalid_utf8`), never a crash. Lines that
+cannot be parsed at all come back as rows with `error` set, so the caller can count and reject them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+           ".parquet": "parquet"}
+
+
+@dataclass
+class Row:
+    line: int
+    fields: dict = field(default_factory=dict)
+    error: str | None = None  # a reason code when the line could not be parsed
+    invalid_utf8: bool = False
+
+
+def detect_format(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"cannot read {path}: unknown file type '{path.suffix}' "
+                        f"(supported: {', '.join(sorted(FORMATS))})")
+    return fmt
+
+
+def read_rows(path: str | Path) -> tuple[list[str], Iterator[Row]]:
+    """Open `path` and return (column names, row iterator). Errors a user can cause are `UserError`s."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such file: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a CSV/TSV/JSONL/JSON/Parquet file")
+    fmt = detect_format(path)
+    if fmt in ("csv", "tsv"):
+        return _read_csv(path, "\t" if fmt == "tsv" else ",")
+    if fmt == "jsonl":
+        return _read_jsonl(path)
+    if fmt == "json":
+        return _read_json_array(path)
+    return _read_parquet(path)
+
+
+def _text_stream(path: Path) -> io.TextIOWrapper:
+    return io.TextIOWrapper(open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
+
+
+def _read_csv(path: Path, delimiter: str) -> tuple[list[str], Iterator[Row]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    stream = _text_stream(path)
+    reader = csv.reader(stream, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        stream.close()
+        raise UserError(f"{path} is empty (no header row)") from None
+    except csv.Error as err:
+        stream.close()
+        raise UserError(f"{path}: cannot parse the header row: {err}") from None
+    header = [h.strip() for h in header]
+
+    def rows() -> Iterator[Row]:
+        with stream:
+            start = reader.line_num + 1
+            while True:
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error:
+                    yield Row(line=start, error="bad_csv_row")
+                    start = reader.line_num + 1
+                    continue
+                line, start = start, reader.line_num + 1
+                if not values:
+                    continue  # a blank line is not a row
+                if len(values) != len(header):
+                    yield Row(line=line, error="wrong_field_count")
+                    continue
+                fields = dict(zip(header, values))
+                yield Row(line=line, fields=fields, invalid_utf8=any("\ufffd" in v for v in values))
+
+    return header, rows()
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Row]]:
+    stream = _text_stream(path)
+    first = None
+    lines = enumerate(stream, start=1)
+    for n, text in lines:
+        if text.strip():
+            first = (n, text)
+            break
+    if first is None:
+        stream.close()
+        raise UserError(f"{path} is empty (no JSON lines)")
+    columns = _columns_of(_parse_json_line(*first))
+
+    def rows() -> Iterator[Row]:
+        with stream:
+            yield _parse_json_line(*first)
+            for n, text in lines:
+                if text.strip():
+                    yield _parse_json_line(n, text)
+
+    return columns, rows()
+
+
+def _parse_json_line(n: int, text: str) -> Row:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return Row(line=n, error="bad_json")
+    if not isinstance(obj, dict):
+        return Row(line=n, error="not_an_object")
+    return Row(line=n, fields=obj, invalid_utf8="\ufffd" in text)
+
+
+def _columns_of(row: Row) -> list[str]:
+    return list(row.fields) if row.error is None else []
+
+
+def _read_json_array(path: Path) -> tuple[list[str], Iterator[Row]]:
+    raw = path.read_bytes().decode("utf-8-sig", errors="replace")
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of objects")
+    columns = list(data[0]) if data and isinstance(data[0], dict) else []
+    # A JSON array has no meaningful line numbers; the 1-based item index stands in for them.
+    return columns, (Row(line=i, fields=o) if isinstance(o, dict) else Row(line=i, error="not_an_object")
+                     for i, o in enumerate(data, start=1))
+
+
+def _read_parquet(path: Path) -> tuple[list[str], Iterator[Row]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{path} is not a readable Parquet file: {err}") from None
+    columns = pf.schema_arrow.names
+
+    def rows() -> Iterator[Row]:
+        n = 0
+        for batch in pf.iter_batches(batch_size=8192):
+            for obj in batch.to_pylist():
+                n += 1
+                yield Row(line=n, fields=obj)
+
+    return columns, rows()

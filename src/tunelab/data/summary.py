@@ -1,0 +1,32 @@
+"""The rich summary printed at the end of `tunelab data prepare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None:
+    rep = meta["report"]
+    console.print(f"[bold]dataset[/] {out} · fingerprint {meta['fingerprint']} · labels {', '.join(meta['labels'])}")
+    acc = Table(title="rows")
+    acc.add_column("")
+    acc.add_column("count", justify="right")
+    acc.add_row("read", f"{rep['rows_read']:,}")
+    for reason, n in rep["dropped"].items():
+        acc.add_row(f"dropped: {reason}", f"{n:,}")
+    acc.add_row("kept", f"{rep['rows_kept']:,}", style="bold")
+    if rep["repaired"].get("invalid_utf8"):
+        acc.add_row("(kept rows with invalid UTF-8 bytes replaced)", f"{rep['repaired']['invalid_utf8']:,}")
+    console.print(acc)
+    bal = Table(title="class balance")
+    bal.add_column("split")
+    for label in meta["labels"]:
+        bal.add_column(label, justify="right")
+    bal.add_column("total", justify="right")
+    for split, counts in meta["class_balance"].items():
+        bal.add_row(split, *[f"{counts.get(label, 0):,}" for label in meta["labels"]], f"{meta['splits'][split]:,}")
+    console.print(bal)
+    console.print(f"rejected rows with line numbers and reasons: {Path(out) / 'rejected.jsonl'}")

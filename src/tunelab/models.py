@@ -1,0 +1,250 @@
+"""Load a base model (built-in, tiny, local HF dir, GGUF, hub id), add the task head, apply the
+training method, and save / load model dirs per the artifact contract.
+
+A model dir holds the Hugging Face files (`config.json` + `model.safetensors`, or PEFT's
+`adapter_config.json` + `adapter_model.safetensors`), the tokenizer, and `tunelab.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunelab.assets import TINY_MODELS, atomic_dir, builtin_path, cache_dir, is_builtin, tiny_model_dir
+from tunelab.errors import UserError
+
+META_FILE = "tunelab.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """A resolved base model: what the user wrote and the local HF dir it stands for."""
+
+    ref: str
+    path: Path | str  # a local dir, or a hub id for transformers to fetch
+    gguf_file: str | None = None
+
+
+def resolve_base(ref: str) -> BaseRef:
+    """Map a model reference to a loadable location. Errors name what is wrong with `ref`."""
+    if is_builtin(ref):
+        path = builtin_path(ref)
+        if path.suffix == ".gguf":
+            return BaseRef(ref, _dequantised_gguf_dir(ref, path))
+        return BaseRef(ref, path)
+    if ref in TINY_MODELS:
+        return BaseRef(ref, tiny_model_dir(ref))
+    p = Path(ref)
+    if p.is_file() and p.suffix == ".gguf":
+        return BaseRef(ref, _dequantised_gguf_dir(ref, p))
+    if p.is_dir():
+        if (p / META_FILE).is_file():
+            raise UserError(f"{p} is a tunelab model dir; use it with eval/predict, or name its base "
+                            f"({read_meta(p).get('base', {}).get('ref')}) as model.base")
+        if (p / "config.json").is_file():
+            return BaseRef(ref, p)
+        ggufs = sorted(p.glob("*.gguf"))
+        if ggufs:
+            return BaseRef(ref, _dequantised_gguf_dir(ref, ggufs[0]))
+        raise UserError(f"{p} is not a model dir (no config.json or .gguf file)")
+    if p.exists():
+        raise UserError(f"{p} is not a model dir")
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/")):
+        return BaseRef(ref, ref)
+    raise UserError(f"model '{ref}' not found: not a local dir, a builtin:NAME, tiny-bert/tiny-llama, "
+                    "or a hub id (org/name)")
+
+
+def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
+    """De-quantise a GGUF once (transformers' reader) and cache it as safetensors + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = re.sub(r"[^\w.-]", "_", gguf.stem) + f"-{stat.st_size}"
+    out = cache_dir() / "gguf" / key
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read GGUF {gguf}: {err}") from None
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"ref": ref, "gguf": str(gguf)}))
+    return out
+
+
+def _from_pretrained(loader, base: BaseRef, **kwargs):
+    try:
+        return loader.from_pretrained(base.path, **kwargs)
+    except OSError as err:
+        if isinstance(base.path, str):
+            raise UserError(f"cannot load '{base.ref}' from the Hugging Face hub (offline or unknown id); "
+                            "download it elsewhere and pass the local dir instead") from None
+        raise UserError(f"cannot load model from {base.path}: {err}") from None
+
+
+def load_tokenizer(ref: str | BaseRef, trust_remote_code: bool = False):
+    """The tokenizer of a base, with a pad token set (decoders reuse EOS) and right padding."""
+    from transformers import AutoTokenizer
+
+    base = ref if isinstance(ref, BaseRef) else resolve_base(ref)
+    tok = _from_pretrained(AutoTokenizer, base, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"tokenizer of '{base.ref}' has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_classifier(ref: str, labels: list[str], trust_remote_code: bool = False):
+    """A base with a fresh sequence-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = resolve_base(ref)
+    tok = load_tokenizer(base, trust_remote_code)
+    model, info = _from_pretrained(
+        AutoModelForSequenceClassification, base, num_labels=len(labels),
+        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        pad_token_id=tok.pad_token_id, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        output_loading_info=True)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok, base, sorted(info.get("missing_keys", []))
+
+
+# ---- methods -------------------------------------------------------------------------------------
+
+def head_module_names(model: nn.Module, new_params: list[str]) -> list[str]:
+    """Top-level modules outside the pretrained body, plus modules with newly initialised weights."""
+    body = getattr(model, "base_model_prefix", "")
+    names = {n for n, _ in model.named_children() if n != body}
+    names |= {p.rsplit(".", 1)[0] for p in new_params}
+    return sorted(names)
+
+
+def _apply_full(model, method, new_params):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _apply_head(model, method, new_params):
+    heads = head_module_names(model, new_params)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
+    return model
+
+
+def _apply_lora(model, method, new_params):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = method.lora
+    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules,
+                     modules_to_save=head_module_names(model, new_params))
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as err:
+        raise UserError(f"method.lora: {err}") from None
+
+
+METHODS = {"full": _apply_full, "head": _apply_head, "lora": _apply_lora}
+
+
+def apply_method(model: nn.Module, method, new_params: list[str]) -> nn.Module:
+    """Set what trains: `full` everything, `head` only the task head, `lora` adapters + head (peft)."""
+    return METHODS[method.name](model, method, new_params)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """-> (trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the trainable tensors (used to keep the best model and in checkpoints)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = set(state) - set(params)
+    if missing:
+        raise ValueError(f"state has tensors the model lacks: {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+# ---- model dirs ----------------------------------------------------------------------------------
+
+def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict) -> Path:
+    """Write the model dir atomically: HF/PEFT weights (safetensors), tokenizer, `tunelab.json`."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    return out
+
+
+def read_meta(model_dir: str | Path) -> dict:
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise UserError(f"model dir not found: {d}")
+    path = d / META_FILE
+    if not path.is_file():
+        raise UserError(f"{d} is not a tunelab model dir (no {META_FILE}); train one with `tunelab train`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is corrupt: {err}") from None
+
+
+def load_model_dir(model_dir: str | Path, device: str = "cpu"):
+    """A saved classification model dir -> (model in eval mode, tokenizer, meta)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    d = Path(model_dir)
+    meta = read_meta(d)
+    if meta.get("task") != "classification":
+        raise UserError(f"{d} holds a '{meta.get('task')}' model; this command needs a classification model")
+    labels = meta["labels"]
+    tok = AutoTokenizer.from_pretrained(d)
+    if (d / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = resolve_base(meta["base"]["ref"])
+        body = AutoModelForSequenceClassification.from_pretrained(
+            base.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tok.pad_token_id,
+            dtype=torch.float32)
+        model = PeftModel.from_pretrained(body, d)
+    elif (d / "config.json").is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)
+    else:
+        raise UserError(f"{d} has no model weights (config.json or adapter_config.json)")
+    model.to(device).eval()
+    return model, tok, meta
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from tunelab import __version__
+
+    return {"tunelab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": os.sys.version.split()[0]}

@@ -1,0 +1,1 @@
+"""Task definitions: how rows become tensors, how loss and predictions are computed."""

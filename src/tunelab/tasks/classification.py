@@ -1,0 +1,85 @@
+"""Sequence classification: rows {"text", "label"} -> token ids -> logits over the label set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tunelab.errors import UserError
+from tunelab.train.batching import pad_batch
+
+
+@dataclass
+class Encoded:
+    """Token ids per example (unpadded), their lengths, and label ids (-1 when unlabelled)."""
+
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ClassificationTask:
+    name = "classification"
+
+    def __init__(self, tokenizer, labels: list[str], max_length: int):
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.label2id = {label: i for i, label in enumerate(self.labels)}
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return enc["input_ids"]
+
+    def encode(self, rows: list[dict], labelled: bool = True) -> Encoded:
+        """Tokenise rows; an unknown label is a `UserError` naming it and the known labels."""
+        labels = []
+        if labelled:
+            unknown = sorted({r["label"] for r in rows} - set(self.label2id))
+            if unknown:
+                raise UserError(f"labels {unknown} are unknown to this model; it knows {self.labels}")
+            labels = [self.label2id[r["label"]] for r in rows]
+        else:
+            labels = [-1] * len(rows)
+        return Encoded(self.encode_texts([r["text"] for r in rows]), labels)
+
+    def collate(self, enc: Encoded, idx: list[int]) -> dict[str, torch.Tensor]:
+        """Dynamic padding: pad to the longest example of this batch only."""
+        ids, mask = pad_batch([enc.input_ids[i] for i in idx], self.pad_id)
+        return {"input_ids": ids, "attention_mask": mask,
+                "labels": torch.tensor([enc.labels[i] for i in idx], dtype=torch.long)}
+
+    @staticmethod
+    def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum (not mean) of per-example cross-entropy, so accumulation can normalise by the true count."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+    @torch.no_grad()
+    def logits(self, model, enc: Encoded, batch_size: int = 128) -> np.ndarray:
+        """Logits [n, n_labels] in the original order; batches are formed by length to cut padding."""
+        model.eval()
+        order = np.argsort(enc.lengths, kind="stable")
+        out = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size].tolist()
+            batch = self.collate(enc, idx)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out[idx] = logits.float().cpu().numpy()
+        return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

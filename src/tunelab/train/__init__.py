@@ -1,0 +1,1 @@
+"""Training: one readable loop and its parts (batching, optimiser, checkpoints, tracking)."""

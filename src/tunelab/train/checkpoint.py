@@ -1,0 +1,136 @@
+"""Checkpoints: `checkpoints/step-N/` with trainable weights (safetensors), optimizer, scheduler,
+RNG and loop state; complete only once `manifest.json` (file list, sizes, sha256) is written last,
+fsynced and atomically renamed. Folders without a manifest are ignored and removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def _tuplify(x):
+    return tuple(_tuplify(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
+                    loop_state: dict, keep_last: int, keep: set[int] = frozenset(),
+                    best_weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `ckpt_root/step-N` and its manifest last; then prune older complete ones beyond `keep_last`
+    (never those in `keep`, e.g. the best). `best_weights`, when given, are the best-so-far trainable
+    weights if they differ from the current ones."""
+    d = Path(ckpt_root) / f"step-{step}"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, d / "weights.safetensors")
+    if best_weights:
+        save_file({k: v.contiguous() for k, v in best_weights.items()}, d / "best_weights.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               d / "trainer_state.pt")
+    (d / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(d.iterdir())}
+    _fsync_write(d / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+    prune(ckpt_root, keep_last, keep | {step})
+    return d
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Incomplete folders (no manifest) are removed."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    done = []
+    for d in root.iterdir():
+        if not (d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()):
+            continue
+        if (d / MANIFEST).is_file():
+            done.append(d)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+def prune(ckpt_root: Path, keep_last: int, keep: set[int]) -> None:
+    done = complete_checkpoints(ckpt_root)
+    for d in done[:-keep_last] if keep_last else done:
+        if int(d.name[5:]) not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def verify(d: Path) -> dict:
+    """Check a checkpoint against its manifest; -> the manifest."""
+    manifest_path = d / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{d} is not a complete checkpoint (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text())
+    for name, info in manifest["files"].items():
+        p = d / name
+        if not p.is_file() or p.stat().st_size != info["size"] or _sha256(p) != info["sha256"]:
+            raise UserError(f"checkpoint {d} is damaged: {name} does not match its manifest")
+    return manifest
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path:
+    """`auto` -> newest complete checkpoint of the run; otherwise a checkpoint path."""
+    if resume == "auto":
+        done = complete_checkpoints(Path(run_dir) / "checkpoints")
+        if not done:
+            raise UserError(f"--resume auto: no complete checkpoint in {run_dir}/checkpoints")
+        return done[-1]
+    p = Path(resume)
+    if not p.is_dir():
+        raise UserError(f"--resume: no checkpoint folder at {p}")
+    return p
+
+
+def load_checkpoint(d: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict[str, torch.Tensor] | None]:
+    """-> (trainable weights, trainer state (optimizer, scheduler, rng), loop state, best weights or None)."""
+    verify(d)
+    weights = load_file(d / "weights.safetensors")
+    trainer = torch.load(d / "trainer_state.pt", weights_only=True)
+    loop_state = json.loads((d / "loop_state.json").read_text())
+    best = load_file(d / "best_weights.safetensors") if (d / "best_weights.safetensors").is_file() else None
+    return weights, trainer, loop_state, best

@@ -1,0 +1,265 @@
+"""The training loop: `train(cfg, out)` reads top to bottom.
+
+Per optimizer step: a window of `grad_accum` length-grouped micro-batches; each micro-batch's summed
+loss is divided by the number of examples in the whole window, so the accumulated gradient is the
+gradient of the mean loss over the window whatever the batch sizes. Then clip, AdamW step, LR
+schedule step. Evaluation on the validation split (macro-F1) every `eval_every` steps or each epoch;
+the best weights are kept; early stopping after `early_stopping_patience` evaluations without gain.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from tunelab.config import RunConfig, dump_config
+from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
+from tunelab.data.split import sample_rows
+from tunelab.errors import UserError
+from tunelab.evaluate.metrics import classification_metrics
+from tunelab.models import (apply_method, count_parameters, head_module_names, library_versions,
+                            load_classifier, load_trainable_state, save_model_dir, trainable_state)
+from tunelab.tasks.classification import ClassificationTask, softmax
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.batching import length_grouped_batches
+from tunelab.train.optim import build_optimizer, linear_schedule
+from tunelab.train.progress import TrainProgress
+from tunelab.train.tracking import Tracker
+
+
+@dataclass
+class LoopState:
+    """Everything besides tensors needed to continue a run exactly where it stopped."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (its batch order is seeded by seed + epoch)
+    window: int = 0  # accumulation windows done in the current epoch
+    examples_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def ensure_dataset(cfg: RunConfig) -> Path:
+    """The prepared dataset dir of the run; prepared from `data.prepare` when it does not exist yet."""
+    d = Path(cfg.data.dir)
+    if (d / "dataset.json").is_file():
+        return d
+    if cfg.data.prepare is None:
+        raise UserError(f"data.dir {d} is not a prepared dataset and data.prepare is not set; "
+                        f"run `tunelab data prepare SOURCE --out {d}` first")
+    p = cfg.data.prepare
+    prepare(p.source, d, PrepareOptions(text_column=p.text_column, label_column=p.label_column, seed=p.seed,
+                                        val_ratio=p.val_ratio, test_ratio=p.test_ratio, max_rows=p.max_rows))
+    return d
+
+
+def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    return rows if n is None else sample_rows(rows, n, "label", seed)[0]
+
+
+def evaluate_model(task: ClassificationTask, model, enc, batch_size: int) -> dict:
+    logits = task.logits(model, enc, batch_size)
+    probs = softmax(logits)
+    y = np.asarray(enc.labels)
+    metrics = classification_metrics(y, logits.argmax(-1), task.labels, probs)
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    return metrics
+
+
+def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: bool = False,
+          console: Console | None = None, show_progress: bool = True) -> dict:
+    """Fine-tune `cfg.model.base` on `cfg.data` and write the run dir `out` (see DESIGN.md).
+
+    Returns a summary: best validation metrics, steps, examples/s and the model dir path.
+    """
+    console = console or Console(stderr=True)
+    out = Path(out)
+    tc = cfg.train
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    seed_everything(tc.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    data_dir = ensure_dataset(cfg)
+    meta = load_meta(data_dir)
+    if meta.get("task") != "classification":
+        raise UserError(f"{data_dir} holds a '{meta.get('task')}' dataset; this config trains classification")
+    labels = meta["labels"]
+    train_rows = _subset(load_split(data_dir, "train"), cfg.data.max_train_examples, tc.seed)
+    val_rows = _subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, tc.seed)
+    if not train_rows or not val_rows:
+        raise UserError(f"{data_dir}: the train and validation splits must both have rows")
+
+    model, tokenizer, base, new_params = load_classifier(cfg.model.base, labels, cfg.model.trust_remote_code)
+    heads = tuple(head_module_names(model, new_params))
+    model = apply_method(model, cfg.method, new_params).to(device)
+    task = ClassificationTask(tokenizer, labels, cfg.model.max_length)
+    tr, va = task.encode(train_rows), task.encode(val_rows)
+
+    windows_per_epoch = math.ceil(math.ceil(len(tr) / tc.batch_size) / tc.grad_accum)
+    total_steps = tc.max_steps or math.ceil(tc.epochs * windows_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads)
+    scheduler = linear_schedule(optimizer, total_steps, round(tc.warmup_ratio * total_steps))
+
+    state, best_weights = LoopState(), None
+    run_record = {"config": cfg.model_dump(mode="json"), "data_fingerprint": meta["fingerprint"]}
+    if resume:
+        state, best_weights = _resume(out, resume, force, run_record, model, optimizer, scheduler, console)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    tracker = Tracker(out)
+    n_train, n_total = count_parameters(model)
+    console.print(f"[bold]train[/] {cfg.model.base} · method {cfg.method.name} · "
+                  f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
+                  f"{len(tr):,} train / {len(va):,} validation examples · {total_steps} steps on {device}")
+
+    progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console)
+    t_start, seen_at_start = time.perf_counter(), state.examples_seen
+    window_loss, window_count, last_eval = 0.0, 0, None
+    stop = False
+    while not stop and state.step < total_steps:
+        batches = length_grouped_batches(tr.lengths, tc.batch_size, tc.seed + state.epoch, tc.group_by_length)
+        windows = [batches[i:i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
+        for window in windows[state.window:]:
+            model.train()
+            n = sum(len(b) for b in window)
+            loss_value = 0.0
+            for idx in window:
+                batch = {k: v.to(device) for k, v in task.collate(tr, idx).items()}
+                loss = task.loss_sum(model, batch) / n
+                loss.backward()
+                loss_value += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
+            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss_value}, "
+                                f"grad norm {float(grad_norm)}); lower train.lr; last good checkpoint: "
+                                f"{_last_checkpoint(out)}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.window += 1
+            state.examples_seen += n
+            window_loss += loss_value
+            window_count += 1
+
+            rate = (state.examples_seen - seen_at_start) / max(1e-9, time.perf_counter() - t_start)
+            lr = scheduler.get_last_lr()[0]
+            progress.update(state.step, loss_value, lr, rate)
+            if state.step % tc.log_every == 0 or state.step == total_steps:
+                tracker.log(state.step, train_loss=window_loss / window_count, lr=lr, examples_per_s=rate,
+                            epoch=state.epoch + state.window / len(windows))
+                window_loss, window_count = 0.0, 0
+
+            end_of_epoch = state.window == len(windows)
+            due = (state.step % tc.eval_every == 0) if tc.eval_every else end_of_epoch
+            if due or state.step == total_steps:
+                last_eval = evaluate_model(task, model, va, tc.eval_batch_size)
+                improved = state.best_metric is None or last_eval["macro_f1"] > state.best_metric
+                if improved:
+                    state.best_metric, state.best_step, state.bad_evals = last_eval["macro_f1"], state.step, 0
+                    best_weights = trainable_state(model)
+                else:
+                    state.bad_evals += 1
+                tracker.log(state.step, eval_macro_f1=last_eval["macro_f1"], eval_accuracy=last_eval["accuracy"],
+                            eval_loss=last_eval["loss"], eval_ece=last_eval["ece"])
+                progress.note(f"step {state.step}: validation macro-F1 {last_eval['macro_f1']:.4f} "
+                              f"accuracy {last_eval['accuracy']:.4f} loss {last_eval['loss']:.4f}"
+                              + (" (best)" if improved else ""))
+                if tc.early_stopping_patience and state.bad_evals >= tc.early_stopping_patience:
+                    progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
+                    stop = True
+            save_due = (state.step % tc.save_every == 0) if tc.save_every else due
+            if save_due and state.step < total_steps and not stop:
+                _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record)
+            if stop or state.step >= total_steps:
+                break
+        else:
+            state.epoch, state.window = state.epoch + 1, 0
+            continue
+        break
+    progress.close()
+    elapsed = time.perf_counter() - t_start
+    rate = (state.examples_seen - seen_at_start) / max(elapsed, 1e-9)
+
+    if best_weights is not None:
+        load_trainable_state(model, best_weights)
+    best_eval = evaluate_model(task, model, va, tc.eval_batch_size) if state.best_step != state.step else last_eval
+    model_meta = {
+        "task": "classification", "labels": labels, "base": {"ref": cfg.model.base, "path": str(base.path)},
+        "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
+        "data": {"dir": str(data_dir), "fingerprint": meta["fingerprint"], "train_examples": len(tr)},
+        "metrics": {"validation": {k: best_eval[k] for k in ("accuracy", "macro_f1", "macro_recall", "ece",
+                                                             "loss")}},
+        "best_step": state.best_step, "steps": state.step, "seed": tc.seed, "versions": library_versions(),
+    }
+    model.to("cpu")
+    model_dir = save_model_dir(model, tokenizer, out / "model", model_meta)
+    tracker.log(state.step, done=True, train_examples_per_s=rate, elapsed_s=elapsed)
+    tracker.close()
+    console.print(f"[bold green]saved[/] {model_dir} · best validation macro-F1 {state.best_metric:.4f} "
+                  f"at step {state.best_step} · {rate:.1f} examples/s")
+    return {"model_dir": str(model_dir), "steps": state.step, "best_step": state.best_step,
+            "validation": model_meta["metrics"]["validation"], "examples_per_s": rate, "elapsed_s": elapsed}
+
+
+def _last_checkpoint(out: Path) -> str:
+    done = ckpt.complete_checkpoints(out / "checkpoints")
+    return str(done[-1]) if done else "none"
+
+
+def _save(out: Path, state: LoopState, model, best_weights, optimizer, scheduler, keep_last: int,
+          run_record: dict) -> None:
+    weights = trainable_state(model)
+    loop_state = {"loop": asdict(state), **run_record}
+    extra = {} if best_weights is None or state.best_step == state.step else best_weights
+    ckpt.save_checkpoint(out / "checkpoints", state.step, weights, optimizer, scheduler, loop_state, keep_last,
+                         keep={state.best_step} if state.best_step else set(),
+                         best_weights=extra)
+
+
+def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimizer, scheduler,
+            console: Console) -> tuple[LoopState, dict | None]:
+    d = ckpt.resolve_resume(out, resume)
+    weights, trainer, saved, best = ckpt.load_checkpoint(d)
+    diffs = _differences(saved["config"], run_record["config"])
+    if saved["data_fingerprint"] != run_record["data_fingerprint"]:
+        diffs.append("data fingerprint")
+    if diffs and not force:
+        raise UserError(f"cannot resume from {d}: changed since the checkpoint: {', '.join(diffs)} "
+                        "(pass --force to resume anyway)")
+    load_trainable_state(model, weights)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    ckpt.set_rng_state(trainer["rng"])
+    state = LoopState(**saved["loop"])
+    console.print(f"[bold]resumed[/] from {d} at step {state.step}" + (f" (forced; changed: {diffs})" if diffs
+                                                                       else ""))
+    best_weights = best or (weights if state.best_step == state.step else None)
+    return state, best_weights
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    key = prefix.rstrip(".")
+    return [] if a == b else [key]
