@@ -119,7 +119,7 @@ def predict(
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out"),
     data: Path = typer.Option(Path("data/tweets"), "--data"),
-    train_examples: int = typer.Option(8000, "--train-examples", min=32),
+    train_examples: int = typer.Option(12000, "--train-examples", min=32),
     epochs: float = typer.Option(1.0, "--epochs", min=0.01),
 ):
     """Prepare the built-in tweets, fine-tune MiniLM, compare with the baselines, print the table."""
@@ -131,6 +131,8 @@ def quickstart(
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         app(standalone_mode=False)
     except UserError as err:

@@ -20,6 +20,14 @@ from tunelab.assets import TINY_MODELS, atomic_dir, builtin_path, cache_dir, is_
 from tunelab.errors import UserError
 
 META_FILE = "tunelab.json"
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars or load reports from transformers inside tunelab's own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -66,6 +74,7 @@ def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
     """De-quantise a GGUF once (transformers' reader) and cache it as safetensors + tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     stat = gguf.stat()
     key = re.sub(r"[^\w.-]", "_", gguf.stem) + f"-{stat.st_size}"
     out = cache_dir() / "gguf" / key
@@ -76,6 +85,10 @@ def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot read GGUF {gguf}: {err}") from None
+    # The weights are plain float tensors now; drop the GGUF marker so they save as safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -84,6 +97,7 @@ def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
 
 
 def _from_pretrained(loader, base: BaseRef, **kwargs):
+    quiet_transformers()
     try:
         return loader.from_pretrained(base.path, **kwargs)
     except OSError as err:
@@ -192,6 +206,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict) -> Path:
     """Write the model dir atomically: HF/PEFT weights (safetensors), tokenizer, `tunelab.json`."""
+    quiet_transformers()
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -215,6 +230,7 @@ def read_meta(model_dir: str | Path) -> dict:
 
 def load_model_dir(model_dir: str | Path, device: str = "cpu"):
     """A saved classification model dir -> (model in eval mode, tokenizer, meta)."""
+    quiet_transformers()
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     d = Path(model_dir)
@@ -222,8 +238,14 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu"):
     if meta.get("task") != "classification":
         raise UserError(f"{d} holds a '{meta.get('task')}' model; this command needs a classification model")
     labels = meta["labels"]
-    tok = AutoTokenizer.from_pretrained(d)
-    if (d / "adapter_config.json").is_file():
+    is_adapter = (d / "adapter_config.json").is_file()
+    if not is_adapter and not (d / "config.json").is_file():
+        raise UserError(f"{d} has no model weights (config.json or adapter_config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(d)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the tokenizer in {d}: {err}") from None
+    if is_adapter:
         from peft import PeftModel
 
         base = resolve_base(meta["base"]["ref"])
@@ -232,10 +254,8 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu"):
             label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tok.pad_token_id,
             dtype=torch.float32)
         model = PeftModel.from_pretrained(body, d)
-    elif (d / "config.json").is_file():
-        model = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)
     else:
-        raise UserError(f"{d} has no model weights (config.json or adapter_config.json)")
+        model = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)
     model.to(device).eval()
     return model, tok, meta
 

@@ -45,9 +45,13 @@ def sample_rows(rows: list[dict], n: int, label_field: str, seed: int) -> tuple[
     by_label: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         by_label[r[label_field]].append(i)
+    # Largest-remainder quotas: per-label shares that add up to exactly n.
+    labels = sorted(by_label)
+    exact = np.array([n * len(by_label[label]) / len(rows) for label in labels])
+    quota = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - quota), kind="stable")[: n - quota.sum()]:
+        quota[k] += 1
     chosen: set[int] = set()
-    for label in sorted(by_label):
-        idx = np.array(by_label[label])
-        take = max(1, int(round(n * len(idx) / len(rows))))
-        chosen.update(int(i) for i in rng.choice(idx, size=min(take, len(idx)), replace=False))
+    for label, q in zip(labels, quota):
+        chosen.update(int(i) for i in rng.choice(np.array(by_label[label]), size=int(q), replace=False))
     return ([r for i, r in enumerate(rows) if i in chosen], [r for i, r in enumerate(rows) if i not in chosen])

@@ -72,9 +72,11 @@ def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples:
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        logits = model(**enc).logits
+        hidden = model.base_model(**enc).last_hidden_state
         last = enc["attention_mask"].sum(1) - 1  # right padding: the last real token
-        logp = torch.log_softmax(logits[torch.arange(len(idx)), last].float(), dim=-1)
+        # Project only the last position onto the vocabulary (the other positions are not needed).
+        logits = model.get_output_embeddings()(hidden[torch.arange(len(idx)), last])
+        logp = torch.log_softmax(logits.float(), dim=-1)
         for j, ids in enumerate(label_ids):
             scores[idx, j] = torch.logsumexp(logp[:, ids], dim=-1).numpy()
     probs = np.exp(scores - scores.max(1, keepdims=True))
@@ -82,7 +84,7 @@ def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples:
     label2id = {label: i for i, label in enumerate(labels)}
     y = np.array([label2id[r["label"]] for r in rows])
     out = classification_metrics(y, scores.argmax(1), labels, probs)
-    out.update(name=f"zero-shot {model_ref}", sample_size=len(rows), population=len(test_rows),
+    out.update(name=f"zero-shot {model_ref.removeprefix('builtin:')}", sample_size=len(rows), population=len(test_rows),
                prompt=ZERO_SHOT_PROMPT)
     return out
 

@@ -42,7 +42,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
     logits = task.logits(model, enc, batch_size)
     probs = softmax(logits)
     report = classification_metrics(enc.labels, logits.argmax(-1), labels, probs)
-    report.update(model={"dir": str(model_dir), "base": meta["base"]["ref"], "method": meta["method"]["name"]},
+    report.update(model={"dir": str(model_dir), "base": meta["base"]["ref"], "method": meta["method"]["name"],
+                         "train_examples": meta["data"]["train_examples"]},
                   data={"dir": str(data_dir), "split": split, "fingerprint": data_meta["fingerprint"],
                         "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]})
     report["baselines"] = {}
@@ -67,10 +68,10 @@ def print_report(report: dict, console: Console | None = None) -> None:
     data = report["data"]
     t = Table(title=f"{data['split']} split of {data['dir']} ({report['n']} rows)")
     for col in ("model", "rows", "accuracy", "macro-F1", "macro-recall", "ECE"):
-        t.add_column(col, justify="left" if col == "model" else "right")
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col != "model")
 
     def add(name: str, m: dict, style: str = "") -> None:
-        rows = str(m["n"]) + (f" (sample of {m['population']})" if m.get("population", m["n"]) != m["n"] else "")
+        rows = str(m["n"]) + (f" of {m['population']}" if m.get("population", m["n"]) != m["n"] else "")
         t.add_row(name, rows, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['macro_recall']:.4f}",
                   f"{m['ece']:.4f}", style=style)
 
@@ -78,8 +79,9 @@ def print_report(report: dict, console: Console | None = None) -> None:
     if "zero_shot" in b:
         add(b["zero_shot"]["name"], b["zero_shot"])
     if "tfidf_logreg" in b:
-        add(f"TF-IDF + LR (trained on {b['tfidf_logreg']['train_examples']} rows)", b["tfidf_logreg"])
-    add(f"fine-tuned {report['model']['base']} ({report['model']['method']})", report, style="bold green")
+        add(f"TF-IDF + LR ({b['tfidf_logreg']['train_examples']} train rows)", b["tfidf_logreg"])
+    add(f"fine-tuned {report['model']['base'].removeprefix('builtin:')} ({report['model']['method']}, "
+        f"{report['model']['train_examples']} train rows)", report, style="bold green")
     console.print(t)
     pc = Table(title="fine-tuned model, per class")
     for col in ("label", "precision", "recall", "F1", "support"):

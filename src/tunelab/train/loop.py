@@ -71,6 +71,22 @@ def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     return rows if n is None else sample_rows(rows, n, "label", seed)[0]
 
 
+def accumulate_gradients(model, task: ClassificationTask, enc, window: list[list[int]], device: str) -> float:
+    """Backward over the micro-batches of one optimizer step -> the window's mean loss.
+
+    Each micro-batch contributes (sum of its example losses) / (examples in the whole window), so the
+    accumulated gradient equals that of the mean loss over the window, whatever the micro-batch sizes.
+    """
+    n = sum(len(idx) for idx in window)
+    total = 0.0
+    for idx in window:
+        batch = {k: v.to(device) for k, v in task.collate(enc, idx).items()}
+        loss = task.loss_sum(model, batch) / n
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def evaluate_model(task: ClassificationTask, model, enc, batch_size: int) -> dict:
     logits = task.logits(model, enc, batch_size)
     probs = softmax(logits)
@@ -138,12 +154,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         for window in windows[state.window:]:
             model.train()
             n = sum(len(b) for b in window)
-            loss_value = 0.0
-            for idx in window:
-                batch = {k: v.to(device) for k, v in task.collate(tr, idx).items()}
-                loss = task.loss_sum(model, batch) / n
-                loss.backward()
-                loss_value += loss.item()
+            loss_value = accumulate_gradients(model, task, tr, window, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss_value}, "

@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.config import apply_overrides, load_config, validate
+from tunelab.errors import UserError
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+def base() -> dict:
+    return {"model": {"base": "tiny-bert"}, "data": {"dir": "d"}}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates(path):
+    cfg = load_config(path)
+    assert cfg.task == "classification"
+    assert cfg.data.prepare is not None or Path(cfg.data.dir).exists(), "an example must name its data"
+
+
+def test_examples_exist():
+    names = {p.name for p in EXAMPLES}
+    assert {"tiny.yaml", "tweets-minilm.yaml", "tweets-smollm2-lora.yaml"} <= names
+
+
+def test_unknown_key_is_named():
+    raw = base() | {"train": {"epochs": 1, "learning_rate": 0.1}}
+    with pytest.raises(UserError, match=r"unknown key 'train.learning_rate'"):
+        validate(raw)
+
+
+def test_bad_value_is_named():
+    with pytest.raises(UserError, match=r"'train.lr'"):
+        validate(base() | {"train": {"lr": -1}})
+    with pytest.raises(UserError, match=r"'method.name'"):
+        validate(base() | {"method": {"name": "qlora-magic"}})
+
+
+def test_missing_required_section():
+    with pytest.raises(UserError, match="model"):
+        validate({"data": {"dir": "d"}})
+
+
+def test_overrides_parse_yaml_values():
+    raw = apply_overrides(base(), ["train.epochs=2", "train.lr=3e-5", "method.lora.target_modules=[q,v]",
+                                   "data.max_train_examples=null"])
+    cfg = validate(raw)
+    assert cfg.train.epochs == 2 and cfg.train.lr == 3e-5
+    assert cfg.method.lora.target_modules == ["q", "v"]
+    with pytest.raises(UserError, match="section.key=value"):
+        apply_overrides(base(), ["train.epochs"])
+    with pytest.raises(UserError, match="not a section"):
+        apply_overrides(base(), ["model.base.x=1"])
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(UserError, match="mapping"):
+        load_config(lst)
