@@ -141,7 +141,7 @@ def load_classifier(ref: str, labels: list[str], trust_remote_code: bool = False
 def head_module_names(model: nn.Module, new_params: list[str]) -> list[str]:
     """Top-level modules outside the pretrained body, plus modules with newly initialised weights."""
     body = getattr(model, "base_model_prefix", "")
-    names = {n for n, _ in model.named_children() if n != body}
+    names = {n for n, m in model.named_children() if n != body and any(True for _ in m.parameters())}
     names |= {p.rsplit(".", 1)[0] for p in new_params}
     return sorted(names)
 

@@ -145,7 +145,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                   f"{len(tr):,} train / {len(va):,} validation examples · {total_steps} steps on {device}")
 
     progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console)
-    t_start, seen_at_start = time.perf_counter(), state.examples_seen
+    t_start, seen_at_start, eval_time = time.perf_counter(), state.examples_seen, 0.0
     window_loss, window_count, last_eval = 0.0, 0, None
     stop = False
     while not stop and state.step < total_steps:
@@ -169,7 +169,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
             window_loss += loss_value
             window_count += 1
 
-            rate = (state.examples_seen - seen_at_start) / max(1e-9, time.perf_counter() - t_start)
+            rate = (state.examples_seen - seen_at_start) / max(1e-9, time.perf_counter() - t_start - eval_time)
             lr = scheduler.get_last_lr()[0]
             progress.update(state.step, loss_value, lr, rate)
             if state.step % tc.log_every == 0 or state.step == total_steps:
@@ -180,6 +180,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
             end_of_epoch = state.window == len(windows)
             due = (state.step % tc.eval_every == 0) if tc.eval_every else end_of_epoch
             if due or state.step == total_steps:
+                t_eval = time.perf_counter()
                 last_eval = evaluate_model(task, model, va, tc.eval_batch_size)
                 improved = state.best_metric is None or last_eval["macro_f1"] > state.best_metric
                 if improved:
@@ -192,6 +193,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 progress.note(f"step {state.step}: validation macro-F1 {last_eval['macro_f1']:.4f} "
                               f"accuracy {last_eval['accuracy']:.4f} loss {last_eval['loss']:.4f}"
                               + (" (best)" if improved else ""))
+                eval_time += time.perf_counter() - t_eval
                 if tc.early_stopping_patience and state.bad_evals >= tc.early_stopping_patience:
                     progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
                     stop = True
@@ -206,7 +208,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         break
     progress.close()
     elapsed = time.perf_counter() - t_start
-    rate = (state.examples_seen - seen_at_start) / max(elapsed, 1e-9)
+    train_time = elapsed - eval_time  # examples/s counts training only, not the validation passes
+    rate = (state.examples_seen - seen_at_start) / max(train_time, 1e-9)
 
     if best_weights is not None:
         load_trainable_state(model, best_weights)
@@ -221,12 +224,13 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     }
     model.to("cpu")
     model_dir = save_model_dir(model, tokenizer, out / "model", model_meta)
-    tracker.log(state.step, done=True, train_examples_per_s=rate, elapsed_s=elapsed)
+    tracker.log(state.step, done=True, train_examples_per_s=rate, elapsed_s=elapsed, eval_s=eval_time)
     tracker.close()
     console.print(f"[bold green]saved[/] {model_dir} · best validation macro-F1 {state.best_metric:.4f} "
                   f"at step {state.best_step} · {rate:.1f} examples/s")
     return {"model_dir": str(model_dir), "steps": state.step, "best_step": state.best_step,
-            "validation": model_meta["metrics"]["validation"], "examples_per_s": rate, "elapsed_s": elapsed}
+            "validation": model_meta["metrics"]["validation"], "examples_per_s": rate, "elapsed_s": elapsed,
+            "train_s": train_time}
 
 
 def _last_checkpoint(out: Path) -> str:

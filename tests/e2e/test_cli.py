@@ -1,0 +1,102 @@
+"""The CLI end to end in subprocesses: prepare -> train -> eval -> predict, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import make_rows, tiny_config, write_csv
+
+
+def tl(*args, cwd=None, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+    proc = subprocess.run([sys.executable, "-m", "tunelab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tunelab {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def fails_cleanly(proc, *fragments):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out, out
+    for f in fragments:
+        assert f in out, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_csv(root / "reviews.csv", make_rows(300))
+    tl("data", "prepare", root / "reviews.csv", "--out", root / "data", "--seed", "0")
+    cfg = tiny_config(root / "data")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    tl("train", root / "tiny.yaml", "--out", root / "run", "train.epochs=4", "train.lr=3e-3")
+    return root
+
+
+def test_pipeline_outputs(trained):
+    root = trained
+    meta = json.loads((root / "data" / "dataset.json").read_text())
+    assert meta["report"]["rows_read"] == 300 and meta["splits"]["train"] == 240
+    losses = [r["train_loss"] for r in map(json.loads, (root / "run" / "metrics.jsonl").read_text().splitlines())
+              if "train_loss" in r]
+    assert losses[-1] < losses[0]
+
+    proc = tl("eval", root / "run" / "model", "--data", root / "data", "--split", "test", "--out",
+              root / "report.json", "--baseline", "tfidf")
+    report = json.loads((root / "report.json").read_text())
+    for key in ("accuracy", "macro_f1", "macro_recall", "per_class", "confusion_matrix", "ece", "baselines"):
+        assert key in report
+    assert report["n"] == 30 and sum(map(sum, report["confusion_matrix"]["matrix"])) == 30
+    assert report["macro_f1"] > 0.6
+    assert report["baselines"]["tfidf_logreg"]["macro_f1"] > 0.9  # the label words make it easy
+    assert (root / "report.confusion.png").stat().st_size > 1000
+    assert "TF-IDF" in proc.stdout and "fine-tuned" in proc.stdout
+
+    proc = tl("predict", root / "run" / "model", "great love amazing", "awful hate broken")
+    assert '"label": "positive"' in proc.stdout and '"label": "negative"' in proc.stdout
+
+    inp = root / "new.jsonl"
+    inp.write_text('{"text": "wonderful excellent", "id": 1}\n{"text": ""}\n{"text": "terrible sad", "id": 3}\n')
+    proc = tl("predict", root / "run" / "model", "--input", inp, "--out", root / "pred.jsonl")
+    rows = [json.loads(x) for x in (root / "pred.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 3]
+    assert rows[0]["prediction"] == "positive" and abs(sum(rows[0]["probs"].values()) - 1) < 1e-4
+    assert "skipped 1 rows" in proc.stderr and "line 2" in proc.stderr
+
+
+def test_bad_input_gives_one_clear_message(trained, tmp_path):
+    root = trained
+    model = root / "run" / "model"
+    fails_cleanly(tl("data", "prepare", tmp_path / "missing.csv", "--out", tmp_path / "d", check=False),
+                  "no such file")
+    fails_cleanly(tl("data", "prepare", root / "reviews.csv", "--out", tmp_path / "d", "--text-column", "body",
+                     check=False), "no text column 'body'", "columns are: text, label")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    fails_cleanly(tl("data", "prepare", empty, "--out", tmp_path / "d", check=False), "no usable rows")
+
+    bad_cfg = tmp_path / "typo.yaml"
+    cfg = tiny_config(root / "data")
+    cfg["train"]["epochz"] = 3
+    bad_cfg.write_text(yaml.safe_dump(cfg))
+    fails_cleanly(tl("train", bad_cfg, "--out", tmp_path / "r", check=False), "unknown key 'train.epochz'")
+    fails_cleanly(tl("train", root / "tiny.yaml", "--out", tmp_path / "r", "train.lr=-1", check=False),
+                  "'train.lr'")
+    fails_cleanly(tl("eval", tmp_path, check=False), "not a tunelab model dir")
+    fails_cleanly(tl("predict", tmp_path / "nope", "hi", check=False), "model dir not found")
+    fails_cleanly(tl("predict", model, check=False), "either texts")
+
+    # a dataset whose labels the model has never seen
+    other = tmp_path / "other.csv"
+    write_csv(other, [{"text": r["text"], "label": {"positive": "pos"}.get(r["label"], r["label"])}
+                      for r in make_rows(60)])
+    tl("data", "prepare", other, "--out", tmp_path / "other")
+    fails_cleanly(tl("eval", model, "--data", tmp_path / "other", "--no-baselines", check=False),
+                  "unknown to this model")
