@@ -1,6 +1,7 @@
 """Training examples/s of MiniLM-L6 on the same 2,048 tweets, batch 32, side by side in one run:
 
-1. tunelab's `train()` (dynamic padding + length-grouped batches);
+1. tunelab's `train()` (dynamic padding + length-grouped batches, fused AdamW), with its default
+   precision (`auto`: bf16 autocast on CPUs with native bf16) and again forced to fp32 like the anchors;
 2. the widely copied tutorial recipe: every batch padded to max_length=128, a plain PyTorch loop;
 3. Hugging Face `Trainer` with `DataCollatorWithPadding` (its usual settings).
 
@@ -21,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,17 +44,18 @@ def macro_f1(model, tok, labels, test_rows) -> float:
     return classification_metrics(enc.labels, task.logits(model, enc).argmax(-1), labels)["macro_f1"]
 
 
-def run_tunelab(data_dir: Path, n: int, epochs: int, out: Path) -> dict:
+def run_tunelab(data_dir: Path, n: int, epochs: int, out: Path, precision: str) -> dict:
     cfg = validate({"model": {"base": BASE, "max_length": 128},
                     "data": {"dir": str(data_dir), "max_train_examples": n, "max_eval_examples": 64},
                     "train": {"epochs": epochs, "batch_size": BATCH, "lr": LR, "warmup_ratio": WARMUP,
-                              "eval_every": 0, "save_every": 10**9, "seed": 0}})
+                              "eval_every": 0, "save_every": 10**9, "seed": 0,
+                              "precision": precision}})
     summary = train(cfg, out, show_progress=False)
     from tunelab.models import load_model_dir
 
     model, tok, meta = load_model_dir(summary["model_dir"])
     return {"train_s": summary["train_s"], "examples_per_s": summary["examples_per_s"],
-            "model": model, "tok": tok}
+            "precision": meta["precision"], "model": model, "tok": tok}
 
 
 def run_tutorial(rows: list[dict], labels: list[str], epochs: int) -> dict:
@@ -82,7 +83,8 @@ def run_tutorial(rows: list[dict], labels: list[str], epochs: int) -> dict:
             sched.step()
             opt.zero_grad()
     dt = time.perf_counter() - t0
-    return {"train_s": dt, "examples_per_s": epochs * len(rows) / dt, "model": model.eval(), "tok": tok}
+    return {"train_s": dt, "examples_per_s": epochs * len(rows) / dt, "precision": "fp32", "model": model.eval(),
+            "tok": tok}
 
 
 def run_trainer(rows: list[dict], labels: list[str], epochs: int, out: Path) -> dict:
@@ -94,14 +96,16 @@ def run_trainer(rows: list[dict], labels: list[str], epochs: int, out: Path) -> 
     ds = Dataset.from_dict({"text": [r["text"] for r in rows], "label": [labels.index(r["label"]) for r in rows]})
     ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True, remove_columns=["text"])
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=epochs,
-                             learning_rate=LR, warmup_ratio=WARMUP, weight_decay=0.01, lr_scheduler_type="linear",
+                             learning_rate=LR,
+                             warmup_steps=round(WARMUP * epochs * math.ceil(len(rows) / BATCH)), weight_decay=0.01, lr_scheduler_type="linear",
                              save_strategy="no", eval_strategy="no", report_to=[], logging_steps=10**6,
                              seed=0, disable_tqdm=True, use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok))
     t0 = time.perf_counter()
     trainer.train()
     dt = time.perf_counter() - t0
-    return {"train_s": dt, "examples_per_s": epochs * len(rows) / dt, "model": model.eval(), "tok": tok}
+    return {"train_s": dt, "examples_per_s": epochs * len(rows) / dt, "precision": "fp32", "model": model.eval(),
+            "tok": tok}
 
 
 def main() -> None:
@@ -109,7 +113,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=2048)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--test-rows", type=int, default=1000)
-    ap.add_argument("--only", nargs="*", default=["tunelab", "tutorial", "trainer"])
+    ap.add_argument("--only", nargs="*", default=["tunelab", "tunelab_fp32", "tutorial", "trainer"])
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
@@ -121,9 +125,9 @@ def main() -> None:
     train_rows = sample_rows(load_split(data_dir, "train"), args.examples, "label", 0)[0]
     test_rows = load_split(data_dir, "test")[: args.test_rows]
     labels = sorted({r["label"] for r in train_rows})
-    tok_lens = None
 
-    runners = {"tunelab": lambda: run_tunelab(data_dir, args.examples, args.epochs, tmp / "tunelab"),
+    runners = {"tunelab": lambda: run_tunelab(data_dir, args.examples, args.epochs, tmp / "tunelab", "auto"),
+               "tunelab_fp32": lambda: run_tunelab(data_dir, args.examples, args.epochs, tmp / "tl32", "fp32"),
                "tutorial": lambda: run_tutorial(train_rows, labels, args.epochs),
                "trainer": lambda: run_trainer(train_rows, labels, args.epochs, tmp / "trainer")}
     results = {}
@@ -135,10 +139,10 @@ def main() -> None:
         print(f"   {r['examples_per_s']:.1f} examples/s, {r['train_s']:.1f} s, macro-F1 {r['macro_f1']:.4f}",
               flush=True)
     ratios = {}
-    if "tunelab" in results:
+    for mine in ("tunelab", "tunelab_fp32"):
         for other in ("tutorial", "trainer"):
-            if other in results:
-                ratios[f"tunelab_vs_{other}"] = results["tunelab"]["examples_per_s"] / results[other]["examples_per_s"]
+            if mine in results and other in results:
+                ratios[f"{mine}_vs_{other}"] = results[mine]["examples_per_s"] / results[other]["examples_per_s"]
     path = write_result("classification_throughput", {
         "setup": {"model": BASE, "train_examples": args.examples, "epochs": args.epochs, "batch_size": BATCH,
                   "lr": LR, "test_rows": len(test_rows)},

@@ -22,8 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="tunelab: prepare data, fine-tune, evaluate against baselines, predict.")
 data_app = typer.Typer(no_args_is_help=True, help="Data stage.")
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
+# Pipes and log files get a fixed, wide layout instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
 @data_app.command("prepare")

@@ -73,6 +73,8 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     seed: int = 0
     num_threads: int | None = Field(None, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the hardware has native bf16, else fp32")
     eval_batch_size: int = Field(128, gt=0)
 
 

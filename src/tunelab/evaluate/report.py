@@ -66,22 +66,24 @@ def print_report(report: dict, console: Console | None = None) -> None:
     """The before/after table: baselines first, the fine-tuned model last; then per-class scores."""
     console = console or Console()
     data = report["data"]
-    t = Table(title=f"{data['split']} split of {data['dir']} ({report['n']} rows)")
-    for col in ("model", "rows", "accuracy", "macro-F1", "macro-recall", "ECE"):
-        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col != "model")
+    t = Table(title=f"{data['split']} split of {data['dir']}")
+    for col in ("model", "train rows", "test rows", "accuracy", "macro-F1", "recall", "ECE"):
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col != "model",
+                     min_width=20 if col == "model" else None)
 
-    def add(name: str, m: dict, style: str = "") -> None:
+    def add(name: str, train_rows, m: dict, style: str = "") -> None:
         rows = str(m["n"]) + (f" of {m['population']}" if m.get("population", m["n"]) != m["n"] else "")
-        t.add_row(name, rows, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['macro_recall']:.4f}",
-                  f"{m['ece']:.4f}", style=style)
+        t.add_row(name, str(train_rows), rows, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}",
+                  f"{m['macro_recall']:.4f}", f"{m['ece']:.4f}", style=style)
 
     b = report["baselines"]
     if "zero_shot" in b:
-        add(b["zero_shot"]["name"], b["zero_shot"])
+        add(b["zero_shot"]["name"], 0, b["zero_shot"])
     if "tfidf_logreg" in b:
-        add(f"TF-IDF + LR ({b['tfidf_logreg']['train_examples']} train rows)", b["tfidf_logreg"])
-    add(f"fine-tuned {report['model']['base'].removeprefix('builtin:')} ({report['model']['method']}, "
-        f"{report['model']['train_examples']} train rows)", report, style="bold green")
+        add("TF-IDF + LR", b["tfidf_logreg"]["train_examples"], b["tfidf_logreg"])
+    model = report["model"]
+    add(f"fine-tuned {model['base'].removeprefix('builtin:')} ({model['method']})", model["train_examples"],
+        report, style="bold green")
     console.print(t)
     pc = Table(title="fine-tuned model, per class")
     for col in ("label", "precision", "recall", "F1", "support"):

@@ -30,6 +30,7 @@ from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.batching import length_grouped_batches
 from tunelab.train.optim import build_optimizer, linear_schedule
+from tunelab.train.precision import autocast, resolve_precision
 from tunelab.train.progress import TrainProgress
 from tunelab.train.tracking import Tracker
 
@@ -71,7 +72,8 @@ def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     return rows if n is None else sample_rows(rows, n, "label", seed)[0]
 
 
-def accumulate_gradients(model, task: ClassificationTask, enc, window: list[list[int]], device: str) -> float:
+def accumulate_gradients(model, task: ClassificationTask, enc, window: list[list[int]], device: str,
+                         precision: str = "fp32") -> float:
     """Backward over the micro-batches of one optimizer step -> the window's mean loss.
 
     Each micro-batch contributes (sum of its example losses) / (examples in the whole window), so the
@@ -81,7 +83,8 @@ def accumulate_gradients(model, task: ClassificationTask, enc, window: list[list
     total = 0.0
     for idx in window:
         batch = {k: v.to(device) for k, v in task.collate(enc, idx).items()}
-        loss = task.loss_sum(model, batch) / n
+        with autocast(precision, device):
+            loss = task.loss_sum(model, batch) / n
         loss.backward()
         total += loss.item()
     return total
@@ -109,6 +112,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(tc.precision, device)
 
     data_dir = ensure_dataset(cfg)
     meta = load_meta(data_dir)
@@ -142,7 +146,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     n_train, n_total = count_parameters(model)
     console.print(f"[bold]train[/] {cfg.model.base} · method {cfg.method.name} · "
                   f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
-                  f"{len(tr):,} train / {len(va):,} validation examples · {total_steps} steps on {device}")
+                  f"{len(tr):,} train / {len(va):,} validation examples · {total_steps} steps on {device} ({precision})")
 
     progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console)
     t_start, seen_at_start, eval_time = time.perf_counter(), state.examples_seen, 0.0
@@ -154,7 +158,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         for window in windows[state.window:]:
             model.train()
             n = sum(len(b) for b in window)
-            loss_value = accumulate_gradients(model, task, tr, window, device)
+            loss_value = accumulate_gradients(model, task, tr, window, device, precision)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss_value}, "
@@ -220,7 +224,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         "data": {"dir": str(data_dir), "fingerprint": meta["fingerprint"], "train_examples": len(tr)},
         "metrics": {"validation": {k: best_eval[k] for k in ("accuracy", "macro_f1", "macro_recall", "ece",
                                                              "loss")}},
-        "best_step": state.best_step, "steps": state.step, "seed": tc.seed, "versions": library_versions(),
+        "best_step": state.best_step, "steps": state.step, "seed": tc.seed, "precision": precision,
+        "versions": library_versions(),
     }
     model.to("cpu")
     model_dir = save_model_dir(model, tokenizer, out / "model", model_meta)
