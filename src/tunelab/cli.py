@@ -120,7 +120,8 @@ def predict(
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out"),
     data: Path = typer.Option(Path("data/tweets"), "--data"),
-    train_examples: int = typer.Option(12000, "--train-examples", min=32),
+    train_examples: Optional[int] = typer.Option(None, "--train-examples", min=32,
+                                                 help="seeded subset of the train split (default: all of it)"),
     epochs: float = typer.Option(1.0, "--epochs", min=0.01),
 ):
     """Prepare the built-in tweets, fine-tune MiniLM, compare with the baselines, print the table."""
