@@ -94,10 +94,11 @@ def run_trainer(rows: list[dict], labels: list[str], epochs: int, out: Path) -> 
     torch.manual_seed(0)
     model, tok, _, _ = load_classifier(BASE, labels)
     ds = Dataset.from_dict({"text": [r["text"] for r in rows], "label": [labels.index(r["label"]) for r in rows]})
-    ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True, remove_columns=["text"])
+    ds = ds.map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True,
+                remove_columns=["text"])
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=epochs,
-                             learning_rate=LR,
-                             warmup_steps=round(WARMUP * epochs * math.ceil(len(rows) / BATCH)), weight_decay=0.01, lr_scheduler_type="linear",
+                             learning_rate=LR, weight_decay=0.01, lr_scheduler_type="linear",
+                             warmup_steps=round(WARMUP * epochs * math.ceil(len(rows) / BATCH)),
                              save_strategy="no", eval_strategy="no", report_to=[], logging_steps=10**6,
                              seed=0, disable_tqdm=True, use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tok))

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 from typer._click import ClickException
 from rich.console import Console
+from rich.table import Table
 
 from tunelab.errors import UserError
 
@@ -97,6 +99,7 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", help="predictions JSONL (with --input)"),
     text_column: str = typer.Option("text", "--text-column"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per text instead of a table"),
 ):
     """Labels and per-class probabilities for texts or a file."""
     from tunelab.predict import predict_file, predict_texts
@@ -112,8 +115,19 @@ def predict(
             err_console.print(f"skipped {len(res['skipped'])} rows without text: " + ", ".join(
                 f"line {s['line']} ({s['reason']})" for s in res["skipped"][:10]))
         return
-    for r in predict_texts(model_dir, texts, batch_size):
-        console.print_json(json.dumps(r, ensure_ascii=False))
+    results = predict_texts(model_dir, texts, batch_size)
+    if as_json:
+        for r in results:
+            print(json.dumps(r, ensure_ascii=False))
+        return
+    table = Table()
+    table.add_column("text")
+    table.add_column("label", style="bold")
+    for label in results[0]["probs"]:
+        table.add_column(f"p({label})", justify="right")
+    for r in results:
+        table.add_row(r["text"], r["label"], *[f"{p:.3f}" for p in r["probs"].values()])
+    console.print(table)
 
 
 @app.command()
@@ -131,6 +145,7 @@ def quickstart(
 
 
 def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not for users
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -59,8 +59,12 @@ def test_pipeline_outputs(trained):
     assert (root / "report.confusion.png").stat().st_size > 1000
     assert "TF-IDF" in proc.stdout and "fine-tuned" in proc.stdout
 
-    proc = tl("predict", root / "run" / "model", "great love amazing", "awful hate broken")
-    assert '"label": "positive"' in proc.stdout and '"label": "negative"' in proc.stdout
+    proc = tl("predict", root / "run" / "model", "great love amazing", "awful hate broken", "--json")
+    preds = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [p["label"] for p in preds] == ["positive", "negative"]
+    assert abs(sum(preds[0]["probs"].values()) - 1) < 1e-4
+    proc = tl("predict", root / "run" / "model", "great love amazing")
+    assert "p(positive)" in proc.stdout and "positive" in proc.stdout
 
     inp = root / "new.jsonl"
     inp.write_text('{"text": "wonderful excellent", "id": 1}\n{"text": ""}\n{"text": "terrible sad", "id": 3}\n')

@@ -146,7 +146,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     n_train, n_total = count_parameters(model)
     console.print(f"[bold]train[/] {cfg.model.base} · method {cfg.method.name} · "
                   f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
-                  f"{len(tr):,} train / {len(va):,} validation examples · {total_steps} steps on {device} ({precision})")
+                  f"{len(tr):,} train / {len(va):,} validation examples · {total_steps} steps on {device} "
+                  f"({precision})")
 
     progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console)
     t_start, seen_at_start, eval_time = time.perf_counter(), state.examples_seen, 0.0

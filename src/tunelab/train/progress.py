@@ -1,6 +1,9 @@
-"""The training progress bar (rich): step, loss, learning rate, examples/s, ETA."""
+"""Training progress: a rich bar (step, loss, learning rate, examples/s, ETA) on a terminal; plain
+lines at every 10% of the run when the output is a pipe or a log file."""
 
 from __future__ import annotations
+
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -9,7 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 class TrainProgress:
     def __init__(self, total: int, done: int, enabled: bool, console: Console):
-        self.console = console
+        self.console, self.total, self.start_step = console, total, done
+        self.t0 = time.perf_counter()
+        self.every = max(1, total // 10)
         self.progress = None
         if enabled:
             self.progress = Progress(
@@ -23,9 +28,14 @@ class TrainProgress:
     def update(self, step: int, loss: float, lr: float, rate: float) -> None:
         if self.progress:
             self.progress.update(self.task, completed=step, loss=loss, lr=lr, rate=rate)
+        elif step % self.every == 0 and step < self.total:
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / max(1, step - self.start_step) * (self.total - step)
+            self.console.print(f"step {step}/{self.total} · loss {loss:.4f} · lr {lr:.2e} · {rate:.1f} ex/s · "
+                               f"ETA {eta:.0f} s", highlight=False)
 
     def note(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(message, highlight=False)
 
     def close(self) -> None:
         if self.progress:
