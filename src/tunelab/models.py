@@ -96,8 +96,32 @@ def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
     return out
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A fast look-up of the hub's host, so an offline machine fails in seconds, not after retries.
+    Behind a proxy the local look-up says nothing, so the answer is then yes."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
 def _from_pretrained(loader, base: BaseRef, **kwargs):
     quiet_transformers()
+    if isinstance(base.path, str) and not _hub_reachable():
+        kwargs["local_files_only"] = True  # only the local HF cache can help
     try:
         return loader.from_pretrained(base.path, **kwargs)
     except OSError as err:
