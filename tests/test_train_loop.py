@@ -102,6 +102,16 @@ def test_early_stopping(tmp_path, small_dataset):
     assert summary["steps"] < 10
 
 
+def test_existing_run_is_not_overwritten_by_accident(tmp_path, small_dataset):
+    _run(tmp_path, small_dataset, "r", max_steps=4, eval_every=2, save_every=2)
+    with pytest.raises(UserError, match="already holds a run"):
+        _run(tmp_path, small_dataset, "r", max_steps=4)
+    cfg = validate(tiny_config(small_dataset, max_steps=2))
+    summary = train(cfg, tmp_path / "r", overwrite=True, show_progress=False)
+    assert summary["steps"] == 2 and not ckpt.complete_checkpoints(tmp_path / "r" / "checkpoints")
+    assert len([r for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if "train_loss" in r]) == 1
+
+
 def test_missing_dataset_message(tmp_path):
     cfg = validate(tiny_config(tmp_path / "nothing"))
     with pytest.raises(UserError, match="tunelab data prepare"):

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer._click import ClickException
 from rich.console import Console
 from rich.table import Table
+from typer._click import ClickException
 
 from tunelab.errors import UserError
 
@@ -48,13 +48,14 @@ def data_prepare(
     print_dataset_summary(meta, out, console)
 
 
-@app.command(context_settings={"allow_extra_args": False})
+@app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML config (see examples/)"),
     overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. train.lr=3e-5"),
     out: Optional[Path] = typer.Option(None, "--out", help="run dir (default: runs/<config name>)"),
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest checkpoint in --out) or a path"),
     force: bool = typer.Option(False, "--force", help="resume even if the config or data changed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run in --out"),
 ):
     """Fine-tune a model; writes the run dir with metrics, checkpoints and model/."""
     from tunelab.config import load_config
@@ -62,7 +63,8 @@ def train(
 
     cfg = load_config(config, overrides or [])
     out = out or Path("runs") / (cfg.name or config.stem)
-    summary = run_train(cfg, out, resume=resume, force=force, show_progress=sys.stderr.isatty())
+    summary = run_train(cfg, out, resume=resume, force=force, overwrite=overwrite,
+                        show_progress=sys.stderr.isatty())
     console.print_json(json.dumps(summary))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,4 +292,4 @@ def library_versions() -> dict[str, str]:
     from tunelab import __version__
 
     return {"tunelab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": os.sys.version.split()[0]}
+            "peft": peft.__version__, "python": sys.version.split()[0]}

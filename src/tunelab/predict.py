@@ -11,9 +11,9 @@ from tunelab.models import load_model_dir
 from tunelab.tasks.classification import ClassificationTask, softmax
 
 
-def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64, loaded=None) -> list[dict]:
+def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64) -> list[dict]:
     """-> [{"text", "label", "probs": {label: p}}] in input order."""
-    model, tok, meta = loaded or load_model_dir(model_dir)
+    model, tok, meta = load_model_dir(model_dir)
     task = ClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
     enc = task.encode([{"text": t} for t in texts], labelled=False)
     probs = softmax(task.logits(model, enc, batch_size))

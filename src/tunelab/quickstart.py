@@ -38,7 +38,7 @@ def run_quickstart(out: Path, data: Path, train_examples: int | None, epochs: fl
     n_train = min(train_examples or meta["splits"]["train"], meta["splits"]["train"])
     console.rule(f"2/3 fine-tune builtin:minilm-l6 on {n_train:,} of {meta['splits']['train']:,} train rows")
     cfg = validate(quickstart_config(data, train_examples, epochs))
-    summary = train(cfg, out, console=console, show_progress=console.is_terminal)
+    summary = train(cfg, out, overwrite=True, console=console, show_progress=console.is_terminal)
     console.rule("3/3 evaluate on the test split against the baselines")
     report = evaluate(summary["model_dir"], data, "test", out / "report.json")
     print_report(report, console)

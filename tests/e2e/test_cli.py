@@ -93,6 +93,7 @@ def test_bad_input_gives_one_clear_message(trained, tmp_path):
     fails_cleanly(tl("train", bad_cfg, "--out", tmp_path / "r", check=False), "unknown key 'train.epochz'")
     fails_cleanly(tl("train", root / "tiny.yaml", "--out", tmp_path / "r", "train.lr=-1", check=False),
                   "'train.lr'")
+    fails_cleanly(tl("train", root / "tiny.yaml", "--out", root / "run", check=False), "already holds a run")
     fails_cleanly(tl("eval", tmp_path, check=False), "not a tunelab model dir")
     fails_cleanly(tl("predict", tmp_path / "nope", "hi", check=False), "model dir not found")
     fails_cleanly(tl("predict", model, check=False), "either texts")

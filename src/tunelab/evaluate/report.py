@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.data.prepare import load_meta, load_split
+from tunelab.errors import UserError
 from tunelab.evaluate import baselines as bl
 from tunelab.evaluate.metrics import classification_metrics
 from tunelab.evaluate.plots import confusion_matrix_png
@@ -33,8 +34,6 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
     data_meta = load_meta(data_dir)
     rows = load_split(data_dir, split)
     if not rows:
-        from tunelab.errors import UserError
-
         raise UserError(f"split '{split}' of {data_dir} is empty")
     labels = meta["labels"]
     task = ClassificationTask(tok, labels, meta.get("max_length", 512))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +25,16 @@ from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
 from tunelab.data.split import sample_rows
 from tunelab.errors import UserError
 from tunelab.evaluate.metrics import classification_metrics
-from tunelab.models import (apply_method, count_parameters, head_module_names, library_versions,
-                            load_classifier, load_trainable_state, save_model_dir, trainable_state)
+from tunelab.models import (
+    apply_method,
+    count_parameters,
+    head_module_names,
+    library_versions,
+    load_classifier,
+    load_trainable_state,
+    save_model_dir,
+    trainable_state,
+)
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.batching import length_grouped_batches
@@ -100,13 +109,16 @@ def evaluate_model(task: ClassificationTask, model, enc, batch_size: int) -> dic
 
 
 def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: bool = False,
-          console: Console | None = None, show_progress: bool = True) -> dict:
+          overwrite: bool = False, console: Console | None = None, show_progress: bool = True) -> dict:
     """Fine-tune `cfg.model.base` on `cfg.data` and write the run dir `out` (see DESIGN.md).
 
+    A run dir that already holds checkpoints is continued with `resume`, or replaced with `overwrite`;
+    otherwise it is refused, so that no earlier run is lost by accident.
     Returns a summary: best validation metrics, steps, examples/s and the model dir path.
     """
     console = console or Console(stderr=True)
     out = Path(out)
+    _check_run_dir(out, resume, overwrite)
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -237,6 +249,18 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     return {"model_dir": str(model_dir), "steps": state.step, "best_step": state.best_step,
             "validation": model_meta["metrics"]["validation"], "examples_per_s": rate, "elapsed_s": elapsed,
             "train_s": train_time}
+
+
+def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
+    if resume or not out.exists():
+        return
+    if overwrite:
+        for name in ("checkpoints", "tb", "model"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    elif ckpt.complete_checkpoints(out / "checkpoints") or (out / "model").exists():
+        raise UserError(f"{out} already holds a run; continue it with --resume auto, replace it with "
+                        "--overwrite, or choose another --out")
 
 
 def _last_checkpoint(out: Path) -> str:
