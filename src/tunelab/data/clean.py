@@ -1,18 +1,84 @@
-"""Text cleaning of one field (first version): Unicode NFC, whitespace runs collapsed, stripped."""
+"""Text and label cleaning, one configurable step at a time, each counted.
+
+`Cleaner.text(s)` applies, in order: ftfy repair (mojibake; only non-ASCII text can need it),
+Unicode normalisation, removal of control and zero-width characters, optional URL / @mention /
+#hashtag normalisation for social text, whitespace collapsing. `Cleaner.length_reason(s)` says
+why a cleaned text is too short or too long. `Cleaner.label(x)` strips, optionally lower-cases and
+maps a label. Every step that changes a value increments `Cleaner.counts[step]`.
+"""
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 
 _WS = re.compile(r"\s+")
-
-
-def clean_text(text: str) -> str:
-    """NFC-normalise, turn every whitespace run (incl. newlines, tabs) into one space, strip."""
-    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+# C0/C1 controls except \t \n \r (whitespace, handled by the whitespace step), plus zero-width and
+# bidi formatting characters and the BOM, which are invisible but break matching and tokenisation.
+_INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+_MENTION = re.compile(r"(?<![\w@])@\w{1,30}")
+_HASHTAG = re.compile(r"(?<![\w#])#(\w+)")
 
 
 def dedup_key(text: str) -> str:
     """The key under which two texts count as the same (case- and whitespace-insensitive)."""
     return _WS.sub(" ", text.casefold()).strip()
+
+
+class Cleaner:
+    """Applies the steps switched on in a `CleanConfig` (see tunelab.config) and counts their effect."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.counts: Counter = Counter()
+        self._fix = None
+        if cfg.fix_text:
+            import ftfy
+
+            self._fix = ftfy.fix_text
+
+    def _step(self, name: str, before: str, after: str) -> str:
+        if after != before:
+            self.counts[name] += 1
+        return after
+
+    def text(self, s: str) -> str:
+        c = self.cfg
+        if self._fix is not None and not s.isascii():
+            s = self._step("fix_text", s, self._fix(s, normalization=None))
+        if c.unicode_form:
+            s = self._step("unicode_normalized", s, unicodedata.normalize(c.unicode_form, s))
+        if c.strip_invisible:
+            s = self._step("invisible_removed", s, _INVISIBLE.sub("", s))
+        if c.urls != "keep":
+            s = self._step("urls", s, _URL.sub("<url>" if c.urls == "replace" else "", s))
+        if c.mentions != "keep":
+            s = self._step("mentions", s, _MENTION.sub("@user" if c.mentions == "replace" else "", s))
+        if c.hashtags != "keep":
+            s = self._step("hashtags", s, _HASHTAG.sub(r"\1" if c.hashtags == "strip_hash" else "", s))
+        if c.collapse_whitespace:
+            s = self._step("whitespace", s, _WS.sub(" ", s).strip())
+        else:
+            s = s.strip()
+        return s
+
+    def length_reason(self, s: str) -> str | None:
+        """'empty_text', 'too_short' or 'too_long' (characters, then whitespace-separated words), or None."""
+        c = self.cfg
+        if not s:
+            return "empty_text"
+        if len(s) < c.min_chars or (c.min_words and len(s.split()) < c.min_words):
+            return "too_short"
+        if (c.max_chars and len(s) > c.max_chars) or (c.max_words and len(s.split()) > c.max_words):
+            return "too_long"
+        return None
+
+    def label(self, x: str) -> str:
+        c = self.cfg
+        y = x.strip()
+        if c.lowercase_labels:
+            y = y.lower()
+        y = c.label_map.get(y, y)
+        return self._step("label_normalized", x, y)
