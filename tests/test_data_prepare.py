@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
+from tunelab.config import PrepareOptions
+from tunelab.data.prepare import load_meta, load_split, prepare
 from tunelab.errors import UserError
 
 from conftest import make_rows, write_csv
@@ -101,7 +102,7 @@ def test_csv_quotes_newlines_bom_crlf_and_invalid_utf8(tmp_path):
     src.write_bytes(b"\xef\xbb\xbf" + body + b"caf\xe9 broken,neutral\r\n")
     meta = prepare(str(src), tmp_path / "ds")
     assert meta["report"]["rows_read"] == 3 and meta["report"]["rows_kept"] == 3
-    assert meta["report"]["repaired"]["invalid_utf8"] == 1
+    assert meta["report"]["repaired"]["invalid_utf8_replaced"] == 1
     texts = {r["text"] for s in _all(tmp_path / "ds").values() for r in s}
     assert 'hello, "world" second line' in texts
     assert "caf\ufffd broken" in texts
@@ -126,4 +127,4 @@ def test_builtin_tweets_know_their_columns(tmp_path):
     rep = meta["report"]
     assert rep["rows_read"] == 38158
     assert rep["rows_read"] == rep["rows_kept"] + sum(rep["dropped"].values())
-    assert rep["dropped"]["duplicate"] > 0 and rep["repaired"]["invalid_utf8"] > 0
+    assert rep["dropped"]["duplicate"] > 0 and rep["repaired"]["invalid_utf8_replaced"] > 0

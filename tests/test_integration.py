@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tunelab.config import validate
-from tunelab.data.prepare import PrepareOptions, prepare
+from tunelab.config import PrepareOptions
+from tunelab.data.prepare import prepare
 from tunelab.train.loop import train
 
 pytestmark = pytest.mark.integration

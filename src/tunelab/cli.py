@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from typer._click import ClickException
@@ -33,19 +34,52 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 def data_prepare(
     source: str = typer.Argument(..., help="builtin:tweets-sentiment or a CSV/TSV/JSONL/JSON/Parquet file"),
     out: Path = typer.Option(..., "--out", help="dataset dir to write"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with any prepare options (clean, pii, "
+                                          "dedup, ...); flags given here win"),
     text_column: Optional[str] = typer.Option(None, help="column holding the text (default: text)"),
     label_column: Optional[str] = typer.Option(None, help="column holding the label (default: label)"),
-    seed: int = typer.Option(0, help="seed of the split"),
-    val_ratio: float = typer.Option(0.1, min=0.0, max=0.5),
-    test_ratio: float = typer.Option(0.1, min=0.0, max=0.5),
+    seed: Optional[int] = typer.Option(None, help="seed of the split (default 0)"),
+    val_ratio: Optional[float] = typer.Option(None, min=0.0, max=0.5),
+    test_ratio: Optional[float] = typer.Option(None, min=0.0, max=0.5),
     max_rows: Optional[int] = typer.Option(None, min=1, help="keep a seeded stratified sample of this many rows"),
+    split_column: Optional[str] = typer.Option(None, help="respect an existing train/validation/test column"),
+    strict: Optional[bool] = typer.Option(None, "--strict", help="stop at the first malformed row (file:line)"),
+    max_drop_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="fail above this drop rate (0.2)"),
+    near_threshold: Optional[float] = typer.Option(None, min=0.01, max=1.0, help="near-dup Jaccard (0.7)"),
+    no_near_dedup: bool = typer.Option(False, "--no-near-dedup", help="exact de-duplication only"),
+    no_pii: bool = typer.Option(False, "--no-pii", help="do not redact PII"),
 ):
-    """Read, clean, de-duplicate and split a labelled text file into a dataset dir."""
-    from tunelab.data.prepare import PrepareOptions, prepare
+    """Read, clean, redact, de-duplicate and split a labelled text file into a dataset dir."""
+    from tunelab.config import PrepareOptions, apply_overrides, format_validation_error
+    from tunelab.data.prepare import prepare
     from tunelab.data.summary import print_dataset_summary
 
-    meta = prepare(source, out, PrepareOptions(text_column, label_column, seed, val_ratio, test_ratio, max_rows))
+    raw = _read_yaml(config) if config else {}
+    flags = {"text_column": text_column, "label_column": label_column, "seed": seed, "val_ratio": val_ratio,
+             "test_ratio": test_ratio, "max_rows": max_rows, "split_column": split_column, "strict": strict,
+             "max_drop_rate": max_drop_rate, "dedup.threshold": near_threshold,
+             "dedup.near": False if no_near_dedup else None, "pii.enabled": False if no_pii else None}
+    apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])
+    try:
+        opts = PrepareOptions.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err).replace("invalid config", "invalid prepare options")) from None
+    meta = prepare(source, out, opts)
     print_dataset_summary(meta, out, console)
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of options")
+    return raw
 
 
 @app.command()

@@ -18,16 +18,62 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class PrepareConfig(Section):
-    """How to build `data.dir` if it does not exist yet (same options as `tunelab data prepare`)."""
+class CleanConfig(Section):
+    """Text and label cleaning steps of `data prepare`; each can be switched off, each is counted."""
 
-    source: str = Field(description="builtin:NAME or a CSV/TSV/JSONL/Parquet path")
+    fix_text: bool = Field(True, description="repair mojibake with ftfy (non-ASCII texts only)")
+    unicode_form: Literal["NFC", "NFKC"] | None = "NFC"
+    strip_invisible: bool = Field(True, description="remove control and zero-width characters")
+    collapse_whitespace: bool = True
+    urls: Literal["keep", "replace", "remove"] = "keep"
+    mentions: Literal["keep", "replace", "remove"] = "keep"
+    hashtags: Literal["keep", "strip_hash", "remove"] = "keep"
+    min_chars: int = Field(1, ge=1)
+    max_chars: int | None = Field(None, gt=0)
+    min_words: int | None = Field(None, gt=0)
+    max_words: int | None = Field(None, gt=0)
+    lowercase_labels: bool = False
+    label_map: dict[str, str] = Field(default_factory=dict, description="rename labels (after strip/lower)")
+    labels: list[str] | None = Field(None, description="allowed labels; others are dropped as unknown_label")
+
+
+class PiiConfig(Section):
+    enabled: bool = True
+    types: list[Literal["secret", "email", "credit_card", "ip", "phone"]] = ["secret", "email", "credit_card",
+                                                                           "ip", "phone"]
+
+
+class DedupConfig(Section):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.7, gt=0, le=1, description="Jaccard similarity of word 1..n-gram shingles")
+    ngram: int = Field(2, ge=1, le=5)
+    num_perm: int = Field(64, ge=8, le=512)
+    near_action: Literal["drop", "group"] = Field(
+        "drop", description="drop: keep one row per group; group: keep all, in one split")
+
+
+class PrepareOptions(Section):
+    """Everything `data prepare` does to a source besides naming it."""
+
     text_column: str | None = None
     label_column: str | None = None
     seed: int = 0
-    max_rows: int | None = Field(None, gt=0)
-    val_ratio: float = Field(0.1, gt=0, lt=0.5)
-    test_ratio: float = Field(0.1, gt=0, lt=0.5)
+    max_rows: int | None = Field(None, gt=0, description="a seeded stratified sample after de-duplication")
+    val_ratio: float = Field(0.1, ge=0, lt=0.5)
+    test_ratio: float = Field(0.1, ge=0, lt=0.5)
+    split_column: str | None = Field(None, description="respect an existing split (train/validation/test)")
+    max_drop_rate: float = Field(0.2, ge=0, le=1, description="fail when more rows than this are dropped")
+    strict: bool = Field(False, description="stop at the first malformed row, naming file:line")
+    clean: CleanConfig = CleanConfig()
+    pii: PiiConfig = PiiConfig()
+    dedup: DedupConfig = DedupConfig()
+
+
+class PrepareConfig(PrepareOptions):
+    """How to build `data.dir` if it does not exist yet (same options as `tunelab data prepare`)."""
+
+    source: str = Field(description="builtin:NAME or a CSV/TSV/JSONL/JSON/Parquet path")
 
 
 class DataConfig(Section):

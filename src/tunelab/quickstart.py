@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 
 from tunelab.config import validate
-from tunelab.data.prepare import PrepareOptions, prepare
+from tunelab.config import PrepareOptions
+from tunelab.data.prepare import prepare
 from tunelab.data.summary import print_dataset_summary
 from tunelab.evaluate.report import evaluate, print_report
 from tunelab.train.loop import train

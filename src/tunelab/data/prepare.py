@@ -1,9 +1,11 @@
 """`tunelab data prepare`: source -> dataset dir, with every row accounted for.
 
-Pipeline: read -> pick text/label columns -> clean -> drop empty/missing -> exact de-dup ->
-(optional seeded sample) -> stratified split -> write `train/validation/test.jsonl`,
-`rejected.jsonl` (source line + reason for every dropped row) and `dataset.json`.
-Invariant (checked before writing): rows_read == rows_kept + sum(dropped.values()).
+Pipeline: read -> pick text/label columns -> clean (ftfy, Unicode, invisible characters, social
+text, whitespace) -> redact PII -> length and label checks -> exact de-dup -> near de-dup (MinHash
+LSH) -> optional seeded sample -> split (stratified and group-aware, or an existing split column) ->
+write `train/validation/test.jsonl`, `rejected.jsonl` (source line + reason for every dropped row),
+`conflicts.json` (identical texts with different labels), `near_duplicates.jsonl` (each group) and
+`dataset.json`. Invariant, checked before writing: rows_read == rows_kept + sum(dropped.values()).
 """
 
 from __future__ import annotations
@@ -11,28 +13,26 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab import __version__
 from tunelab.assets import DATASET_COLUMNS, atomic_dir, builtin_path, is_builtin
-from tunelab.data.clean import clean_text
+from tunelab.config import PrepareOptions
+from tunelab.data.clean import Cleaner
 from tunelab.data.dedup import exact_dedup
+from tunelab.data.pii import PiiRedactor
 from tunelab.data.read import read_rows
-from tunelab.data.split import sample_rows, stratified_split
+from tunelab.data.split import group_split, sample_rows
 from tunelab.errors import UserError
 
 SPLITS = ("train", "validation", "test")
-
-
-@dataclass
-class PrepareOptions:
-    text_column: str | None = None
-    label_column: str | None = None
-    seed: int = 0
-    val_ratio: float = 0.1
-    test_ratio: float = 0.1
-    max_rows: int | None = None
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+# Reasons that make a row malformed (as opposed to filtered): `--strict` stops at the first of these.
+MALFORMED = {"bad_json", "not_an_object", "bad_csv_row", "wrong_field_count", "text_wrong_type",
+             "label_wrong_type", "empty_text", "missing_label", "unknown_label", "unknown_split", "too_long",
+             "invalid_utf8"}
+NOT_A_DROP = {"not_sampled"}  # chosen by the user; does not count towards the drop rate
 
 
 def resolve_source(source: str, opts: PrepareOptions) -> tuple[Path, str, str]:
@@ -46,9 +46,9 @@ def resolve_source(source: str, opts: PrepareOptions) -> tuple[Path, str, str]:
     return Path(source), opts.text_column or "text", opts.label_column or "label"
 
 
-def _check_columns(path: Path, columns: list[str], wanted: dict[str, str]) -> None:
+def _check_columns(path: Path, columns: list[str], wanted: dict[str, str | None]) -> None:
     for role, col in wanted.items():
-        if columns and col not in columns:
+        if col and columns and col not in columns:
             raise UserError(f"{path}: no {role} column '{col}'; columns are: {', '.join(columns)} "
                             f"(choose with --{role}-column)")
 
@@ -63,34 +63,103 @@ def _as_text(value) -> str | None:
     return None
 
 
-def collect_rows(path: Path, text_col: str, label_col: str) -> tuple[list[dict], list[dict], dict]:
-    """Read and clean -> (rows kept so far, rejected rows, counters). Rows carry `_line`."""
+class RowFilter:
+    """Turns one parsed source row into a clean example or a rejection reason."""
+
+    def __init__(self, opts: PrepareOptions, text_col: str, label_col: str):
+        self.opts, self.text_col, self.label_col = opts, text_col, label_col
+        self.cleaner = Cleaner(opts.clean)
+        self.pii = PiiRedactor(opts.pii.types) if opts.pii.enabled else None
+        self.allowed = set(opts.clean.labels) if opts.clean.labels else None
+
+    def __call__(self, row) -> tuple[dict | None, str | None]:
+        if row.error:
+            return None, row.error
+        if row.invalid_utf8 and self.opts.strict:
+            return None, "invalid_utf8"
+        raw_text, raw_label = row.fields.get(self.text_col), row.fields.get(self.label_col)
+        text, label = _as_text(raw_text), _as_text(raw_label)
+        if raw_text is not None and text is None:
+            return None, "text_wrong_type"
+        if raw_label is not None and label is None:
+            return None, "label_wrong_type"
+        if text is None:
+            return None, "empty_text"
+        text = self.cleaner.text(text)
+        if self.pii is not None:
+            text = self.pii.redact(text)
+        reason = self.cleaner.length_reason(text)
+        if reason:
+            return None, reason
+        if label is None or not label.strip():
+            return None, "missing_label"
+        label = self.cleaner.label(label)
+        if self.allowed is not None and label not in self.allowed:
+            return None, "unknown_label"
+        out = {"text": text, "label": label, "_line": row.line}
+        if self.opts.split_column:
+            split = SPLIT_NAMES.get(str(row.fields.get(self.opts.split_column, "")).strip().lower())
+            if split is None:
+                return None, "unknown_split"
+            out["_split"] = split
+        return out, None
+
+
+def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
+                 ) -> tuple[list[dict], list[dict], dict]:
+    """Read, clean and check -> (rows kept so far, rejected rows, counters). Rows carry `_line`."""
     columns, rows = read_rows(path)
-    _check_columns(path, columns, {"text": text_col, "label": label_col})
+    _check_columns(path, columns, {"text": text_col, "label": label_col, "split": opts.split_column})
+    keep = RowFilter(opts, text_col, label_col)
     kept, rejected = [], []
-    counters = Counter()
+    counters: Counter = Counter()
     for row in rows:
         counters["rows_read"] += 1
-        if row.error:
-            rejected.append({"line": row.line, "reason": row.error})
+        counters["invalid_utf8_replaced"] += row.invalid_utf8
+        example, reason = keep(row)
+        if example is not None:
+            kept.append(example)
             continue
-        counters["invalid_utf8_repaired"] += row.invalid_utf8
-        raw_text, raw_label = row.fields.get(text_col), row.fields.get(label_col)
-        text, label = _as_text(raw_text), _as_text(raw_label)
-        reason = None
-        if raw_text is not None and text is None:
-            reason = "text_wrong_type"
-        elif raw_label is not None and label is None:
-            reason = "label_wrong_type"
-        elif text is None or not (text := clean_text(text)):
-            reason = "empty_text"
-        elif label is None or not (label := label.strip()):
-            reason = "missing_label"
-        if reason:
-            rejected.append({"line": row.line, "reason": reason, "text": _as_text(raw_text)})
-            continue
-        kept.append({"text": text, "label": label, "_line": row.line})
+        if opts.strict and reason in MALFORMED:
+            raise UserError(f"{path}:{row.line}: {reason} (--strict stops at the first malformed row)")
+        raw = row.fields.get(text_col) if row.fields else None
+        rejected.append({"line": row.line, "reason": reason, "text": _as_text(raw)})
+    counters.update({f"clean.{k}": v for k, v in keep.cleaner.counts.items()})
+    if keep.pii is not None:
+        counters.update({f"pii.{k}": v for k, v in keep.pii.counts.items()})
     return kept, rejected, counters
+
+
+def near_dedup(rows: list[dict], opts: PrepareOptions) -> tuple[list[dict], list[dict], list[dict], int]:
+    """-> (kept rows with `_group`, dropped near-duplicates, group records, LSH candidate count).
+
+    A group whose labels agree keeps its first row (`near_action: drop`) or all rows (`group`); a
+    group with conflicting labels keeps all its rows. Kept members of a group share `_group`, so the
+    split puts them on the same side."""
+    from tunelab.data.neardup import near_duplicates
+
+    d = opts.dedup
+    res = near_duplicates([r["text"] for r in rows], d.threshold, d.ngram, d.num_perm, opts.seed + 1)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(res.group.tolist()):
+        members.setdefault(g, []).append(i)
+    kept_idx, dropped, groups = [], [], []
+    for g, idx in members.items():
+        if len(idx) == 1:
+            kept_idx.append(idx[0])
+            continue
+        labels = sorted({rows[i]["label"] for i in idx})
+        conflict = len(labels) > 1
+        keep_all = conflict or d.near_action == "group"
+        kept_idx += idx if keep_all else idx[:1]
+        dropped += [] if keep_all else [rows[i] for i in idx[1:]]
+        groups.append({"lines": [rows[i]["_line"] for i in idx], "labels": labels,
+                       "conflicting_labels": conflict, "kept": "all" if keep_all else rows[idx[0]]["_line"]})
+    kept = []
+    for i in sorted(kept_idx):
+        rows[i]["_group"] = int(res.group[i])
+        kept.append(rows[i])
+    return kept, dropped, groups, res.candidates
 
 
 def fingerprint(splits: dict[str, list[dict]]) -> str:
@@ -102,29 +171,57 @@ def fingerprint(splits: dict[str, list[dict]]) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_drop_rate(report: dict, opts: PrepareOptions, path: Path) -> None:
+    dropped = {k: v for k, v in report["dropped"].items() if k not in NOT_A_DROP}
+    rate = sum(dropped.values()) / max(1, report["rows_read"])
+    if rate > opts.max_drop_rate:
+        top = ", ".join(f"{k}={v:,}" for k, v in Counter(dropped).most_common(3))
+        raise UserError(f"{path}: {rate:.1%} of {report['rows_read']:,} rows would be dropped (limit "
+                        f"{opts.max_drop_rate:.0%}; raise it with --max-drop-rate); top reasons: {top}")
+
+
 def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) -> dict:
     """Build a dataset dir from `source` and return its `dataset.json` content."""
     opts = opts or PrepareOptions()
     path, text_col, label_col = resolve_source(source, opts)
-    rows, rejected, counters = collect_rows(path, text_col, label_col)
-    rows, dup_dropped, conflicts = exact_dedup(rows)
-    for reason, dropped in dup_dropped.items():
-        rejected += [{"line": r["_line"], "reason": reason, "text": r["text"]} for r in dropped]
+    rows, rejected, counters = collect_rows(path, text_col, label_col, opts)
+
+    def reject(dropped: list[dict], reason: str) -> None:
+        rejected.extend({"line": r["_line"], "reason": reason, "text": r["text"]} for r in dropped)
+
+    conflicts, groups, candidates = [], [], 0
+    if opts.dedup.exact:
+        rows, dup_dropped, conflicts = exact_dedup(rows)
+        for reason, dropped in dup_dropped.items():
+            reject(dropped, reason)
+    if opts.dedup.near and rows:
+        rows, near_dropped, groups, candidates = near_dedup(rows, opts)
+        reject(near_dropped, "near_duplicate")
     if opts.max_rows:
         rows, rest = sample_rows(rows, opts.max_rows, "label", opts.seed)
-        rejected += [{"line": r["_line"], "reason": "not_sampled", "text": r["text"]} for r in rest]
+        reject(rest, "not_sampled")
     if not rows:
         reasons = Counter(r["reason"] for r in rejected).most_common(3)
         raise UserError(f"no usable rows in {path} (read {counters['rows_read']}; dropped: "
                         + ", ".join(f"{k}={v}" for k, v in reasons) + ")")
-    splits = stratified_split(rows, "label", opts.val_ratio, opts.test_ratio, opts.seed)
+    if opts.split_column:
+        splits = {name: [r for r in rows if r["_split"] == name] for name in SPLITS}
+    else:
+        splits = group_split(rows, "label", opts.val_ratio, opts.test_ratio, opts.seed)
     labels = sorted({r["label"] for r in rows})
     dropped = dict(Counter(r["reason"] for r in rejected).most_common())
     report = {"rows_read": counters["rows_read"], "rows_kept": len(rows), "dropped": dropped,
-              "repaired": {"invalid_utf8": counters["invalid_utf8_repaired"]},
-              "conflicting_label_groups": len(conflicts)}
+              "repaired": {"invalid_utf8_replaced": counters["invalid_utf8_replaced"]},
+              "steps": {k: v for k, v in sorted(counters.items()) if k.startswith("clean.")},
+              "pii": {k.removeprefix("pii."): v for k, v in sorted(counters.items()) if k.startswith("pii.")},
+              "duplicates": {"exact_dropped": dropped.get("duplicate", 0),
+                             "exact_conflicting_groups": len(conflicts),
+                             "near_groups": len(groups), "near_dropped": dropped.get("near_duplicate", 0),
+                             "near_conflicting_groups": sum(g["conflicting_labels"] for g in groups),
+                             "near_candidates_checked": candidates}}
     if report["rows_read"] != report["rows_kept"] + sum(dropped.values()):
         raise AssertionError(f"row accounting does not add up: {report}")
+    _check_drop_rate(report, opts, path)
     meta = {
         "task": "classification", "text_field": "text", "label_field": "label", "labels": labels,
         "splits": {name: len(splits[name]) for name in SPLITS},
@@ -133,14 +230,14 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
         "fingerprint": fingerprint(splits),
         "source": {"path": str(source) if is_builtin(source) else str(path.resolve()),
                    "text_column": text_col, "label_column": label_col},
-        "options": {"seed": opts.seed, "val_ratio": opts.val_ratio, "test_ratio": opts.test_ratio,
-                    "max_rows": opts.max_rows},
+        "options": opts.model_dump(mode="json"),
         "report": report, "tunelab_version": __version__,
     }
     with atomic_dir(Path(out)) as tmp:
         for name in SPLITS:
             _write_jsonl(tmp / f"{name}.jsonl", ({"text": r["text"], "label": r["label"]} for r in splits[name]))
         _write_jsonl(tmp / "rejected.jsonl", sorted(rejected, key=lambda r: r["line"]))
+        _write_jsonl(tmp / "near_duplicates.jsonl", groups)
         (tmp / "conflicts.json").write_text(json.dumps(conflicts, ensure_ascii=False, indent=1))
         (tmp / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
     return meta

@@ -7,26 +7,33 @@ from collections import defaultdict
 import numpy as np
 
 
-def stratified_split(rows: list[dict], label_field: str, val_ratio: float, test_ratio: float,
-                     seed: int) -> dict[str, list[dict]]:
-    """Split each label's rows by the ratios (rounded per label), shuffled with `seed`.
+def group_split(rows: list[dict], label_field: str, val_ratio: float, test_ratio: float,
+                seed: int) -> dict[str, list[dict]]:
+    """Seeded stratified split that never separates rows sharing a `_group` value.
 
-    Labels too rare for every split keep their rows in train first, then test, then validation.
-    The same rows, ratios and seed always give the same split.
+    Units are groups (rows without `_group` are their own unit), stratified by the label of their first
+    row; each label's units are shuffled and cut by the ratios (rounded per label). Labels too rare for
+    every split keep their units in train first, then test. The same rows, ratios and seed always give
+    the same split.
     """
     rng = np.random.default_rng(seed)
-    by_label: dict[str, list[int]] = defaultdict(list)
+    units: dict[object, list[int]] = {}
     for i, r in enumerate(rows):
-        by_label[r[label_field]].append(i)
+        units.setdefault(r.get("_group", ("row", i)), []).append(i)
+    by_label: dict[str, list[object]] = defaultdict(list)
+    for key, members in units.items():
+        by_label[rows[members[0]][label_field]].append(key)
     assign: dict[int, str] = {}
     for label in sorted(by_label):
-        idx = np.array(by_label[label])
-        rng.shuffle(idx)
-        n = len(idx)
-        n_test = int(round(n * test_ratio)) if n >= 3 else (1 if n == 2 else 0)
+        keys = by_label[label]
+        order = rng.permutation(len(keys))
+        n = len(keys)
+        n_test = int(round(n * test_ratio)) if n >= 3 else (1 if n == 2 and test_ratio > 0 else 0)
         n_val = int(round(n * val_ratio)) if n >= 3 else 0
-        for j, i in enumerate(idx):
-            assign[int(i)] = "test" if j < n_test else "validation" if j < n_test + n_val else "train"
+        for j, k in enumerate(order):
+            split = "test" if j < n_test else "validation" if j < n_test + n_val else "train"
+            for i in units[keys[k]]:
+                assign[i] = split
     out = {"train": [], "validation": [], "test": []}
     for i, r in enumerate(rows):
         out[assign[i]].append(r)

@@ -18,9 +18,19 @@ def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None
     for reason, n in rep["dropped"].items():
         acc.add_row(f"dropped: {reason}", f"{n:,}")
     acc.add_row("kept", f"{rep['rows_kept']:,}", style="bold")
-    if rep["repaired"].get("invalid_utf8"):
-        acc.add_row("(kept rows with invalid UTF-8 bytes replaced)", f"{rep['repaired']['invalid_utf8']:,}")
     console.print(acc)
+    changed = {**{k.removeprefix("clean."): v for k, v in rep.get("steps", {}).items()},
+               **{f"PII {k} redacted": v for k, v in rep.get("pii", {}).items()}}
+    if rep["repaired"].get("invalid_utf8_replaced"):
+        changed["invalid UTF-8 bytes replaced (rows)"] = rep["repaired"]["invalid_utf8_replaced"]
+    if changed:
+        console.print("changed (rows): " + " · ".join(f"{k} {v:,}" for k, v in changed.items()), highlight=False)
+    dup = rep.get("duplicates", {})
+    if dup:
+        console.print(f"duplicates: exact {dup['exact_dropped']:,} dropped, {dup['exact_conflicting_groups']:,} "
+                      f"groups with conflicting labels dropped · near {dup['near_groups']:,} groups, "
+                      f"{dup['near_dropped']:,} rows dropped, {dup['near_conflicting_groups']:,} groups with "
+                      "conflicting labels kept whole in one split", highlight=False)
     bal = Table(title="class balance")
     bal.add_column("split")
     for label in meta["labels"]:

@@ -72,8 +72,7 @@ def ensure_dataset(cfg: RunConfig) -> Path:
         raise UserError(f"data.dir {d} is not a prepared dataset and data.prepare is not set; "
                         f"run `tunelab data prepare SOURCE --out {d}` first")
     p = cfg.data.prepare
-    prepare(p.source, d, PrepareOptions(text_column=p.text_column, label_column=p.label_column, seed=p.seed,
-                                        val_ratio=p.val_ratio, test_ratio=p.test_ratio, max_rows=p.max_rows))
+    prepare(p.source, d, PrepareOptions(**p.model_dump(exclude={"source"})))
     return d
 
 
