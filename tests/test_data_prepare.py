@@ -128,3 +128,103 @@ def test_builtin_tweets_know_their_columns(tmp_path):
     assert rep["rows_read"] == 38158
     assert rep["rows_read"] == rep["rows_kept"] + sum(rep["dropped"].values())
     assert rep["dropped"]["duplicate"] > 0 and rep["repaired"]["invalid_utf8_replaced"] > 0
+
+
+def _prep(tmp_path, rows, name="ds", **opts):
+    src = write_csv(tmp_path / f"{name}.csv", rows, columns=tuple(rows[0].keys()))
+    return prepare(str(src), tmp_path / name, PrepareOptions(**opts))
+
+
+def test_near_duplicates_are_dropped_or_kept_in_one_split(tmp_path):
+    rows = make_rows(90)
+    base = "the flight to albuquerque was late again and the crew at the gate was rude to everyone"
+    rows += [{"text": base + suffix, "label": "negative"} for suffix in ("", " today", " !!", " really")]
+    meta = _prep(tmp_path, rows, "drop")
+    assert meta["report"]["dropped"]["near_duplicate"] == 3
+    groups = [json.loads(x) for x in (tmp_path / "drop" / "near_duplicates.jsonl").read_text().splitlines()]
+    assert any(len(g["lines"]) == 4 for g in groups)
+    meta = _prep(tmp_path, rows, "group", dedup={"near_action": "group"})
+    assert "near_duplicate" not in meta["report"]["dropped"]
+    where = {s for s, split_rows in _all(tmp_path / "group").items() for r in split_rows if "albuquerque" in r["text"]}
+    assert len(where) == 1  # the whole group sits in one split
+
+
+def test_near_duplicates_with_conflicting_labels_stay_together(tmp_path):
+    rows = make_rows(60)
+    base = "the flight to albuquerque was late again and the crew at the gate was rude to everyone"
+    rows += [{"text": base, "label": "negative"}, {"text": base + " lol", "label": "positive"},
+             {"text": base + " ok", "label": "neutral"}]
+    meta = _prep(tmp_path, rows)
+    assert meta["report"]["duplicates"]["near_conflicting_groups"] == 1
+    where = {s for s, split_rows in _all(tmp_path / "ds").items() for r in split_rows if "albuquerque" in r["text"]}
+    assert len(where) == 1
+
+
+def test_strict_names_file_and_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine", "label": "a"}\n{"text": "broken\n{"text": "", "label": "a"}\n')
+    with pytest.raises(UserError, match=r"in.jsonl:2: bad_json"):
+        prepare(str(src), tmp_path / "ds", PrepareOptions(strict=True))
+
+
+def test_drop_rate_limit_names_top_reasons(tmp_path):
+    rows = make_rows(20) + [{"text": "", "label": "positive"}] * 10
+    with pytest.raises(UserError, match=r"33.3% of 30 rows.*empty_text=10"):
+        _prep(tmp_path, rows)
+    meta = _prep(tmp_path, rows, max_drop_rate=0.5)
+    assert meta["report"]["dropped"]["empty_text"] == 10
+
+
+def test_existing_split_column_and_unknown_split(tmp_path):
+    rows = [dict(r, split=["train", "dev", "test"][i % 3]) for i, r in enumerate(make_rows(30))]
+    rows.append({"text": "where do i go", "label": "neutral", "split": "holdout"})
+    meta = _prep(tmp_path, rows, split_column="split")
+    assert meta["splits"] == {"train": 10, "validation": 10, "test": 10}
+    assert meta["report"]["dropped"] == {"unknown_split": 1}
+    with pytest.raises(UserError, match="no split column 'fold'"):
+        _prep(tmp_path, rows, "x", split_column="fold")
+
+
+def test_labels_normalised_mapped_and_checked(tmp_path):
+    rows = [{"text": r["text"], "label": {"positive": " POS ", "negative": "Negative"}.get(r["label"], "meh")}
+            for r in make_rows(30)]
+    meta = _prep(tmp_path, rows, max_drop_rate=0.5,
+                 clean={"lowercase_labels": True, "label_map": {"pos": "positive"},
+                        "labels": ["positive", "negative"]})
+    assert meta["labels"] == ["negative", "positive"]
+    assert meta["report"]["dropped"] == {"unknown_label": 10}
+
+
+def test_pii_is_redacted_and_counted(tmp_path):
+    rows = make_rows(30)
+    rows[0] = {"text": "mail jane@example.com or call +1 415 555 0132", "label": rows[0]["label"]}
+    meta = _prep(tmp_path, rows)
+    assert meta["report"]["pii"] == {"email": 1, "phone": 1}
+    texts = {r["text"] for s in _all(tmp_path / "ds").values() for r in s}
+    assert "mail <EMAIL> or call <PHONE>" in texts
+    meta = _prep(tmp_path, rows, "raw", pii={"enabled": False})
+    assert meta["report"]["pii"] == {}
+
+
+def test_nasty_files_count_every_row(tmp_path):
+    good = make_rows(40)
+    # a NUL byte inside a CSV row, a stray quote, a 10 MB row, an all-empty label column elsewhere
+    lines = ["text,label"] + [f"{r['text']},{r['label']}" for r in good]
+    lines.insert(5, "bad\x00row,positive")
+    lines.insert(9, 'a "stray quote,negative')
+    lines.append("x" * 10_000_000 + ",positive")
+    src = tmp_path / "nasty.csv"
+    src.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    meta = prepare(str(src), tmp_path / "ds", PrepareOptions(clean={"max_chars": 100_000}))
+    rep = meta["report"]
+    assert rep["rows_read"] == rep["rows_kept"] + sum(rep["dropped"].values())
+    assert rep["dropped"]["too_long"] == 1
+    assert rep["rows_kept"] >= 40
+    empty_labels = tmp_path / "nolabels.csv"
+    write_csv(empty_labels, [{"text": r["text"], "label": ""} for r in good])
+    with pytest.raises(UserError, match="no usable rows.*missing_label=40"):
+        prepare(str(empty_labels), tmp_path / "e")
+    truncated = tmp_path / "cut.jsonl"
+    truncated.write_text("\n".join(json.dumps(r) for r in good) + '\n{"text": "cut off mid-')
+    meta = prepare(str(truncated), tmp_path / "t")
+    assert meta["report"]["dropped"] == {"bad_json": 1} and meta["report"]["rows_kept"] == 40
