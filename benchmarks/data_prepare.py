@@ -90,7 +90,9 @@ def build_corpus(path: Path, rows: int, seed: int = 0) -> dict:
         for text, label, i, _ in out:
             w.writerow([i, text, label])
     truth = {i: src for _, _, i, src in out if src is not None and src >= 0}
-    return {"rows": rows, "base": n_base, "planted_near": n_near, "planted_exact": n_exact, "truth": truth}
+    line_ids = [i for _, _, i, _ in out]  # data row k sits on line k + 2 (line 1 is the header)
+    return {"rows": rows, "base": n_base, "planted_near": n_near, "planted_exact": n_exact, "truth": truth,
+            "line_ids": line_ids}
 
 
 def bare_parse_seconds(path: Path) -> float:
@@ -103,15 +105,13 @@ def bare_parse_seconds(path: Path) -> float:
     return dt
 
 
-def run_prepare_child(src: Path, out: Path, id_column: str) -> dict:
-    """Run the prepare in a fresh process; -> its wall time and peak RSS."""
+def run_prepare_child(src: Path, out: Path) -> dict:
+    """Run the prepare (default options) in a fresh process; -> its wall time and peak RSS."""
     code = f"""
 import json, resource, time
-from tunelab.config import PrepareConfig
 from tunelab.data.prepare import prepare
-cfg = PrepareConfig(source={str(src)!r}, keep_columns=[{id_column!r}])
 t0 = time.perf_counter()
-meta = prepare(cfg.source, {str(out)!r}, cfg)
+meta = prepare({str(src)!r}, {str(out)!r})
 dt = time.perf_counter() - t0
 print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "report": meta["report"]}}))
@@ -120,8 +120,8 @@ print(json.dumps({{"seconds": dt, "peak_rss_mb": resource.getrusage(resource.RUS
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def near_dup_scores(out: Path, truth: dict[int, int], n_base: int) -> dict:
-    """Planted pairs (copy, source) vs the near-duplicate groups the prepare found (`near_dup_groups.jsonl`)."""
+def near_dup_scores(out: Path, truth: dict[int, int], line_ids: list[int]) -> dict:
+    """Planted pairs (copy, source) vs the near-duplicate groups the prepare found (`near_duplicates.jsonl`)."""
     truth_pairs = {tuple(sorted(p)) for p in truth.items()}
     # copies of the same source are near-duplicates of each other too
     by_src: dict[int, list[int]] = {}
@@ -132,7 +132,7 @@ def near_dup_scores(out: Path, truth: dict[int, int], n_base: int) -> dict:
     found = set()
     with open(out / "near_duplicates.jsonl", encoding="utf-8") as f:
         for line in f:
-            ids = sorted(int(x) for x in json.loads(line)["ids"])
+            ids = sorted(line_ids[n - 2] for n in json.loads(line)["lines"])
             found |= set(combinations(ids, 2))
     tp = len(found & truth_pairs)
     return {"planted_pairs": len(truth_pairs), "found_pairs": len(found), "true_positives": tp,
@@ -151,12 +151,13 @@ def main() -> None:
           flush=True)
     parse_s = min(bare_parse_seconds(src) for _ in range(3))
     print(f"bare Arrow parse: {parse_s:.2f} s", flush=True)
-    res = run_prepare_child(src, tmp / "out", "id")
+    res = run_prepare_child(src, tmp / "out")
     print(f"prepare: {res['seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
-    scores = near_dup_scores(tmp / "out", corpus["truth"], corpus["base"])
+    scores = near_dup_scores(tmp / "out", corpus["truth"], corpus["line_ids"])
     print(f"near-dup precision {scores['precision']:.4f} recall {scores['recall']:.4f}", flush=True)
     payload = {
-        "setup": {k: v for k, v in corpus.items() if k != "truth"} | {"file_mb": src.stat().st_size / 1e6},
+        "setup": {k: v for k, v in corpus.items() if k not in ("truth", "line_ids")}
+        | {"file_mb": src.stat().st_size / 1e6},
         "prepare_seconds": res["seconds"], "rows_per_s": args.rows / res["seconds"],
         "bare_arrow_parse_seconds": parse_s, "ratio_to_bare_parse": res["seconds"] / parse_s,
         "peak_rss_mb": res["peak_rss_mb"], "near_dup": scores, "report": res["report"],

@@ -228,3 +228,22 @@ def test_nasty_files_count_every_row(tmp_path):
     truncated.write_text("\n".join(json.dumps(r) for r in good) + '\n{"text": "cut off mid-')
     meta = prepare(str(truncated), tmp_path / "t")
     assert meta["report"]["dropped"] == {"bad_json": 1} and meta["report"]["rows_kept"] == 40
+
+
+def test_semicolon_csv_is_sniffed(tmp_path):
+    src = tmp_path / "semi.csv"
+    src.write_text("text;label\n" + "\n".join(f"{r['text']}, with a comma;{r['label']}" for r in make_rows(30)))
+    meta = prepare(str(src), tmp_path / "ds")
+    assert meta["report"]["rows_kept"] == 30 and meta["labels"] == ["negative", "neutral", "positive"]
+
+
+def test_saved_datasets_dir_with_splits(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = make_rows(60)
+    dd = DatasetDict({"train": Dataset.from_list(rows[:40]), "test": Dataset.from_list(rows[40:])})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    meta = prepare(str(tmp_path / "saved"), tmp_path / "ds", PrepareOptions(split_column="split"))
+    assert meta["splits"] == {"train": 40, "validation": 0, "test": 20}
+    with pytest.raises(UserError, match="not a saved `datasets` dataset"):
+        prepare(str(tmp_path), tmp_path / "x")

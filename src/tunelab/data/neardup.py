@@ -42,7 +42,6 @@ def shingles(texts: list[str], ngram: int = 2) -> tuple[np.ndarray, np.ndarray]:
         ids.extend(vocab.setdefault(w, len(vocab)) for w in words)
         counts[d] = len(words)
     word_ids = np.asarray(ids, dtype=np.uint64)
-    starts = np.concatenate([[0], np.cumsum(counts)])
     doc_of_word = np.repeat(np.arange(len(texts)), counts)
     parts, owners = [_mix(word_ids * np.uint64(0x9E3779B1) + np.uint64(1))], [doc_of_word]
     for k in range(1, ngram):  # n-grams: consecutive words of the same document
@@ -57,7 +56,6 @@ def shingles(texts: list[str], ngram: int = 2) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(owner, kind="stable")
     h, owner = h[order], owner[order]
     offsets = np.searchsorted(owner, np.arange(len(texts) + 1))
-    del starts
     return h, offsets
 
 
@@ -115,6 +113,14 @@ def candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return np.unique(pairs, axis=0) if len(pairs) else pairs
 
 
+def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, chunk: int = 200_000) -> np.ndarray:
+    out = np.empty(len(pairs))
+    for start in range(0, len(pairs), chunk):
+        p = pairs[start:start + chunk]
+        out[start:start + chunk] = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
+    return out
+
+
 def exact_jaccard(h: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     sims = np.empty(len(pairs))
     cache: dict[int, set] = {}
@@ -149,8 +155,11 @@ def near_duplicates(texts: list[str], threshold: float = 0.7, ngram: int = 2, nu
     sig = minhash(h, offsets, num_perm, seed)
     bands, rows = lsh_params(threshold, num_perm)
     cand = candidate_pairs(sig, bands, rows)
-    sims = exact_jaccard(h, offsets, cand) if len(cand) else np.zeros(0)
-    kept = cand[sims >= threshold]
+    # The MinHash estimate (share of equal signature slots, std <= 0.5/sqrt(num_perm)) rules out pairs far
+    # below the threshold cheaply; the exact Jaccard decides the rest.
+    plausible = cand[estimated_jaccard(sig, cand) >= threshold - max(0.15, 2.5 / np.sqrt(num_perm))]
+    sims = exact_jaccard(h, offsets, plausible) if len(plausible) else np.zeros(0)
+    kept = plausible[sims >= threshold]
     graph = coo_matrix((np.ones(len(kept)), (kept[:, 0], kept[:, 1])), shape=(n, n))
     _, comp = connected_components(graph, directed=False)
     # Name each group by its smallest member, so group ids are stable document indices.

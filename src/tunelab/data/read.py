@@ -43,10 +43,13 @@ def read_rows(path: str | Path) -> tuple[list[str], Iterator[Row]]:
     if not path.exists():
         raise UserError(f"no such file: {path}")
     if path.is_dir():
-        raise UserError(f"{path} is a folder; give a CSV/TSV/JSONL/JSON/Parquet file")
+        if any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
+            return _read_hf_saved(path)
+        raise UserError(f"{path} is a folder but not a saved `datasets` dataset; give a CSV/TSV/JSONL/JSON/"
+                        "Parquet file or a folder written by `Dataset.save_to_disk`")
     fmt = detect_format(path)
     if fmt in ("csv", "tsv"):
-        return _read_csv(path, "\t" if fmt == "tsv" else ",")
+        return _read_csv(path, "\t" if fmt == "tsv" else _sniff_delimiter(path))
     if fmt == "jsonl":
         return _read_jsonl(path)
     if fmt == "json":
@@ -94,6 +97,41 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[str], Iterator[Row]]:
                 yield Row(line=line, fields=fields, invalid_utf8=any("\ufffd" in v for v in values))
 
     return header, rows()
+
+
+def _sniff_delimiter(path: Path) -> str:
+    """The most frequent of , ; | TAB in the header line (a .csv file is not always comma-separated)."""
+    with _text_stream(path) as f:
+        header = f.readline()
+    counts = {d: header.count(d) for d in (",", ";", "\t", "|")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def _read_hf_saved(path: Path) -> tuple[list[str], Iterator[Row]]:
+    """A folder from `Dataset.save_to_disk` (or a DatasetDict: rows get a `split` column)."""
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise UserError(f"cannot read the saved dataset in {path}: {err}") from None
+    parts = list(ds.items()) if isinstance(ds, DatasetDict) else [(None, ds)]
+    columns = list(parts[0][1].column_names) + (["split"] if isinstance(ds, DatasetDict) else [])
+
+    def rows() -> Iterator[Row]:
+        n = 0
+        for split, part in parts:
+            for batch in part.iter(batch_size=8192):
+                keys = list(batch)
+                for values in zip(*batch.values()):
+                    n += 1
+                    fields = dict(zip(keys, values))
+                    if split is not None:
+                        fields["split"] = split
+                    yield Row(line=n, fields=fields)
+
+    return columns, rows()
 
 
 def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Row]]:
