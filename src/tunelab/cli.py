@@ -68,6 +68,27 @@ def data_prepare(
     print_dataset_summary(meta, out, console)
 
 
+@data_app.command("overlap")
+def data_overlap(
+    a: str = typer.Argument(..., help="reference: a file, a dataset dir, or DIR:split (e.g. data/tweets:train)"),
+    b: str = typer.Argument(..., help="checked: a file, a dataset dir, or DIR:split (e.g. my_test.csv)"),
+    text_column: str = typer.Option("text", "--text-column"),
+    threshold: float = typer.Option(0.7, "--threshold", min=0.01, max=1.0, help="near-dup Jaccard"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the report as JSON"),
+):
+    """Decontamination check: rows of B that occur exactly or nearly in A."""
+    from tunelab.data.overlap import load_texts, overlap
+
+    rep = overlap(load_texts(a, text_column), load_texts(b, text_column), threshold)
+    console.print(f"{rep['rows_b']:,} rows of {b} against {rep['rows_a']:,} rows of {a}: "
+                  f"[bold]{rep['exact']:,} exact[/] and [bold]{rep['near']:,} near[/] duplicates "
+                  f"({rep['contaminated_share']:.2%} contaminated, Jaccard >= {threshold})")
+    for ex in rep["near_examples"][:5]:
+        console.print(f"  near: {ex['b']!r}\n     ~ {ex['a']!r}", highlight=False)
+    if out:
+        out.write_text(json.dumps(rep, indent=2, ensure_ascii=False))
+
+
 def _read_yaml(path: Path) -> dict:
     import yaml
 

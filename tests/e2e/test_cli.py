@@ -105,3 +105,22 @@ def test_bad_input_gives_one_clear_message(trained, tmp_path):
     tl("data", "prepare", other, "--out", tmp_path / "other")
     fails_cleanly(tl("eval", model, "--data", tmp_path / "other", "--no-baselines", check=False),
                   "unknown to this model")
+
+
+def test_data_commands(trained, tmp_path):
+    root = trained
+    proc = tl("data", "overlap", f"{root / 'data'}:train", root / "reviews.csv")
+    assert "240 exact" in proc.stdout  # the train split came from that file
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok", "label": "a"}\n{"text": 5.5.5}\n')
+    fails_cleanly(tl("data", "prepare", bad, "--out", tmp_path / "d", "--strict", check=False),
+                  "bad.jsonl:2: bad_json")
+    opts = tmp_path / "prep.yaml"
+    opts.write_text("clean:\n  urls: replace\ndedup:\n  treshold: 0.8\n")
+    fails_cleanly(tl("data", "prepare", root / "reviews.csv", "--out", tmp_path / "d", "--config", opts,
+                     check=False), "unknown key 'dedup.treshold'")
+    opts.write_text("clean:\n  urls: replace\ndedup:\n  threshold: 0.8\n")
+    proc = tl("data", "prepare", root / "reviews.csv", "--out", tmp_path / "d", "--config", opts, "--seed", "1")
+    meta = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    assert meta["options"]["dedup"]["threshold"] == 0.8 and meta["options"]["seed"] == 1
+    assert "duplicates:" in proc.stdout
