@@ -38,3 +38,8 @@ def test_lengths_and_labels():
     assert c.length_reason("a b c") == "too_long"
     assert c.length_reason("a b") is None
     assert c.label("  POS ") == "positive" and c.counts["label_normalized"] == 1
+
+
+def test_documents_keep_their_lines():
+    c = Cleaner(CleanConfig(), keep_newlines=True)
+    assert c.text("  para one\r\nline  two \n\n\n\n\tpara two  ") == "para one\nline two\n\npara two"

@@ -247,3 +247,47 @@ def test_saved_datasets_dir_with_splits(tmp_path):
     assert meta["splits"] == {"train": 40, "validation": 0, "test": 20}
     with pytest.raises(UserError, match="not a saved `datasets` dataset"):
         prepare(str(tmp_path), tmp_path / "x")
+
+
+def test_sft_from_chatterbot_sharegpt_alpaca_and_messages(tmp_path):
+    meta = prepare("builtin:chatterbot", tmp_path / "chat", PrepareOptions(task="sft", max_drop_rate=0.7))
+    assert meta["task"] == "sft" and meta["fields"] == ["messages"] and meta["labels"] == []
+    row = load_split(tmp_path / "chat", "train")[0]
+    assert row["messages"][0]["role"] == "user" and row["messages"][1]["role"] == "assistant"
+    assert meta["report"]["rows_read"] == meta["report"]["rows_kept"] + sum(meta["report"]["dropped"].values())
+    rows = [
+        {"conversations": [{"from": "human", "value": "hi there, how do I reset my router?"},
+                           {"from": "gpt", "value": "Hold the reset button\n\nfor ten seconds."}]},
+        {"instruction": "Summarise the ticket", "input": "My bill doubled this month.", "output": "Billing issue."},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "wizard", "content": "?"}, {"role": "assistant", "content": "!"}]},
+        {"text": "no conversation at all"},
+    ] * 1
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    meta = prepare(str(src), tmp_path / "mixed", PrepareOptions(task="sft", max_drop_rate=0.6, val_ratio=0,
+                                                                test_ratio=0))
+    assert meta["report"]["dropped"] == {"no_assistant_turn": 1, "unknown_role": 1, "no_conversation": 1}
+    train = load_split(tmp_path / "mixed", "train")
+    assert len(train) == 3
+    router = next(r for r in train if "router" in r["messages"][0]["content"])
+    assert router["messages"][1] == {"role": "assistant", "content": "Hold the reset button\n\nfor ten seconds."}
+    alpaca = next(r for r in train if "Summarise" in r["messages"][0]["content"])
+    assert alpaca["messages"][0]["content"] == "Summarise the ticket\n\nMy bill doubled this month."
+
+
+def test_text_task_from_txt_file_and_folder(tmp_path):
+    (tmp_path / "corpus.txt").write_text("First doc line one.\nline two.\n\nSecond document.\n\n\n\nThird one\n")
+    meta = prepare(str(tmp_path / "corpus.txt"), tmp_path / "t", PrepareOptions(task="text", val_ratio=0.3,
+                                                                               test_ratio=0.3))
+    assert meta["task"] == "text" and meta["report"]["rows_kept"] == 3 and meta["class_balance"] == {}
+    docs = {r["text"] for s in _all(tmp_path / "t").values() for r in s}
+    assert "First doc line one.\nline two." in docs
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"d{i}.txt").write_text(f"document number {i} about topic {i * 7}\nwith two lines")
+    meta = prepare(str(folder), tmp_path / "f", PrepareOptions(task="text", dedup={"near": False}))
+    assert meta["report"]["rows_kept"] == 5

@@ -36,6 +36,8 @@ def data_prepare(
     out: Path = typer.Option(..., "--out", help="dataset dir to write"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with any prepare options (clean, pii, "
                                           "dedup, ...); flags given here win"),
+    task: Optional[str] = typer.Option(None, "--task", help="classification (default), text (documents for "
+                                       "pretraining), sft (conversations)"),
     text_column: Optional[str] = typer.Option(None, help="column holding the text (default: text)"),
     label_column: Optional[str] = typer.Option(None, help="column holding the label (default: label)"),
     seed: Optional[int] = typer.Option(None, help="seed of the split (default 0)"),
@@ -55,8 +57,8 @@ def data_prepare(
     from tunelab.data.summary import print_dataset_summary
 
     raw = _read_yaml(config) if config else {}
-    flags = {"text_column": text_column, "label_column": label_column, "seed": seed, "val_ratio": val_ratio,
-             "test_ratio": test_ratio, "max_rows": max_rows, "split_column": split_column, "strict": strict,
+    flags = {"task": task, "text_column": text_column, "label_column": label_column, "seed": seed,
+             "val_ratio": val_ratio, "test_ratio": test_ratio, "max_rows": max_rows, "split_column": split_column, "strict": strict,
              "max_drop_rate": max_drop_rate, "dedup.threshold": near_threshold,
              "dedup.near": False if no_near_dedup else None, "pii.enabled": False if no_pii else None}
     apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])

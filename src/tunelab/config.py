@@ -56,6 +56,9 @@ class DedupConfig(Section):
 class PrepareOptions(Section):
     """Everything `data prepare` does to a source besides naming it."""
 
+    task: Literal["classification", "text", "sft"] = Field(
+        "classification", description="classification: text + label; text: documents (pretraining); "
+        "sft: conversations as messages")
     text_column: str | None = None
     label_column: str | None = None
     seed: int = 0

@@ -14,6 +14,8 @@ import unicodedata
 from collections import Counter
 
 _WS = re.compile(r"\s+")
+_HSPACE = re.compile(r"[^\S\n]+")  # whitespace other than newlines
+_BLANK_LINES = re.compile(r"\n{3,}")
 # C0/C1 controls except \t \n \r (whitespace, handled by the whitespace step), plus zero-width and
 # bidi formatting characters and the BOM, which are invisible but break matching and tokenisation.
 _INVISIBLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
@@ -30,8 +32,11 @@ def dedup_key(text: str) -> str:
 class Cleaner:
     """Applies the steps switched on in a `CleanConfig` (see tunelab.config) and counts their effect."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, keep_newlines: bool = False):
+        """`keep_newlines`: documents and chat turns keep their line structure (at most one blank line);
+        classification texts become one line."""
         self.cfg = cfg
+        self.keep_newlines = keep_newlines
         self.counts: Counter = Counter()
         self._fix = None
         if cfg.fix_text:
@@ -58,7 +63,10 @@ class Cleaner:
             s = self._step("mentions", s, _MENTION.sub("@user" if c.mentions == "replace" else "", s))
         if c.hashtags != "keep":
             s = self._step("hashtags", s, _HASHTAG.sub(r"\1" if c.hashtags == "strip_hash" else "", s))
-        if c.collapse_whitespace:
+        if c.collapse_whitespace and self.keep_newlines:
+            lines = _HSPACE.sub(" ", s.replace("\r\n", "\n").replace("\r", "\n")).split("\n")
+            s = self._step("whitespace", s, _BLANK_LINES.sub("\n\n", "\n".join(ln.strip() for ln in lines)).strip())
+        elif c.collapse_whitespace:
             s = self._step("whitespace", s, _WS.sub(" ", s).strip())
         else:
             s = s.strip()

@@ -31,17 +31,27 @@ SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation"
 # Reasons that make a row malformed (as opposed to filtered): `--strict` stops at the first of these.
 MALFORMED = {"bad_json", "not_an_object", "bad_csv_row", "wrong_field_count", "text_wrong_type",
              "label_wrong_type", "empty_text", "missing_label", "unknown_label", "unknown_split", "too_long",
-             "invalid_utf8"}
+             "invalid_utf8", "bad_yaml", "not_a_conversation", "no_conversation", "unknown_role",
+             "turn_wrong_type", "empty_turn", "no_user_turn", "no_assistant_turn"}
 NOT_A_DROP = {"not_sampled"}  # chosen by the user; does not count towards the drop rate
 
 
 def resolve_source(source: str, opts: PrepareOptions) -> tuple[Path, str, str]:
-    """-> (file path, text column, label column); built-in datasets know their own columns."""
+    """-> (file path, text column, label column); built-in datasets know their own columns.
+
+    `builtin:chatterbot` is the English dialogues; `builtin:chatterbot/LANGUAGE` another language."""
+    if source.startswith("builtin:chatterbot"):
+        language = source.partition("/")[2] or "english"
+        path = builtin_path("builtin:chatterbot") / language
+        if not path.is_dir():
+            known = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+            raise UserError(f"no chatterbot language '{language}'; known: {', '.join(known)}")
+        return path, opts.text_column or "text", opts.label_column or "label"
     if is_builtin(source):
         path = builtin_path(source)
         cols = DATASET_COLUMNS.get(source.removeprefix("builtin:"))
         if cols is None:
-            raise UserError(f"{source} is not a classification dataset")
+            raise UserError(f"{source} is not a dataset")
         return path, opts.text_column or cols["text"], opts.label_column or cols["label"]
     return Path(source), opts.text_column or "text", opts.label_column or "label"
 
@@ -63,40 +73,114 @@ def _as_text(value) -> str | None:
     return None
 
 
+ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+              "bot": "assistant", "model": "assistant"}
+
+
+def to_messages(fields: dict) -> list[dict] | str:
+    """Any common chat layout -> [{"role", "content"}], or a rejection reason.
+
+    Accepted: `messages` (OpenAI: role/content), `conversations` (ShareGPT: from/value), `conversation`
+    (a list of strings alternating user/assistant, as in chatterbot), or Alpaca's `instruction` (+ `input`)
+    and `output`."""
+    if isinstance(fields.get("messages"), list):
+        turns = [(m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+                 for m in fields["messages"]]
+    elif isinstance(fields.get("conversations"), list):
+        turns = [(m.get("from"), m.get("value")) if isinstance(m, dict) else (None, None)
+                 for m in fields["conversations"]]
+    elif isinstance(fields.get("conversation"), list):
+        turns = [("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(fields["conversation"])]
+    elif "instruction" in fields and "output" in fields:
+        prompt = "\n\n".join(str(x) for x in (fields["instruction"], fields.get("input")) if x)
+        turns = [("user", prompt), ("assistant", fields["output"])]
+    else:
+        return "no_conversation"
+    messages = []
+    for role, content in turns:
+        role = ROLE_NAMES.get(str(role).lower()) if role is not None else None
+        content = _as_text(content)
+        if role is None:
+            return "unknown_role"
+        if content is None:
+            return "turn_wrong_type"
+        messages.append({"role": role, "content": content})
+    return messages
+
+
 class RowFilter:
-    """Turns one parsed source row into a clean example or a rejection reason."""
+    """Turns one parsed source row into a clean example or a rejection reason.
+
+    Every example has `text` (what de-duplication compares) and `label` (None outside classification);
+    `messages` for sft."""
 
     def __init__(self, opts: PrepareOptions, text_col: str, label_col: str):
         self.opts, self.text_col, self.label_col = opts, text_col, label_col
-        self.cleaner = Cleaner(opts.clean)
+        self.cleaner = Cleaner(opts.clean, keep_newlines=opts.task != "classification")
         self.pii = PiiRedactor(opts.pii.types) if opts.pii.enabled else None
         self.allowed = set(opts.clean.labels) if opts.clean.labels else None
+        self.extract = {"classification": self._classification, "text": self._text, "sft": self._sft}[opts.task]
 
-    def __call__(self, row) -> tuple[dict | None, str | None]:
-        if row.error:
-            return None, row.error
-        if row.invalid_utf8 and self.opts.strict:
-            return None, "invalid_utf8"
-        raw_text, raw_label = row.fields.get(self.text_col), row.fields.get(self.label_col)
-        text, label = _as_text(raw_text), _as_text(raw_label)
-        if raw_text is not None and text is None:
+    def _clean(self, text: str) -> str:
+        text = self.cleaner.text(text)
+        return self.pii.redact(text) if self.pii is not None else text
+
+    def _text(self, fields: dict) -> tuple[dict | None, str | None]:
+        raw = fields.get(self.text_col)
+        text = _as_text(raw)
+        if raw is not None and text is None:
             return None, "text_wrong_type"
-        if raw_label is not None and label is None:
-            return None, "label_wrong_type"
         if text is None:
             return None, "empty_text"
-        text = self.cleaner.text(text)
-        if self.pii is not None:
-            text = self.pii.redact(text)
+        text = self._clean(text)
         reason = self.cleaner.length_reason(text)
-        if reason:
+        return (None, reason) if reason else ({"text": text, "label": None}, None)
+
+    def _classification(self, fields: dict) -> tuple[dict | None, str | None]:
+        raw_label = fields.get(self.label_col)
+        label = _as_text(raw_label)
+        if raw_label is not None and label is None:
+            return None, "label_wrong_type"
+        example, reason = self._text(fields)
+        if example is None:
             return None, reason
         if label is None or not label.strip():
             return None, "missing_label"
         label = self.cleaner.label(label)
         if self.allowed is not None and label not in self.allowed:
             return None, "unknown_label"
-        out = {"text": text, "label": label, "_line": row.line}
+        example["label"] = label
+        return example, None
+
+    def _sft(self, fields: dict) -> tuple[dict | None, str | None]:
+        messages = to_messages(fields)
+        if isinstance(messages, str):
+            return None, messages
+        for m in messages:
+            m["content"] = self._clean(m["content"])
+            if not m["content"]:
+                return None, "empty_turn"
+        roles = [m["role"] for m in messages if m["role"] != "system"]
+        if "user" not in roles or "assistant" not in roles:
+            return None, "no_assistant_turn" if "user" in roles else "no_user_turn"
+        text = "\n".join(m["content"] for m in messages)
+        reason = self.cleaner.length_reason(text)
+        if reason:
+            return None, reason
+        example = {"text": text, "label": None, "messages": messages}
+        if "category" in fields:
+            example["category"] = fields["category"]
+        return example, None
+
+    def __call__(self, row) -> tuple[dict | None, str | None]:
+        if row.error:
+            return None, row.error
+        if row.invalid_utf8 and self.opts.strict:
+            return None, "invalid_utf8"
+        out, reason = self.extract(row.fields)
+        if out is None:
+            return None, reason
+        out["_line"] = row.line
         if self.opts.split_column:
             split = SPLIT_NAMES.get(str(row.fields.get(self.opts.split_column, "")).strip().lower())
             if split is None:
@@ -109,7 +193,8 @@ def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
                  ) -> tuple[list[dict], list[dict], dict]:
     """Read, clean and check -> (rows kept so far, rejected rows, counters). Rows carry `_line`."""
     columns, rows = read_rows(path)
-    _check_columns(path, columns, {"text": text_col, "label": label_col, "split": opts.split_column})
+    wanted = {"classification": {"text": text_col, "label": label_col}, "text": {"text": text_col}, "sft": {}}
+    _check_columns(path, columns, {**wanted[opts.task], "split": opts.split_column})
     keep = RowFilter(opts, text_col, label_col)
     kept, rejected = [], []
     counters: Counter = Counter()
@@ -167,7 +252,7 @@ def fingerprint(splits: dict[str, list[dict]]) -> str:
     h = hashlib.sha256()
     for name in SPLITS:
         for r in splits[name]:
-            h.update(json.dumps([name, r["text"], r["label"]], ensure_ascii=False).encode())
+            h.update(json.dumps([name, r["text"], r["label"], r.get("messages")], ensure_ascii=False).encode())
     return h.hexdigest()[:16]
 
 
@@ -204,11 +289,12 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
         reasons = Counter(r["reason"] for r in rejected).most_common(3)
         raise UserError(f"no usable rows in {path} (read {counters['rows_read']}; dropped: "
                         + ", ".join(f"{k}={v}" for k, v in reasons) + ")")
+    classification = opts.task == "classification"
     if opts.split_column:
         splits = {name: [r for r in rows if r["_split"] == name] for name in SPLITS}
-    else:
+    else:  # stratified by label for classification, plain random otherwise; near-dup groups stay together
         splits = group_split(rows, "label", opts.val_ratio, opts.test_ratio, opts.seed)
-    labels = sorted({r["label"] for r in rows})
+    labels = sorted({r["label"] for r in rows}) if classification else []
     dropped = dict(Counter(r["reason"] for r in rejected).most_common())
     report = {"rows_read": counters["rows_read"], "rows_kept": len(rows), "dropped": dropped,
               "repaired": {"invalid_utf8_replaced": counters["invalid_utf8_replaced"]},
@@ -223,10 +309,10 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
         raise AssertionError(f"row accounting does not add up: {report}")
     _check_drop_rate(report, opts, path)
     meta = {
-        "task": "classification", "text_field": "text", "label_field": "label", "labels": labels,
+        "task": opts.task, "fields": OUTPUT_FIELDS[opts.task], "labels": labels,
         "splits": {name: len(splits[name]) for name in SPLITS},
         "class_balance": {name: dict(sorted(Counter(r["label"] for r in splits[name]).items()))
-                          for name in SPLITS},
+                          for name in SPLITS} if classification else {},
         "fingerprint": fingerprint(splits),
         "source": {"path": str(source) if is_builtin(source) else str(path.resolve()),
                    "text_column": text_col, "label_column": label_col},
@@ -235,12 +321,22 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
     }
     with atomic_dir(Path(out)) as tmp:
         for name in SPLITS:
-            _write_jsonl(tmp / f"{name}.jsonl", ({"text": r["text"], "label": r["label"]} for r in splits[name]))
+            _write_jsonl(tmp / f"{name}.jsonl", (_output_row(r, opts.task) for r in splits[name]))
         _write_jsonl(tmp / "rejected.jsonl", sorted(rejected, key=lambda r: r["line"]))
         _write_jsonl(tmp / "near_duplicates.jsonl", groups)
         (tmp / "conflicts.json").write_text(json.dumps(conflicts, ensure_ascii=False, indent=1))
         (tmp / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
     return meta
+
+
+OUTPUT_FIELDS = {"classification": ["text", "label"], "text": ["text"], "sft": ["messages"]}
+
+
+def _output_row(r: dict, task: str) -> dict:
+    out = {k: r[k] for k in OUTPUT_FIELDS[task]}
+    if task == "sft" and "category" in r:
+        out["category"] = r["category"]
+    return out
 
 
 def _write_jsonl(path: Path, rows) -> None:

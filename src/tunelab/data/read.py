@@ -1,6 +1,9 @@
 """Readers: a source file -> a stream of `Row(line, fields)` with 1-based source line numbers.
 
-Formats by suffix: .csv, .tsv, .jsonl/.ndjson, .json (array), .parquet. Text is decoded as UTF-8;
+Formats by suffix: .csv, .tsv, .jsonl/.ndjson, .json (array), .parquet, .txt (one document per
+blank-line-separated paragraph, field `text`), .yml/.yaml (chatterbot dialogues: one row per
+conversation, fields `conversation` and `category`); folders: a `datasets` save, or a folder of .txt /
+.yml files (one document per .txt file, field `text`, or the dialogues of every .yml). Text is decoded as UTF-8;
 invalid bytes become U+FFFD and the row is flagged (`Row.invalid_utf8`), never a crash. Lines that
 cannot be parsed at all come back as rows with `error` set, so the caller can count and reject them.
 """
@@ -18,7 +21,7 @@ from pathlib import Path
 from tunelab.errors import UserError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-           ".parquet": "parquet"}
+           ".parquet": "parquet", ".txt": "txt", ".yml": "yaml", ".yaml": "yaml"}
 
 
 @dataclass
@@ -45,8 +48,12 @@ def read_rows(path: str | Path) -> tuple[list[str], Iterator[Row]]:
     if path.is_dir():
         if any((path / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json")):
             return _read_hf_saved(path)
-        raise UserError(f"{path} is a folder but not a saved `datasets` dataset; give a CSV/TSV/JSONL/JSON/"
-                        "Parquet file or a folder written by `Dataset.save_to_disk`")
+        if any(path.rglob("*.txt")):
+            return ["text", "file"], _read_txt_folder(path)
+        if any(path.rglob("*.yml")):
+            return ["conversation", "category"], _read_yaml_dialogues(sorted(path.rglob("*.yml")))
+        raise UserError(f"{path} is a folder but not a saved `datasets` dataset nor a folder of .txt/.yml "
+                        "files; give a CSV/TSV/JSONL/JSON/Parquet/TXT file or such a folder")
     fmt = detect_format(path)
     if fmt in ("csv", "tsv"):
         return _read_csv(path, "\t" if fmt == "tsv" else _sniff_delimiter(path))
@@ -54,6 +61,10 @@ def read_rows(path: str | Path) -> tuple[list[str], Iterator[Row]]:
         return _read_jsonl(path)
     if fmt == "json":
         return _read_json_array(path)
+    if fmt == "txt":
+        return ["text"], _read_txt_paragraphs(path)
+    if fmt == "yaml":
+        return ["conversation", "category"], _read_yaml_dialogues([path])
     return _read_parquet(path)
 
 
@@ -97,6 +108,52 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[str], Iterator[Row]]:
                 yield Row(line=line, fields=fields, invalid_utf8=any("\ufffd" in v for v in values))
 
     return header, rows()
+
+
+def _read_txt_paragraphs(path: Path) -> Iterator[Row]:
+    """One row per paragraph (blank-line separated); `line` is the paragraph's first line."""
+    with _text_stream(path) as f:
+        buf, start = [], 0
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                if not buf:
+                    start = n
+                buf.append(line)
+            elif buf:
+                text = "".join(buf)
+                yield Row(line=start, fields={"text": text}, invalid_utf8="\ufffd" in text)
+                buf = []
+        if buf:
+            text = "".join(buf)
+            yield Row(line=start, fields={"text": text}, invalid_utf8="\ufffd" in text)
+
+
+def _read_txt_folder(path: Path) -> Iterator[Row]:
+    """One row per .txt file (sorted by path); `line` numbers the files."""
+    for n, f in enumerate(sorted(path.rglob("*.txt")), start=1):
+        text = f.read_bytes().decode("utf-8-sig", errors="replace")
+        yield Row(line=n, fields={"text": text, "file": str(f.relative_to(path))}, invalid_utf8="\ufffd" in text)
+
+
+def _read_yaml_dialogues(files: list[Path]) -> Iterator[Row]:
+    """chatterbot-corpus YAML: `conversations` is a list of turn lists; rows number conversations."""
+    import yaml
+
+    n = 0
+    for f in files:
+        try:
+            doc = yaml.safe_load(f.read_text(encoding="utf-8", errors="replace")) or {}
+        except yaml.YAMLError:
+            n += 1
+            yield Row(line=n, error="bad_yaml")
+            continue
+        category = ", ".join(map(str, doc.get("categories") or [])) or f.stem
+        for conv in doc.get("conversations") or []:
+            n += 1
+            if isinstance(conv, list):
+                yield Row(line=n, fields={"conversation": conv, "category": category})
+            else:
+                yield Row(line=n, error="not_a_conversation")
 
 
 def _sniff_delimiter(path: Path) -> str:

@@ -22,7 +22,7 @@ def group_split(rows: list[dict], label_field: str, val_ratio: float, test_ratio
         units.setdefault(r.get("_group", ("row", i)), []).append(i)
     by_label: dict[str, list[object]] = defaultdict(list)
     for key, members in units.items():
-        by_label[rows[members[0]][label_field]].append(key)
+        by_label[rows[members[0]][label_field] or ""].append(key)
     assign: dict[int, str] = {}
     for label in sorted(by_label):
         keys = by_label[label]

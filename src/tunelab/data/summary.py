@@ -10,7 +10,8 @@ from rich.table import Table
 
 def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None:
     rep = meta["report"]
-    console.print(f"[bold]dataset[/] {out} · fingerprint {meta['fingerprint']} · labels {', '.join(meta['labels'])}")
+    what = f"labels {', '.join(meta['labels'])}" if meta["labels"] else f"task {meta['task']}"
+    console.print(f"[bold]dataset[/] {out} · fingerprint {meta['fingerprint']} · {what}")
     acc = Table(title="rows")
     acc.add_column("")
     acc.add_column("count", justify="right")
@@ -31,6 +32,10 @@ def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None
                       f"groups with conflicting labels dropped · near {dup['near_groups']:,} groups, "
                       f"{dup['near_dropped']:,} rows dropped, {dup['near_conflicting_groups']:,} groups with "
                       "conflicting labels kept whole in one split", highlight=False)
+    if not meta["class_balance"]:
+        console.print("splits: " + " · ".join(f"{k} {v:,}" for k, v in meta["splits"].items()), highlight=False)
+        console.print(f"rejected rows with line numbers and reasons: {Path(out) / 'rejected.jsonl'}")
+        return
     bal = Table(title="class balance")
     bal.add_column("split")
     for label in meta["labels"]:
