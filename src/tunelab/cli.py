@@ -58,8 +58,8 @@ def data_prepare(
 
     raw = _read_yaml(config) if config else {}
     flags = {"task": task, "text_column": text_column, "label_column": label_column, "seed": seed,
-             "val_ratio": val_ratio, "test_ratio": test_ratio, "max_rows": max_rows, "split_column": split_column, "strict": strict,
-             "max_drop_rate": max_drop_rate, "dedup.threshold": near_threshold,
+             "val_ratio": val_ratio, "test_ratio": test_ratio, "max_rows": max_rows, "split_column": split_column,
+             "strict": strict, "max_drop_rate": max_drop_rate, "dedup.threshold": near_threshold,
              "dedup.near": False if no_near_dedup else None, "pii.enabled": False if no_pii else None}
     apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])
     try:
