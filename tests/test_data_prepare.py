@@ -291,3 +291,32 @@ def test_text_task_from_txt_file_and_folder(tmp_path):
         (folder / f"d{i}.txt").write_text(f"document number {i} about topic {i * 7}\nwith two lines")
     meta = prepare(str(folder), tmp_path / "f", PrepareOptions(task="text", dedup={"near": False}))
     assert meta["report"]["rows_kept"] == 5
+
+
+def test_ner_from_conll_and_spans(tmp_path):
+    conll = tmp_path / "news.conll"
+    conll.write_text("-DOCSTART- O\n\nApple B-ORG\nrose O\n3% O\n\nTim B-PER\nCook I-PER\nsaid O\n\n"
+                     "broken\n\nshares O\nof O\nMSFT I-TICKER\n")
+    meta = prepare(str(conll), tmp_path / "c", PrepareOptions(task="ner", val_ratio=0, test_ratio=0,
+                                                              max_drop_rate=0.5))
+    assert meta["report"]["dropped"] == {"bad_conll_line": 1}
+    assert meta["labels"] == ["O", "B-ORG", "B-PER", "I-PER", "B-TICKER"]
+    rows = {" ".join(r["tokens"]): r["tags"] for r in load_split(tmp_path / "c", "train")}
+    assert rows["Tim Cook said"] == ["B-PER", "I-PER", "O"]
+    assert rows["shares of MSFT"] == ["O", "O", "B-TICKER"]  # a dangling I- starts an entity
+    assert meta["report"]["steps"]["clean.bio_repaired"] == 1
+
+    spans = tmp_path / "spans.jsonl"
+    spans.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "Nvidia paid $5 million to Jane Doe.", "entities": [
+            {"start": 0, "end": 6, "label": "ORG"}, {"start": 12, "end": 22, "label": "MONEY"},
+            {"start": 26, "end": 34, "label": "PER"}]},
+        {"text": "Misaligned spans here", "entities": [{"start": 2, "end": 5, "label": "X"}]},
+        {"tokens": ["a", "b"], "tags": ["O"]},
+    ]))
+    meta = prepare(str(spans), tmp_path / "s", PrepareOptions(task="ner", val_ratio=0, test_ratio=0,
+                                                              max_drop_rate=0.9))
+    assert meta["report"]["dropped"] == {"misaligned_span": 1, "tag_count_mismatch": 1}
+    row = load_split(tmp_path / "s", "train")[0]
+    assert row["tokens"][:6] == ["Nvidia", "paid", "$", "5", "million", "to"]
+    assert row["tags"] == ["B-ORG", "O", "B-MONEY", "I-MONEY", "I-MONEY", "O", "B-PER", "I-PER", "O"]

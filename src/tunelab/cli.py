@@ -37,7 +37,7 @@ def data_prepare(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with any prepare options (clean, pii, "
                                           "dedup, ...); flags given here win"),
     task: Optional[str] = typer.Option(None, "--task", help="classification (default), text (documents for "
-                                       "pretraining), sft (conversations)"),
+                                       "pretraining), sft (conversations), ner (tokens + BIO tags)"),
     text_column: Optional[str] = typer.Option(None, help="column holding the text (default: text)"),
     label_column: Optional[str] = typer.Option(None, help="column holding the label (default: label)"),
     seed: Optional[int] = typer.Option(None, help="seed of the split (default 0)"),

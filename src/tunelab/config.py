@@ -56,9 +56,9 @@ class DedupConfig(Section):
 class PrepareOptions(Section):
     """Everything `data prepare` does to a source besides naming it."""
 
-    task: Literal["classification", "text", "sft"] = Field(
+    task: Literal["classification", "text", "sft", "ner"] = Field(
         "classification", description="classification: text + label; text: documents (pretraining); "
-        "sft: conversations as messages")
+        "sft: conversations as messages; ner: tokens + BIO tags")
     text_column: str | None = None
     label_column: str | None = None
     seed: int = 0

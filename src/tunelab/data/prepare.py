@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -32,7 +33,8 @@ SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation"
 MALFORMED = {"bad_json", "not_an_object", "bad_csv_row", "wrong_field_count", "text_wrong_type",
              "label_wrong_type", "empty_text", "missing_label", "unknown_label", "unknown_split", "too_long",
              "invalid_utf8", "bad_yaml", "not_a_conversation", "no_conversation", "unknown_role",
-             "turn_wrong_type", "empty_turn", "no_user_turn", "no_assistant_turn"}
+             "turn_wrong_type", "empty_turn", "no_user_turn", "no_assistant_turn", "bad_conll_line", "no_tokens",
+             "tag_count_mismatch", "bad_tag", "misaligned_span", "bad_entities"}
 NOT_A_DROP = {"not_sampled"}  # chosen by the user; does not count towards the drop rate
 
 
@@ -108,6 +110,41 @@ def to_messages(fields: dict) -> list[dict] | str:
     return messages
 
 
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+def to_bio(text: str, entities) -> tuple[list[str], list[str]] | str:
+    """Text + character spans [{"start", "end", "label"}] -> (word/punctuation tokens, BIO tags)."""
+    if not isinstance(entities, list):
+        return "bad_entities"
+    matches = list(_TOKEN.finditer(text))
+    tokens, tags = [m.group(0) for m in matches], ["O"] * len(matches)
+    starts = {m.start(): i for i, m in enumerate(matches)}
+    ends = {m.end(): i for i, m in enumerate(matches)}
+    for e in entities:
+        if not (isinstance(e, dict) and isinstance(e.get("start"), int) and isinstance(e.get("end"), int)
+                and isinstance(e.get("label"), str)):
+            return "bad_entities"
+        first, last = starts.get(e["start"]), ends.get(e["end"])
+        if first is None or last is None or last < first:
+            return "misaligned_span"
+        tags[first] = f"B-{e['label']}"
+        for i in range(first + 1, last + 1):
+            tags[i] = f"I-{e['label']}"
+    return tokens, tags
+
+
+def repair_bio(tags: list[str], counts) -> list[str]:
+    """An I-X that does not continue an X entity starts one (B-X), as seqeval's lenient mode reads it."""
+    out = []
+    for i, tag in enumerate(tags):
+        if tag.startswith("I-") and (i == 0 or out[-1][2:] != tag[2:]):
+            counts["bio_repaired"] += 1
+            tag = "B-" + tag[2:]
+        out.append(tag)
+    return out
+
+
 class RowFilter:
     """Turns one parsed source row into a clean example or a rejection reason.
 
@@ -119,7 +156,8 @@ class RowFilter:
         self.cleaner = Cleaner(opts.clean, keep_newlines=opts.task != "classification")
         self.pii = PiiRedactor(opts.pii.types) if opts.pii.enabled else None
         self.allowed = set(opts.clean.labels) if opts.clean.labels else None
-        self.extract = {"classification": self._classification, "text": self._text, "sft": self._sft}[opts.task]
+        self.extract = {"classification": self._classification, "text": self._text, "sft": self._sft,
+                        "ner": self._ner}[opts.task]
 
     def _clean(self, text: str) -> str:
         text = self.cleaner.text(text)
@@ -172,6 +210,36 @@ class RowFilter:
             example["category"] = fields["category"]
         return example, None
 
+    def _ner(self, fields: dict) -> tuple[dict | None, str | None]:
+        if isinstance(fields.get("tokens"), list):
+            tokens = fields["tokens"]
+            tags = fields.get("tags", fields.get("ner_tags"))
+            if not isinstance(tags, list) or len(tags) != len(tokens):
+                return None, "tag_count_mismatch"
+        elif isinstance(fields.get(self.text_col), str):
+            spans = to_bio(fields[self.text_col], fields.get("entities", []))
+            if isinstance(spans, str):
+                return None, spans
+            tokens, tags = spans
+        else:
+            return None, "no_tokens"
+        clean_tokens, clean_tags = [], []
+        for tok, tag in zip(tokens, tags):
+            tok = _as_text(tok)
+            if tok is None or not isinstance(tag, str) or not re.fullmatch(r"O|[BI]-\S+", tag):
+                return None, "bad_tag" if tok is not None else "text_wrong_type"
+            tok = self.cleaner.text(tok).replace(" ", "")
+            if self.pii is not None:
+                tok = self.pii.redact(tok)
+            if tok:
+                clean_tokens.append(tok)
+                clean_tags.append(tag)
+        if not clean_tokens:
+            return None, "no_tokens"
+        clean_tags = repair_bio(clean_tags, self.cleaner.counts)
+        text = " ".join(clean_tokens)
+        return {"text": text, "label": None, "tokens": clean_tokens, "tags": clean_tags}, None
+
     def __call__(self, row) -> tuple[dict | None, str | None]:
         if row.error:
             return None, row.error
@@ -193,7 +261,8 @@ def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
                  ) -> tuple[list[dict], list[dict], dict]:
     """Read, clean and check -> (rows kept so far, rejected rows, counters). Rows carry `_line`."""
     columns, rows = read_rows(path)
-    wanted = {"classification": {"text": text_col, "label": label_col}, "text": {"text": text_col}, "sft": {}}
+    wanted = {"classification": {"text": text_col, "label": label_col}, "text": {"text": text_col}, "sft": {},
+              "ner": {}}
     _check_columns(path, columns, {**wanted[opts.task], "split": opts.split_column})
     keep = RowFilter(opts, text_col, label_col)
     kept, rejected = [], []
@@ -252,7 +321,8 @@ def fingerprint(splits: dict[str, list[dict]]) -> str:
     h = hashlib.sha256()
     for name in SPLITS:
         for r in splits[name]:
-            h.update(json.dumps([name, r["text"], r["label"], r.get("messages")], ensure_ascii=False).encode())
+            h.update(json.dumps([name, r["text"], r["label"], r.get("messages"), r.get("tags")],
+                                ensure_ascii=False).encode())
     return h.hexdigest()[:16]
 
 
@@ -295,6 +365,8 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
     else:  # stratified by label for classification, plain random otherwise; near-dup groups stay together
         splits = group_split(rows, "label", opts.val_ratio, opts.test_ratio, opts.seed)
     labels = sorted({r["label"] for r in rows}) if classification else []
+    if opts.task == "ner":
+        labels = ["O"] + sorted({t for r in rows for t in r["tags"] if t != "O"}, key=lambda t: (t[2:], t))
     dropped = dict(Counter(r["reason"] for r in rejected).most_common())
     report = {"rows_read": counters["rows_read"], "rows_kept": len(rows), "dropped": dropped,
               "repaired": {"invalid_utf8_replaced": counters["invalid_utf8_replaced"]},
@@ -329,7 +401,8 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
     return meta
 
 
-OUTPUT_FIELDS = {"classification": ["text", "label"], "text": ["text"], "sft": ["messages"]}
+OUTPUT_FIELDS = {"classification": ["text", "label"], "text": ["text"], "sft": ["messages"],
+                 "ner": ["tokens", "tags"]}
 
 
 def _output_row(r: dict, task: str) -> dict:

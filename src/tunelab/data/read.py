@@ -21,7 +21,8 @@ from pathlib import Path
 from tunelab.errors import UserError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-           ".parquet": "parquet", ".txt": "txt", ".yml": "yaml", ".yaml": "yaml"}
+           ".parquet": "parquet", ".txt": "txt", ".yml": "yaml", ".yaml": "yaml", ".conll": "conll",
+           ".bio": "conll", ".iob": "conll"}
 
 
 @dataclass
@@ -65,6 +66,8 @@ def read_rows(path: str | Path) -> tuple[list[str], Iterator[Row]]:
         return ["text"], _read_txt_paragraphs(path)
     if fmt == "yaml":
         return ["conversation", "category"], _read_yaml_dialogues([path])
+    if fmt == "conll":
+        return ["tokens", "tags"], _read_conll(path)
     return _read_parquet(path)
 
 
@@ -126,6 +129,33 @@ def _read_txt_paragraphs(path: Path) -> Iterator[Row]:
         if buf:
             text = "".join(buf)
             yield Row(line=start, fields={"text": text}, invalid_utf8="\ufffd" in text)
+
+
+def _read_conll(path: Path) -> Iterator[Row]:
+    """CoNLL-style: `TOKEN ... TAG` per line (first and last column), blank line between sentences,
+    `-DOCSTART-` lines skipped; one row per sentence, `line` = its first line."""
+    with _text_stream(path) as f:
+        tokens, tags, start, bad = [], [], 0, False
+        for n, line in enumerate(f, start=1):
+            parts = line.split()
+            if parts and parts[0] == "-DOCSTART-":
+                continue
+            if parts:
+                if not tokens and not bad:
+                    start = n
+                if len(parts) < 2:
+                    bad = True
+                else:
+                    tokens.append(parts[0])
+                    tags.append(parts[-1])
+                continue
+            if tokens or bad:
+                yield Row(line=start, error="bad_conll_line") if bad else Row(line=start, fields={
+                    "tokens": tokens, "tags": tags})
+            tokens, tags, bad = [], [], False
+        if tokens or bad:
+            yield Row(line=start, error="bad_conll_line") if bad else Row(line=start, fields={
+                "tokens": tokens, "tags": tags})
 
 
 def _read_txt_folder(path: Path) -> Iterator[Row]:
