@@ -14,6 +14,7 @@ from tunelab.data.pii import PiiRedactor, luhn_ok
     ("key sk-abcdefghijklmnopqrstuvwx123 leaked", "key <SECRET> leaked", "secret"),
     ("AKIAABCDEFGHIJKLMNOP is aws", "<SECRET> is aws", "secret"),
     ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789", "token <SECRET>", "secret"),
+    ("hash 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 ok", "hash <SECRET> ok", "secret"),
 ])
 def test_redacts_each_type(text, expected, kind):
     r = PiiRedactor()
@@ -28,6 +29,9 @@ def test_redacts_each_type(text, expected, kind):
     "price $1,299.99 on 2024-05-01",
     "@united #fail at gate B12",
     "999.999.999.999 is not an ip",
+    "call 0162424965446 in Kuala Lumpur",  # Luhn-valid by chance, but no card network starts with 0
+    "#PlayersB4LawfulProcessForOffFieldActsLoseSeasons #patriotshavebeencheaterssinceday1",
+    "no-enertainment-on-6-hour-flights-this-is-long",
 ])
 def test_leaves_ordinary_text_alone(text):
     r = PiiRedactor()
