@@ -219,6 +219,7 @@ def test_nasty_files_count_every_row(tmp_path):
     rep = meta["report"]
     assert rep["rows_read"] == rep["rows_kept"] + sum(rep["dropped"].values())
     assert rep["dropped"]["too_long"] == 1
+    assert (tmp_path / "ds" / "rejected.jsonl").stat().st_size < 10_000
     assert rep["rows_kept"] >= 40
     empty_labels = tmp_path / "nolabels.csv"
     write_csv(empty_labels, [{"text": r["text"], "label": ""} for r in good])

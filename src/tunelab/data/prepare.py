@@ -276,8 +276,9 @@ def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
             continue
         if opts.strict and reason in MALFORMED:
             raise UserError(f"{path}:{row.line}: {reason} (--strict stops at the first malformed row)")
-        raw = row.fields.get(text_col) if row.fields else None
-        rejected.append({"line": row.line, "reason": reason, "text": _as_text(raw)})
+        raw = _as_text(row.fields.get(text_col)) if row.fields else None
+        # enough of the text to recognise the row; a 10 MB row stays in its source file
+        rejected.append({"line": row.line, "reason": reason, "text": raw[:500] if raw else raw})
     counters.update({f"clean.{k}": v for k, v in keep.cleaner.counts.items()})
     if keep.pii is not None:
         counters.update({f"pii.{k}": v for k, v in keep.pii.counts.items()})
