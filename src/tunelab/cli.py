@@ -52,11 +52,11 @@ def data_prepare(
     no_pii: bool = typer.Option(False, "--no-pii", help="do not redact PII"),
 ):
     """Read, clean, redact, de-duplicate and split a labelled text file into a dataset dir."""
-    from tunelab.config import PrepareOptions, apply_overrides, format_validation_error
+    from tunelab.config import PrepareOptions, apply_overrides, format_validation_error, read_yaml_mapping
     from tunelab.data.prepare import prepare
     from tunelab.data.summary import print_dataset_summary
 
-    raw = _read_yaml(config) if config else {}
+    raw = read_yaml_mapping(config, "prepare options") if config else {}
     flags = {"task": task, "text_column": text_column, "label_column": label_column, "seed": seed,
              "val_ratio": val_ratio, "test_ratio": test_ratio, "max_rows": max_rows, "split_column": split_column,
              "strict": strict, "max_drop_rate": max_drop_rate, "dedup.threshold": near_threshold,
@@ -89,20 +89,6 @@ def data_overlap(
         console.print(f"  near: {ex['b']!r}\n     ~ {ex['a']!r}", highlight=False)
     if out:
         out.write_text(json.dumps(rep, indent=2, ensure_ascii=False))
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must be a mapping of options")
-    return raw
 
 
 @app.command()

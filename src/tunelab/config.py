@@ -53,6 +53,20 @@ class DedupConfig(Section):
         "drop", description="drop: keep one row per group; group: keep all, in one split")
 
 
+class AugmentConfig(Section):
+    """Opt-in augmentation of the train split (originals kept; new rows counted separately)."""
+
+    enabled: bool = False
+    ops: list[Literal["swap", "delete", "synonym", "paraphrase"]] = ["swap", "delete", "synonym"]
+    per_example: int = Field(1, ge=1, le=10, description="new texts per original and EDA operation")
+    p: float = Field(0.1, gt=0, lt=1, description="share of words an EDA operation touches")
+    max_examples: int | None = Field(None, gt=0, description="augment a seeded sample of this many originals")
+    synonym_model: str = "builtin:minilm-l6"
+    paraphrase_model: str = "builtin:smollm2-135m-instruct"
+    filter: Literal["classifier", "none"] = Field(
+        "classifier", description="keep a new text only if TF-IDF + LR fit on the originals agrees on its label")
+
+
 class PrepareOptions(Section):
     """Everything `data prepare` does to a source besides naming it."""
 
@@ -71,6 +85,7 @@ class PrepareOptions(Section):
     clean: CleanConfig = CleanConfig()
     pii: PiiConfig = PiiConfig()
     dedup: DedupConfig = DedupConfig()
+    augment: AugmentConfig = AugmentConfig()
 
 
 class PrepareConfig(PrepareOptions):
@@ -198,8 +213,8 @@ def validate(raw: dict) -> RunConfig:
         raise UserError(format_validation_error(err)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply dotted overrides, validate. Errors name the file or key."""
+def read_yaml_mapping(path: str | Path, what: str = "sections (model, data, method, train, eval)") -> dict:
+    """A YAML file holding a mapping; a missing file, bad YAML or another shape is a `UserError`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -208,8 +223,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"config {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"config {path} must be a mapping of sections (model, data, method, train, eval)")
-    return validate(apply_overrides(raw, overrides or []))
+        raise UserError(f"config {path} must be a mapping of {what}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted overrides, validate. Errors name the file or key."""
+    return validate(apply_overrides(read_yaml_mapping(path), overrides or []))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -16,6 +16,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from tunelab import __version__
 from tunelab.assets import DATASET_COLUMNS, atomic_dir, builtin_path, is_builtin
 from tunelab.config import PrepareOptions
@@ -365,6 +367,16 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
         splits = {name: [r for r in rows if r["_split"] == name] for name in SPLITS}
     else:  # stratified by label for classification, plain random otherwise; near-dup groups stay together
         splits = group_split(rows, "label", opts.val_ratio, opts.test_ratio, opts.seed)
+    augmentation = None
+    if opts.augment.enabled:
+        if not classification:
+            raise UserError("augment.enabled works for --task classification only")
+        from tunelab.data.augment import augment
+
+        new_rows, augmentation = augment(splits["train"], opts.augment, opts.seed)
+        merged = splits["train"] + new_rows
+        order = np.random.default_rng(opts.seed).permutation(len(merged))
+        splits["train"] = [merged[i] for i in order]
     labels = sorted({r["label"] for r in rows}) if classification else []
     if opts.task == "ner":
         labels = ["O"] + sorted({t for r in rows for t in r["tags"] if t != "O"}, key=lambda t: (t[2:], t))
@@ -378,6 +390,8 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
                              "near_groups": len(groups), "near_dropped": dropped.get("near_duplicate", 0),
                              "near_conflicting_groups": sum(g["conflicting_labels"] for g in groups),
                              "near_candidates_checked": candidates}}
+    if augmentation is not None:
+        report["augmentation"] = augmentation  # extra train rows; not part of rows_read / rows_kept
     if report["rows_read"] != report["rows_kept"] + sum(dropped.values()):
         raise AssertionError(f"row accounting does not add up: {report}")
     _check_drop_rate(report, opts, path)
@@ -408,8 +422,9 @@ OUTPUT_FIELDS = {"classification": ["text", "label"], "text": ["text"], "sft": [
 
 def _output_row(r: dict, task: str) -> dict:
     out = {k: r[k] for k in OUTPUT_FIELDS[task]}
-    if task == "sft" and "category" in r:
-        out["category"] = r["category"]
+    for extra in ("category", "augmented"):
+        if extra in r:
+            out[extra] = r[extra]
     return out
 
 
