@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tunelab.assets import TINY_MODELS, atomic_dir, builtin_path, cache_dir, is_builtin, tiny_model_dir
-from tunelab.errors import UserError
+from tunelab.errors import UserError, read_json_file
 
 META_FILE = "tunelab.json"
 
@@ -244,13 +244,8 @@ def read_meta(model_dir: str | Path) -> dict:
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"model dir not found: {d}")
-    path = d / META_FILE
-    if not path.is_file():
-        raise UserError(f"{d} is not a tunelab model dir (no {META_FILE}); train one with `tunelab train`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is corrupt: {err}") from None
+    return read_json_file(d / META_FILE,
+                          f"{d} is not a tunelab model dir (no {META_FILE}); train one with `tunelab train`")
 
 
 def load_model_dir(model_dir: str | Path, device: str = "cpu"):

@@ -26,7 +26,7 @@ from tunelab.data.dedup import exact_dedup
 from tunelab.data.pii import PiiRedactor
 from tunelab.data.read import read_rows
 from tunelab.data.split import group_split, sample_rows
-from tunelab.errors import UserError
+from tunelab.errors import UserError, read_json_file
 
 SPLITS = ("train", "validation", "test")
 SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
@@ -438,13 +438,8 @@ def _write_jsonl(path: Path, rows) -> None:
 
 def load_meta(data_dir: str | Path) -> dict:
     d = Path(data_dir)
-    meta_path = d / "dataset.json"
-    if not meta_path.is_file():
-        raise UserError(f"{d} is not a dataset dir (no dataset.json); create one with `tunelab data prepare`")
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{meta_path} is corrupt: {err}") from None
+    return read_json_file(d / "dataset.json",
+                          f"{d} is not a dataset dir (no dataset.json); create one with `tunelab data prepare`")
 
 
 def load_split(data_dir: str | Path, split: str) -> list[dict]:
