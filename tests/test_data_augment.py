@@ -52,3 +52,14 @@ def test_prepare_augments_train_split_only(tmp_path):
     assert meta["splits"]["train"] == 120 + sum(aug["added"].values())
     for split in ("validation", "test"):
         assert not any("augmented" in r for r in load_split(tmp_path / "ds", split))
+
+
+def test_label_filter_is_cross_fitted():
+    """Texts with no label signal: a filter fit on the same rows would pass copies of its own training
+    texts (memorised); the cross-fitted one judges each by a model that never saw it -> about chance."""
+    from tunelab.data.augment import label_filter
+
+    rng = random.Random(0)
+    rows = [{"text": f"w{i} x{rng.randrange(10**6)}", "label": rng.choice("ab")} for i in range(400)]
+    keep = label_filter(rows)([r["text"] for r in rows], [r["label"] for r in rows], list(range(len(rows))))
+    assert 0.3 < keep.mean() < 0.7

@@ -321,3 +321,18 @@ def test_ner_from_conll_and_spans(tmp_path):
     row = load_split(tmp_path / "s", "train")[0]
     assert row["tokens"][:6] == ["Nvidia", "paid", "$", "5", "million", "to"]
     assert row["tags"] == ["B-ORG", "O", "B-MONEY", "I-MONEY", "I-MONEY", "O", "B-PER", "I-PER", "O"]
+
+
+def test_token_length_limits_use_the_tokenizer(tmp_path):
+    from tunelab.models import load_tokenizer
+
+    rows = make_rows(40)
+    tok = load_tokenizer("tiny-bert")
+    counts = [len(tok(r["text"], add_special_tokens=False)["input_ids"]) for r in rows]
+    lo, hi = sorted(counts)[5], sorted(counts)[-5]
+    meta = _prep(tmp_path, rows, max_drop_rate=0.9, dedup={"near": False},
+                 clean={"min_tokens": lo, "max_tokens": hi, "tokenizer": "tiny-bert"})
+    dropped = meta["report"]["dropped"]
+    assert dropped.get("too_short_tokens", 0) == sum(n < lo for n in counts)
+    assert dropped.get("too_long_tokens", 0) == sum(n > hi for n in counts)
+    assert meta["report"]["rows_kept"] == sum(lo <= n <= hi for n in counts)

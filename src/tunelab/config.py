@@ -32,6 +32,10 @@ class CleanConfig(Section):
     max_chars: int | None = Field(None, gt=0)
     min_words: int | None = Field(None, gt=0)
     max_words: int | None = Field(None, gt=0)
+    min_tokens: int | None = Field(None, gt=0, description="counted with `tokenizer` (no special tokens)")
+    max_tokens: int | None = Field(None, gt=0, description="counted with `tokenizer` (no special tokens)")
+    tokenizer: str = Field("builtin:minilm-l6", description="model whose tokenizer counts min/max_tokens; use "
+                           "the model you will train")
     lowercase_labels: bool = False
     label_map: dict[str, str] = Field(default_factory=dict, description="rename labels (after strip/lower)")
     labels: list[str] | None = Field(None, description="allowed labels; others are dropped as unknown_label")

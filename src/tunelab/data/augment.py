@@ -119,17 +119,37 @@ class Paraphraser:
         return out
 
 
-def label_filter(originals: list[dict]):
-    """-> keep(texts, labels) -> bool mask: a TF-IDF + LR classifier fit on the originals agrees."""
+def label_filter(originals: list[dict], folds: int = 5, seed: int = 0):
+    """-> keep(texts, labels, sources) -> bool mask: a TF-IDF + LR classifier agrees with the label.
+
+    Cross-fitted: a new text made from original `sources[i]` is judged by a classifier that never saw
+    that original (fit on the other folds), so the filter cannot pass a text just because it
+    remembers its source. Too few rows for folds -> one classifier fit on all originals."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    clf = LogisticRegression(max_iter=2000, C=4.0).fit(vec.fit_transform([r["text"] for r in originals]),
-                                                       [r["label"] for r in originals])
+    texts = [r["text"] for r in originals]
+    labels = np.asarray([r["label"] for r in originals])
+    fold_of = np.random.default_rng(seed).permutation(len(originals)) % folds
+    if len(originals) < 10 * folds:
+        fold_of[:] = -1  # every original judged by the classifier fit on all of them
 
-    def keep(texts: list[str], labels: list[str]) -> np.ndarray:
-        return clf.predict(vec.transform(texts)) == np.asarray(labels)
+    def fit(mask: np.ndarray):
+        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+        x = vec.fit_transform([t for t, m in zip(texts, mask) if m])
+        return vec, LogisticRegression(max_iter=2000, C=4.0).fit(x, labels[mask])
+
+    models = {f: fit(fold_of != f) for f in np.unique(fold_of)}
+
+    def keep(new_texts: list[str], new_labels: list[str], sources: list[int]) -> np.ndarray:
+        out = np.zeros(len(new_texts), bool)
+        src_fold = fold_of[np.asarray(sources, int)]
+        for f, (vec, clf) in models.items():
+            idx = np.flatnonzero(src_fold == f)
+            if len(idx):
+                pred = clf.predict(vec.transform([new_texts[i] for i in idx]))
+                out[idx] = pred == np.asarray(new_labels)[idx]
+        return out
 
     return keep
 
@@ -142,16 +162,19 @@ def _neighbours(model_ref: str) -> EmbeddingNeighbours:
 def augment(rows: list[dict], cfg, seed: int = 0) -> tuple[list[dict], dict]:
     """rows {"text", "label"} -> (new rows only, report). `cfg` is an `AugmentConfig`."""
     rng = random.Random(seed)
-    pick = rows if cfg.max_examples is None or cfg.max_examples >= len(rows) else rng.sample(rows, cfg.max_examples)
+    pick = list(range(len(rows)))
+    if cfg.max_examples is not None and cfg.max_examples < len(rows):
+        pick = rng.sample(pick, cfg.max_examples)
     candidates: list[dict] = []
     for op in cfg.ops:
         if op == "paraphrase":
-            texts = Paraphraser(cfg.paraphrase_model)([r["text"] for r in pick])
-            candidates += [{"text": t, "label": r["label"], "augmented": op} for t, r in zip(texts, pick)]
+            texts = Paraphraser(cfg.paraphrase_model)([rows[i]["text"] for i in pick])
+            candidates += [{"text": t, "label": rows[i]["label"], "augmented": op, "_src": i}
+                           for t, i in zip(texts, pick)]
             continue
         nb = _neighbours(cfg.synonym_model) if op == "synonym" else None
-        for r in pick:
-            words = r["text"].split()
+        for i in pick:
+            words = rows[i]["text"].split()
             for _ in range(cfg.per_example):
                 if op == "swap":
                     new = swap_words(words, cfg.p, rng)
@@ -159,7 +182,7 @@ def augment(rows: list[dict], cfg, seed: int = 0) -> tuple[list[dict], dict]:
                     new = delete_words(words, cfg.p, rng)
                 else:
                     new = synonym_words(words, cfg.p, rng, nb)
-                candidates.append({"text": " ".join(new), "label": r["label"], "augmented": op})
+                candidates.append({"text": " ".join(new), "label": rows[i]["label"], "augmented": op, "_src": i})
     originals = {r["text"] for r in rows}
     seen: set[str] = set()
     fresh = []
@@ -167,9 +190,11 @@ def augment(rows: list[dict], cfg, seed: int = 0) -> tuple[list[dict], dict]:
         if c["text"] and c["text"] not in originals and c["text"] not in seen:
             seen.add(c["text"])
             fresh.append(c)
-    keep = label_filter(rows)([c["text"] for c in fresh], [c["label"] for c in fresh]) if (
-        cfg.filter == "classifier" and fresh and len({r["label"] for r in rows}) > 1) else np.ones(len(fresh), bool)
-    kept = [c for c, k in zip(fresh, keep) if k]
+    keep = np.ones(len(fresh), bool)
+    if cfg.filter == "classifier" and fresh and len({r["label"] for r in rows}) > 1:
+        judge = label_filter(rows, seed=seed)
+        keep = judge([c["text"] for c in fresh], [c["label"] for c in fresh], [c["_src"] for c in fresh])
+    kept = [{k: v for k, v in c.items() if k != "_src"} for c, k in zip(fresh, keep) if k]
     report = {"originals": len(pick), "generated": dict(Counter(c["augmented"] for c in candidates)),
               "duplicates_or_empty": len(candidates) - len(fresh),
               "rejected_by_label_filter": int((~keep).sum()) if len(fresh) else 0,

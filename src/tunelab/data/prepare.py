@@ -287,6 +287,27 @@ def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
     return kept, rejected, counters
 
 
+def token_length_filter(rows: list[dict], cfg) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Drop rows outside [min_tokens, max_tokens] counted with `cfg.tokenizer` -> (kept, {reason: rows})."""
+    from tunelab.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.tokenizer)
+    kept, dropped = [], {"too_short_tokens": [], "too_long_tokens": []}
+    batch = 4096
+    for start in range(0, len(rows), batch):
+        chunk = rows[start:start + batch]
+        ids = tok([r["text"] for r in chunk], add_special_tokens=False, return_attention_mask=False,
+                  return_token_type_ids=False)["input_ids"]
+        for r, n in zip(chunk, map(len, ids)):
+            if cfg.min_tokens and n < cfg.min_tokens:
+                dropped["too_short_tokens"].append(r)
+            elif cfg.max_tokens and n > cfg.max_tokens:
+                dropped["too_long_tokens"].append(r)
+            else:
+                kept.append(r)
+    return kept, dropped
+
+
 def near_dedup(rows: list[dict], opts: PrepareOptions) -> tuple[list[dict], list[dict], list[dict], int]:
     """-> (kept rows with `_group`, dropped near-duplicates, group records, LSH candidate count).
 
@@ -348,6 +369,10 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
         rejected.extend({"line": r["_line"], "reason": reason, "text": r["text"]} for r in dropped)
 
     conflicts, groups, candidates = [], [], 0
+    if opts.clean.min_tokens or opts.clean.max_tokens:
+        rows, too_short_or_long = token_length_filter(rows, opts.clean)
+        for reason, dropped in too_short_or_long.items():
+            reject(dropped, reason)
     if opts.dedup.exact:
         rows, dup_dropped, conflicts = exact_dedup(rows)
         for reason, dropped in dup_dropped.items():
