@@ -105,10 +105,34 @@ class DataConfig(Section):
     max_eval_examples: int | None = Field(None, gt=0, description="subset of validation used during training")
 
 
+class ScratchConfig(Section):
+    """A Llama-style decoder built from a config, with a byte-level BPE tokenizer trained on the corpus."""
+
+    vocab_size: int = Field(8192, ge=300, le=262144)
+    hidden_size: int = Field(256, gt=0)
+    layers: int = Field(4, gt=0)
+    heads: int = Field(4, gt=0)
+    kv_heads: int | None = Field(None, gt=0, description="grouped-query attention; default = heads")
+    intermediate_size: int | None = Field(None, gt=0, description="default: 8/3 x hidden, rounded to 64")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScratchConfig":
+        if self.hidden_size % self.heads:
+            raise ValueError("hidden_size must be divisible by heads")
+        if self.kv_heads and self.heads % self.kv_heads:
+            raise ValueError("heads must be divisible by kv_heads")
+        return self
+
+
 class ModelConfig(Section):
-    base: str = Field(description="builtin:NAME, tiny-bert, tiny-llama, a local HF model dir, or a hub id")
-    max_length: int = Field(128, gt=0, le=32768)
+    base: str = Field(description="builtin:NAME, tiny-bert, tiny-llama, a local HF model dir, a hub id, or "
+                      "`scratch` (causal_lm: a new model, see model.scratch)")
+    max_length: int = Field(128, gt=0, le=32768, description="tokens per example; the block size when packing")
     trust_remote_code: bool = False
+    scratch: ScratchConfig = ScratchConfig()
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    packing: bool = Field(True, description="causal_lm/sft: pack examples into max_length blocks (no attention "
+                          "across examples)")
 
 
 class LoraConfig(Section):
@@ -116,11 +140,47 @@ class LoraConfig(Section):
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    rslora: bool = Field(False, description="scale by alpha/sqrt(r) instead of alpha/r")
+    dora: bool = Field(False, description="weight-decomposed LoRA")
+
+
+class AdaLoraConfig(Section):
+    init_r: int = Field(12, gt=0)
+    target_r: int = Field(4, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    tinit: float = Field(0.1, ge=0, lt=1, description="share of steps before the rank budget starts to shrink")
+    tfinal: float = Field(0.2, ge=0, lt=1, description="share of final steps at the target budget")
+    delta_t: int = Field(10, gt=0, description="steps between budget allocations")
+
+
+class PromptLearningConfig(Section):
+    """prefix / prompt / ptuning: trainable virtual tokens."""
+
+    virtual_tokens: int = Field(16, gt=0)
+    init_text: str | None = Field(None, description="prompt: initialise the prompt from this text")
+    encoder_hidden_size: int = Field(128, gt=0, description="ptuning: MLP reparameterisation width")
+
+
+class AdapterConfig(Section):
+    """Houlsby bottleneck adapters after the attention and feed-forward blocks of every layer."""
+
+    bottleneck: int = Field(64, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    init_scale: float = Field(1e-3, ge=0, description="std of the up-projection init (near identity)")
 
 
 class MethodConfig(Section):
-    name: Literal["full", "lora", "head"] = "full"
+    name: Literal["full", "head", "freeze", "lora", "adalora", "prefix", "prompt", "ptuning", "ia3",
+                  "adapter"] = "full"
     lora: LoraConfig = LoraConfig()
+    adalora: AdaLoraConfig = AdaLoraConfig()
+    prompt: PromptLearningConfig = PromptLearningConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    ia3_target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="ia3: modules to scale (default: peft's per-architecture choice)")
+    trainable_layers: int = Field(2, ge=0, description="freeze: train the last k transformer layers + the head")
 
 
 class TrainConfig(Section):
@@ -144,17 +204,27 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast where the hardware has native bf16, else fp32")
     eval_batch_size: int = Field(128, gt=0)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="after the warmup")
 
 
 class EvalConfig(Section):
     batch_size: int = Field(128, gt=0)
+    generation_samples: int = Field(50, ge=0, description="sft: test conversations answered for ROUGE-L / "
+                                    "exact match")
+    max_new_tokens: int = Field(64, gt=0)
+    general_text: str | None = Field(None, description="forgetting probe: a text file / dataset dir of general "
+                                     "text; default: the built-in chatterbot English corpus")
+    general_samples: int = Field(200, gt=0)
     baselines: list[Literal["tfidf", "zero_shot"]] = ["tfidf", "zero_shot"]
     zero_shot_model: str = "builtin:smollm2-135m-instruct"
     zero_shot_samples: int | None = Field(300, gt=0, description="cap on test rows for zero-shot; null = all")
 
 
 class RunConfig(Section):
-    task: Literal["classification"] = "classification"
+    task: Literal["auto", "classification", "token_classification", "causal_lm", "sft"] = Field(
+        "auto", description="auto: from the dataset (classification, ner -> token_classification, text -> "
+        "causal_lm, sft)")
     name: str | None = None
     model: ModelConfig
     data: DataConfig

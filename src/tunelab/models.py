@@ -146,63 +146,90 @@ def load_tokenizer(ref: str | BaseRef, trust_remote_code: bool = False):
     return tok
 
 
+def _with_head(loader, base: BaseRef, tok, labels: list[str], trust_remote_code: bool):
+    model, info = _from_pretrained(
+        loader, base, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tok.pad_token_id,
+        dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, sorted(info.get("missing_keys", []))
+
+
 def load_classifier(ref: str, labels: list[str], trust_remote_code: bool = False):
     """A base with a fresh sequence-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
     from transformers import AutoModelForSequenceClassification
 
     base = resolve_base(ref)
     tok = load_tokenizer(base, trust_remote_code)
-    model, info = _from_pretrained(
-        AutoModelForSequenceClassification, base, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
-        pad_token_id=tok.pad_token_id, dtype=torch.float32, trust_remote_code=trust_remote_code,
-        output_loading_info=True)
-    model.config.pad_token_id = tok.pad_token_id
-    return model, tok, base, sorted(info.get("missing_keys", []))
+    model, new = _with_head(AutoModelForSequenceClassification, base, tok, labels, trust_remote_code)
+    return model, tok, base, new
 
 
-# ---- methods -------------------------------------------------------------------------------------
+def load_token_classifier(ref: str, labels: list[str], trust_remote_code: bool = False):
+    """A base with a fresh token-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
+    from transformers import AutoModelForTokenClassification
 
-def head_module_names(model: nn.Module, new_params: list[str]) -> list[str]:
-    """Top-level modules outside the pretrained body, plus modules with newly initialised weights."""
-    body = getattr(model, "base_model_prefix", "")
-    names = {n for n, m in model.named_children() if n != body and any(True for _ in m.parameters())}
-    names |= {p.rsplit(".", 1)[0] for p in new_params}
-    return sorted(names)
-
-
-def _apply_full(model, method, new_params):
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    base = resolve_base(ref)
+    tok = load_tokenizer(base, trust_remote_code)
+    model, new = _with_head(AutoModelForTokenClassification, base, tok, labels, trust_remote_code)
+    return model, tok, base, new
 
 
-def _apply_head(model, method, new_params):
-    heads = head_module_names(model, new_params)
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
-    return model
+def load_causal_lm(ref: str, trust_remote_code: bool = False):
+    """A pretrained causal LM -> (model, tokenizer, BaseRef, [])."""
+    from transformers import AutoModelForCausalLM
+
+    base = resolve_base(ref)
+    tok = load_tokenizer(base, trust_remote_code)
+    model = _from_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok, base, []
 
 
-def _apply_lora(model, method, new_params):
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    lora = method.lora
-    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                     target_modules=lora.target_modules,
-                     modules_to_save=head_module_names(model, new_params))
-    try:
-        return get_peft_model(model, cfg)
-    except ValueError as err:
-        raise UserError(f"method.lora: {err}") from None
+SCRATCH_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
-METHODS = {"full": _apply_full, "head": _apply_head, "lora": _apply_lora}
+def train_tokenizer(texts, vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts` (any byte sequence is encodable), with
+    `<|endoftext|>` as BOS/EOS, ChatML turn markers, and `<pad>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SCRATCH_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<pad>", padding_side="right")
 
 
-def apply_method(model: nn.Module, method, new_params: list[str]) -> nn.Module:
-    """Set what trains: `full` everything, `head` only the task head, `lora` adapters + head (peft)."""
-    return METHODS[method.name](model, method, new_params)
+def build_scratch_lm(scratch, texts, max_length: int, seed: int = 0):
+    """A new Llama-style decoder sized by `scratch` (a ScratchConfig) with a tokenizer trained on `texts`
+    -> (model, tokenizer, BaseRef("scratch"), [])."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tokenizer(texts, scratch.vocab_size)
+    inter = scratch.intermediate_size or 64 * round(8 * scratch.hidden_size / 3 / 64)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=scratch.hidden_size, intermediate_size=inter,
+                      num_hidden_layers=scratch.layers, num_attention_heads=scratch.heads,
+                      num_key_value_heads=scratch.kv_heads or scratch.heads, max_position_embeddings=max_length,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg), tok, BaseRef("scratch", "scratch"), []
+
+
+# ---- methods (see tunelab.methods) -------------------------------------------------------------
+
+def apply_method(model: nn.Module, method, new_params: list[str], task: str = "classification",
+                 total_steps: int = 1000, tokenizer_path: str | None = None) -> nn.Module:
+    from tunelab.methods import MethodContext
+    from tunelab.methods import apply_method as _apply
+
+    return _apply(model, method, MethodContext(task, new_params, total_steps, tokenizer_path))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -230,11 +257,17 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 # ---- model dirs ----------------------------------------------------------------------------------
 
 def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict) -> Path:
-    """Write the model dir atomically: HF/PEFT weights (safetensors), tokenizer, `tunelab.json`."""
+    """Write the model dir atomically: HF/PEFT weights or Houlsby adapters (safetensors), tokenizer
+    (with its chat template), `tunelab.json`."""
     quiet_transformers()
     out = Path(out)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if hasattr(model, "tunelab_adapter"):
+            from tunelab.methods.adapter import save_adapters
+
+            save_adapters(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     return out
@@ -248,34 +281,58 @@ def read_meta(model_dir: str | Path) -> dict:
                           f"{d} is not a tunelab model dir (no {META_FILE}); train one with `tunelab train`")
 
 
-def load_model_dir(model_dir: str | Path, device: str = "cpu"):
-    """A saved classification model dir -> (model in eval mode, tokenizer, meta)."""
+def _auto_class(task: str):
+    import transformers
+
+    name = {"classification": "AutoModelForSequenceClassification",
+            "token_classification": "AutoModelForTokenClassification",
+            "causal_lm": "AutoModelForCausalLM", "sft": "AutoModelForCausalLM"}[task]
+    return getattr(transformers, name)
+
+
+def _head_kwargs(meta: dict, tok) -> dict:
+    labels = meta.get("labels") or []
+    if meta["task"] not in ("classification", "token_classification"):
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}, "pad_token_id": tok.pad_token_id}
+
+
+def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str, ...] | None = None):
+    """A saved model dir -> (model in eval mode, tokenizer, meta). `tasks`: the tasks the caller can use;
+    another task is a `UserError` naming both."""
     quiet_transformers()
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     d = Path(model_dir)
     meta = read_meta(d)
-    if meta.get("task") != "classification":
-        raise UserError(f"{d} holds a '{meta.get('task')}' model; this command needs a classification model")
-    labels = meta["labels"]
-    is_adapter = (d / "adapter_config.json").is_file()
-    if not is_adapter and not (d / "config.json").is_file():
-        raise UserError(f"{d} has no model weights (config.json or adapter_config.json)")
+    task = meta.get("task")
+    if task not in ("classification", "token_classification", "causal_lm", "sft"):
+        raise UserError(f"{d}: unknown task '{task}' in {META_FILE}")
+    if tasks is not None and task not in tasks:
+        raise UserError(f"{d} holds a '{task}' model; this command needs a {' or '.join(tasks)} model")
+    peft_adapter = (d / "adapter_config.json").is_file()
+    houlsby = (d / "houlsby_config.json").is_file()
+    if not (peft_adapter or houlsby or (d / "config.json").is_file()):
+        raise UserError(f"{d} has no model weights (config.json, adapter_config.json or houlsby_config.json)")
     try:
         tok = AutoTokenizer.from_pretrained(d)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read the tokenizer in {d}: {err}") from None
-    if is_adapter:
-        from peft import PeftModel
-
+    loader = _auto_class(task)
+    if peft_adapter or houlsby:
         base = resolve_base(meta["base"]["ref"])
-        body = AutoModelForSequenceClassification.from_pretrained(
-            base.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tok.pad_token_id,
-            dtype=torch.float32)
-        model = PeftModel.from_pretrained(body, d)
+        body = loader.from_pretrained(base.path, dtype=torch.float32, **_head_kwargs(meta, tok))
+        if peft_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(body, d)
+        else:
+            from tunelab.methods.adapter import load_adapters
+
+            model = load_adapters(body, d)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)
+        model = loader.from_pretrained(d, dtype=torch.float32)
     model.to(device).eval()
     return model, tok, meta
 

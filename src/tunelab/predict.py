@@ -13,7 +13,7 @@ from tunelab.tasks.classification import ClassificationTask, softmax
 
 def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64) -> list[dict]:
     """-> [{"text", "label", "probs": {label: p}}] in input order."""
-    model, tok, meta = load_model_dir(model_dir)
+    model, tok, meta = load_model_dir(model_dir, tasks=("classification",))
     task = ClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
     enc = task.encode([{"text": t} for t in texts], labelled=False)
     probs = softmax(task.logits(model, enc, batch_size))

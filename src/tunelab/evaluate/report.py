@@ -29,7 +29,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
              zero_shot_model: str = "builtin:smollm2-135m-instruct", zero_shot_samples: int | None = 300,
              batch_size: int = 128, seed: int = 0) -> dict:
     """Evaluate a classification model dir on `split` of `data_dir` (default: the data it was trained on)."""
-    model, tok, meta = load_model_dir(model_dir)
+    model, tok, meta = load_model_dir(model_dir, tasks=("classification",))
     data_dir = Path(data_dir or meta["data"]["dir"])
     data_meta = load_meta(data_dir)
     rows = load_split(data_dir, split)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.errors import UserError
+from tunelab.evaluate.metrics import classification_metrics
 from tunelab.train.batching import pad_batch
 
 
@@ -29,6 +30,8 @@ class Encoded:
 
 class ClassificationTask:
     name = "classification"
+    metric = "macro_f1"
+    greater_is_better = True
 
     def __init__(self, tokenizer, labels: list[str], max_length: int):
         self.tokenizer = tokenizer
@@ -60,6 +63,11 @@ class ClassificationTask:
                 "labels": torch.tensor([enc.labels[i] for i in idx], dtype=torch.long)}
 
     @staticmethod
+    def units(enc: Encoded, idx: list[int]) -> int:
+        """Loss terms in these examples: one per example."""
+        return len(idx)
+
+    @staticmethod
     def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum (not mean) of per-example cross-entropy, so accumulation can normalise by the true count."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -69,14 +77,24 @@ class ClassificationTask:
     def logits(self, model, enc: Encoded, batch_size: int = 128) -> np.ndarray:
         """Logits [n, n_labels] in the original order; batches are formed by length to cut padding."""
         model.eval()
+        device = next(model.parameters()).device
         order = np.argsort(enc.lengths, kind="stable")
         out = np.zeros((len(enc), len(self.labels)), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size].tolist()
-            batch = self.collate(enc, idx)
+            batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out[idx] = logits.float().cpu().numpy()
         return out
+
+    def evaluate(self, model, enc: Encoded, batch_size: int) -> dict:
+        """Accuracy, macro-F1/recall/precision, per class, confusion matrix, ECE and the mean loss."""
+        logits = self.logits(model, enc, batch_size)
+        probs = softmax(logits)
+        y = np.asarray(enc.labels)
+        metrics = classification_metrics(y, logits.argmax(-1), self.labels, probs)
+        metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+        return metrics
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

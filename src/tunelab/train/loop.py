@@ -1,10 +1,12 @@
-"""The training loop: `train(cfg, out)` reads top to bottom.
+"""The training loop: `train(cfg, out)` reads top to bottom, the same for every task.
 
 Per optimizer step: a window of `grad_accum` length-grouped micro-batches; each micro-batch's summed
-loss is divided by the number of examples in the whole window, so the accumulated gradient is the
-gradient of the mean loss over the window whatever the batch sizes. Then clip, AdamW step, LR
-schedule step. Evaluation on the validation split (macro-F1) every `eval_every` steps or each epoch;
-the best weights are kept; early stopping after `early_stopping_patience` evaluations without gain.
+loss is divided by the number of loss terms in the whole window (examples for classification, target
+tokens for language modelling and NER), so the accumulated gradient is the gradient of the mean loss
+over the window whatever the batch sizes. Then clip, optimizer step, LR schedule step. Evaluation on
+the validation split (the task's metric: macro-F1, entity F1, perplexity) every `eval_every` steps or
+each epoch; the best weights are kept; early stopping after `early_stopping_patience` evaluations
+without gain. What differs between tasks lives in `tunelab.tasks` (see `build_task`).
 """
 
 from __future__ import annotations
@@ -24,21 +26,11 @@ from tunelab.config import RunConfig, dump_config
 from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
 from tunelab.data.split import sample_rows
 from tunelab.errors import UserError
-from tunelab.evaluate.metrics import classification_metrics
-from tunelab.models import (
-    apply_method,
-    count_parameters,
-    head_module_names,
-    library_versions,
-    load_classifier,
-    load_trainable_state,
-    save_model_dir,
-    trainable_state,
-)
-from tunelab.tasks.classification import ClassificationTask, softmax
+from tunelab.methods import MethodContext, apply_method, head_module_names
+from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.batching import length_grouped_batches
-from tunelab.train.optim import build_optimizer, linear_schedule
+from tunelab.train.optim import build_optimizer, build_schedule
 from tunelab.train.precision import autocast, resolve_precision
 from tunelab.train.progress import TrainProgress
 from tunelab.train.tracking import Tracker
@@ -52,6 +44,7 @@ class LoopState:
     epoch: int = 0  # current epoch (its batch order is seeded by seed + epoch)
     window: int = 0  # accumulation windows done in the current epoch
     examples_seen: int = 0
+    units_seen: int = 0  # loss terms trained on (examples, or target tokens for LM / NER)
     best_metric: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
@@ -76,35 +69,78 @@ def ensure_dataset(cfg: RunConfig) -> Path:
     return d
 
 
-def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
-    return rows if n is None else sample_rows(rows, n, "label", seed)[0]
+# dataset task (data prepare --task) -> training tasks that can use it
+DATASET_TASKS = {"classification": "classification", "ner": "token_classification", "text": "causal_lm",
+                 "sft": "sft"}
 
 
-def accumulate_gradients(model, task: ClassificationTask, enc, window: list[list[int]], device: str,
-                         precision: str = "fp32") -> float:
-    """Backward over the micro-batches of one optimizer step -> the window's mean loss.
+def resolve_task(cfg: RunConfig, meta: dict, data_dir: Path) -> str:
+    wanted = DATASET_TASKS.get(meta.get("task"))
+    if wanted is None:
+        raise UserError(f"{data_dir}: unknown dataset task '{meta.get('task')}'")
+    if cfg.task not in ("auto", wanted):
+        raise UserError(f"{data_dir} holds a '{meta.get('task')}' dataset, which trains task '{wanted}'; "
+                        f"this config says task: {cfg.task}")
+    return wanted
 
-    Each micro-batch contributes (sum of its example losses) / (examples in the whole window), so the
+
+def _subset(rows: list[dict], n: int | None, seed: int, task: str) -> list[dict]:
+    if n is None:
+        return rows
+    if task == "classification":
+        return sample_rows(rows, n, "label", seed)[0]
+    if n >= len(rows):
+        return rows
+    keep = sorted(np.random.default_rng(seed).choice(len(rows), n, replace=False).tolist())
+    return [rows[i] for i in keep]
+
+
+def build_task(task: str, cfg: RunConfig, meta: dict, train_rows: list[dict]):
+    """-> (model without method, tokenizer, BaseRef, new parameter names, task object)."""
+    from tunelab import models
+
+    mc = cfg.model
+    if task == "classification":
+        from tunelab.tasks.classification import ClassificationTask
+
+        model, tok, base, new = models.load_classifier(mc.base, meta["labels"], mc.trust_remote_code)
+        return model, tok, base, new, ClassificationTask(tok, meta["labels"], mc.max_length)
+    if task == "token_classification":
+        from tunelab.tasks.token_classification import TokenClassificationTask
+
+        model, tok, base, new = models.load_token_classifier(mc.base, meta["labels"], mc.trust_remote_code)
+        return model, tok, base, new, TokenClassificationTask(tok, meta["labels"], mc.max_length)
+    from tunelab.tasks.causal_lm import CausalLMTask
+    from tunelab.tasks.sft import SFTTask
+
+    if mc.base == "scratch":
+        if cfg.method.name != "full":
+            raise UserError("model.base: scratch trains a new model; use method.name: full")
+        texts = ([r["text"] for r in train_rows] if task == "causal_lm"
+                 else ["\n".join(m["content"] for m in r["messages"]) for r in train_rows] + ["system user assistant"])
+        model, tok, base, new = models.build_scratch_lm(mc.scratch, texts, mc.max_length, cfg.train.seed)
+    else:
+        model, tok, base, new = models.load_causal_lm(mc.base, mc.trust_remote_code)
+    cls = CausalLMTask if task == "causal_lm" else SFTTask
+    return model, tok, base, new, cls(tok, mc.max_length, mc.packing, cfg.method.name)
+
+
+def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32"
+                         ) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step -> (the window's mean loss, loss terms).
+
+    Each micro-batch contributes (sum of its loss terms) / (loss terms in the whole window), so the
     accumulated gradient equals that of the mean loss over the window, whatever the micro-batch sizes.
     """
-    n = sum(len(idx) for idx in window)
+    n = sum(task.units(enc, idx) for idx in window)
     total = 0.0
     for idx in window:
         batch = {k: v.to(device) for k, v in task.collate(enc, idx).items()}
         with autocast(precision, device):
-            loss = task.loss_sum(model, batch) / n
+            loss = task.loss_sum(model, batch) / max(1, n)
         loss.backward()
         total += loss.item()
-    return total
-
-
-def evaluate_model(task: ClassificationTask, model, enc, batch_size: int) -> dict:
-    logits = task.logits(model, enc, batch_size)
-    probs = softmax(logits)
-    y = np.asarray(enc.labels)
-    metrics = classification_metrics(y, logits.argmax(-1), task.labels, probs)
-    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
-    return metrics
+    return total, n
 
 
 def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: bool = False,
@@ -127,25 +163,28 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
 
     data_dir = ensure_dataset(cfg)
     meta = load_meta(data_dir)
-    if meta.get("task") != "classification":
-        raise UserError(f"{data_dir} holds a '{meta.get('task')}' dataset; this config trains classification")
-    labels = meta["labels"]
-    train_rows = _subset(load_split(data_dir, "train"), cfg.data.max_train_examples, tc.seed)
-    val_rows = _subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, tc.seed)
+    task_name = resolve_task(cfg, meta, data_dir)
+    train_rows = _subset(load_split(data_dir, "train"), cfg.data.max_train_examples, tc.seed, task_name)
+    val_rows = _subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, tc.seed, task_name)
     if not train_rows or not val_rows:
         raise UserError(f"{data_dir}: the train and validation splits must both have rows")
 
-    model, tokenizer, base, new_params = load_classifier(cfg.model.base, labels, cfg.model.trust_remote_code)
+    model, tokenizer, base, new_params, task = build_task(task_name, cfg, meta, train_rows)
     heads = tuple(head_module_names(model, new_params))
-    model = apply_method(model, cfg.method, new_params).to(device)
-    task = ClassificationTask(tokenizer, labels, cfg.model.max_length)
     tr, va = task.encode(train_rows), task.encode(val_rows)
-
     windows_per_epoch = math.ceil(math.ceil(len(tr) / tc.batch_size) / tc.grad_accum)
     total_steps = tc.max_steps or math.ceil(tc.epochs * windows_per_epoch)
+    model = apply_method(model, cfg.method, MethodContext(task_name, new_params, total_steps,
+                                                          None if base.ref == "scratch" else str(base.path)))
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = model.to(device)
+    adalora = cfg.method.name == "adalora"
+
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads)
-    scheduler = linear_schedule(optimizer, total_steps, round(tc.warmup_ratio * total_steps))
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads, kind=tc.optimizer)
+    scheduler = build_schedule(optimizer, tc.schedule, total_steps, round(tc.warmup_ratio * total_steps))
+    better = (lambda a, b: a > b) if task.greater_is_better else (lambda a, b: a < b)
 
     state, best_weights = LoopState(), None
     run_record = {"config": cfg.model_dump(mode="json"), "data_fingerprint": meta["fingerprint"]}
@@ -155,13 +194,14 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     (out / "config.yaml").write_text(dump_config(cfg))
     tracker = Tracker(out)
     n_train, n_total = count_parameters(model)
-    console.print(f"[bold]train[/] {cfg.model.base} · method {cfg.method.name} · "
+    console.print(f"[bold]train[/] {task_name} · {cfg.model.base} · method {cfg.method.name} · "
                   f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
                   f"{len(tr):,} train / {len(va):,} validation examples · {total_steps} steps on {device} "
                   f"({precision})")
 
     progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console)
     t_start, seen_at_start, eval_time = time.perf_counter(), state.examples_seen, 0.0
+    units_at_start = state.units_seen
     window_loss, window_count, last_eval = 0.0, 0, None
     stop = False
     while not stop and state.step < total_steps:
@@ -170,7 +210,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         for window in windows[state.window:]:
             model.train()
             n = sum(len(b) for b in window)
-            loss_value = accumulate_gradients(model, task, tr, window, device, precision)
+            loss_value, units = accumulate_gradients(model, task, tr, window, device, precision)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss_value}, "
@@ -178,10 +218,13 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                                 f"{_last_checkpoint(out)}")
             optimizer.step()
             scheduler.step()
+            if adalora:  # AdaLoRA re-allocates its rank budget between the step and zeroing the gradients
+                model.base_model.update_and_allocate(state.step)
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.window += 1
             state.examples_seen += n
+            state.units_seen += units
             window_loss += loss_value
             window_count += 1
 
@@ -197,17 +240,17 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
             due = (state.step % tc.eval_every == 0) if tc.eval_every else end_of_epoch
             if due or state.step == total_steps:
                 t_eval = time.perf_counter()
-                last_eval = evaluate_model(task, model, va, tc.eval_batch_size)
-                improved = state.best_metric is None or last_eval["macro_f1"] > state.best_metric
+                last_eval = task.evaluate(model, va, tc.eval_batch_size)
+                score = last_eval[task.metric]
+                improved = state.best_metric is None or better(score, state.best_metric)
                 if improved:
-                    state.best_metric, state.best_step, state.bad_evals = last_eval["macro_f1"], state.step, 0
+                    state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
                     best_weights = trainable_state(model)
                 else:
                     state.bad_evals += 1
-                tracker.log(state.step, eval_macro_f1=last_eval["macro_f1"], eval_accuracy=last_eval["accuracy"],
-                            eval_loss=last_eval["loss"], eval_ece=last_eval["ece"])
-                progress.note(f"step {state.step}: validation macro-F1 {last_eval['macro_f1']:.4f} "
-                              f"accuracy {last_eval['accuracy']:.4f} loss {last_eval['loss']:.4f}"
+                tracker.log(state.step, **{f"eval_{k}": v for k, v in last_eval.items()
+                                           if isinstance(v, (int, float))})
+                progress.note(f"step {state.step}: validation {task.metric} {score:.4f} loss {last_eval['loss']:.4f}"
                               + (" (best)" if improved else ""))
                 eval_time += time.perf_counter() - t_eval
                 if tc.early_stopping_patience and state.bad_evals >= tc.early_stopping_patience:
@@ -229,25 +272,32 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
 
     if best_weights is not None:
         load_trainable_state(model, best_weights)
-    best_eval = evaluate_model(task, model, va, tc.eval_batch_size) if state.best_step != state.step else last_eval
+    best_eval = task.evaluate(model, va, tc.eval_batch_size) if state.best_step != state.step else last_eval
+    units_rate = (state.units_seen - units_at_start) / max(train_time, 1e-9)
     model_meta = {
-        "task": "classification", "labels": labels, "base": {"ref": cfg.model.base, "path": str(base.path)},
+        "task": task_name, "labels": getattr(task, "labels", []),
+        "base": {"ref": cfg.model.base, "path": str(base.path)},
         "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
-        "data": {"dir": str(data_dir), "fingerprint": meta["fingerprint"], "train_examples": len(tr)},
-        "metrics": {"validation": {k: best_eval[k] for k in ("accuracy", "macro_f1", "macro_recall", "ece",
-                                                             "loss")}},
+        "data": {"dir": str(data_dir), "fingerprint": meta["fingerprint"], "train_examples": len(train_rows)},
+        "metrics": {"validation": {k: v for k, v in best_eval.items() if isinstance(v, (int, float))}},
         "best_step": state.best_step, "steps": state.step, "seed": tc.seed, "precision": precision,
         "versions": library_versions(),
     }
+    if task_name in ("causal_lm", "sft"):  # what a server needs to stop where training taught it to
+        model_meta["stop"] = [tokenizer.eos_token] + (["<|im_end|>"] if task_name == "sft" and
+                                                      "<|im_end|>" in tokenizer.get_vocab() else [])
+        model_meta["stop"] = sorted(set(t for t in model_meta["stop"] if t))
     model.to("cpu")
     model_dir = save_model_dir(model, tokenizer, out / "model", model_meta)
-    tracker.log(state.step, done=True, train_examples_per_s=rate, elapsed_s=elapsed, eval_s=eval_time)
+    tracker.log(state.step, done=True, train_examples_per_s=rate, train_units_per_s=units_rate, elapsed_s=elapsed,
+                eval_s=eval_time)
     tracker.close()
-    console.print(f"[bold green]saved[/] {model_dir} · best validation macro-F1 {state.best_metric:.4f} "
-                  f"at step {state.best_step} · {rate:.1f} examples/s")
-    return {"model_dir": str(model_dir), "steps": state.step, "best_step": state.best_step,
-            "validation": model_meta["metrics"]["validation"], "examples_per_s": rate, "elapsed_s": elapsed,
-            "train_s": train_time}
+    per_unit = "" if task_name == "classification" else f" · {units_rate:,.0f} target tokens/s"
+    console.print(f"[bold green]saved[/] {model_dir} · best validation {task.metric} {state.best_metric:.4f} "
+                  f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
+    return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
+            "validation": model_meta["metrics"]["validation"], "examples_per_s": rate,
+            "units_per_s": units_rate, "elapsed_s": elapsed, "train_s": train_time}
 
 
 def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:

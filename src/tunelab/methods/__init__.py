@@ -1,0 +1,158 @@
+"""Training methods: what trains and what stays frozen. `apply_method(model, method_cfg, ctx)`.
+
+`full` trains everything; `head` only the task head; `freeze` the last k transformer layers + head;
+`lora` (rsLoRA, DoRA), `adalora`, `prefix`, `prompt`, `ptuning`, `ia3` via peft; `adapter`: Houlsby
+bottleneck adapters (tunelab.methods.adapter). Adapter methods never change the base weights.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from tunelab.errors import UserError
+
+PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM",
+                   "sft": "CAUSAL_LM"}
+PEFT_METHODS = ("lora", "adalora", "prefix", "prompt", "ptuning", "ia3")
+
+
+@dataclass
+class MethodContext:
+    task: str  # classification | token_classification | causal_lm | sft
+    new_params: list[str]  # names of freshly initialised parameters (the task head)
+    total_steps: int = 1000  # AdaLoRA's budget schedule needs the run length
+    tokenizer_path: str | None = None  # prompt tuning initialised from text loads the tokenizer from here
+
+
+def head_module_names(model: nn.Module, new_params: list[str]) -> list[str]:
+    """Top-level modules outside the pretrained body, plus modules with newly initialised weights."""
+    body = getattr(model, "base_model_prefix", "")
+    names = {n for n, m in model.named_children() if n != body and any(True for _ in m.parameters())}
+    names |= {p.rsplit(".", 1)[0] for p in new_params}
+    return sorted(names)
+
+
+def _heads(model, ctx: MethodContext) -> list[str]:
+    """Task heads that must train with any method. A causal LM's output layer is the pretrained
+    (often embedding-tied) vocabulary projection, not a new head."""
+    if ctx.task in ("causal_lm", "sft"):
+        return []
+    return head_module_names(model, ctx.new_params)
+
+
+def _set_trainable(model: nn.Module, keep) -> nn.Module:
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(keep(name)))
+    return model
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in prefixes)
+
+
+def _apply_full(model, method, ctx):
+    return _set_trainable(model, lambda name: True)
+
+
+def _apply_head(model, method, ctx):
+    heads = head_module_names(model, ctx.new_params)
+    return _set_trainable(model, lambda name: _under(name, heads))
+
+
+_LAYER = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def _apply_freeze(model, method, ctx):
+    """Train the last `trainable_layers` transformer layers, the final norm and the task head."""
+    indices = {int(m.group(1)) for n, _ in model.named_parameters() if (m := _LAYER.search(n))}
+    if not indices:
+        raise UserError("method freeze: no numbered transformer layers found in this model")
+    first = max(indices) + 1 - method.trainable_layers
+    heads = _heads(model, ctx)
+
+    def keep(name: str) -> bool:
+        m = _LAYER.search(name)
+        if m:
+            return int(m.group(1)) >= first
+        return _under(name, heads) or (method.trainable_layers > 0 and re.search(r"(^|\.)(norm|final_layer_norm|"
+                                                                                  r"ln_f)\.", name) is not None)
+
+    return _set_trainable(model, keep)
+
+
+def _peft_config(method, ctx: MethodContext, model):
+    import peft
+
+    task_type = getattr(peft.TaskType, PEFT_TASK_TYPES[ctx.task])
+    heads = _heads(model, ctx) or None
+    name = method.name
+    if name == "lora":
+        c = method.lora
+        return peft.LoraConfig(task_type=task_type, r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                               target_modules=c.target_modules, use_rslora=c.rslora, use_dora=c.dora,
+                               modules_to_save=heads)
+    if name == "adalora":
+        c = method.adalora
+        tinit = round(c.tinit * ctx.total_steps)
+        tfinal = round(c.tfinal * ctx.total_steps)
+        if ctx.total_steps - tinit - tfinal <= 0:
+            raise UserError("method.adalora: tinit + tfinal leave no steps for the budget schedule; "
+                            "lower them or train longer")
+        return peft.AdaLoraConfig(task_type=task_type, init_r=c.init_r, target_r=c.target_r, lora_alpha=c.alpha,
+                                  lora_dropout=c.dropout, target_modules=c.target_modules, tinit=tinit,
+                                  tfinal=tfinal, deltaT=c.delta_t, total_step=ctx.total_steps,
+                                  modules_to_save=heads)
+    if name == "ia3":
+        kwargs = {}
+        if method.ia3_target_modules is not None:
+            kwargs = {"target_modules": method.ia3_target_modules, "feedforward_modules": []}
+        return peft.IA3Config(task_type=task_type, modules_to_save=heads, **kwargs)
+    c = method.prompt
+    if name == "prefix":
+        return peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=c.virtual_tokens)
+    if name == "prompt":
+        init = ({"prompt_tuning_init": peft.PromptTuningInit.TEXT, "prompt_tuning_init_text": c.init_text,
+                 "tokenizer_name_or_path": ctx.tokenizer_path} if c.init_text else {})
+        return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=c.virtual_tokens, **init)
+    return peft.PromptEncoderConfig(task_type=task_type, num_virtual_tokens=c.virtual_tokens,
+                                    encoder_hidden_size=c.encoder_hidden_size)
+
+
+def _apply_peft(model, method, ctx):
+    from peft import get_peft_model
+
+    cfg = _peft_config(method, ctx, model)
+    try:
+        return get_peft_model(model, cfg)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"method {method.name}: {err}") from None
+
+
+def _apply_adapter(model, method, ctx):
+    from tunelab.methods.adapter import add_adapters
+
+    c = method.adapter
+    try:
+        return add_adapters(model, c.bottleneck, c.dropout, c.init_scale, trainable_extra=_heads(model, ctx))
+    except ValueError as err:
+        raise UserError(f"method adapter: {err}") from None
+
+
+METHODS = {"full": _apply_full, "head": _apply_head, "freeze": _apply_freeze, "adapter": _apply_adapter,
+           **{name: _apply_peft for name in PEFT_METHODS}}
+
+
+def apply_method(model: nn.Module, method, ctx: MethodContext) -> nn.Module:
+    """Return the model to train (possibly a peft wrapper) with `requires_grad` set per the method."""
+    if method.name == "prompt" and method.prompt.init_text and (
+            ctx.task not in ("causal_lm", "sft") or ctx.tokenizer_path is None):
+        raise UserError("method.prompt.init_text works for causal_lm/sft on a pretrained base only")
+    return METHODS[method.name](model, method, ctx)
+
+
+def is_adapter_method(name: str) -> bool:
+    """Methods that leave the base weights untouched and save only the added tensors."""
+    return name in PEFT_METHODS or name == "adapter"

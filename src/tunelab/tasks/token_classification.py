@@ -1,0 +1,142 @@
+"""Token classification (NER): rows {"tokens", "tags"} with BIO tags.
+
+Words are split into sub-tokens by the model's tokenizer; the first sub-token of each word carries the
+word's tag, the others are ignored (-100) in the loss, and a word's prediction is its first sub-token's.
+Words cut off by `max_length` are predicted "O", so truncation costs recall in the reported numbers
+instead of being hidden. Entity-level precision / recall / F1 come from `seqeval` (strict span match).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tunelab.errors import UserError
+from tunelab.train.batching import pad_batch
+
+IGNORE = -100
+
+
+@dataclass
+class TokenEncoded:
+    input_ids: list[list[int]]
+    labels: list[list[int]]  # per sub-token: tag id on a word's first sub-token, IGNORE elsewhere
+    word_index: list[list[int]]  # per sub-token: word number on first sub-tokens, -1 elsewhere
+    n_words: list[int]
+    gold: list[list[str]]  # the rows' tags (empty lists when unlabelled)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(x) for x in self.input_ids]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def entity_metrics(true: list[list[str]], pred: list[list[str]]) -> dict:
+    from seqeval.metrics import classification_report
+
+    report = classification_report(true, pred, output_dict=True, zero_division=0)
+    micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
+    per_type = {k: {"precision": v["precision"], "recall": v["recall"], "f1": v["f1-score"],
+                    "support": int(v["support"])}
+                for k, v in report.items() if not k.endswith(" avg")}
+    flat_t = [t for s in true for t in s]
+    flat_p = [p for s in pred for p in s]
+    return {"entity_f1": float(micro["f1-score"]), "entity_precision": float(micro["precision"]),
+            "entity_recall": float(micro["recall"]),
+            "token_accuracy": float(np.mean([a == b for a, b in zip(flat_t, flat_p)])) if flat_t else 0.0,
+            "per_type": per_type}
+
+
+class TokenClassificationTask:
+    name = "token_classification"
+    metric = "entity_f1"
+    greater_is_better = True
+
+    def __init__(self, tokenizer, labels: list[str], max_length: int):
+        if not getattr(tokenizer, "is_fast", False):
+            raise UserError("token classification needs a fast tokenizer (word alignment)")
+        self.tokenizer = tokenizer
+        self.labels = list(labels)
+        self.label2id = {t: i for i, t in enumerate(self.labels)}
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id
+
+    def encode(self, rows: list[dict], labelled: bool = True) -> TokenEncoded:
+        if labelled:
+            unknown = sorted({t for r in rows for t in r["tags"]} - set(self.label2id))
+            if unknown:
+                raise UserError(f"tags {unknown} are unknown to this model; it knows {self.labels}")
+        words = [r["tokens"] for r in rows]
+        enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length)
+        out = TokenEncoded([], [], [], [], [])
+        for b, r in enumerate(rows):
+            labels, index, prev = [], [], None
+            for w in enc.word_ids(b):
+                first = w is not None and w != prev
+                index.append(w if first else -1)
+                labels.append(self.label2id[r["tags"][w]] if first and labelled else IGNORE)
+                prev = w
+            out.input_ids.append(enc["input_ids"][b])
+            out.labels.append(labels)
+            out.word_index.append(index)
+            out.n_words.append(len(r["tokens"]))
+            out.gold.append(list(r["tags"]) if labelled else [])
+        return out
+
+    def collate(self, enc: TokenEncoded, idx: list[int]) -> dict[str, torch.Tensor]:
+        ids, mask = pad_batch([enc.input_ids[i] for i in idx], self.pad_id)
+        labels = torch.full(ids.shape, IGNORE, dtype=torch.long)
+        for row, i in enumerate(idx):
+            labels[row, :len(enc.labels[i])] = torch.as_tensor(enc.labels[i])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    @staticmethod
+    def units(enc: TokenEncoded, idx: list[int]) -> int:
+        return sum(sum(x != IGNORE for x in enc.labels[i]) for i in idx)
+
+    @staticmethod
+    def _logits(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual positions
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self._logits(model, batch)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="sum",
+                               ignore_index=IGNORE)
+
+    @torch.no_grad()
+    def _run(self, model, enc: TokenEncoded, batch_size: int) -> tuple[list[list[str]], float, int]:
+        """-> (one tag per word of each example; words lost to truncation get "O"), loss sum, loss terms."""
+        model.eval()
+        device = next(model.parameters()).device
+        out: list[list[str]] = [["O"] * n for n in enc.n_words]
+        total, count = 0.0, 0
+        order = np.argsort(enc.lengths, kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size].tolist()
+            batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
+            logits = self._logits(model, batch).float()
+            total += float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum",
+                                           ignore_index=IGNORE))
+            count += self.units(enc, idx)
+            pred = logits.argmax(-1).cpu().numpy()
+            for row, i in enumerate(idx):
+                for pos, w in enumerate(enc.word_index[i]):
+                    if w >= 0:
+                        out[i][w] = self.labels[pred[row, pos]]
+        return out, total, count
+
+    def predict_tags(self, model, enc: TokenEncoded, batch_size: int = 64) -> list[list[str]]:
+        return self._run(model, enc, batch_size)[0]
+
+    def evaluate(self, model, enc: TokenEncoded, batch_size: int) -> dict:
+        """Entity-level P/R/F1 (seqeval), token accuracy, per-type scores and the mean token loss."""
+        pred, total, count = self._run(model, enc, batch_size)
+        metrics = entity_metrics(enc.gold, pred)
+        metrics["loss"] = total / max(1, count)
+        return metrics
