@@ -122,7 +122,16 @@ def _peft_config(method, ctx: MethodContext, model):
 
 
 def _apply_peft(model, method, ctx):
+    import inspect
+
     from peft import get_peft_model
+
+    if method.name == "prefix" and ctx.task in ("classification", "token_classification"):
+        # peft's own test for these heads, made at load instead of at the first forward
+        body = getattr(model, getattr(model, "base_model_prefix", ""), model)
+        if not any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, body)):
+            raise UserError(f"method prefix needs a model that takes past key values; {type(body).__name__} "
+                            "does not (transformers 5 encoders); use prompt or ptuning")
 
     cfg = _peft_config(method, ctx, model)
     try:
