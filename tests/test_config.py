@@ -16,13 +16,14 @@ def base() -> dict:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_validates(path):
     cfg = load_config(path)
-    assert cfg.task == "classification"
+    assert cfg.task in ("auto", "classification")
     assert cfg.data.prepare is not None or Path(cfg.data.dir).exists(), "an example must name its data"
 
 
 def test_examples_exist():
     names = {p.name for p in EXAMPLES}
-    assert {"tiny.yaml", "tweets-minilm.yaml", "tweets-smollm2-lora.yaml"} <= names
+    assert {"tiny.yaml", "tweets-minilm.yaml", "tweets-smollm2-lora.yaml", "finance-ner-minilm.yaml",
+            "chatterbot-smollm2-lora.yaml", "pretrain-scratch.yaml"} <= names
 
 
 def test_unknown_key_is_named():
