@@ -122,18 +122,34 @@ def eval_cmd(
     zero_shot_model: str = typer.Option("builtin:smollm2-135m-instruct", "--zero-shot-model"),
     zero_shot_samples: int = typer.Option(300, "--zero-shot-samples", min=0,
                                           help="cap on rows scored zero-shot; 0 = all"),
+    generation_samples: int = typer.Option(50, "--generation-samples", min=0,
+                                           help="sft: conversations answered for ROUGE-L / exact match"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+    general_text: Optional[str] = typer.Option(None, "--general-text",
+                                               help="forgetting probe text (.txt or dataset dir; default: the "
+                                               "built-in tweets)"),
+    general_samples: int = typer.Option(200, "--general-samples", min=1),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="examples per forward (causal_lm/sft: at "
+                                   "most 8 blocks)"),
 ):
-    """Evaluate against the TF-IDF and zero-shot baselines on the same split."""
+    """Evaluate on a split next to the cheap baselines (classification: TF-IDF + LR and zero-shot; NER: word
+    lookup) or, for causal_lm/sft, next to the base model before fine-tuning (perplexity, generation
+    scores, forgetting probe)."""
+    from tunelab.config import EvalConfig
     from tunelab.evaluate.report import BASELINES, evaluate, print_report
 
     chosen = [] if no_baselines else (baseline or list(BASELINES))
     unknown = set(chosen) - set(BASELINES)
     if unknown:
         raise UserError(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
-    report = evaluate(model_dir, data, split, out, chosen, zero_shot_model, zero_shot_samples or None)
+    eval_cfg = EvalConfig(batch_size=batch_size, generation_samples=generation_samples,
+                          max_new_tokens=max_new_tokens, general_text=general_text, general_samples=general_samples)
+    report = evaluate(model_dir, data, split, out, chosen, zero_shot_model, zero_shot_samples or None,
+                      batch_size=batch_size, eval_cfg=eval_cfg)
     print_report(report, console)
     if out:
-        console.print(f"report: {out} · confusion matrix: {report['confusion_matrix_png']}")
+        png = report.get("confusion_matrix_png")
+        console.print(f"report: {out}" + (f" · confusion matrix: {png}" if png else ""))
 
 
 @app.command()
@@ -173,6 +189,85 @@ def predict(
     for r in results:
         table.add_row(r["text"], r["label"], *[f"{p:.3f}" for p in r["probs"].values()])
     console.print(table)
+
+
+def _generation_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
+                       repetition_penalty: float, stop: Optional[list[str]], seed: Optional[int]):
+    from tunelab.generate import GenerationParams
+
+    return GenerationParams(max_tokens, temperature, top_p, top_k, repetition_penalty, list(stop or []),
+                            seed).check()
+
+
+MAX_TOKENS = typer.Option(256, "--max-tokens", help="most new tokens per answer")
+TEMPERATURE = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples")
+TOP_P = typer.Option(1.0, "--top-p")
+TOP_K = typer.Option(0, "--top-k", help="0 = off")
+REPETITION = typer.Option(1.0, "--repetition-penalty")
+STOP = typer.Option(None, "--stop", help="stop string (repeatable); the model's own end tokens always stop")
+SEED = typer.Option(None, "--seed")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="a causal_lm/sft model dir, or a base (builtin:…, a HF dir, .gguf)"),
+    prompt: str = typer.Argument(..., help="the prompt"),
+    raw: bool = typer.Option(False, "--raw", help="complete the text as is (default: as a chat message when "
+                             "the model has a chat template)"),
+    max_tokens: int = MAX_TOKENS, temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
+    repetition_penalty: float = REPETITION, stop: Optional[list[str]] = STOP, seed: Optional[int] = SEED,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (text, token counts, reason)"),
+):
+    """Generate text for one prompt, streamed as it is produced."""
+    from tunelab.generate import generate as run, load_generator
+
+    params = _generation_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+    gen = load_generator(model)
+    chat = gen.has_chat_template and not raw
+    if as_json:
+        print(json.dumps(run(gen, prompt, params, chat), ensure_ascii=False))
+        return
+    res = run(gen, prompt, params, chat, on_text=lambda t: print(t, end="", flush=True))
+    print()
+    err_console.print(f"[dim]{res['prompt_tokens']} prompt + {res['completion_tokens']} generated tokens · "
+                      f"finish: {res['finish_reason']}[/]")
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="a causal_lm/sft model dir, or a base with a chat template"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message"),
+    max_tokens: int = MAX_TOKENS, temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
+    repetition_penalty: float = REPETITION, stop: Optional[list[str]] = STOP, seed: Optional[int] = SEED,
+):
+    """Chat in the terminal; answers stream token by token. /reset clears the history, /exit (or Ctrl-D) quits."""
+    from tunelab.generate import generate as run, load_generator
+
+    params = _generation_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
+    gen = load_generator(model)
+    if not gen.has_chat_template:
+        raise UserError(f"{model} has no chat template; use `tunelab generate --raw`")
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    err_console.print(f"chatting with {model} · /reset clears the history · /exit quits")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            messages = list(start)
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        res = run(gen, messages, params, chat=True, on_text=lambda t: print(t, end="", flush=True))
+        print()
+        messages.append({"role": "assistant", "content": res["text"].strip()})
 
 
 @app.command()

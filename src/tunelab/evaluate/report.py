@@ -1,8 +1,10 @@
-"""`tunelab eval`: the fine-tuned model and the baselines on the same split, in one report.
+"""`tunelab eval`: the fine-tuned model and the baselines (or its base, "before") on the same split.
 
-The JSON report has top-level `accuracy`, `macro_f1`, `macro_recall`, `per_class`, `confusion_matrix`,
-`ece` (the fine-tuned model) and `baselines` (name -> the same metrics); a confusion-matrix PNG is
-written beside it.
+Every report has `task`, `model` and `data`. Classification: top-level `accuracy`, `macro_f1`,
+`macro_recall`, `per_class`, `confusion_matrix`, `ece` and `baselines` (name -> the same metrics), with a
+confusion-matrix PNG beside the JSON. Token classification: `entity_f1`, `entity_precision`,
+`entity_recall`, `token_accuracy`, `per_type` and the word-lookup baseline. causal_lm / sft: `before`
+(the base) and `after` perplexity, sft generation scores, and `forgetting` (see evaluate/language.py).
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.config import EvalConfig
 from tunelab.data.prepare import load_meta, load_split
 from tunelab.errors import UserError
 from tunelab.evaluate import baselines as bl
 from tunelab.evaluate.metrics import classification_metrics
+from tunelab.evaluate.entities import lookup_baseline
+from tunelab.evaluate.language import evaluate_language
 from tunelab.evaluate.plots import confusion_matrix_png
 from tunelab.models import load_model_dir
 from tunelab.tasks.classification import ClassificationTask, softmax
+from tunelab.tasks.token_classification import TokenClassificationTask
+from tunelab.train.loop import DATASET_TASKS
 
 BASELINES = ("tfidf", "zero_shot")
 
@@ -27,43 +34,129 @@ BASELINES = ("tfidf", "zero_shot")
 def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
              out: str | Path | None = None, baselines: tuple[str, ...] | list[str] = BASELINES,
              zero_shot_model: str = "builtin:smollm2-135m-instruct", zero_shot_samples: int | None = 300,
-             batch_size: int = 128, seed: int = 0) -> dict:
-    """Evaluate a classification model dir on `split` of `data_dir` (default: the data it was trained on)."""
-    model, tok, meta = load_model_dir(model_dir, tasks=("classification",))
+             batch_size: int = 128, seed: int = 0, eval_cfg: EvalConfig | None = None) -> dict:
+    """Evaluate a model dir on `split` of `data_dir` (default: the data it was trained on)."""
+    model, tok, meta = load_model_dir(model_dir)
     data_dir = Path(data_dir or meta["data"]["dir"])
     data_meta = load_meta(data_dir)
     rows = load_split(data_dir, split)
     if not rows:
         raise UserError(f"split '{split}' of {data_dir} is empty")
+    wanted = DATASET_TASKS.get(data_meta.get("task"))
+    if wanted != meta["task"]:
+        raise UserError(f"{data_dir} holds a '{data_meta.get('task')}' dataset; the model was trained for "
+                        f"'{meta['task']}'")
+    head = {"task": meta["task"],
+            "model": {"dir": str(model_dir), "base": meta["base"]["ref"], "method": meta["method"]["name"],
+                      "train_examples": meta["data"]["train_examples"]},
+            "data": {"dir": str(data_dir), "split": split, "fingerprint": data_meta["fingerprint"],
+                     "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]}}
+    eval_cfg = eval_cfg or EvalConfig(batch_size=batch_size)
+    if meta["task"] == "classification":
+        report = _classification(model, tok, meta, rows, data_dir, baselines, zero_shot_model, zero_shot_samples,
+                                 batch_size, seed)
+    elif meta["task"] == "token_classification":
+        task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
+        report = task.evaluate(model, task.encode(rows), batch_size)
+        report["n"] = len(rows)
+        report["baselines"] = {"lookup": lookup_baseline(load_split(data_dir, "train"), rows)}
+    else:
+        report = evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device))
+    report = {**head, **report}
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if meta["task"] == "classification":
+            png = out.with_suffix(".confusion.png")
+            confusion_matrix_png(report["confusion_matrix"]["matrix"], meta["labels"], png,
+                                 f"{meta['base']['ref']} ({meta['method']['name']}) — {split}")
+            report["confusion_matrix_png"] = str(png)
+        out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+def _classification(model, tok, meta, rows, data_dir, baselines, zero_shot_model, zero_shot_samples,
+                    batch_size, seed) -> dict:
     labels = meta["labels"]
     task = ClassificationTask(tok, labels, meta.get("max_length", 512))
     enc = task.encode(rows)
     logits = task.logits(model, enc, batch_size)
-    probs = softmax(logits)
-    report = classification_metrics(enc.labels, logits.argmax(-1), labels, probs)
-    report.update(model={"dir": str(model_dir), "base": meta["base"]["ref"], "method": meta["method"]["name"],
-                         "train_examples": meta["data"]["train_examples"]},
-                  data={"dir": str(data_dir), "split": split, "fingerprint": data_meta["fingerprint"],
-                        "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]})
+    report = classification_metrics(enc.labels, logits.argmax(-1), labels, softmax(logits))
     report["baselines"] = {}
     if "tfidf" in baselines:
         report["baselines"]["tfidf_logreg"] = bl.tfidf_logreg(load_split(data_dir, "train"), rows, labels, seed)
     if "zero_shot" in baselines:
         report["baselines"]["zero_shot"] = bl.zero_shot(zero_shot_model, rows, labels, zero_shot_samples, seed)
-    if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        png = out.with_suffix(".confusion.png")
-        confusion_matrix_png(report["confusion_matrix"]["matrix"], labels, png,
-                             f"{meta['base']['ref']} ({meta['method']['name']}) — {split}")
-        report["confusion_matrix_png"] = str(png)
-        out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return report
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
-    """The before/after table: baselines first, the fine-tuned model last; then per-class scores."""
+    """The before/after table of the report's task."""
     console = console or Console()
+    {"classification": _print_classification, "token_classification": _print_entities,
+     "causal_lm": _print_language, "sft": _print_language}[report["task"]](report, console)
+
+
+def _model_name(report: dict) -> str:
+    model = report["model"]
+    return f"fine-tuned {model['base'].removeprefix('builtin:')} ({model['method']})"
+
+
+def _print_entities(report: dict, console: Console) -> None:
+    t = Table(title=f"{report['data']['split']} split of {report['data']['dir']}")
+    for col in ("model", "train rows", "test rows", "entity P", "entity R", "entity F1", "token acc"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+
+    def add(name, m, style=""):
+        t.add_row(name, str(m.get("train_examples", "")), str(m["n"]), f"{m['entity_precision']:.4f}",
+                  f"{m['entity_recall']:.4f}", f"{m['entity_f1']:.4f}", f"{m['token_accuracy']:.4f}", style=style)
+
+    base = report["baselines"]["lookup"]
+    add(base["name"], base)
+    add(_model_name(report), {**report, "train_examples": report["model"]["train_examples"]}, "bold green")
+    console.print(t)
+    pt = Table(title="fine-tuned model, per entity type")
+    for col in ("type", "precision", "recall", "F1", "support"):
+        pt.add_column(col, justify="left" if col == "type" else "right")
+    for name, m in report["per_type"].items():
+        pt.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+    console.print(pt)
+    gain = report["entity_f1"] - base["entity_f1"]
+    console.print(f"fine-tuned model {'[bold green]beats' if gain > 0 else '[bold red]does not beat'}[/] the "
+                  f"word-lookup baseline by {gain:+.4f} entity F1")
+
+
+def _print_language(report: dict, console: Console) -> None:
+    sft = report["task"] == "sft"
+    t = Table(title=f"{report['data']['split']} split of {report['data']['dir']}"
+              + (" (perplexity on assistant tokens)" if sft else ""))
+    cols = ["model", "tokens", "loss", "perplexity"] + (["ROUGE-L", "exact match", "answers"] if sft else [])
+    for col in cols:
+        t.add_column(col, justify="left" if col == "model" else "right")
+
+    def add(name, m, style=""):
+        cells = [name, f"{m['tokens']:,}", f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"]
+        if sft:
+            g = m.get("generation")
+            cells += [f"{g['rouge_l']:.4f}", f"{g['exact_match']:.4f}", str(g["n"])] if g else ["", "", ""]
+        t.add_row(*cells, style=style)
+
+    if "before" in report:
+        add(f"base {report['model']['base'].removeprefix('builtin:')} (before)", report["before"])
+    add(_model_name(report), report["after"], "bold green")
+    console.print(t)
+    f = report.get("forgetting")
+    if f:
+        console.print(f"forgetting probe: perplexity on {f['rows']} rows of {f['general_text']}: "
+                      f"{f['perplexity_before']:.2f} before → {f['perplexity_after']:.2f} after "
+                      f"({100 * f['change']:+.1f}%)")
+    for s in (report["after"].get("generation") or {}).get("samples", []):
+        console.print(f"[dim]prompt:[/] {s['prompt']}\n[dim]reference:[/] {s['reference']}\n"
+                      f"[dim]answer:[/] {s['answer']}")
+
+
+def _print_classification(report: dict, console: Console) -> None:
+    """The before/after table: baselines first, the fine-tuned model last; then per-class scores."""
     data = report["data"]
     t = Table(title=f"{data['split']} split of {data['dir']}")
     for col in ("model", "train rows", "test rows", "accuracy", "macro-F1", "recall", "ECE"):
@@ -80,9 +173,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
         add(b["zero_shot"]["name"], 0, b["zero_shot"])
     if "tfidf_logreg" in b:
         add("TF-IDF + LR", b["tfidf_logreg"]["train_examples"], b["tfidf_logreg"])
-    model = report["model"]
-    add(f"fine-tuned {model['base'].removeprefix('builtin:')} ({model['method']})", model["train_examples"],
-        report, style="bold green")
+    add(_model_name(report), report["model"]["train_examples"], report, style="bold green")
     console.print(t)
     pc = Table(title="fine-tuned model, per class")
     for col in ("label", "precision", "recall", "F1", "support"):

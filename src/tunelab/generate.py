@@ -1,0 +1,158 @@
+"""Text generation for `tunelab generate` and `tunelab chat`: greedy or sampled decoding through
+transformers' `generate` (temperature, top-p, top-k, repetition penalty, max tokens), stop strings,
+and token streaming through a callback.
+
+Streaming and stop strings meet in `StopTrimmer`: text is released as soon as it cannot be the start
+of a stop string, and never includes the stop string itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tunelab.errors import UserError
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def check(self) -> "GenerationParams":
+        if self.max_new_tokens < 1:
+            raise UserError("max tokens must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise UserError("temperature >= 0, 0 < top-p <= 1, top-k >= 0 and repetition penalty > 0 are required")
+        return self
+
+
+@dataclass
+class Generator:
+    model: torch.nn.Module
+    tokenizer: object
+    stop: list[str]  # stop strings of the model (end-of-turn / end-of-text tokens)
+    name: str
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def load_generator(ref: str, device: str | None = None) -> Generator:
+    """A tunelab model dir (causal_lm / sft) or a base model (builtin:…, tiny-llama, HF dir, .gguf)."""
+    from tunelab.models import META_FILE, load_causal_lm, load_model_dir
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (Path(ref) / META_FILE).is_file():
+        model, tok, meta = load_model_dir(ref, device, tasks=("causal_lm", "sft"))
+        stop = list(meta.get("stop") or [tok.eos_token])
+    else:
+        model, tok, _, _ = load_causal_lm(ref)
+        model.to(device).eval()
+        stop = [t for t in {tok.eos_token, "<|im_end|>"} if t and t in tok.get_vocab()]
+    return Generator(model, tok, sorted(set(stop)), ref)
+
+
+class StopTrimmer:
+    """Feed decoded text pieces; `push` returns what can be shown now, `done` is set at a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+        self.done = False
+
+    def push(self, piece: str) -> str:
+        if self.done:
+            return ""
+        self.text += piece
+        # released text never ends in the start of a stop string, so a stop string starts at or after `sent`
+        cut = min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.done = True
+            out, self.sent = self.text[self.sent:cut], cut
+            self.text = self.text[:cut]
+            return out
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        end = max(self.sent, len(self.text) - hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def flush(self) -> str:
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+def _streamer(tokenizer, on_piece: Callable[[str], None]):
+    from transformers import TextStreamer
+
+    class _Callback(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            on_piece(text)
+
+    return _Callback(tokenizer, skip_prompt=True, skip_special_tokens=False)
+
+
+def prompt_ids(gen: Generator, prompt: str | list[dict], chat: bool) -> torch.Tensor:
+    """Token ids of a raw prompt, or of a conversation rendered with the model's chat template."""
+    tok = gen.tokenizer
+    if chat:
+        if not gen.has_chat_template:
+            raise UserError(f"{gen.name} has no chat template; use --raw")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    ids = tok(text, add_special_tokens=not chat, return_tensors="pt")["input_ids"]
+    limit = getattr(gen.model.config, "max_position_embeddings", None)
+    if limit and ids.shape[1] >= limit:
+        raise UserError(f"the prompt has {ids.shape[1]} tokens; this model reads at most {limit}")
+    return ids
+
+
+@torch.no_grad()
+def generate(gen: Generator, prompt: str | list[dict], params: GenerationParams, chat: bool = True,
+             on_text: Callable[[str], None] | None = None) -> dict:
+    """-> {"text", "prompt_tokens", "completion_tokens", "finish_reason": "stop" | "length"}.
+    `on_text` receives the text piece by piece as it is generated (stop strings never shown)."""
+    params.check()
+    ids = prompt_ids(gen, prompt, chat).to(gen.model.device)
+    trimmer = StopTrimmer(gen.stop + params.stop)
+
+    def on_piece(piece: str) -> None:
+        shown = trimmer.push(piece)
+        if shown and on_text:
+            on_text(shown)
+
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    sample = params.temperature > 0
+    kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sample,
+                  repetition_penalty=params.repetition_penalty, pad_token_id=gen.tokenizer.pad_token_id,
+                  eos_token_id=[gen.tokenizer.convert_tokens_to_ids(s) for s in gen.stop
+                                if s in gen.tokenizer.get_vocab()] or None)
+    if sample:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if params.stop:
+        kwargs.update(stop_strings=params.stop, tokenizer=gen.tokenizer)
+    out = gen.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             streamer=_streamer(gen.tokenizer, on_piece), **kwargs)
+    new = out[0, ids.shape[1]:]
+    rest = trimmer.flush() if not trimmer.done else ""
+    if rest and on_text:
+        on_text(rest)
+    finish = "stop" if trimmer.done or len(new) < params.max_new_tokens else "length"
+    return {"text": trimmer.text, "prompt_tokens": int(ids.shape[1]),
+            "completion_tokens": int(len(new)), "finish_reason": finish}
