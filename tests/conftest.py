@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 from pathlib import Path
@@ -60,3 +61,52 @@ def tiny_config(data_dir: Path, **train) -> dict:
                   **train},
         "eval": {"baselines": ["tfidf"]},
     }
+
+
+def task_config(data_dir, base, method="full", **train_kw):
+    """A validated RunConfig for a tiny model on a prepared dataset dir (any task)."""
+    from tunelab.config import validate
+
+    return validate({"model": {"base": base, "max_length": 64}, "data": {"dir": str(data_dir)},
+                     "method": {"name": method},
+                     "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 1, "seed": 0, **train_kw}})
+
+
+@pytest.fixture(scope="session")
+def ner_data(tmp_path_factory):
+    """200 sentences of the shipped finance NER example, prepared."""
+    from tunelab.config import PrepareOptions
+    from tunelab.data.prepare import prepare
+
+    d = tmp_path_factory.mktemp("ner") / "ds"
+    src = Path(__file__).parent.parent / "examples" / "data" / "finance_ner.conll"
+    prepare(str(src), d, PrepareOptions(task="ner", max_rows=200))
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory):
+    """120 short market-report documents as a `text` dataset."""
+    from tunelab.config import PrepareOptions
+    from tunelab.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("text")
+    docs = [f"report {i}: the market opened higher and shares of company {i % 7} rose on strong demand."
+            for i in range(120)]
+    (root / "corpus.txt").write_text("\n\n".join(docs))
+    prepare(str(root / "corpus.txt"), root / "ds", PrepareOptions(task="text", dedup={"near": False}))
+    return root / "ds"
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory):
+    """80 arithmetic conversations as an `sft` dataset."""
+    from tunelab.config import PrepareOptions
+    from tunelab.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("chat")
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(80)]
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    prepare(str(root / "chat.jsonl"), root / "ds", PrepareOptions(task="sft", dedup={"near": False}))
+    return root / "ds"

@@ -4,22 +4,22 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from tunelab.config import EvalConfig
 from tunelab.evaluate.language import exact_match, rouge_l
 from tunelab.evaluate.report import evaluate
 from tunelab.generate import StopTrimmer
 
-from test_train_tasks import _cfg, chat_data, ner_data, text_data  # noqa: F401  (fixtures)
 from tunelab.train.loop import train
+
+from conftest import task_config as _cfg
 
 
 def test_rouge_l_and_exact_match():
     assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
     assert rouge_l("", "something") == 0.0 and rouge_l("", "") == 1.0
     # LCS "the cat the mat" = 4 of 6 and 4 of 5 words
-    assert abs(rouge_l("the cat sat on the mat", "the black cat the mat") - 2 * (4 / 6 * 4 / 5) / (4 / 6 + 4 / 5)) < 1e-9
+    p, r = 4 / 6, 4 / 5
+    assert abs(rouge_l("the cat sat on the mat", "the black cat the mat") - 2 * p * r / (p + r)) < 1e-9
     assert exact_match("Paris.", " paris ") and not exact_match("Paris", "Lyon")
 
 

@@ -29,9 +29,9 @@ def test_pack_stream_fills_blocks_and_resets_positions():
     flat = [t for row in enc.input_ids for t in row]
     assert flat == [t for ids, _ in _segments() for t in ids]  # nothing lost, order kept
     assert enc.positions[0] == [0, 1, 2, 3, 4, 5, 6, 0]  # doc 2 starts at position 0
-    # a segment's last target before a row boundary is dropped; document ends predict nothing
+    # a segment's last target before a row boundary is dropped (3 docs are split); document ends predict nothing
     assert enc.targets[0][6] == IGNORE and enc.targets[0][7] == IGNORE
-    assert sum(t != IGNORE for row in enc.targets for t in row) == sum(n - 1 for n in [7, 3, 12, 1, 5]) - 3  # 3 split docs
+    assert sum(t != IGNORE for row in enc.targets for t in row) == sum(n - 1 for n in [7, 3, 12, 1, 5]) - 3
 
 
 def test_pack_bins_keeps_examples_whole():
@@ -111,3 +111,20 @@ def test_sft_packing_matches_unpacked(tiny_lm):
         a = task.loss_sum(model, task.collate(packed, [0]))
         b = task_u.loss_sum(model, task_u.collate(single, [0, 1, 2]))
     assert torch.allclose(a, b, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model, tok, _, _ = load_causal_lm("tiny-llama")
+    task = CausalLMTask(tok, block=64)
+    enc = task.encode([{"text": d} for d in DOCS])
+    batch = task.collate(enc, list(range(len(enc))))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model.zero_grad()
+        task.loss_sum(model, batch).backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    assert model.is_gradient_checkpointing
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)

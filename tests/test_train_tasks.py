@@ -5,51 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.config import validate
-from tunelab.data.prepare import prepare
-from tunelab.config import PrepareOptions
 from tunelab.errors import UserError
 from tunelab.models import load_model_dir
 from tunelab.train.loop import train
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+from conftest import task_config as _cfg
 
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _cfg(data_dir, base, method="full", **train_kw):
-    return validate({"model": {"base": base, "max_length": 64}, "data": {"dir": str(data_dir)},
-                     "method": {"name": method},
-                     "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 1, "seed": 0, **train_kw}})
-
-
-@pytest.fixture(scope="module")
-def ner_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ner") / "ds"
-    prepare(str(EXAMPLES / "data" / "finance_ner.conll"), d, PrepareOptions(task="ner", max_rows=200))
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    docs = [f"report {i}: the market opened higher and shares of company {i % 7} rose on strong demand."
-            for i in range(120)]
-    (root / "corpus.txt").write_text("\n\n".join(docs))
-    prepare(str(root / "corpus.txt"), root / "ds", PrepareOptions(task="text", dedup={"near": False}))
-    return root / "ds"
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat")
-    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(80)]
-    (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    prepare(str(root / "chat.jsonl"), root / "ds", PrepareOptions(task="sft", dedup={"near": False}))
-    return root / "ds"
 
 
 def test_ner_trains_and_reports_entity_f1(tmp_path, ner_data):

@@ -36,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from tunelab.tasks.causal_lm import IGNORE, CausalLMTask, chunked_lm_loss_sum, pack_bins, shift_targets  # noqa: E402
 
+# tokens per optimizer step per shape: the padded full-vocabulary logits of the `hf` arm must fit in memory
+TOKENS_PER_STEP = {"smollm2-135m": 8192, "llama-1b": 4096, "smoke": 512}
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
@@ -168,25 +170,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device (checks the script)")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--tokens-per-step", type=int, default=8192)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tokens-per-step", type=int, default=None, help="default: per shape (TOKENS_PER_STEP)")
     ap.add_argument("--block", type=int, default=2048)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = {"smoke": SMOKE} if args.smoke else SHAPES
     if args.smoke:
-        args.block, args.tokens_per_step, args.steps = 256, 512, 3
+        args.block, args.steps = 256, 3
     peak = bf16_peak(device)
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} · torch {torch.__version__} · "
           f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s", flush=True)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-               "bf16_peak_tflops": peak / 1e12, "tokens_per_step": args.tokens_per_step, "block": args.block,
+               "bf16_peak_tflops": peak / 1e12, "block": args.block,
                "runs": []}
     for name, shape in shapes.items():
         convs = conversations(4000, shape["vocab_size"], args.block)
-        steps = steps_of(convs, args.tokens_per_step)[:args.steps + args.warmup]
+        per_step = args.tokens_per_step or TOKENS_PER_STEP[name]
+        steps = steps_of(convs, per_step)[:args.steps + args.warmup]
         for method in ("lora", "full"):
-            row = {"shape": name, "method": method}
+            row = {"shape": name, "method": method, "tokens_per_step": per_step}
             for arm in ("hf", "tunelab"):
                 row[arm] = run_arm(arm, shape, method, convs, steps, args.block, device, args.warmup)
                 r = row[arm]

@@ -284,9 +284,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         "versions": library_versions(),
     }
     if task_name in ("causal_lm", "sft"):  # what a server needs to stop where training taught it to
-        model_meta["stop"] = [tokenizer.eos_token] + (["<|im_end|>"] if task_name == "sft" and
-                                                      "<|im_end|>" in tokenizer.get_vocab() else [])
-        model_meta["stop"] = sorted(set(t for t in model_meta["stop"] if t))
+        model_meta["stop"] = stop_tokens(tokenizer, task_name)
     model.to("cpu")
     model_dir = save_model_dir(model, tokenizer, out / "model", model_meta)
     tracker.log(state.step, done=True, train_examples_per_s=rate, train_units_per_s=units_rate, elapsed_s=elapsed,
@@ -298,6 +296,14 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
             "validation": model_meta["metrics"]["validation"], "examples_per_s": rate,
             "units_per_s": units_rate, "elapsed_s": elapsed, "train_s": train_time}
+
+
+def stop_tokens(tokenizer, task: str) -> list[str]:
+    """The end-of-text token, and for chat models the end-of-turn marker of their template."""
+    stops = {tokenizer.eos_token}
+    if task == "sft" and "<|im_end|>" in tokenizer.get_vocab():
+        stops.add("<|im_end|>")
+    return sorted(t for t in stops if t)
 
 
 def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
