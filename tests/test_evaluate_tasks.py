@@ -36,7 +36,7 @@ def test_ner_report_has_entity_scores_and_baseline(tmp_path, ner_data):
     train(_cfg(ner_data, "tiny-bert", epochs=1), tmp_path / "run", show_progress=False)
     rep = evaluate(tmp_path / "run" / "model", out=tmp_path / "rep.json")
     assert rep["task"] == "token_classification" and 0 <= rep["entity_f1"] <= 1
-    assert rep["baselines"]["lookup"]["entity_f1"] > 0.5  # the lookup baseline is strong on this data
+    assert 0.2 < rep["baselines"]["lookup"]["entity_f1"] < 0.9  # finds seen names, misses composed new ones
     assert json.loads((tmp_path / "rep.json").read_text())["per_type"]
 
 

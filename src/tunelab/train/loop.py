@@ -44,7 +44,7 @@ class LoopState:
     epoch: int = 0  # current epoch (its batch order is seeded by seed + epoch)
     window: int = 0  # accumulation windows done in the current epoch
     examples_seen: int = 0
-    units_seen: int = 0  # loss terms trained on (examples, or target tokens for LM / NER)
+    tokens_seen: int = 0  # real (non-padding) input tokens trained on
     best_metric: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
@@ -196,12 +196,15 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     n_train, n_total = count_parameters(model)
     console.print(f"[bold]train[/] {task_name} · {cfg.model.base} · method {cfg.method.name} · "
                   f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
-                  f"{len(tr):,} train / {len(va):,} validation examples · {total_steps} steps on {device} "
-                  f"({precision})")
+                  f"{len(train_rows):,} train / {len(val_rows):,} validation examples"
+                  + (f" in {len(tr):,} + {len(va):,} packed blocks" if getattr(task, "packing", False) else "")
+                  + f" · {total_steps} steps on {device} ({precision})")
 
-    progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console)
+    lm = task_name in ("causal_lm", "sft")
+    progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console,
+                             unit="tok/s" if lm else "ex/s")
     t_start, seen_at_start, eval_time = time.perf_counter(), state.examples_seen, 0.0
-    units_at_start = state.units_seen
+    tokens_at_start = state.tokens_seen
     window_loss, window_count, last_eval = 0.0, 0, None
     stop = False
     while not stop and state.step < total_steps:
@@ -210,7 +213,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         for window in windows[state.window:]:
             model.train()
             n = sum(len(b) for b in window)
-            loss_value, units = accumulate_gradients(model, task, tr, window, device, precision)
+            loss_value, _ = accumulate_gradients(model, task, tr, window, device, precision)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
             if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                 raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss_value}, "
@@ -224,13 +227,15 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
             state.step += 1
             state.window += 1
             state.examples_seen += n
-            state.units_seen += units
+            state.tokens_seen += sum(tr.lengths[i] for b in window for i in b)
             window_loss += loss_value
             window_count += 1
 
-            rate = (state.examples_seen - seen_at_start) / max(1e-9, time.perf_counter() - t_start - eval_time)
+            busy = max(1e-9, time.perf_counter() - t_start - eval_time)
+            rate = (state.examples_seen - seen_at_start) / busy
+            shown_rate = (state.tokens_seen - tokens_at_start) / busy if lm else rate
             lr = scheduler.get_last_lr()[0]
-            progress.update(state.step, loss_value, lr, rate)
+            progress.update(state.step, loss_value, lr, shown_rate)
             if state.step % tc.log_every == 0 or state.step == total_steps:
                 tracker.log(state.step, train_loss=window_loss / window_count, lr=lr, examples_per_s=rate,
                             epoch=state.epoch + state.window / len(windows))
@@ -273,7 +278,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     if best_weights is not None:
         load_trainable_state(model, best_weights)
     best_eval = task.evaluate(model, va, tc.eval_batch_size) if state.best_step != state.step else last_eval
-    units_rate = (state.units_seen - units_at_start) / max(train_time, 1e-9)
+    tokens_rate = (state.tokens_seen - tokens_at_start) / max(train_time, 1e-9)
     model_meta = {
         "task": task_name, "labels": getattr(task, "labels", []),
         "base": {"ref": cfg.model.base, "path": str(base.path)},
@@ -287,15 +292,15 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         model_meta["stop"] = stop_tokens(tokenizer, task_name)
     model.to("cpu")
     model_dir = save_model_dir(model, tokenizer, out / "model", model_meta)
-    tracker.log(state.step, done=True, train_examples_per_s=rate, train_units_per_s=units_rate, elapsed_s=elapsed,
+    tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate, elapsed_s=elapsed,
                 eval_s=eval_time)
     tracker.close()
-    per_unit = "" if task_name == "classification" else f" · {units_rate:,.0f} target tokens/s"
+    per_unit = f" · {tokens_rate:,.0f} tokens/s"
     console.print(f"[bold green]saved[/] {model_dir} · best validation {task.metric} {state.best_metric:.4f} "
                   f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
     return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
             "validation": model_meta["metrics"]["validation"], "examples_per_s": rate,
-            "units_per_s": units_rate, "elapsed_s": elapsed, "train_s": train_time}
+            "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
 
 
 def stop_tokens(tokenizer, task: str) -> list[str]:
