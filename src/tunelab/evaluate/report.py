@@ -97,6 +97,16 @@ def print_report(report: dict, console: Console | None = None) -> None:
      "causal_lm": _print_language, "sft": _print_language}[report["task"]](report, console)
 
 
+def _per_group_table(title: str, key: str, groups: dict) -> Table:
+    """Precision / recall / F1 / support per class or entity type."""
+    t = Table(title=title)
+    for col in (key, "precision", "recall", "F1", "support"):
+        t.add_column(col, justify="left" if col == key else "right")
+    for name, m in groups.items():
+        t.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+    return t
+
+
 def _model_name(report: dict) -> str:
     model = report["model"]
     return f"fine-tuned {model['base'].removeprefix('builtin:')} ({model['method']})"
@@ -115,12 +125,7 @@ def _print_entities(report: dict, console: Console) -> None:
     add(base["name"], base)
     add(_model_name(report), {**report, "train_examples": report["model"]["train_examples"]}, "bold green")
     console.print(t)
-    pt = Table(title="fine-tuned model, per entity type")
-    for col in ("type", "precision", "recall", "F1", "support"):
-        pt.add_column(col, justify="left" if col == "type" else "right")
-    for name, m in report["per_type"].items():
-        pt.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
-    console.print(pt)
+    console.print(_per_group_table("fine-tuned model, per entity type", "type", report["per_type"]))
     gain = report["entity_f1"] - base["entity_f1"]
     console.print(f"fine-tuned model {'[bold green]beats' if gain > 0 else '[bold red]does not beat'}[/] the "
                   f"word-lookup baseline by {gain:+.4f} entity F1")
@@ -175,12 +180,7 @@ def _print_classification(report: dict, console: Console) -> None:
         add("TF-IDF + LR", b["tfidf_logreg"]["train_examples"], b["tfidf_logreg"])
     add(_model_name(report), report["model"]["train_examples"], report, style="bold green")
     console.print(t)
-    pc = Table(title="fine-tuned model, per class")
-    for col in ("label", "precision", "recall", "F1", "support"):
-        pc.add_column(col, justify="left" if col == "label" else "right")
-    for label, m in report["per_class"].items():
-        pc.add_row(label, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
-    console.print(pc)
+    console.print(_per_group_table("fine-tuned model, per class", "label", report["per_class"]))
     if "tfidf_logreg" in b:
         gain = report["macro_f1"] - b["tfidf_logreg"]["macro_f1"]
         verdict = "[bold green]beats[/]" if gain > 0 else "[bold red]does not beat[/]"

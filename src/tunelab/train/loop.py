@@ -74,6 +74,9 @@ DATASET_TASKS = {"classification": "classification", "ner": "token_classificatio
                  "sft": "sft"}
 
 
+METRIC_NAMES = {"macro_f1": "macro-F1", "entity_f1": "entity F1"}
+
+
 def resolve_task(cfg: RunConfig, meta: dict, data_dir: Path) -> str:
     wanted = DATASET_TASKS.get(meta.get("task"))
     if wanted is None:
@@ -201,6 +204,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                   + f" · {total_steps} steps on {device} ({precision})")
 
     lm = task_name in ("causal_lm", "sft")
+    metric_name = METRIC_NAMES.get(task.metric, task.metric)
     progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console,
                              unit="tok/s" if lm else "ex/s")
     t_start, seen_at_start, eval_time = time.perf_counter(), state.examples_seen, 0.0
@@ -255,7 +259,9 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                     state.bad_evals += 1
                 tracker.log(state.step, **{f"eval_{k}": v for k, v in last_eval.items()
                                            if isinstance(v, (int, float))})
-                progress.note(f"step {state.step}: validation {task.metric} {score:.4f} loss {last_eval['loss']:.4f}"
+                extra = f" accuracy {last_eval['accuracy']:.4f}" if "accuracy" in last_eval else ""
+                progress.note(f"step {state.step}: validation {metric_name} {score:.4f}{extra} "
+                              f"loss {last_eval['loss']:.4f}"
                               + (" (best)" if improved else ""))
                 eval_time += time.perf_counter() - t_eval
                 if tc.early_stopping_patience and state.bad_evals >= tc.early_stopping_patience:
@@ -295,8 +301,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate, elapsed_s=elapsed,
                 eval_s=eval_time)
     tracker.close()
-    per_unit = f" · {tokens_rate:,.0f} tokens/s"
-    console.print(f"[bold green]saved[/] {model_dir} · best validation {task.metric} {state.best_metric:.4f} "
+    per_unit = f" · {tokens_rate:,.0f} tokens/s" if task_name != "classification" else ""
+    console.print(f"[bold green]saved[/] {model_dir} · best validation {metric_name} {state.best_metric:.4f} "
                   f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
     return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
             "validation": model_meta["metrics"]["validation"], "examples_per_s": rate,
