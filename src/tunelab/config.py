@@ -205,6 +205,11 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 autocast where the hardware has native bf16, else fp32")
     eval_batch_size: int = Field(128, gt=0)
     optimizer: Literal["adamw", "adafactor"] = "adamw"
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient norm: stop naming the step, or skip the update")
+    max_nonfinite_in_row: int = Field(3, gt=0, description="skip: stop after this many skipped steps in a row")
+    auto_batch_size: bool = Field(False, description="on out-of-memory, split each micro-batch in halves and retry "
+                                  "(same gradient, less memory)")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="after the warmup")
 
 

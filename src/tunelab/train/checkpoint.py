@@ -71,8 +71,16 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                d / "trainer_state.pt")
     (d / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
+    for p in d.iterdir():  # the data is on disk before the manifest says the checkpoint exists
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(d.iterdir())}
     _fsync_write(d / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+    dir_fd = os.open(d, os.O_RDONLY)  # and the manifest's directory entry too
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     prune(ckpt_root, keep_last, keep | {step})
     return d
 

@@ -33,6 +33,7 @@ from tunelab.train.batching import length_grouped_batches
 from tunelab.train.optim import build_optimizer, build_schedule
 from tunelab.train.precision import autocast, resolve_precision
 from tunelab.train.progress import TrainProgress
+from tunelab.train.signals import StopRequest
 from tunelab.train.tracking import Tracker
 
 
@@ -48,6 +49,7 @@ class LoopState:
     best_metric: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
+    nonfinite_skipped: int = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite: skip)
 
 
 def seed_everything(seed: int) -> None:
@@ -128,14 +130,18 @@ def build_task(task: str, cfg: RunConfig, meta: dict, train_rows: list[dict]):
     return model, tok, base, new, cls(tok, mc.max_length, mc.packing, cfg.method.name)
 
 
-def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32"
-                         ) -> tuple[float, int]:
+def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32",
+                         split: int = 1) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step -> (the window's mean loss, loss terms).
 
     Each micro-batch contributes (sum of its loss terms) / (loss terms in the whole window), so the
-    accumulated gradient equals that of the mean loss over the window, whatever the micro-batch sizes.
+    accumulated gradient equals that of the mean loss over the window, whatever the micro-batch sizes;
+    `split` cuts every micro-batch into that many smaller ones (less memory, the same gradient).
     """
     n = sum(task.units(enc, idx) for idx in window)
+    if split > 1:
+        window = [part for idx in window for part in np.array_split(np.asarray(idx), split) if len(part)]
+        window = [part.tolist() for part in window]
     total = 0.0
     for idx in window:
         batch = {k: v.to(device) for k, v in task.collate(enc, idx).items()}
@@ -144,6 +150,21 @@ def accumulate_gradients(model, task, enc, window: list[list[int]], device: str,
         loss.backward()
         total += loss.item()
     return total, n
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _oom_message(step: int, tc, cfg: RunConfig, split: int) -> str:
+    per = f"micro-batches of ~{max(1, tc.batch_size // split)}" if split > 1 else f"batch_size {tc.batch_size}"
+    return (f"out of memory at step {step} ({per}, model.max_length {cfg.model.max_length}); lower "
+            "train.batch_size (raise train.grad_accum to keep the effective batch), lower model.max_length, set "
+            "model.gradient_checkpointing: true, or let train.auto_batch_size: true split the batches; no "
+            "checkpoint was written for this step")
 
 
 def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: bool = False,
@@ -210,76 +231,119 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     t_start, seen_at_start, eval_time = time.perf_counter(), state.examples_seen, 0.0
     tokens_at_start = state.tokens_seen
     window_loss, window_count, last_eval = 0.0, 0, None
+    split, nonfinite_in_row = 1, 0
     stop = False
-    while not stop and state.step < total_steps:
-        batches = length_grouped_batches(tr.lengths, tc.batch_size, tc.seed + state.epoch, tc.group_by_length)
-        windows = [batches[i:i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
-        for window in windows[state.window:]:
-            model.train()
-            n = sum(len(b) for b in window)
-            loss_value, _ = accumulate_gradients(model, task, tr, window, device, precision)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
-            if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-                raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss_value}, "
-                                f"grad norm {float(grad_norm)}); lower train.lr; last good checkpoint: "
-                                f"{_last_checkpoint(out)}")
-            optimizer.step()
-            scheduler.step()
-            if adalora:  # AdaLoRA re-allocates its rank budget between the step and zeroing the gradients
-                model.base_model.update_and_allocate(state.step)
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.window += 1
-            state.examples_seen += n
-            state.tokens_seen += sum(tr.lengths[i] for b in window for i in b)
-            window_loss += loss_value
-            window_count += 1
+    stop_req = StopRequest(lambda name: progress.note(f"{name}: finishing this step, then a checkpoint "
+                                                       "(a second Ctrl-C stops at once)"))
+    interrupted = False
+    with stop_req:
+        while not stop and state.step < total_steps:
+            batches = length_grouped_batches(tr.lengths, tc.batch_size, tc.seed + state.epoch, tc.group_by_length)
+            windows = [batches[i:i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
+            for window in windows[state.window:]:
+                model.train()
+                n = sum(len(b) for b in window)
+                while True:
+                    try:
+                        loss_value, _ = accumulate_gradients(model, task, tr, window, device, precision, split)
+                        break
+                    except (torch.OutOfMemoryError, RuntimeError) as err:
+                        if not _is_oom(err):
+                            raise
+                        optimizer.zero_grad(set_to_none=True)
+                        largest = max(len(b) for b in window)
+                        if not tc.auto_batch_size or split >= largest:
+                            raise UserError(_oom_message(state.step + 1, tc, cfg, split)) from None
+                        split *= 2
+                        progress.note(f"step {state.step + 1}: out of memory; retrying with each micro-batch split "
+                                      f"in {split} (train.auto_batch_size)")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
+                if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                    optimizer.zero_grad(set_to_none=True)
+                    if tc.on_nonfinite == "stop":
+                        raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss_value}, "
+                                        f"grad norm {float(grad_norm)}); lower train.lr or set "
+                                        f"train.on_nonfinite: skip; last good checkpoint: {_last_checkpoint(out)}")
+                    state.nonfinite_skipped += 1
+                    nonfinite_in_row += 1
+                    progress.note(f"step {state.step + 1}: non-finite loss or gradient; update skipped "
+                                  f"({nonfinite_in_row} in a row, {state.nonfinite_skipped} in all)")
+                    if nonfinite_in_row >= tc.max_nonfinite_in_row:
+                        raise UserError(f"{nonfinite_in_row} non-finite steps in a row (up to step {state.step + 1}); "
+                                        f"stopping; last good checkpoint: {_last_checkpoint(out)}")
+                    state.window += 1  # the window's data is consumed; no update, no schedule step
+                    continue
+                nonfinite_in_row = 0
+                optimizer.step()
+                scheduler.step()
+                if adalora:  # AdaLoRA re-allocates its rank budget between the step and zeroing the gradients
+                    model.base_model.update_and_allocate(state.step)
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.window += 1
+                state.examples_seen += n
+                state.tokens_seen += sum(tr.lengths[i] for b in window for i in b)
+                window_loss += loss_value
+                window_count += 1
 
-            busy = max(1e-9, time.perf_counter() - t_start - eval_time)
-            rate = (state.examples_seen - seen_at_start) / busy
-            shown_rate = (state.tokens_seen - tokens_at_start) / busy if lm else rate
-            lr = scheduler.get_last_lr()[0]
-            progress.update(state.step, loss_value, lr, shown_rate)
-            if state.step % tc.log_every == 0 or state.step == total_steps:
-                tracker.log(state.step, train_loss=window_loss / window_count, lr=lr, examples_per_s=rate,
-                            epoch=state.epoch + state.window / len(windows))
-                window_loss, window_count = 0.0, 0
+                busy = max(1e-9, time.perf_counter() - t_start - eval_time)
+                rate = (state.examples_seen - seen_at_start) / busy
+                shown_rate = (state.tokens_seen - tokens_at_start) / busy if lm else rate
+                lr = scheduler.get_last_lr()[0]
+                progress.update(state.step, loss_value, lr, shown_rate)
+                if state.step % tc.log_every == 0 or state.step == total_steps:
+                    tracker.log(state.step, train_loss=window_loss / window_count, lr=lr, examples_per_s=rate,
+                                epoch=state.epoch + state.window / len(windows))
+                    window_loss, window_count = 0.0, 0
 
-            end_of_epoch = state.window == len(windows)
-            due = (state.step % tc.eval_every == 0) if tc.eval_every else end_of_epoch
-            if due or state.step == total_steps:
-                t_eval = time.perf_counter()
-                last_eval = task.evaluate(model, va, tc.eval_batch_size)
-                score = last_eval[task.metric]
-                improved = state.best_metric is None or better(score, state.best_metric)
-                if improved:
-                    state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
-                    best_weights = trainable_state(model)
-                else:
-                    state.bad_evals += 1
-                tracker.log(state.step, **{f"eval_{k}": v for k, v in last_eval.items()
-                                           if isinstance(v, (int, float))})
-                extra = f" accuracy {last_eval['accuracy']:.4f}" if "accuracy" in last_eval else ""
-                progress.note(f"step {state.step}: validation {metric_name} {score:.4f}{extra} "
-                              f"loss {last_eval['loss']:.4f}"
-                              + (" (best)" if improved else ""))
-                eval_time += time.perf_counter() - t_eval
-                if tc.early_stopping_patience and state.bad_evals >= tc.early_stopping_patience:
-                    progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
-                    stop = True
-            save_due = (state.step % tc.save_every == 0) if tc.save_every else due
-            if save_due and state.step < total_steps and not stop:
-                _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record)
-            if stop or state.step >= total_steps:
-                break
-        else:
-            state.epoch, state.window = state.epoch + 1, 0
-            continue
-        break
+                end_of_epoch = state.window == len(windows)
+                due = (state.step % tc.eval_every == 0) if tc.eval_every else end_of_epoch
+                if due or state.step == total_steps:
+                    t_eval = time.perf_counter()
+                    last_eval = task.evaluate(model, va, tc.eval_batch_size)
+                    score = last_eval[task.metric]
+                    improved = state.best_metric is None or better(score, state.best_metric)
+                    if improved:
+                        state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
+                        best_weights = trainable_state(model)
+                    else:
+                        state.bad_evals += 1
+                    tracker.log(state.step, **{f"eval_{k}": v for k, v in last_eval.items()
+                                               if isinstance(v, (int, float))})
+                    extra = f" accuracy {last_eval['accuracy']:.4f}" if "accuracy" in last_eval else ""
+                    progress.note(f"step {state.step}: validation {metric_name} {score:.4f}{extra} "
+                                  f"loss {last_eval['loss']:.4f}"
+                                  + (" (best)" if improved else ""))
+                    eval_time += time.perf_counter() - t_eval
+                    if tc.early_stopping_patience and state.bad_evals >= tc.early_stopping_patience:
+                        progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
+                        stop = True
+                save_due = (state.step % tc.save_every == 0) if tc.save_every else due
+                saved = save_due and state.step < total_steps and not stop
+                if saved:
+                    _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record)
+                if stop_req.requested and state.step < total_steps:
+                    if not saved:
+                        _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record)
+                    interrupted = stop = True
+                if stop or state.step >= total_steps:
+                    break
+            else:
+                state.epoch, state.window = state.epoch + 1, 0
+                continue
+            break
     progress.close()
     elapsed = time.perf_counter() - t_start
     train_time = elapsed - eval_time  # examples/s counts training only, not the validation passes
     rate = (state.examples_seen - seen_at_start) / max(train_time, 1e-9)
+    if interrupted:
+        checkpoint = _last_checkpoint(out)
+        tracker.log(state.step, interrupted=stop_req.requested, elapsed_s=elapsed)
+        tracker.close()
+        console.print(f"[bold yellow]stopped[/] by {stop_req.requested} at step {state.step} of {total_steps}; "
+                      f"checkpoint {checkpoint}; continue with: tunelab train CONFIG --out {out} --resume auto")
+        return {"interrupted": stop_req.requested, "steps": state.step, "total_steps": total_steps,
+                "checkpoint": checkpoint, "task": task_name}
 
     if best_weights is not None:
         load_trainable_state(model, best_weights)
@@ -305,7 +369,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     console.print(f"[bold green]saved[/] {model_dir} · best validation {metric_name} {state.best_metric:.4f} "
                   f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
     return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
-            "validation": model_meta["metrics"]["validation"], "examples_per_s": rate,
+            "validation": model_meta["metrics"]["validation"], "nonfinite_skipped": state.nonfinite_skipped,
+            "examples_per_s": rate,
             "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
 
 
@@ -337,6 +402,10 @@ def _last_checkpoint(out: Path) -> str:
 def _save(out: Path, state: LoopState, model, best_weights, optimizer, scheduler, keep_last: int,
           run_record: dict) -> None:
     weights = trainable_state(model)
+    bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # never write a checkpoint that cannot be resumed from
+        raise UserError(f"non-finite weights after step {state.step} ({bad[0]} …); not saving a checkpoint; "
+                        f"lower train.lr; last good checkpoint: {_last_checkpoint(out)}")
     loop_state = {"loop": asdict(state), **run_record}
     extra = {} if best_weights is None or state.best_step == state.step else best_weights
     ckpt.save_checkpoint(out / "checkpoints", state.step, weights, optimizer, scheduler, loop_state, keep_last,
