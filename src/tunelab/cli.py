@@ -108,7 +108,8 @@ def train(
     out = out or Path("runs") / (cfg.name or config.stem)
     summary = run_train(cfg, out, resume=resume, force=force, overwrite=overwrite,
                         show_progress=sys.stderr.isatty())
-    console.print_json(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports for the job
+        console.print_json(json.dumps(summary))
 
 
 @app.command("eval")

@@ -11,6 +11,7 @@ without gain. What differs between tasks lives in `tunelab.tasks` (see `build_ta
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import shutil
@@ -29,12 +30,13 @@ from tunelab.errors import UserError
 from tunelab.methods import MethodContext, apply_method, head_module_names
 from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import distributed
 from tunelab.train.batching import length_grouped_batches
 from tunelab.train.optim import build_optimizer, build_schedule
 from tunelab.train.precision import autocast, resolve_precision
 from tunelab.train.progress import TrainProgress
 from tunelab.train.signals import StopRequest
-from tunelab.train.tracking import Tracker
+from tunelab.train.tracking import NullTracker, Tracker
 
 
 @dataclass
@@ -131,14 +133,18 @@ def build_task(task: str, cfg: RunConfig, meta: dict, train_rows: list[dict]):
 
 
 def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32",
-                         split: int = 1) -> tuple[float, int]:
+                         split: int = 1, shard=None) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step -> (the window's mean loss, loss terms).
 
     Each micro-batch contributes (sum of its loss terms) / (loss terms in the whole window), so the
     accumulated gradient equals that of the mean loss over the window, whatever the micro-batch sizes;
     `split` cuts every micro-batch into that many smaller ones (less memory, the same gradient).
+    `shard(idx)` -> this process's share of a micro-batch under data parallelism (normalisation stays
+    global, so summing the ranks' gradients gives the single-process gradient).
     """
     n = sum(task.units(enc, idx) for idx in window)
+    if shard is not None:
+        window = [part for part in map(shard, window) if part]
     if split > 1:
         window = [part for idx in window for part in np.array_split(np.asarray(idx), split) if len(part)]
         window = [part.tolist() for part in window]
@@ -175,16 +181,22 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     otherwise it is refused, so that no earlier run is lost by accident.
     Returns a summary: best validation metrics, steps, examples/s and the model dir path.
     """
+    tc = cfg.train
+    dd = distributed.from_env(tc.dist_timeout_s)  # a single process unless started by torchrun
     console = console or Console(stderr=True)
+    if not dd.main:  # rank 0 speaks for the job
+        console, show_progress = Console(file=io.StringIO()), False
     out = Path(out)
     _check_run_dir(out, resume, overwrite)
-    tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     seed_everything(tc.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(tc.precision, device)
+    device = f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(tc.precision, device.split(":")[0])
 
+    if dd.main:
+        ensure_dataset(cfg)
+    dd.barrier()
     data_dir = ensure_dataset(cfg)
     meta = load_meta(data_dir)
     task_name = resolve_task(cfg, meta, data_dir)
@@ -214,9 +226,10 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     run_record = {"config": cfg.model_dump(mode="json"), "data_fingerprint": meta["fingerprint"]}
     if resume:
         state, best_weights = _resume(out, resume, force, run_record, model, optimizer, scheduler, console)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    tracker = Tracker(out)
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+    tracker = Tracker(out) if dd.main else NullTracker()
     n_train, n_total = count_parameters(model)
     console.print(f"[bold]train[/] {task_name} · {cfg.model.base} · method {cfg.method.name} · "
                   f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
@@ -245,7 +258,10 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 n = sum(len(b) for b in window)
                 while True:
                     try:
-                        loss_value, _ = accumulate_gradients(model, task, tr, window, device, precision, split)
+                        loss_value, _ = accumulate_gradients(model, task, tr, window, device, precision, split,
+                                                             dd.shard)
+                        dd.all_reduce_grads(params)
+                        loss_value = dd.sum(loss_value, device)
                         break
                     except (torch.OutOfMemoryError, RuntimeError) as err:
                         if not _is_oom(err):
@@ -321,10 +337,14 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 save_due = (state.step % tc.save_every == 0) if tc.save_every else due
                 saved = save_due and state.step < total_steps and not stop
                 if saved:
-                    _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record)
-                if stop_req.requested and state.step < total_steps:
+                    _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main)
+                stop_asked = stop_req.requested is not None
+                if dd.enabled:  # every rank stops at the same step, whichever got the signal first
+                    stop_asked = dd.sum(float(stop_asked), device) > 0
+                    stop_req.requested = (stop_req.requested or "SIGTERM") if stop_asked else None
+                if stop_asked and state.step < total_steps:
                     if not saved:
-                        _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record)
+                        _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main)
                     interrupted = stop = True
                 if stop or state.step >= total_steps:
                     break
@@ -342,6 +362,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         tracker.close()
         console.print(f"[bold yellow]stopped[/] by {stop_req.requested} at step {state.step} of {total_steps}; "
                       f"checkpoint {checkpoint}; continue with: tunelab train CONFIG --out {out} --resume auto")
+        dd.close()
         return {"interrupted": stop_req.requested, "steps": state.step, "total_steps": total_steps,
                 "checkpoint": checkpoint, "task": task_name}
 
@@ -361,7 +382,11 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     if task_name in ("causal_lm", "sft"):  # what a server needs to stop where training taught it to
         model_meta["stop"] = stop_tokens(tokenizer, task_name)
     model.to("cpu")
-    model_dir = save_model_dir(model, tokenizer, out / "model", model_meta)
+    model_dir = out / "model"
+    if dd.main:
+        save_model_dir(model, tokenizer, model_dir, model_meta)
+    dd.barrier()
+    dd.close()
     tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate, elapsed_s=elapsed,
                 eval_s=eval_time)
     tracker.close()
@@ -400,12 +425,14 @@ def _last_checkpoint(out: Path) -> str:
 
 
 def _save(out: Path, state: LoopState, model, best_weights, optimizer, scheduler, keep_last: int,
-          run_record: dict) -> None:
+          run_record: dict, write: bool = True) -> None:
     weights = trainable_state(model)
     bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # never write a checkpoint that cannot be resumed from
         raise UserError(f"non-finite weights after step {state.step} ({bad[0]} …); not saving a checkpoint; "
                         f"lower train.lr; last good checkpoint: {_last_checkpoint(out)}")
+    if not write:  # data-parallel ranks other than 0 hold the same weights; rank 0 writes them
+        return
     loop_state = {"loop": asdict(state), **run_record}
     extra = {} if best_weights is None or state.best_step == state.step else best_weights
     ckpt.save_checkpoint(out / "checkpoints", state.step, weights, optimizer, scheduler, loop_state, keep_last,

@@ -30,3 +30,13 @@ class Tracker:
         self.file.close()
         if self.tb:
             self.tb.close()
+
+
+class NullTracker:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
