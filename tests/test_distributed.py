@@ -74,3 +74,34 @@ def test_a_dead_worker_stops_the_job(tmp_path, text_data):
     finally:
         job.kill()
     assert rc != 0
+
+
+@pytest.mark.skipif(not shutil.which(str(TORCHRUN)), reason="torchrun not installed")
+def test_fsdp2_matches_one_process_and_resumes(tmp_path, text_data):
+    """FSDP2 (fully_shard) on CPU/gloo: same losses and weights as one process; a resumed sharded run
+    ends where a straight one does."""
+    cfg = _config(tmp_path, text_data)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"]["distributed"] = "fsdp"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, *extra, ranks=2):
+        cmd = ([str(TORCHRUN), "--standalone", "--nproc_per_node", str(ranks), "-m"] if ranks > 1
+               else [sys.executable, "-m"]) + ["tunelab", "train", str(cfg), "--out", str(out), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "one", ranks=1)
+    run(tmp_path / "fsdp")
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    assert all(abs(x - y) < 1e-4 * max(1, abs(x)) for x, y in zip(a, b)), (a, b)
+    wa = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # resume the sharded run from its step-3 checkpoint
+    shutil.rmtree(tmp_path / "fsdp" / "model")
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step-6", ignore_errors=True)
+    run(tmp_path / "fsdp", "--resume", str(tmp_path / "fsdp" / "checkpoints" / "step-3"))
+    wc = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    assert all(torch.allclose(wb[k], wc[k], atol=1e-6) for k in wb)

@@ -208,6 +208,8 @@ class TrainConfig(Section):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a non-finite loss or gradient norm: stop naming the step, or skip the update")
     max_nonfinite_in_row: int = Field(3, gt=0, description="skip: stop after this many skipped steps in a row")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp replicates the model; fsdp shards it (FSDP2) across ranks")
     dist_timeout_s: int = Field(600, gt=0, description="torchrun: a collective waiting longer than this fails "
                                 "the job (a dead or stuck worker)")
     auto_batch_size: bool = Field(False, description="on out-of-memory, split each micro-batch in halves and retry "

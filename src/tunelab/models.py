@@ -239,9 +239,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the trainable tensors (used to keep the best model and in checkpoints)."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    """A CPU copy of the trainable tensors (used to keep the best model and in checkpoints). FSDP-sharded
+    parameters are gathered whole (a collective: every rank calls it)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach().full_tensor() if _is_dtensor(p) else p.detach()
+            out[n] = t.to("cpu", copy=True)
+    return out
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -251,14 +261,20 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         raise ValueError(f"state has tensors the model lacks: {sorted(missing)[:5]}")
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t)
+            p = params[n]
+            if _is_dtensor(p):  # keep this rank's shard of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+            p.copy_(t)
 
 
 # ---- model dirs ----------------------------------------------------------------------------------
 
-def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict) -> Path:
+def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict, state_dict: dict | None = None) -> Path:
     """Write the model dir atomically: HF/PEFT weights or Houlsby adapters (safetensors), tokenizer
-    (with its chat template), `tunelab.json`."""
+    (with its chat template), `tunelab.json`. `state_dict`: weights to write instead of the model's own
+    (the gathered full weights of an FSDP-sharded model)."""
     quiet_transformers()
     out = Path(out)
     with atomic_dir(out) as tmp:
@@ -267,7 +283,7 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict) -> 
 
             save_adapters(model, tmp)
         else:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     return out

@@ -146,8 +146,10 @@ def chunked_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 1024
 
 
 def full_logits_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Through the model's own forward (prompt-learning methods add virtual tokens/prefixes there)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    """Through the model's own forward (prompt-learning methods add virtual tokens/prefixes there; FSDP
+    gathers the root's sharded weights in it)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False).logits
     logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual positions
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="sum",
                            ignore_index=IGNORE)
@@ -165,6 +167,7 @@ class CausalLMTask:
         self.block = block
         self.prompt_learning = method in PROMPT_LEARNING
         self.packing = packing and not self.prompt_learning
+        self.through_forward = self.prompt_learning  # set for FSDP: the chunked loss bypasses the root forward
         self.pad_id = tokenizer.pad_token_id
 
     def segments(self, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -205,7 +208,7 @@ class CausalLMTask:
         return sum(sum(t != IGNORE for t in enc.targets[i]) for i in idx)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.prompt_learning:
+        if self.through_forward:
             return full_logits_loss_sum(model, batch)
         return chunked_lm_loss_sum(model, batch)
 

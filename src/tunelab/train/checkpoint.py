@@ -57,7 +57,8 @@ def _tuplify(x):
 
 def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
                     loop_state: dict, keep_last: int, keep: set[int] = frozenset(),
-                    best_weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    best_weights: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write `ckpt_root/step-N` and its manifest last; then prune older complete ones beyond `keep_last`
     (never those in `keep`, e.g. the best). `best_weights`, when given, are the best-so-far trainable
     weights if they differ from the current ones."""
@@ -68,7 +69,8 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     save_file({k: v.contiguous() for k, v in weights.items()}, d / "weights.safetensors")
     if best_weights:
         save_file({k: v.contiguous() for k, v in best_weights.items()}, d / "best_weights.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                d / "trainer_state.pt")
     (d / "loop_state.json").write_text(json.dumps(loop_state, indent=1))
     for p in d.iterdir():  # the data is on disk before the manifest says the checkpoint exists

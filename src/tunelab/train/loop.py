@@ -133,27 +133,35 @@ def build_task(task: str, cfg: RunConfig, meta: dict, train_rows: list[dict]):
 
 
 def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32",
-                         split: int = 1, shard=None) -> tuple[float, int]:
+                         split: int = 1, shard=None, keep_empty: bool = False, loss_scale: float = 1.0
+                         ) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step -> (the window's mean loss, loss terms).
 
     Each micro-batch contributes (sum of its loss terms) / (loss terms in the whole window), so the
     accumulated gradient equals that of the mean loss over the window, whatever the micro-batch sizes;
     `split` cuts every micro-batch into that many smaller ones (less memory, the same gradient).
     `shard(idx)` -> this process's share of a micro-batch under data parallelism (normalisation stays
-    global, so summing the ranks' gradients gives the single-process gradient).
+    global, so summing the ranks' gradients gives the single-process gradient). `keep_empty`: a rank
+    whose share is empty still runs the micro-batch's forward and backward, at zero weight (FSDP's
+    collectives need every rank in every forward). `loss_scale` multiplies the backward pass only (FSDP
+    averages gradients over ranks; scaling by the world size turns that into the sum).
     """
     n = sum(task.units(enc, idx) for idx in window)
+    weights = [1.0] * len(window)
     if shard is not None:
-        window = [part for part in map(shard, window) if part]
+        parts = [(shard(idx), idx) for idx in window]
+        window = [part or idx[:1] for part, idx in parts if part or keep_empty]
+        weights = [1.0 if part else 0.0 for part, idx in parts if part or keep_empty]
     if split > 1:
-        window = [part for idx in window for part in np.array_split(np.asarray(idx), split) if len(part)]
-        window = [part.tolist() for part in window]
+        pieces = [(part.tolist(), w) for idx, w in zip(window, weights)
+                  for part in np.array_split(np.asarray(idx), split) if len(part)]
+        window, weights = [p for p, _ in pieces], [w for _, w in pieces]
     total = 0.0
-    for idx in window:
+    for idx, w in zip(window, weights):
         batch = {k: v.to(device) for k, v in task.collate(enc, idx).items()}
-        with autocast(precision, device):
-            loss = task.loss_sum(model, batch) / max(1, n)
-        loss.backward()
+        with autocast(precision, device.split(":")[0]):
+            loss = task.loss_sum(model, batch) * (w / max(1, n))
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         total += loss.item()
     return total, n
 
@@ -182,7 +190,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     Returns a summary: best validation metrics, steps, examples/s and the model dir path.
     """
     tc = cfg.train
-    dd = distributed.from_env(tc.dist_timeout_s)  # a single process unless started by torchrun
+    dd = distributed.from_env(tc.dist_timeout_s, tc.distributed)  # one process unless started by torchrun
     console = console or Console(stderr=True)
     if not dd.main:  # rank 0 speaks for the job
         console, show_progress = Console(file=io.StringIO()), False
@@ -215,17 +223,23 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = model.to(device)
+    if dd.fsdp:
+        model = distributed.shard_model(model)
+        if hasattr(task, "through_forward"):  # FSDP gathers root weights in the model's forward only
+            task.through_forward = True
     adalora = cfg.method.name == "adalora"
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads, kind=tc.optimizer)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads, kind=tc.optimizer,
+                                fused=not dd.fsdp)
     scheduler = build_schedule(optimizer, tc.schedule, total_steps, round(tc.warmup_ratio * total_steps))
     better = (lambda a, b: a > b) if task.greater_is_better else (lambda a, b: a < b)
 
     state, best_weights = LoopState(), None
     run_record = {"config": cfg.model_dump(mode="json"), "data_fingerprint": meta["fingerprint"]}
     if resume:
-        state, best_weights = _resume(out, resume, force, run_record, model, optimizer, scheduler, console)
+        state, best_weights = _resume(out, resume, force, run_record, model, optimizer, scheduler, console,
+                                      dd.fsdp)
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
@@ -259,7 +273,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 while True:
                     try:
                         loss_value, _ = accumulate_gradients(model, task, tr, window, device, precision, split,
-                                                             dd.shard)
+                                                             dd.shard, keep_empty=dd.fsdp,
+                                                             loss_scale=dd.world if dd.fsdp else 1.0)
                         dd.all_reduce_grads(params)
                         loss_value = dd.sum(loss_value, device)
                         break
@@ -274,6 +289,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                         progress.note(f"step {state.step + 1}: out of memory; retrying with each micro-batch split "
                                       f"in {split} (train.auto_batch_size)")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
+                if type(grad_norm).__name__ == "DTensor":
+                    grad_norm = grad_norm.full_tensor()
                 if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                     optimizer.zero_grad(set_to_none=True)
                     if tc.on_nonfinite == "stop":
@@ -317,6 +334,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 if due or state.step == total_steps:
                     t_eval = time.perf_counter()
                     last_eval = task.evaluate(model, va, tc.eval_batch_size)
+                    if dd.fsdp:  # a forward without backward leaves the root's weights gathered
+                        model.reshard()
                     score = last_eval[task.metric]
                     improved = state.best_metric is None or better(score, state.best_metric)
                     if improved:
@@ -335,16 +354,20 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                         progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
                         stop = True
                 save_due = (state.step % tc.save_every == 0) if tc.save_every else due
+                def save() -> None:
+                    _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main,
+                          dd.fsdp)
+
                 saved = save_due and state.step < total_steps and not stop
                 if saved:
-                    _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main)
+                    save()
                 stop_asked = stop_req.requested is not None
                 if dd.enabled:  # every rank stops at the same step, whichever got the signal first
                     stop_asked = dd.sum(float(stop_asked), device) > 0
                     stop_req.requested = (stop_req.requested or "SIGTERM") if stop_asked else None
                 if stop_asked and state.step < total_steps:
                     if not saved:
-                        _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main)
+                        save()
                     interrupted = stop = True
                 if stop or state.step >= total_steps:
                     break
@@ -381,10 +404,12 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     }
     if task_name in ("causal_lm", "sft"):  # what a server needs to stop where training taught it to
         model_meta["stop"] = stop_tokens(tokenizer, task_name)
-    model.to("cpu")
+    full_state = distributed.full_model_state(model) if dd.fsdp else None  # gathered on every rank
+    if not dd.fsdp:
+        model.to("cpu")
     model_dir = out / "model"
     if dd.main:
-        save_model_dir(model, tokenizer, model_dir, model_meta)
+        save_model_dir(model, tokenizer, model_dir, model_meta, state_dict=full_state)
     dd.barrier()
     dd.close()
     tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate, elapsed_s=elapsed,
@@ -425,8 +450,9 @@ def _last_checkpoint(out: Path) -> str:
 
 
 def _save(out: Path, state: LoopState, model, best_weights, optimizer, scheduler, keep_last: int,
-          run_record: dict, write: bool = True) -> None:
-    weights = trainable_state(model)
+          run_record: dict, write: bool = True, fsdp: bool = False) -> None:
+    weights = trainable_state(model)  # under FSDP these gathers are collectives: every rank comes here
+    optim_state = distributed.optimizer_state(model, optimizer, fsdp)
     bad = [n for n, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:  # never write a checkpoint that cannot be resumed from
         raise UserError(f"non-finite weights after step {state.step} ({bad[0]} …); not saving a checkpoint; "
@@ -437,11 +463,11 @@ def _save(out: Path, state: LoopState, model, best_weights, optimizer, scheduler
     extra = {} if best_weights is None or state.best_step == state.step else best_weights
     ckpt.save_checkpoint(out / "checkpoints", state.step, weights, optimizer, scheduler, loop_state, keep_last,
                          keep={state.best_step} if state.best_step else set(),
-                         best_weights=extra)
+                         best_weights=extra, optimizer_state=optim_state)
 
 
 def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimizer, scheduler,
-            console: Console) -> tuple[LoopState, dict | None]:
+            console: Console, fsdp: bool = False) -> tuple[LoopState, dict | None]:
     d = ckpt.resolve_resume(out, resume)
     weights, trainer, saved, best = ckpt.load_checkpoint(d)
     diffs = _differences(saved["config"], run_record["config"])
@@ -451,7 +477,7 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
         raise UserError(f"cannot resume from {d}: changed since the checkpoint: {', '.join(diffs)} "
                         "(pass --force to resume anyway)")
     load_trainable_state(model, weights)
-    optimizer.load_state_dict(trainer["optimizer"])
+    distributed.load_optimizer_state(model, optimizer, trainer["optimizer"], fsdp)
     scheduler.load_state_dict(trainer["scheduler"])
     ckpt.set_rng_state(trainer["rng"])
     state = LoopState(**saved["loop"])

@@ -12,7 +12,8 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight", "ln_
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None,
-                    head_names: tuple[str, ...] = (), kind: str = "adamw") -> torch.optim.Optimizer:
+                    head_names: tuple[str, ...] = (), kind: str = "adamw", fused: bool = True
+                    ) -> torch.optim.Optimizer:
     """Trainable parameters in up to four groups: (decay / no decay) x (body / head lr)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -27,6 +28,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, head_lr: f
     if kind == "adafactor":  # factored second moments: O(rows + cols) optimizer memory per matrix
         return torch.optim.Adafactor(param_groups, lr=lr)
     try:  # one fused kernel per step instead of a dozen passes over the parameters
+        if not fused:
+            raise TypeError("fused kernels not wanted")
         return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8)
