@@ -87,6 +87,12 @@ def test_resume_refuses_changed_config(tmp_path, small_dataset):
         _run(tmp_path, small_dataset, "r", resume="auto", max_steps=8, eval_every=4, save_every=4, lr=1e-4)
     with pytest.raises(UserError, match="no complete checkpoint"):
         _run(tmp_path, small_dataset, "empty", resume="auto")
+    # --force resumes anyway and records what it let through
+    (tmp_path / "r" / "model").rename(tmp_path / "r" / "model-old")
+    cfg = validate(tiny_config(small_dataset, max_steps=8, eval_every=4, save_every=4, lr=1e-4))
+    train(cfg, tmp_path / "r", resume="auto", force=True, show_progress=False)
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("forced_changes") == ["train.lr"] for r in records)
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):

@@ -244,6 +244,8 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
     tracker = Tracker(out) if dd.main else NullTracker()
+    if resume:  # the record says where the run continued from, and what --force let through
+        tracker.log(state.step, **run_record.get("resumed_from", {}))
     n_train, n_total = count_parameters(model)
     console.print(f"[bold]train[/] {task_name} · {cfg.model.base} · method {cfg.method.name} · "
                   f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
@@ -483,6 +485,7 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
     state = LoopState(**saved["loop"])
     console.print(f"[bold]resumed[/] from {d} at step {state.step}" + (f" (forced; changed: {diffs})" if diffs
                                                                        else ""))
+    run_record["resumed_from"] = {"checkpoint": str(d), "forced_changes": diffs}
     best_weights = best or (weights if state.best_step == state.step else None)
     return state, best_weights
 
