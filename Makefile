@@ -30,6 +30,8 @@ test-fast: install
 
 bench: install
 	$(BIN)/python benchmarks/classification_throughput.py
+	$(BIN)/python benchmarks/lora_sft_throughput.py
+	$(BIN)/python benchmarks/checkpoint_cost.py
 
 clean:
 	rm -rf $(VENV) runs data build
