@@ -109,6 +109,8 @@ def _per_group_table(title: str, key: str, groups: dict) -> Table:
 
 def _model_name(report: dict) -> str:
     model = report["model"]
+    if model["base"] == "scratch":
+        return f"trained from scratch ({model['method']})"
     return f"fine-tuned {model['base'].removeprefix('builtin:')} ({model['method']})"
 
 
