@@ -43,13 +43,14 @@ def test_minilm_fine_tunes_a_few_steps(tmp_path):
 
 def test_smollm2_lora_classifier_trains(tmp_path):
     from tunelab.config import MethodConfig
-    from tunelab.models import apply_method, load_classifier
+    from tunelab.methods import MethodContext, apply_method
+    from tunelab.models import load_classifier
     from tunelab.tasks.classification import ClassificationTask
 
     labels = ["negative", "positive"]
     model, tok, _, new = load_classifier("builtin:smollm2-135m-instruct", labels)
     assert model.config.pad_token_id == tok.pad_token_id
-    model = apply_method(model, MethodConfig(name="lora", lora={"r": 8}), new)
+    model = apply_method(model, MethodConfig(name="lora", lora={"r": 8}), MethodContext("classification", new))
     task = ClassificationTask(tok, labels, 32)
     enc = task.encode([{"text": "I love this, great!", "label": "positive"},
                        {"text": "awful, broken and late", "label": "negative"}])

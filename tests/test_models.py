@@ -5,7 +5,8 @@ import torch
 
 from tunelab.config import MethodConfig
 from tunelab.errors import UserError
-from tunelab.models import (apply_method, count_parameters, load_classifier, load_model_dir, resolve_base,
+from tunelab.methods import MethodContext, apply_method
+from tunelab.models import (count_parameters, load_classifier, load_model_dir, resolve_base,
                             save_model_dir)
 from tunelab.tasks.classification import ClassificationTask
 
@@ -38,7 +39,7 @@ def test_resolve_base_errors(tmp_path):
 def test_save_load_same_logits_full(tmp_path, base):
     torch.manual_seed(0)
     model, tok, _, new = load_classifier(base, LABELS)
-    model = apply_method(model, MethodConfig(name="full"), new)
+    model = apply_method(model, MethodConfig(name="full"), MethodContext("classification", new))
     before = _logits(model, tok)
     save_model_dir(model, tok, tmp_path / "m", _meta(base=base))
     loaded, tok2, meta = load_model_dir(tmp_path / "m")
@@ -61,7 +62,7 @@ def test_decoder_classifier_has_pad_token_and_ignores_padding():
 
 def test_head_method_trains_only_the_head():
     model, tok, _, new = load_classifier("tiny-bert", LABELS)
-    model = apply_method(model, MethodConfig(name="head"), new)
+    model = apply_method(model, MethodConfig(name="head"), MethodContext("classification", new))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"classifier.weight", "classifier.bias"}
 
@@ -73,7 +74,8 @@ def test_lora_save_load_and_merged_equals_unmerged(tmp_path):
     torch.manual_seed(0)
     model, tok, base, new = load_classifier("tiny-bert", LABELS)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model = apply_method(model, MethodConfig(name="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0}), new)
+    lora = MethodConfig(name="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    model = apply_method(model, lora, MethodContext("classification", new))
     n_train, n_total = count_parameters(model)
     assert 0 < n_train < n_total
     # Make the adapters non-zero so the test is not trivially true (B starts at zero).

@@ -50,6 +50,7 @@ class Generator:
 def load_generator(ref: str, device: str | None = None) -> Generator:
     """A tunelab model dir (causal_lm / sft) or a base model (builtin:…, tiny-llama, HF dir, .gguf)."""
     from tunelab.models import META_FILE, load_causal_lm, load_model_dir
+    from tunelab.tasks.sft import stop_tokens
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(ref) / META_FILE).is_file():
@@ -58,7 +59,7 @@ def load_generator(ref: str, device: str | None = None) -> Generator:
     else:
         model, tok, _, _ = load_causal_lm(ref)
         model.to(device).eval()
-        stop = [t for t in {tok.eos_token, "<|im_end|>"} if t and t in tok.get_vocab()]
+        stop = stop_tokens(tok, chat=True)
     return Generator(model, tok, sorted(set(stop)), ref)
 
 

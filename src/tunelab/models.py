@@ -19,6 +19,7 @@ from torch import nn
 
 from tunelab.assets import TINY_MODELS, atomic_dir, builtin_path, cache_dir, is_builtin, tiny_model_dir
 from tunelab.errors import UserError, read_json_file
+from tunelab.train.distributed import is_dtensor
 
 META_FILE = "tunelab.json"
 
@@ -222,25 +223,11 @@ def build_scratch_lm(scratch, texts, max_length: int, seed: int = 0):
     return LlamaForCausalLM(cfg), tok, BaseRef("scratch", "scratch"), []
 
 
-# ---- methods (see tunelab.methods) -------------------------------------------------------------
-
-def apply_method(model: nn.Module, method, new_params: list[str], task: str = "classification",
-                 total_steps: int = 1000, tokenizer_path: str | None = None) -> nn.Module:
-    from tunelab.methods import MethodContext
-    from tunelab.methods import apply_method as _apply
-
-    return _apply(model, method, MethodContext(task, new_params, total_steps, tokenizer_path))
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """-> (trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
-
-
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -249,7 +236,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            t = p.detach().full_tensor() if _is_dtensor(p) else p.detach()
+            t = p.detach().full_tensor() if is_dtensor(p) else p.detach()
             out[n] = t.to("cpu", copy=True)
     return out
 
@@ -262,7 +249,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for n, t in state.items():
             p = params[n]
-            if _is_dtensor(p):  # keep this rank's shard of the full tensor
+            if is_dtensor(p):  # keep this rank's shard of the full tensor
                 from torch.distributed.tensor import distribute_tensor
 
                 t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)

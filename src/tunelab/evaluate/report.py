@@ -24,9 +24,9 @@ from tunelab.evaluate.entities import lookup_baseline
 from tunelab.evaluate.language import evaluate_language
 from tunelab.evaluate.plots import confusion_matrix_png
 from tunelab.models import load_model_dir
+from tunelab.tasks import DATASET_TASKS
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.tasks.token_classification import TokenClassificationTask
-from tunelab.train.loop import DATASET_TASKS
 
 BASELINES = ("tfidf", "zero_shot")
 

@@ -25,6 +25,14 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = CHATML
 
 
+def stop_tokens(tokenizer, chat: bool) -> list[str]:
+    """What generation stops at: the end-of-text token, and for chat models the end-of-turn marker."""
+    stops = {tokenizer.eos_token}
+    if chat and "<|im_end|>" in tokenizer.get_vocab():
+        stops.add("<|im_end|>")
+    return sorted(t for t in stops if t)
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

@@ -131,9 +131,6 @@ class TokenClassificationTask:
                         out[i][w] = self.labels[pred[row, pos]]
         return out, total, count
 
-    def predict_tags(self, model, enc: TokenEncoded, batch_size: int = 64) -> list[list[str]]:
-        return self._run(model, enc, batch_size)[0]
-
     def evaluate(self, model, enc: TokenEncoded, batch_size: int) -> dict:
         """Entity-level P/R/F1 (seqeval), token accuracy, per-type scores and the mean token loss."""
         pred, total, count = self._run(model, enc, batch_size)

@@ -90,7 +90,8 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _is_dtensor(t) -> bool:
+def is_dtensor(t) -> bool:
+    """An FSDP2-sharded tensor (checked by name: no import of the DTensor machinery on the common path)."""
     return type(t).__name__ == "DTensor"
 
 
@@ -103,7 +104,7 @@ def optimizer_state(model, optimizer, fsdp: bool) -> dict:
     by_name = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            by_name[names[id(p)]] = {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu()
+            by_name[names[id(p)]] = {k: (v.full_tensor() if is_dtensor(v) else v).detach().cpu()
                                      for k, v in optimizer.state.get(p, {}).items()}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr etc.
     return {"by_name": by_name, "groups": groups}
@@ -121,7 +122,7 @@ def load_optimizer_state(model, optimizer, state: dict, fsdp: bool) -> None:
     for name, st in state["by_name"].items():
         p = params[name]
         optimizer.state[p] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-                              if _is_dtensor(p) and v.shape == p.shape else v for k, v in st.items()}
+                              if is_dtensor(p) and v.shape == p.shape else v for k, v in st.items()}
 
 
 def full_model_state(model) -> dict:

@@ -28,6 +28,7 @@ from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
 from tunelab.data.split import sample_rows
 from tunelab.errors import UserError
 from tunelab.methods import MethodContext, apply_method, head_module_names
+from tunelab.tasks import DATASET_TASKS
 from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import distributed
@@ -71,11 +72,6 @@ def ensure_dataset(cfg: RunConfig) -> Path:
     p = cfg.data.prepare
     prepare(p.source, d, PrepareOptions(**p.model_dump(exclude={"source"})))
     return d
-
-
-# dataset task (data prepare --task) -> training tasks that can use it
-DATASET_TASKS = {"classification": "classification", "ner": "token_classification", "text": "causal_lm",
-                 "sft": "sft"}
 
 
 METRIC_NAMES = {"macro_f1": "macro-F1", "entity_f1": "entity F1"}
@@ -134,8 +130,8 @@ def build_task(task: str, cfg: RunConfig, meta: dict, train_rows: list[dict]):
 
 def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32",
                          split: int = 1, shard=None, keep_empty: bool = False, loss_scale: float = 1.0
-                         ) -> tuple[float, int]:
-    """Backward over the micro-batches of one optimizer step -> (the window's mean loss, loss terms).
+                         ) -> float:
+    """Backward over the micro-batches of one optimizer step -> the window's mean loss.
 
     Each micro-batch contributes (sum of its loss terms) / (loss terms in the whole window), so the
     accumulated gradient equals that of the mean loss over the window, whatever the micro-batch sizes;
@@ -163,7 +159,7 @@ def accumulate_gradients(model, task, enc, window: list[list[int]], device: str,
             loss = task.loss_sum(model, batch) * (w / max(1, n))
         (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         total += loss.item()
-    return total, n
+    return total
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -216,6 +212,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     model, tokenizer, base, new_params, task = build_task(task_name, cfg, meta, train_rows)
     heads = tuple(head_module_names(model, new_params))
     tr, va = task.encode(train_rows), task.encode(val_rows)
+    lengths = tr.lengths  # a property that builds the list: read it once, not per step
     windows_per_epoch = math.ceil(math.ceil(len(tr) / tc.batch_size) / tc.grad_accum)
     total_steps = tc.max_steps or math.ceil(tc.epochs * windows_per_epoch)
     model = apply_method(model, cfg.method, MethodContext(task_name, new_params, total_steps,
@@ -265,16 +262,26 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     stop_req = StopRequest(lambda name: progress.note(f"{name}: finishing this step, then a checkpoint "
                                                        "(a second Ctrl-C stops at once)"))
     interrupted = False
+
+    def run_eval() -> dict:
+        metrics = task.evaluate(model, va, tc.eval_batch_size)
+        if dd.fsdp:  # a forward without backward leaves the root's weights gathered
+            model.reshard()
+        return metrics
+
+    def save() -> None:
+        _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main, dd.fsdp)
+
     with stop_req:
         while not stop and state.step < total_steps:
-            batches = length_grouped_batches(tr.lengths, tc.batch_size, tc.seed + state.epoch, tc.group_by_length)
+            batches = length_grouped_batches(lengths, tc.batch_size, tc.seed + state.epoch, tc.group_by_length)
             windows = [batches[i:i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
             for window in windows[state.window:]:
                 model.train()
                 n = sum(len(b) for b in window)
                 while True:
                     try:
-                        loss_value, _ = accumulate_gradients(model, task, tr, window, device, precision, split,
+                        loss_value = accumulate_gradients(model, task, tr, window, device, precision, split,
                                                              dd.shard, keep_empty=dd.fsdp,
                                                              loss_scale=dd.world if dd.fsdp else 1.0)
                         dd.all_reduce_grads(params)
@@ -291,7 +298,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                         progress.note(f"step {state.step + 1}: out of memory; retrying with each micro-batch split "
                                       f"in {split} (train.auto_batch_size)")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
-                if type(grad_norm).__name__ == "DTensor":
+                if distributed.is_dtensor(grad_norm):
                     grad_norm = grad_norm.full_tensor()
                 if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
                     optimizer.zero_grad(set_to_none=True)
@@ -317,7 +324,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 state.step += 1
                 state.window += 1
                 state.examples_seen += n
-                state.tokens_seen += sum(tr.lengths[i] for b in window for i in b)
+                state.tokens_seen += sum(lengths[i] for b in window for i in b)
                 window_loss += loss_value
                 window_count += 1
 
@@ -335,9 +342,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 due = (state.step % tc.eval_every == 0) if tc.eval_every else end_of_epoch
                 if due or state.step == total_steps:
                     t_eval = time.perf_counter()
-                    last_eval = task.evaluate(model, va, tc.eval_batch_size)
-                    if dd.fsdp:  # a forward without backward leaves the root's weights gathered
-                        model.reshard()
+                    last_eval = run_eval()
                     score = last_eval[task.metric]
                     improved = state.best_metric is None or better(score, state.best_metric)
                     if improved:
@@ -356,10 +361,6 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                         progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
                         stop = True
                 save_due = (state.step % tc.save_every == 0) if tc.save_every else due
-                def save() -> None:
-                    _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main,
-                          dd.fsdp)
-
                 saved = save_due and state.step < total_steps and not stop
                 if saved:
                     save()
@@ -393,7 +394,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
 
     if best_weights is not None:
         load_trainable_state(model, best_weights)
-    best_eval = task.evaluate(model, va, tc.eval_batch_size) if state.best_step != state.step else last_eval
+    best_eval = run_eval() if state.best_step != state.step else last_eval
     tokens_rate = (state.tokens_seen - tokens_at_start) / max(train_time, 1e-9)
     model_meta = {
         "task": task_name, "labels": getattr(task, "labels", []),
@@ -405,7 +406,9 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         "versions": library_versions(),
     }
     if task_name in ("causal_lm", "sft"):  # what a server needs to stop where training taught it to
-        model_meta["stop"] = stop_tokens(tokenizer, task_name)
+        from tunelab.tasks.sft import stop_tokens
+
+        model_meta["stop"] = stop_tokens(tokenizer, chat=task_name == "sft")
     full_state = distributed.full_model_state(model) if dd.fsdp else None  # gathered on every rank
     if not dd.fsdp:
         model.to("cpu")
@@ -424,14 +427,6 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
             "validation": model_meta["metrics"]["validation"], "nonfinite_skipped": state.nonfinite_skipped,
             "examples_per_s": rate,
             "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
-
-
-def stop_tokens(tokenizer, task: str) -> list[str]:
-    """The end-of-text token, and for chat models the end-of-turn marker of their template."""
-    stops = {tokenizer.eos_token}
-    if task == "sft" and "<|im_end|>" in tokenizer.get_vocab():
-        stops.add("<|im_end|>")
-    return sorted(t for t in stops if t)
 
 
 def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
