@@ -272,6 +272,35 @@ def chat(
 
 
 @app.command()
+def serve(
+    models: list[str] = typer.Argument(..., help="model dirs or base models (builtin:…, tiny-llama, a dir, a .gguf); "
+                                       "NAME=PATH sets the id clients use"),
+    host: str = typer.Option("127.0.0.1", "--host", help="other than loopback only with API keys"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="0 = any free port"),
+    api_keys_file: Optional[Path] = typer.Option(None, "--api-keys-file",
+                                                 help="one key per line; keys also from TUNELAB_API_KEYS"),
+    embedding_model: str = typer.Option("builtin:minilm-l6", "--embedding-model",
+                                        help="served at /v1/embeddings; 'none' = off"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)"),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together per model"),
+    max_waiting: int = typer.Option(64, "--max-waiting", min=0, help="queued requests beyond the batch; then 503"),
+    rate_limit: float = typer.Option(0, "--rate-limit", min=0, help="requests per minute per key (0 = off)"),
+    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1),
+    drain_timeout: float = typer.Option(30, "--drain-timeout", min=0.1, help="SIGTERM: seconds in-flight "
+                                        "requests may take to finish"),
+):
+    """An OpenAI-compatible API (chat, completions, classify, embeddings) with a playground page at /."""
+    from tunelab.config import ServeConfig
+    from tunelab.serve.server import serve as run_server
+
+    cfg = ServeConfig(models=models, host=host, port=port, api_keys_file=api_keys_file,
+                      embedding_model=None if embedding_model.lower() == "none" else embedding_model,
+                      device=device, max_batch=max_batch, max_waiting=max_waiting, rate_limit=rate_limit,
+                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
+    raise typer.Exit(run_server(cfg))
+
+
+@app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out"),
     data: Path = typer.Option(Path("data/tweets"), "--data"),

@@ -230,6 +230,28 @@ class EvalConfig(Section):
     zero_shot_samples: int | None = Field(300, gt=0, description="cap on test rows for zero-shot; null = all")
 
 
+class ServeConfig(Section):
+    """`tunelab serve`: what is served and the limits that protect it."""
+
+    models: list[str] = Field(..., min_length=1, description="model dirs or base models; NAME=PATH sets the id")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys_file: Path | None = Field(None, description="one key per line (# comments); also TUNELAB_API_KEYS")
+    embedding_model: str | None = Field("builtin:minilm-l6", description="served at /v1/embeddings; null = off")
+    device: str | None = None
+    max_batch: int = Field(16, gt=0, description="sequences decoded together per generation model")
+    max_waiting: int = Field(64, ge=0, description="admitted requests waiting for a slot; beyond: 503")
+    encoder_batch: int = Field(64, gt=0, description="texts per classify/embeddings forward; also the most "
+                               "texts one request may send")
+    encoder_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    rate_limit: float = Field(0, ge=0, description="requests per minute per key; 0 = unlimited")
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    max_n: int = Field(8, gt=0)
+    default_max_tokens: int = Field(512, gt=0, description="when a request gives no max_tokens (capped by the "
+                                    "context left)")
+    drain_timeout_s: float = Field(30, gt=0, description="SIGTERM: how long in-flight requests may finish")
+
+
 class RunConfig(Section):
     task: Literal["auto", "classification", "token_classification", "causal_lm", "sft"] = Field(
         "auto", description="auto: from the dataset (classification, ner -> token_classification, text -> "

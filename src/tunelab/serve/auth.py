@@ -1,0 +1,82 @@
+"""API keys and per-key rate limits.
+
+Keys come from a file (one per line, `#` comments) and/or `TUNELAB_API_KEYS` (comma-separated). Only
+their SHA-256 digests are kept; a presented key is hashed and compared against every digest with
+`hmac.compare_digest` (no early exit), so timing reveals neither which key nor how much of it matched.
+A key is identified in metrics and rate limits by a short digest prefix, never by its text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+ENV_KEYS = "TUNELAB_API_KEYS"
+
+
+def read_keys(path: Path | None) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+    if path is not None:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read the API keys file {path}: {err.__class__.__name__}") from None
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if not keys:
+            raise UserError(f"the API keys file {path} holds no keys")
+    short = [k for k in keys if len(k) < 16]
+    if short:
+        raise UserError(f"{len(short)} API key(s) are shorter than 16 characters; use long random keys "
+                        "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return keys
+
+
+class KeyRing:
+    def __init__(self, keys: list[str]):
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def identify(self, authorization: str | None) -> str | None:
+        """`Authorization: Bearer KEY` -> a key id, or None when missing or wrong."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        presented = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        found = None
+        for d in self._digests:
+            if hmac.compare_digest(d, presented):
+                found = d
+        return found.hex()[:12] if found is not None else None
+
+
+class RateLimiter:
+    """Token bucket per key: `per_minute` requests on average, bursts up to `per_minute / 6` (10 s worth,
+    at least 1). `take(key)` -> 0 when allowed, else the seconds to wait before retrying."""
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60.0
+        self.burst = max(1.0, per_minute / 6)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> int:
+        if self.rate <= 0:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                return 0
+            self._buckets[key] = (tokens, now)
+            return max(1, math.ceil((1 - tokens) / self.rate))

@@ -1,0 +1,421 @@
+"""The serving engines: continuous batching for generation, micro-batching for encoders.
+
+`GenerationEngine` runs one decode loop in its own thread. Every sequence owns a row of a left-padded
+batch KV cache: a new request is prefilled alone (its exact prompt, no padding), then its cache row
+joins the running batch between two decode steps; a finished or cancelled sequence leaves its row at
+once and the all-padding columns it leaves behind are trimmed. Each decode step feeds every running
+sequence its last token, at its own position, under one attention mask. Prefill per iteration is
+bounded by a token budget so that a burst of new prompts cannot stall the sequences already decoding.
+
+Results go to each sequence's `sink` (called on the engine thread): ("text", piece), then one
+("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message). Text is detokenised
+incrementally (never a half UTF-8 character) and held back while it could be the start of a stop string.
+
+`MicroBatcher` collects encoder requests (lists of texts) for up to `max_wait_ms` or `max_batch` texts,
+runs one padded forward over all of them and hands each request its share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tunelab.generate import StopTrimmer
+
+log = logging.getLogger("tunelab.serve")
+
+
+class EngineFull(Exception):
+    """More sequences than the engine admits (running + waiting); the caller answers 503."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[tuple], None]
+    adapter: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+    # engine-side state
+    _gen: torch.Generator | None = None
+    _trim: StopTrimmer | None = None
+    _prefix: int = 0
+    _read: int = 0
+    _counts: dict[int, int] = field(default_factory=dict)
+
+    def _mark_finished(self) -> bool:
+        self.finished = True
+        return False
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens this sequence has in the KV cache (its prompt, and every generated token but the last)."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+
+class GenerationEngine:
+    """Continuous batching over one causal LM (optionally a PEFT model with several LoRA adapters, picked
+    per sequence). `submit` and `cancel` are thread-safe; everything else runs on the engine thread."""
+
+    def __init__(self, model, tokenizer, stop_ids: list[int], max_batch: int = 16, max_waiting: int = 64,
+                 prefill_budget: int = 1024, name: str = "model", metrics=None, multi_adapter: bool = False):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.stop_ids = set(stop_ids)
+        self.max_batch, self.max_waiting, self.prefill_budget = max_batch, max_waiting, prefill_budget
+        self.metrics = metrics
+        self.device = next(model.parameters()).device
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._cache = None  # transformers DynamicCache, rows = self._running
+        self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._multi_adapter = multi_adapter  # a PEFT model with several LoRA adapters: pick one per row
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- thread-safe API --------------------------------------------------------------------------
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (all or none); raises `EngineFull` when they do not fit."""
+        with self._cond:
+            if self._stopped:
+                raise EngineFull("the server is shutting down")
+            if len(self._waiting) + len(self._running) + len(seqs) > self.max_batch + self.max_waiting:
+                raise EngineFull(f"{self.name} is at capacity")
+            for s in seqs:
+                s._trim = StopTrimmer(s.params.stop)
+                seed = s.params.seed if s.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+                if not s.greedy:
+                    s._gen = torch.Generator(device=self.device).manual_seed(seed)
+                self._waiting.append(s)
+            self._cond.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        with self._cond:
+            for s in seqs:
+                s.cancelled = True
+            self._cond.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        with self._cond:
+            return len(self._running), len(self._waiting)
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # ---- engine thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stopped:
+                    for s in list(self._waiting) + self._running:
+                        self._finish(s, error="the server shut down before this request finished")
+                    return
+                new = self._take_waiting()
+            try:
+                with torch.inference_mode():
+                    self._drop([s for s in self._running if s.cancelled])
+                    self._prefill(new)
+                    if self._running:
+                        self._decode_step()
+            except Exception:  # an engine bug or a device error: fail these requests, keep serving
+                log.exception("generation engine %s failed; failing the running requests", self.name)
+                for s in new + self._running:
+                    if not s.finished:
+                        self._finish(s, error="the generation engine failed on this request")
+                self._running, self._cache, self._mask = [], None, None
+            self._report()
+
+    def _take_waiting(self) -> list[Sequence]:
+        new, budget = [], self.prefill_budget
+        while self._waiting and len(self._running) + len(new) < self.max_batch:
+            s = self._waiting[0]
+            if s.cancelled:
+                self._waiting.popleft()
+                s.finished = True
+                continue
+            if new and len(s.prompt) > budget:
+                break
+            budget -= len(s.prompt)
+            new.append(self._waiting.popleft())
+        return new
+
+    def _forward(self, ids, mask, positions, cache, adapters, keep_last: bool):
+        from transformers import DynamicCache
+
+        cache = cache if cache is not None else DynamicCache(config=self._config())
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                      use_cache=True, logits_to_keep=1 if keep_last else 0)
+        if self._multi_adapter:
+            kwargs["adapter_names"] = adapters
+        out = self.model(**kwargs)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _config(self):
+        m = self.model
+        return m.get_base_model().config if hasattr(m, "get_base_model") else m.config
+
+    def _prefill(self, new: list[Sequence]) -> None:
+        """One left-padded forward over the new prompts; each picks its first token, then the rows that
+        go on join the batch cache."""
+        new = [s for s in new if not s.cancelled or s._mark_finished()]
+        if not new:
+            return
+        width = max(len(s.prompt) for s in new)
+        ids = torch.zeros(len(new), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(new):
+            ids[i, width - len(s.prompt):] = torch.tensor(s.prompt)
+            mask[i, width - len(s.prompt):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, None, [s.adapter or "__base__" for s in new],
+                                      keep_last=True)
+        if self.metrics:
+            self.metrics.prompt_tokens.labels(self.name).inc(int(mask.sum()))
+        goes_on = [i for i, s in enumerate(new) if not self._emit(s, self._choose(s, logits[i]))]
+        if not goes_on:
+            return
+        if len(goes_on) < len(new):
+            cache.batch_select_indices(torch.tensor(goes_on, device=self.device))
+            mask = mask[goes_on]
+        self._join([new[i] for i in goes_on], cache, mask)
+
+    def _join(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
+        """Append rows of a cache to the batch cache, left-padding whichever is shorter."""
+        if self._cache is None:
+            self._cache, self._mask, self._running = cache, mask, list(seqs)
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for big, small in zip(self._cache.layers, cache.layers):
+            big.keys = torch.cat([_pad_left(big.keys, width), _pad_left(small.keys, width)], dim=0)
+            big.values = torch.cat([_pad_left(big.values, width), _pad_left(small.values, width)], dim=0)
+        self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)], dim=0)
+        self._running.extend(seqs)
+
+    def _drop(self, gone: list[Sequence]) -> None:
+        """Remove finished/cancelled rows and the leading columns that are padding in every remaining row."""
+        for s in gone:
+            if not s.finished:
+                s.finished = True
+        if not gone:
+            return
+        keep = [i for i, s in enumerate(self._running) if s not in gone]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        start = int(mask.any(0).long().argmax())
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._mask = mask[:, start:]
+
+    def _decode_step(self) -> None:
+        run = self._running
+        ids = torch.tensor([[s.tokens[-1]] for s in run], device=self.device)
+        positions = torch.tensor([[s.n_ctx] for s in run], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(run), 1)], dim=1)
+        logits, self._cache = self._forward(ids, mask, positions, self._cache,
+                                            [s.adapter or "__base__" for s in run], keep_last=False)
+        self._mask = mask
+        fast = [s.greedy and not _penalised(s) for s in run]  # plain greedy rows: one argmax for all
+        greedy = logits.argmax(-1).tolist() if any(fast) else None
+        done = []
+        for i, s in enumerate(run):
+            token = greedy[i] if fast[i] else self._choose(s, logits[i])
+            if s.cancelled or self._emit(s, token):
+                done.append(s)
+        self._drop(done)
+
+    def _choose(self, s: Sequence, logits: torch.Tensor) -> int:
+        p = s.params
+        if _penalised(s) and s._counts:
+            ids = torch.tensor(list(s._counts), device=logits.device)
+            counts = torch.tensor(list(s._counts.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.clone()
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        if s.greedy:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1:
+            order = torch.argsort(logits, descending=True)
+            probs = torch.softmax(logits[order], -1)
+            outside = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.clone()
+            logits[order[outside]] = float("-inf")
+        probs = torch.softmax(logits, -1)
+        return int(torch.multinomial(probs, 1, generator=s._gen))
+
+    def _emit(self, s: Sequence, token: int) -> bool:
+        """Record a generated token and send its text; True when the sequence is finished."""
+        if self.metrics:
+            self.metrics.generated_tokens.labels(self.name).inc()
+        s.tokens.append(token)
+        s._counts[token] = s._counts.get(token, 0) + 1
+        if token in self.stop_ids:
+            s.tokens.pop()  # the end-of-turn token is not part of the answer
+            piece = s._trim.flush()
+            self._send(s, piece)
+            self._finish(s, "stop", counted=len(s.tokens) + 1)
+            return True
+        piece = s._trim.push(self._detok(s))
+        self._send(s, piece)
+        if s._trim.done:
+            self._finish(s, "stop")
+            return True
+        if len(s.tokens) >= s.params.max_tokens:
+            self._send(s, s._trim.flush())
+            self._finish(s, "length")
+            return True
+        return False
+
+    def _detok(self, s: Sequence) -> str:
+        """New text since the last call; waits while the tail is an incomplete UTF-8 character."""
+        dec = self.tokenizer.decode
+        before = dec(s.tokens[s._prefix:s._read], skip_special_tokens=False)
+        now = dec(s.tokens[s._prefix:], skip_special_tokens=False)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            s._prefix, s._read = s._read, len(s.tokens)
+            return now[len(before):]
+        return ""
+
+    @staticmethod
+    def _send(s: Sequence, piece: str) -> None:
+        if piece and not s.cancelled:
+            s.sink(("text", piece))
+
+    def _finish(self, s: Sequence, reason: str | None = None, error: str | None = None,
+                counted: int | None = None) -> None:
+        s.finished = True
+        if s.cancelled:
+            return
+        if error:
+            s.sink(("error", error))
+        else:
+            s.sink(("done", reason, len(s.prompt), counted if counted is not None else len(s.tokens)))
+
+    def _report(self) -> None:
+        if self.metrics:
+            self.metrics.running.labels(self.name).set(len(self._running))
+            self.metrics.queue_depth.labels(self.name).set(len(self._waiting))
+
+
+def _penalised(s: Sequence) -> bool:
+    return bool(s.params.presence_penalty or s.params.frequency_penalty)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class MicroBatcher:
+    """Run `fn(texts) -> list[result]` over requests gathered for up to `max_wait_ms` or `max_batch` texts.
+    `submit(texts)` returns a Future of that request's results, in order."""
+
+    def __init__(self, fn: Callable[[list[str]], list], max_batch: int = 64, max_wait_ms: float = 5.0,
+                 max_waiting: int = 256, name: str = "encoder", metrics=None):
+        self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
+        self.max_waiting, self.name, self.metrics = max_waiting, name, metrics
+        self._queue: deque[tuple[list[str], Future]] = deque()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, texts: list[str]) -> Future:
+        fut: Future = Future()
+        with self._cond:
+            if self._stopped:
+                raise EngineFull("the server is shutting down")
+            if len(self._queue) >= self.max_waiting:
+                raise EngineFull(f"{self.name} is at capacity")
+            self._queue.append((texts, fut))
+            self._cond.notify()
+        return fut
+
+    def load(self) -> tuple[int, int]:
+        with self._cond:
+            return 0, len(self._queue)
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._queue:
+                    self._cond.wait()
+                if self._stopped and not self._queue:
+                    return
+                deadline = time.monotonic() + self.max_wait
+                while not self._stopped and sum(len(t) for t, _ in self._queue) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch, n = [], 0
+                while self._queue and (not batch or n + len(self._queue[0][0]) <= self.max_batch):
+                    texts, fut = self._queue.popleft()
+                    batch.append((texts, fut))
+                    n += len(texts)
+            if self.metrics:
+                self.metrics.running.labels(self.name).set(n)
+            try:
+                with torch.inference_mode():
+                    results = self.fn([t for texts, _ in batch for t in texts])
+            except Exception as err:  # an engine bug: fail this batch, keep serving
+                log.exception("encoder %s failed", self.name)
+                for _, fut in batch:
+                    fut.set_exception(err)
+                continue
+            start = 0
+            for texts, fut in batch:
+                fut.set_result(results[start:start + len(texts)])
+                start += len(texts)
+            if self.metrics:
+                self.metrics.running.labels(self.name).set(0)

@@ -1,0 +1,31 @@
+"""Prometheus metrics of one server (its own registry, so several apps in one process do not collide).
+
+The names are part of the interface (dashboards are built on them) and are pinned by a test.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("tunelab_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.rejections = Counter("tunelab_rejections", "requests refused before inference, by reason",
+                                  ["reason"], registry=r)
+        self.queue_depth = Gauge("tunelab_queue_depth", "requests waiting for a batch slot", ["model"], registry=r)
+        self.running = Gauge("tunelab_running_batch_size", "sequences (or texts) in the running batch",
+                             ["model"], registry=r)
+        self.ttft = Histogram("tunelab_time_to_first_token_seconds", "time to the first generated token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("tunelab_request_latency_seconds", "end-to-end latency of inference requests",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.generated_tokens = Counter("tunelab_generated_tokens", "tokens generated", ["model"], registry=r)
+        self.prompt_tokens = Counter("tunelab_prompt_tokens", "prompt tokens prefilled", ["model"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

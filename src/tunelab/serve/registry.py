@@ -1,0 +1,241 @@
+"""The models one server holds, by id, and the engine behind each.
+
+A MODEL argument is a tunelab model dir (classification -> /v1/classify; causal_lm / sft ->
+chat and text completions) or a base model (builtin:…, tiny-llama, an HF dir, a .gguf): decoders are
+served for generation, encoders for embeddings. `NAME=PATH` sets the id; otherwise a model dir is named
+after its run (`runs/NAME/model` -> NAME) and a built-in after itself (`smollm2-135m-instruct`).
+
+LoRA model dirs on the same base share one copy of the base and one engine: each sequence in a batch
+runs through its own adapter (peft's mixed-adapter batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import UserError
+from tunelab.serve.engine import GenerationEngine, MicroBatcher
+from tunelab.serve.protocol import APIError, bad_request
+
+log = logging.getLogger("tunelab.serve")
+
+PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
+ROUTE_OF_KIND = {"generate": "/v1/chat/completions or /v1/completions", "classify": "/v1/classify",
+                 "embed": "/v1/embeddings"}
+
+
+@dataclass
+class Spec:
+    """A MODEL argument, checked before the server starts (loading happens later, in the background)."""
+    id: str
+    ref: str
+    kind: str  # generate | classify | embed
+    model_dir: bool
+    base: str | None = None  # for LoRA model dirs: the base they share
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Served:
+    id: str
+    kind: str
+    created: int
+    tokenizer: object = None
+    engine: GenerationEngine | None = None
+    batcher: MicroBatcher | None = None
+    adapter: str | None = None
+    context: int = 0
+    labels: list[str] = field(default_factory=list)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise bad_request(f"model '{self.id}' has no chat template; use /v1/completions", param="model")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as err:  # jinja: the template rejected this conversation (e.g. role order)
+            raise bad_request(f"the chat template of '{self.id}' rejects these messages: "
+                              f"{str(err)[:200]}", param="messages") from None
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def text_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise bad_request("the prompt is empty", param="prompt")
+        return ids
+
+
+def parse_spec(item: str, embedding: bool = False) -> Spec:
+    from tunelab.models import META_FILE, read_meta
+
+    name, ref = (item.split("=", 1) if "=" in item and not Path(item).exists() else (None, item))
+    if not ref:
+        raise UserError(f"'{item}': empty model reference")
+    d = Path(ref)
+    if (d / META_FILE).is_file():
+        meta = read_meta(d)
+        task = meta.get("task")
+        method = (meta.get("method") or {}).get("name")
+        if task == "classification":
+            kind = "classify"
+        elif task in ("causal_lm", "sft"):
+            kind = "generate"
+            if method in PROMPT_LEARNING:
+                raise UserError(f"{d}: {method}-tuned models are not served (their virtual tokens do not "
+                                "batch); use `tunelab generate`, or train with LoRA")
+        else:
+            raise UserError(f"{d}: '{task}' models are not served; use `tunelab predict`")
+        lora = (d / "adapter_config.json").is_file() and method in ("lora", "adalora")
+        default = d.parent.name if d.name == "model" and d.parent.name else d.name
+        return Spec(name or default, ref, kind, True, meta["base"]["ref"] if lora else None, meta)
+    if not (ref.startswith("builtin:") or ref in ("tiny-llama", "tiny-bert") or d.exists()):
+        raise UserError(f"model '{ref}' not found: not a model dir, a base model dir, a .gguf file or builtin:NAME")
+    default = ref.removeprefix("builtin:") if ref.startswith("builtin:") else d.name.removesuffix(".gguf")
+    kind = "embed" if embedding or ref in ("builtin:minilm-l6", "tiny-bert") else "generate"
+    return Spec(name or default, ref, kind, False)
+
+
+def check_specs(items: list[str], embedding_model: str | None) -> list[Spec]:
+    specs = [parse_spec(i) for i in items]
+    if embedding_model and not any(s.kind == "embed" for s in specs):
+        specs.append(parse_spec(embedding_model, embedding=True))
+    ids = [s.id for s in specs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise UserError(f"two models would be served as '{dup[0]}'; name them with NAME=PATH")
+    return specs
+
+
+class Registry:
+    def __init__(self, specs: list[Spec], settings, metrics, device: str):
+        self.specs, self.settings, self.metrics, self.device = specs, settings, metrics, device
+        self.models: dict[str, Served] = {}
+        self.ready = False
+        self._closers = []
+
+    # ---- lookup ----------------------------------------------------------------------------------
+    def get(self, model_id: str, kind: str) -> Served:
+        served = self.models.get(model_id)
+        if served is None:
+            raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+        if served.kind != kind:
+            raise bad_request(f"'{model_id}' is served at {ROUTE_OF_KIND[served.kind]}", param="model",
+                              code="wrong_model_kind")
+        return served
+
+    def listing(self) -> list[dict]:
+        return [{"id": s.id, "object": "model", "created": s.created, "owned_by": "tunelab",
+                 "tunelab_kind": s.kind} for s in self.models.values()]
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load every model and start its engine; `ready` once all are up."""
+        from tunelab.models import quiet_transformers
+
+        quiet_transformers()
+        groups: dict[str, list[Spec]] = {}
+        for s in self.specs:
+            if s.kind == "generate" and s.base is not None:
+                groups.setdefault(s.base, []).append(s)
+        for s in self.specs:
+            if s.kind == "classify":
+                self._add_classifier(s)
+            elif s.kind == "embed":
+                self._add_embedder(s)
+            elif s.base is None:
+                self._add_generator([s])
+            elif groups.get(s.base) and groups[s.base][0] is s:
+                self._add_generator(groups[s.base])
+        self.models = {s.id: self.models[s.id] for s in self.specs}  # listing in argument order
+        self.ready = True
+
+    def close(self) -> None:
+        for close in self._closers:
+            close()
+
+    def _add_generator(self, specs: list[Spec]) -> None:
+        from tunelab.models import load_causal_lm, load_model_dir
+        from tunelab.tasks.sft import stop_tokens
+
+        first = specs[0]
+        if first.model_dir:
+            model, tok, meta = load_model_dir(first.ref, self.device, tasks=("causal_lm", "sft"))
+            stops = list(meta.get("stop") or [tok.eos_token])
+        else:
+            model, tok, _, _ = load_causal_lm(first.ref)
+            model.to(self.device).eval()
+            stops = stop_tokens(tok, chat=True)
+        adapters, tokenizers = {first.id: "default" if len(specs) > 1 else None}, {first.id: tok}
+        for s in specs[1:]:
+            from transformers import AutoTokenizer
+
+            model.load_adapter(s.ref, adapter_name=s.id)
+            adapters[s.id] = s.id
+            tokenizers[s.id] = AutoTokenizer.from_pretrained(s.ref)
+            stops += list(s.meta.get("stop") or [])
+        model.eval()
+        vocab = tok.get_vocab()
+        stop_ids = sorted({vocab[t] for t in stops if t in vocab})
+        cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+        engine = GenerationEngine(model, tok, stop_ids, max_batch=self.settings.max_batch,
+                                  max_waiting=self.settings.max_waiting, name=first.id, metrics=self.metrics,
+                                  multi_adapter=len(specs) > 1)
+        self._closers.append(engine.close)
+        context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        for s in specs:
+            self.models[s.id] = Served(s.id, "generate", int(time.time()), tokenizers[s.id], engine=engine,
+                                       adapter=adapters[s.id], context=context)
+        log.info("loaded %s for generation (%s)", ", ".join(s.id for s in specs),
+                 "shared base, LoRA per request" if len(specs) > 1 else "one model")
+
+    def _add_classifier(self, s: Spec) -> None:
+        from tunelab.models import load_model_dir
+
+        model, tok, meta = load_model_dir(s.ref, self.device, tasks=("classification",))
+        labels, max_length = list(meta["labels"]), int(meta.get("max_length") or 512)
+
+        def run(texts: list[str]) -> list[dict]:
+            enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            probs = torch.softmax(model(**enc.to(self.device)).logits.float(), -1).tolist()
+            return [{"label": labels[max(range(len(p)), key=p.__getitem__)], "tokens": n,
+                     "probabilities": {lab: round(x, 6) for lab, x in zip(labels, p)}}
+                    for p, n in zip(probs, enc["attention_mask"].sum(1).tolist())]
+
+        self._add_encoder(s, "classify", run, tok, labels)
+
+    def _add_embedder(self, s: Spec) -> None:
+        from transformers import AutoModel
+
+        from tunelab.models import load_tokenizer, resolve_base
+
+        base = resolve_base(s.ref)
+        tok = load_tokenizer(base)
+        model = AutoModel.from_pretrained(base.path, dtype=torch.float32).to(self.device).eval()
+        max_length = min(int(getattr(model.config, "max_position_embeddings", 512) or 512), 512)
+
+        def run(texts: list[str]) -> list[dict]:
+            enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            enc = enc.to(self.device)
+            hidden = model(**enc).last_hidden_state.float()
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            vectors = torch.nn.functional.normalize(pooled, dim=-1).tolist()
+            return [{"embedding": v, "tokens": n} for v, n in zip(vectors, enc["attention_mask"].sum(1).tolist())]
+
+        self._add_encoder(s, "embed", run, tok, [])
+
+    def _add_encoder(self, s: Spec, kind: str, run, tok, labels: list[str]) -> None:
+        batcher = MicroBatcher(run, max_batch=self.settings.encoder_batch,
+                               max_wait_ms=self.settings.encoder_wait_ms, max_waiting=self.settings.max_waiting,
+                               name=s.id, metrics=self.metrics)
+        self._closers.append(batcher.close)
+        context = int(getattr(tok, "model_max_length", 512) or 512)
+        self.models[s.id] = Served(s.id, kind, int(time.time()), tok, batcher=batcher, context=context,
+                                   labels=labels)
+        log.info("loaded %s for %s", s.id, ROUTE_OF_KIND[kind])
+

@@ -1,0 +1,72 @@
+"""POST /v1/classify and /v1/embeddings: texts in, one result per text out, through the model's
+micro-batcher (many concurrent requests share one forward)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+
+from fastapi import APIRouter, Request
+
+from tunelab.serve.engine import EngineFull
+from tunelab.serve.protocol import ClassifyRequest, EmbeddingRequest, bad_request
+from tunelab.serve.state import ServerState, state
+
+router = APIRouter()
+
+
+async def _encode(st: ServerState, served, texts: list[str]) -> list:
+    if not texts:
+        raise bad_request("input: give at least one text", param="input")
+    if len(texts) > st.settings.encoder_batch:
+        raise bad_request(f"input: {len(texts)} texts; at most {st.settings.encoder_batch} per request",
+                          param="input")
+    try:
+        fut = served.batcher.submit(texts)
+    except EngineFull as err:
+        raise st.overloaded(err) from None
+    return await asyncio.wrap_future(fut)
+
+
+def _usage(results: list) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    return {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+@router.post("/v1/classify")
+async def classify(request: Request):
+    st = state(request)
+    st.admit(request)
+    start = time.perf_counter()
+    req = await st.parse(request, ClassifyRequest)
+    served = st.registry.get(req.model, "classify")
+    results = await _encode(st, served, req.texts())
+    st.metrics.latency.labels("/v1/classify").observe(time.perf_counter() - start)
+    return {"object": "list", "model": served.id, "usage": _usage(results),
+            "data": [{"object": "classification", "index": i, "label": r["label"],
+                      "probabilities": r["probabilities"]} for i, r in enumerate(results)]}
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request):
+    st = state(request)
+    st.admit(request)
+    start = time.perf_counter()
+    req = await st.parse(request, EmbeddingRequest)
+    served = st.registry.get(req.model, "embed")
+    results = await _encode(st, served, req.texts())
+    dims = len(results[0]["embedding"])
+    if req.dimensions is not None and req.dimensions != dims:
+        raise bad_request(f"dimensions: '{served.id}' gives {dims}-dimensional embeddings", param="dimensions")
+    st.metrics.latency.labels("/v1/embeddings").observe(time.perf_counter() - start)
+
+    def encode(v: list[float]):
+        if req.encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+        return v
+
+    return {"object": "list", "model": served.id, "usage": _usage(results),
+            "data": [{"object": "embedding", "index": i, "embedding": encode(r["embedding"])}
+                     for i, r in enumerate(results)]}

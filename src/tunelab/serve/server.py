@@ -1,0 +1,91 @@
+"""`tunelab serve`: check the arguments, bind (loopback unless keys are set), print how to call it, run.
+
+SIGTERM / Ctrl-C: the server stops accepting connections and answers 503 to new requests on open ones,
+lets in-flight requests finish (up to `drain_timeout_s`), then stops the engines and exits 0. A model that
+fails to load stops the server with exit code 1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+
+import torch
+import uvicorn
+
+from tunelab.config import ServeConfig
+from tunelab.errors import UserError
+from tunelab.serve.app import create_app
+from tunelab.serve.auth import ENV_KEYS, read_keys
+from tunelab.serve.registry import check_specs
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, guard, banner):
+        super().__init__(config)
+        self.guard, self.banner, self.exit_code = guard, banner, 0
+        guard.state.on_load_error = self._fail
+
+    def handle_exit(self, sig, frame) -> None:
+        self.guard.state.draining = True
+        super().handle_exit(sig, frame)
+
+    def _fail(self) -> None:
+        self.exit_code = 1
+        self.should_exit = True
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.banner(host, port)
+
+
+def serve(cfg: ServeConfig, out=print) -> int:
+    """Run until SIGTERM/SIGINT; -> exit code."""
+    keys = read_keys(cfg.api_keys_file)
+    if not keys and not is_loopback(cfg.host):
+        raise UserError(f"refusing to listen on {cfg.host} without API keys: set {ENV_KEYS} or --api-keys-file "
+                        "(or bind 127.0.0.1)")
+    specs = check_specs(cfg.models, cfg.embedding_model)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    guard = create_app(cfg, specs, keys, device)
+
+    def banner(host: str, port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{port}"
+        gen = next((s.id for s in specs if s.kind == "generate"), None)
+        out(f"tunelab serving on {url}   (playground: {url}/ , ready when {url}/ready answers 200)")
+        for s in specs:
+            out(f"  model {s.id:<28} {s.kind:<9} {s.ref}")
+        auth = '-H "Authorization: Bearer $KEY" ' if keys else ""
+        if gen:
+            out("try:")
+            out(f"  curl {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
+                f"-d '{{\"model\": \"{gen}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
+            key = 'os.environ["KEY"]' if keys else '"none"'
+            out(f"  python -c 'import os, openai; c = openai.OpenAI(base_url=\"{url}/v1\", api_key={key}); "
+                f"print(c.chat.completions.create(model=\"{gen}\", messages=[{{\"role\": \"user\", "
+                f"\"content\": \"Hello!\"}}]).choices[0].message.content)'")
+        sys.stdout.flush()
+
+    config = uvicorn.Config(guard, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(cfg.drain_timeout_s), lifespan="on",
+                            h11_max_incomplete_event_size=64 * 1024)
+    server = _Server(config, guard, banner)
+    server.run()
+    if not server.started:
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine)")
+    return server.exit_code

@@ -1,0 +1,94 @@
+"""What every route of one server shares: settings, keys, rate limits, metrics, the models; and the checks
+each inference request passes before any model work (ready, key, rate, body)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from fastapi import Request
+
+from tunelab.config import ServeConfig
+from tunelab.serve.auth import KeyRing, RateLimiter
+from tunelab.serve.engine import EngineFull
+from tunelab.serve.metrics import Metrics
+from tunelab.serve.protocol import APIError, parse_body
+from tunelab.serve.registry import Registry, Spec
+
+log = logging.getLogger("tunelab.serve")
+
+
+class ServerState:
+    def __init__(self, settings: ServeConfig, specs: list[Spec], keys: list[str], device: str):
+        self.settings = settings
+        self.keys = KeyRing(keys)
+        self.limiter = RateLimiter(settings.rate_limit)
+        self.metrics = Metrics()
+        self.registry = Registry(specs, settings, self.metrics, device)
+        self.draining = False
+        self.load_error: str | None = None
+        self.on_load_error = lambda: None  # set by the server: stop, the models will never be ready
+        self._loader: threading.Thread | None = None
+
+    def start_loading(self) -> None:
+        self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        from tunelab.errors import UserError
+
+        try:
+            self.registry.load()
+        except UserError as err:
+            self.load_error = str(err)
+            log.error("error: %s", err)
+            self.on_load_error()
+        except Exception:
+            self.load_error = "loading the models failed"
+            log.exception("loading the models failed")
+            self.on_load_error()
+
+    def close(self) -> None:
+        self.registry.close()
+
+    # ---- per-request checks ----------------------------------------------------------------------
+    def admit(self, request: Request) -> str:
+        """Key, then rate limit, then readiness. -> the caller's id (key digest prefix or client host)."""
+        who = None
+        if self.keys.enabled:
+            who = self.keys.identify(request.headers.get("authorization"))
+            if who is None:
+                self.metrics.rejections.labels("auth").inc()
+                raise APIError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        else:
+            who = request.client.host if request.client else "local"
+        wait = self.limiter.take(who)
+        if wait:
+            self.metrics.rejections.labels("rate_limit").inc()
+            raise APIError(429, f"rate limit of {self.settings.rate_limit:g} requests per minute reached; "
+                           f"retry in {wait} s", type="requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(wait)})
+        if not self.registry.ready:
+            raise APIError(503, "the models are still loading", type="server_error", code="not_ready",
+                           headers={"Retry-After": "5"})
+        return who
+
+    async def parse(self, request: Request, model):
+        return parse_body(await request.body(), model)
+
+    def overloaded(self, err: EngineFull) -> APIError:
+        self.metrics.rejections.labels("overload").inc()
+        return APIError(503, f"{err}; retry shortly", type="server_error", code="overloaded",
+                        headers={"Retry-After": "1"})
+
+
+def state(request: Request) -> ServerState:
+    return request.app.state.tunelab
+
+
+async def disconnected(request: Request, every: float = 0.25) -> None:
+    """Returns when the client has gone away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
