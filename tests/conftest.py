@@ -110,3 +110,49 @@ def chat_data(tmp_path_factory):
     (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     prepare(str(root / "chat.jsonl"), root / "ds", PrepareOptions(task="sft", dedup={"near": False}))
     return root / "ds"
+
+
+def build_peaky_llama(out: Path) -> Path:
+    """A small random Llama with large weights (init std 0.5), saved with SmolLM2's tokenizer and chat
+    template: unlike tiny-llama its greedy outputs differ per prompt and the top-2 logit margins are wide,
+    so batching invariants are tested on varied text rather than one repeated token."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunelab.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:smollm2-135m-instruct")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128,
+                      max_position_embeddings=2048, initializer_range=0.5, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peaky_llama(tmp_path_factory) -> Path:
+    return build_peaky_llama(tmp_path_factory.mktemp("peaky") / "peaky-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, small_dataset) -> Path:
+    """A tiny-bert sentiment classifier model dir (trained for a few seconds on the synthetic rows)."""
+    from tunelab.config import validate
+    from tunelab.train.loop import train
+
+    run = tmp_path_factory.mktemp("clf") / "sentiment"
+    train(validate(tiny_config(small_dataset, epochs=4)), run, show_progress=False)
+    return run / "model"
+
+
+@pytest.fixture(scope="session")
+def sft_lora(tmp_path_factory, chat_data) -> Path:
+    """A tiny-llama LoRA chat model dir (its chat template and stop tokens saved with it)."""
+    from tunelab.train.loop import train
+
+    run = tmp_path_factory.mktemp("sft") / "arith"
+    train(task_config(chat_data, "tiny-llama", "lora", lr=1e-2, epochs=1), run, show_progress=False)
+    return run / "model"

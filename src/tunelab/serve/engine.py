@@ -92,6 +92,7 @@ class GenerationEngine:
         self.device = next(model.parameters()).device
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
+        self._prefilling = 0  # taken from the queue, not yet in the batch (still counts against capacity)
         self._cache = None  # transformers DynamicCache, rows = self._running
         self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
         self._cond = threading.Condition()
@@ -106,7 +107,8 @@ class GenerationEngine:
         with self._cond:
             if self._stopped:
                 raise EngineFull("the server is shutting down")
-            if len(self._waiting) + len(self._running) + len(seqs) > self.max_batch + self.max_waiting:
+            held = len(self._waiting) + len(self._running) + self._prefilling
+            if held + len(seqs) > self.max_batch + self.max_waiting:
                 raise EngineFull(f"{self.name} is at capacity")
             for s in seqs:
                 s._trim = StopTrimmer(s.params.stop)
@@ -125,7 +127,7 @@ class GenerationEngine:
     def load(self) -> tuple[int, int]:
         """(running, waiting) sequences."""
         with self._cond:
-            return len(self._running), len(self._waiting)
+            return len(self._running) + self._prefilling, len(self._waiting)
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -144,6 +146,7 @@ class GenerationEngine:
                         self._finish(s, error="the server shut down before this request finished")
                     return
                 new = self._take_waiting()
+                self._prefilling = len(new)
             try:
                 with torch.inference_mode():
                     self._drop([s for s in self._running if s.cancelled])
@@ -156,6 +159,8 @@ class GenerationEngine:
                     if not s.finished:
                         self._finish(s, error="the generation engine failed on this request")
                 self._running, self._cache, self._mask = [], None, None
+            with self._cond:
+                self._prefilling = 0
             self._report()
 
     def _take_waiting(self) -> list[Sequence]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import sys
 
 import torch
@@ -37,8 +38,12 @@ class _Server(uvicorn.Server):
         guard.state.on_load_error = self._fail
 
     def handle_exit(self, sig, frame) -> None:
+        # as uvicorn's, except that the signal is not re-raised after the drain: a drained server exits 0
         self.guard.state.draining = True
-        super().handle_exit(sig, frame)
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
     def _fail(self) -> None:
         self.exit_code = 1

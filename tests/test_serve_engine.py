@@ -1,0 +1,258 @@
+"""The generation engine's invariants: a sequence decoded in a continuously changing batch gives exactly
+what it gives alone (greedy, and seeded sampling), cancelled sequences free their slot, stop strings are
+cut, LoRA adapters mix in one batch; the micro-batcher returns each request its own results."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tunelab.serve.engine import EngineFull, GenerationEngine, MicroBatcher, SamplingParams, Sequence
+
+PROMPTS = ["Hello there", "What is the capital of France?", "a b c d e f g", "Once upon a time in a land",
+           "x", "The quick brown fox jumps over the lazy dog and then"]
+
+
+@pytest.fixture(scope="module")
+def lm(peaky_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(peaky_llama, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(peaky_llama)
+
+
+class Run:
+    """Sequences submitted to an engine, and their events."""
+
+    def __init__(self):
+        self.events: dict[int, list] = {}
+        self._left = 0
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def seq(self, prompt, **params) -> Sequence:
+        i = len(self.events)
+        self.events[i] = []
+        with self._lock:
+            self._left += 1
+            self._done.clear()
+
+        def sink(ev):
+            self.events[i].append(ev)
+            if ev[0] != "text":
+                with self._lock:
+                    self._left -= 1
+                    if not self._left:
+                        self._done.set()
+        params.setdefault("max_tokens", 16)
+        params.setdefault("temperature", 0)
+        return Sequence(prompt, SamplingParams(**params), sink)
+
+    def wait(self, timeout=60):
+        assert self._done.wait(timeout), "the engine did not finish in time"
+
+    def text(self, i) -> str:
+        return "".join(e[1] for e in self.events[i] if e[0] == "text")
+
+    def end(self, i) -> tuple:
+        return self.events[i][-1]
+
+
+def decoded(seq: Sequence, k: int, timeout: float = 30) -> None:
+    """Wait until `seq` has generated `k` tokens (so that what is submitted next joins a running batch)."""
+    deadline = time.time() + timeout
+    while len(seq.tokens) < k and time.time() < deadline:
+        time.sleep(0.001)
+    assert len(seq.tokens) >= k
+
+
+def alone(model, tok, prompt_ids, n, **sampling):
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, eos_token_id=None,
+                         pad_token_id=0, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_staggered_batch_equals_each_alone(lm):
+    model, tok = lm
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    lengths = [40, 7, 30, 3, 12, 9]  # rows leave at different steps, so the batch changes all the time
+    expected = [alone(model, tok, p, n) for p, n in zip(prompts, lengths)]
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=4)
+    try:
+        run = Run()
+        seqs = [run.seq(p, max_tokens=n) for p, n in zip(prompts, lengths)]
+        eng.submit(seqs[:2])
+        decoded(seqs[0], 2)  # the others join a batch that is already decoding
+        eng.submit(seqs[2:4])
+        decoded(seqs[2], 3)
+        eng.submit(seqs[4:])
+        run.wait()
+    finally:
+        eng.close()
+    for s, exp, n in zip(seqs, expected, lengths):
+        assert s.tokens == exp
+        assert len(s.tokens) == n
+    assert len({tuple(e) for e in expected}) == len(expected)  # varied answers: the check is not vacuous
+    for i, s in enumerate(seqs):
+        assert run.text(i) == tok.decode(s.tokens)  # incremental detokenisation loses nothing
+        assert run.end(i) == ("done", "length", len(s.prompt), len(s.tokens))
+
+
+def test_identical_requests_identical_answers(lm):
+    model, tok = lm
+    prompt = tok(PROMPTS[1])["input_ids"]
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=8)
+    try:
+        run = Run()
+        seqs = [run.seq(prompt, max_tokens=24) for _ in range(8)]
+        eng.submit(seqs)
+        run.wait()
+    finally:
+        eng.close()
+    assert all(s.tokens == alone(model, tok, prompt, 24) for s in seqs)
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(lm):
+    model, tok = lm
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=8)
+    try:
+        solo = Run()
+        first = solo.seq(prompts[0], temperature=0.9, top_p=0.9, top_k=50, seed=7, max_tokens=12)
+        eng.submit([first])
+        solo.wait()
+        mixed = Run()
+        seqs = [mixed.seq(p, temperature=0.9, top_p=0.9, top_k=50, seed=7 if i == 0 else i, max_tokens=12)
+                for i, p in enumerate(prompts)] + [mixed.seq(prompts[0], temperature=0.9, seed=8, max_tokens=12)]
+        eng.submit(seqs)
+        mixed.wait()
+    finally:
+        eng.close()
+    assert seqs[0].tokens == first.tokens
+    assert seqs[3].tokens != first.tokens  # another seed, another sample
+
+
+def test_stop_tokens_and_stop_strings(lm):
+    model, tok = lm
+    prompt = tok(PROMPTS[0])["input_ids"]
+    full = alone(model, tok, prompt, 16)
+    text = tok.decode(full)
+    stop_id = full[5]
+    eng = GenerationEngine(model, tok, stop_ids=[stop_id], max_batch=4)
+    try:
+        run = Run()
+        by_token = run.seq(prompt, max_tokens=16)
+        cut = tok.decode(full[:3])
+        stop_str = text[len(cut):len(cut) + 3]
+        plain = GenerationEngine(model, tok, stop_ids=[], max_batch=4)
+        by_string = run.seq(prompt, max_tokens=16, stop=[stop_str])
+        eng.submit([by_token])
+        plain.submit([by_string])
+        run.wait()
+        plain.close()
+    finally:
+        eng.close()
+    first_stop = full.index(stop_id)
+    assert by_token.tokens == full[:first_stop]
+    assert run.end(0)[:2] == ("done", "stop") and run.end(0)[3] == first_stop + 1  # the stop token is counted
+    assert run.text(1) == text[:text.index(stop_str)]
+    assert run.end(1)[1] == "stop"
+
+
+def test_cancel_frees_the_slot_and_capacity_is_bounded(lm):
+    model, tok = lm
+    prompt = tok(PROMPTS[0])["input_ids"]
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=1, max_waiting=1)
+    try:
+        run = Run()
+        long = run.seq(prompt, max_tokens=200)
+        waiting = run.seq(prompt, max_tokens=4)
+        eng.submit([long])
+        eng.submit([waiting])
+        with pytest.raises(EngineFull):
+            eng.submit([run.seq(prompt, max_tokens=4)])
+        time.sleep(0.1)
+        assert eng.load() == (1, 1)
+        eng.cancel([long])
+        deadline = time.time() + 30
+        while not waiting.finished and time.time() < deadline:
+            time.sleep(0.01)
+        assert waiting.finished and len(waiting.tokens) == 4
+        assert long.finished and len(long.tokens) < 200
+        assert eng.load() == (0, 0)
+        assert not any(e[0] == "done" for e in run.events[0])  # a cancelled sequence reports nothing more
+    finally:
+        eng.close()
+
+
+def test_lora_adapters_mix_in_one_batch(peaky_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(peaky_llama)
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(peaky_llama, dtype=torch.float32)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora, adapter_name="first")
+    model.add_adapter("second", lora)
+    model.eval()
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    expected = {}
+    for adapter in ("first", "second", "__base__"):
+        for k, p in enumerate(prompts):
+            if adapter == "__base__":
+                with model.disable_adapter():
+                    expected[adapter, k] = alone(model, tok, p, 10)
+            else:
+                model.set_adapter(adapter)
+                expected[adapter, k] = alone(model, tok, p, 10)
+    assert len(set(map(tuple, expected.values()))) == len(expected)
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=8, multi_adapter=True)
+    try:
+        run = Run()
+        seqs = {}
+        for key in expected:
+            s = run.seq(prompts[key[1]], max_tokens=10)
+            s.adapter = key[0]
+            seqs[key] = s
+        eng.submit(list(seqs.values()))
+        run.wait()
+    finally:
+        eng.close()
+    assert {k: s.tokens for k, s in seqs.items()} == expected
+
+
+def test_micro_batcher_groups_requests_and_splits_results():
+    calls = []
+
+    def fn(texts):
+        calls.append(len(texts))
+        return [t.upper() for t in texts]
+
+    mb = MicroBatcher(fn, max_batch=8, max_wait_ms=50)
+    try:
+        futures = [mb.submit([f"a{i}", f"b{i}"]) for i in range(6)]
+        results = [f.result(10) for f in futures]
+    finally:
+        mb.close()
+    assert results == [[f"A{i}", f"B{i}"] for i in range(6)]
+    assert sum(calls) == 12 and max(calls) <= 8 and len(calls) < 6  # batched, never over the cap
+
+
+def test_micro_batcher_failure_reaches_every_request_of_the_batch():
+    def fn(texts):
+        raise RuntimeError("boom")
+
+    mb = MicroBatcher(fn, max_batch=8, max_wait_ms=20)
+    try:
+        futures = [mb.submit(["x"]) for _ in range(3)]
+        for f in futures:
+            with pytest.raises(RuntimeError):
+                f.result(10)
+        assert mb.submit(["y"]).exception(10) is not None  # still serving after a failure
+    finally:
+        mb.close()
