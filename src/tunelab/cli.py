@@ -284,19 +284,29 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)"),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together per model"),
     max_waiting: int = typer.Option(64, "--max-waiting", min=0, help="queued requests beyond the batch; then 503"),
+    encoder_batch: int = typer.Option(64, "--encoder-batch", min=1, help="texts per classify/embeddings forward "
+                                      "(and per request)"),
+    encoder_wait_ms: float = typer.Option(5.0, "--encoder-wait-ms", min=0, help="how long a micro-batch waits to "
+                                          "fill"),
+    precision: str = typer.Option("auto", "--precision", help="classify/embeddings: auto (bf16 where native), "
+                                  "fp32, bf16; generation runs in fp32"),
     rate_limit: float = typer.Option(0, "--rate-limit", min=0, help="requests per minute per key (0 = off)"),
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1),
     drain_timeout: float = typer.Option(30, "--drain-timeout", min=0.1, help="SIGTERM: seconds in-flight "
                                         "requests may take to finish"),
 ):
     """An OpenAI-compatible API (chat, completions, classify, embeddings) with a playground page at /."""
-    from tunelab.config import ServeConfig
+    from tunelab.config import ServeConfig, format_validation_error
     from tunelab.serve.server import serve as run_server
 
-    cfg = ServeConfig(models=models, host=host, port=port, api_keys_file=api_keys_file,
-                      embedding_model=None if embedding_model.lower() == "none" else embedding_model,
-                      device=device, max_batch=max_batch, max_waiting=max_waiting, rate_limit=rate_limit,
-                      max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
+    try:
+        cfg = ServeConfig(models=models, host=host, port=port, api_keys_file=api_keys_file,
+                          embedding_model=None if embedding_model.lower() == "none" else embedding_model,
+                          device=device, max_batch=max_batch, max_waiting=max_waiting, encoder_batch=encoder_batch,
+                          encoder_wait_ms=encoder_wait_ms, precision=precision, rate_limit=rate_limit,
+                          max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err).replace("invalid config", "invalid serve options")) from None
     raise typer.Exit(run_server(cfg))
 
 

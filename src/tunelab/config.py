@@ -244,6 +244,8 @@ class ServeConfig(Section):
     encoder_batch: int = Field(64, gt=0, description="texts per classify/embeddings forward; also the most "
                                "texts one request may send")
     encoder_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="classify/embeddings: bf16 autocast "
+                                                       "where native (auto); generation always runs in fp32")
     rate_limit: float = Field(0, ge=0, description="requests per minute per key; 0 = unlimited")
     max_body_bytes: int = Field(1_000_000, gt=0)
     max_n: int = Field(8, gt=0)

@@ -346,3 +346,22 @@ def test_refuses_public_bind_without_keys_and_short_keys(tmp_path):
     assert res.returncode == 2 and "shorter than 16" in res.stderr
     res = run("--api-keys-file", str(tmp_path / "missing.txt"))
     assert res.returncode == 2 and "cannot read the API keys file" in res.stderr
+
+
+@pytest.mark.integration
+def test_smollm2_served_answers_and_batches_exactly(tmp_path):
+    srv = ServerProcess(["builtin:smollm2-135m-instruct", "--embedding-model", "none"], tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        ask = dict(model="smollm2-135m-instruct", max_tokens=24, temperature=0,
+                   messages=[{"role": "user", "content": "What is the capital of France?"}])
+        single = client.chat.completions.create(**ask)
+        assert "Paris" in single.choices[0].message.content and single.choices[0].finish_reason == "stop"
+        questions = ["What is the capital of France?", "Name a primary color.", "What is 2 plus 2?",
+                     "What is the capital of France?"]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda q: client.chat.completions.create(
+                **{**ask, "messages": [{"role": "user", "content": q}]}).choices[0].message.content, questions))
+        assert answers[0] == answers[3] == single.choices[0].message.content
+    finally:
+        assert srv.stop() == 0

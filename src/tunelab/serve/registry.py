@@ -25,6 +25,7 @@ from tunelab.serve.protocol import APIError, bad_request
 log = logging.getLogger("tunelab.serve")
 
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
+ENCODER_CHUNK = 16  # texts per forward inside a micro-batch (length-sorted)
 ROUTE_OF_KIND = {"generate": "/v1/chat/completions or /v1/completions", "classify": "/v1/classify",
                  "embed": "/v1/embeddings"}
 
@@ -199,14 +200,12 @@ class Registry:
         model, tok, meta = load_model_dir(s.ref, self.device, tasks=("classification",))
         labels, max_length = list(meta["labels"]), int(meta.get("max_length") or 512)
 
-        def run(texts: list[str]) -> list[dict]:
-            enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            probs = torch.softmax(model(**enc.to(self.device)).logits.float(), -1).tolist()
-            return [{"label": labels[max(range(len(p)), key=p.__getitem__)], "tokens": n,
-                     "probabilities": {lab: round(x, 6) for lab, x in zip(labels, p)}}
-                    for p, n in zip(probs, enc["attention_mask"].sum(1).tolist())]
+        def head(enc) -> list[dict]:
+            probs = torch.softmax(model(**enc).logits.float(), -1).tolist()
+            return [{"label": labels[max(range(len(p)), key=p.__getitem__)],
+                     "probabilities": {lab: round(x, 6) for lab, x in zip(labels, p)}} for p in probs]
 
-        self._add_encoder(s, "classify", run, tok, labels)
+        self._add_encoder(s, "classify", self._encoder_run(tok, max_length, head), tok, labels)
 
     def _add_embedder(self, s: Spec) -> None:
         from transformers import AutoModel
@@ -218,16 +217,36 @@ class Registry:
         model = AutoModel.from_pretrained(base.path, dtype=torch.float32).to(self.device).eval()
         max_length = min(int(getattr(model.config, "max_position_embeddings", 512) or 512), 512)
 
-        def run(texts: list[str]) -> list[dict]:
-            enc = tok(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            enc = enc.to(self.device)
+        def pool(enc) -> list[dict]:
             hidden = model(**enc).last_hidden_state.float()
             mask = enc["attention_mask"].unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            vectors = torch.nn.functional.normalize(pooled, dim=-1).tolist()
-            return [{"embedding": v, "tokens": n} for v, n in zip(vectors, enc["attention_mask"].sum(1).tolist())]
+            return [{"embedding": v} for v in torch.nn.functional.normalize(pooled, dim=-1).tolist()]
 
-        self._add_encoder(s, "embed", run, tok, [])
+        self._add_encoder(s, "embed", self._encoder_run(tok, max_length, pool), tok, [])
+
+    def _encoder_run(self, tok, max_length: int, forward):
+        """texts -> one result dict per text (with its token count), in order. The texts of a micro-batch are
+        sorted by length and run in chunks, so that short texts are not padded to the longest of the batch;
+        under bf16 autocast where the hardware has it (`precision`)."""
+        from tunelab.train.precision import autocast, resolve_precision
+
+        precision = resolve_precision(self.settings.precision, self.device)
+
+        def run(texts: list[str]) -> list[dict]:
+            ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
+            order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+            out: list[dict | None] = [None] * len(texts)
+            for start in range(0, len(order), ENCODER_CHUNK):
+                part = order[start:start + ENCODER_CHUNK]
+                enc = tok.pad({"input_ids": [ids[i] for i in part]}, return_tensors="pt").to(self.device)
+                with autocast(precision, self.device):
+                    results = forward(enc)
+                for i, r in zip(part, results):
+                    out[i] = {**r, "tokens": len(ids[i])}
+            return out
+
+        return run
 
     def _add_encoder(self, s: Spec, kind: str, run, tok, labels: list[str]) -> None:
         batcher = MicroBatcher(run, max_batch=self.settings.encoder_batch,

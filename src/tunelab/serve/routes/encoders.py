@@ -9,6 +9,7 @@ import struct
 import time
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from tunelab.serve.engine import EngineFull
 from tunelab.serve.protocol import ClassifyRequest, EmbeddingRequest, bad_request
@@ -44,9 +45,9 @@ async def classify(request: Request):
     served = st.registry.get(req.model, "classify")
     results = await _encode(st, served, req.texts())
     st.metrics.latency.labels("/v1/classify").observe(time.perf_counter() - start)
-    return {"object": "list", "model": served.id, "usage": _usage(results),
-            "data": [{"object": "classification", "index": i, "label": r["label"],
-                      "probabilities": r["probabilities"]} for i, r in enumerate(results)]}
+    return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
+                         "data": [{"object": "classification", "index": i, "label": r["label"],
+                                   "probabilities": r["probabilities"]} for i, r in enumerate(results)]})
 
 
 @router.post("/v1/embeddings")
@@ -67,6 +68,6 @@ async def embeddings(request: Request):
             return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
         return v
 
-    return {"object": "list", "model": served.id, "usage": _usage(results),
-            "data": [{"object": "embedding", "index": i, "embedding": encode(r["embedding"])}
-                     for i, r in enumerate(results)]}
+    return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
+                         "data": [{"object": "embedding", "index": i, "embedding": encode(r["embedding"])}
+                                  for i, r in enumerate(results)]})
