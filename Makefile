@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python benchmarks/classification_throughput.py
 	$(BIN)/python benchmarks/lora_sft_throughput.py
 	$(BIN)/python benchmarks/checkpoint_cost.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs data build

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,7 +159,6 @@ def served_generation(convs, tokens: int, rounds: int, rate: float, rate_request
     srv = Server([BASE, "--embedding-model", "none", "--max-batch", str(max(16, len(convs)))], tmp / "gen.log")
     try:
         asyncio.run(concurrent_round(srv.url, convs[:2], 8))  # warm-up
-        rss_before = srv.rss_mb()
         results, walls = [], []
         for _ in range(rounds):
             res, wall = asyncio.run(concurrent_round(srv.url, convs, tokens))
@@ -173,13 +171,14 @@ def served_generation(convs, tokens: int, rounds: int, rate: float, rate_request
                       "wall_s": round(sum(walls), 2), "tokens_per_s": round(generated / sum(walls), 1),
                       "ttft_s": summary([r["ttft"] for r in ok]), "e2e_s": summary([r["e2e"] for r in ok]),
                       "_texts": [r["text"] for r in ok[:len(convs)]]}
+        rss_before = srv.rss_mb()
         fixed_convs = prompts(rate_requests)
         res, wall = asyncio.run(fixed_rate(srv.url, fixed_convs, tokens // 2, rate))
         ok = [r for r in res if r["status"] == 200]
         fixed = {"rate_per_s": rate, "requests": len(res), "max_tokens": tokens // 2,
                  "failed": len(res) - len(ok), "statuses": sorted({r["status"] for r in res}),
                  "ttft_s": summary([r["ttft"] for r in ok]), "e2e_s": summary([r["e2e"] for r in ok]),
-                 "rss_mb_after_warmup": round(rss_before, 1), "rss_mb_after_load": round(srv.rss_mb(), 1)}
+                 "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(srv.rss_mb(), 1)}
         return {"concurrent": concurrent, "fixed_rate": fixed}
     finally:
         srv.stop()

@@ -47,7 +47,8 @@ def test_playground_chat_streams_and_classify_labels(site):
 
         # count DOM updates of the answer: streamed tokens arrive one after another
         page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
-            .observe(document.getElementById('transcript'), {subtree: true, childList: true, characterData: true}); }""")
+            .observe(document.getElementById('transcript'),
+                     {subtree: true, childList: true, characterData: true}); }""")
         page.fill("#max-tokens", "24")
         page.fill("#message", "What is the capital of France?")
         page.click("#send")

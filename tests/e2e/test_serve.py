@@ -278,7 +278,8 @@ def test_overload_is_503_and_a_disconnect_frees_the_slot(tight):
         assert time.time() < deadline, "the slot was not freed"
         time.sleep(0.05)
     assert _generated(tight) < 1500  # the 2000-token request stopped early, not ran to the end
-    ok = post(tight, "/v1/chat/completions", {**CHAT, "max_tokens": 2}, headers={"Authorization": f"Bearer {OTHER_KEY}"})
+    ok = post(tight, "/v1/chat/completions", {**CHAT, "max_tokens": 2},
+              headers={"Authorization": f"Bearer {OTHER_KEY}"})
     assert ok.status_code == 200, ok.text
 
 

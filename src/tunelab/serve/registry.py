@@ -72,6 +72,7 @@ class Served:
 
 
 def parse_spec(item: str, embedding: bool = False) -> Spec:
+    from tunelab.assets import builtin_path
     from tunelab.models import META_FILE, read_meta
 
     name, ref = (item.split("=", 1) if "=" in item and not Path(item).exists() else (None, item))
@@ -94,7 +95,9 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
         lora = (d / "adapter_config.json").is_file() and method in ("lora", "adalora")
         default = d.parent.name if d.name == "model" and d.parent.name else d.name
         return Spec(name or default, ref, kind, True, meta["base"]["ref"] if lora else None, meta)
-    if not (ref.startswith("builtin:") or ref in ("tiny-llama", "tiny-bert") or d.exists()):
+    if ref.startswith("builtin:"):
+        builtin_path(ref)  # unknown or not installed: say so now, not after the server has started
+    elif not (ref in ("tiny-llama", "tiny-bert") or d.exists()):
         raise UserError(f"model '{ref}' not found: not a model dir, a base model dir, a .gguf file or builtin:NAME")
     default = ref.removeprefix("builtin:") if ref.startswith("builtin:") else d.name.removesuffix(".gguf")
     kind = "embed" if embedding or ref in ("builtin:minilm-l6", "tiny-bert") else "generate"
