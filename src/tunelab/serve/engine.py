@@ -1,18 +1,19 @@
 """The serving engines: continuous batching for generation, micro-batching for encoders.
 
 `GenerationEngine` runs one decode loop in its own thread. Every sequence owns a row of a left-padded
-batch KV cache: a new request is prefilled alone (its exact prompt, no padding), then its cache row
-joins the running batch between two decode steps; a finished or cancelled sequence leaves its row at
-once and the all-padding columns it leaves behind are trimmed. Each decode step feeds every running
-sequence its last token, at its own position, under one attention mask. Prefill per iteration is
-bounded by a token budget so that a burst of new prompts cannot stall the sequences already decoding.
+batch KV cache: the requests that arrived since the last step are prefilled together (left-padded to the
+longest of them), then their cache rows join the running batch between two decode steps; a finished or
+cancelled sequence leaves its row at once and the all-padding columns it leaves behind are trimmed.
+Each decode step feeds every running sequence its last token, at its own position, under one attention
+mask. Prefill per iteration is bounded by a token budget so that a burst of new prompts cannot stall the
+sequences already decoding.
 
 Results go to each sequence's `sink` (called on the engine thread): ("text", piece), then one
 ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message). Text is detokenised
 incrementally (never a half UTF-8 character) and held back while it could be the start of a stop string.
 
 `MicroBatcher` collects encoder requests (lists of texts) for up to `max_wait_ms` or `max_batch` texts,
-runs one padded forward over all of them and hands each request its share.
+runs the model function once over all of them and hands each request its share.
 """
 
 from __future__ import annotations
@@ -65,10 +66,6 @@ class Sequence:
     _read: int = 0
     _counts: dict[int, int] = field(default_factory=dict)
 
-    def _mark_finished(self) -> bool:
-        self.finished = True
-        return False
-
     @property
     def greedy(self) -> bool:
         return self.params.temperature == 0
@@ -79,7 +76,26 @@ class Sequence:
         return len(self.prompt) + len(self.tokens) - 1
 
 
-class GenerationEngine:
+class _Worker:
+    """A daemon thread running `_loop`, woken through `_cond`; `close` stops it."""
+
+    def _start(self, name: str) -> None:
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+
+class GenerationEngine(_Worker):
     """Continuous batching over one causal LM (optionally a PEFT model with several LoRA adapters, picked
     per sequence). `submit` and `cancel` are thread-safe; everything else runs on the engine thread."""
 
@@ -95,11 +111,8 @@ class GenerationEngine:
         self._prefilling = 0  # taken from the queue, not yet in the batch (still counts against capacity)
         self._cache = None  # transformers DynamicCache, rows = self._running
         self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
-        self._cond = threading.Condition()
-        self._stopped = False
         self._multi_adapter = multi_adapter  # a PEFT model with several LoRA adapters: pick one per row
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
-        self._thread.start()
+        self._start(f"engine-{name}")
 
     # ---- thread-safe API --------------------------------------------------------------------------
     def submit(self, seqs: list[Sequence]) -> None:
@@ -128,12 +141,6 @@ class GenerationEngine:
         """(running, waiting) sequences."""
         with self._cond:
             return len(self._running) + self._prefilling, len(self._waiting)
-
-    def close(self, timeout: float = 5.0) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout)
 
     # ---- engine thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -195,7 +202,10 @@ class GenerationEngine:
     def _prefill(self, new: list[Sequence]) -> None:
         """One left-padded forward over the new prompts; each picks its first token, then the rows that
         go on join the batch cache."""
-        new = [s for s in new if not s.cancelled or s._mark_finished()]
+        for s in new:
+            if s.cancelled:
+                s.finished = True
+        new = [s for s in new if not s.cancelled]
         if not new:
             return
         width = max(len(s.prompt) for s in new)
@@ -355,7 +365,7 @@ def _pad_left(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-class MicroBatcher:
+class MicroBatcher(_Worker):
     """Run `fn(texts) -> list[result]` over requests gathered for up to `max_wait_ms` or `max_batch` texts.
     `submit(texts)` returns a Future of that request's results, in order."""
 
@@ -364,10 +374,7 @@ class MicroBatcher:
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.max_waiting, self.name, self.metrics = max_waiting, name, metrics
         self._queue: deque[tuple[list[str], Future]] = deque()
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        self._start(f"batcher-{name}")
 
     def submit(self, texts: list[str]) -> Future:
         fut: Future = Future()
@@ -379,16 +386,6 @@ class MicroBatcher:
             self._queue.append((texts, fut))
             self._cond.notify()
         return fut
-
-    def load(self) -> tuple[int, int]:
-        with self._cond:
-            return 0, len(self._queue)
-
-    def close(self, timeout: float = 5.0) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -410,6 +407,7 @@ class MicroBatcher:
                     n += len(texts)
             if self.metrics:
                 self.metrics.running.labels(self.name).set(n)
+                self.metrics.queue_depth.labels(self.name).set(len(self._queue))
             try:
                 with torch.inference_mode():
                     results = self.fn([t for texts, _ in batch for t in texts])

@@ -13,12 +13,20 @@ from fastapi.responses import JSONResponse
 
 from tunelab.serve.engine import EngineFull
 from tunelab.serve.protocol import ClassifyRequest, EmbeddingRequest, bad_request
-from tunelab.serve.state import ServerState, state
+from tunelab.serve.state import state
 
 router = APIRouter()
 
 
-async def _encode(st: ServerState, served, texts: list[str]) -> list:
+async def _encode(request: Request, model: type, kind: str):
+    """The shared part of both routes: checks, then the texts through the model's micro-batcher.
+    -> (state, request body, served model, results, start time)."""
+    st = state(request)
+    st.admit(request)
+    start = time.perf_counter()
+    req = await st.parse(request, model)
+    served = st.registry.get(req.model, kind)
+    texts = req.texts()
     if not texts:
         raise bad_request("input: give at least one text", param="input")
     if len(texts) > st.settings.encoder_batch:
@@ -28,7 +36,7 @@ async def _encode(st: ServerState, served, texts: list[str]) -> list:
         fut = served.batcher.submit(texts)
     except EngineFull as err:
         raise st.overloaded(err) from None
-    return await asyncio.wrap_future(fut)
+    return st, req, served, await asyncio.wrap_future(fut), start
 
 
 def _usage(results: list) -> dict:
@@ -38,12 +46,7 @@ def _usage(results: list) -> dict:
 
 @router.post("/v1/classify")
 async def classify(request: Request):
-    st = state(request)
-    st.admit(request)
-    start = time.perf_counter()
-    req = await st.parse(request, ClassifyRequest)
-    served = st.registry.get(req.model, "classify")
-    results = await _encode(st, served, req.texts())
+    st, req, served, results, start = await _encode(request, ClassifyRequest, "classify")
     st.metrics.latency.labels("/v1/classify").observe(time.perf_counter() - start)
     return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
                          "data": [{"object": "classification", "index": i, "label": r["label"],
@@ -52,12 +55,7 @@ async def classify(request: Request):
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
-    st = state(request)
-    st.admit(request)
-    start = time.perf_counter()
-    req = await st.parse(request, EmbeddingRequest)
-    served = st.registry.get(req.model, "embed")
-    results = await _encode(st, served, req.texts())
+    st, req, served, results, start = await _encode(request, EmbeddingRequest, "embed")
     dims = len(results[0]["embedding"])
     if req.dimensions is not None and req.dimensions != dims:
         raise bad_request(f"dimensions: '{served.id}' gives {dims}-dimensional embeddings", param="dimensions")
