@@ -49,5 +49,6 @@ def run_quickstart(out: Path, data: Path, train_examples: int | None, epochs: fl
                   f"[bold]use it[/] tunelab predict {model_dir} \"the flight was late again\" \"great service!\"\n"
                   f"        python: from tunelab.predict import predict_texts; "
                   f"predict_texts('{model_dir}', ['great service!'])\n"
+                  f"        API: tunelab serve {model_dir}   (POST /v1/classify; playground at /)\n"
                   f"done in {time.perf_counter() - t0:.0f} s")
     return report
