@@ -68,9 +68,8 @@ def create_app(settings: ServeConfig, specs: list[Spec], keys: list[str], device
 class Guard:
     """Pure ASGI middleware: request metrics, drain refusal, body size limit."""
 
-    def __init__(self, app, st: ServerState):
-        self.app, self.st = app, st
-        self.state = st  # tests and the server reach the shared state through here
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state  # the server (drain, load errors) and tests reach the state here
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -85,11 +84,11 @@ class Guard:
             await send(message)
 
         try:
-            if self.st.draining and path not in OPEN_WHILE_DRAINING:
-                self.st.metrics.rejections.labels("draining").inc()
+            if self.state.draining and path not in OPEN_WHILE_DRAINING:
+                self.state.metrics.rejections.labels("draining").inc()
                 return await _reply(counted_send, APIError(503, "the server is shutting down", type="server_error",
                                                            code="shutting_down", headers={"Connection": "close"}))
-            limit = self.st.settings.max_body_bytes
+            limit = self.state.settings.max_body_bytes
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 return await self._too_large(counted_send, limit)
@@ -100,10 +99,10 @@ class Guard:
                 receive = _replay(body, receive)
             await self.app(scope, receive, counted_send)
         finally:
-            self.st.metrics.requests.labels(route, str(status["code"])).inc()
+            self.state.metrics.requests.labels(route, str(status["code"])).inc()
 
     async def _too_large(self, send, limit: int):
-        self.st.metrics.rejections.labels("body_too_large").inc()
+        self.state.metrics.rejections.labels("body_too_large").inc()
         await _reply(send, APIError(413, f"the request body is over the limit of {limit} bytes",
                                     code="request_too_large", headers={"Connection": "close"}))
 

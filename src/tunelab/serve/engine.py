@@ -105,6 +105,9 @@ class GenerationEngine(_Worker):
         self.stop_ids = set(stop_ids)
         self.max_batch, self.max_waiting, self.prefill_budget = max_batch, max_waiting, prefill_budget
         self.metrics = metrics
+        # per-token counters resolved once (a labels() lookup takes a lock; this runs for every token)
+        self._generated = metrics.generated_tokens.labels(name) if metrics else None
+        self._prompted = metrics.prompt_tokens.labels(name) if metrics else None
         self.device = next(model.parameters()).device
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -217,8 +220,8 @@ class GenerationEngine(_Worker):
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, None, [s.adapter or "__base__" for s in new],
                                       keep_last=True)
-        if self.metrics:
-            self.metrics.prompt_tokens.labels(self.name).inc(int(mask.sum()))
+        if self._prompted is not None:
+            self._prompted.inc(int(mask.sum()))
         goes_on = [i for i, s in enumerate(new) if not self._emit(s, self._choose(s, logits[i]))]
         if not goes_on:
             return
@@ -300,8 +303,8 @@ class GenerationEngine(_Worker):
 
     def _emit(self, s: Sequence, token: int) -> bool:
         """Record a generated token and send its text; True when the sequence is finished."""
-        if self.metrics:
-            self.metrics.generated_tokens.labels(self.name).inc()
+        if self._generated is not None:
+            self._generated.inc()
         s.tokens.append(token)
         s._counts[token] = s._counts.get(token, 0) + 1
         if token in self.stop_ids:

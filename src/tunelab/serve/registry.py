@@ -50,8 +50,7 @@ class Served:
     engine: GenerationEngine | None = None
     batcher: MicroBatcher | None = None
     adapter: str | None = None
-    context: int = 0
-    labels: list[str] = field(default_factory=list)
+    context: int = 0  # generation: prompt + max_tokens must fit
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         tok = self.tokenizer
@@ -163,21 +162,15 @@ class Registry:
             close()
 
     def _add_generator(self, specs: list[Spec]) -> None:
-        from tunelab.models import load_causal_lm, load_model_dir
-        from tunelab.tasks.sft import stop_tokens
+        from transformers import AutoTokenizer
+
+        from tunelab.generate import load_generator
 
         first = specs[0]
-        if first.model_dir:
-            model, tok, meta = load_model_dir(first.ref, self.device, tasks=("causal_lm", "sft"))
-            stops = list(meta.get("stop") or [tok.eos_token])
-        else:
-            model, tok, _, _ = load_causal_lm(first.ref)
-            model.to(self.device).eval()
-            stops = stop_tokens(tok, chat=True)
+        gen = load_generator(first.ref, self.device)  # a model dir's own stop tokens, or the base's chat stops
+        model, tok, stops = gen.model, gen.tokenizer, list(gen.stop)
         adapters, tokenizers = {first.id: "default" if len(specs) > 1 else None}, {first.id: tok}
         for s in specs[1:]:
-            from transformers import AutoTokenizer
-
             model.load_adapter(s.ref, adapter_name=s.id)
             adapters[s.id] = s.id
             tokenizers[s.id] = AutoTokenizer.from_pretrained(s.ref)
@@ -208,7 +201,7 @@ class Registry:
             return [{"label": labels[max(range(len(p)), key=p.__getitem__)],
                      "probabilities": {lab: round(x, 6) for lab, x in zip(labels, p)}} for p in probs]
 
-        self._add_encoder(s, "classify", self._encoder_run(tok, max_length, head), tok, labels)
+        self._add_encoder(s, "classify", self._encoder_run(tok, max_length, head), tok)
 
     def _add_embedder(self, s: Spec) -> None:
         from transformers import AutoModel
@@ -226,7 +219,7 @@ class Registry:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
             return [{"embedding": v} for v in torch.nn.functional.normalize(pooled, dim=-1).tolist()]
 
-        self._add_encoder(s, "embed", self._encoder_run(tok, max_length, pool), tok, [])
+        self._add_encoder(s, "embed", self._encoder_run(tok, max_length, pool), tok)
 
     def _encoder_run(self, tok, max_length: int, forward):
         """texts -> one result dict per text (with its token count), in order. The texts of a micro-batch are
@@ -251,13 +244,11 @@ class Registry:
 
         return run
 
-    def _add_encoder(self, s: Spec, kind: str, run, tok, labels: list[str]) -> None:
+    def _add_encoder(self, s: Spec, kind: str, run, tok) -> None:
         batcher = MicroBatcher(run, max_batch=self.settings.encoder_batch,
                                max_wait_ms=self.settings.encoder_wait_ms, max_waiting=self.settings.max_waiting,
                                name=s.id, metrics=self.metrics)
         self._closers.append(batcher.close)
-        context = int(getattr(tok, "model_max_length", 512) or 512)
-        self.models[s.id] = Served(s.id, kind, int(time.time()), tok, batcher=batcher, context=context,
-                                   labels=labels)
+        self.models[s.id] = Served(s.id, kind, int(time.time()), tok, batcher=batcher)
         log.info("loaded %s for %s", s.id, ROUTE_OF_KIND[kind])
 
