@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/tunelab quickstart
+	$(BIN)/tunelab quickstart --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

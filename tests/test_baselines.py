@@ -1,5 +1,6 @@
 import numpy as np
 
+from tunelab.config import EvalConfig
 from tunelab.evaluate import baselines as bl
 from tunelab.evaluate.report import evaluate, print_report
 from tunelab.models import load_tokenizer
@@ -45,8 +46,8 @@ def test_report_keys_and_table(tmp_path, small_dataset, capsys):
     from conftest import tiny_config
 
     summary = train(validate(tiny_config(small_dataset, max_steps=4)), tmp_path / "run", show_progress=False)
-    report = evaluate(summary["model_dir"], None, "test", tmp_path / "r.json", ["tfidf", "zero_shot"],
-                      "tiny-llama", 10)
+    report = evaluate(summary["model_dir"], None, "test", tmp_path / "r.json",
+                      EvalConfig(baselines=["tfidf", "zero_shot"], zero_shot_model="tiny-llama", zero_shot_samples=10))
     assert set(report["baselines"]) == {"tfidf_logreg", "zero_shot"}
     assert report["baselines"]["zero_shot"]["sample_size"] == 10
     assert report["data"]["same_data_as_training"] is True

@@ -100,6 +100,8 @@ def test_incomplete_checkpoint_is_ignored(tmp_path):
     (root / "step-3").mkdir(parents=True)
     (root / "step-3" / "weights.safetensors").write_bytes(b"partial")
     assert ckpt.complete_checkpoints(root) == []
+    assert (root / "step-3").exists()  # listing never deletes: another process may be writing it
+    assert ckpt.clean_incomplete(root) == [root / "step-3"]  # the run's writer, holding the lock, cleans up
     assert not (root / "step-3").exists()
 
 
@@ -114,7 +116,10 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path, small_dataset):
         _run(tmp_path, small_dataset, "r", max_steps=4)
     cfg = validate(tiny_config(small_dataset, max_steps=2))
     summary = train(cfg, tmp_path / "r", overwrite=True, show_progress=False)
-    assert summary["steps"] == 2 and not ckpt.complete_checkpoints(tmp_path / "r" / "checkpoints")
+    # the old run's checkpoints are gone; the one left is the new run's last step (the old step-2 was not done)
+    done = ckpt.complete_checkpoints(tmp_path / "r" / "checkpoints")
+    assert summary["steps"] == 2 and [d.name for d in done] == ["step-2"]
+    assert json.loads((done[0] / "loop_state.json").read_text())["loop"]["done"] is True
     assert len([r for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if "train_loss" in r]) == 1
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,14 +83,15 @@ def tiny_model_dir(name: str) -> Path:
     `tiny-bert` borrows MiniLM's WordPiece tokenizer, `tiny-llama` SmolLM2's BPE tokenizer, so
     the models read real text; the weights are random (seed 0) and identical on every machine.
     """
+    if name not in TINY_MODELS:
+        raise UserError(f"unknown tiny model '{name}'; known: {', '.join(TINY_MODELS)}")
+    return cached(cache_dir() / "models" / name, lambda tmp: _build_tiny(name, tmp))
+
+
+def _build_tiny(name: str, out: Path) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer, BertConfig, LlamaConfig
 
-    if name not in TINY_MODELS:
-        raise UserError(f"unknown tiny model '{name}'; known: {', '.join(TINY_MODELS)}")
-    out = cache_dir() / "models" / name
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
     if name == "tiny-bert":
         tok = AutoTokenizer.from_pretrained(builtin_path("builtin:minilm-l6"))
         config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -107,26 +107,43 @@ def tiny_model_dir(name: str) -> Path:
     torch.manual_seed(0)
     model = AutoModel.from_config(config)
     model.config.architectures = None  # a bare body; the task head is added on load
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "tunelab-tiny.json").write_text(json.dumps({"name": name, "seed": 0}))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "tunelab-tiny.json").write_text(json.dumps({"name": name, "seed": 0}))
+
+
+def _complete(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+
+
+def cached(out: Path, build, complete=_complete) -> Path:
+    """`out`, built by `build(tmp_folder)` the first time (one builder at a time; others wait for it).
+
+    Building never changes the caller's random state: a run seeded before it trains the same model whether
+    the cache was warm or cold (the builders seed and draw from the global generators)."""
+    from tunelab.artifacts import FolderLock, write_folder
+
+    if complete(out):
+        return out
+    with FolderLock(out, wait=True):
+        if not complete(out):  # another process may have built it while this one waited
+            with preserved_rng(), write_folder(out, "cache", wait=True) as tmp:
+                build(tmp)
     return out
 
 
 @contextmanager
-def atomic_dir(dest: Path):
-    """Yield a temporary sibling folder; on success it replaces `dest` in one rename."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+def preserved_rng():
+    """Restore Python's, NumPy's and torch's global random states on exit."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from typer._click import ClickException
 
+from tunelab.config import DedupConfig, EvalConfig, PrepareOptions, ServeConfig
 from tunelab.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -30,29 +31,46 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
+def _opt(cls, field: str, *decls: str, note: str = "", **kw):
+    """A flag whose help and default come from the config model's field (the one source of both): the
+    flag defaults to None, meaning "not given", and the command falls back to the model's default."""
+    f = cls.model_fields[field]
+    default = f.default
+    shown = "none" if default is None else ", ".join(default) if isinstance(default, list) else default
+    text = "; ".join(x for x in (f.description, note) if x)
+    return typer.Option(None, *decls, help=f"{text} (default: {shown})".lstrip(), show_default=False, **kw)
+
+
+OVERWRITE = typer.Option(False, "--overwrite", help="replace what an earlier run of this command wrote there "
+                         "(never a file or folder tunelab did not write; the old one is removed only once the new "
+                         "one is complete)")
+
+
 @data_app.command("prepare")
 def data_prepare(
     source: str = typer.Argument(..., help="builtin:tweets-sentiment or a CSV/TSV/JSONL/JSON/Parquet file"),
     out: Path = typer.Option(..., "--out", help="dataset dir to write"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with any prepare options (clean, pii, "
                                           "dedup, ...); flags given here win"),
-    task: Optional[str] = typer.Option(None, "--task", help="classification (default), text (documents for "
-                                       "pretraining), sft (conversations), ner (tokens + BIO tags)"),
-    text_column: Optional[str] = typer.Option(None, help="column holding the text (default: text)"),
-    label_column: Optional[str] = typer.Option(None, help="column holding the label (default: label)"),
-    seed: Optional[int] = typer.Option(None, help="seed of the split (default 0)"),
-    val_ratio: Optional[float] = typer.Option(None, min=0.0, max=0.5),
-    test_ratio: Optional[float] = typer.Option(None, min=0.0, max=0.5),
-    max_rows: Optional[int] = typer.Option(None, min=1, help="keep a seeded stratified sample of this many rows"),
-    split_column: Optional[str] = typer.Option(None, help="respect an existing train/validation/test column"),
-    strict: Optional[bool] = typer.Option(None, "--strict", help="stop at the first malformed row (file:line)"),
-    max_drop_rate: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="fail above this drop rate (0.2)"),
-    near_threshold: Optional[float] = typer.Option(None, min=0.01, max=1.0, help="near-dup Jaccard (0.7)"),
+    task: Optional[str] = _opt(PrepareOptions, "task", "--task"),
+    text_column: Optional[str] = typer.Option(None, help="column holding the text (default: text, or the "
+                                              "built-in dataset's own)"),
+    label_column: Optional[str] = typer.Option(None, help="column holding the label (default: label, or the "
+                                               "built-in dataset's own)"),
+    seed: Optional[int] = _opt(PrepareOptions, "seed", "--seed", note="seed of the split"),
+    val_ratio: Optional[float] = _opt(PrepareOptions, "val_ratio", "--val-ratio"),
+    test_ratio: Optional[float] = _opt(PrepareOptions, "test_ratio", "--test-ratio"),
+    max_rows: Optional[int] = _opt(PrepareOptions, "max_rows", "--max-rows"),
+    split_column: Optional[str] = _opt(PrepareOptions, "split_column", "--split-column"),
+    strict: Optional[bool] = typer.Option(None, "--strict", help=PrepareOptions.model_fields["strict"].description),
+    max_drop_rate: Optional[float] = _opt(PrepareOptions, "max_drop_rate", "--max-drop-rate"),
+    near_threshold: Optional[float] = _opt(DedupConfig, "threshold", "--near-threshold", note="near duplicates"),
     no_near_dedup: bool = typer.Option(False, "--no-near-dedup", help="exact de-duplication only"),
     no_pii: bool = typer.Option(False, "--no-pii", help="do not redact PII"),
+    overwrite: bool = OVERWRITE,
 ):
     """Read, clean, redact, de-duplicate and split a labelled text file into a dataset dir."""
-    from tunelab.config import PrepareOptions, apply_overrides, format_validation_error, read_yaml_mapping
+    from tunelab.config import apply_overrides, read_yaml_mapping, section
     from tunelab.data.prepare import prepare
     from tunelab.data.summary import print_dataset_summary
 
@@ -62,11 +80,8 @@ def data_prepare(
              "strict": strict, "max_drop_rate": max_drop_rate, "dedup.threshold": near_threshold,
              "dedup.near": False if no_near_dedup else None, "pii.enabled": False if no_pii else None}
     apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])
-    try:
-        opts = PrepareOptions.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err).replace("invalid config", "invalid prepare options")) from None
-    meta = prepare(source, out, opts)
+    opts = section(PrepareOptions, raw, "prepare options")
+    meta = prepare(source, out, opts, overwrite=overwrite)
     print_dataset_summary(meta, out, console)
 
 
@@ -75,12 +90,18 @@ def data_overlap(
     a: str = typer.Argument(..., help="reference: a file, a dataset dir, or DIR:split (e.g. data/tweets:train)"),
     b: str = typer.Argument(..., help="checked: a file, a dataset dir, or DIR:split (e.g. my_test.csv)"),
     text_column: str = typer.Option("text", "--text-column"),
-    threshold: float = typer.Option(0.7, "--threshold", min=0.01, max=1.0, help="near-dup Jaccard"),
+    threshold: Optional[float] = _opt(DedupConfig, "threshold", "--threshold", note="near duplicates"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the report as JSON"),
+    overwrite: bool = OVERWRITE,
 ):
     """Decontamination check: rows of B that occur exactly or nearly in A."""
+    from tunelab.artifacts import check_file_target, write_file
+    from tunelab.config import section
     from tunelab.data.overlap import load_texts, overlap
 
+    threshold = section(DedupConfig, {"threshold": threshold} if threshold is not None else {}, "options").threshold
+    if out:
+        check_file_target(out, "overlap", overwrite)
     rep = overlap(load_texts(a, text_column), load_texts(b, text_column), threshold)
     console.print(f"{rep['rows_b']:,} rows of {b} against {rep['rows_a']:,} rows of {a}: "
                   f"[bold]{rep['exact']:,} exact[/] and [bold]{rep['near']:,} near[/] duplicates "
@@ -88,7 +109,8 @@ def data_overlap(
     for ex in rep["near_examples"][:5]:
         console.print(f"  near: {ex['b']!r}\n     ~ {ex['a']!r}", highlight=False)
     if out:
-        out.write_text(json.dumps(rep, indent=2, ensure_ascii=False))
+        write_file(out, json.dumps({"kind": "overlap", "a": a, "b": b, **rep}, indent=2, ensure_ascii=False),
+                   "overlap", checked=True)
 
 
 @app.command()
@@ -118,35 +140,30 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="dataset dir (default: the one it was trained on)"),
     split: str = typer.Option("test", "--split"),
     out: Optional[Path] = typer.Option(None, "--out", help="report JSON (a confusion-matrix PNG goes beside it)"),
-    baseline: Optional[list[str]] = typer.Option(None, "--baseline", help="tfidf, zero_shot (default both)"),
+    overwrite: bool = OVERWRITE,
+    baseline: Optional[list[str]] = _opt(EvalConfig, "baselines", "--baseline", note="repeatable"),
     no_baselines: bool = typer.Option(False, "--no-baselines"),
-    zero_shot_model: str = typer.Option("builtin:smollm2-135m-instruct", "--zero-shot-model"),
-    zero_shot_samples: int = typer.Option(300, "--zero-shot-samples", min=0,
-                                          help="cap on rows scored zero-shot; 0 = all"),
-    generation_samples: int = typer.Option(50, "--generation-samples", min=0,
-                                           help="sft: conversations answered for ROUGE-L / exact match"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
-    general_text: Optional[str] = typer.Option(None, "--general-text",
-                                               help="forgetting probe text (.txt or dataset dir; default: the "
-                                               "built-in tweets)"),
-    general_samples: int = typer.Option(200, "--general-samples", min=1),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="examples per forward (causal_lm/sft: at "
-                                   "most 8 blocks)"),
+    zero_shot_model: Optional[str] = _opt(EvalConfig, "zero_shot_model", "--zero-shot-model"),
+    zero_shot_samples: Optional[int] = _opt(EvalConfig, "zero_shot_samples", "--zero-shot-samples", note="0 = all"),
+    generation_samples: Optional[int] = _opt(EvalConfig, "generation_samples", "--generation-samples"),
+    max_new_tokens: Optional[int] = _opt(EvalConfig, "max_new_tokens", "--max-new-tokens"),
+    general_text: Optional[str] = _opt(EvalConfig, "general_text", "--general-text"),
+    general_samples: Optional[int] = _opt(EvalConfig, "general_samples", "--general-samples"),
+    batch_size: Optional[int] = _opt(EvalConfig, "batch_size", "--batch-size"),
 ):
     """Evaluate on a split next to the cheap baselines (classification: TF-IDF + LR and zero-shot; NER: word
     lookup) or, for causal_lm/sft, next to the base model before fine-tuning (perplexity, generation
-    scores, forgetting probe)."""
-    from tunelab.config import EvalConfig
-    from tunelab.evaluate.report import BASELINES, evaluate, print_report
+    scores, forgetting probe). Options not given come from the `eval` section of the model's run config."""
+    from tunelab.evaluate.report import evaluate, print_report
 
-    chosen = [] if no_baselines else (baseline or list(BASELINES))
-    unknown = set(chosen) - set(BASELINES)
-    if unknown:
-        raise UserError(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
-    eval_cfg = EvalConfig(batch_size=batch_size, generation_samples=generation_samples,
-                          max_new_tokens=max_new_tokens, general_text=general_text, general_samples=general_samples)
-    report = evaluate(model_dir, data, split, out, chosen, zero_shot_model, zero_shot_samples or None,
-                      batch_size=batch_size, eval_cfg=eval_cfg)
+    flags = {"baselines": [] if no_baselines else baseline, "zero_shot_model": zero_shot_model,
+             "zero_shot_samples": zero_shot_samples, "generation_samples": generation_samples,
+             "max_new_tokens": max_new_tokens, "general_text": general_text, "general_samples": general_samples,
+             "batch_size": batch_size}
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if zero_shot_samples == 0:
+        overrides["zero_shot_samples"] = None  # all rows
+    report = evaluate(model_dir, data, split, out, overwrite=overwrite, overrides=overrides)
     print_report(report, console)
     if out:
         png = report.get("confusion_matrix_png")
@@ -159,6 +176,7 @@ def predict(
     texts: Optional[list[str]] = typer.Argument(None, help="texts to classify"),
     input: Optional[Path] = typer.Option(None, "--input", help="JSONL/CSV/TSV/Parquet file of texts"),
     out: Optional[Path] = typer.Option(None, "--out", help="predictions JSONL (with --input)"),
+    overwrite: bool = OVERWRITE,
     text_column: str = typer.Option("text", "--text-column"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per text instead of a table"),
@@ -171,7 +189,7 @@ def predict(
     if input:
         if out is None:
             raise UserError("--input needs --out FILE for the predictions")
-        res = predict_file(model_dir, input, out, text_column, batch_size)
+        res = predict_file(model_dir, input, out, text_column, batch_size, overwrite=overwrite)
         console.print(f"wrote {res['predicted']} predictions to {res['out']}")
         if res["skipped"]:
             err_console.print(f"skipped {len(res['skipped'])} rows without text: " + ", ".join(
@@ -275,39 +293,32 @@ def chat(
 def serve(
     models: list[str] = typer.Argument(..., help="model dirs or base models (builtin:…, tiny-llama, a dir, a .gguf); "
                                        "NAME=PATH sets the id clients use"),
-    host: str = typer.Option("127.0.0.1", "--host", help="other than loopback only with API keys"),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="0 = any free port"),
-    api_keys_file: Optional[Path] = typer.Option(None, "--api-keys-file",
-                                                 help="one key per line; keys also from TUNELAB_API_KEYS"),
-    embedding_model: str = typer.Option("builtin:minilm-l6", "--embedding-model",
-                                        help="served at /v1/embeddings; 'none' = off"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)"),
-    max_batch: int = typer.Option(16, "--max-batch", min=1, help="sequences decoded together per model"),
-    max_waiting: int = typer.Option(64, "--max-waiting", min=0, help="queued requests beyond the batch; then 503"),
-    encoder_batch: int = typer.Option(64, "--encoder-batch", min=1, help="texts per classify/embeddings forward "
-                                      "(and per request)"),
-    encoder_wait_ms: float = typer.Option(5.0, "--encoder-wait-ms", min=0, help="how long a micro-batch waits to "
-                                          "fill"),
-    precision: str = typer.Option("auto", "--precision", help="classify/embeddings: auto (bf16 where native), "
-                                  "fp32, bf16; generation runs in fp32"),
-    rate_limit: float = typer.Option(0, "--rate-limit", min=0, help="requests per minute per key (0 = off)"),
-    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1),
-    drain_timeout: float = typer.Option(30, "--drain-timeout", min=0.1, help="SIGTERM: seconds in-flight "
-                                        "requests may take to finish"),
+    host: Optional[str] = _opt(ServeConfig, "host", "--host"),
+    port: Optional[int] = _opt(ServeConfig, "port", "--port"),
+    api_keys_file: Optional[Path] = _opt(ServeConfig, "api_keys_file", "--api-keys-file"),
+    embedding_model: Optional[str] = _opt(ServeConfig, "embedding_model", "--embedding-model", note="'none' = off"),
+    device: Optional[str] = _opt(ServeConfig, "device", "--device"),
+    max_batch: Optional[int] = _opt(ServeConfig, "max_batch", "--max-batch"),
+    max_waiting: Optional[int] = _opt(ServeConfig, "max_waiting", "--max-waiting"),
+    encoder_batch: Optional[int] = _opt(ServeConfig, "encoder_batch", "--encoder-batch"),
+    encoder_wait_ms: Optional[float] = _opt(ServeConfig, "encoder_wait_ms", "--encoder-wait-ms"),
+    precision: Optional[str] = _opt(ServeConfig, "precision", "--precision"),
+    rate_limit: Optional[float] = _opt(ServeConfig, "rate_limit", "--rate-limit"),
+    max_body_bytes: Optional[int] = _opt(ServeConfig, "max_body_bytes", "--max-body-bytes"),
+    drain_timeout: Optional[float] = _opt(ServeConfig, "drain_timeout_s", "--drain-timeout"),
 ):
     """An OpenAI-compatible API (chat, completions, classify, embeddings) with a playground page at /."""
-    from tunelab.config import ServeConfig, format_validation_error
+    from tunelab.config import section
     from tunelab.serve.server import serve as run_server
 
-    try:
-        cfg = ServeConfig(models=models, host=host, port=port, api_keys_file=api_keys_file,
-                          embedding_model=None if embedding_model.lower() == "none" else embedding_model,
-                          device=device, max_batch=max_batch, max_waiting=max_waiting, encoder_batch=encoder_batch,
-                          encoder_wait_ms=encoder_wait_ms, precision=precision, rate_limit=rate_limit,
-                          max_body_bytes=max_body_bytes, drain_timeout_s=drain_timeout)
-    except ValidationError as err:
-        raise UserError(format_validation_error(err).replace("invalid config", "invalid serve options")) from None
-    raise typer.Exit(run_server(cfg))
+    flags = {"host": host, "port": port, "api_keys_file": api_keys_file, "embedding_model": embedding_model,
+             "device": device, "max_batch": max_batch, "max_waiting": max_waiting, "encoder_batch": encoder_batch,
+             "encoder_wait_ms": encoder_wait_ms, "precision": precision, "rate_limit": rate_limit,
+             "max_body_bytes": max_body_bytes, "drain_timeout_s": drain_timeout}
+    raw = {"models": models, **{k: v for k, v in flags.items() if v is not None}}
+    if str(embedding_model).lower() == "none":
+        raw["embedding_model"] = None
+    raise typer.Exit(run_server(section(ServeConfig, raw, "serve options")))
 
 
 @app.command()
@@ -317,11 +328,12 @@ def quickstart(
     train_examples: Optional[int] = typer.Option(None, "--train-examples", min=32,
                                                  help="seeded subset of the train split (default: all of it)"),
     epochs: float = typer.Option(1.0, "--epochs", min=0.01),
+    overwrite: bool = OVERWRITE,
 ):
     """Prepare the built-in tweets, fine-tune MiniLM, compare with the baselines, print the table."""
     from tunelab.quickstart import run_quickstart
 
-    run_quickstart(out, data, train_examples, epochs, console)
+    run_quickstart(out, data, train_examples, epochs, console, overwrite=overwrite)
 
 
 def main() -> None:

@@ -218,16 +218,21 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    batch_size: int = Field(128, gt=0)
+    """`tunelab eval`: read from the `eval` section of the run config the model was trained with; flags win."""
+
+    batch_size: int = Field(128, gt=0, description="examples per forward (causal_lm/sft: at most 8 blocks)")
     generation_samples: int = Field(50, ge=0, description="sft: test conversations answered for ROUGE-L / "
                                     "exact match")
-    max_new_tokens: int = Field(64, gt=0)
-    general_text: str | None = Field(None, description="forgetting probe: a text file / dataset dir of general "
-                                     "text; default: the built-in chatterbot English corpus")
-    general_samples: int = Field(200, gt=0)
-    baselines: list[Literal["tfidf", "zero_shot"]] = ["tfidf", "zero_shot"]
-    zero_shot_model: str = "builtin:smollm2-135m-instruct"
-    zero_shot_samples: int | None = Field(300, gt=0, description="cap on test rows for zero-shot; null = all")
+    max_new_tokens: int = Field(64, gt=0, description="sft: most tokens per generated answer")
+    general_text: str | None = Field(None, description="forgetting probe: a .txt file (paragraphs) or a dataset "
+                                     "dir of general text; none = the built-in tweets' texts")
+    general_samples: int = Field(200, gt=0, description="forgetting probe: rows of general text scored")
+    baselines: list[Literal["tfidf", "zero_shot"]] = Field(
+        ["tfidf", "zero_shot"], description="classification baselines scored beside the model")
+    zero_shot_model: str = Field("builtin:smollm2-135m-instruct", description="the instruct model of the zero-shot "
+                                 "baseline")
+    zero_shot_samples: int | None = Field(300, gt=0, description="cap on test rows scored zero-shot (a seeded "
+                                          "sample); null = all")
 
 
 class ServeConfig(Section):
@@ -311,6 +316,14 @@ def format_validation_error(err: ValidationError) -> str:
         else:
             lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
     return "invalid config: " + "; ".join(lines)
+
+
+def section(cls: type[BaseModel], raw: dict, what: str):
+    """`cls` validated from `raw` (a saved section with command-line flags on top); errors name the key."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err).replace("invalid config", f"invalid {what}")) from None
 
 
 def validate(raw: dict) -> RunConfig:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab.assets import TINY_MODELS, atomic_dir, builtin_path, cache_dir, is_builtin, tiny_model_dir
+from tunelab.artifacts import write_folder
+from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin, tiny_model_dir
 from tunelab.errors import UserError, read_json_file
 from tunelab.train.distributed import is_dtensor
 
@@ -73,29 +74,34 @@ def resolve_base(ref: str) -> BaseRef:
 
 
 def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
-    """De-quantise a GGUF once (transformers' reader) and cache it as safetensors + tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """De-quantise a GGUF once (transformers' reader) and cache it as safetensors + tokenizer, keyed by the
+    file's content (sha256), so that another file with the same name and size never reuses these weights."""
+    from tunelab.model_files import check_gguf, sha256_file
 
-    quiet_transformers()
-    stat = gguf.stat()
-    key = re.sub(r"[^\w.-]", "_", gguf.stem) + f"-{stat.st_size}"
+    key = re.sub(r"[^\w.-]", "_", gguf.stem)[:80] + "-" + sha256_file(gguf)[:24]
     out = cache_dir() / "gguf" / key
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot read GGUF {gguf}: {err}") from None
-    # The weights are plain float tensors now; drop the GGUF marker so they save as safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_dir(out) as tmp:
+    check_gguf(gguf)
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        quiet_transformers()
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"cannot read GGUF {gguf}: {err}") from None
+        # The weights are plain float tensors now; drop the GGUF marker so they save as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"ref": ref, "gguf": str(gguf)}))
-    return out
+
+    return cached(out, build)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -120,17 +126,38 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         socket.setdefaulttimeout(old)
 
 
-def _from_pretrained(loader, base: BaseRef, **kwargs):
+def load_pretrained(loader, base: BaseRef, check: bool = True, **kwargs):
+    """`loader.from_pretrained` on a base: a local folder's files are checked first (tokenizer files, or
+    safetensors weights only, whole and finite; `check=False` when the caller has just done so); weights load
+    from safetensors only, never a pickle."""
+    from tunelab.model_files import check_model_folder, check_tokenizer_folder
+
     quiet_transformers()
-    if isinstance(base.path, str) and not _hub_reachable():
-        kwargs["local_files_only"] = True  # only the local HF cache can help
+    tokenizer = loader.__name__.endswith("Tokenizer")
+    if isinstance(base.path, str):
+        if not _hub_reachable():
+            kwargs["local_files_only"] = True  # only the local HF cache can help
+    elif check and tokenizer:
+        check_tokenizer_folder(base.path)
+    elif check:
+        check_model_folder(base.path)
+    if not tokenizer:
+        kwargs["use_safetensors"] = True
     try:
         return loader.from_pretrained(base.path, **kwargs)
     except OSError as err:
         if isinstance(base.path, str):
-            raise UserError(f"cannot load '{base.ref}' from the Hugging Face hub (offline or unknown id); "
-                            "download it elsewhere and pass the local dir instead") from None
-        raise UserError(f"cannot load model from {base.path}: {err}") from None
+            raise UserError(f"cannot load '{base.ref}' from the Hugging Face hub (offline or unknown id, or no "
+                            "safetensors weights); download it elsewhere and pass the local dir instead") from None
+        raise UserError(f"cannot load model from {base.path}: {_first_line(err)}") from None
+    except ValueError as err:
+        if isinstance(base.path, str):
+            raise
+        raise UserError(f"cannot load model from {base.path}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def load_tokenizer(ref: str | BaseRef, trust_remote_code: bool = False):
@@ -138,7 +165,7 @@ def load_tokenizer(ref: str | BaseRef, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     base = ref if isinstance(ref, BaseRef) else resolve_base(ref)
-    tok = _from_pretrained(AutoTokenizer, base, trust_remote_code=trust_remote_code)
+    tok = load_pretrained(AutoTokenizer, base, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"tokenizer of '{base.ref}' has neither a pad nor an EOS token")
@@ -148,7 +175,7 @@ def load_tokenizer(ref: str | BaseRef, trust_remote_code: bool = False):
 
 
 def _with_head(loader, base: BaseRef, tok, labels: list[str], trust_remote_code: bool):
-    model, info = _from_pretrained(
+    model, info = load_pretrained(
         loader, base, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tok.pad_token_id,
         dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True)
@@ -182,7 +209,7 @@ def load_causal_lm(ref: str, trust_remote_code: bool = False):
 
     base = resolve_base(ref)
     tok = load_tokenizer(base, trust_remote_code)
-    model = _from_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, base, []
@@ -258,13 +285,17 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 # ---- model dirs ----------------------------------------------------------------------------------
 
-def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict, state_dict: dict | None = None) -> Path:
-    """Write the model dir atomically: HF/PEFT weights or Houlsby adapters (safetensors), tokenizer
-    (with its chat template), `tunelab.json`. `state_dict`: weights to write instead of the model's own
-    (the gathered full weights of an FSDP-sharded model)."""
+def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict, state_dict: dict | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write the model dir by the folder rule (tunelab.artifacts; an existing model dir is replaced only with
+    `overwrite`): HF/PEFT weights or Houlsby adapters (safetensors), tokenizer (with its chat template),
+    `tunelab.json` (`kind: model`, and the size and sha256 of each weight file, verified on load).
+    `state_dict`: weights to write instead of the model's own (the gathered full weights of an FSDP-sharded
+    model)."""
+    from tunelab.model_files import files_manifest
+
     quiet_transformers()
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+    with write_folder(out, "model", overwrite) as tmp:
         if hasattr(model, "tunelab_adapter"):
             from tunelab.methods.adapter import save_adapters
 
@@ -272,16 +303,23 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict, sta
         else:
             model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
+        meta = {"kind": "model", **meta, "files": files_manifest(tmp)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    return out
+    return Path(out)
 
 
 def read_meta(model_dir: str | Path) -> dict:
     d = Path(model_dir)
     if not d.is_dir():
         raise UserError(f"model dir not found: {d}")
-    return read_json_file(d / META_FILE,
+    meta = read_json_file(d / META_FILE,
                           f"{d} is not a tunelab model dir (no {META_FILE}); train one with `tunelab train`")
+    if not isinstance(meta, dict):
+        raise UserError(f"{d / META_FILE} is corrupt: not a JSON object")
+    if meta.get("kind", "model") != "model":
+        hint = f"; its model is {d / 'model'}" if meta["kind"] == "run" else ""
+        raise UserError(f"{d} is a tunelab {meta['kind']}, not a model dir{hint}")
+    return meta
 
 
 def _auto_class(task: str):
@@ -303,9 +341,12 @@ def _head_kwargs(meta: dict, tok) -> dict:
 
 def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str, ...] | None = None):
     """A saved model dir -> (model in eval mode, tokenizer, meta). `tasks`: the tasks the caller can use;
-    another task is a `UserError` naming both."""
+    another task is a `UserError` naming both. Its files are checked first (tunelab.model_files): a damaged,
+    truncated, non-finite or pickled weight file, or missing tokenizer files, is a `UserError` naming it."""
     quiet_transformers()
     from transformers import AutoTokenizer
+
+    from tunelab.model_files import check_model_folder, check_tokenizer_folder
 
     d = Path(model_dir)
     meta = read_meta(d)
@@ -318,24 +359,29 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str,
     houlsby = (d / "houlsby_config.json").is_file()
     if not (peft_adapter or houlsby or (d / "config.json").is_file()):
         raise UserError(f"{d} has no model weights (config.json, adapter_config.json or houlsby_config.json)")
+    check_model_folder(d, meta.get("files"))
+    check_tokenizer_folder(d)
     try:
         tok = AutoTokenizer.from_pretrained(d)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the tokenizer in {d}: {err}") from None
+        raise UserError(f"cannot read the tokenizer in {d}: {_first_line(err)}") from None
     loader = _auto_class(task)
     if peft_adapter or houlsby:
         base = resolve_base(meta["base"]["ref"])
-        body = loader.from_pretrained(base.path, dtype=torch.float32, **_head_kwargs(meta, tok))
-        if peft_adapter:
-            from peft import PeftModel
+        body = load_pretrained(loader, base, dtype=torch.float32, **_head_kwargs(meta, tok))
+        try:
+            if peft_adapter:
+                from peft import PeftModel
 
-            model = PeftModel.from_pretrained(body, d)
-        else:
-            from tunelab.methods.adapter import load_adapters
+                model = PeftModel.from_pretrained(body, d)
+            else:
+                from tunelab.methods.adapter import load_adapters
 
-            model = load_adapters(body, d)
+                model = load_adapters(body, d)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load the adapters in {d}: {_first_line(err)}") from None
     else:
-        model = loader.from_pretrained(d, dtype=torch.float32)
+        model = load_pretrained(loader, BaseRef(str(d), d), check=False, dtype=torch.float32)
     model.to(device).eval()
     return model, tok, meta
 

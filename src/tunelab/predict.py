@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunelab.artifacts import check_file_target, write_file
 from tunelab.data.read import read_rows
 from tunelab.errors import UserError
 from tunelab.models import load_model_dir
@@ -24,8 +25,11 @@ def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64)
 
 
 def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path,
-                 text_column: str = "text", batch_size: int = 64) -> dict:
-    """Predict every row of a JSONL/CSV/… file; rows keep their other fields; returns counts."""
+                 text_column: str = "text", batch_size: int = 64, overwrite: bool = False) -> dict:
+    """Predict every row of a JSONL/CSV/… file; rows keep their other fields; returns counts. `out_path`
+    follows the output-file rule (an existing predictions file is replaced only with `overwrite`; any other
+    file there is refused)."""
+    check_file_target(Path(out_path), "predictions", overwrite)
     columns, rows = read_rows(input_path)
     if columns and text_column not in columns:
         raise UserError(f"{input_path}: no text column '{text_column}'; columns are: {', '.join(columns)} "
@@ -38,10 +42,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | 
         else:
             skipped.append({"line": row.line, "reason": row.error or "empty_or_missing_text"})
     results = predict_texts(model_dir, [r[text_column] for r in keep], batch_size) if keep else []
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", encoding="utf-8") as f:
-        for fields, res in zip(keep, results):
-            f.write(json.dumps({**fields, "prediction": res["label"], "probs": res["probs"]},
-                               ensure_ascii=False) + "\n")
+    lines = "".join(json.dumps({**fields, "prediction": res["label"], "probs": res["probs"]}, ensure_ascii=False)
+                    + "\n" for fields, res in zip(keep, results))
+    write_file(out_path, lines, "predictions", checked=True)
     return {"predicted": len(results), "skipped": skipped, "out": str(out_path)}

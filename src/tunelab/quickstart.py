@@ -12,12 +12,27 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tunelab.config import validate
-from tunelab.config import PrepareOptions
+from tunelab.config import PrepareOptions, validate
 from tunelab.data.prepare import prepare
 from tunelab.data.summary import print_dataset_summary
 from tunelab.evaluate.report import evaluate, print_report
 from tunelab.train.loop import train
+
+
+SOURCE = "builtin:tweets-sentiment"
+
+
+def _same_dataset(data: Path, opts: PrepareOptions) -> dict | None:
+    """The dataset.json at `data` if it was prepared from the built-in tweets with `opts` by this version."""
+    from tunelab import __version__
+    from tunelab.data.prepare import load_meta
+
+    if not (data / "dataset.json").is_file():
+        return None
+    meta = load_meta(data)
+    same = (meta.get("source", {}).get("path") == SOURCE and meta.get("options") == opts.model_dump(mode="json")
+            and meta.get("tunelab_version") == __version__)
+    return meta if same else None
 
 
 def quickstart_config(data: Path, train_examples: int | None, epochs: float) -> dict:
@@ -31,17 +46,25 @@ def quickstart_config(data: Path, train_examples: int | None, epochs: float) -> 
     }
 
 
-def run_quickstart(out: Path, data: Path, train_examples: int | None, epochs: float, console: Console) -> dict:
+def run_quickstart(out: Path, data: Path, train_examples: int | None, epochs: float, console: Console,
+                   overwrite: bool = False) -> dict:
+    """Prepare (or reuse, when prepared the same way) the tweets at `data`, train into the run dir `out`
+    (an earlier quickstart run there is replaced only with `overwrite`), evaluate, print the report."""
     t0 = time.perf_counter()
     console.rule("1/3 prepare the built-in tweets")
-    meta = prepare("builtin:tweets-sentiment", data, PrepareOptions(seed=0))
+    opts = PrepareOptions(seed=0)
+    meta = _same_dataset(data, opts)
+    if meta is not None:
+        console.print(f"using the dataset already prepared at {data} (same source, options and tunelab version)")
+    else:
+        meta = prepare(SOURCE, data, opts, overwrite=overwrite)
     print_dataset_summary(meta, data, console)
     n_train = min(train_examples or meta["splits"]["train"], meta["splits"]["train"])
     console.rule(f"2/3 fine-tune builtin:minilm-l6 on {n_train:,} of {meta['splits']['train']:,} train rows")
     cfg = validate(quickstart_config(data, train_examples, epochs))
-    summary = train(cfg, out, overwrite=True, console=console, show_progress=console.is_terminal)
+    summary = train(cfg, out, overwrite=overwrite, console=console, show_progress=console.is_terminal)
     console.rule("3/3 evaluate on the test split against the baselines")
-    report = evaluate(summary["model_dir"], data, "test", out / "report.json")
+    report = evaluate(summary["model_dir"], data, "test", out / "report.json", overwrite=True)
     print_report(report, console)
     model_dir = summary["model_dir"]
     console.print(f"\n[bold]model[/]  {model_dir}\n[bold]report[/] {out / 'report.json'} "

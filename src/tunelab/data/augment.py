@@ -93,12 +93,12 @@ class Paraphraser:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from tunelab.models import load_tokenizer, resolve_base
+        from tunelab.models import load_pretrained, load_tokenizer, resolve_base
 
         base = resolve_base(model_ref)
         self.tok = load_tokenizer(base)
         self.tok.padding_side = "left"  # generation continues every row from its last real token
-        self.model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+        self.model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
         self.batch_size = batch_size
 
     def __call__(self, texts: list[str]) -> list[str]:

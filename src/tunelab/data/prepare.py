@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from tunelab import __version__
-from tunelab.assets import DATASET_COLUMNS, atomic_dir, builtin_path, is_builtin
+from tunelab.artifacts import FolderLock, check_target, write_folder
+from tunelab.assets import DATASET_COLUMNS, builtin_path, is_builtin
 from tunelab.config import PrepareOptions
 from tunelab.data.clean import Cleaner
 from tunelab.data.dedup import exact_dedup
@@ -359,9 +360,20 @@ def _check_drop_rate(report: dict, opts: PrepareOptions, path: Path) -> None:
                         f"{opts.max_drop_rate:.0%}; raise it with --max-drop-rate); top reasons: {top}")
 
 
-def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) -> dict:
-    """Build a dataset dir from `source` and return its `dataset.json` content."""
+def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None, overwrite: bool = False) -> dict:
+    """Build a dataset dir from `source` and return its `dataset.json` content.
+
+    `out` follows the folder rule (tunelab.artifacts): a folder tunelab did not write is refused, an existing
+    dataset is replaced only with `overwrite`, and then only once the new one is complete. The dataset dir
+    is locked for the whole run (one writer)."""
     opts = opts or PrepareOptions()
+    out = Path(out)
+    check_target(out, "dataset", overwrite)  # fail before the work, not after it
+    with FolderLock(out):
+        return _prepare(source, out, opts, overwrite)
+
+
+def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> dict:
     path, text_col, label_col = resolve_source(source, opts)
     rows, rejected, counters = collect_rows(path, text_col, label_col, opts)
 
@@ -421,7 +433,7 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
         raise AssertionError(f"row accounting does not add up: {report}")
     _check_drop_rate(report, opts, path)
     meta = {
-        "task": opts.task, "fields": OUTPUT_FIELDS[opts.task], "labels": labels,
+        "kind": "dataset", "task": opts.task, "fields": OUTPUT_FIELDS[opts.task], "labels": labels,
         "splits": {name: len(splits[name]) for name in SPLITS},
         "class_balance": {name: dict(sorted(Counter(r["label"] for r in splits[name]).items()))
                           for name in SPLITS} if classification else {},
@@ -431,7 +443,7 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None) ->
         "options": opts.model_dump(mode="json"),
         "report": report, "tunelab_version": __version__,
     }
-    with atomic_dir(Path(out)) as tmp:
+    with write_folder(out, "dataset", overwrite) as tmp:
         for name in SPLITS:
             _write_jsonl(tmp / f"{name}.jsonl", (_output_row(r, opts.task) for r in splits[name]))
         _write_jsonl(tmp / "rejected.jsonl", sorted(rejected, key=lambda r: r["line"]))

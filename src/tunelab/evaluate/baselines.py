@@ -53,7 +53,7 @@ def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples:
     """Zero-shot classification by next-token label scores; `samples` caps the rows (seeded sample)."""
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models import load_tokenizer, resolve_base
+    from tunelab.models import load_pretrained, load_tokenizer, resolve_base
 
     rows = test_rows
     if samples is not None and samples < len(rows):
@@ -61,7 +61,7 @@ def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples:
         rows = [rows[i] for i in pick]
     base = resolve_base(model_ref)
     tok = load_tokenizer(base)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).eval()
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
     label_ids = [_label_token_ids(tok, label) for label in labels]
     # A first token shared by two labels cannot tell them apart: score each label by its own tokens.
     counts = Counter(t for ids in label_ids for t in ids)

@@ -28,6 +28,6 @@ def confusion_matrix_png(matrix: list[list[int]], labels: list[str], path: str |
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png", metadata={"Software": "tunelab"})  # marks the file as tunelab's
     plt.close(fig)
     return path

@@ -15,7 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.config import EvalConfig
+from tunelab.artifacts import check_file_target, write_file
+from tunelab.config import EvalConfig, section
 from tunelab.data.prepare import load_meta, load_split
 from tunelab.errors import UserError
 from tunelab.evaluate import baselines as bl
@@ -31,12 +32,30 @@ from tunelab.tasks.token_classification import TokenClassificationTask
 BASELINES = ("tfidf", "zero_shot")
 
 
+def eval_config_of(meta: dict, overrides: dict | None = None) -> EvalConfig:
+    """The `eval` section a model was trained with (its tunelab.json), with `overrides` on top."""
+    saved = {k: v for k, v in (meta.get("eval") or {}).items() if k in EvalConfig.model_fields}
+    return section(EvalConfig, {**saved, **(overrides or {})}, "eval options")
+
+
 def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
-             out: str | Path | None = None, baselines: tuple[str, ...] | list[str] = BASELINES,
-             zero_shot_model: str = "builtin:smollm2-135m-instruct", zero_shot_samples: int | None = 300,
-             batch_size: int = 128, seed: int = 0, eval_cfg: EvalConfig | None = None) -> dict:
-    """Evaluate a model dir on `split` of `data_dir` (default: the data it was trained on)."""
+             out: str | Path | None = None, eval_cfg: EvalConfig | None = None, seed: int = 0,
+             overwrite: bool = False, overrides: dict | None = None) -> dict:
+    """Evaluate a model dir on `split` of `data_dir` (default: the data it was trained on).
+
+    `eval_cfg`: the baselines, samples and batch size; by default the `eval` section of the run config the
+    model was trained with, with `overrides` (e.g. command-line flags) on top. `out`: the report JSON, with a
+    confusion-matrix PNG beside it for classification; an existing file there is replaced only if it is a
+    tunelab report and `overwrite`."""
+    png = None
+    if out:
+        out = Path(out)
+        png = out.with_suffix(".confusion.png")
+        check_file_target(out, "report", overwrite)  # refused before the work, not after it
+        if png.exists() and not _report_names(out, png):
+            check_file_target(png, "plot", overwrite)
     model, tok, meta = load_model_dir(model_dir)
+    eval_cfg = eval_cfg or eval_config_of(meta, overrides)
     data_dir = Path(data_dir or meta["data"]["dir"])
     data_meta = load_meta(data_dir)
     rows = load_split(data_dir, split)
@@ -46,47 +65,53 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
     if wanted != meta["task"]:
         raise UserError(f"{data_dir} holds a '{data_meta.get('task')}' dataset; the model was trained for "
                         f"'{meta['task']}'")
-    head = {"task": meta["task"],
+    head = {"kind": "report", "task": meta["task"],
             "model": {"dir": str(model_dir), "base": meta["base"]["ref"], "method": meta["method"]["name"],
                       "train_examples": meta["data"]["train_examples"]},
             "data": {"dir": str(data_dir), "split": split, "fingerprint": data_meta["fingerprint"],
-                     "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]}}
-    eval_cfg = eval_cfg or EvalConfig(batch_size=batch_size)
+                     "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]},
+            "eval": eval_cfg.model_dump(mode="json")}
     if meta["task"] == "classification":
-        report = _classification(model, tok, meta, rows, data_dir, baselines, zero_shot_model, zero_shot_samples,
-                                 batch_size, seed)
+        report = _classification(model, tok, meta, rows, data_dir, eval_cfg, seed)
     elif meta["task"] == "token_classification":
         task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
-        report = task.evaluate(model, task.encode(rows), batch_size)
+        report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
         report["n"] = len(rows)
         report["baselines"] = {"lookup": lookup_baseline(load_split(data_dir, "train"), rows)}
     else:
         report = evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device))
     report = {**head, **report}
     if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         if meta["task"] == "classification":
-            png = out.with_suffix(".confusion.png")
-            confusion_matrix_png(report["confusion_matrix"]["matrix"], meta["labels"], png,
-                                 f"{meta['base']['ref']} ({meta['method']['name']}) — {split}")
+            title = f"{meta['base']['ref']} ({meta['method']['name']}) — {split}"
+            write_file(png, lambda p: confusion_matrix_png(report["confusion_matrix"]["matrix"], meta["labels"],
+                                                           p, title), "plot", checked=True)
             report["confusion_matrix_png"] = str(png)
-        out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        write_file(out, json.dumps(report, indent=2, ensure_ascii=False), "report", checked=True)
     return report
 
 
-def _classification(model, tok, meta, rows, data_dir, baselines, zero_shot_model, zero_shot_samples,
-                    batch_size, seed) -> dict:
+def _report_names(report: Path, png: Path) -> bool:
+    """Whether the tunelab report at `report` is the one that wrote `png` (so `png` is tunelab's too)."""
+    try:
+        obj = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(obj, dict) and Path(str(obj.get("confusion_matrix_png", ""))).name == png.name
+
+
+def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed) -> dict:
     labels = meta["labels"]
     task = ClassificationTask(tok, labels, meta.get("max_length", 512))
     enc = task.encode(rows)
-    logits = task.logits(model, enc, batch_size)
+    logits = task.logits(model, enc, eval_cfg.batch_size)
     report = classification_metrics(enc.labels, logits.argmax(-1), labels, softmax(logits))
     report["baselines"] = {}
-    if "tfidf" in baselines:
+    if "tfidf" in eval_cfg.baselines:
         report["baselines"]["tfidf_logreg"] = bl.tfidf_logreg(load_split(data_dir, "train"), rows, labels, seed)
-    if "zero_shot" in baselines:
-        report["baselines"]["zero_shot"] = bl.zero_shot(zero_shot_model, rows, labels, zero_shot_samples, seed)
+    if "zero_shot" in eval_cfg.baselines:
+        report["baselines"]["zero_shot"] = bl.zero_shot(eval_cfg.zero_shot_model, rows, labels,
+                                                        eval_cfg.zero_shot_samples, seed)
     return report
 
 

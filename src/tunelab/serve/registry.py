@@ -165,12 +165,15 @@ class Registry:
         from transformers import AutoTokenizer
 
         from tunelab.generate import load_generator
+        from tunelab.model_files import check_model_folder, check_tokenizer_folder
 
         first = specs[0]
         gen = load_generator(first.ref, self.device)  # a model dir's own stop tokens, or the base's chat stops
         model, tok, stops = gen.model, gen.tokenizer, list(gen.stop)
         adapters, tokenizers = {first.id: "default" if len(specs) > 1 else None}, {first.id: tok}
         for s in specs[1:]:
+            check_model_folder(s.ref, s.meta.get("files"))
+            check_tokenizer_folder(s.ref)
             model.load_adapter(s.ref, adapter_name=s.id)
             adapters[s.id] = s.id
             tokenizers[s.id] = AutoTokenizer.from_pretrained(s.ref)
@@ -206,11 +209,11 @@ class Registry:
     def _add_embedder(self, s: Spec) -> None:
         from transformers import AutoModel
 
-        from tunelab.models import load_tokenizer, resolve_base
+        from tunelab.models import load_pretrained, load_tokenizer, resolve_base
 
         base = resolve_base(s.ref)
         tok = load_tokenizer(base)
-        model = AutoModel.from_pretrained(base.path, dtype=torch.float32).to(self.device).eval()
+        model = load_pretrained(AutoModel, base, dtype=torch.float32).to(self.device).eval()
         max_length = min(int(getattr(model.config, "max_position_embeddings", 512) or 512), 512)
 
         def pool(enc) -> list[dict]:

@@ -1,6 +1,6 @@
 """Checkpoints: `checkpoints/step-N/` with trainable weights (safetensors), optimizer, scheduler,
 RNG and loop state; complete only once `manifest.json` (file list, sizes, sha256) is written last,
-fsynced and atomically renamed. Folders without a manifest are ignored and removed.
+fsynced and atomically renamed. Folders without a manifest are ignored, and removed by the run's writer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, read_json_file
 
 MANIFEST = "manifest.json"
 
@@ -29,7 +29,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_write(path: Path, text: str) -> None:
+def write_durably(path: Path, text: str) -> None:
+    """Write `text` to a sibling, fsync it, rename it over `path`: the old or the new file, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -82,7 +83,7 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
         with open(p, "rb") as f:
             os.fsync(f.fileno())
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(d.iterdir())}
-    _fsync_write(d / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+    write_durably(d / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
     dir_fd = os.open(d, os.O_RDONLY)  # and the manifest's directory entry too
     try:
         os.fsync(dir_fd)
@@ -93,19 +94,26 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Incomplete folders (no manifest) are removed."""
+    """Checkpoints with a manifest, oldest first (whether their files match it is `verify`'s question)."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    done = []
-    for d in root.iterdir():
-        if not (d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()):
-            continue
-        if (d / MANIFEST).is_file():
-            done.append(d)
-        else:
-            shutil.rmtree(d, ignore_errors=True)
+    done = [d for d in root.iterdir() if _is_step_dir(d) and (d / MANIFEST).is_file()]
     return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+def _is_step_dir(d: Path) -> bool:
+    return d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()
+
+
+def clean_incomplete(ckpt_root: Path) -> list[Path]:
+    """Remove checkpoint folders without a manifest (a save that was interrupted) -> the removed ones.
+    Only the run's writer calls this, holding the run dir's lock."""
+    root = Path(ckpt_root)
+    gone = [d for d in root.iterdir() if _is_step_dir(d) and not (d / MANIFEST).is_file()] if root.is_dir() else []
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    return gone
 
 
 def prune(ckpt_root: Path, keep_last: int, keep: set[int]) -> None:
@@ -116,29 +124,43 @@ def prune(ckpt_root: Path, keep_last: int, keep: set[int]) -> None:
 
 
 def verify(d: Path) -> dict:
-    """Check a checkpoint against its manifest; -> the manifest."""
-    manifest_path = d / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"{d} is not a complete checkpoint (no {MANIFEST})")
-    manifest = json.loads(manifest_path.read_text())
-    for name, info in manifest["files"].items():
+    """Check a checkpoint against its manifest -> the manifest; a `UserError` names what is wrong."""
+    manifest = read_json_file(d / MANIFEST, f"{d} is not a complete checkpoint (no {MANIFEST})")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(i, dict) and isinstance(i.get("size"), int) and isinstance(i.get("sha256"), str)
+            for i in files.values()):
+        raise UserError(f"checkpoint {d} is damaged: {d / MANIFEST} is malformed (no file list with sizes and "
+                        "sha256)")
+    for name in ("weights.safetensors", "trainer_state.pt", "loop_state.json"):
+        if name not in files:
+            raise UserError(f"checkpoint {d} is damaged: {MANIFEST} does not list {name}")
+    for name, info in files.items():
         p = d / name
-        if not p.is_file() or p.stat().st_size != info["size"] or _sha256(p) != info["sha256"]:
+        if Path(name).name != name or not p.is_file():
+            raise UserError(f"checkpoint {d} is damaged: {name} is missing")
+        if p.stat().st_size != info["size"] or _sha256(p) != info["sha256"]:
             raise UserError(f"checkpoint {d} is damaged: {name} does not match its manifest")
     return manifest
 
 
-def resolve_resume(run_dir: Path, resume: str) -> Path:
-    """`auto` -> newest complete checkpoint of the run; otherwise a checkpoint path."""
-    if resume == "auto":
-        done = complete_checkpoints(Path(run_dir) / "checkpoints")
-        if not done:
-            raise UserError(f"--resume auto: no complete checkpoint in {run_dir}/checkpoints")
-        return done[-1]
-    p = Path(resume)
-    if not p.is_dir():
-        raise UserError(f"--resume: no checkpoint folder at {p}")
-    return p
+def load_resume(run_dir: Path, resume: str, note=print):
+    """`resume` = `auto` (the newest checkpoint of the run that passes `verify`; damaged newer ones are
+    skipped, each with a `note`) or a checkpoint path -> (path, *load_checkpoint(path))."""
+    if resume != "auto":
+        p = Path(resume)
+        if not p.is_dir():
+            raise UserError(f"--resume: no checkpoint folder at {p}")
+        return (p, *load_checkpoint(p))
+    done = complete_checkpoints(Path(run_dir) / "checkpoints")
+    if not done:
+        raise UserError(f"--resume auto: no complete checkpoint in {run_dir}/checkpoints")
+    for d in reversed(done):
+        try:
+            return (d, *load_checkpoint(d))
+        except UserError as err:
+            note(f"skipping {err}")
+    raise UserError(f"--resume auto: every checkpoint in {run_dir}/checkpoints is damaged (see above)")
 
 
 def load_checkpoint(d: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict[str, torch.Tensor] | None]:

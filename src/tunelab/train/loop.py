@@ -12,10 +12,12 @@ without gain. What differs between tasks lives in `tunelab.tasks` (see `build_ta
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 import random
-import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from tunelab.artifacts import FolderLock, META_FILE, is_empty_dir, kind_of, recover, write_folder
 from tunelab.config import RunConfig, dump_config
 from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
 from tunelab.data.split import sample_rows
@@ -36,7 +39,7 @@ from tunelab.train.batching import length_grouped_batches
 from tunelab.train.optim import build_optimizer, build_schedule
 from tunelab.train.precision import autocast, resolve_precision
 from tunelab.train.progress import TrainProgress
-from tunelab.train.signals import StopRequest
+from tunelab.train.signals import StopRequest, StopRequested
 from tunelab.train.tracking import NullTracker, Tracker
 
 
@@ -53,6 +56,7 @@ class LoopState:
     best_step: int | None = None
     bad_evals: int = 0
     nonfinite_skipped: int = 0  # updates skipped for a non-finite loss or gradient (train.on_nonfinite: skip)
+    done: bool = False  # the loop has ended (last step or early stopping); what is left is the final save
 
 
 def seed_everything(seed: int) -> None:
@@ -181,20 +185,31 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
           overwrite: bool = False, console: Console | None = None, show_progress: bool = True) -> dict:
     """Fine-tune `cfg.model.base` on `cfg.data` and write the run dir `out` (see DESIGN.md).
 
-    A run dir that already holds checkpoints is continued with `resume`, or replaced with `overwrite`;
-    otherwise it is refused, so that no earlier run is lost by accident.
+    The run dir is locked for the whole run (one writer; a second gets an error naming this process). A run
+    dir that already holds checkpoints or a model is continued with `resume`, or replaced with `overwrite`
+    (only once the config, the data and the model have loaded: a fresh run dir is swapped in for the old
+    one); a folder tunelab did not write is refused. A stop at any moment (SIGTERM/SIGINT, including
+    during the final evaluation and save) leaves a valid model dir or a checkpoint of the last step.
     Returns a summary: best validation metrics, steps, examples/s and the model dir path.
     """
+    out = Path(out)
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; choose one")
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes the run dir
+    with FolderLock(out) if writer else nullcontext():
+        return _train(cfg, out, resume, force, overwrite, console, show_progress)
+
+
+def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite: bool, console: Console | None,
+           show_progress: bool) -> dict:
     tc = cfg.train
     dd = distributed.from_env(tc.dist_timeout_s, tc.distributed)  # one process unless started by torchrun
     console = console or Console(stderr=True)
     if not dd.main:  # rank 0 speaks for the job
         console, show_progress = Console(file=io.StringIO()), False
-    out = Path(out)
     _check_run_dir(out, resume, overwrite)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    seed_everything(tc.seed)
     device = f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(tc.precision, device.split(":")[0])
 
@@ -209,6 +224,9 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     if not train_rows or not val_rows:
         raise UserError(f"{data_dir}: the train and validation splits must both have rows")
 
+    # Seeded here, after the data was prepared and before the model is built: whatever ran before (building a
+    # cached asset, preparing data) leaves the run's random draws alone, so a warm or cold cache trains the same.
+    seed_everything(tc.seed)
     model, tokenizer, base, new_params, task = build_task(task_name, cfg, meta, train_rows)
     heads = tuple(head_module_names(model, new_params))
     tr, va = task.encode(train_rows), task.encode(val_rows)
@@ -238,8 +256,9 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         state, best_weights = _resume(out, resume, force, run_record, model, optimizer, scheduler, console,
                                       dd.fsdp)
     if dd.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        _open_run_dir(out, cfg, fresh=not resume, info={
+            "name": cfg.name, "task": task_name, "base": cfg.model.base,
+            "data": {"dir": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"]}})
     tracker = Tracker(out) if dd.main else NullTracker()
     if resume:  # the record says where the run continued from, and what --force let through
         tracker.log(state.step, **run_record.get("resumed_from", {}))
@@ -258,7 +277,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     tokens_at_start = state.tokens_seen
     window_loss, window_count, last_eval = 0.0, 0, None
     split, nonfinite_in_row = 1, 0
-    stop = False
+    stop, saved_step = state.done, state.step if resume else None
     stop_req = StopRequest(lambda name: progress.note(f"{name}: finishing this step, then a checkpoint "
                                                        "(a second Ctrl-C stops at once)"))
     interrupted = False
@@ -270,7 +289,9 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         return metrics
 
     def save() -> None:
+        nonlocal saved_step
         _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main, dd.fsdp)
+        saved_step = state.step
 
     with stop_req:
         while not stop and state.step < total_steps:
@@ -368,7 +389,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 if dd.enabled:  # every rank stops at the same step, whichever got the signal first
                     stop_asked = dd.sum(float(stop_asked), device) > 0
                     stop_req.requested = (stop_req.requested or "SIGTERM") if stop_asked else None
-                if stop_asked and state.step < total_steps:
+                if stop_asked and not stop and state.step < total_steps:
                     if not saved:
                         save()
                     interrupted = stop = True
@@ -378,6 +399,17 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
                 state.epoch, state.window = state.epoch + 1, 0
                 continue
             break
+        if not interrupted:
+            state.done = True
+            if saved_step != state.step:  # the last step is checkpointed too: a stop from here on loses nothing
+                save()
+            if not dd.enabled:  # from here a signal stops at once (the checkpoint holds the run); under
+                stop_req.raise_from_now()  # torchrun every rank must reach the collectives, so it is a flag
+            try:
+                result = _finish(cfg, out, dd, model, tokenizer, base, task, task_name, meta, data_dir, train_rows,
+                                 state, best_weights, last_eval, run_eval, precision)
+            except StopRequested:
+                interrupted = True
     progress.close()
     elapsed = time.perf_counter() - t_start
     train_time = elapsed - eval_time  # examples/s counts training only, not the validation passes
@@ -386,23 +418,43 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         checkpoint = _last_checkpoint(out)
         tracker.log(state.step, interrupted=stop_req.requested, elapsed_s=elapsed)
         tracker.close()
-        console.print(f"[bold yellow]stopped[/] by {stop_req.requested} at step {state.step} of {total_steps}; "
-                      f"checkpoint {checkpoint}; continue with: tunelab train CONFIG --out {out} --resume auto")
+        where = " (the final save was not finished)" if state.done else ""
+        console.print(f"[bold yellow]stopped[/] by {stop_req.requested} at step {state.step} of {total_steps}"
+                      f"{where}; checkpoint {checkpoint}; continue with: tunelab train CONFIG --out {out} "
+                      "--resume auto")
         dd.close()
         return {"interrupted": stop_req.requested, "steps": state.step, "total_steps": total_steps,
                 "checkpoint": checkpoint, "task": task_name}
+    dd.close()
+    tokens_rate = (state.tokens_seen - tokens_at_start) / max(train_time, 1e-9)
+    tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate, elapsed_s=elapsed,
+                eval_s=eval_time)
+    tracker.close()
+    model_dir = result["model_dir"]
+    per_unit = f" · {tokens_rate:,.0f} tokens/s" if task_name != "classification" else ""
+    console.print(f"[bold green]saved[/] {model_dir} · best validation {metric_name} {state.best_metric:.4f} "
+                  f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
+    return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
+            "validation": result["validation"], "nonfinite_skipped": state.nonfinite_skipped,
+            "examples_per_s": rate, "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
 
+
+def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_name: str, meta: dict, data_dir: Path,
+            train_rows: list[dict], state: LoopState, best_weights, last_eval: dict | None, run_eval,
+            precision: str) -> dict:
+    """The best weights, their validation metrics, and the model dir (replaced by a swap, never half-written)."""
     if best_weights is not None:
         load_trainable_state(model, best_weights)
-    best_eval = run_eval() if state.best_step != state.step else last_eval
-    tokens_rate = (state.tokens_seen - tokens_at_start) / max(train_time, 1e-9)
+    fresh = last_eval is not None and state.best_step == state.step
+    best_eval = last_eval if fresh else run_eval()
     model_meta = {
         "task": task_name, "labels": getattr(task, "labels", []),
         "base": {"ref": cfg.model.base, "path": str(base.path)},
         "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
         "data": {"dir": str(data_dir), "fingerprint": meta["fingerprint"], "train_examples": len(train_rows)},
         "metrics": {"validation": {k: v for k, v in best_eval.items() if isinstance(v, (int, float))}},
-        "best_step": state.best_step, "steps": state.step, "seed": tc.seed, "precision": precision,
+        "eval": cfg.eval.model_dump(mode="json"),
+        "best_step": state.best_step, "steps": state.step, "seed": cfg.train.seed, "precision": precision,
         "versions": library_versions(),
     }
     if task_name in ("causal_lm", "sft"):  # what a server needs to stop where training taught it to
@@ -413,32 +465,47 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     if not dd.fsdp:
         model.to("cpu")
     model_dir = out / "model"
-    if dd.main:
-        save_model_dir(model, tokenizer, model_dir, model_meta, state_dict=full_state)
+    if dd.main:  # the run dir is this process's (locked): its model/ is replaced by the swap
+        save_model_dir(model, tokenizer, model_dir, model_meta, state_dict=full_state, overwrite=True)
     dd.barrier()
-    dd.close()
-    tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate, elapsed_s=elapsed,
-                eval_s=eval_time)
-    tracker.close()
-    per_unit = f" · {tokens_rate:,.0f} tokens/s" if task_name != "classification" else ""
-    console.print(f"[bold green]saved[/] {model_dir} · best validation {metric_name} {state.best_metric:.4f} "
-                  f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
-    return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
-            "validation": model_meta["metrics"]["validation"], "nonfinite_skipped": state.nonfinite_skipped,
-            "examples_per_s": rate,
-            "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
+    return {"model_dir": model_dir, "validation": model_meta["metrics"]["validation"]}
 
 
 def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
-    if resume or not out.exists():
+    """Refuse what this run may not write into (nothing is changed here; the swap comes once all loaded)."""
+    if resume:
+        if not out.exists():
+            raise UserError(f"--resume: no complete checkpoint in {out} (it does not exist)")
+        if kind_of(out) != "run":
+            raise UserError(f"--resume: {out} is not a tunelab run dir")
         return
-    if overwrite:
-        for name in ("checkpoints", "tb", "model"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    elif ckpt.complete_checkpoints(out / "checkpoints") or (out / "model").exists():
+    if not out.exists() or is_empty_dir(out):
+        return
+    found = kind_of(out) if out.is_dir() and not out.is_symlink() else None
+    if found is None:
+        raise UserError(f"{out} exists and was not written by tunelab; choose another --out (tunelab never "
+                        "deletes or overwrites folders it did not write; nothing was changed)")
+    if found != "run":
+        raise UserError(f"{out} holds a tunelab {found}, not a run; choose another --out (nothing was changed)")
+    if not overwrite and (ckpt.complete_checkpoints(out / "checkpoints") or (out / "model").exists()):
         raise UserError(f"{out} already holds a run; continue it with --resume auto, replace it with "
                         "--overwrite, or choose another --out")
+
+
+def _open_run_dir(out: Path, cfg: RunConfig, fresh: bool, info: dict) -> None:
+    """A fresh run dir (swapped in for an old run, which is removed only after the swap), or the resumed one
+    cleaned of what a crash left behind (checkpoint folders without a manifest, an unfinished model/)."""
+    record = {"kind": "run", **info, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": library_versions()}
+    if fresh:
+        with write_folder(out, "run", overwrite=True) as tmp:
+            (tmp / META_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+            (tmp / "config.yaml").write_text(dump_config(cfg))
+        return
+    recover(out / "model")
+    ckpt.clean_incomplete(out / "checkpoints")
+    if not (out / META_FILE).is_file():  # a run dir from before run dirs carried one
+        ckpt.write_durably(out / META_FILE, json.dumps(record, indent=2, ensure_ascii=False))
+    ckpt.write_durably(out / "config.yaml", dump_config(cfg))
 
 
 def _last_checkpoint(out: Path) -> str:
@@ -465,8 +532,8 @@ def _save(out: Path, state: LoopState, model, best_weights, optimizer, scheduler
 
 def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimizer, scheduler,
             console: Console, fsdp: bool = False) -> tuple[LoopState, dict | None]:
-    d = ckpt.resolve_resume(out, resume)
-    weights, trainer, saved, best = ckpt.load_checkpoint(d)
+    d, weights, trainer, saved, best = ckpt.load_resume(out, resume, note=lambda msg: console.print(
+        f"[bold yellow]{msg}[/]", highlight=False))
     diffs = _differences(saved["config"], run_record["config"])
     if saved["data_fingerprint"] != run_record["data_fingerprint"]:
         diffs.append("data fingerprint")

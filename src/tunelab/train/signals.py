@@ -1,6 +1,10 @@
 """Graceful stop on SIGTERM / SIGINT: the first signal asks the loop to finish its step, write a
 checkpoint and return; a second SIGINT exits at once (the last complete checkpoint stays valid, since a
-checkpoint only exists once its manifest is written last)."""
+checkpoint only exists once its manifest is written last).
+
+After the last step is checkpointed the run switches to `raise_from_now()`: a signal then raises
+`StopRequested` at once, interrupting the final evaluation or save (the model dir is replaced by a swap, so
+an interrupted save leaves the old one or none, never half of one)."""
 
 from __future__ import annotations
 
@@ -9,12 +13,18 @@ import signal
 import threading
 
 
+class StopRequested(BaseException):
+    """Raised by a signal once `StopRequest.raise_from_now()` was called (a BaseException, so that no
+    `except Exception` on the way swallows it)."""
+
+
 class StopRequest:
     """Context manager installing the handlers (main thread only); `requested` names the signal."""
 
     def __init__(self, on_request=None):
         self.requested: str | None = None
         self.on_request = on_request
+        self.raising = False
         self._old: dict = {}
 
     def _handle(self, signum, frame) -> None:
@@ -25,6 +35,14 @@ class StopRequest:
             self.requested = name
             if self.on_request:
                 self.on_request(name)
+            if self.raising:
+                raise StopRequested(name)
+
+    def raise_from_now(self) -> None:
+        """From now on a signal raises `StopRequested`; one that already arrived raises it here."""
+        self.raising = True
+        if self.requested is not None:
+            raise StopRequested(self.requested)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
