@@ -55,3 +55,25 @@ def test_report_keys_and_table(tmp_path, small_dataset, capsys):
     print_report(report)
     printed = capsys.readouterr().out
     assert "TF-IDF + LR" in printed and "fine-tuned tiny-bert" in printed and "10 of 30" in printed
+
+
+def test_eval_reads_the_run_configs_eval_section_and_flags_win(tmp_path, small_dataset):
+    import pytest
+
+    from tunelab.config import validate
+    from tunelab.errors import UserError
+    from tunelab.train.loop import train
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(small_dataset, max_steps=2)
+    cfg["eval"] = {"baselines": ["zero_shot"], "zero_shot_model": "tiny-llama", "zero_shot_samples": 7,
+                   "batch_size": 4}
+    summary = train(validate(cfg), tmp_path / "run", show_progress=False)
+    report = evaluate(summary["model_dir"])
+    assert set(report["baselines"]) == {"zero_shot"} and report["baselines"]["zero_shot"]["sample_size"] == 7
+    assert report["eval"]["batch_size"] == 4
+    report = evaluate(summary["model_dir"], overrides={"zero_shot_samples": 5, "baselines": ["tfidf", "zero_shot"]})
+    assert report["baselines"]["zero_shot"]["sample_size"] == 5 and "tfidf_logreg" in report["baselines"]
+    with pytest.raises(UserError, match="invalid eval options: 'zero_shot_samples'"):
+        evaluate(summary["model_dir"], overrides={"zero_shot_samples": -1})

@@ -67,3 +67,35 @@ def test_load_config_errors(tmp_path):
     lst.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(UserError, match="mapping"):
         load_config(lst)
+
+
+def test_cli_defaults_come_from_the_config_models():
+    """Each flag that sets a config key shows the key's own default and passes None when not given, so the
+    config model (or a saved section) decides: the defaults cannot drift apart."""
+    import typer
+
+    from tunelab.cli import app
+    from tunelab.config import DedupConfig, EvalConfig, PrepareOptions, ServeConfig
+
+    commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
+    commands.update({f"data {c.name}": c for c in typer.main.get_command(app).commands["data"].commands.values()})
+    flag_fields = {
+        "eval": (EvalConfig, {"zero_shot_samples": "zero_shot_samples", "zero_shot_model": "zero_shot_model",
+                              "generation_samples": "generation_samples", "max_new_tokens": "max_new_tokens",
+                              "general_text": "general_text", "general_samples": "general_samples",
+                              "batch_size": "batch_size", "baseline": "baselines"}),
+        "serve": (ServeConfig, {"host": "host", "port": "port", "max_batch": "max_batch", "max_waiting": "max_waiting",
+                                "encoder_batch": "encoder_batch", "encoder_wait_ms": "encoder_wait_ms",
+                                "precision": "precision", "rate_limit": "rate_limit", "drain_timeout": "drain_timeout_s",
+                                "max_body_bytes": "max_body_bytes", "embedding_model": "embedding_model"}),
+        "data prepare": (PrepareOptions, {"seed": "seed", "val_ratio": "val_ratio", "test_ratio": "test_ratio",
+                                          "max_drop_rate": "max_drop_rate", "max_rows": "max_rows"}),
+        "data overlap": (DedupConfig, {"threshold": "threshold"}),
+    }
+    for name, (cls, fields) in flag_fields.items():
+        params = {p.name: p for p in commands[name].params}
+        for flag, field in fields.items():
+            default = cls.model_fields[field].default
+            shown = "none" if default is None else ", ".join(default) if isinstance(default, list) else default
+            assert params[flag].default is None, (name, flag)
+            assert f"(default: {shown})" in params[flag].help, (name, flag, params[flag].help)

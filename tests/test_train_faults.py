@@ -175,3 +175,82 @@ def test_kill_9_at_random_moments_then_resume_matches_straight_run(tmp_path, str
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
     got = _weights(out)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_second_writer_is_refused_naming_the_first_and_the_first_run_is_unharmed(tmp_path, small_dataset):
+    cfg = _config_file(tmp_path, small_dataset, max_steps=100_000)  # runs until stopped below
+    out = tmp_path / "run"
+    first = _start(cfg, out)
+    _wait_for_step(out, 2, first)
+    seconds = [_start(cfg, out, *extra) for extra in (["--overwrite"], ["--resume", "auto"], [])]
+    for second in seconds:
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2, err
+        assert f"being written by another tunelab process (PID {first.pid} " in err and "Traceback" not in err
+    assert first.poll() is None  # still training, untouched
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    done = ckpt.complete_checkpoints(out / "checkpoints")
+    assert done and done[-1].name == f"step-{json.loads(stdout)['steps']}"
+    for d in done:
+        ckpt.verify(d)
+
+
+def _signal_on_call(monkeypatch, owner, name, call):
+    """SIGTERM to this process on the `call`-th call (1-based) of owner.name, then the real call."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.mark.parametrize("where", ["final evaluation", "final save"])
+def test_sigterm_during_the_final_phase_leaves_a_checkpoint_of_the_last_step(tmp_path, small_dataset, monkeypatch,
+                                                                             where):
+    import tunelab.model_files
+
+    opts = dict(max_steps=4, save_every=3, eval_every=0, precision="fp32")
+    straight, _ = _run(tmp_path, small_dataset, "straight", **opts)
+    expected = _weights(tmp_path / "straight")
+    if where == "final evaluation":  # the only evaluation of this run is at its last step
+        _signal_on_call(monkeypatch, ClassificationTask, "evaluate", 1)
+    else:  # while the model dir's files are being written
+        _signal_on_call(monkeypatch, tunelab.model_files, "files_manifest", 1)
+    stopped, run = _run(tmp_path, small_dataset, **opts)
+    assert stopped["interrupted"] == "SIGTERM" and stopped["steps"] == 4
+    assert stopped["checkpoint"].endswith("step-4")
+    assert not (run / "model").exists() and not list(run.glob(".model.tunelab-*"))
+    monkeypatch.undo()
+    done = train(validate(tiny_config(small_dataset, **opts)), run, resume="auto", show_progress=False)
+    assert done["steps"] == 4 and done["validation"] == straight["validation"]
+    got = _weights(run)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_resume_auto_skips_a_damaged_newest_checkpoint(tmp_path, small_dataset, capsys):
+    opts = dict(max_steps=6, save_every=2, eval_every=0, keep_last=3, precision="fp32")
+    _, run = _run(tmp_path, small_dataset, **opts)
+    expected = _weights(run)
+    newest = ckpt.complete_checkpoints(run / "checkpoints")[-1]
+    (newest / "manifest.json").write_text("{this is not json")
+    older = ckpt.complete_checkpoints(run / "checkpoints")[-2]
+    w = older / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])  # truncated: does not match its manifest
+    (run / "model").rename(run / "model-first")
+    with pytest.raises(UserError, match="manifest.json is malformed"):
+        train(validate(tiny_config(small_dataset, **opts)), run, resume=str(newest), show_progress=False)
+    capsys.readouterr()
+    summary = train(validate(tiny_config(small_dataset, **opts)), run, resume="auto", show_progress=False)
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {newest} is damaged" in err and f"skipping checkpoint {older} is damaged" in err
+    assert "resumed from" in err and "step-2 at step 2" in err
+    assert summary["steps"] == 6
+    got = _weights(run)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -127,3 +127,17 @@ def test_missing_dataset_message(tmp_path):
     cfg = validate(tiny_config(tmp_path / "nothing"))
     with pytest.raises(UserError, match="tunelab data prepare"):
         train(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_same_run_whatever_the_cache_holds(tmp_path, small_dataset, monkeypatch):
+    """A cold cache builds tiny-bert during the run; that must not change the weights the seed gives."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    cfg = validate(tiny_config(small_dataset, max_steps=3, precision="fp32"))
+    train(cfg, tmp_path / "cold", show_progress=False)
+    assert (tmp_path / "cache" / "models" / "tiny-bert" / "model.safetensors").is_file()
+    train(cfg, tmp_path / "warm", show_progress=False)
+    cold = load_file(tmp_path / "cold" / "model" / "model.safetensors")
+    warm = load_file(tmp_path / "warm" / "model" / "model.safetensors")
+    assert cold.keys() == warm.keys() and all(torch.equal(cold[k], warm[k]) for k in cold)

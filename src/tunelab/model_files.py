@@ -24,6 +24,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER = 100 << 20
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "I16": 2,
                "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+CONFIG_FILES = ("config.json", "adapter_config.json", "houlsby_config.json", "generation_config.json")
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
                          "sentencepiece.bpe.model")
 
@@ -115,6 +116,8 @@ def check_weights(path: Path, finite: bool = True) -> None:
 def check_model_folder(d: Path, files: dict | None = None) -> None:
     """All weight files of a model folder checked (and, when `files` lists sizes and sha256, verified)."""
     d = Path(d)
+    for name in CONFIG_FILES:
+        _check_json(d / name)
     for path in weight_files(d):
         check_weights(path)
     for name, info in (files or {}).items():
@@ -130,18 +133,17 @@ def check_tokenizer_folder(d: Path) -> None:
     d = Path(d)
     if not any((d / name).is_file() for name in TOKENIZER_VOCAB_FILES):
         raise UserError(f"{d}: the tokenizer files are missing (expected one of {', '.join(TOKENIZER_VOCAB_FILES)})")
-    config = d / "tokenizer_config.json"
-    if config.is_file():
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "config.json"):
+        _check_json(d / name)
+
+
+def _check_json(path: Path) -> None:
+    """A JSON file, if present, parses (a loader's own message would blame something else)."""
+    if path.is_file():
         try:
-            json.loads(config.read_text(encoding="utf-8"))
+            json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"{config} is corrupt: {err}") from None
-    tok_json = d / "tokenizer.json"
-    if tok_json.is_file():
-        try:
-            json.loads(tok_json.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"{tok_json} is corrupt: {err}") from None
+            raise UserError(f"{path} is corrupt: {err}") from None
 
 
 def check_gguf(path: Path) -> None:

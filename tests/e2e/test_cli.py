@@ -124,3 +124,49 @@ def test_data_commands(trained, tmp_path):
     meta = json.loads((tmp_path / "d" / "dataset.json").read_text())
     assert meta["options"]["dedup"]["threshold"] == 0.8 and meta["options"]["seed"] == 1
     assert "duplicates:" in proc.stdout
+
+
+def test_outputs_never_replace_what_tunelab_did_not_write(trained, tmp_path):
+    root = trained
+    model = root / "run" / "model"
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    notes = tmp_path / "notes.json"
+    notes.write_text("my notes")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "great"}\n')
+    fails_cleanly(tl("data", "prepare", root / "reviews.csv", "--out", thesis, "--overwrite", check=False),
+                  "not written by tunelab")
+    fails_cleanly(tl("train", root / "tiny.yaml", "--out", thesis, "--overwrite", check=False),
+                  "not written by tunelab")
+    fails_cleanly(tl("eval", model, "--out", notes, "--overwrite", "--no-baselines", check=False),
+                  "not written by tunelab")
+    fails_cleanly(tl("predict", model, "--input", inp, "--out", notes, "--overwrite", check=False),
+                  "not written by tunelab")
+    assert [p.name for p in thesis.iterdir()] == ["thesis.tex"] and notes.read_text() == "my notes"
+
+    # a dataset is replaced only with --overwrite, and only once the new one is complete
+    ds = tmp_path / "ds"
+    tl("data", "prepare", root / "reviews.csv", "--out", ds)
+    fails_cleanly(tl("data", "prepare", root / "reviews.csv", "--out", ds, "--seed", "1", check=False),
+                  "already holds a dataset; pass --overwrite")
+    fails_cleanly(tl("data", "prepare", tmp_path / "missing.csv", "--out", ds, "--overwrite", check=False),
+                  "no such file")
+    assert json.loads((ds / "dataset.json").read_text())["options"]["seed"] == 0
+    tl("data", "prepare", root / "reviews.csv", "--out", ds, "--seed", "1", "--overwrite")
+    assert json.loads((ds / "dataset.json").read_text())["options"]["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "ds", "in.jsonl", "notes.json", "thesis"]
+
+
+def test_train_overwrite_deletes_nothing_until_the_new_run_has_loaded(trained, tmp_path):
+    root = trained
+    run = tmp_path / "run"
+    tl("train", root / "tiny.yaml", "--out", run, "train.max_steps=2")
+    assert (run / "model" / "model.safetensors").is_file()
+    fails_cleanly(tl("train", root / "tiny.yaml", "--out", run, "--overwrite", f"data.dir={tmp_path / 'nothing'}",
+                     check=False), "tunelab data prepare")
+    fails_cleanly(tl("train", root / "tiny.yaml", "--out", run, "--overwrite", "model.base=tiny-gpt", check=False),
+                  "not found")
+    assert (run / "model" / "model.safetensors").is_file() and (run / "checkpoints" / "step-2").is_dir()
+    assert json.loads((run / "tunelab.json").read_text())["kind"] == "run"

@@ -1,14 +1,33 @@
 """PII redaction with typed placeholders, counted by type.
 
 Types and placeholders: <SECRET> (API keys and tokens), <EMAIL>, <CREDIT_CARD> (13-19 digits with a
-card-network first digit that pass the Luhn check), <IP> (IPv4, IPv6), <PHONE> (7-15 digits in a
-phone-like layout).
+card-network first digit that pass the Luhn check), <IP> (IPv4, IPv6), <PHONE>.
+
+Phones are found three ways: (1) a phone-like layout with separators (7-15 digits, "+1 (415) 555-0132",
+"020 7946 0958"); (2) a leading "+" and 8-15 digits (E.164: "+14155550123", "+86 13812345678"); (3) 7-15 digits,
+bare or with separators, after a phone word at most a few words before them ("call me at 5551234567",
+"手机号13812345678"; words: call, phone, tel, mobile, cell, text/sms/ring/reach me, whatsapp, fax, contact, dial,
+number, ph, mob, 电话, 手机, 联系, 致电, 微信, 号码, 拨打, 打给). A bare digit run with no such word stays:
+order numbers, timestamps and IDs look the same. "<id noun> number" (order, case, ticket, account, ...) is not a
+phone word. Dates (2024-01-05, 05/01/2024) are never phones.
+
+Patterns are bounded by ASCII letters and digits only, so PII written straight after Chinese or Japanese text
+("邮箱jane@example.com") is found.
+
+`find(text)` returns the spans without replacing (callers that keep offsets, like NER tokens, use it);
+`redact(text)` replaces and counts each redacted occurrence once by type; `redact_tokens` redacts a token
+sequence (NER) as the text the tokens form, so PII split over several tokens becomes one placeholder token;
+`redact_prefix` redacts the head of a long text (the excerpt of a rejected row) without cutting a PII string in two.
 
 Known limits (pattern matching, not a model): names, street addresses and dates of birth are not
-detected; phone numbers written without separators inside longer digit runs, or spelled out, are
-missed; secrets are found by well-known prefixes (sk-, ghp_, AKIA, xox?-, AIza, glpat-) and as random-looking
-tokens (32+ characters with 4+ digits making up 10%+), so short, all-letter or hyphenated secrets are
-missed and long hashes/IDs are redacted too.
+detected; a bare digit run with no phone word before it (a bare 11-digit Chinese mobile "13812345678", a
+phone word only after the number: "5551234567 is my cell") is kept; "order number 5551234567" style IDs after a
+plain "number" are redacted as phones; spelled-out numbers are missed; PII split by characters that are not
+whitespace-only gaps (an e-mail given as NER tokens "jane", "@", "example.com") is missed; obfuscated PII
+("jane at example dot com") is missed; times like "10:30:45" read as IPv6. Secrets are found by well-known
+prefixes (sk-, ghp_, github_pat_, AKIA, xox?-, AIza, glpat-) and as random-looking tokens (32+ characters with
+4+ digits making up 10%+), so short, all-letter or hyphenated secrets are missed and long hashes/IDs are redacted
+too.
 """
 
 from __future__ import annotations
@@ -16,44 +35,74 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+PLACEHOLDERS = {"secret": "<SECRET>", "email": "<EMAIL>", "credit_card": "<CREDIT_CARD>", "ip": "<IP>",
+                "phone": "<PHONE>"}
+TYPES = tuple(PLACEHOLDERS)  # also the search order: where matches would overlap, the earlier type wins
+
+# Bounds use ASCII word characters only: Chinese text runs into PII with no space, and `\w`/`\b` would see
+# one long word there.
 _SECRET = re.compile(
-    r"\b(?:sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|glpat-[A-Za-z0-9_-]{20,}"
-    r"|AKIA[0-9A-Z]{16}|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})")
-_RANDOM_TOKEN = re.compile(r"(?<![\w#@-])[A-Za-z0-9_]{32,}(?![\w-])")
-_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+    r"(?<![A-Za-z\d_])(?:sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}"
+    r"|glpat-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|xox[abposr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})")
+_RANDOM_TOKEN = re.compile(r"(?<![A-Za-z\d_#@-])[A-Za-z0-9_]{32,}(?![A-Za-z\d_-])")
+_EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
+                    r"(?![A-Za-z\d_])")
 _CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\d.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\d.])")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])"
-                   r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}(?![\w:])")
-_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?![\w])")
+_IPV6 = re.compile(r"(?<![A-Za-z\d_:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![A-Za-z\d_:])"
+                   r"|(?<![A-Za-z\d_:])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}"
+                   r"(?![A-Za-z\d_:])")
+_PHONE = re.compile(r"(?<![A-Za-z\d_+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}"
+                    r"(?![A-Za-z\d_])")
+_E164 = re.compile(r"(?<![A-Za-z\d_+])\+(?:\d[ .-]?){7,14}\d(?![A-Za-z\d_])")
+# 7-15 digits, separators optional: only a phone when a phone word comes before it (`_after_phone_word`)
+_PHONE_DIGITS = re.compile(r"(?<![A-Za-z\d_+])(?:\(\d{1,4}\)[ .-]?)?\d(?:[ .-]?\d){6,14}(?![A-Za-z\d_])")
+_ID_NOUNS = ("order", "case", "ticket", "account", "tracking", "reference", "ref", "invoice", "booking",
+             "confirmation", "flight", "serial", "customer", "member", "transaction", "model", "part")
+_PHONE_WORD = re.compile(
+    r"(?i)\b(?:call(?:s|ed|ing)?|phone[sd]?|tel|telephone|mobile|cell(?:phone)?|whatsapp|fax|contacts?|dial(?:l?ed)?"
+    r"|ph|mob|sms|(?:text|sms|ring|reach) me|" + "".join(f"(?<!{w} )" for w in _ID_NOUNS) + r"numbers?)\b"
+    r"|电话|手机|联系|致电|微信|号码|拨打|打给")
+_PHONE_WORD_WINDOW = 40  # characters before the digits searched for a phone word ...
+_PHONE_WORD_WORDS = 5  # ... and at most this many whitespace-separated words of them
 
 _NOT_PHONE = re.compile(r"^(?:\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|\d{1,3}(?:\.\d{1,3}){3})$")
 
-# Cheap searches that rule a pattern out before the costlier substitution runs (most texts hold no PII).
+# Cheap searches that rule a pattern out before the costlier search runs (most texts hold no PII).
 _LONG_TOKEN = re.compile(r"[A-Za-z0-9_\-]{20,}")
 _DIGIT_RUN = re.compile(r"\d[\d .()+-]{5,}\d")
 
-TYPES = ("secret", "email", "credit_card", "ip", "phone")
+_MASK = "\x00"  # stands in for found PII while later patterns search: no pattern matches it or runs across it
+_PREFIX_MARGIN = 256  # > the longest e-mail (254) or phone, so a PII string crossing the cut is seen whole
 
 
-def _phone_like(s: str) -> bool:
+def _phone_like(m: re.Match) -> bool:
     """7-15 digits, a last group of 3+ digits, and not a date or a dotted quad."""
+    s = m.group(0)
     digits = re.sub(r"\D", "", s)
     last = re.split(r"[ .()-]+", s.strip())[-1]
     return 7 <= len(digits) <= 15 and len(last) >= 3 and not _NOT_PHONE.match(s)
 
 
-def _random_looking(token: str) -> bool:
+def _after_phone_word(m: re.Match) -> bool:
+    """A phone word within the few words before the digits, and the digits are not a date."""
+    before = m.string[max(0, m.start() - _PHONE_WORD_WINDOW):m.start()]
+    near = " ".join(before.split()[-_PHONE_WORD_WORDS:])
+    return _PHONE_WORD.search(near) is not None and not _NOT_PHONE.match(m.group(0))
+
+
+def _random_looking(m: re.Match) -> bool:
     """A long token that reads like a key or hash, not a run-together hashtag: 4+ digits making up 10%+
     of it, and 4+ letters."""
+    token = m.group(0)
     digits = sum(c.isdigit() for c in token)
     return digits >= 4 and digits >= 0.1 * len(token) and sum(c.isalpha() for c in token) >= 4
 
 
-def _card_like(s: str) -> bool:
+def _card_like(m: re.Match) -> bool:
     """13-19 digits, a card-network first digit (2-series only at 16 digits), and the Luhn check."""
-    digits = re.sub(r"\D", "", s)
+    digits = re.sub(r"\D", "", m.group(0))
     return (digits[0] in "3456" or (digits[0] == "2" and len(digits) == 16)) and luhn_ok(digits)
 
 
@@ -69,8 +118,26 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _inside(tag: str) -> str:
+    """The BIO tag of a token that continues the entity `tag` is in (B-X -> I-X; O stays O)."""
+    return "I-" + tag[2:] if tag.startswith("B-") else tag
+
+
+class _Search:
+    """Spans found so far in one text; found text is masked, so later patterns cannot match into it."""
+
+    def __init__(self, text: str):
+        self.text, self.spans = text, []
+
+    def add(self, kind: str, pattern: re.Pattern, check=None) -> None:
+        found = [m.span() for m in pattern.finditer(self.text) if check is None or check(m)]
+        for start, end in found:
+            self.text = self.text[:start] + _MASK * (end - start) + self.text[end:]
+            self.spans.append((start, end, kind))
+
+
 class PiiRedactor:
-    """`redact(text)` -> text with placeholders; `counts[type]` = redactions so far."""
+    """`redact(text)` -> text with placeholders; `counts[type]` = redactions so far (each occurrence once)."""
 
     def __init__(self, types: tuple[str, ...] | list[str] = TYPES):
         unknown = set(types) - set(TYPES)
@@ -79,29 +146,84 @@ class PiiRedactor:
         self.types = set(types)
         self.counts: Counter = Counter()
 
-    def _sub(self, kind: str, pattern: re.Pattern, placeholder: str, text: str, check=None) -> str:
-        def repl(m: re.Match) -> str:
-            if check is not None and not check(m.group(0)):
-                return m.group(0)
-            self.counts[kind] += 1
-            return placeholder
-
-        return pattern.sub(repl, text)
-
-    def redact(self, text: str) -> str:
+    def find(self, text: str) -> list[tuple[int, int, str]]:
+        """Sorted, non-overlapping (start, end, type) spans of the PII in `text`, for the selected types.
+        Counts nothing."""
+        s = _Search(text)
         if "secret" in self.types and _LONG_TOKEN.search(text):
-            text = self._sub("secret", _SECRET, "<SECRET>", text)
-            text = self._sub("secret", _RANDOM_TOKEN, "<SECRET>", text, _random_looking)
+            s.add("secret", _SECRET)
+            s.add("secret", _RANDOM_TOKEN, _random_looking)
         if "email" in self.types and "@" in text:
-            text = self._sub("email", _EMAIL, "<EMAIL>", text)
-        digits = _DIGIT_RUN.search(text) is not None
+            s.add("email", _EMAIL)
+        digits = _DIGIT_RUN.search(s.text) is not None
         if "credit_card" in self.types and digits:
-            text = self._sub("credit_card", _CARD, "<CREDIT_CARD>", text, _card_like)
+            s.add("credit_card", _CARD, _card_like)
         if "ip" in self.types:
             if digits:
-                text = self._sub("ip", _IPV4, "<IP>", text)
-            if text.count(":") >= 2:
-                text = self._sub("ip", _IPV6, "<IP>", text, lambda s: s.count(":") >= 2)
+                s.add("ip", _IPV4)
+            if s.text.count(":") >= 2:
+                s.add("ip", _IPV6, lambda m: m.group(0).count(":") >= 2)
         if "phone" in self.types and digits:
-            text = self._sub("phone", _PHONE, "<PHONE>", text, _phone_like)
-        return text
+            s.add("phone", _PHONE, _phone_like)
+            if "+" in s.text:
+                s.add("phone", _E164)
+            s.add("phone", _PHONE_DIGITS, _after_phone_word)
+        return sorted(s.spans)
+
+    def _replace(self, text: str, spans: list[tuple[int, int, str]]) -> str:
+        """`text` with each span (sorted, from `find`) replaced by its placeholder; counts them."""
+        parts, pos = [], 0
+        for start, end, kind in spans:
+            parts += [text[pos:start], PLACEHOLDERS[kind]]
+            pos = end
+            self.counts[kind] += 1
+        return "".join(parts) + text[pos:]
+
+    def redact(self, text: str) -> str:
+        spans = self.find(text)
+        return self._replace(text, spans) if spans else text
+
+    def redact_prefix(self, text: str, limit: int) -> str:
+        """`text` cut to its first `limit` characters and redacted; a PII string crossing the cut is replaced
+        whole, never kept in part. Only the first `limit` + 256 characters are searched, so a 10 MB text costs
+        what a short one does."""
+        head = text[:limit + _PREFIX_MARGIN]
+        spans = [s for s in self.find(head) if s[0] < limit]
+        end = max([limit] + [e for _, e, _ in spans])
+        return self._replace(head[:end], spans)
+
+    def redact_tokens(self, tokens: list[str], tags: list[str], spaced: list[bool]) -> tuple[list[str], list[str]]:
+        """Redact a tagged token sequence as the text it forms, so PII split over tokens is found.
+
+        The text is the tokens joined by one space where `spaced[i]` (whitespace before token i in the
+        source) and by nothing elsewhere. Each PII span becomes one placeholder token; tokens inside a span go,
+        tokens partly inside keep their parts outside it. A token's first piece keeps its tag; its later pieces
+        (a placeholder that starts inside it, or text after one) continue its entity (B-X -> I-X). So a
+        placeholder's tag is that of the token the span starts in. Counts each span once."""
+        text, starts = "", []
+        for i, tok in enumerate(tokens):
+            text += " " if i and spaced[i] else ""
+            starts.append(len(text))
+            text += tok
+        spans = self.find(text)
+        if not spans:
+            return tokens, tags
+        out_tokens, out_tags, k, placed = [], [], 0, -1
+        for tok, tag, start in zip(tokens, tags, starts):
+            end, pos, pieces = start + len(tok), start, []
+            while k < len(spans) and spans[k][0] < end:
+                a, b, kind = spans[k]
+                pieces += [text[pos:a]] if a > pos else []
+                if placed != k:
+                    pieces.append(PLACEHOLDERS[kind])
+                    placed = k
+                    self.counts[kind] += 1
+                if b > end:  # the span goes on into the next token
+                    pos = end
+                    break
+                pos, k = max(pos, b), k + 1
+            pieces += [text[pos:end]] if pos < end else []
+            for j, piece in enumerate(pieces):
+                out_tokens.append(piece)
+                out_tags.append(tag if j == 0 else _inside(tag))
+        return out_tokens, out_tags

@@ -116,12 +116,14 @@ def to_messages(fields: dict) -> list[dict] | str:
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
-def to_bio(text: str, entities) -> tuple[list[str], list[str]] | str:
-    """Text + character spans [{"start", "end", "label"}] -> (word/punctuation tokens, BIO tags)."""
+def to_bio(text: str, entities) -> tuple[list[str], list[str], list[bool]] | str:
+    """Text + character spans [{"start", "end", "label"}] -> (word/punctuation tokens, BIO tags, spaced), where
+    `spaced[i]` says whether whitespace comes before token i in `text` (what PII redaction joins tokens by)."""
     if not isinstance(entities, list):
         return "bad_entities"
     matches = list(_TOKEN.finditer(text))
     tokens, tags = [m.group(0) for m in matches], ["O"] * len(matches)
+    spaced = [i > 0 and m.start() > matches[i - 1].end() for i, m in enumerate(matches)]
     starts = {m.start(): i for i, m in enumerate(matches)}
     ends = {m.end(): i for i, m in enumerate(matches)}
     for e in entities:
@@ -134,7 +136,7 @@ def to_bio(text: str, entities) -> tuple[list[str], list[str]] | str:
         tags[first] = f"B-{e['label']}"
         for i in range(first + 1, last + 1):
             tags[i] = f"I-{e['label']}"
-    return tokens, tags
+    return tokens, tags, spaced
 
 
 def repair_bio(tags: list[str], counts) -> list[str]:
@@ -152,7 +154,8 @@ class RowFilter:
     """Turns one parsed source row into a clean example or a rejection reason.
 
     Every example has `text` (what de-duplication compares) and `label` (None outside classification);
-    `messages` for sft."""
+    `messages` for sft. With PII redaction on, every string an example carries to an output (text, label, chat
+    turns, category, NER tokens and entity types) is redacted."""
 
     def __init__(self, opts: PrepareOptions, text_col: str, label_col: str):
         self.opts, self.text_col, self.label_col = opts, text_col, label_col
@@ -162,9 +165,24 @@ class RowFilter:
         self.extract = {"classification": self._classification, "text": self._text, "sft": self._sft,
                         "ner": self._ner}[opts.task]
 
-    def _clean(self, text: str) -> str:
-        text = self.cleaner.text(text)
+    def _redact(self, text: str) -> str:
         return self.pii.redact(text) if self.pii is not None else text
+
+    def _clean(self, text: str) -> str:
+        return self._redact(self.cleaner.text(text))
+
+    def _redact_value(self, value):
+        """A free-form JSON value (e.g. an sft `category`) with every string in it redacted, keys included;
+        a number is replaced by its redacted text only where that holds PII."""
+        if isinstance(value, str):
+            return self._redact(value)
+        if isinstance(value, list):
+            return [self._redact_value(v) for v in value]
+        if isinstance(value, dict):
+            return {self._redact(str(k)): self._redact_value(v) for k, v in value.items()}
+        text = _as_text(value)
+        redacted = self._redact(text) if text is not None else text
+        return value if redacted == text else redacted
 
     def _text(self, fields: dict) -> tuple[dict | None, str | None]:
         raw = fields.get(self.text_col)
@@ -190,7 +208,7 @@ class RowFilter:
         label = self.cleaner.label(label)
         if self.allowed is not None and label not in self.allowed:
             return None, "unknown_label"
-        example["label"] = label
+        example["label"] = self._redact(label)  # after the check: `clean.labels` names labels as written
         return example, None
 
     def _sft(self, fields: dict) -> tuple[dict | None, str | None]:
@@ -210,35 +228,41 @@ class RowFilter:
             return None, reason
         example = {"text": text, "label": None, "messages": messages}
         if "category" in fields:
-            example["category"] = fields["category"]
+            example["category"] = self._redact_value(fields["category"])
         return example, None
 
-    def _ner(self, fields: dict) -> tuple[dict | None, str | None]:
+    def _ner_source(self, fields: dict) -> tuple[list, list, list[bool]] | str:
+        """-> (tokens, tags, spaced) as given (tokens + tags) or built from text + entity spans, or a reason."""
         if isinstance(fields.get("tokens"), list):
             tokens = fields["tokens"]
             tags = fields.get("tags", fields.get("ner_tags"))
             if not isinstance(tags, list) or len(tags) != len(tokens):
-                return None, "tag_count_mismatch"
-        elif isinstance(fields.get(self.text_col), str):
-            spans = to_bio(fields[self.text_col], fields.get("entities", []))
-            if isinstance(spans, str):
-                return None, spans
-            tokens, tags = spans
-        else:
-            return None, "no_tokens"
-        clean_tokens, clean_tags = [], []
-        for tok, tag in zip(tokens, tags):
+                return "tag_count_mismatch"
+            return tokens, tags, [True] * len(tokens)
+        if isinstance(fields.get(self.text_col), str):
+            return to_bio(fields[self.text_col], fields.get("entities", []))
+        return "no_tokens"
+
+    def _ner(self, fields: dict) -> tuple[dict | None, str | None]:
+        source = self._ner_source(fields)
+        if isinstance(source, str):
+            return None, source
+        clean_tokens, clean_tags, clean_spaced, spaced = [], [], [], False
+        for tok, tag, space_before in zip(*source):
             tok = _as_text(tok)
             if tok is None or not isinstance(tag, str) or not re.fullmatch(r"O|[BI]-\S+", tag):
                 return None, "bad_tag" if tok is not None else "text_wrong_type"
             tok = self.cleaner.text(tok).replace(" ", "")
-            if self.pii is not None:
-                tok = self.pii.redact(tok)
+            spaced = spaced or space_before  # a token cleaned away leaves its whitespace to the next one
             if tok:
                 clean_tokens.append(tok)
-                clean_tags.append(tag)
+                clean_tags.append(tag if tag == "O" else tag[:2] + self._redact(tag[2:]))
+                clean_spaced.append(spaced)
+                spaced = False
         if not clean_tokens:
             return None, "no_tokens"
+        if self.pii is not None:  # over the whole sentence: PII split over tokens is found too
+            clean_tokens, clean_tags = self.pii.redact_tokens(clean_tokens, clean_tags, clean_spaced)
         clean_tags = repair_bio(clean_tags, self.cleaner.counts)
         text = " ".join(clean_tokens)
         return {"text": text, "label": None, "tokens": clean_tokens, "tags": clean_tags}, None
@@ -262,12 +286,17 @@ class RowFilter:
 
 def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
                  ) -> tuple[list[dict], list[dict], dict]:
-    """Read, clean and check -> (rows kept so far, rejected rows, counters). Rows carry `_line`."""
+    """Read, clean and check -> (rows kept so far, rejected rows, counters). Rows carry `_line`.
+
+    A rejected row keeps a redacted excerpt of its source text. Those redactions are not counted in `pii.*`:
+    the counters count what redaction did to the rows it cleaned, and a row cleaned then rejected would count
+    twice."""
     columns, rows = read_rows(path)
     wanted = {"classification": {"text": text_col, "label": label_col}, "text": {"text": text_col}, "sft": {},
               "ner": {}}
     _check_columns(path, columns, {**wanted[opts.task], "split": opts.split_column})
     keep = RowFilter(opts, text_col, label_col)
+    excerpt_pii = PiiRedactor(opts.pii.types) if opts.pii.enabled else None
     kept, rejected = [], []
     counters: Counter = Counter()
     for row in rows:
@@ -280,12 +309,19 @@ def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
         if opts.strict and reason in MALFORMED:
             raise UserError(f"{path}:{row.line}: {reason} (--strict stops at the first malformed row)")
         raw = _as_text(row.fields.get(text_col)) if row.fields else None
-        # enough of the text to recognise the row; a 10 MB row stays in its source file
-        rejected.append({"line": row.line, "reason": reason, "text": raw[:500] if raw else raw})
+        rejected.append({"line": row.line, "reason": reason, "text": _excerpt(raw, excerpt_pii)})
     counters.update({f"clean.{k}": v for k, v in keep.cleaner.counts.items()})
     if keep.pii is not None:
         counters.update({f"pii.{k}": v for k, v in keep.pii.counts.items()})
     return kept, rejected, counters
+
+
+def _excerpt(raw: str | None, pii: PiiRedactor | None, limit: int = 500) -> str | None:
+    """Enough of a rejected row's source text to recognise the row (a 10 MB row stays in its source file),
+    redacted when `pii` is given."""
+    if not raw:
+        return raw
+    return pii.redact_prefix(raw, limit) if pii is not None else raw[:limit]
 
 
 def token_length_filter(rows: list[dict], cfg) -> tuple[list[dict], dict[str, list[dict]]]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.errors import UserError, read_json_file
+from tunelab.errors import UserError
 
 MANIFEST = "manifest.json"
 
@@ -125,7 +125,12 @@ def prune(ckpt_root: Path, keep_last: int, keep: set[int]) -> None:
 
 def verify(d: Path) -> dict:
     """Check a checkpoint against its manifest -> the manifest; a `UserError` names what is wrong."""
-    manifest = read_json_file(d / MANIFEST, f"{d} is not a complete checkpoint (no {MANIFEST})")
+    if not (d / MANIFEST).is_file():
+        raise UserError(f"{d} is not a complete checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files or not all(
             isinstance(i, dict) and isinstance(i.get("size"), int) and isinstance(i.get("sha256"), str)

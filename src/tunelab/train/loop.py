@@ -195,6 +195,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; choose one")
+    _check_run_dir(out, resume, overwrite)  # refused before taking the lock: nothing is left behind
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes the run dir
     with FolderLock(out) if writer else nullcontext():
         return _train(cfg, out, resume, force, overwrite, console, show_progress)
@@ -207,7 +208,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     console = console or Console(stderr=True)
     if not dd.main:  # rank 0 speaks for the job
         console, show_progress = Console(file=io.StringIO()), False
-    _check_run_dir(out, resume, overwrite)
+    _check_run_dir(out, resume, overwrite)  # again, holding the lock
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -403,9 +404,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
             state.done = True
             if saved_step != state.step:  # the last step is checkpointed too: a stop from here on loses nothing
                 save()
-            if not dd.enabled:  # from here a signal stops at once (the checkpoint holds the run); under
-                stop_req.raise_from_now()  # torchrun every rank must reach the collectives, so it is a flag
             try:
+                if not dd.enabled:  # from here a signal stops at once (the checkpoint holds the run); under
+                    stop_req.raise_from_now()  # torchrun every rank must reach the collectives: a flag there
                 result = _finish(cfg, out, dd, model, tokenizer, base, task, task_name, meta, data_dir, train_rows,
                                  state, best_weights, last_eval, run_eval, precision)
             except StopRequested:
@@ -533,7 +534,7 @@ def _save(out: Path, state: LoopState, model, best_weights, optimizer, scheduler
 def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimizer, scheduler,
             console: Console, fsdp: bool = False) -> tuple[LoopState, dict | None]:
     d, weights, trainer, saved, best = ckpt.load_resume(out, resume, note=lambda msg: console.print(
-        f"[bold yellow]{msg}[/]", highlight=False))
+        f"[bold yellow]{msg}[/]", highlight=False, soft_wrap=True))
     diffs = _differences(saved["config"], run_record["config"])
     if saved["data_fingerprint"] != run_record["data_fingerprint"]:
         diffs.append("data fingerprint")
@@ -546,7 +547,7 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
     ckpt.set_rng_state(trainer["rng"])
     state = LoopState(**saved["loop"])
     console.print(f"[bold]resumed[/] from {d} at step {state.step}" + (f" (forced; changed: {diffs})" if diffs
-                                                                       else ""))
+                                                                       else ""), soft_wrap=True)
     run_record["resumed_from"] = {"checkpoint": str(d), "forced_changes": diffs}
     best_weights = best or (weights if state.best_step == state.step else None)
     return state, best_weights
