@@ -20,11 +20,11 @@ NEU = ["flight", "tuesday", "gate", "schedule", "seat", "ticket", "boston", "mon
 FILLER = ["the", "a", "my", "this", "our", "trip", "service", "crew", "airline", "today", "was", "is"]
 
 
-def make_rows(n: int, seed: int = 0) -> list[dict]:
+def make_rows(n: int, seed: int = 0, start: int = 0) -> list[dict]:
     """Synthetic sentiment rows with a learnable signal (label words) and unique texts."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for i in range(start, start + n):
         label, words = [("positive", POS), ("negative", NEG), ("neutral", NEU)][i % 3]
         text = " ".join(rng.sample(FILLER, 3) + rng.sample(words, 2) + [f"#{i}"])
         rows.append({"text": text, "label": label})
@@ -57,8 +57,9 @@ def tiny_config(data_dir: Path, **train) -> dict:
         "model": {"base": "tiny-bert", "max_length": 32},
         "data": {"dir": str(data_dir)},
         "method": {"name": "full"},
+        # fp32: the same code path on every CPU (bf16 autocast is `auto` only where the CPU has it natively)
         "train": {"epochs": 3, "batch_size": 16, "lr": 3e-3, "eval_every": 0, "log_every": 2, "seed": 0,
-                  **train},
+                  "precision": "fp32", **train},
         "eval": {"baselines": ["tfidf"]},
     }
 
@@ -69,7 +70,8 @@ def task_config(data_dir, base, method="full", **train_kw):
 
     return validate({"model": {"base": base, "max_length": 64}, "data": {"dir": str(data_dir)},
                      "method": {"name": method},
-                     "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 1, "seed": 0, **train_kw}})
+                     "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "log_every": 1, "seed": 0, "precision": "fp32",
+                               **train_kw}})
 
 
 @pytest.fixture(scope="session")
@@ -126,8 +128,9 @@ def build_peaky_llama(out: Path) -> Path:
                       num_key_value_heads=2, intermediate_size=128,
                       max_position_embeddings=2048, initializer_range=0.5, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    with torch.random.fork_rng(devices=[]):  # the global random state stays what the calling test made it
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -139,12 +142,13 @@ def peaky_llama(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_classifier(tmp_path_factory, small_dataset) -> Path:
-    """A tiny-bert sentiment classifier model dir (trained for a few seconds on the synthetic rows)."""
+    """A tiny-bert sentiment classifier model dir, trained to convergence (16 epochs, a few seconds): at 4 epochs
+    a tiny random BERT is often still near uniform, and which class wins would be luck."""
     from tunelab.config import validate
     from tunelab.train.loop import train
 
     run = tmp_path_factory.mktemp("clf") / "sentiment"
-    train(validate(tiny_config(small_dataset, epochs=4)), run, show_progress=False)
+    train(validate(tiny_config(small_dataset, epochs=16)), run, show_progress=False)
     return run / "model"
 
 

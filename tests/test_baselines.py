@@ -31,10 +31,23 @@ def test_zero_shot_samples_and_scores_every_row():
     assert 0 <= out["macro_f1"] <= 1 and "prompt" in out
 
 
-def test_zero_shot_batching_does_not_change_scores():
+def test_zero_shot_batching_does_not_change_scores(monkeypatch):
+    # zero_shot returns only aggregates, and tiny-llama predicts one class for every row, so equal confusion
+    # matrices prove little: capture the per-row predictions and probabilities it hands to the metrics.
+    seen, metrics = [], bl.classification_metrics
+
+    def spy(y, pred, labels, probs=None):
+        seen.append((np.asarray(pred), np.asarray(probs)))
+        return metrics(y, pred, labels, probs)
+
+    monkeypatch.setattr(bl, "classification_metrics", spy)
     rows = make_rows(12)
     a = bl.zero_shot("tiny-llama", rows, LABELS, samples=None, batch_size=1)
     b = bl.zero_shot("tiny-llama", rows, LABELS, samples=None, batch_size=12)
+    (pred_a, probs_a), (pred_b, probs_b) = seen
+    assert probs_a.shape == (12, 3)
+    assert np.allclose(probs_a, probs_b, atol=1e-5), np.abs(probs_a - probs_b).max()
+    assert (pred_a == pred_b).all()
     assert a["confusion_matrix"] == b["confusion_matrix"]
     assert np.isclose(a["ece"], b["ece"], atol=1e-4)
 

@@ -64,12 +64,13 @@ def test_a_dead_worker_stops_the_job(tmp_path, text_data):
                             str(cfg), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     t0 = time.time()
-    while not (out / "metrics.jsonl").is_file() and time.time() - t0 < 120:
-        time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, workers
-    os.kill(int(workers[1]), 9)
     try:
+        while not (out / "metrics.jsonl").is_file() and time.time() - t0 < 120 and job.poll() is None:
+            time.sleep(0.2)
+        assert (out / "metrics.jsonl").is_file(), "training never started (no metrics.jsonl in 120 s)"
+        workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[1]), 9)
         rc = job.wait(timeout=120)  # torchrun notices the dead worker and stops the other
     finally:
         job.kill()

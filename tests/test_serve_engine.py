@@ -175,7 +175,9 @@ def test_cancel_frees_the_slot_and_capacity_is_bounded(lm):
         eng.submit([waiting])
         with pytest.raises(EngineFull):
             eng.submit([run.seq(prompt, max_tokens=4)])
-        time.sleep(0.1)
+        deadline = time.time() + 10
+        while eng.load() != (1, 1) and time.time() < deadline:  # the engine thread admits `long` soon
+            time.sleep(0.01)
         assert eng.load() == (1, 1)
         eng.cancel([long])
         deadline = time.time() + 30

@@ -40,10 +40,11 @@ def test_accumulated_gradient_equals_full_batch_gradient():
 
 
 def test_loss_falls_and_run_dir_layout(tmp_path, small_dataset):
-    summary, run = _run(tmp_path, small_dataset, epochs=4, eval_every=5, keep_last=2)
+    # 16 epochs: trained to convergence (at 4 a tiny random BERT is often still near uniform)
+    summary, run = _run(tmp_path, small_dataset, epochs=16, eval_every=40, keep_last=2)
     losses = _losses(run)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
-    assert summary["validation"]["macro_f1"] > 0.6
+    assert summary["validation"]["macro_f1"] > 0.8
     for name in ("config.yaml", "metrics.jsonl", "model/tunelab.json", "model/model.safetensors"):
         assert (run / name).is_file(), name
     assert list((run / "tb").iterdir())
@@ -136,7 +137,7 @@ def test_same_run_whatever_the_cache_holds(tmp_path, small_dataset, monkeypatch)
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     cfg = validate(tiny_config(small_dataset, max_steps=3, precision="fp32"))
     train(cfg, tmp_path / "cold", show_progress=False)
-    assert (tmp_path / "cache" / "models" / "tiny-bert" / "model.safetensors").is_file()
+    assert list((tmp_path / "cache" / "models").glob("tiny-bert-*/model.safetensors"))
     train(cfg, tmp_path / "warm", show_progress=False)
     cold = load_file(tmp_path / "cold" / "model" / "model.safetensors")
     warm = load_file(tmp_path / "warm" / "model" / "model.safetensors")

@@ -316,7 +316,7 @@ def serve(
              "encoder_wait_ms": encoder_wait_ms, "precision": precision, "rate_limit": rate_limit,
              "max_body_bytes": max_body_bytes, "drain_timeout_s": drain_timeout}
     raw = {"models": models, **{k: v for k, v in flags.items() if v is not None}}
-    if str(embedding_model).lower() == "none":
+    if embedding_model is not None and embedding_model.lower() == "none":
         raw["embedding_model"] = None
     raise typer.Exit(run_server(section(ServeConfig, raw, "serve options")))
 

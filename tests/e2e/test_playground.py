@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from conftest import make_rows
 from serve_process import KEY, ServerProcess
 
 CHROMIUM = os.environ.get("TUNELAB_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -22,7 +23,10 @@ def _browser_or_skip():
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, peaky_llama, tiny_classifier):
+def site(request, tmp_path_factory):
+    _browser_or_skip()  # first: without chromium, skip (or fail in CI) before training models or starting a server
+    peaky_llama = request.getfixturevalue("peaky_llama")
+    tiny_classifier = request.getfixturevalue("tiny_classifier")
     srv = ServerProcess([f"peaky={peaky_llama}", str(tiny_classifier), "--embedding-model", "none"],
                         tmp_path_factory.mktemp("pg") / "server.log", env={"TUNELAB_API_KEYS": KEY})
     yield srv
@@ -59,10 +63,12 @@ def test_playground_chat_streams_and_classify_labels(site):
         stats = page.locator("#chat-stats").inner_text()
         assert "first token" in stats and "24 completion tokens" in stats
 
-        page.fill("#classify-text", "great love excellent wonderful\nawful hate terrible bad")
+        # held-out rows in the training format (the tiny classifier is only reliable on that shape)
+        rows = make_rows(3, seed=99, start=1000)
+        page.fill("#classify-text", "\n".join(r["text"] for r in rows))
         page.click("#classify")
-        sync_api.expect(page.locator("#classify-result td.label")).to_have_count(2, timeout=30_000)
-        assert page.locator("#classify-result td.label").all_inner_texts() == ["positive", "negative"]
+        sync_api.expect(page.locator("#classify-result td.label")).to_have_count(3, timeout=30_000)
+        assert page.locator("#classify-result td.label").all_inner_texts() == [r["label"] for r in rows]
         assert "tokens" in page.locator("#classify-stats").inner_text()
         assert not errors
         browser.close()

@@ -195,7 +195,9 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; choose one")
-    _check_run_dir(out, resume, overwrite)  # refused before taking the lock: nothing is left behind
+    # What tunelab may never write into is refused before the lock is taken (no lock file is left beside it);
+    # whether an earlier run may be replaced is decided holding the lock, so a run in progress is named first.
+    _check_run_dir(out, resume, overwrite=True)
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes the run dir
     with FolderLock(out) if writer else nullcontext():
         return _train(cfg, out, resume, force, overwrite, console, show_progress)
@@ -473,7 +475,8 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_na
 
 
 def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse what this run may not write into (nothing is changed here; the swap comes once all loaded)."""
+    """Refuse what this run may not write into (nothing is changed here; the swap comes once all loaded).
+    `overwrite=True` checks only that `out` is free or a tunelab run."""
     if resume:
         if not out.exists():
             raise UserError(f"--resume: no complete checkpoint in {out} (it does not exist)")
