@@ -29,7 +29,7 @@ def test_redacts_each_type(text, expected, kind):
     "price $1,299.99 on 2024-05-01",
     "@united #fail at gate B12",
     "999.999.999.999 is not an ip",
-    "call 0162424965446 in Kuala Lumpur",  # Luhn-valid by chance, but no card network starts with 0
+    "ref 0162424965446 in Kuala Lumpur",  # Luhn-valid by chance, but no card network starts with 0
     "#PlayersB4LawfulProcessForOffFieldActsLoseSeasons #patriotshavebeencheaterssinceday1",
     "no-enertainment-on-6-hour-flights-this-is-long",
 ])
@@ -49,3 +49,115 @@ def test_only_selected_types_and_unknown_type():
     assert r.redact("a@b.com 192.168.0.1") == "<EMAIL> 192.168.0.1"
     with pytest.raises(ValueError, match="unknown PII types"):
         PiiRedactor(["ssn"])
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("call me at 5551234567", "call me at <PHONE>"),
+    ("Text me on 555 1234567 tonight", "Text me on <PHONE> tonight"),
+    ("my mobile number is: (415)5550132.", "my mobile number is: <PHONE>."),
+    ("手机号13812345678", "手机号<PHONE>"),
+    ("联系电话：021-12345678", "联系电话：<PHONE>"),
+    ("电话020 7946 0958", "电话<PHONE>"),  # a formatted phone straight after Chinese text
+    ("+14155550123", "<PHONE>"),
+    ("reach me on +86 13812345678!", "reach me on <PHONE>!"),
+])
+def test_phone_after_a_phone_word_or_with_a_plus(text, expected):
+    r = PiiRedactor()
+    assert r.redact(text) == expected
+    assert r.counts == {"phone": 1}
+
+
+@pytest.mark.parametrize("text", [
+    "order 5551234567 shipped",
+    "order number 5551234567 shipped, call us",  # "order number" names an ID, not a phone
+    "call me about order 5551234567",  # an ID noun after the phone word
+    "returned my call. Case number 8273993",
+    "created 1704067200123 ms after the epoch",  # a 13-digit millisecond timestamp
+    "due 2024-01-05",
+    "call me on 2024-01-05",  # a phone word, but a date
+    "13812345678",  # known gap: a bare mobile with no phone word is kept
+    "5551234567 is my cell",  # known gap: the phone word must come before the number
+    "2+2 = 4 and 3+12345678 is arithmetic",
+])
+def test_bare_digits_without_phone_context_stay(text):
+    r = PiiRedactor()
+    assert r.redact(text) == text and not r.counts
+
+
+def test_email_and_secret_straight_after_chinese_text():
+    r = PiiRedactor()
+    assert r.redact("邮箱jane@example.com谢谢") == "邮箱<EMAIL>谢谢"
+    assert r.redact("密钥sk-abcdefghijklmnopqrstuvwx123") == "密钥<SECRET>"
+
+
+def test_find_gives_spans_without_counting():
+    r = PiiRedactor()
+    text = "mail a.b@example.com, call 555-123-4567 or 10.0.0.7"
+    spans = r.find(text)
+    assert [(text[s:e], kind) for s, e, kind in spans] == [
+        ("a.b@example.com", "email"), ("555-123-4567", "phone"), ("10.0.0.7", "ip")]
+    assert not r.counts
+    assert r.redact(text) == "mail <EMAIL>, call <PHONE> or <IP>"
+    assert r.counts == {"email": 1, "phone": 1, "ip": 1}
+    assert PiiRedactor(["ip"]).find(text) == [spans[2]]
+
+
+def test_each_occurrence_counted_once_by_type():
+    r = PiiRedactor()
+    r.redact("call 5551234567 or +14155550123; mail x@y.org")
+    r.redact("x@y.org")
+    assert r.counts == {"phone": 2, "email": 2}
+
+
+def test_redact_prefix_never_cuts_pii_in_two():
+    r = PiiRedactor()
+    text = "a" * 490 + " jane.doe@example.com " + "b" * 10_000_000
+    out = r.redact_prefix(text, 500)
+    assert out == "a" * 490 + " <EMAIL>" and r.counts == {"email": 1}
+    assert r.redact_prefix("x" * 600, 500) == "x" * 500
+    assert r.redact_prefix("call me at 5551234567", 500) == "call me at <PHONE>"
+
+
+def test_redact_tokens_joins_split_pii_into_one_placeholder():
+    r = PiiRedactor()
+    # "john@x.com" tokenised as word/punctuation, no whitespace in between; PER next to it stays aligned
+    tokens = ["Jane", "Doe", "(", "john", "@", "x", ".", "com", ")", "said"]
+    tags = ["B-PER", "I-PER", "O", "B-MAIL", "I-MAIL", "I-MAIL", "I-MAIL", "I-MAIL", "O", "O"]
+    spaced = [False, True, True, False, False, False, False, False, False, True]
+    assert r.redact_tokens(tokens, tags, spaced) == (
+        ["Jane", "Doe", "(", "<EMAIL>", ")", "said"], ["B-PER", "I-PER", "O", "B-MAIL", "O", "O"])
+    # CoNLL tokens (joined by spaces): a phone over three tokens, and one after a phone word
+    tokens = ["call", "555", "123", "4567", "or", "dial", "5551234567", "now"]
+    tags = ["O", "B-TEL", "I-TEL", "I-TEL", "O", "O", "O", "O"]
+    assert r.redact_tokens(tokens, tags, [True] * 8) == (
+        ["call", "<PHONE>", "or", "dial", "<PHONE>", "now"], ["O", "B-TEL", "O", "O", "O", "O"])
+    assert r.counts == {"email": 1, "phone": 2}
+
+
+def test_redact_tokens_keeps_the_uncovered_parts_of_a_token():
+    r = PiiRedactor()
+    tokens, tags = ["Contact:jane@x.com,", "thanks"], ["B-X", "O"]
+    assert r.redact_tokens(tokens, tags, [True, True]) == (["Contact:", "<EMAIL>", ",", "thanks"],
+                                                           ["B-X", "I-X", "I-X", "O"])
+    # a span that starts inside one token and ends inside the next
+    tokens, tags = ["tel:+1", "4155550123;ok"], ["O", "B-Y"]
+    assert r.redact_tokens(tokens, tags, [False, True]) == (["tel:", "<PHONE>", ";ok"], ["O", "O", "B-Y"])
+    assert r.redact_tokens(["no", "pii"], ["O", "O"], [True, True]) == (["no", "pii"], ["O", "O"])
+
+
+def test_ner_text_with_entities_is_redacted_before_tokenising(tmp_path):
+    import json
+
+    from tunelab.config import PrepareOptions
+    from tunelab.data.prepare import load_split, prepare
+
+    text = "Jane Doe wrote from jane.doe@acme.com, call 555 123 4567."
+    rows = [{"text": text, "entities": [{"start": 0, "end": 8, "label": "PER"},
+                                        {"start": 20, "end": 37, "label": "MAIL"}]}]
+    src = tmp_path / "spans.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    meta = prepare(str(src), tmp_path / "ds", PrepareOptions(task="ner", val_ratio=0, test_ratio=0))
+    row = load_split(tmp_path / "ds", "train")[0]
+    assert row["tokens"] == ["Jane", "Doe", "wrote", "from", "<EMAIL>", ",", "call", "<PHONE>", "."]
+    assert row["tags"] == ["B-PER", "I-PER", "O", "O", "B-MAIL", "O", "O", "O", "O"]
+    assert meta["report"]["pii"] == {"email": 1, "phone": 1}

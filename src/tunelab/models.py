@@ -76,9 +76,9 @@ def resolve_base(ref: str) -> BaseRef:
 def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
     """De-quantise a GGUF once (transformers' reader) and cache it as safetensors + tokenizer, keyed by the
     file's content (sha256), so that another file with the same name and size never reuses these weights."""
-    from tunelab.model_files import check_gguf, sha256_file
+    from tunelab.model_files import check_gguf
 
-    key = re.sub(r"[^\w.-]", "_", gguf.stem)[:80] + "-" + sha256_file(gguf)[:24]
+    key = re.sub(r"[^\w.-]", "_", gguf.stem)[:80] + "-" + _content_hash(gguf)[:24]
     out = cache_dir() / "gguf" / key
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
@@ -102,6 +102,20 @@ def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
         (tmp / "source.json").write_text(json.dumps({"ref": ref, "gguf": str(gguf)}))
 
     return cached(out, build)
+
+
+_hashes: dict[tuple, str] = {}
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a file, computed once per process for an unchanged file (same inode, size and mtime)."""
+    from tunelab.model_files import sha256_file
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        _hashes[key] = sha256_file(path)
+    return _hashes[key]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

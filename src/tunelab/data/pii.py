@@ -4,12 +4,14 @@ Types and placeholders: <SECRET> (API keys and tokens), <EMAIL>, <CREDIT_CARD> (
 card-network first digit that pass the Luhn check), <IP> (IPv4, IPv6), <PHONE>.
 
 Phones are found three ways: (1) a phone-like layout with separators (7-15 digits, "+1 (415) 555-0132",
-"020 7946 0958"); (2) a leading "+" and 8-15 digits (E.164: "+14155550123", "+86 13812345678"); (3) 7-15 digits,
-bare or with separators, after a phone word at most a few words before them ("call me at 5551234567",
-"手机号13812345678"; words: call, phone, tel, mobile, cell, text/sms/ring/reach me, whatsapp, fax, contact, dial,
-number, ph, mob, 电话, 手机, 联系, 致电, 微信, 号码, 拨打, 打给). A bare digit run with no such word stays:
-order numbers, timestamps and IDs look the same. "<id noun> number" (order, case, ticket, account, ...) is not a
-phone word. Dates (2024-01-05, 05/01/2024) are never phones.
+"020 7946 0958"); (2) a leading "+" and 8-15 digits (E.164: "+14155550123", "+86 13812345678"); (3) 7-15
+digits, bare or with separators, with a phone word among the 5 words before them ("call me at 5551234567",
+"手机号13812345678"; words: call, phone, tel, mobile, cell, text/sms/ring/reach me, whatsapp, fax, contact,
+dial, number, ph, mob, 电话, 手机, 联系, 致电, 微信, 号码, 拨打, 打给). A bare digit run with no such word
+stays: order numbers, timestamps and IDs look the same. Nor is it a phone when an ID noun comes after the phone
+word ("returned my call. Case number 8273993", "call about order 5551234567"; nouns: order, case, ticket,
+account, tracking, reference, invoice, booking, flight, serial, customer, member, receipt, tag, id, 订单, 单号,
+编号, 账号, ...). Dates (2024-01-05, 05/01/2024) are never phones.
 
 Patterns are bounded by ASCII letters and digits only, so PII written straight after Chinese or Japanese text
 ("邮箱jane@example.com") is found.
@@ -17,17 +19,22 @@ Patterns are bounded by ASCII letters and digits only, so PII written straight a
 `find(text)` returns the spans without replacing (callers that keep offsets, like NER tokens, use it);
 `redact(text)` replaces and counts each redacted occurrence once by type; `redact_tokens` redacts a token
 sequence (NER) as the text the tokens form, so PII split over several tokens becomes one placeholder token;
-`redact_prefix` redacts the head of a long text (the excerpt of a rejected row) without cutting a PII string in two.
+`redact_prefix` redacts the head of a long text without cutting a PII string in two. `data prepare` redacts
+every string that reaches an output (texts, labels, chat turns, categories, NER tokens and entity types) and the
+source-text excerpts of rejected rows; its report counts the redactions in rows it cleaned, not those in
+rejected-row excerpts (a row cleaned, then rejected, would count twice).
 
 Known limits (pattern matching, not a model): names, street addresses and dates of birth are not
-detected; a bare digit run with no phone word before it (a bare 11-digit Chinese mobile "13812345678", a
-phone word only after the number: "5551234567 is my cell") is kept; "order number 5551234567" style IDs after a
-plain "number" are redacted as phones; spelled-out numbers are missed; PII split by characters that are not
-whitespace-only gaps (an e-mail given as NER tokens "jane", "@", "example.com") is missed; obfuscated PII
-("jane at example dot com") is missed; times like "10:30:45" read as IPv6. Secrets are found by well-known
-prefixes (sk-, ghp_, github_pat_, AKIA, xox?-, AIza, glpat-) and as random-looking tokens (32+ characters with
-4+ digits making up 10%+), so short, all-letter or hyphenated secrets are missed and long hashes/IDs are redacted
-too.
+detected. A bare digit run with no phone word before it is kept: a bare 11-digit Chinese mobile "13812345678",
+or a phone word only after the number ("5551234567 is my cell"). An ID after a plain "number" ("the number
+1234567 on the box") reads as a phone; only the listed ID nouns are recognised. Spelled-out
+("five five five ...") and obfuscated ("jane at example dot com") PII is missed, and so is PII split by
+whitespace that is not in it (NER tokens "jane", "@", "example.com" joined by spaces; the text + entity spans
+layout keeps the source spacing, so there it is found). A rejected row's excerpt is its raw source text, so PII
+broken up by invisible characters (a zero-width space inside an e-mail) stays readable there; kept rows are
+cleaned first. Times like "10:30:45" read as IPv6. Secrets are found by well-known prefixes (sk-, ghp_,
+github_pat_, AKIA, xox?-, AIza, glpat-) and as random-looking tokens (32+ characters with 4+ digits making up
+10%+), so short, all-letter or hyphenated secrets are missed and long hashes/IDs are redacted too.
 """
 
 from __future__ import annotations
@@ -58,12 +65,13 @@ _PHONE = re.compile(r"(?<![A-Za-z\d_+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)
 _E164 = re.compile(r"(?<![A-Za-z\d_+])\+(?:\d[ .-]?){7,14}\d(?![A-Za-z\d_])")
 # 7-15 digits, separators optional: only a phone when a phone word comes before it (`_after_phone_word`)
 _PHONE_DIGITS = re.compile(r"(?<![A-Za-z\d_+])(?:\(\d{1,4}\)[ .-]?)?\d(?:[ .-]?\d){6,14}(?![A-Za-z\d_])")
-_ID_NOUNS = ("order", "case", "ticket", "account", "tracking", "reference", "ref", "invoice", "booking",
-             "confirmation", "flight", "serial", "customer", "member", "transaction", "model", "part")
+# Phone words, and ID nouns ("order", "case number", "订单"): the last of either before the digits decides
 _PHONE_WORD = re.compile(
-    r"(?i)\b(?:call(?:s|ed|ing)?|phone[sd]?|tel|telephone|mobile|cell(?:phone)?|whatsapp|fax|contacts?|dial(?:l?ed)?"
-    r"|ph|mob|sms|(?:text|sms|ring|reach) me|" + "".join(f"(?<!{w} )" for w in _ID_NOUNS) + r"numbers?)\b"
-    r"|电话|手机|联系|致电|微信|号码|拨打|打给")
+    r"(?i)(?P<id>\b(?:order|case|ticket|account|tracking|reference|ref|invoice|booking|confirmation|reservation"
+    r"|flight|serial|customer|member|transaction|receipt|model|part|item|product|tag|id)(?:\s+numbers?)?\b"
+    r"|订单|单号|编号|账号|工单)"
+    r"|\b(?:call(?:s|ed|ing)?|phone[sd]?|tel|telephone|mobile|cell(?:phone)?|whatsapp|fax|contacts?|dial(?:l?ed)?"
+    r"|ph|mob|sms|(?:text|ring|reach) me|numbers?)\b|电话|手机|联系|致电|微信|号码|拨打|打给")
 _PHONE_WORD_WINDOW = 40  # characters before the digits searched for a phone word ...
 _PHONE_WORD_WORDS = 5  # ... and at most this many whitespace-separated words of them
 
@@ -71,7 +79,9 @@ _NOT_PHONE = re.compile(r"^(?:\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2
 
 # Cheap searches that rule a pattern out before the costlier search runs (most texts hold no PII).
 _LONG_TOKEN = re.compile(r"[A-Za-z0-9_\-]{20,}")
+_EMAIL_HINT = re.compile(r"@[A-Za-z0-9-]+\.[A-Za-z0-9-]")  # not "@" alone: most social texts hold @mentions
 _DIGIT_RUN = re.compile(r"\d[\d .()+-]{5,}\d")
+_IPV6_HINT = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:")  # two colons in a hex run, not those of "RT @a: http://"
 
 _MASK = "\x00"  # stands in for found PII while later patterns search: no pattern matches it or runs across it
 _PREFIX_MARGIN = 256  # > the longest e-mail (254) or phone, so a PII string crossing the cut is seen whole
@@ -86,10 +96,11 @@ def _phone_like(m: re.Match) -> bool:
 
 
 def _after_phone_word(m: re.Match) -> bool:
-    """A phone word within the few words before the digits, and the digits are not a date."""
+    """The digits are not a date, and among the few words before them is a phone word with no ID noun after it
+    ("call me about order 5551234567" is an order)."""
     before = m.string[max(0, m.start() - _PHONE_WORD_WINDOW):m.start()]
-    near = " ".join(before.split()[-_PHONE_WORD_WORDS:])
-    return _PHONE_WORD.search(near) is not None and not _NOT_PHONE.match(m.group(0))
+    words = list(_PHONE_WORD.finditer(" ".join(before.split()[-_PHONE_WORD_WORDS:])))
+    return bool(words) and words[-1].group("id") is None and not _NOT_PHONE.match(m.group(0))
 
 
 def _random_looking(m: re.Match) -> bool:
@@ -123,17 +134,14 @@ def _inside(tag: str) -> str:
     return "I-" + tag[2:] if tag.startswith("B-") else tag
 
 
-class _Search:
-    """Spans found so far in one text; found text is masked, so later patterns cannot match into it."""
-
-    def __init__(self, text: str):
-        self.text, self.spans = text, []
-
-    def add(self, kind: str, pattern: re.Pattern, check=None) -> None:
-        found = [m.span() for m in pattern.finditer(self.text) if check is None or check(m)]
-        for start, end in found:
-            self.text = self.text[:start] + _MASK * (end - start) + self.text[end:]
-            self.spans.append((start, end, kind))
+def _search(text: str, spans: list, kind: str, pattern: re.Pattern, check=None) -> str:
+    """Appends the matches of `pattern` that pass `check` to `spans` -> `text` with them masked, so that the
+    patterns searched later cannot match into them."""
+    for m in [m for m in pattern.finditer(text) if check is None or check(m)]:
+        start, end = m.span()
+        text = text[:start] + _MASK * (end - start) + text[end:]
+        spans.append((start, end, kind))
+    return text
 
 
 class PiiRedactor:
@@ -149,26 +157,27 @@ class PiiRedactor:
     def find(self, text: str) -> list[tuple[int, int, str]]:
         """Sorted, non-overlapping (start, end, type) spans of the PII in `text`, for the selected types.
         Counts nothing."""
-        s = _Search(text)
+        spans: list[tuple[int, int, str]] = []
         if "secret" in self.types and _LONG_TOKEN.search(text):
-            s.add("secret", _SECRET)
-            s.add("secret", _RANDOM_TOKEN, _random_looking)
-        if "email" in self.types and "@" in text:
-            s.add("email", _EMAIL)
-        digits = _DIGIT_RUN.search(s.text) is not None
+            text = _search(text, spans, "secret", _SECRET)
+            text = _search(text, spans, "secret", _RANDOM_TOKEN, _random_looking)
+        if "email" in self.types and _EMAIL_HINT.search(text):
+            text = _search(text, spans, "email", _EMAIL)
+        digits = _DIGIT_RUN.search(text) is not None
         if "credit_card" in self.types and digits:
-            s.add("credit_card", _CARD, _card_like)
+            text = _search(text, spans, "credit_card", _CARD, _card_like)
         if "ip" in self.types:
             if digits:
-                s.add("ip", _IPV4)
-            if s.text.count(":") >= 2:
-                s.add("ip", _IPV6, lambda m: m.group(0).count(":") >= 2)
+                text = _search(text, spans, "ip", _IPV4)
+            if _IPV6_HINT.search(text):
+                text = _search(text, spans, "ip", _IPV6)
         if "phone" in self.types and digits:
-            s.add("phone", _PHONE, _phone_like)
-            if "+" in s.text:
-                s.add("phone", _E164)
-            s.add("phone", _PHONE_DIGITS, _after_phone_word)
-        return sorted(s.spans)
+            text = _search(text, spans, "phone", _PHONE, _phone_like)
+            if "+" in text:
+                text = _search(text, spans, "phone", _E164)
+            _search(text, spans, "phone", _PHONE_DIGITS, _after_phone_word)
+        spans.sort()
+        return spans
 
     def _replace(self, text: str, spans: list[tuple[int, int, str]]) -> str:
         """`text` with each span (sorted, from `find`) replaced by its placeholder; counts them."""
@@ -180,6 +189,7 @@ class PiiRedactor:
         return "".join(parts) + text[pos:]
 
     def redact(self, text: str) -> str:
+        """`text` with each PII string replaced by its type's placeholder; counts them."""
         spans = self.find(text)
         return self._replace(text, spans) if spans else text
 
@@ -208,22 +218,24 @@ class PiiRedactor:
         spans = self.find(text)
         if not spans:
             return tokens, tags
-        out_tokens, out_tags, k, placed = [], [], 0, -1
+        out_tokens, out_tags = [], []
         for tok, tag, start in zip(tokens, tags, starts):
-            end, pos, pieces = start + len(tok), start, []
-            while k < len(spans) and spans[k][0] < end:
-                a, b, kind = spans[k]
-                pieces += [text[pos:a]] if a > pos else []
-                if placed != k:
-                    pieces.append(PLACEHOLDERS[kind])
-                    placed = k
-                    self.counts[kind] += 1
-                if b > end:  # the span goes on into the next token
-                    pos = end
-                    break
-                pos, k = max(pos, b), k + 1
-            pieces += [text[pos:end]] if pos < end else []
-            for j, piece in enumerate(pieces):
-                out_tokens.append(piece)
-                out_tags.append(tag if j == 0 else _inside(tag))
+            pieces = self._pieces(text, start, start + len(tok), spans)
+            out_tokens += pieces
+            out_tags += [tag if j == 0 else _inside(tag) for j in range(len(pieces))]
         return out_tokens, out_tags
+
+    def _pieces(self, text: str, start: int, end: int, spans: list[tuple[int, int, str]]) -> list[str]:
+        """The token text[start:end] cut by `spans`: its parts outside them, and the placeholder of each span that
+        starts in it (no span starts on a space between tokens, so each placeholder comes once); counts those."""
+        pieces, pos = [], start
+        for a, b, kind in spans:
+            if a >= end or b <= start:
+                continue
+            if a > pos:
+                pieces.append(text[pos:a])
+            if a >= start:
+                pieces.append(PLACEHOLDERS[kind])
+                self.counts[kind] += 1
+            pos = max(pos, b)
+        return pieces + [text[pos:end]] if pos < end else pieces

@@ -404,8 +404,9 @@ def prepare(source: str, out: str | Path, opts: PrepareOptions | None = None, ov
     is locked for the whole run (one writer)."""
     opts = opts or PrepareOptions()
     out = Path(out)
-    check_target(out, "dataset", overwrite)  # fail before the work, not after it
+    check_target(out, "dataset", overwrite=True)  # a folder tunelab did not write: refused before the work
     with FolderLock(out):
+        check_target(out, "dataset", overwrite)  # an earlier dataset: decided holding the lock
         return _prepare(source, out, opts, overwrite)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from tunelab.artifacts import FolderLock, META_FILE, is_empty_dir, kind_of, recover, write_folder
+from tunelab.artifacts import META_FILE, FolderLock, check_target, kind_of, recover, write_folder
 from tunelab.config import RunConfig, dump_config
 from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
 from tunelab.data.split import sample_rows
@@ -483,15 +483,8 @@ def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
         if kind_of(out) != "run":
             raise UserError(f"--resume: {out} is not a tunelab run dir")
         return
-    if not out.exists() or is_empty_dir(out):
-        return
-    found = kind_of(out) if out.is_dir() and not out.is_symlink() else None
-    if found is None:
-        raise UserError(f"{out} exists and was not written by tunelab; choose another --out (tunelab never "
-                        "deletes or overwrites folders it did not write; nothing was changed)")
-    if found != "run":
-        raise UserError(f"{out} holds a tunelab {found}, not a run; choose another --out (nothing was changed)")
-    if not overwrite and (ckpt.complete_checkpoints(out / "checkpoints") or (out / "model").exists()):
+    if check_target(out, "run", overwrite=True) and not overwrite and (
+            ckpt.complete_checkpoints(out / "checkpoints") or (out / "model").exists()):
         raise UserError(f"{out} already holds a run; continue it with --resume auto, replace it with "
                         "--overwrite, or choose another --out")
 
