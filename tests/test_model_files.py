@@ -198,3 +198,13 @@ def test_a_truncated_gguf_is_one_message(tmp_path):
     bad.write_bytes(b"GGUF" + b"\xff" * 60)
     with pytest.raises(UserError, match="not a readable GGUF file"):
         resolve_base(str(bad))
+
+
+def test_a_model_with_non_finite_weights_is_never_saved(tmp_path):
+    model, tok, _, _ = load_classifier("tiny-bert", LABELS)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("inf")
+    meta = {"task": "classification", "labels": LABELS, "base": {"ref": "tiny-bert"}, "method": {"name": "full"}}
+    with pytest.raises(UserError, match="classifier.weight has 1 non-finite values"):
+        save_model_dir(model, tok, tmp_path / "model", meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock"]

@@ -114,19 +114,25 @@ def check_weights(path: Path, finite: bool = True) -> None:
 
 
 def check_model_folder(d: Path, files: dict | None = None) -> None:
-    """All weight files of a model folder checked (and, when `files` lists sizes and sha256, verified)."""
+    """All weight files of a model folder checked. A file listed in `files` (sizes and sha256 recorded when
+    tunelab saved it, after checking its tensors finite) must match them, and then needs no finiteness pass:
+    its bytes are the ones checked then. Any other weight file gets the header and finiteness checks."""
     d = Path(d)
     for name in CONFIG_FILES:
         _check_json(d / name)
+    files = files or {}
+    for name in files:
+        if not (d / name).is_file():
+            raise UserError(f"{d / name} is missing (listed in {d / 'tunelab.json'})")
     for path in weight_files(d):
-        check_weights(path)
-    for name, info in (files or {}).items():
-        p = d / name
-        if not p.is_file():
-            raise UserError(f"{p} is missing (listed in {d / 'tunelab.json'})")
-        if p.stat().st_size != info.get("size") or sha256_file(p) != info.get("sha256"):
-            raise UserError(f"{p} does not match the size and sha256 recorded when it was saved; the file is "
+        info = files.get(path.name)
+        if info is None:
+            check_weights(path)
+            continue
+        if path.stat().st_size != info.get("size") or sha256_file(path) != info.get("sha256"):
+            raise UserError(f"{path} does not match the size and sha256 recorded when it was saved; the file is "
                             "damaged or was changed")
+        check_safetensors_header(path)
 
 
 def check_tokenizer_folder(d: Path) -> None:
@@ -162,5 +168,10 @@ def check_gguf(path: Path) -> None:
 
 
 def files_manifest(d: Path) -> dict[str, dict]:
-    """{file name: {"size", "sha256"}} of the weight files in `d`, recorded in a model dir's tunelab.json."""
-    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(Path(d).glob("*.safetensors"))}
+    """{file name: {"size", "sha256"}} of the weight files in `d`, each checked (header, every tensor finite)
+    first: recorded in a model dir's tunelab.json, so that a later load verifies the hash instead."""
+    out = {}
+    for p in sorted(Path(d).glob("*.safetensors")):
+        check_weights(p)
+        out[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return out
