@@ -143,8 +143,11 @@ class FolderLock:
                 return self
         if self.dest.parent == self.dest:
             raise UserError(f"cannot write to {self.dest}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write to {self.dest}: {err.strerror} ({self.path})") from None
         if not _try_lock(fd, self.wait):
             os.close(fd)
             raise UserError(f"{self.dest} is being written by another tunelab process ({_holder(self.path)}); "
@@ -152,7 +155,8 @@ class FolderLock:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(info).encode())
         with _held_guard:
             _held[key] = [fd, 1]
         return self
@@ -280,8 +284,7 @@ def write_folder(dest: str | Path, kind: str, overwrite: bool = False, wait: boo
     `dest` (see the module docstring). `kind="cache"` replaces whatever is there (tunelab's own cache).
     `check(dest)` runs under the lock before anything is written (e.g. another refusal rule)."""
     dest = Path(os.path.abspath(dest))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with FolderLock(dest, wait=wait):
+    with FolderLock(dest, wait=wait):  # creates the parent folder if need be
         recover(dest)
         if kind != "cache":
             check_target(dest, kind, overwrite, flag)

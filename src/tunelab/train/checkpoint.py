@@ -5,7 +5,6 @@ fsynced and atomically renamed. Folders without a manifest are ignored, and remo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,16 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunelab.errors import UserError
+from tunelab.model_files import sha256_file
 
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_durably(path: Path, text: str) -> None:
@@ -82,7 +74,7 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     for p in d.iterdir():  # the data is on disk before the manifest says the checkpoint exists
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(d.iterdir())}
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(d.iterdir())}
     write_durably(d / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
     dir_fd = os.open(d, os.O_RDONLY)  # and the manifest's directory entry too
     try:
@@ -144,7 +136,7 @@ def verify(d: Path) -> dict:
         p = d / name
         if Path(name).name != name or not p.is_file():
             raise UserError(f"checkpoint {d} is damaged: {name} is missing")
-        if p.stat().st_size != info["size"] or _sha256(p) != info["sha256"]:
+        if p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
             raise UserError(f"checkpoint {d} is damaged: {name} does not match its manifest")
     return manifest
 

@@ -498,6 +498,7 @@ def _open_run_dir(out: Path, cfg: RunConfig, fresh: bool, info: dict) -> None:
             (tmp / META_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False))
             (tmp / "config.yaml").write_text(dump_config(cfg))
         return
+    recover(out)  # an interrupted swap of the run dir itself (--overwrite)
     recover(out / "model")
     ckpt.clean_incomplete(out / "checkpoints")
     if not (out / META_FILE).is_file():  # a run dir from before run dirs carried one
