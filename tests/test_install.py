@@ -59,3 +59,21 @@ def test_constraints_pin_what_is_installed():
     drift = sorted(f"{n} {metadata.version(n)} != {pins[n]}" for n in needed
                    if metadata.version(n).split("+")[0] != pins[n])
     assert not drift, f"installed versions differ from constraints.txt: {drift}"
+
+
+def test_generated_files_stay_out_of_git():
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if not shutil.which("git") or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    generated = re.compile(r"(^|/)(report[^/]*\.json|[^/]*\.confusion\.png|predictions\.jsonl|\.[^/]*\.lock)$"
+                           r"|^(runs|data|\.hypothesis)/")
+    assert not [f for f in tracked.splitlines() if generated.search(f)]
+    probes = ["report.confusion.png", "runs/x/model/tunelab.json", "data/tweets/train.jsonl", ".tweets.lock",
+              "data/.tweets.tunelab-new-1/x", "report.json", "predictions.jsonl"]
+    ignored = subprocess.run(["git", "check-ignore", *probes], cwd=ROOT, capture_output=True, text=True).stdout
+    assert sorted(ignored.split()) == sorted(probes)
