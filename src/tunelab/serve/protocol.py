@@ -133,6 +133,10 @@ class ClassifyRequest(Request):
         return [self.input] if isinstance(self.input, str) else self.input
 
 
+class EntitiesRequest(ClassifyRequest):
+    """POST /v1/entities: the same body as /v1/classify."""
+
+
 class EmbeddingRequest(Request):
     model: str = Field(min_length=1)
     input: str | list[str]
