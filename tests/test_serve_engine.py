@@ -258,3 +258,51 @@ def test_micro_batcher_failure_reaches_every_request_of_the_batch():
         assert mb.submit(["y"]).exception(10) is not None  # still serving after a failure
     finally:
         mb.close()
+
+
+class _PoisonedStop(str):
+    """A stop string whose every character lookup fails: the stop check of its sequence raises."""
+
+    def __getitem__(self, key):
+        raise RuntimeError("poisoned stop check")
+
+
+def test_a_failing_sequence_ends_alone_and_extreme_parameters_are_safe(lm):
+    model, tok = lm
+    prompts = [tok(p)["input_ids"] for p in PROMPTS[:3]]
+    expected = [alone(model, tok, p, 30) for p in prompts]
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=8)
+    try:
+        run = Run()
+        long = run.seq(prompts[0], max_tokens=30)
+        eng.submit([long])
+        decoded(long, 3)  # the others join a running batch
+        poisoned = run.seq(prompts[1], max_tokens=30, stop=[_PoisonedStop("xyz")])
+        # in range per the API, and each once broke sampling (NaN probabilities)
+        tiny_t = run.seq(prompts[1], max_tokens=30, temperature=1e-45, seed=1)
+        odd = run.seq(prompts[2], max_tokens=30, temperature=1e-30, top_p=1e-9, top_k=10 ** 9,
+                      presence_penalty=-2, frequency_penalty=2, seed=2)
+        eng.submit([poisoned, tiny_t, odd])
+        run.wait()
+    finally:
+        eng.close()
+    assert long.tokens == expected[0] and run.end(0)[:2] == ("done", "length")
+    assert run.end(1) == ("error", "generation failed on this request") and not run.text(1)
+    assert tiny_t.tokens == expected[1] and run.end(2)[:2] == ("done", "length")  # 1e-45 = greedy
+    assert len(odd.tokens) == 30 and run.end(3)[:2] == ("done", "length")
+
+
+def test_detokenising_waits_for_a_bounded_number_of_tokens(lm):
+    from tunelab.serve.engine import MAX_PENDING_TOKENS
+
+    model, tok = lm
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=1)
+    eng.close()
+    lone_byte = tok.convert_tokens_to_ids("Ã")  # byte-level BPE: the first byte of a 2-byte UTF-8 character
+    s = Sequence([1], SamplingParams(max_tokens=100), lambda ev: None)
+    pieces = []
+    for _ in range(3 * MAX_PENDING_TOKENS):
+        s.tokens.append(lone_byte)
+        pieces.append(eng._detok(s))
+    assert any(pieces)  # released after a bounded wait, not held for ever
+    assert len(s.tokens) - s._prefix <= 2 * MAX_PENDING_TOKENS  # the re-decoded window stays bounded

@@ -64,34 +64,65 @@ def load_generator(ref: str, device: str | None = None) -> Generator:
 
 
 class StopTrimmer:
-    """Feed decoded text pieces; `push` returns what can be shown now, `done` is set at a stop string."""
+    """Feed decoded text pieces; `push` returns what can be shown now, `done` is set at a stop string.
+
+    Incremental: each stop string keeps a Knuth–Morris–Pratt state (the longest prefix of it that ends the
+    text so far), so a character costs O(number of stops) amortised whatever the stops' lengths, and only
+    the text that could still be the start of a stop string is held back."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0
+        self._fail = [_prefix_function(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
+        self.text = ""  # everything released (the stop string and what follows it never are)
+        self._held = ""
         self.done = False
 
     def push(self, piece: str) -> str:
-        if self.done:
+        if self.done or not piece:
             return ""
-        self.text += piece
-        # released text never ends in the start of a stop string, so a stop string starts at or after `sent`
-        cut = min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            self.done = True
-            out, self.sent = self.text[self.sent:cut], cut
-            self.text = self.text[:cut]
-            return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        end = max(self.sent, len(self.text) - hold)
-        out, self.sent = self.text[self.sent:end], end
-        return out
+        pending = self._held + piece
+        offset = len(self._held)
+        for pos, ch in enumerate(piece):
+            cut = -1
+            for j, stop in enumerate(self.stops):
+                k, fail = self._state[j], self._fail[j]
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):  # a match ending here; of several, the one starting first wins
+                    start = offset + pos + 1 - k
+                    cut = start if cut < 0 else min(cut, start)
+                    k = fail[k - 1]
+                self._state[j] = k
+            if cut >= 0:
+                self.done = True
+                self._held = ""
+                return self._release(pending[:cut])
+        hold = max(self._state, default=0)
+        self._held = pending[len(pending) - hold:] if hold else ""
+        return self._release(pending[:len(pending) - hold])
 
     def flush(self) -> str:
-        out, self.sent = self.text[self.sent:], len(self.text)
+        out, self._held = self._held, ""
+        return self._release(out)
+
+    def _release(self, out: str) -> str:
+        self.text += out
         return out
+
+
+def _prefix_function(s: str) -> list[int]:
+    """KMP failure function: fail[i] = length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 def _streamer(tokenizer, on_piece: Callable[[str], None]):

@@ -11,6 +11,10 @@ sequences already decoding.
 Results go to each sequence's `sink` (called on the engine thread): ("text", piece), then one
 ("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message). Text is detokenised
 incrementally (never a half UTF-8 character) and held back while it could be the start of a stop string.
+Per token, each sequence costs the same whatever its parameters (stop strings are matched incrementally,
+sampling is shifted so no temperature overflows), and a failure inside one sequence's step — sampling,
+detokenising, a stop check — ends that sequence alone with an error event; only a failed batch forward
+fails the whole batch.
 
 `MicroBatcher` collects encoder requests (lists of texts) for up to `max_wait_ms` or `max_batch` texts,
 runs the model function once over all of them and hands each request its share.
@@ -32,6 +36,8 @@ import torch
 from tunelab.generate import StopTrimmer
 
 log = logging.getLogger("tunelab.serve")
+
+MAX_PENDING_TOKENS = 8  # tokens detokenising may wait for the rest of a UTF-8 character
 
 
 class EngineFull(Exception):
@@ -127,7 +133,6 @@ class GenerationEngine(_Worker):
             if held + len(seqs) > self.max_batch + self.max_waiting:
                 raise EngineFull(f"{self.name} is at capacity")
             for s in seqs:
-                s._trim = StopTrimmer(s.params.stop)
                 seed = s.params.seed if s.params.seed is not None else int.from_bytes(os.urandom(8), "little")
                 if not s.greedy:
                     s._gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -163,7 +168,7 @@ class GenerationEngine(_Worker):
                     self._prefill(new)
                     if self._running:
                         self._decode_step()
-            except Exception:  # an engine bug or a device error: fail these requests, keep serving
+            except Exception:  # the batch forward failed (an engine bug, a device error): fail these, keep serving
                 log.exception("generation engine %s failed; failing the running requests", self.name)
                 for s in new + self._running:
                     if not s.finished:
@@ -222,7 +227,7 @@ class GenerationEngine(_Worker):
                                       keep_last=True)
         if self._prompted is not None:
             self._prompted.inc(int(mask.sum()))
-        goes_on = [i for i, s in enumerate(new) if not self._emit(s, self._choose(s, logits[i]))]
+        goes_on = [i for i, s in enumerate(new) if not self._step(s, lambda s=s, i=i: self._choose(s, logits[i]))]
         if not goes_on:
             return
         if len(goes_on) < len(new):
@@ -274,10 +279,21 @@ class GenerationEngine(_Worker):
         greedy = logits.argmax(-1).tolist() if any(fast) else None
         done = []
         for i, s in enumerate(run):
-            token = greedy[i] if fast[i] else self._choose(s, logits[i])
-            if s.cancelled or self._emit(s, token):
+            choose = (lambda i=i: greedy[i]) if fast[i] else (lambda s=s, i=i: self._choose(s, logits[i]))
+            if s.cancelled or self._step(s, choose):
                 done.append(s)
         self._drop(done)
+
+    def _step(self, s: Sequence, choose: Callable[[], int]) -> bool:
+        """Pick and emit one token of one sequence; True when it is finished. Whatever fails here (sampling,
+        detokenising, a stop check) ends this sequence alone, with an error event; the batch goes on."""
+        try:
+            return self._emit(s, choose())
+        except Exception:
+            log.exception("generation failed on one sequence of %s; ending it alone", self.name)
+            if not s.finished:
+                self._finish(s, error="generation failed on this request")
+            return True
 
     def _choose(self, s: Sequence, logits: torch.Tensor) -> int:
         p = s.params
@@ -288,7 +304,9 @@ class GenerationEngine(_Worker):
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
         if s.greedy:
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # shifted so that the best logit is 0: dividing by any temperature > 0, however small, then gives
+        # 0 for the best token and finite or -inf for the others, never inf - inf (NaN probabilities)
+        logits = (logits - logits.max()) / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -299,12 +317,16 @@ class GenerationEngine(_Worker):
             logits = logits.clone()
             logits[order[outside]] = float("-inf")
         probs = torch.softmax(logits, -1)
+        if not bool(torch.isfinite(probs).all()):  # NaN logits from the model itself: an error for this sequence
+            raise FloatingPointError("the model produced non-finite logits")
         return int(torch.multinomial(probs, 1, generator=s._gen))
 
     def _emit(self, s: Sequence, token: int) -> bool:
         """Record a generated token and send its text; True when the sequence is finished."""
         if self._generated is not None:
             self._generated.inc()
+        if s._trim is None:  # built here, on the engine thread: a failure is this sequence's alone
+            s._trim = StopTrimmer(s.params.stop)
         s.tokens.append(token)
         s._counts[token] = s._counts.get(token, 0) + 1
         if token in self.stop_ids:
@@ -325,13 +347,15 @@ class GenerationEngine(_Worker):
         return False
 
     def _detok(self, s: Sequence) -> str:
-        """New text since the last call; waits while the tail is an incomplete UTF-8 character."""
+        """New text since the last call; waits while the tail is an incomplete UTF-8 character, for at most
+        `MAX_PENDING_TOKENS` tokens (then releases what it has), so decoding costs the same for every token."""
         dec = self.tokenizer.decode
         before = dec(s.tokens[s._prefix:s._read], skip_special_tokens=False)
         now = dec(s.tokens[s._prefix:], skip_special_tokens=False)
-        if len(now) > len(before) and not now.endswith("\ufffd"):
+        stuck = len(s.tokens) - s._read >= MAX_PENDING_TOKENS
+        if (len(now) > len(before) and not now.endswith("\ufffd")) or stuck:
             s._prefix, s._read = s._read, len(s.tokens)
-            return now[len(before):]
+            return now[len(before):] if len(now) > len(before) else ""
         return ""
 
     @staticmethod

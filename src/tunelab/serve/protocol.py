@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000  # per stop string (matching is incremental; this bounds memory and what is held back)
 
 
 class APIError(Exception):
@@ -82,6 +83,8 @@ class Sampling(Request):
             raise ValueError(f"at most {MAX_STOPS} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop sequence is at most {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("logprobs")
