@@ -251,8 +251,15 @@ class ServeConfig(Section):
     encoder_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="classify/embeddings: bf16 autocast "
                                                        "where native (auto); generation always runs in fp32")
-    rate_limit: float = Field(0, ge=0, description="requests per minute per key; 0 = unlimited")
+    rate_limit: float = Field(600, ge=0, description="requests per minute per key (per client address without "
+                              "keys), bursts of a sixth of it; 0 = unlimited")
     max_body_bytes: int = Field(1_000_000, gt=0)
+    max_header_bytes: int = Field(32_768, gt=0, description="request line + headers; beyond: 431")
+    max_headers: int = Field(100, gt=0, description="header lines per request; beyond: 431")
+    header_timeout_s: float = Field(10, gt=0, description="time to send the request line and headers; then the "
+                                    "connection is closed (408)")
+    body_timeout_s: float = Field(30, gt=0, description="time to send the body once the headers are in (408)")
+    max_connections: int = Field(1000, gt=0, description="open connections; beyond: 503 and close")
     max_n: int = Field(8, gt=0)
     default_max_tokens: int = Field(512, gt=0, description="when a request gives no max_tokens (capped by the "
                                     "context left)")
