@@ -27,6 +27,7 @@ from tunelab.data.dedup import exact_dedup
 from tunelab.data.pii import PiiRedactor
 from tunelab.data.read import read_rows
 from tunelab.data.split import group_split, sample_rows
+from tunelab.data.words import split_words
 from tunelab.errors import UserError, read_json_file
 
 SPLITS = ("train", "validation", "test")
@@ -113,19 +114,17 @@ def to_messages(fields: dict) -> list[dict] | str:
     return messages
 
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
-
-
 def to_bio(text: str, entities) -> tuple[list[str], list[str], list[bool]] | str:
-    """Text + character spans [{"start", "end", "label"}] -> (word/punctuation tokens, BIO tags, spaced), where
-    `spaced[i]` says whether whitespace comes before token i in `text` (what PII redaction joins tokens by)."""
+    """Text + character spans [{"start", "end", "label"}] -> (words as `split_words` splits them, BIO tags,
+    spaced), where `spaced[i]` says whether whitespace comes before word i in `text` (what PII redaction joins
+    tokens by). A span must start and end on word boundaries, else "misaligned_span"."""
     if not isinstance(entities, list):
         return "bad_entities"
-    matches = list(_TOKEN.finditer(text))
-    tokens, tags = [m.group(0) for m in matches], ["O"] * len(matches)
-    spaced = [i > 0 and m.start() > matches[i - 1].end() for i, m in enumerate(matches)]
-    starts = {m.start(): i for i, m in enumerate(matches)}
-    ends = {m.end(): i for i, m in enumerate(matches)}
+    words = split_words(text)
+    tokens, tags = [w for w, _, _ in words], ["O"] * len(words)
+    spaced = [i > 0 and s > words[i - 1][2] for i, (_, s, _) in enumerate(words)]
+    starts = {s: i for i, (_, s, _) in enumerate(words)}
+    ends = {e: i for i, (_, _, e) in enumerate(words)}
     for e in entities:
         if not (isinstance(e, dict) and isinstance(e.get("start"), int) and isinstance(e.get("end"), int)
                 and isinstance(e.get("label"), str)):
