@@ -172,8 +172,8 @@ def eval_cmd(
 
 @app.command()
 def predict(
-    model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),
-    texts: Optional[list[str]] = typer.Argument(None, help="texts to classify"),
+    model_dir: Path = typer.Argument(..., help="a classification or NER model dir written by `tunelab train`"),
+    texts: Optional[list[str]] = typer.Argument(None, help="texts to classify, or to find entities in"),
     input: Optional[Path] = typer.Option(None, "--input", help="JSONL/CSV/TSV/Parquet file of texts"),
     out: Optional[Path] = typer.Option(None, "--out", help="predictions JSONL (with --input)"),
     overwrite: bool = OVERWRITE,
@@ -181,7 +181,8 @@ def predict(
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per text instead of a table"),
 ):
-    """Labels and per-class probabilities for texts or a file."""
+    """Labels and per-class probabilities (classifier), or entities with character offsets (NER), for texts or
+    a file."""
     from tunelab.predict import predict_file, predict_texts
 
     if bool(texts) == bool(input):
@@ -202,6 +203,18 @@ def predict(
         return
     table = Table()
     table.add_column("text")
+    if "entities" in results[0]:
+        for name in ("type", "entity", "span", "score"):
+            table.add_column(name, style="bold" if name == "type" else None,
+                             justify="right" if name in ("span", "score") else "left")
+        for r in results:
+            if not r["entities"]:
+                table.add_row(r["text"], "", "(no entities)", "", "", end_section=True)
+            for i, e in enumerate(r["entities"]):
+                table.add_row(r["text"] if i == 0 else "", e["type"], e["text"], f"{e['start']}–{e['end']}",
+                              f"{e['score']:.3f}", end_section=i == len(r["entities"]) - 1)
+        console.print(table)
+        return
     table.add_column("label", style="bold")
     for label in results[0]["probs"]:
         table.add_column(f"p({label})", justify="right")

@@ -1,4 +1,10 @@
-"""`tunelab predict`: labels and per-class probabilities for texts or a JSONL/CSV file, batched."""
+"""`tunelab predict`: apply a model dir to texts or a JSONL/CSV file, batched.
+
+Classification: a label and per-class probabilities per text. Token classification (NER): the entities
+found in each raw text, as character spans (`TokenClassificationTask.text_entities`: the text is split into
+words by the same rule text + span NER data is prepared with). Only raw text is read; pre-tokenised rows
+(`tokens` lists) are not.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,22 @@ from tunelab.data.read import read_rows
 from tunelab.errors import UserError
 from tunelab.models import load_model_dir
 from tunelab.tasks.classification import ClassificationTask, softmax
+from tunelab.tasks.token_classification import TokenClassificationTask
+
+TASKS = ("classification", "token_classification")
 
 
 def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64) -> list[dict]:
-    """-> [{"text", "label", "probs": {label: p}}] in input order."""
-    model, tok, meta = load_model_dir(model_dir, tasks=("classification",))
-    task = ClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
+    """-> in input order, for a classifier [{"text", "label", "probs": {label: p}}]; for an NER model
+    [{"text", "entities": [{"type", "text", "start", "end", "score"}]}] with `text[start:end]` the entity's text
+    and `score` the mean probability of its words' tags. Another task is a `UserError`."""
+    model, tok, meta = load_model_dir(model_dir, tasks=TASKS)
+    max_length = meta.get("max_length", 512)
+    if meta["task"] == "token_classification":
+        task = TokenClassificationTask(tok, meta["labels"], max_length)
+        found = task.text_entities(model, texts, batch_size)
+        return [{"text": t, "entities": f["entities"]} for t, f in zip(texts, found)]
+    task = ClassificationTask(tok, meta["labels"], max_length)
     enc = task.encode([{"text": t} for t in texts], labelled=False)
     probs = softmax(task.logits(model, enc, batch_size))
     labels = meta["labels"]
@@ -24,16 +40,24 @@ def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64)
             for t, p in zip(texts, probs)]
 
 
+def _output_row(fields: dict, res: dict) -> dict:
+    if "entities" in res:
+        return {**fields, "entities": res["entities"]}
+    return {**fields, "prediction": res["label"], "probs": res["probs"]}
+
+
 def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path,
                  text_column: str = "text", batch_size: int = 64, overwrite: bool = False) -> dict:
-    """Predict every row of a JSONL/CSV/… file; rows keep their other fields; returns counts. `out_path`
-    follows the output-file rule (an existing predictions file is replaced only with `overwrite`; any other
-    file there is refused)."""
+    """Predict every row of a JSONL/CSV/… file; rows keep their other fields and gain `prediction` + `probs`
+    (classifier) or `entities` (NER, offsets into the row's text); returns counts. `out_path` follows the
+    output-file rule (an existing predictions file is replaced only with `overwrite`; any other file there is
+    refused)."""
     check_file_target(Path(out_path), "predictions", overwrite)
     columns, rows = read_rows(input_path)
     if columns and text_column not in columns:
+        hint = " (pre-tokenised rows are not read: give raw text)" if "tokens" in columns else ""
         raise UserError(f"{input_path}: no text column '{text_column}'; columns are: {', '.join(columns)} "
-                        "(choose with --text-column)")
+                        f"(choose with --text-column){hint}")
     keep, skipped = [], []
     for row in rows:
         text = None if row.error else row.fields.get(text_column)
@@ -42,7 +66,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | 
         else:
             skipped.append({"line": row.line, "reason": row.error or "empty_or_missing_text"})
     results = predict_texts(model_dir, [r[text_column] for r in keep], batch_size) if keep else []
-    lines = "".join(json.dumps({**fields, "prediction": res["label"], "probs": res["probs"]}, ensure_ascii=False)
-                    + "\n" for fields, res in zip(keep, results))
+    lines = "".join(json.dumps(_output_row(fields, res), ensure_ascii=False) + "\n"
+                    for fields, res in zip(keep, results))
     write_file(out_path, lines, "predictions", checked=True)
     return {"predicted": len(results), "skipped": skipped, "out": str(out_path)}

@@ -4,6 +4,8 @@ Words are split into sub-tokens by the model's tokenizer; the first sub-token of
 word's tag, the others are ignored (-100) in the loss, and a word's prediction is its first sub-token's.
 Words cut off by `max_length` are predicted "O", so truncation costs recall in the reported numbers
 instead of being hidden. Entity-level precision / recall / F1 come from `seqeval` (strict span match).
+Applied to raw text (`tunelab predict`, /v1/entities), texts are split into words by `data.words.split_words`
+and predicted BIO tags are decoded into character spans (`bio_entities`, `text_entities`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab.data.words import split_words
 from tunelab.errors import UserError
 from tunelab.train.batching import pad_batch
 
@@ -110,11 +113,14 @@ class TokenClassificationTask:
                                ignore_index=IGNORE)
 
     @torch.no_grad()
-    def _run(self, model, enc: TokenEncoded, batch_size: int) -> tuple[list[list[str]], float, int]:
-        """-> (one tag per word of each example; words lost to truncation get "O"), loss sum, loss terms."""
+    def _run(self, model, enc: TokenEncoded, batch_size: int) -> tuple[list[list[str]], list[list[float]], float, int]:
+        """The one inference loop (evaluation and prediction): -> (one tag per word of each example, the
+        softmax probability of that tag at the word's first sub-token; words lost to truncation get "O" and
+        1.0), loss sum, loss terms (both 0 for unlabelled examples)."""
         model.eval()
         device = next(model.parameters()).device
-        out: list[list[str]] = [["O"] * n for n in enc.n_words]
+        tags: list[list[str]] = [["O"] * n for n in enc.n_words]
+        probs: list[list[float]] = [[1.0] * n for n in enc.n_words]
         total, count = 0.0, 0
         order = np.argsort(enc.lengths, kind="stable")
         for start in range(0, len(order), batch_size):
@@ -124,16 +130,61 @@ class TokenClassificationTask:
             total += float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum",
                                            ignore_index=IGNORE))
             count += self.units(enc, idx)
-            pred = logits.argmax(-1).cpu().numpy()
+            best, pred = torch.softmax(logits, -1).max(-1)
+            best, pred = best.cpu().tolist(), pred.cpu().tolist()
             for row, i in enumerate(idx):
                 for pos, w in enumerate(enc.word_index[i]):
                     if w >= 0:
-                        out[i][w] = self.labels[pred[row, pos]]
-        return out, total, count
+                        tags[i][w] = self.labels[pred[row][pos]]
+                        probs[i][w] = best[row][pos]
+        return tags, probs, total, count
 
     def evaluate(self, model, enc: TokenEncoded, batch_size: int) -> dict:
         """Entity-level P/R/F1 (seqeval), token accuracy, per-type scores and the mean token loss."""
-        pred, total, count = self._run(model, enc, batch_size)
+        pred, _, total, count = self._run(model, enc, batch_size)
         metrics = entity_metrics(enc.gold, pred)
         metrics["loss"] = total / max(1, count)
         return metrics
+
+    def entities(self, model, enc: TokenEncoded, batch_size: int) -> list[list[dict]]:
+        """Encoded (unlabelled) word lists -> per example its entities, as `bio_entities` gives them."""
+        tags, probs, _, _ = self._run(model, enc, batch_size)
+        return [bio_entities(t, p) for t, p in zip(tags, probs)]
+
+    def text_entities(self, model, texts: list[str], batch_size: int) -> list[dict]:
+        """Raw texts -> per text {"entities": [{"type", "text", "start", "end", "score"}], "tokens": model tokens},
+        in input order. Texts are split by `split_words` (the rule text + span NER data was prepared with);
+        `start`/`end` are character offsets into the text, `text[start:end]` is the entity's text."""
+        words = [split_words(t) for t in texts]
+        enc = self.encode([{"tokens": [w for w, _, _ in ws]} for ws in words], labelled=False)
+        out = []
+        for text, ws, found, n in zip(texts, words, self.entities(model, enc, batch_size), enc.lengths):
+            spans = [(ws[e["start"]][1], ws[e["end"] - 1][2], e) for e in found]
+            out.append({"entities": [{"type": e["type"], "text": text[a:b], "start": a, "end": b, "score": e["score"]}
+                                     for a, b, e in spans], "tokens": n})
+        return out
+
+
+def bio_entities(tags: list[str], probs: list[float]) -> list[dict]:
+    """Per-word BIO tags (+ each tag's probability) -> [{"type", "start", "end", "score"}], `start`/`end` word
+    indices (end exclusive), `score` the mean probability of the entity's words (6 places).
+
+    Lenient, like seqeval's default: an entity starts at B-X, or at an I-X that does not continue an X entity
+    (after O, or after another type); it continues on I-X. Any other tag ("O", or one that is not B-/I-) ends it."""
+    found: list[dict] = []
+    current: tuple[str, int] | None = None  # (type, first word) of the open entity
+
+    def close(end: int) -> None:
+        if current is not None:
+            kind, first = current
+            found.append({"type": kind, "start": first, "end": end,
+                          "score": round(float(np.mean(probs[first:end])), 6)})
+
+    for i, tag in enumerate(tags):
+        prefix, _, kind = tag.partition("-")
+        if prefix == "I" and kind and current is not None and current[0] == kind:
+            continue
+        close(i)
+        current = (kind, i) if prefix in ("B", "I") and kind else None
+    close(len(tags))
+    return found
