@@ -1,9 +1,10 @@
 """The models one server holds, by id, and the engine behind each.
 
-A MODEL argument is a tunelab model dir (classification -> /v1/classify; causal_lm / sft ->
-chat and text completions) or a base model (builtin:…, tiny-llama, an HF dir, a .gguf): decoders are
-served for generation, encoders for embeddings. `NAME=PATH` sets the id; otherwise a model dir is named
-after its run (`runs/NAME/model` -> NAME) and a built-in after itself (`smollm2-135m-instruct`).
+A MODEL argument is a tunelab model dir (classification -> /v1/classify; token_classification (NER) ->
+/v1/entities; causal_lm / sft -> chat and text completions) or a base model (builtin:…, tiny-llama, an HF
+dir, a .gguf): decoders are served for generation, encoders for embeddings. `NAME=PATH` sets the id;
+otherwise a model dir is named after its run (`runs/NAME/model` -> NAME) and a built-in after itself
+(`smollm2-135m-instruct`).
 
 LoRA model dirs on the same base share one copy of the base and one engine: each sequence in a batch
 runs through its own adapter (peft's mixed-adapter batches).
@@ -27,7 +28,7 @@ log = logging.getLogger("tunelab.serve")
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
 ENCODER_CHUNK = 16  # texts per forward inside a micro-batch (length-sorted)
 ROUTE_OF_KIND = {"generate": "/v1/chat/completions or /v1/completions", "classify": "/v1/classify",
-                 "embed": "/v1/embeddings"}
+                 "entities": "/v1/entities", "embed": "/v1/embeddings"}
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Spec:
     """A MODEL argument, checked before the server starts (loading happens later, in the background)."""
     id: str
     ref: str
-    kind: str  # generate | classify | embed
+    kind: str  # generate | classify | entities | embed
     model_dir: bool
     base: str | None = None  # for LoRA model dirs: the base they share
     meta: dict = field(default_factory=dict)
@@ -84,6 +85,8 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
         method = (meta.get("method") or {}).get("name")
         if task == "classification":
             kind = "classify"
+        elif task == "token_classification":
+            kind = "entities"
         elif task in ("causal_lm", "sft"):
             kind = "generate"
             if method in PROMPT_LEARNING:
@@ -148,6 +151,8 @@ class Registry:
         for s in self.specs:
             if s.kind == "classify":
                 self._add_classifier(s)
+            elif s.kind == "entities":
+                self._add_entities(s)
             elif s.kind == "embed":
                 self._add_embedder(s)
             elif s.base is None:
@@ -205,6 +210,23 @@ class Registry:
                      "probabilities": {lab: round(x, 6) for lab, x in zip(labels, p)}} for p in probs]
 
         self._add_encoder(s, "classify", self._encoder_run(tok, max_length, head), tok)
+
+    def _add_entities(self, s: Spec) -> None:
+        """An NER model dir: texts -> {"entities": [{"type", "text", "start", "end", "score"}], "tokens"} each,
+        character offsets into the text (`TokenClassificationTask.text_entities`)."""
+        from tunelab.models import load_model_dir
+        from tunelab.tasks.token_classification import TokenClassificationTask
+        from tunelab.train.precision import autocast, resolve_precision
+
+        model, tok, meta = load_model_dir(s.ref, self.device, tasks=("token_classification",))
+        task = TokenClassificationTask(tok, list(meta["labels"]), int(meta.get("max_length") or 512))
+        precision = resolve_precision(self.settings.precision, self.device)
+
+        def run(texts: list[str]) -> list[dict]:
+            with autocast(precision, self.device):  # the task's loop sorts by length, ENCODER_CHUNK per forward
+                return task.text_entities(model, texts, ENCODER_CHUNK)
+
+        self._add_encoder(s, "entities", run, tok)
 
     def _add_embedder(self, s: Spec) -> None:
         from transformers import AutoModel

@@ -1,4 +1,4 @@
-"""POST /v1/classify and /v1/embeddings: texts in, one result per text out, through the model's
+"""POST /v1/classify, /v1/entities and /v1/embeddings: texts in, one result per text out, through the model's
 micro-batcher (many concurrent requests share one forward)."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from tunelab.serve.engine import EngineFull
-from tunelab.serve.protocol import ClassifyRequest, EmbeddingRequest, bad_request
+from tunelab.serve.protocol import ClassifyRequest, EmbeddingRequest, EntitiesRequest, bad_request
 from tunelab.serve.state import state
 
 router = APIRouter()
 
 
 async def _encode(request: Request, model: type, kind: str):
-    """The shared part of both routes: checks, then the texts through the model's micro-batcher.
+    """The shared part of the routes: checks, then the texts through the model's micro-batcher.
     -> (state, request body, served model, results, start time)."""
     st = state(request)
     st.admit(request)
@@ -51,6 +51,15 @@ async def classify(request: Request):
     return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
                          "data": [{"object": "classification", "index": i, "label": r["label"],
                                    "probabilities": r["probabilities"]} for i, r in enumerate(results)]})
+
+
+@router.post("/v1/entities")
+async def entities(request: Request):
+    st, req, served, results, start = await _encode(request, EntitiesRequest, "entities")
+    st.metrics.latency.labels("/v1/entities").observe(time.perf_counter() - start)
+    return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
+                         "data": [{"object": "entities", "index": i, "entities": r["entities"]}
+                                  for i, r in enumerate(results)]})
 
 
 @router.post("/v1/embeddings")
