@@ -37,7 +37,7 @@ def test_ready_is_503_while_loading_and_health_is_200(peaky_llama, monkeypatch):
     release = threading.Event()
     real_load = registry.load
     monkeypatch.setattr(registry, "load", lambda: (release.wait(30), real_load()))
-    with TestClient(guard) as client:
+    with TestClient(guard, base_url="http://localhost") as client:
         assert client.get("/health").status_code == 200
         assert client.get("/ready").status_code == 503 and client.get("/ready").json()["status"] == "loading"
         busy = client.post("/v1/chat/completions", json=CHAT)
@@ -50,7 +50,7 @@ def test_ready_is_503_while_loading_and_health_is_200(peaky_llama, monkeypatch):
 
 def test_engine_error_mid_stream_sends_an_error_event_then_done(peaky_llama):
     guard = make_app(peaky_llama)
-    with TestClient(guard) as client:
+    with TestClient(guard, base_url="http://localhost") as client:
         wait_ready(client)
         engine = guard.state.registry.models["peaky"].engine
         forward, calls = engine.model.forward, {"n": 0}
@@ -76,7 +76,7 @@ def test_engine_error_mid_stream_sends_an_error_event_then_done(peaky_llama):
 
 def test_a_bug_is_a_500_envelope_without_a_trace(peaky_llama, monkeypatch):
     guard = make_app(peaky_llama)
-    with TestClient(guard, raise_server_exceptions=False) as client:
+    with TestClient(guard, raise_server_exceptions=False, base_url="http://localhost") as client:
         wait_ready(client)
         served = guard.state.registry.models["peaky"]
         monkeypatch.setattr(type(served), "chat_prompt", lambda self, m: 1 / 0)
@@ -88,7 +88,7 @@ def test_a_bug_is_a_500_envelope_without_a_trace(peaky_llama, monkeypatch):
 
 def test_draining_refuses_new_requests(peaky_llama):
     guard = make_app(peaky_llama)
-    with TestClient(guard) as client:
+    with TestClient(guard, base_url="http://localhost") as client:
         wait_ready(client)
         guard.state.draining = True
         resp = client.post("/v1/chat/completions", json=CHAT)

@@ -318,16 +318,22 @@ def serve(
     precision: Optional[str] = _opt(ServeConfig, "precision", "--precision"),
     rate_limit: Optional[float] = _opt(ServeConfig, "rate_limit", "--rate-limit"),
     max_body_bytes: Optional[int] = _opt(ServeConfig, "max_body_bytes", "--max-body-bytes"),
+    max_header_bytes: Optional[int] = _opt(ServeConfig, "max_header_bytes", "--max-header-bytes"),
+    header_timeout: Optional[float] = _opt(ServeConfig, "header_timeout_s", "--header-timeout"),
+    body_timeout: Optional[float] = _opt(ServeConfig, "body_timeout_s", "--body-timeout"),
+    max_connections: Optional[int] = _opt(ServeConfig, "max_connections", "--max-connections"),
     drain_timeout: Optional[float] = _opt(ServeConfig, "drain_timeout_s", "--drain-timeout"),
 ):
-    """An OpenAI-compatible API (chat, completions, classify, embeddings) with a playground page at /."""
+    """An OpenAI-compatible API (chat, completions, classify, entities, embeddings) with a playground page at /."""
     from tunelab.config import section
     from tunelab.serve.server import serve as run_server
 
     flags = {"host": host, "port": port, "api_keys_file": api_keys_file, "embedding_model": embedding_model,
              "device": device, "max_batch": max_batch, "max_waiting": max_waiting, "encoder_batch": encoder_batch,
              "encoder_wait_ms": encoder_wait_ms, "precision": precision, "rate_limit": rate_limit,
-             "max_body_bytes": max_body_bytes, "drain_timeout_s": drain_timeout}
+             "max_body_bytes": max_body_bytes, "max_header_bytes": max_header_bytes,
+             "header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "max_connections": max_connections,
+             "drain_timeout_s": drain_timeout}
     raw = {"models": models, **{k: v for k, v in flags.items() if v is not None}}
     if embedding_model is not None and embedding_model.lower() == "none":
         raw["embedding_model"] = None

@@ -25,7 +25,8 @@ CHAT = {"model": "peaky", "messages": [{"role": "user", "content": "What is the 
 def server(tmp_path_factory, peaky_llama, tiny_classifier, sft_lora):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     srv = ServerProcess([f"peaky={peaky_llama}", str(tiny_classifier), f"chat-a={sft_lora}", f"chat-b={sft_lora}",
-                         "--max-batch", "8", "--max-waiting", "32", "--max-body-bytes", "200000"], log,
+                         "--max-batch", "8", "--max-waiting", "32", "--max-body-bytes", "200000",
+                         "--rate-limit", "0"], log,  # unlimited: this module sends hundreds of requests at once
                         env={"TUNELAB_API_KEYS": KEY})
     yield srv
     assert srv.stop() == 0
@@ -178,7 +179,8 @@ def test_body_limits_and_batch_sizes(server):
         for _ in range(300):
             yield b"x" * 1000
 
-    resp = httpx.post(server.url + "/v1/classify", content=chunks(), headers=AUTH, timeout=60)
+    resp = httpx.post(server.url + "/v1/classify", content=chunks(), timeout=60,
+                      headers={**AUTH, "Content-Type": "application/json"})
     assert_envelope(resp, 413)
     assert_envelope(post(server, "/v1/classify", {"model": "sentiment", "input": []}), 400, param="input")
     assert_envelope(post(server, "/v1/classify", {"model": "sentiment", "input": ["a"] * 65}), 400, param="input")

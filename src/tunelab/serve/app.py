@@ -1,7 +1,9 @@
 """The ASGI app: routes, the guard in front of them, and the error envelope for everything that fails.
 
-`Guard` (pure ASGI, outermost) counts every request by route and status, answers 503 while draining and
-413 for bodies over the limit before a byte of them is parsed. Exception handlers turn every error —
+`Guard` (pure ASGI, outermost) counts every request by route and status, answers 503 while draining, 403 to
+a keyless server addressed by a non-loopback Host (DNS rebinding), and — before a byte of a body is read —
+401 without a valid key, 415 unless the body is declared `application/json` (a web page cannot send that
+cross-origin without a preflight) and 413 for bodies over the limit. Exception handlers turn every error —
 ours, Starlette's 404/405, and any bug (500, traceback to the log only) — into OpenAI's envelope.
 """
 
@@ -15,8 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from tunelab.config import ServeConfig
+from tunelab.serve.auth import is_loopback_host
 from tunelab.serve.protocol import APIError
 from tunelab.serve.registry import Spec
 from tunelab.serve.routes import encoders, generation, system
@@ -56,6 +60,10 @@ def create_app(settings: ServeConfig, specs: list[Spec], keys: list[str], device
     async def validation_error(request: Request, err: RequestValidationError):
         return JSONResponse(APIError(400, "invalid request").body(), status_code=400)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, err: ClientDisconnect):
+        return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)  # never sent
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception):
         log.exception("internal error on %s", request.url.path)
@@ -66,7 +74,8 @@ def create_app(settings: ServeConfig, specs: list[Spec], keys: list[str], device
 
 
 class Guard:
-    """Pure ASGI middleware: request metrics, drain refusal, body size limit."""
+    """Pure ASGI middleware: request metrics, drain refusal, Host check (keyless), and for requests with a
+    body, before any of it is read: the key, the JSON media type, the size limit."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state  # the server (drain, load errors) and tests reach the state here
@@ -88,11 +97,21 @@ class Guard:
                 self.state.metrics.rejections.labels("draining").inc()
                 return await _reply(counted_send, APIError(503, "the server is shutting down", type="server_error",
                                                            code="shutting_down", headers={"Connection": "close"}))
+            headers = dict(scope["headers"])
+            with_body = scope["method"] in ("POST", "PUT", "PATCH")
+            try:
+                self._check_origin(headers)
+                if with_body:  # before a byte of the body is read
+                    self.state.authenticate(_text(headers.get(b"authorization")))
+                    self._check_json(headers)
+            except APIError as err:
+                err.headers.setdefault("Connection", "close")
+                return await _reply(counted_send, err)
             limit = self.state.settings.max_body_bytes
-            length = dict(scope["headers"]).get(b"content-length")
+            length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 return await self._too_large(counted_send, limit)
-            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            if length is None and with_body:
                 body = await _read_capped(receive, limit)
                 if body is None:
                     return await self._too_large(counted_send, limit)
@@ -101,10 +120,33 @@ class Guard:
         finally:
             self.state.metrics.requests.labels(route, str(status["code"])).inc()
 
+    def _check_origin(self, headers: dict) -> None:
+        """Without keys, only loopback Host values: a web page cannot reach this server through a DNS name
+        that it re-points at 127.0.0.1 (DNS rebinding)."""
+        host = headers.get(b"host")
+        if self.state.keys.enabled or host is None or is_loopback_host(_text(host)):
+            return
+        self.state.metrics.rejections.labels("host").inc()
+        raise APIError(403, "this server has no API keys and answers only requests addressed to a loopback host "
+                       "(localhost, 127.0.0.1, [::1]); set API keys to serve other names", code="host_not_allowed")
+
+    def _check_json(self, headers: dict) -> None:
+        """POST bodies must say they are JSON: a web page can send `text/plain` to any server without asking
+        (no CORS preflight), but not `application/json`."""
+        media = _text(headers.get(b"content-type")).split(";")[0].strip().lower()
+        if media != "application/json":
+            self.state.metrics.rejections.labels("content_type").inc()
+            raise APIError(415, "send the body as JSON with the header Content-Type: application/json",
+                           code="unsupported_media_type")
+
     async def _too_large(self, send, limit: int):
         self.state.metrics.rejections.labels("body_too_large").inc()
         await _reply(send, APIError(413, f"the request body is over the limit of {limit} bytes",
                                     code="request_too_large", headers={"Connection": "close"}))
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("latin-1") if value is not None else ""
 
 
 async def _reply(send, err: APIError) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import os
 import threading
@@ -36,6 +37,27 @@ def read_keys(path: Path | None) -> list[str]:
         raise UserError(f"{len(short)} API key(s) are shorter than 16 characters; use long random keys "
                         "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
     return keys
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost`, a `*.localhost` name (RFC 6761: always loopback) or a loopback address."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_host(value: str) -> bool:
+    """A Host header (`name`, `name:port`, `[v6]`, `[v6]:port`) that names this machine's loopback."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        return bool(sep) and (not rest or (rest.startswith(":") and rest[1:].isdigit())) and is_loopback(host)
+    host, _, port = value.partition(":")
+    return (not port or port.isdigit()) and is_loopback(host)
 
 
 class KeyRing:

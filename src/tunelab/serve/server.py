@@ -7,7 +7,6 @@ fails to load stops the server with exit code 1.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import sys
@@ -18,17 +17,9 @@ import uvicorn
 from tunelab.config import ServeConfig
 from tunelab.errors import UserError
 from tunelab.serve.app import create_app
-from tunelab.serve.auth import ENV_KEYS, read_keys
+from tunelab.serve.auth import ENV_KEYS, is_loopback, read_keys
+from tunelab.serve.connections import guarded_protocol
 from tunelab.serve.registry import check_specs
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Server(uvicorn.Server):
@@ -54,6 +45,20 @@ class _Server(uvicorn.Server):
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
             self.banner(host, port)
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Every connection is a file descriptor: lift the soft limit towards `wanted` (as far as the hard limit
+    allows), so that the connection cap, not the OS, decides when to refuse."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # not on this OS, or not allowed: the OS limit stays
+        pass
 
 
 def serve(cfg: ServeConfig, out=print) -> int:
@@ -86,9 +91,11 @@ def serve(cfg: ServeConfig, out=print) -> int:
                 f"\"content\": \"Hello!\"}}]).choices[0].message.content)'")
         sys.stdout.flush()
 
+    _raise_open_files_limit(cfg.max_connections + 256)
+    rejections = guard.state.metrics.rejections
     config = uvicorn.Config(guard, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=int(cfg.drain_timeout_s), lifespan="on",
-                            h11_max_incomplete_event_size=64 * 1024)
+                            http=guarded_protocol(cfg, lambda reason: rejections.labels(reason).inc()))
     server = _Server(config, guard, banner)
     server.run()
     if not server.started:

@@ -53,16 +53,21 @@ class ServerState:
         self.registry.close()
 
     # ---- per-request checks ----------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> str | None:
+        """-> the key id (a digest prefix); None when the server has no keys; 401 for a missing or wrong key."""
+        if not self.keys.enabled:
+            return None
+        who = self.keys.identify(authorization)
+        if who is None:
+            self.metrics.rejections.labels("auth").inc()
+            raise APIError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return who
+
     def admit(self, request: Request) -> str:
         """Key, then rate limit, then readiness. -> the caller's id (key digest prefix or client host)."""
-        who = None
-        if self.keys.enabled:
-            who = self.keys.identify(request.headers.get("authorization"))
-            if who is None:
-                self.metrics.rejections.labels("auth").inc()
-                raise APIError(401, "a valid API key is required (Authorization: Bearer KEY)",
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        else:
+        who = self.authenticate(request.headers.get("authorization"))
+        if who is None:
             who = request.client.host if request.client else "local"
         wait = self.limiter.take(who)
         if wait:
@@ -76,7 +81,8 @@ class ServerState:
         return who
 
     async def parse(self, request: Request, model):
-        return parse_body(await request.body(), model)
+        """The body as a validated request; parsed off the event loop (a large body takes a while)."""
+        return await asyncio.to_thread(parse_body, await request.body(), model)
 
     def overloaded(self, err: EngineFull) -> APIError:
         self.metrics.rejections.labels("overload").inc()

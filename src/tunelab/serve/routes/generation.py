@@ -31,7 +31,7 @@ async def chat_completions(request: Request):
     req = await st.parse(request, ChatRequest)
     served = st.registry.get(req.model, "generate")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    prompt = served.chat_prompt(messages)
+    prompt = await asyncio.to_thread(served.chat_prompt, messages)  # templating + tokenising: off the event loop
     return await _run(request, st, served, req, [prompt], chat=True)
 
 
@@ -41,7 +41,7 @@ async def completions(request: Request):
     st.admit(request)
     req = await st.parse(request, CompletionRequest)
     served = st.registry.get(req.model, "generate")
-    prompts = [served.text_prompt(p) for p in req.prompts()]
+    prompts = await asyncio.to_thread(lambda: [served.text_prompt(p) for p in req.prompts()])
     return await _run(request, st, served, req, prompts, chat=False)
 
 
@@ -115,7 +115,8 @@ async def _run(request: Request, st: ServerState, served: Served, req, prompts: 
         job.cancel(served)
     st.metrics.latency.labels(route).observe(time.perf_counter() - start)
     if not chat and req.echo:
-        texts = [served.tokenizer.decode(job.seqs[i].prompt) + t for i, t in enumerate(texts)]
+        prompts = await asyncio.to_thread(lambda: [served.tokenizer.decode(s.prompt) for s in job.seqs])
+        texts = [p + t for p, t in zip(prompts, texts)]
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                     "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
@@ -189,7 +190,7 @@ async def _stream(st: ServerState, served: Served, req, job: _Job, meta: dict, c
                 open_choices -= 1
                 completion += ev[3]
                 yield event([choice(i, None, ev[1])])
-            else:
+            else:  # this choice failed (the others of other requests go on); the stream ends here
                 err = APIError(500, ev[1], type="server_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
                 break
