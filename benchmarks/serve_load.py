@@ -61,7 +61,9 @@ def summary(values: list[float]) -> dict:
 # ---- the server in a subprocess -------------------------------------------------------------------------
 class Server:
     def __init__(self, args: list[str], log: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", *args, "--port", "0"],
+        # unlimited rate: the per-client default (600/min) would refuse the load this benchmark sends
+        self.proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", *args, "--port", "0",
+                                      "--rate-limit", "0"],
                                      stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
                                      env={**os.environ, "TUNELAB_API_KEYS": ""})
         m = re.search(r"serving on (http://\S+)", self.proc.stdout.readline())

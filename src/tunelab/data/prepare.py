@@ -253,9 +253,12 @@ class RowFilter:
                 return None, "bad_tag" if tok is not None else "text_wrong_type"
             tok = self.cleaner.text(tok).replace(" ", "")
             spaced = spaced or space_before  # a token cleaned away leaves its whitespace to the next one
-            if tok:
-                clean_tokens.append(tok)
-                clean_tags.append(tag if tag == "O" else tag[:2] + self._redact(tag[2:]))
+            # given tokens are re-split by the rule raw text is split by at prediction time ("$5.2" -> "$", "5",
+            # ".", "2"), so that a model is trained on the words it will be applied to; the pieces inherit the tag
+            for k, (piece, _, _) in enumerate(split_words(tok)):
+                clean_tokens.append(piece)
+                kind = tag if tag == "O" else ("I-" if k else tag[:2]) + self._redact(tag[2:])
+                clean_tags.append(kind)
                 clean_spaced.append(spaced)
                 spaced = False
         if not clean_tokens:

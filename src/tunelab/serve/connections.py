@@ -17,6 +17,7 @@ import http
 import json
 from typing import Callable
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tunelab.serve.protocol import APIError
@@ -69,7 +70,25 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
                 return
             if self._in_headers:
                 self._header_bytes += len(data)
-            super().data_received(data)
+            # as uvicorn's, except that a request a callback refused gets its own answer (not "invalid request")
+            self._unset_keepalive_if_required()
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    self._unsupported_upgrade_warning()
+                return
+            except httptools.HttpParserError:
+                if self._refusal is None:
+                    self.logger.warning("Invalid HTTP request received.")
+                    self.send_400_response("Invalid HTTP request received.")
+                else:
+                    err, _ = self._refusal
+                    self._refusal = None
+                    self._refuse(err, None)
+                return
             if self._in_headers and self._refusal is None and self._header_bytes > settings.max_header_bytes:
                 self._too_large()
 
@@ -99,14 +118,6 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
             self._disarm()
             self._in_headers, self._header_bytes = True, 0
             super().on_message_complete()
-
-        def send_400_response(self, msg: str) -> None:
-            if self._refusal is not None:  # a callback refused the request: answer that, not "invalid request"
-                err, _ = self._refusal
-                self._refusal = None
-                self._refuse(err, None)
-            else:
-                super().send_400_response(msg)
 
         # ---- refusals ----------------------------------------------------------------------------
         def _header_bytes_seen(self, n: int) -> None:
