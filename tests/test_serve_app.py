@@ -125,3 +125,16 @@ def test_rate_limiter_bursts_then_waits(monkeypatch):
     now[0] += 1.0
     assert rl.take("a") == 0 and rl.take("a") == 1
     assert RateLimiter(0).take("a") == 0  # off
+
+
+@pytest.mark.parametrize("value,loopback", [("localhost", True), ("LOCALHOST:8000", True), ("app.localhost:1", True),
+                                            ("127.0.0.1", True), ("127.8.9.10:80", True), ("[::1]", True),
+                                            ("[::1]:8000", True), ("localhost.", True), ("::1", False),
+                                            ("[::1", False), ("[::1]x", False), ("localhost:http", False),
+                                            ("localhost.evil.example", False), ("127.0.0.1.nip.io", False),
+                                            ("0.0.0.0", False), ("10.0.0.1", False), ("", False),
+                                            ("[fe80::1]:80", False)])
+def test_loopback_host_values(value, loopback):
+    from tunelab.serve.auth import is_loopback_host
+
+    assert is_loopback_host(value) is loopback
