@@ -28,8 +28,8 @@ from tunelab.serve.state import ServerState
 
 log = logging.getLogger("tunelab.serve")
 
-ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/entities", "/v1/embeddings", "/health",
-          "/ready", "/metrics", "/"}
+ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/entities", "/v1/embeddings",
+          "/health", "/ready", "/metrics", "/"}
 OPEN_WHILE_DRAINING = {"/health", "/ready", "/metrics"}
 
 
