@@ -61,7 +61,7 @@ def summary(values: list[float]) -> dict:
 # ---- the server in a subprocess -------------------------------------------------------------------------
 class Server:
     def __init__(self, args: list[str], log: Path):
-        # unlimited rate: the per-client default (600/min) would refuse the load this benchmark sends
+        # unlimited rate, whatever the default: a limit would refuse the load this benchmark sends
         self.proc = subprocess.Popen([sys.executable, "-m", "tunelab", "serve", *args, "--port", "0",
                                       "--rate-limit", "0"],
                                      stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,

@@ -235,6 +235,9 @@ class EvalConfig(Section):
                                           "sample); null = all")
 
 
+DEFAULT_RATE_LIMIT = 600  # requests per minute per API key, when keys are set and no limit is given
+
+
 class ServeConfig(Section):
     """`tunelab serve`: what is served and the limits that protect it."""
 
@@ -251,8 +254,10 @@ class ServeConfig(Section):
     encoder_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="classify/embeddings: bf16 autocast "
                                                        "where native (auto); generation always runs in fp32")
-    rate_limit: float = Field(600, ge=0, description="requests per minute per key (per client address without "
-                              "keys), bursts of a sixth of it; 0 = unlimited")
+    rate_limit: float | None = Field(None, ge=0, description="requests per minute per key, bursts of a sixth of "
+                                     f"it; none = {DEFAULT_RATE_LIMIT} per key with keys, unlimited without (a keyless "
+                                     "server answers loopback only); a number also applies per client address "
+                                     "without keys; 0 = unlimited")
     max_body_bytes: int = Field(1_000_000, gt=0)
     max_header_bytes: int = Field(32_768, gt=0, description="request line + headers; beyond: 431")
     max_headers: int = Field(100, gt=0, description="header lines per request; beyond: 431")

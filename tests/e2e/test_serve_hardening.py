@@ -26,7 +26,7 @@ def open_server(tmp_path_factory, peaky_llama):
     """Keyless on loopback; room for 4 MB of prompts; a cap of 600 connections."""
     log = tmp_path_factory.mktemp("open") / "server.log"
     srv = ServerProcess([f"peaky={peaky_llama}", "--embedding-model", "none", "--max-body-bytes", "4000000",
-                         "--max-connections", "600", "--max-header-bytes", "16384", "--rate-limit", "0"], log)
+                         "--max-connections", "600", "--max-header-bytes", "16384"], log)
     yield srv
     assert srv.stop() == 0
     text = log.read_text()
@@ -205,14 +205,54 @@ def test_no_body_is_read_before_the_key(keyed_server):
     assert time.perf_counter() - start < 1.5  # answered at once, not after the body timeout
 
 
-def test_rate_limit_is_on_by_default(keyed_server):
+def test_rate_limit_is_on_by_default_with_keys(keyed_server, open_server):
     headers = {"Authorization": f"Bearer {OTHER_KEY}"}
     codes = []
     with httpx.Client(timeout=30) as client:
         while 429 not in codes and len(codes) < 400:
             codes.append(client.get(keyed_server.url + "/v1/models", headers=headers).status_code)
-    assert codes[:90] == [200] * 90 and codes[-1] == 429  # a burst of 100 (600 per minute), then 429
-    assert httpx.get(keyed_server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        assert codes[:90] == [200] * 90 and codes[-1] == 429  # a burst of 100 (600 per minute), then 429
+        assert client.get(keyed_server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code \
+            == 200  # per key
+        # a keyless server answers loopback only: no limit unless one is set
+        assert {client.get(open_server.url + "/v1/models").status_code for _ in range(150)} == {200}
+
+
+def closes_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> tuple[bool, bytes]:
+    """Read (sending `trickle` every 0.3 s) until the server closes the connection or `seconds` pass."""
+    data, deadline = b"", time.time() + seconds
+    sock.settimeout(0.3)
+    while time.time() < deadline:
+        try:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return True, data
+            data += chunk
+        except socket.timeout:
+            if trickle:
+                try:
+                    sock.send(trickle)
+                except OSError:
+                    return True, data
+        except ConnectionResetError:
+            return True, data
+    return False, data
+
+
+def test_a_connection_cannot_be_held_open(keyed_server):
+    """Each way of keeping a connection open without finishing a request ends within the 2 s timeouts."""
+    get = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    # blank lines between keep-alive requests (they reset nothing)
+    sock = raw(keyed_server, get + b"\r\n")
+    closed, data = closes_within(sock, 8, trickle=b"\r\n")
+    assert closed and data.count(b"HTTP/1.1 200") == 1
+    # a request answered before its promised body arrives, the body never sent
+    closed, data = closes_within(raw(keyed_server, get + b"Content-Length: 5\r\n\r\n"), 8)
+    assert closed and data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1 ") == 1  # no second answer
+    # an endless chunked trailer
+    sock = raw(keyed_server, get + b"Transfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: ")
+    closed, data = closes_within(sock, 8, trickle=b"a" * 60_000)
+    assert closed and data.count(b"HTTP/1.1 ") == 1
 
 
 # ---- S18: browsers can't drive a keyless local server ---------------------------------------------------
@@ -247,3 +287,16 @@ def test_keyed_server_serves_any_host(keyed_server):
     resp = httpx.get(keyed_server.url + "/v1/models", headers={"Host": "api.example.com",
                                                                "Authorization": f"Bearer {KEY}"})
     assert resp.status_code == 200
+
+
+def test_a_pipelined_request_timing_out_never_cuts_into_the_answer_before_it(keyed_server):
+    first = json.dumps({**CHAT, "max_tokens": 600, "stream": True}).encode()
+    auth = f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n".encode()
+    data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth
+            + f"Content-Length: {len(first)}\r\n\r\n".encode() + first
+            + b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth
+            + b"Content-Length: 100\r\n\r\n{")  # the second body never comes
+    closed, reply = closes_within(raw(keyed_server, data), 90)
+    assert closed and reply.startswith(b"HTTP/1.1 200")
+    done, timeout = reply.find(b"data: [DONE]"), reply.find(b"HTTP/1.1 408")
+    assert 0 < done < timeout, reply[-500:]  # the stream finished whole, then the second request timed out

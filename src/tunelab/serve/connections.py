@@ -2,13 +2,19 @@
 
 `guarded_protocol(settings, count)` is uvicorn's httptools protocol with what it lacks against slow and
 hostile clients:
-- request line + headers over `max_header_bytes`, or more than `max_headers` lines: 431, and close. Raw bytes
-  are counted as they arrive, so one endless header is refused before the parser has buffered it whole;
-- a client that takes longer than `header_timeout_s` to send its headers (from connecting, or from the first
-  byte of a keep-alive request), or longer than `body_timeout_s` to send its body: 408, and close;
-- more than `max_connections` open connections: the new one gets 503 and is closed at once.
+- request line + headers over `max_header_bytes`, or more than `max_headers` lines: 431. Raw bytes are
+  counted as they arrive, so one endless header is refused before the parser has buffered it whole; a body
+  (chunk framing and trailers included) may take `2 × max_body_bytes + max_header_bytes` raw bytes, beyond: 413;
+- a timer runs whenever the server waits on the client: `header_timeout_s` for a request's line and headers
+  (from connecting, from the end of the previous response, or from the first byte of a request), and
+  `body_timeout_s` for its body (from the end of its headers). Past it: 408 (or, on an idle keep-alive
+  connection, a silent close) — a client cannot hold a connection open by trickling bytes or blank lines.
+  While a response is being produced no timer runs: the client may wait for it as long as it takes;
+- more than `max_connections` open connections: the new one gets 503 at once.
 Every refusal is one JSON error envelope with `Connection: close`, counted in
-`tunelab_rejections_total{reason}`. Idle keep-alive connections are closed by uvicorn (`timeout_keep_alive`).
+`tunelab_rejections_total{reason}`; the connection is then closed after a short linger (what the client still
+sends is read and dropped, so the close does not become a reset that destroys the answer). A refusal never
+writes into another request's response (HTTP pipelining): those are cut off instead.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tunelab.serve.protocol import APIError
 
-
-LINGER_S = 2.0
+LINGER_S = 2.0  # after a refused request
+CAP_LINGER_S = 0.25  # after refusing a connection over the cap (it has sent little or nothing yet)
 
 
 class _Refused(Exception):
@@ -41,14 +47,18 @@ def refusal_bytes(err: APIError) -> bytes:
 def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: None) -> type:
     """An `asyncio.Protocol` class for `uvicorn.Config(http=...)` enforcing the limits in `settings`
     (a `ServeConfig`); `count(reason)` is called once per refused connection or request."""
+    body_raw_limit = 2 * settings.max_body_bytes + settings.max_header_bytes
 
     class GuardedProtocol(HttpToolsProtocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self._in_headers = True  # between the end of a request (or connecting) and the end of the next headers
-            self._header_bytes = 0  # raw bytes received while in the headers (catches one endless header)
-            self._parsed_bytes = self._header_lines = 0  # of this request, as parsed
+            self._phase = "idle"  # of parsing: idle (between requests) | headers | body
+            self._raw = 0  # raw bytes received in this phase (headers or body)
+            self._parsed_bytes = self._header_lines = 0  # of this request's headers, as parsed
+            self._served = 0  # responses completed on this connection
+            self._cycles: list = []  # request cycles whose response is not complete (pipelining: several)
             self._timer = None
+            self._timer_kind: str | None = None
             self._refusal: tuple[APIError, str] | None = None
 
         # ---- connection --------------------------------------------------------------------------
@@ -57,19 +67,19 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
             if len(self.connections) > settings.max_connections:
                 self._refuse(APIError(503, "the server has too many open connections; retry shortly",
                                       type="server_error", code="too_many_connections",
-                                      headers={"Retry-After": "1"}), "connections", linger=False)
+                                      headers={"Retry-After": "1"}), "connections", linger=CAP_LINGER_S)
                 return
-            self._arm(settings.header_timeout_s, self._headers_too_slow)
+            self._rearm()
 
         def connection_lost(self, exc) -> None:
             self._disarm()
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._refusal is not None:
+            if self._refusal is not None:  # refused: drop what is still sent while lingering
                 return
-            if self._in_headers:
-                self._header_bytes += len(data)
+            if self._phase != "idle":
+                self._raw += len(data)
             # as uvicorn's, except that a request a callback refused gets its own answer (not "invalid request")
             self._unset_keepalive_if_required()
             try:
@@ -89,15 +99,19 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
                     self._refusal = None
                     self._refuse(err, None)
                 return
-            if self._in_headers and self._refusal is None and self._header_bytes > settings.max_header_bytes:
-                self._too_large()
+            if self._refusal is not None:
+                return
+            if self._phase == "headers" and self._raw > settings.max_header_bytes:
+                self._refuse(self._header_error(), "headers_too_large")
+            elif self._phase == "body" and self._raw > body_raw_limit:
+                self._refuse(APIError(413, f"the request body is over the limit of {settings.max_body_bytes} "
+                                      "bytes", code="request_too_large"), "body_too_large")
 
         # ---- parser callbacks --------------------------------------------------------------------
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._header_lines = self._parsed_bytes = 0
-            if self._timer is None:
-                self._arm(settings.header_timeout_s, self._headers_too_slow)
+            self._phase, self._parsed_bytes, self._header_lines = "headers", 0, 0
+            self._rearm(restart="header")  # a new request has its own time for its headers
 
         def on_url(self, url: bytes) -> None:
             self._header_bytes_seen(len(url))
@@ -109,15 +123,64 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
-            self._in_headers = False
-            self._disarm()
+            self._phase, self._raw = "body", 0
             super().on_headers_complete()
-            self._arm(settings.body_timeout_s, self._body_too_slow)
+            self._cycles = [c for c in self._cycles if not c.response_complete]
+            if self.cycle is not None and self.cycle not in self._cycles:
+                self._cycles.append(self.cycle)
+            self._rearm()
 
         def on_message_complete(self) -> None:
-            self._disarm()
-            self._in_headers, self._header_bytes = True, 0
+            self._phase, self._raw = "idle", 0
             super().on_message_complete()
+            self._rearm()
+
+        def on_response_complete(self) -> None:
+            self._served += 1
+            super().on_response_complete()
+            self._cycles = [c for c in self._cycles if not c.response_complete]
+            self._rearm()
+
+        # ---- timers ------------------------------------------------------------------------------
+        def _rearm(self, restart: str | None = None) -> None:
+            """Run the timer this moment calls for: none while a response is being produced (unless its own
+            body is still due), else the body timer during a body, else the header timer."""
+            if self._refusal is not None or self.transport is None or self.transport.is_closing():
+                return self._disarm()
+            busy = any(not c.response_complete for c in self._cycles)
+            if self.pipeline:  # an earlier response is still being produced; reading is paused meanwhile
+                kind = None
+            elif self._phase == "body":
+                kind = "body"
+            elif busy:
+                kind = None
+            else:
+                kind = "header"
+            if kind is None:
+                return self._disarm()
+            if kind != self._timer_kind or restart == kind:
+                self._disarm()
+                seconds = settings.body_timeout_s if kind == "body" else settings.header_timeout_s
+                self._timer, self._timer_kind = self.loop.call_later(seconds, self._expired, kind), kind
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._timer_kind = None
+
+        def _expired(self, kind: str) -> None:
+            self._timer = self._timer_kind = None
+            if self._refusal is not None or self.transport.is_closing():
+                return
+            if kind == "header" and self._phase == "idle" and self._served:
+                self._refusal = (APIError(408, "idle"), "")
+                self.transport.close()  # an idle keep-alive connection: closed quietly, as uvicorn does
+            elif kind == "header":
+                self._refuse(APIError(408, f"the request headers took longer than {settings.header_timeout_s:g} s",
+                                      code="request_timeout"), "header_timeout")
+            else:
+                self._refuse(APIError(408, f"the request body took longer than {settings.body_timeout_s:g} s",
+                                      code="request_timeout"), "body_timeout")
 
         # ---- refusals ----------------------------------------------------------------------------
         def _header_bytes_seen(self, n: int) -> None:
@@ -131,53 +194,32 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
             return APIError(431, f"the request headers are over the limit of {settings.max_header_bytes} bytes or "
                             f"{settings.max_headers} lines", code="headers_too_large")
 
-        def _too_large(self) -> None:
-            self._refuse(self._header_error(), "headers_too_large")
-
-        def _headers_too_slow(self) -> None:
-            self._timer = None
-            if self._in_headers and not self.transport.is_closing():
-                self._refuse(APIError(408, f"the request headers took longer than {settings.header_timeout_s:g} s",
-                                      code="request_timeout"), "header_timeout")
-
-        def _body_too_slow(self) -> None:
-            self._timer = None
-            if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
-                self._refuse(APIError(408, f"the request body took longer than {settings.body_timeout_s:g} s",
-                                      code="request_timeout"), "body_timeout")
-
-        def _refuse(self, err: APIError, reason: str | None, linger: bool = True) -> None:
-            """Answer `err` (unless a response has started) and close the connection. Lingering: the write side
-            is shut at once but what the client still sends is read and dropped for `LINGER_S` before the
-            close, so that unread bytes do not turn the close into a reset that could destroy the answer."""
+        def _refuse(self, err: APIError, reason: str | None, linger: float = LINGER_S) -> None:
+            """Answer `err` and close the connection (after lingering). If a response is already under way on
+            this connection, nothing is written into it: it is cut off."""
             if reason is not None:
                 count(reason)
             self._disarm()
             self._refusal = self._refusal or (err, reason or "")
-            cycle = self.cycle
-            started = cycle is not None and cycle.response_started and not cycle.response_complete
-            if cycle is not None and not cycle.response_complete:
-                cycle.disconnected = True  # the app, if it is running, sees a disconnect; its writes are dropped
-                cycle.message_event.set()
             transport = self.transport
             if transport.is_closing():
                 return
-            if not started:
-                transport.write(refusal_bytes(err))
-            if linger and transport.can_write_eof():
+            answering = any(c.response_started and not c.response_complete for c in self._cycles)
+            # the request being read (not a new one's headers) was answered already: no second answer to it
+            answered = self._phase != "headers" and self.cycle is not None and self.cycle.response_started
+            for c in self._cycles:  # the app sees a disconnect; its writes are dropped
+                if not c.response_complete:
+                    c.disconnected = True
+                    c.message_event.set()
+            if answering or answered or self.pipeline:
+                transport.close()
+                return
+            transport.write(refusal_bytes(err))
+            if transport.can_write_eof():
                 transport.write_eof()
                 transport.resume_reading()  # data_received drops everything from now on
-                self.loop.call_later(LINGER_S, transport.close)
+                self.loop.call_later(linger, transport.close)
             else:
                 transport.close()
-
-        def _arm(self, seconds: float, handler) -> None:
-            self._disarm()
-            self._timer = self.loop.call_later(seconds, handler)
-
-        def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
 
     return GuardedProtocol

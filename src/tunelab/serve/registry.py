@@ -184,6 +184,8 @@ class Registry:
             tokenizers[s.id] = AutoTokenizer.from_pretrained(s.ref)
             stops += list(s.meta.get("stop") or [])
         model.eval()
+        for t in tokenizers.values():  # the first call resets truncation/padding state (a write): do it now, once,
+            t("warm-up")               # not in the worker threads that tokenise prompts concurrently
         vocab = tok.get_vocab()
         stop_ids = sorted({vocab[t] for t in stops if t in vocab})
         cfg = model.get_base_model().config if hasattr(model, "get_base_model") else model.config

@@ -9,7 +9,7 @@ import threading
 
 from fastapi import Request
 
-from tunelab.config import ServeConfig
+from tunelab.config import DEFAULT_RATE_LIMIT, ServeConfig
 from tunelab.serve.auth import KeyRing, RateLimiter
 from tunelab.serve.engine import EngineFull
 from tunelab.serve.metrics import Metrics
@@ -23,7 +23,9 @@ class ServerState:
     def __init__(self, settings: ServeConfig, specs: list[Spec], keys: list[str], device: str):
         self.settings = settings
         self.keys = KeyRing(keys)
-        self.limiter = RateLimiter(settings.rate_limit)
+        self.rate_limit = settings.rate_limit if settings.rate_limit is not None else \
+            (DEFAULT_RATE_LIMIT if keys else 0.0)
+        self.limiter = RateLimiter(self.rate_limit)
         self.metrics = Metrics()
         self.registry = Registry(specs, settings, self.metrics, device)
         self.draining = False
@@ -72,7 +74,7 @@ class ServerState:
         wait = self.limiter.take(who)
         if wait:
             self.metrics.rejections.labels("rate_limit").inc()
-            raise APIError(429, f"rate limit of {self.settings.rate_limit:g} requests per minute reached; "
+            raise APIError(429, f"rate limit of {self.rate_limit:g} requests per minute reached; "
                            f"retry in {wait} s", type="requests", code="rate_limit_exceeded",
                            headers={"Retry-After": str(wait)})
         if not self.registry.ready:
