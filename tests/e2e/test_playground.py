@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import httpx
 import pytest
 
 from conftest import make_rows
@@ -27,7 +28,8 @@ def site(request, tmp_path_factory):
     _browser_or_skip()  # first: without chromium, skip (or fail in CI) before training models or starting a server
     peaky_llama = request.getfixturevalue("peaky_llama")
     tiny_classifier = request.getfixturevalue("tiny_classifier")
-    srv = ServerProcess([f"peaky={peaky_llama}", str(tiny_classifier), "--embedding-model", "none"],
+    tiny_ner = request.getfixturevalue("tiny_ner")
+    srv = ServerProcess([f"peaky={peaky_llama}", str(tiny_classifier), f"ner={tiny_ner}", "--embedding-model", "none"],
                         tmp_path_factory.mktemp("pg") / "server.log", env={"TUNELAB_API_KEYS": KEY})
     yield srv
     srv.stop()
@@ -46,7 +48,7 @@ def test_playground_chat_streams_and_classify_labels(site):
         sync_api.expect(page.locator("#conn")).to_contain_text("401")
         page.fill("#key", KEY)
         page.click("#refresh")
-        sync_api.expect(page.locator("#conn")).to_have_text("2 model(s)")
+        sync_api.expect(page.locator("#conn")).to_have_text("3 model(s)")
         assert page.locator("#chat-model option").all_inner_texts() == ["peaky"]
 
         # count DOM updates of the answer: streamed tokens arrive one after another
@@ -70,5 +72,20 @@ def test_playground_chat_streams_and_classify_labels(site):
         sync_api.expect(page.locator("#classify-result td.label")).to_have_count(3, timeout=30_000)
         assert page.locator("#classify-result td.label").all_inner_texts() == [r["label"] for r in rows]
         assert "tokens" in page.locator("#classify-stats").inner_text()
+
+        # entities: the rows and the marked-up text show what the API returns for the same texts
+        texts = ["Shares of Falcon Rock Energy (FRE) rose 4% after Tom Novak joined.", "nothing here <b>at all</b>"]
+        expected = httpx.post(site.url + "/v1/entities", json={"model": "ner", "input": texts},
+                              headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
+        page.fill("#entities-text", "\n".join(texts))
+        page.click("#entities")
+        sync_api.expect(page.locator("#entities-stats")).to_contain_text("tokens", timeout=30_000)
+        rows = page.locator("#entities-result tr.entity").all()
+        assert [r.locator("td").first.inner_text() for r in rows] == [e["type"] for d in expected
+                                                                        for e in d["entities"]]
+        assert page.locator("#entities-marked mark").count() == len(rows)
+        shown = page.evaluate("""() => [...document.querySelectorAll('#entities-marked .marked')].map((d) => {
+            const c = d.cloneNode(true); c.querySelectorAll('sub').forEach((s) => s.remove()); return c.textContent; })""")
+        assert shown == texts and page.locator("#entities-marked b").count() == 0  # text, never markup
         assert not errors
         browser.close()
