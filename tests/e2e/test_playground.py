@@ -85,7 +85,9 @@ def test_playground_chat_streams_and_classify_labels(site):
                                                                         for e in d["entities"]]
         assert page.locator("#entities-marked mark").count() == len(rows)
         shown = page.evaluate("""() => [...document.querySelectorAll('#entities-marked .marked')].map((d) => {
-            const c = d.cloneNode(true); c.querySelectorAll('sub').forEach((s) => s.remove()); return c.textContent; })""")
+            const c = d.cloneNode(true);
+            c.querySelectorAll('sub').forEach((s) => s.remove());
+            return c.textContent; })""")
         assert shown == texts and page.locator("#entities-marked b").count() == 0  # text, never markup
         assert not errors
         browser.close()
