@@ -150,6 +150,9 @@ def eval_cmd(
     general_text: Optional[str] = _opt(EvalConfig, "general_text", "--general-text"),
     general_samples: Optional[int] = _opt(EvalConfig, "general_samples", "--general-samples"),
     batch_size: Optional[int] = _opt(EvalConfig, "batch_size", "--batch-size"),
+    strict: bool = typer.Option(False, "--strict", help="refuse to score a split that shares rows with the "
+                                "model's training data (1% or more, or any exact duplicate), or when that data "
+                                "is gone and cannot be checked"),
 ):
     """Evaluate on a split next to the cheap baselines (classification: TF-IDF + LR and zero-shot; NER: word
     lookup) or, for causal_lm/sft, next to the base model before fine-tuning (perplexity, generation
@@ -163,7 +166,7 @@ def eval_cmd(
     overrides = {k: v for k, v in flags.items() if v is not None}
     if zero_shot_samples == 0:
         overrides["zero_shot_samples"] = None  # all rows
-    report = evaluate(model_dir, data, split, out, overwrite=overwrite, overrides=overrides)
+    report = evaluate(model_dir, data, split, out, overwrite=overwrite, overrides=overrides, strict=strict)
     print_report(report, console)
     if out:
         png = report.get("confusion_matrix_png")

@@ -23,6 +23,7 @@ from tunelab.evaluate import baselines as bl
 from tunelab.evaluate.metrics import classification_metrics
 from tunelab.evaluate.entities import lookup_baseline
 from tunelab.evaluate.language import evaluate_language
+from tunelab.evaluate.leakage import check_leakage, describe, training_data
 from tunelab.evaluate.plots import confusion_matrix_png
 from tunelab.models import load_model_dir
 from tunelab.tasks import DATASET_TASKS
@@ -40,13 +41,14 @@ def eval_config_of(meta: dict, overrides: dict | None = None) -> EvalConfig:
 
 def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
              out: str | Path | None = None, eval_cfg: EvalConfig | None = None, seed: int = 0,
-             overwrite: bool = False, overrides: dict | None = None) -> dict:
+             overwrite: bool = False, overrides: dict | None = None, strict: bool = False) -> dict:
     """Evaluate a model dir on `split` of `data_dir` (default: the data it was trained on).
 
     `eval_cfg`: the baselines, samples and batch size; by default the `eval` section of the run config the
     model was trained with, with `overrides` (e.g. command-line flags) on top. `out`: the report JSON, with a
     confusion-matrix PNG beside it for classification; an existing file there is replaced only if it is a
-    tunelab report and `overwrite`."""
+    tunelab report and `overwrite`. Every evaluation checks the split for rows of the model's training data
+    (`leakage` in the report); `strict` refuses to score when it finds them, or cannot look."""
     png = None
     if out:
         out = Path(out)
@@ -56,7 +58,12 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
             check_file_target(png, "plot", overwrite)
     model, tok, meta = load_model_dir(model_dir)
     eval_cfg = eval_cfg or eval_config_of(meta, overrides)
-    data_dir = Path(data_dir or meta["data"]["dir"])
+    if data_dir is None:
+        found, why = training_data(meta)
+        if found is None:
+            raise UserError(f"{why}; give the data to evaluate on with --data DIR")
+        data_dir = found
+    data_dir = Path(data_dir)
     data_meta = load_meta(data_dir)
     rows = load_split(data_dir, split)
     if not rows:
@@ -65,12 +72,15 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
     if wanted != meta["task"]:
         raise UserError(f"{data_dir} holds a '{data_meta.get('task')}' dataset; the model was trained for "
                         f"'{meta['task']}'")
+    leak = check_leakage(meta, rows)
+    if strict and (not leak["checked"] or leak["loud"]):
+        raise UserError(f"--strict: {describe(leak, split)}; evaluate on data the model has not seen")
     head = {"kind": "report", "task": meta["task"],
             "model": {"dir": str(model_dir), "base": meta["base"]["ref"], "method": meta["method"]["name"],
                       "train_examples": meta["data"]["train_examples"]},
             "data": {"dir": str(data_dir), "split": split, "fingerprint": data_meta["fingerprint"],
                      "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]},
-            "eval": eval_cfg.model_dump(mode="json")}
+            "leakage": leak, "eval": eval_cfg.model_dump(mode="json")}
     if meta["task"] == "classification":
         report = _classification(model, tok, meta, rows, data_dir, eval_cfg, seed)
     elif meta["task"] == "token_classification":
@@ -120,6 +130,20 @@ def print_report(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     {"classification": _print_classification, "token_classification": _print_entities,
      "causal_lm": _print_language, "sft": _print_language}[report["task"]](report, console)
+    _print_leakage(report, console)
+
+
+def _print_leakage(report: dict, console: Console) -> None:
+    leak = report.get("leakage")
+    if not leak:
+        return
+    line = describe(leak, report["data"]["split"])
+    if leak.get("checked") and leak["loud"]:
+        console.print(f"[bold red]WARNING: {line}[/]")
+        for ex in (leak["exact_examples"] + [e["b"] for e in leak["near_examples"]])[:3]:
+            console.print(f"  [red]seen in training:[/] {ex[:100]}")
+    else:
+        console.print(line, style="yellow" if not leak.get("checked") else "dim")
 
 
 def _per_group_table(title: str, key: str, groups: dict) -> Table:
