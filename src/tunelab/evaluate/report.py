@@ -23,7 +23,8 @@ from tunelab.evaluate import baselines as bl
 from tunelab.evaluate.metrics import classification_metrics
 from tunelab.evaluate.entities import lookup_baseline
 from tunelab.evaluate.language import evaluate_language
-from tunelab.evaluate.leakage import check_leakage, describe, training_data
+from tunelab.evaluate import base_fit
+from tunelab.evaluate.leakage import check_leakage, describe, row_text, training_data
 from tunelab.evaluate.plots import confusion_matrix_png
 from tunelab.models import load_model_dir
 from tunelab.tasks import DATASET_TASKS
@@ -72,6 +73,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
     if wanted != meta["task"]:
         raise UserError(f"{data_dir} holds a '{data_meta.get('task')}' dataset; the model was trained for "
                         f"'{meta['task']}'")
+    fit = base_fit.measure(tok, [row_text(r) for r in rows])
     leak = check_leakage(meta, rows)
     if strict and (not leak["checked"] or leak["loud"]):
         raise UserError(f"--strict: {describe(leak, split)}; evaluate on data the model has not seen")
@@ -80,7 +82,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
                       "train_examples": meta["data"]["train_examples"]},
             "data": {"dir": str(data_dir), "split": split, "fingerprint": data_meta["fingerprint"],
                      "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]},
-            "leakage": leak, "eval": eval_cfg.model_dump(mode="json")}
+            "leakage": leak, "base_fit": fit, "eval": eval_cfg.model_dump(mode="json")}
     if meta["task"] == "classification":
         report = _classification(model, tok, meta, rows, data_dir, eval_cfg, seed)
     elif meta["task"] == "token_classification":
@@ -131,6 +133,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
     {"classification": _print_classification, "token_classification": _print_entities,
      "causal_lm": _print_language, "sft": _print_language}[report["task"]](report, console)
     _print_leakage(report, console)
+    if report.get("base_fit") and (warning := base_fit.advice(report["base_fit"], report["model"]["base"])):
+        console.print(f"[bold yellow]warning:[/] {warning}")
 
 
 def _print_leakage(report: dict, console: Console) -> None:

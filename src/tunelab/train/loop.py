@@ -30,6 +30,8 @@ from tunelab.config import RunConfig, dump_config
 from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
 from tunelab.data.split import sample_rows
 from tunelab.errors import UserError
+from tunelab.evaluate import base_fit
+from tunelab.evaluate.leakage import row_text
 from tunelab.methods import MethodContext, apply_method, head_module_names
 from tunelab.tasks import DATASET_TASKS
 from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
@@ -265,6 +267,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     tracker = Tracker(out) if dd.main else NullTracker()
     if resume:  # the record says where the run continued from, and what --force let through
         tracker.log(state.step, **run_record.get("resumed_from", {}))
+    fit = base_fit.measure(tokenizer, [row_text(r) for r in train_rows])
+    if (warning := base_fit.advice(fit, cfg.model.base)) is not None:  # before an hour is spent on it
+        console.print(f"[bold yellow]warning:[/] {warning}")
     n_train, n_total = count_parameters(model)
     console.print(f"[bold]train[/] {task_name} · {cfg.model.base} · method {cfg.method.name} · "
                   f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
@@ -457,6 +462,7 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_na
         "data": {"dir": str(data_dir), "path": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
                  "train_examples": len(train_rows)},
         "metrics": {"validation": {k: v for k, v in best_eval.items() if isinstance(v, (int, float))}},
+        "base_fit": base_fit.measure(tokenizer, [row_text(r) for r in train_rows]),
         "eval": cfg.eval.model_dump(mode="json"),
         "best_step": state.best_step, "steps": state.step, "seed": cfg.train.seed, "precision": precision,
         "versions": library_versions(),
