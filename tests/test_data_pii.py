@@ -161,3 +161,55 @@ def test_ner_text_with_entities_is_redacted_before_tokenising(tmp_path):
     assert row["tokens"] == ["Jane", "Doe", "wrote", "from", "<EMAIL>", ",", "call", "<PHONE>", "."]
     assert row["tags"] == ["B-PER", "I-PER", "O", "O", "B-MAIL", "O", "O", "O", "O"]
     assert meta["report"]["pii"] == {"email": 1, "phone": 1}
+
+
+@pytest.mark.parametrize("text", [
+    # dates, times, timestamps (the Chinese product reviews: "2007-10-30 21:58:23" read as an IPv6 address)
+    "2007-10-30 21:58:23", "评论时间：2007-10-30 21:58:23 好评", "2007-10-30T21:58:23Z",
+    "2007-10-30T21:58:23.123+08:00",
+    "2007/10/30", "30.10.2007", "2007.10.30", "10/30/2007 9:05 PM", "2007年10月30日 21:58:23", "21:58:23", "12:30",
+    "at 10:30:45.123 sharp", "a 3:2 ratio", "score 1:0:2", "12:30:45:67",
+    "call me on 2007-10-30 21:58:23", "phone 21:58:23", "tel 2007.10.30", "mobile 30.10.2007", "电话 2007年10月30日",
+    "手机 2023-10-30 12:30:45", "下单时间：2023/10/30 12:30 联系客服",
+    # versions
+    "v2.13.0", "version 1.2.3.4", "v10.0.0.1", "release 1.2.3.4.5 out", "1.2.3.4.5", "版本号：2.1.0.3",
+    "Chrome 120.0.6099.109", "バージョン 1.2.3.4", "версия 10.0.0.1",
+    # order numbers, Luhn-valid and starting like a card too
+    "订单号 2023103012345678", "订单号：2023103012345675", "order #A12345678", "Order No. 1234567890",
+    "order number 4111111111111111", "Order No. 4111 1111 1111 1111", "tracking number: 5123456789012346",
+    "Order No. 555-123-4567", "注文番号：2023103012345675", "注文番号 4111111111111111 の商品",
+    "номер заказа 2023103012345675", "заказ № 4111111111111111", "رقم الطلب 2023103012345675 شكرا",
+    "تاريخ الطلب 2007-10-30 21:58:23", "تاريخ الطلب ٢٠٠٧-١٠-٣٠ ٢١:٥٨:٢٣ اتصل بي",
+    # prices, amounts
+    "price ¥1,299.00 total 12345678.90", "总价 ￥12,345,678.00 元", "12 345 678 €", "1.299,00 € incl. VAT",
+    "$1,234,567.89", "USD 1234567", "3999元", "итого 12 345 678 руб.",
+    # colons that are no IPv6
+    "mac 00:1a:2b:3c:4d:5e", "a:b:c", "dead:beef:cafe", "x[::2] and a[1::2]", "A::B and std::vector",
+])
+def test_dates_times_versions_orders_amounts_are_no_pii(text):
+    r = PiiRedactor()
+    out = r.redact(text)
+    assert out == text and not r.counts, (out, r.counts)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("v6 2001:db8::1 down", "v6 <IP> down"),
+    ("link-local fe80::1ff:fe23:4567:890a.", "link-local <IP>."),
+    ("loopback ::1 only", "loopback <IP> only"),
+    ("[2001:db8::1]:8080", "[<IP>]:8080"),
+    ("mapped ::ffff:192.168.1.1", "mapped <IP>"),
+    ("full 2001:0db8:85a3:0000:0000:8a2e:0370:7334", "full <IP>"),
+    ("server is 10.0.0.1.", "server is <IP>."),
+    ("hosts ...10.0.0.1, 192.168.1.20:8080", "hosts ...<IP>, <IP>:8080"),
+    ("时间2007-10-30 21:58:23 服务器10.0.0.1", "时间2007-10-30 21:58:23 服务器<IP>"),
+    ("2007-10-30 21:58:23 call me at 5551234567", "2007-10-30 21:58:23 call me at <PHONE>"),
+    ("电话：13812345678，时间2007-10-30 21:58:23", "电话：<PHONE>，时间2007-10-30 21:58:23"),
+    ("call 020 7946 0958 on 2024-01-05 at 10:30", "call <PHONE> on 2024-01-05 at 10:30"),
+    ("+86 138-1234-5678 于 2023-01-01 10:00", "<PHONE> 于 2023-01-01 10:00"),
+    ("For my order I paid with 4111 1111 1111 1111", "For my order I paid with <CREDIT_CARD>"),
+    ("card number 4111111111111111", "card number <CREDIT_CARD>"),
+    ("price $12, call 555 123 4567", "price $12, call <PHONE>"),
+])
+def test_real_ips_phones_and_cards_next_to_dates_are_still_redacted(text, expected):
+    r = PiiRedactor()
+    assert r.redact(text) == expected

@@ -11,6 +11,7 @@ import csv
 import json
 import random
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tunelab.config import PrepareOptions
-from tunelab.data.pii import TYPES, luhn_ok
+from tunelab.data.pii import TYPES, PiiRedactor, luhn_ok
 from tunelab.data.prepare import prepare
 
 MAX_CHARS = 1000  # clean.max_chars: rows longer than this are rejected as too_long
@@ -312,3 +313,40 @@ def test_no_planted_pii_in_any_output_file(name, ps, tmp_path_factory):
     assert not leaks, leaks
     counts = meta["report"]["pii"]
     assert set(counts) == set(TYPES) and min(counts.values()) > 0, counts
+
+
+# ---- the converse: what only looks like PII is never changed ------------------------------------------------
+
+@st.composite
+def not_pii(draw) -> str:
+    """A date, time, timestamp, version, amount or labelled order number (Luhn-valid and starting like a card
+    too) in one of several layouts, after a context word that may be a phone word."""
+    t = draw(st.datetimes(min_value=datetime(1900, 1, 1), max_value=datetime(2099, 12, 31)))
+    pad = draw(st.booleans())
+    m, d = (f"{t.month:02d}", f"{t.day:02d}") if pad else (str(t.month), str(t.day))
+    f = dict(Y=f"{t.year:04d}", y=f"{t.year % 100:02d}", m=m, d=d, H=f"{t.hour:02d}", h=str(t.hour % 12 or 12),
+             M=f"{t.minute:02d}", S=f"{t.second:02d}", f=f"{t.microsecond:06d}"[:draw(st.integers(1, 6))])
+    stamps = ["{Y}-{m}-{d} {H}:{M}:{S}", "{Y}-{m}-{d}T{H}:{M}:{S}Z", "{Y}-{m}-{d}T{H}:{M}:{S}.{f}+08:00",
+              "{Y}/{m}/{d} {H}:{M}", "{d}.{m}.{Y}", "{m}/{d}/{Y}", "{Y}.{m}.{d}", "{Y}年{m}月{d}日 {H}:{M}:{S}",
+              "{H}:{M}:{S}", "{H}:{M}", "{d}.{m}.{y}", "{m}/{d}/{y} {h}:{M} PM", "{Y}-{m}-{d}", "{d}-{m}-{Y}"]
+    n = draw(st.lists(st.integers(0, 300), min_size=5, max_size=5))
+    body = draw(st.sampled_from("245")) + "".join(str(x) for x in draw(st.lists(st.integers(0, 9), min_size=14,
+                                                                              max_size=14)))
+    order = next(body + str(x) for x in range(10) if luhn_ok(body + str(x)))
+    spaced = " ".join(order[i:i + 4] for i in range(0, 16, 4))
+    others = [f"v{n[0]}.{n[1]}.{n[2]}", f"version {n[0]}.{n[1]}.{n[2]}.{n[3]}", ".".join(map(str, n)),
+              f"版本号：{n[0]}.{n[1]}.{n[2]}.{n[3]}", f"v{n[0]}.{n[1]}.{n[2]}.{n[3]}",
+              f"订单号：{order}", f"Order No. {spaced}", f"order #{order}", f"注文番号 {order}",
+              f"номер заказа {order}", f"رقم الطلب {order}", f"tracking number {spaced}",
+              f"¥{n[0]},{n[1]:03d},{n[2]:03d}.{n[3] % 100:02d}", f"{n[0]} {n[1]:03d} {n[2]:03d} €"]
+    thing = draw(st.sampled_from(stamps + others)).format(**f)
+    before = draw(st.sampled_from(["", "call me on ", "电话 ", "下单时间：", "注文日 ", "дата заказа ", "تاريخ ",
+                                   "phone number ", "tel. "]))
+    return before + thing + draw(st.sampled_from(["", " 好评", ". Thanks", "，谢谢"]))
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, database=None)
+@given(text=not_pii())
+def test_dates_versions_amounts_and_order_numbers_are_never_redacted(text):
+    r = PiiRedactor()
+    assert r.redact(text) == text and not r.counts, (r.redact(text), r.counts)

@@ -21,7 +21,11 @@ class Section(BaseModel):
 class CleanConfig(Section):
     """Text and label cleaning steps of `data prepare`; each can be switched off, each is counted."""
 
-    fix_text: bool = Field(True, description="repair mojibake with ftfy (non-ASCII texts only)")
+    fix_text: bool = Field(True, description="repair mojibake with ftfy (non-ASCII texts only); keeps full-width "
+                           "characters and curly quotes")
+    fold_width: bool = Field(False, description="full-width ASCII letters, digits and punctuation to ASCII "
+                             "(ＡＢＣ１２３！ -> ABC123!; ftfy fix_character_width), counted as width_folded; off: "
+                             "full-width punctuation is normal in Chinese and Japanese text")
     unicode_form: Literal["NFC", "NFKC"] | None = "NFC"
     strip_invisible: bool = Field(True, description="remove control and zero-width characters")
     collapse_whitespace: bool = True
