@@ -20,6 +20,9 @@ from collections import Counter
 SPACELESS = {"Han", "Kana", "Hangul", "Thai", "Lao", "Khmer", "Myanmar"}  # a character is about a word piece
 SCRIPT_NAMES = {"CJK": "Han", "HIRAGANA": "Kana", "KATAKANA": "Kana", "HANGUL": "Hangul", "FULLWIDTH": "Latin",
                 "LATIN": "Latin"}
+LANGUAGES = {"Han": "Chinese or Japanese", "Kana": "Japanese", "Hangul": "Korean", "Cyrillic": "Russian or another "
+             "Cyrillic-script language", "Arabic": "Arabic-script", "Thai": "Thai", "Greek": "Greek",
+             "Hebrew": "Hebrew", "Devanagari": "Hindi or another Devanagari-script language"}
 MAX_UNK_RATE = 0.02
 MAX_TOKENS_PER_CHAR = {"spaceless": 1.3, "alphabetic": 0.5}
 MIN_COVERAGE = 0.8
@@ -78,7 +81,8 @@ def advice(fit: dict, base: str) -> str | None:
     if not fit.get("warnings"):
         return None
     script = fit["script"] or "this"
+    language = LANGUAGES.get(script, f"{script}-script")
     return (f"{base} looks like a poor fit for this data ({fit['script_share']:.0%} {script} script, measured on "
             f"{fit['rows']:,} rows): " + "; ".join(fit["warnings"]) + f". A base whose tokenizer was trained on "
-            f"{script} text will learn far more from it: set model.base to a model dir that fits (a Hugging Face "
+            f"{language} text will learn far more from it: set model.base to a model dir that fits (a Hugging Face "
             "folder with config.json, tokenizer and safetensors weights).")
