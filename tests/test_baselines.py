@@ -1,4 +1,8 @@
+import random
+import re
+
 import numpy as np
+import pytest
 
 from tunelab.config import EvalConfig
 from tunelab.evaluate import baselines as bl
@@ -8,12 +12,126 @@ from tunelab.models import load_tokenizer
 from conftest import make_rows
 
 LABELS = ["negative", "neutral", "positive"]
+# Chinese-like rows without spaces: the label is decided by characters, not by any whitespace-separated word.
+ZH_POS, ZH_NEG = "好棒赞爱美", "差烂坏慢贵"
+ZH_FILLER = "这个产品质量服务快递包装颜色尺寸手机衣服鞋子书本商家客服价格物流东西感觉今天收到一次还是"
 
 
-def test_tfidf_learns_the_label_words():
+def zh_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = LABELS[i % 3]
+        chars = rng.sample(ZH_FILLER, rng.randint(8, 14))
+        pool = {"positive": ZH_POS, "negative": ZH_NEG}.get(label)
+        for c in rng.sample(pool, 2) if pool else []:
+            chars.insert(rng.randrange(len(chars) + 1), c)
+        rows.append({"text": "".join(chars) + "。", "label": label})
+    return rows
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Counts logistic-regression fits (the grid's and the final one's)."""
+    calls, real = [], bl._fit_clf
+    monkeypatch.setattr(bl, "_fit_clf", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    return calls
+
+
+def test_tfidf_learns_the_label_words(tmp_cache):
     rows = make_rows(300)
     out = bl.tfidf_logreg(rows[:240], rows[240:], LABELS)
     assert out["macro_f1"] > 0.9 and out["train_examples"] == 240 and out["n"] == 60
+    # no validation rows: tuned on a seeded 10% hold-out of train, then refit on all of train
+    assert "hold-out" in out["tuned_on"] and out["validation_examples"] == 24
+    assert out["name"] == f"TF-IDF {out['features']} + LR" and len(out["grid"]) == 9
+
+
+def test_tfidf_reads_text_without_spaces_by_characters(tmp_cache):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    train, val, test = zh_rows(150, 0), zh_rows(51, 1), zh_rows(51, 2)
+    out = bl.tfidf_logreg(train, test, LABELS, validation_rows=val)
+    assert out["features"] in ("char", "word+char") and out["feature_spec"].endswith("char 1-3-grams")
+    assert out["macro_f1"] > 0.9 and out["validation_macro_f1"] > 0.9
+    # the old word-only recipe sees one "word" per text here: near chance (1/3), as the grid's word rows show
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    clf = LogisticRegression(max_iter=2000, C=4.0).fit(vec.fit_transform([r["text"] for r in train]),
+                                                      [r["label"] for r in train])
+    word_f1 = f1_score([r["label"] for r in test], clf.predict(vec.transform([r["text"] for r in test])),
+                       average="macro")
+    assert word_f1 < 0.5, word_f1
+    assert max(g["validation_macro_f1"] for g in out["grid"] if g["features"] == "word") < 0.5
+
+
+def test_tfidf_is_tuned_on_validation_never_on_test(tmp_cache):
+    from sklearn.metrics import f1_score
+
+    rows = make_rows(360)
+    train, val, test = rows[:240], rows[240:300], rows[300:]
+    out = bl.tfidf_logreg(train, test, LABELS, validation_rows=val, cache=False)
+    scores = [g["validation_macro_f1"] for g in out["grid"]]
+    best = out["grid"][int(np.argmax(scores))]  # the first best, in grid order
+    assert (out["features"], out["C"], out["validation_macro_f1"]) == (best["features"], best["C"], max(scores))
+    assert {(g["features"], g["C"]) for g in out["grid"]} == {(f, c) for f in bl.FEATURE_SETS for c in bl.C_GRID}
+    assert out["tuned_on"] == "validation" and out["validation_examples"] == 60
+    assert out["tuned_on_evaluated_rows"] is False
+    # the reported validation score is the chosen config fit on train, scored on the validation rows
+    y = np.array([LABELS.index(r["label"]) for r in train])
+    model = bl._fit(train, y, out["features"], out["C"], True, 0)
+    pred = model.probs([r["text"] for r in val], 3).argmax(1)
+    assert round(f1_score([LABELS.index(r["label"]) for r in val], pred, average="macro"), 6) == best[
+        "validation_macro_f1"]
+    # other test rows (even mislabelled ones) change the test score, never the choice
+    flipped = [{"text": r["text"], "label": LABELS[(LABELS.index(r["label"]) + 1) % 3]} for r in test]
+    other = bl.tfidf_logreg(train, flipped, LABELS, validation_rows=val, cache=False)
+    assert (other["features"], other["C"], other["grid"]) == (out["features"], out["C"], out["grid"])
+    assert other["macro_f1"] < 0.2 < 0.9 < out["macro_f1"]
+    # scored on its own validation rows, the report says so
+    assert bl.tfidf_logreg(train, val, LABELS, validation_rows=val, cache=False)["tuned_on_evaluated_rows"] is True
+
+
+def test_tfidf_choice_is_cached_by_the_data(tmp_cache, fits):
+    rows = make_rows(300)
+    train, val, test = rows[:240], rows[240:270], rows[270:]
+    first = bl.tfidf_logreg(train, test, LABELS, validation_rows=val)
+    assert len(fits) == 9 and first["cache_hit"] is False  # the grid; its best model is the final one
+    entries = list((tmp_cache / "baselines").glob("tfidf-*"))
+    assert len(entries) == 1 and (entries[0] / "choice.json").is_file()
+    fits.clear()
+    second = bl.tfidf_logreg(train, test[:20], LABELS, validation_rows=val)  # other test rows: same choice
+    assert fits == [first["C"]] and second["cache_hit"] is True  # one refit of the cached choice, no grid
+    third = bl.tfidf_logreg(train, test, LABELS, validation_rows=val)
+    assert third["cache_hit"] is True
+    # the refit is the very model the grid chose: the same scores whether the cache was warm or cold
+    for key in ("macro_f1", "accuracy", "confusion_matrix", "ece", "features", "C", "grid"):
+        assert third[key] == first[key], key
+    fits.clear()
+    changed = bl.tfidf_logreg(train[1:], test, LABELS, validation_rows=val)  # other train rows: a miss
+    assert len(fits) == 9 and changed["cache_hit"] is False
+    fits.clear()
+    bl.tfidf_logreg(train, test, LABELS, validation_rows=val, seed=1)  # another seed: a miss
+    assert len(fits) == 9 and len(list((tmp_cache / "baselines").glob("tfidf-*"))) == 3
+
+
+def test_tfidf_rebuilds_a_damaged_cache_entry(tmp_cache, fits):
+    rows = make_rows(300)
+    train, val, test = rows[:240], rows[240:270], rows[270:]
+    first = bl.tfidf_logreg(train, test, LABELS, validation_rows=val)
+    (entry,) = (tmp_cache / "baselines").glob("tfidf-*")
+    (entry / "choice.json").write_text('{"version": "tfidf-2", "features": "wo')
+    fits.clear()
+    again = bl.tfidf_logreg(train, test, LABELS, validation_rows=val)
+    assert len(fits) == 9 and again["cache_hit"] is False and again["macro_f1"] == first["macro_f1"]
+    assert bl._read_choice(entry)["features"] == first["features"]
 
 
 def test_label_tokens_cover_spellings():
@@ -67,7 +185,8 @@ def test_report_keys_and_table(tmp_path, small_dataset, capsys):
     assert (tmp_path / "r.json").is_file() and (tmp_path / "r.confusion.png").is_file()
     print_report(report)
     printed = capsys.readouterr().out
-    assert "TF-IDF + LR" in printed and "fine-tuned tiny-bert" in printed and "10 of 30" in printed
+    assert "TF-IDF" in printed and "fine-tuned tiny-bert" in printed and "10 of 30" in printed
+    assert re.search(rf"beats? {re.escape(report['baselines']['tfidf_logreg']['name'])} by", printed)
 
 
 def test_eval_reads_the_run_configs_eval_section_and_flags_win(tmp_path, small_dataset):
