@@ -415,7 +415,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
                 if not dd.enabled:  # from here a signal stops at once (the checkpoint holds the run); under
                     stop_req.raise_from_now()  # torchrun every rank must reach the collectives: a flag there
                 result = _finish(cfg, out, dd, model, tokenizer, base, task, task_name, meta, data_dir, train_rows,
-                                 state, best_weights, last_eval, run_eval, precision)
+                                 state, best_weights, last_eval, run_eval, precision, fit)
             except StopRequested:
                 interrupted = True
     progress.close()
@@ -449,7 +449,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
 
 def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_name: str, meta: dict, data_dir: Path,
             train_rows: list[dict], state: LoopState, best_weights, last_eval: dict | None, run_eval,
-            precision: str) -> dict:
+            precision: str, fit: dict) -> dict:
     """The best weights, their validation metrics, and the model dir (replaced by a swap, never half-written)."""
     if best_weights is not None:
         load_trainable_state(model, best_weights)
@@ -462,7 +462,7 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_na
         "data": {"dir": str(data_dir), "path": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
                  "train_examples": len(train_rows)},
         "metrics": {"validation": {k: v for k, v in best_eval.items() if isinstance(v, (int, float))}},
-        "base_fit": base_fit.measure(tokenizer, [row_text(r) for r in train_rows]),
+        "base_fit": fit,  # measured once, before training (`base_fit.measure`)
         "eval": cfg.eval.model_dump(mode="json"),
         "best_step": state.best_step, "steps": state.step, "seed": cfg.train.seed, "precision": precision,
         "versions": library_versions(),
