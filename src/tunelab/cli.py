@@ -14,20 +14,36 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from typer._click import ClickException
+from typer._click import ClickException, Command, exceptions as click_exceptions
+from typer.core import TyperOption
 
+from tunelab import __version__
 from tunelab.config import DedupConfig, EvalConfig, PrepareOptions, ServeConfig
 from tunelab.errors import UserError
+from tunelab.terminal import make_console, plain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="tunelab: prepare data, fine-tune, evaluate against baselines, predict.")
-data_app = typer.Typer(no_args_is_help=True, help="Data stage.")
+                  rich_markup_mode=None,
+                  help="tunelab: prepare data, fine-tune, evaluate against baselines, predict, generate and serve.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                       help="data prepare: read, clean, redact, de-duplicate and split a file into a dataset dir · "
+                       "data overlap: rows of one file or split found in another")
 app.add_typer(data_app, name="data")
-# Pipes and log files get a fixed, wide layout instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+console = make_console()
+err_console = make_console(stderr=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"tunelab {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="print the version and exit")):
+    """tunelab: prepare data, fine-tune, evaluate against baselines, predict, generate and serve."""
 
 
 def _opt(cls, field: str, *decls: str, note: str = "", **kw):
@@ -47,7 +63,10 @@ OVERWRITE = typer.Option(False, "--overwrite", help="replace what an earlier run
 
 @data_app.command("prepare")
 def data_prepare(
-    source: str = typer.Argument(..., help="builtin:tweets-sentiment or a CSV/TSV/JSONL/JSON/Parquet file"),
+    source: str = typer.Argument(..., help="builtin:tweets-sentiment, builtin:chatterbot[/LANGUAGE], a file "
+                                 "(.csv .tsv .jsonl .ndjson .json .parquet; .txt paragraphs; .yml/.yaml dialogues; "
+                                 ".conll .bio .iob for NER) or a folder (of .txt files, of .yml dialogues, or a saved "
+                                 "`datasets` dataset)"),
     out: Path = typer.Option(..., "--out", help="dataset dir to write"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with any prepare options (clean, pii, "
                                           "dedup, ...); flags given here win"),
@@ -69,11 +88,12 @@ def data_prepare(
     overwrite: bool = OVERWRITE,
 ):
     """Read, clean, redact, de-duplicate and split a labelled text file into a dataset dir."""
-    from tunelab.config import apply_overrides, read_yaml_mapping, section
+    from tunelab.config import PREPARE_PATH_KEYS, apply_overrides, read_yaml_mapping, resolve_paths, section
     from tunelab.data.prepare import prepare
     from tunelab.data.summary import print_dataset_summary
 
-    raw = read_yaml_mapping(config, "prepare options") if config else {}
+    raw = resolve_paths(read_yaml_mapping(config, "prepare options"), config.resolve().parent,
+                        PREPARE_PATH_KEYS) if config else {}
     flags = {"task": task, "text_column": text_column, "label_column": label_column, "seed": seed,
              "val_ratio": val_ratio, "test_ratio": test_ratio, "max_rows": max_rows, "split_column": split_column,
              "strict": strict, "max_drop_rate": max_drop_rate, "dedup.threshold": near_threshold,
@@ -102,11 +122,11 @@ def data_overlap(
     if out:
         check_file_target(out, "overlap", overwrite)
     rep = overlap(load_texts(a, text_column), load_texts(b, text_column), threshold)
-    console.print(f"{rep['rows_b']:,} rows of {b} against {rep['rows_a']:,} rows of {a}: "
+    console.print(f"{rep['rows_b']:,} rows of {plain(b)} against {rep['rows_a']:,} rows of {plain(a)}: "
                   f"[bold]{rep['exact']:,} exact[/] and [bold]{rep['near']:,} near[/] duplicates "
                   f"({rep['contaminated_share']:.2%} contaminated, Jaccard >= {threshold})")
     for ex in rep["near_examples"][:5]:
-        console.print(f"  near: {ex['b']!r}\n     ~ {ex['a']!r}", highlight=False)
+        console.print(f"  near: {plain(repr(ex['b']))}\n     ~ {plain(repr(ex['a']))}", highlight=False)
     if out:
         write_file(out, json.dumps({"kind": "overlap", "a": a, "b": b, **rep}, indent=2, ensure_ascii=False),
                    "overlap", checked=True)
@@ -114,10 +134,13 @@ def data_overlap(
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML config (see examples/)"),
-    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. train.lr=3e-5"),
+    config: Optional[str] = typer.Argument(None, help="YAML config (see examples/); relative paths in it are "
+                                           "relative to the file; with --resume the run's saved config.yaml"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. train.lr=3e-5 (paths "
+                                                    "relative to the current folder)"),
     out: Optional[Path] = typer.Option(None, "--out", help="run dir (default: runs/<config name>)"),
-    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest checkpoint in --out) or a path"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="'auto' (newest checkpoint in --out) or a "
+                                         "checkpoint path; without CONFIG the run's saved config is used"),
     force: bool = typer.Option(False, "--force", help="resume even if the config or data changed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run in --out"),
 ):
@@ -125,9 +148,19 @@ def train(
     from tunelab.config import load_config
     from tunelab.train.loop import train as run_train
 
-    cfg = load_config(config, overrides or [])
-    out = out or Path("runs") / (cfg.name or config.stem)
-    summary = run_train(cfg, out, resume=resume, force=force, overwrite=overwrite,
+    args = [a for a in [config, *(overrides or [])] if a is not None]
+    path = None
+    if args and not ("=" in args[0] and not Path(args[0]).is_file()):
+        path = Path(args.pop(0))
+    if path is None:
+        if not resume or out is None:
+            raise UserError("give a CONFIG file (see examples/), or continue a run with --out RUN_DIR --resume auto")
+        path = out / "config.yaml"
+        if not path.is_file():
+            raise UserError(f"--resume: {out} is not a tunelab run dir (no config.yaml); give the CONFIG too")
+    cfg = load_config(path, args)
+    out = out or Path("runs") / (cfg.name or path.stem)
+    summary = run_train(cfg, out, resume=resume, force=force, overwrite=overwrite, console=err_console,
                         show_progress=sys.stderr.isatty())
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports for the job
         console.print_json(json.dumps(summary))
@@ -170,31 +203,39 @@ def eval_cmd(
     print_report(report, console)
     if out:
         png = report.get("confusion_matrix_png")
-        console.print(f"report: {out}" + (f" · confusion matrix: {png}" if png else ""))
+        console.print(f"report: {plain(out)}" + (f" · confusion matrix: {plain(png)}" if png else ""))
 
 
 @app.command()
 def predict(
     model_dir: Path = typer.Argument(..., help="a classification or NER model dir written by `tunelab train`"),
-    texts: Optional[list[str]] = typer.Argument(None, help="texts to classify, or to find entities in"),
-    input: Optional[Path] = typer.Option(None, "--input", help="JSONL/CSV/TSV/Parquet file of texts"),
-    out: Optional[Path] = typer.Option(None, "--out", help="predictions JSONL (with --input)"),
+    texts: Optional[list[str]] = typer.Argument(None, help="texts to classify, or to find entities in; - reads "
+                                                "standard input (JSON lines, or one text per line)"),
+    input: Optional[str] = typer.Option(None, "--input", help="JSONL/CSV/TSV/JSON/Parquet file of texts; - for "
+                                        "standard input"),
+    out: Optional[Path] = typer.Option(None, "--out", help="predictions JSONL to write (default: standard "
+                                       "output)"),
     overwrite: bool = OVERWRITE,
     text_column: str = typer.Option("text", "--text-column"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    as_json: bool = typer.Option(False, "--json", help="one JSON object per text instead of a table"),
+    as_json: bool = typer.Option(False, "--json", help="texts given as arguments: JSON lines (as in a "
+                                 "predictions file) instead of a table"),
 ):
     """Labels and per-class probabilities (classifier), or entities with character offsets (NER), for texts or
-    a file."""
+    a file. Every output has one schema: the row's fields plus `prediction` and `probs`, or `entities`."""
     from tunelab.predict import predict_file, predict_texts
 
+    if texts == ["-"] and input is None:
+        texts, input = None, "-"
     if bool(texts) == bool(input):
-        raise UserError("give either texts as arguments or --input FILE (with --out)")
+        raise UserError("give either texts as arguments or --input FILE (- for standard input)")
+    if out is not None and not input:
+        raise UserError("--out writes the predictions of --input FILE; texts given as arguments print (--json "
+                        "for JSON lines)")
     if input:
-        if out is None:
-            raise UserError("--input needs --out FILE for the predictions")
         res = predict_file(model_dir, input, out, text_column, batch_size, overwrite=overwrite)
-        console.print(f"wrote {res['predicted']} predictions to {res['out']}")
+        if out is not None:
+            err_console.print(f"wrote {res['predicted']} predictions to {plain(res['out'])}")
         if res["skipped"]:
             err_console.print(f"skipped {len(res['skipped'])} rows without text: " + ", ".join(
                 f"line {s['line']} ({s['reason']})" for s in res["skipped"][:10]))
@@ -212,17 +253,18 @@ def predict(
                              justify="right" if name in ("span", "score") else "left")
         for r in results:
             if not r["entities"]:
-                table.add_row(r["text"], "", "(no entities)", "", "", end_section=True)
+                table.add_row(plain(r["text"]), "", "(no entities)", "", "", end_section=True)
             for i, e in enumerate(r["entities"]):
-                table.add_row(r["text"] if i == 0 else "", e["type"], e["text"], f"{e['start']}–{e['end']}",
+                table.add_row(plain(r["text"]) if i == 0 else "", plain(e["type"]), plain(e["text"]),
+                              f"{e['start']}–{e['end']}",
                               f"{e['score']:.3f}", end_section=i == len(r["entities"]) - 1)
         console.print(table)
         return
-    table.add_column("label", style="bold")
+    table.add_column("prediction", style="bold")
     for label in results[0]["probs"]:
-        table.add_column(f"p({label})", justify="right")
+        table.add_column(f"p({plain(label)})", justify="right")
     for r in results:
-        table.add_row(r["text"], r["label"], *[f"{p:.3f}" for p in r["probs"].values()])
+        table.add_row(plain(r["text"]), plain(r["prediction"]), *[f"{p:.3f}" for p in r["probs"].values()])
     console.print(table)
 
 
@@ -275,7 +317,8 @@ def chat(
     max_tokens: int = MAX_TOKENS, temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
     repetition_penalty: float = REPETITION, stop: Optional[list[str]] = STOP, seed: Optional[int] = SEED,
 ):
-    """Chat in the terminal; answers stream token by token. /reset clears the history, /exit (or Ctrl-D) quits."""
+    """Chat in the terminal; answers stream token by token. Ctrl-C stops an answer; /help lists the commands
+    (/reset, /history, /exit); Ctrl-D quits."""
     from tunelab.generate import generate as run, load_generator
 
     params = _generation_options(max_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed)
@@ -284,25 +327,59 @@ def chat(
         raise UserError(f"{model} has no chat template; use `tunelab generate --raw`")
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    err_console.print(f"chatting with {model} · /reset clears the history · /exit quits")
+    err_console.print(f"chatting with {plain(model)} · Ctrl-C stops an answer · /help lists the commands · "
+                      "/exit or Ctrl-D quits", highlight=False)
     while True:
         try:
-            line = input("you> ").strip()
+            line = input("you> ")
         except EOFError:
             print()
             return
-        if line in ("/exit", "/quit"):
-            return
-        if line == "/reset":
-            messages = list(start)
+        except KeyboardInterrupt:
+            print()
+            err_console.print("(/exit or Ctrl-D quits)")
             continue
-        if not line:
+        if line.startswith("/"):  # a message that starts with a slash: type a space before it
+            command = line.split()[0].lower() if line.split() else "/"
+            if command in ("/exit", "/quit", "/bye"):
+                return
+            if command == "/reset":
+                messages = list(start)
+                err_console.print("history cleared" + (" (the system message is kept)" if start else ""))
+            elif command == "/history":
+                turns = sum(m["role"] == "user" for m in messages)
+                err_console.print(f"{turns} exchange{'s' if turns != 1 else ''} in the history")
+            elif command == "/help":
+                err_console.print(CHAT_HELP, highlight=False)
+            else:
+                err_console.print(f"unknown command {plain(command)}; /help lists the commands (to send a "
+                                  "message that starts with /, type a space before it)", highlight=False)
             continue
-        messages.append({"role": "user", "content": line})
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
         print("model> ", end="", flush=True)
-        res = run(gen, messages, params, chat=True, on_text=lambda t: print(t, end="", flush=True))
+        shown: list[str] = []
+
+        def show(piece: str) -> None:
+            shown.append(piece)
+            print(piece, end="", flush=True)
+
+        try:
+            answer = run(gen, messages, params, chat=True, on_text=show)["text"]
+        except KeyboardInterrupt:  # stop this answer, keep the chat; the history keeps what was shown
+            answer = "".join(shown)
+            print()
+            err_console.print("(answer stopped)", end="")
         print()
-        messages.append({"role": "assistant", "content": res["text"].strip()})
+        messages.append({"role": "assistant", "content": answer.strip()})
+
+
+CHAT_HELP = """/reset    clear the history (a --system message is kept)
+/history  how many exchanges the history holds
+/help     this list
+/exit     quit (also /quit, /bye, Ctrl-D)
+Ctrl-C while an answer streams stops it; the chat goes on."""
 
 
 @app.command()
@@ -358,6 +435,25 @@ def quickstart(
     run_quickstart(out, data, train_examples, epochs, console, overwrite=overwrite)
 
 
+def _uniform_defaults(cmd: Command) -> None:
+    """Every option's default written one way, "(default: X)" at the end of its help, as `_opt` writes it."""
+    for p in cmd.params:
+        if isinstance(p, TyperOption) and p.show_default:
+            if not p.is_flag and p.default is not None and p.default != ():
+                p.help = f"{p.help or ''} (default: {p.default})".lstrip()
+            p.show_default = False
+    for sub in getattr(cmd, "commands", {}).values():
+        _uniform_defaults(sub)
+
+
+def _usage_error(err: ClickException) -> str:
+    """A click usage error (unknown option, missing argument, bad value) as one line naming where help is."""
+    msg = " ".join(err.format_message().split()).rstrip(".")
+    msg = msg[:1].lower() + msg[1:]
+    ctx = getattr(err, "ctx", None)
+    return f"{msg} (see `{ctx.command_path if ctx else 'tunelab'} --help`)"
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not for users
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -365,16 +461,20 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (GGUF de-quantisation); read when tqdm loads
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    command = typer.main.get_command(app)
+    _uniform_defaults(command)
     try:
-        app(standalone_mode=False)
+        code = command.main(prog_name="tunelab", standalone_mode=False)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {plain(err)}", highlight=False)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
+    except click_exceptions.NoArgsIsHelpError as e:  # `tunelab` or `tunelab data` alone: the help, as asked
+        print(e.ctx.get_help())
+        sys.exit(0)
+    except ClickException as e:  # usage errors: unknown option, missing argument, bad value
+        err_console.print(f"[bold red]error:[/] {plain(_usage_error(e))}", highlight=False)
+        sys.exit(2)
+    except click_exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except ClickException as e:  # usage errors: bad option, missing argument
-        e.show()
-        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -308,9 +308,13 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return parts, value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], paths_from: Path | None = None) -> dict:
+    """`raw` with each `section.key=value` set; with `paths_from`, relative paths among the values are made
+    absolute against it (see `resolve_paths`)."""
     for item in overrides:
         parts, value = parse_override(item)
+        if paths_from is not None and tuple(parts) in PATH_KEYS:
+            value = _absolute(value, paths_from, PATH_KEYS[tuple(parts)])
         node = raw
         for p in parts[:-1]:
             child = node.get(p)
@@ -349,6 +353,14 @@ def validate(raw: dict) -> RunConfig:
         raise UserError(format_validation_error(err)) from None
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: where (1-based line and column) and what."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    what = "; ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (what or str(err).splitlines()[0])
+
+
 def read_yaml_mapping(path: str | Path, what: str = "sections (model, data, method, train, eval)") -> dict:
     """A YAML file holding a mapping; a missing file, bad YAML or another shape is a `UserError`."""
     path = Path(path)
@@ -356,16 +368,56 @@ def read_yaml_mapping(path: str | Path, what: str = "sections (model, data, meth
         raise UserError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"config {path} is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"config {path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"config {path} must be a mapping of {what}")
     return raw
 
 
+# Where a run config names a file or folder: True for data paths (always paths), False for model references
+# (paths only when they look like one, ./x ../x ~/x /x, or name something that exists there; else a name:
+# builtin:…, tiny-bert, a hub id).
+PATH_KEYS = {("data", "dir"): True, ("data", "prepare", "source"): True, ("eval", "general_text"): True,
+             ("model", "base"): False, ("eval", "zero_shot_model"): False,
+             ("data", "prepare", "clean", "tokenizer"): False, ("data", "prepare", "augment", "synonym_model"): False,
+             ("data", "prepare", "augment", "paraphrase_model"): False}
+# The same keys in a `data prepare --config` file, which holds the `data.prepare` section alone.
+PREPARE_PATH_KEYS = {k[2:]: v for k, v in PATH_KEYS.items() if k[:2] == ("data", "prepare") and len(k) > 3}
+
+
+def _absolute(value: object, base: Path, always: bool) -> object:
+    if not isinstance(value, str) or not value or value.startswith("builtin:"):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if always or value.startswith(("./", "../")) or value in (".", "..") or (base / p).exists():
+        return str((base / p).resolve())
+    return value
+
+
+def resolve_paths(raw: dict, base: Path, keys: dict = PATH_KEYS) -> dict:
+    """Relative paths in `raw` made absolute against `base`. Values of another type are left to validation."""
+    for path, always in keys.items():
+        node = raw
+        for k in path[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            node[path[-1]] = _absolute(node[path[-1]], base, always)
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply dotted overrides, validate. Errors name the file or key."""
-    return validate(apply_overrides(read_yaml_mapping(path), overrides or []))
+    """Read a YAML config, apply dotted overrides, validate. Errors name the file or key.
+
+    Relative paths in the file are relative to the file (a config means the same from any folder); paths given
+    as overrides are relative to the current folder, as anything typed in a shell is. Both end up absolute, so
+    the config a run saves names the same files wherever it is read."""
+    raw = resolve_paths(read_yaml_mapping(path), Path(path).resolve().parent)
+    return validate(apply_overrides(raw, overrides or [], paths_from=Path.cwd()))
 
 
 def dump_config(cfg: RunConfig) -> str:

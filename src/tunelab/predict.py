@@ -1,5 +1,9 @@
 """`tunelab predict`: apply a model dir to texts or a JSONL/CSV file, batched.
 
+One schema everywhere (table, `--json`, a predictions file or stdout): a classifier adds `prediction` and
+`probs` to each row; an NER model adds `entities`. A row's other fields are kept (a gold `label` column stays
+`label`).
+
 Classification: a label and per-class probabilities per text. Token classification (NER): the entities
 found in each raw text, as character spans (`TokenClassificationTask.text_entities`: the text is split into
 words by the same rule text + span NER data is prepared with). Only raw text is read; pre-tokenised rows
@@ -9,10 +13,12 @@ words by the same rule text + span NER data is prepared with). Only raw text is 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import TextIO
 
 from tunelab.artifacts import check_file_target, write_file
-from tunelab.data.read import read_rows
+from tunelab.data.read import Row, parse_json_line, read_rows
 from tunelab.errors import UserError
 from tunelab.models import load_model_dir
 from tunelab.tasks.classification import ClassificationTask, softmax
@@ -22,7 +28,7 @@ TASKS = ("classification", "token_classification")
 
 
 def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64) -> list[dict]:
-    """-> in input order, for a classifier [{"text", "label", "probs": {label: p}}]; for an NER model
+    """-> in input order, for a classifier [{"text", "prediction", "probs": {label: p}}]; for an NER model
     [{"text", "entities": [{"type", "text", "start", "end", "score"}]}] with `text[start:end]` the entity's text
     and `score` the mean probability of its words' tags. Another task is a `UserError`."""
     model, tok, meta = load_model_dir(model_dir, tasks=TASKS)
@@ -35,25 +41,44 @@ def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64)
     enc = task.encode([{"text": t} for t in texts], labelled=False)
     probs = softmax(task.logits(model, enc, batch_size))
     labels = meta["labels"]
-    return [{"text": t, "label": labels[int(p.argmax())], "probs": {lab: round(float(x), 6)
-                                                                   for lab, x in zip(labels, p)}}
+    return [{"text": t, "prediction": labels[int(p.argmax())], "probs": {lab: round(float(x), 6)
+                                                                        for lab, x in zip(labels, p)}}
             for t, p in zip(texts, probs)]
 
 
 def _output_row(fields: dict, res: dict) -> dict:
-    if "entities" in res:
-        return {**fields, "entities": res["entities"]}
-    return {**fields, "prediction": res["label"], "probs": res["probs"]}
+    return {**fields, **{k: v for k, v in res.items() if k != "text"}}
 
 
-def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path,
-                 text_column: str = "text", batch_size: int = 64, overwrite: bool = False) -> dict:
-    """Predict every row of a JSONL/CSV/… file; rows keep their other fields and gain `prediction` + `probs`
-    (classifier) or `entities` (NER, offsets into the row's text); returns counts. `out_path` follows the
-    output-file rule (an existing predictions file is replaced only with `overwrite`; any other file there is
-    refused)."""
-    check_file_target(Path(out_path), "predictions", overwrite)
-    columns, rows = read_rows(input_path)
+def read_stdin_rows(stream: TextIO, text_column: str) -> tuple[list[str], list[Row]]:
+    """Rows from standard input: JSON lines when the first non-empty line is a JSON object, else one text per
+    non-empty line (in `text_column`)."""
+    lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(stream, start=1) if line.strip()]
+    if not lines:
+        raise UserError("standard input is empty (no texts)")
+    try:
+        as_json = isinstance(json.loads(lines[0][1]), dict)
+    except json.JSONDecodeError:
+        as_json = False
+    if not as_json:
+        return [text_column], [Row(line=n, fields={text_column: text}) for n, text in lines]
+    rows = [parse_json_line(n, text) for n, text in lines]
+    return list(rows[0].fields), rows
+
+
+def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path | None,
+                 text_column: str = "text", batch_size: int = 64, overwrite: bool = False,
+                 stdin: TextIO | None = None, stdout: TextIO | None = None) -> dict:
+    """Predict every row of a JSONL/CSV/… file (`-`: standard input); rows keep their other fields and gain
+    `prediction` + `probs` (classifier) or `entities` (NER, offsets into the row's text); returns counts.
+    `out_path` follows the output-file rule (an existing predictions file is replaced only with `overwrite`;
+    any other file there is refused); None writes the JSON lines to standard output."""
+    if out_path is not None:
+        check_file_target(Path(out_path), "predictions", overwrite)
+    if str(input_path) == "-":
+        columns, rows = read_stdin_rows(stdin or sys.stdin, text_column)
+    else:
+        columns, rows = read_rows(input_path)
     if columns and text_column not in columns:
         hint = " (pre-tokenised rows are not read: give raw text)" if "tokens" in columns else ""
         raise UserError(f"{input_path}: no text column '{text_column}'; columns are: {', '.join(columns)} "
@@ -68,5 +93,8 @@ def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | 
     results = predict_texts(model_dir, [r[text_column] for r in keep], batch_size) if keep else []
     lines = "".join(json.dumps(_output_row(fields, res), ensure_ascii=False) + "\n"
                     for fields, res in zip(keep, results))
-    write_file(out_path, lines, "predictions", checked=True)
-    return {"predicted": len(results), "skipped": skipped, "out": str(out_path)}
+    if out_path is None:
+        (stdout or sys.stdout).write(lines)
+    else:
+        write_file(out_path, lines, "predictions", checked=True)
+    return {"predicted": len(results), "skipped": skipped, "out": None if out_path is None else str(out_path)}

@@ -232,19 +232,19 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Row]]:
     if first is None:
         stream.close()
         raise UserError(f"{path} is empty (no JSON lines)")
-    columns = _columns_of(_parse_json_line(*first))
+    columns = _columns_of(parse_json_line(*first))
 
     def rows() -> Iterator[Row]:
         with stream:
-            yield _parse_json_line(*first)
+            yield parse_json_line(*first)
             for n, text in lines:
                 if text.strip():
-                    yield _parse_json_line(n, text)
+                    yield parse_json_line(n, text)
 
     return columns, rows()
 
 
-def _parse_json_line(n: int, text: str) -> Row:
+def parse_json_line(n: int, text: str) -> Row:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:

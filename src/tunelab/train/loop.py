@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shlex
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import row_text
 from tunelab.methods import MethodContext, apply_method, head_module_names
 from tunelab.tasks import DATASET_TASKS
+from tunelab.terminal import make_console, plain
 from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import distributed
@@ -67,17 +69,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def ensure_dataset(cfg: RunConfig) -> Path:
-    """The prepared dataset dir of the run; prepared from `data.prepare` when it does not exist yet."""
+def ensure_dataset(cfg: RunConfig, console: Console | None = None) -> tuple[Path, dict | None]:
+    """The prepared dataset dir of the run, and what this call prepared: when `data.dir` does not exist yet it
+    is prepared from `data.prepare`, announced before the work starts (a mistyped `data.dir` shows here)."""
     d = Path(cfg.data.dir)
     if (d / "dataset.json").is_file():
-        return d
+        return d, None
     if cfg.data.prepare is None:
         raise UserError(f"data.dir {d} is not a prepared dataset and data.prepare is not set; "
                         f"run `tunelab data prepare SOURCE --out {d}` first")
     p = cfg.data.prepare
-    prepare(p.source, d, PrepareOptions(**p.model_dump(exclude={"source"})))
-    return d
+    if console is not None:
+        console.print(f"[bold]preparing[/] {plain(p.source)} into data.dir {plain(d)} (it holds no dataset yet; "
+                      "options from data.prepare)")
+    started = time.time()
+    meta = prepare(p.source, d, PrepareOptions(**p.model_dump(exclude={"source"})))
+    if console is not None:
+        console.print("prepared " + " / ".join(f"{n:,} {name}" for name, n in meta["splits"].items()) + " rows")
+        for warning in meta.get("warnings", []):
+            console.print(f"[bold yellow]warning:[/] {plain(warning)}")
+    return d, {"source": p.source, "dir": str(d.resolve()), "fingerprint": meta["fingerprint"],
+               "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
 
 
 METRIC_NAMES = {"macro_f1": "macro-F1", "entity_f1": "entity F1"}
@@ -209,7 +221,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
            show_progress: bool) -> dict:
     tc = cfg.train
     dd = distributed.from_env(tc.dist_timeout_s, tc.distributed)  # one process unless started by torchrun
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     if not dd.main:  # rank 0 speaks for the job
         console, show_progress = Console(file=io.StringIO()), False
     _check_run_dir(out, resume, overwrite)  # again, holding the lock
@@ -218,10 +230,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     device = f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(tc.precision, device.split(":")[0])
 
-    if dd.main:
-        ensure_dataset(cfg)
+    prepared = ensure_dataset(cfg, console)[1] if dd.main else None
     dd.barrier()
-    data_dir = ensure_dataset(cfg)
+    data_dir = ensure_dataset(cfg)[0]
     meta = load_meta(data_dir)
     task_name = resolve_task(cfg, meta, data_dir)
     train_rows = _subset(load_split(data_dir, "train"), cfg.data.max_train_examples, tc.seed, task_name)
@@ -263,7 +274,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     if dd.main:
         _open_run_dir(out, cfg, fresh=not resume, info={
             "name": cfg.name, "task": task_name, "base": cfg.model.base,
-            "data": {"dir": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"]}})
+            "data": {"dir": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
+                     **({"prepared_by_this_run": prepared} if prepared else {})}})
     tracker = Tracker(out) if dd.main else NullTracker()
     if resume:  # the record says where the run continued from, and what --force let through
         tracker.log(state.step, **run_record.get("resumed_from", {}))
@@ -428,8 +440,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
         tracker.close()
         where = " (the final save was not finished)" if state.done else ""
         console.print(f"[bold yellow]stopped[/] by {stop_req.requested} at step {state.step} of {total_steps}"
-                      f"{where}; checkpoint {checkpoint}; continue with: tunelab train CONFIG --out {out} "
-                      "--resume auto")
+                      f"{where}; checkpoint {plain(checkpoint)}; continue with: "
+                      f"{plain(resume_command(out))}")
         dd.close()
         return {"interrupted": stop_req.requested, "steps": state.step, "total_steps": total_steps,
                 "checkpoint": checkpoint, "task": task_name}
@@ -511,6 +523,11 @@ def _open_run_dir(out: Path, cfg: RunConfig, fresh: bool, info: dict) -> None:
     if not (out / META_FILE).is_file():  # a run dir from before run dirs carried one
         ckpt.write_durably(out / META_FILE, json.dumps(record, indent=2, ensure_ascii=False))
     ckpt.write_durably(out / "config.yaml", dump_config(cfg))
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the run in `out` from its saved config, from any folder."""
+    return f"tunelab train --out {shlex.quote(str(Path(out).resolve()))} --resume auto"
 
 
 def _last_checkpoint(out: Path) -> str:
