@@ -480,7 +480,7 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
         "source": {"path": str(source) if is_builtin(source) else str(path.resolve()),
                    "text_column": text_col, "label_column": label_col},
         "options": opts.model_dump(mode="json"),
-        "report": report, "tunelab_version": __version__,
+        "report": report, "warnings": dataset_warnings(opts, labels, splits), "tunelab_version": __version__,
     }
     with write_folder(out, "dataset", overwrite) as tmp:
         for name in SPLITS:
@@ -490,6 +490,49 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
         (tmp / "conflicts.json").write_text(json.dumps(conflicts, ensure_ascii=False, indent=1))
         (tmp / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
     return meta
+
+
+MIN_ROWS = 100  # fewer rows in all: scores move by whole points with one row, and a fine-tuned model rarely learns
+MIN_LABEL_TRAIN_ROWS = 2  # fewer train rows of a label: the model cannot learn it, and a baseline can't either
+
+
+def dataset_warnings(opts: PrepareOptions, labels: list[str], splits: dict[str, list[dict]]) -> list[str]:
+    """What makes the dataset unable to support its task (one sentence each, with what to do), or []:
+    a single label (classification) or no entity tags (ner), a label with fewer than MIN_LABEL_TRAIN_ROWS
+    train rows, an empty split, fewer than MIN_ROWS rows in all. Written into `dataset.json` as `warnings`."""
+    out = []
+    if opts.task == "classification" and len(labels) == 1:
+        out.append(f"only one label ('{labels[0]}'): a classifier needs at least two, and `tunelab train` refuses "
+                   f"this dataset; check the label column ('{opts.label_column or 'label'}' unless set with "
+                   "--label-column) or add rows of the other labels")
+    elif opts.task == "classification":
+        counts = Counter(r["label"] for r in splits["train"])
+        rare = [label for label in labels if counts[label] < MIN_LABEL_TRAIN_ROWS]
+        if rare:
+            out.append(f"too few train rows (fewer than {MIN_LABEL_TRAIN_ROWS}) for {len(rare)} label(s): "
+                       + ", ".join(f"'{label}' ({counts[label]})" for label in rare[:5])
+                       + (", ..." if len(rare) > 5 else "")
+                       + ": a model cannot learn a label from that; add rows of it, or drop it")
+    if opts.task == "ner" and labels == ["O"]:
+        out.append("no entity tags (every token is O): a token classifier has nothing to learn")
+    total = sum(len(rows) for rows in splits.values())
+    needs = {"train": "`tunelab train` has nothing to train on",
+             "validation": "`tunelab train` needs validation rows to choose its best step",
+             "test": "`tunelab eval` has nothing to score (it would need --split validation, which chose the model)"}
+    for name, flag in (("train", None), ("validation", "--val-ratio"), ("test", "--test-ratio")):
+        if splits[name]:
+            continue
+        if opts.split_column:
+            why, fix = f"no row has split '{name}' in column '{opts.split_column}'", "label some rows as " + name
+        elif flag and getattr(opts, flag[2:].replace("-", "_")) == 0:
+            why, fix = f"{flag} 0", f"raise {flag} (e.g. 0.1)"
+        else:
+            why, fix = f"{total:,} rows are too few to cut it", "add rows"
+        out.append(f"the {name} split is empty ({why}): {needs[name]}; {fix}")
+    if total < MIN_ROWS:
+        out.append(f"only {total:,} rows in all: too few to fine-tune or to compare with a baseline (a score moves "
+                   "by whole points with one row); a few hundred rows per label is a usual minimum")
+    return out
 
 
 OUTPUT_FIELDS = {"classification": ["text", "label"], "text": ["text"], "sft": ["messages"],

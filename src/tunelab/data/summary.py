@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -35,6 +36,7 @@ def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None
     if not meta["class_balance"]:
         console.print("splits: " + " · ".join(f"{k} {v:,}" for k, v in meta["splits"].items()), highlight=False)
         console.print(f"rejected rows with line numbers and reasons: {Path(out) / 'rejected.jsonl'}")
+        print_warnings(meta.get("warnings", []), console)
         return
     bal = Table(title="class balance")
     bal.add_column("split")
@@ -45,3 +47,11 @@ def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None
         bal.add_row(split, *[f"{counts.get(label, 0):,}" for label in meta["labels"]], f"{meta['splits'][split]:,}")
     console.print(bal)
     console.print(f"rejected rows with line numbers and reasons: {Path(out) / 'rejected.jsonl'}")
+    print_warnings(meta.get("warnings", []), console)
+
+
+def print_warnings(warnings: list[str], console: Console) -> None:
+    """One `warning: ...` line each, never wrapped (a line a user can grep for); brackets in label names print
+    as written."""
+    for warning in warnings:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)

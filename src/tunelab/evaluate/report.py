@@ -2,9 +2,13 @@
 
 Every report has `task`, `model` and `data`. Classification: top-level `accuracy`, `macro_f1`,
 `macro_recall`, `per_class`, `confusion_matrix`, `ece` and `baselines` (name -> the same metrics), with a
-confusion-matrix PNG beside the JSON. Token classification: `entity_f1`, `entity_precision`,
-`entity_recall`, `token_accuracy`, `per_type` and the word-lookup baseline. causal_lm / sft: `before`
-(the base) and `after` perplexity, sft generation scores, and `forgetting` (see evaluate/language.py).
+confusion-matrix PNG beside the JSON, and `train_rows` (how many rows the model and each baseline trained on):
+a model trained on a seeded subset of the train split (`data.max_train_examples`) is also compared with
+TF-IDF + LR trained on that same subset (`tfidf_logreg_same_rows`). Token classification: `entity_f1`,
+`entity_precision`, `entity_recall`, `token_accuracy`, `per_type` and the word-lookup baseline. causal_lm / sft:
+`before` (the base) and `after` perplexity, sft generation scores, and `forgetting` (see evaluate/language.py).
+Every report has `warnings`: when baselines (or the base model) score better than the fine-tuned model, a
+sentence naming each with both scores and what to try; `print_report` prints them as `warning:` lines.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from rich.table import Table
 from tunelab.artifacts import check_file_target, write_file
 from tunelab.config import EvalConfig, section
 from tunelab.data.prepare import load_meta, load_split
+from tunelab.data.summary import print_warnings
 from tunelab.errors import UserError
 from tunelab.evaluate import baselines as bl
 from tunelab.evaluate.metrics import classification_metrics
@@ -30,6 +35,7 @@ from tunelab.models import load_model_dir
 from tunelab.tasks import DATASET_TASKS
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.tasks.token_classification import TokenClassificationTask
+from tunelab.train.loop import _subset
 
 BASELINES = ("tfidf", "zero_shot")
 
@@ -84,7 +90,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
                      "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]},
             "leakage": leak, "base_fit": fit, "eval": eval_cfg.model_dump(mode="json")}
     if meta["task"] == "classification":
-        report = _classification(model, tok, meta, rows, data_dir, eval_cfg, seed)
+        report = _classification(model, tok, meta, rows, data_dir, eval_cfg, seed,
+                                 head["data"]["same_data_as_training"])
     elif meta["task"] == "token_classification":
         task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
         report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
@@ -93,6 +100,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
     else:
         report = evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device))
     report = {**head, **report}
+    report["warnings"] = below_baseline_warnings(report)
     if out:
         if meta["task"] == "classification":
             title = f"{meta['base']['ref']} ({meta['method']['name']}) — {split}"
@@ -112,21 +120,95 @@ def _report_names(report: Path, png: Path) -> bool:
     return isinstance(obj, dict) and Path(str(obj.get("confusion_matrix_png", ""))).name == png.name
 
 
-def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed) -> dict:
+def model_train_subset(meta: dict, train_rows: list[dict]) -> list[dict] | None:
+    """The rows of `train_rows` (the train split the model was trained on) that the model saw, when it trained
+    on a seeded subset (`data.max_train_examples`); None when it saw all of them or the subset can't be rebuilt
+    (no seed recorded). Rebuilt with the training loop's own `_subset`: the same rows, the same seed."""
+    data, seed = meta["data"], meta.get("seed")
+    n = data.get("max_train_examples") or data["train_examples"]
+    if seed is None or data["train_examples"] >= len(train_rows):
+        return None
+    subset = _subset(train_rows, n, seed, "classification")
+    return subset if len(subset) == data["train_examples"] else None
+
+
+def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed, same_data: bool) -> dict:
     labels = meta["labels"]
     task = ClassificationTask(tok, labels, meta.get("max_length", 512))
     enc = task.encode(rows)
     logits = task.logits(model, enc, eval_cfg.batch_size)
     report = classification_metrics(enc.labels, logits.argmax(-1), labels, softmax(logits))
     report["baselines"] = {}
+    train_rows = load_split(data_dir, "train")
+    subset = model_train_subset(meta, train_rows) if same_data else None
     if "tfidf" in eval_cfg.baselines:
         # tuned on the validation split (a train hold-out when that is empty); the evaluated rows take no part
-        report["baselines"]["tfidf_logreg"] = bl.tfidf_logreg(load_split(data_dir, "train"), rows, labels, seed,
-                                                              validation_rows=load_split(data_dir, "validation"))
+        validation = load_split(data_dir, "validation")
+        report["baselines"]["tfidf_logreg"] = bl.tfidf_logreg(train_rows, rows, labels, seed,
+                                                              validation_rows=validation)
+        if subset is not None:  # the rows the model saw: separates what the extra rows are worth from the method
+            same = bl.tfidf_logreg(subset, rows, labels, seed, validation_rows=validation)
+            same["name"] += f" on the same {len(subset):,} rows"
+            same["rows"] = f"the seeded subset the model was trained on (seed {meta['seed']})"
+            report["baselines"]["tfidf_logreg_same_rows"] = same
     if "zero_shot" in eval_cfg.baselines:
         report["baselines"]["zero_shot"] = bl.zero_shot(eval_cfg.zero_shot_model, rows, labels,
                                                         eval_cfg.zero_shot_samples, seed)
+    n_model = meta["data"]["train_examples"]
+    if not same_data:
+        seen = "rows of the data it was trained on, not this dataset"
+    elif subset is not None:
+        seen = f"a seeded subset of the train split, seed {meta['seed']}"
+    else:
+        seen = "the whole train split" if n_model == len(train_rows) else "a subset of the train split"
+    report["train_rows"] = {"model": n_model, "model_rows": seen, "train_split": len(train_rows),
+                            "baselines": {k: b["train_examples"] for k, b in report["baselines"].items()
+                                          if "train_examples" in b}}
     return report
+
+
+# What each task's report compares: (score key, its name, higher is better).
+_SCORE = {"classification": ("macro_f1", "macro-F1", True), "token_classification": ("entity_f1", "entity F1", True),
+          "causal_lm": ("perplexity", "perplexity", False), "sft": ("perplexity", "perplexity", False)}
+
+
+def _gain(score: float, base: float, higher_is_better: bool = True) -> float:
+    """How much better `score` is than `base` (positive: better), rounded to the 4 places reports show."""
+    return round(score - base if higher_is_better else base - score, 4)
+
+
+def below_baseline_warnings(report: dict) -> list[str]:
+    """[one sentence] naming each baseline (classification, NER) or the base model (causal_lm, sft: perplexity on
+    the split) that scores better than the fine-tuned model, with both scores and what to try; [] when none does."""
+    key, metric, higher = _SCORE[report["task"]]
+    if report["task"] in ("causal_lm", "sft"):
+        before, after = report.get("before"), report["after"]
+        if before is None or _gain(after[key], before[key], higher) >= 0:
+            return []
+        return [f"the fine-tuned model is worse than its base on this split (perplexity {after[key]:.2f} vs "
+                f"{before[key]:.2f} before fine-tuning): don't use it as is; train on more rows or for more "
+                "epochs, try a lower learning rate, and compare with the base model's row above"]
+    n_model, n_split = report["model"]["train_examples"], (report.get("train_rows") or {}).get("train_split")
+    seen = f"{n_model:,} of {n_split:,}" if n_split and n_split > n_model else f"{n_model:,}"
+    below = [f"{b['name']} ({report[key]:.4f} vs {b[key]:.4f} {metric})"
+             for b in (report.get("baselines") or {}).values() if _gain(report[key], b[key], higher) < 0]
+    if not below:
+        return []
+    which = below[0] if len(below) == 1 else ", ".join(below[:-1]) + " and " + below[-1]
+    return [f"the fine-tuned model scores below {which}: don't use it as is; train on more rows (it saw {seen}) or "
+            + ("for more epochs, and see the baselines above (one may already be good enough)" if len(below) > 1
+               else "for more epochs, and see the baseline above (it may already be good enough)")]
+
+
+def verdict(score: float, base: float, name: str, metric: str, higher_is_better: bool = True) -> str:
+    """One plain line: "fine-tuned model beats NAME by +0.0400 (0.8100 vs 0.7700 macro-F1)", "... scores
+    0.4614 below NAME (0.3100 vs 0.7714 macro-F1)" or "... ties with NAME (0.7700 macro-F1 each)"."""
+    gain = _gain(score, base, higher_is_better)
+    if gain > 0:
+        return f"fine-tuned model [bold green]beats[/] {name} by {gain:+.4f} ({score:.4f} vs {base:.4f} {metric})"
+    if gain < 0:
+        return f"fine-tuned model [bold red]scores {-gain:.4f} below[/] {name} ({score:.4f} vs {base:.4f} {metric})"
+    return f"fine-tuned model [bold yellow]ties with[/] {name} ({score:.4f} {metric} each)"
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
@@ -137,6 +219,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
     _print_leakage(report, console)
     if report.get("base_fit") and (warning := base_fit.advice(report["base_fit"], report["model"]["base"])):
         console.print(f"[bold yellow]warning:[/] {warning}")
+    print_warnings(report["warnings"] if "warnings" in report else below_baseline_warnings(report), console)
 
 
 def _print_leakage(report: dict, console: Console) -> None:
@@ -183,9 +266,8 @@ def _print_entities(report: dict, console: Console) -> None:
     add(_model_name(report), {**report, "train_examples": report["model"]["train_examples"]}, "bold green")
     console.print(t)
     console.print(_per_group_table("fine-tuned model, per entity type", "type", report["per_type"]))
-    gain = report["entity_f1"] - base["entity_f1"]
-    console.print(f"fine-tuned model {'[bold green]beats' if gain > 0 else '[bold red]does not beat'}[/] the "
-                  f"word-lookup baseline by {gain:+.4f} entity F1")
+    console.print(verdict(report["entity_f1"], base["entity_f1"], "the word-lookup baseline", "entity F1"),
+                  soft_wrap=True, highlight=False)
 
 
 def _print_language(report: dict, console: Console) -> None:
@@ -231,14 +313,26 @@ def _print_classification(report: dict, console: Console) -> None:
                   f"{m['macro_recall']:.4f}", f"{m['ece']:.4f}", style=style)
 
     b = report["baselines"]
-    if "zero_shot" in b:
-        add(b["zero_shot"]["name"], 0, b["zero_shot"])
-    if "tfidf_logreg" in b:
-        add(b["tfidf_logreg"]["name"], b["tfidf_logreg"]["train_examples"], b["tfidf_logreg"])
+    shown = [k for k in ("zero_shot", "tfidf_logreg", "tfidf_logreg_same_rows") if k in b]
+    for k in shown:
+        add(b[k]["name"], 0 if k == "zero_shot" else b[k]["train_examples"], b[k])
     add(_model_name(report), report["model"]["train_examples"], report, style="bold green")
     console.print(t)
     console.print(_per_group_table("fine-tuned model, per class", "label", report["per_class"]))
-    if "tfidf_logreg" in b:
-        gain = report["macro_f1"] - b["tfidf_logreg"]["macro_f1"]
-        verdict = "[bold green]beats[/]" if gain > 0 else "[bold red]does not beat[/]"
-        console.print(f"fine-tuned model {verdict} {b['tfidf_logreg']['name']} by {gain:+.4f} macro-F1")
+    _print_train_rows(report, console)
+    for k in shown:
+        console.print(verdict(report["macro_f1"], b[k]["macro_f1"], b[k]["name"], "macro-F1"), soft_wrap=True,
+                      highlight=False)
+
+
+def _print_train_rows(report: dict, console: Console) -> None:
+    """When the model and TF-IDF + LR trained on different numbers of rows, say so in words (the table's
+    column is easy to miss): how many each saw, and which rows."""
+    rows, b = report.get("train_rows"), report["baselines"]
+    if not rows or "tfidf_logreg" not in b or rows["model"] == b["tfidf_logreg"]["train_examples"]:
+        return
+    line = (f"train rows: the fine-tuned model saw {rows['model']:,} ({rows['model_rows']}); "
+            f"{b['tfidf_logreg']['name']} trained on {b['tfidf_logreg']['train_examples']:,} (the whole train split)")
+    if "tfidf_logreg_same_rows" in b:
+        line += f", and again on the same {rows['model']:,} rows as the model (its own row above)"
+    console.print(line, soft_wrap=True, highlight=False)

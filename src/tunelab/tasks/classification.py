@@ -34,6 +34,11 @@ class ClassificationTask:
     greater_is_better = True
 
     def __init__(self, tokenizer, labels: list[str], max_length: int):
+        """`labels`: the label set, two or more (one label is a `UserError`: nothing to learn or predict)."""
+        if len(labels) < 2:
+            raise UserError(f"classification needs at least two labels, and the only label is "
+                            f"{', '.join(map(repr, labels)) or 'none'}: a model could only ever answer that; add "
+                            "rows of the other labels (or check the label column) and prepare the data again")
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
