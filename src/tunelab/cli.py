@@ -21,14 +21,14 @@ from typer.core import TyperOption
 from tunelab import __version__
 from tunelab.config import DedupConfig, EvalConfig, PrepareOptions, ServeConfig
 from tunelab.errors import UserError
-from tunelab.terminal import make_console, plain
+from tunelab.terminal import PIPE_WIDTH, make_console, plain
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
-                  help="tunelab: prepare data, fine-tune, evaluate against baselines, predict, generate and serve.")
-data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                       help="data prepare: read, clean, redact, de-duplicate and split a file into a dataset dir · "
-                       "data overlap: rows of one file or split found in another")
+                  rich_markup_mode=None,  # help text is printed as written (no markup in option help)
+                  context_settings={"max_content_width": PIPE_WIDTH,
+                                    "terminal_width": None if sys.stdout.isatty() else PIPE_WIDTH})
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, short_help="data prepare | data overlap",
+                       help="data prepare: a file into a dataset dir · data overlap: rows of one found in another")
 app.add_typer(data_app, name="data")
 console = make_console()
 err_console = make_console(stderr=True)

@@ -63,7 +63,7 @@ def test_pipeline_outputs(trained):
     new = make_rows(3, seed=99, start=1000)  # unseen rows of the training format: negative, neutral, positive
     proc = tl("predict", root / "run" / "model", *[r["text"] for r in new], "--json")
     preds = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [p["label"] for p in preds] == [r["label"] for r in new]
+    assert [p["prediction"] for p in preds] == [r["label"] for r in new]
     assert abs(sum(preds[0]["probs"].values()) - 1) < 1e-4
     proc = tl("predict", root / "run" / "model", new[2]["text"])
     assert "p(positive)" in proc.stdout and "positive" in proc.stdout
