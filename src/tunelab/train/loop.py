@@ -472,7 +472,7 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_na
         "base": {"ref": cfg.model.base, "path": str(base.path)},
         "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
         "data": {"dir": str(data_dir), "path": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
-                 "train_examples": len(train_rows)},
+                 "train_examples": len(train_rows), "max_train_examples": cfg.data.max_train_examples},
         "metrics": {"validation": {k: v for k, v in best_eval.items() if isinstance(v, (int, float))}},
         "base_fit": fit,  # measured once, before training (`base_fit.measure`)
         "eval": cfg.eval.model_dump(mode="json"),
