@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, read_json_file
 
 
 @dataclass
@@ -48,19 +48,62 @@ class Generator:
 
 
 def load_generator(ref: str, device: str | None = None) -> Generator:
-    """A tunelab model dir (causal_lm / sft) or a base model (builtin:…, tiny-llama, HF dir, .gguf)."""
-    from tunelab.models import META_FILE, load_causal_lm, load_model_dir
+    """A tunelab model dir (causal_lm / sft) or a base model (builtin:…, tiny-llama, HF dir, .gguf). Anything
+    that is not a causal LM (a classifier or NER model dir, an encoder) is a `UserError` saying what to use."""
+    from tunelab.models import META_FILE, load_causal_lm, load_model_dir, read_meta, resolve_base
     from tunelab.tasks.sft import stop_tokens
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(ref) / META_FILE).is_file():
+        task = read_meta(ref).get("task")
+        if task in MODEL_DIR_USE:
+            raise UserError(f"{ref} is a {task} model dir, not a text generator: {MODEL_DIR_USE[task]}")
         model, tok, meta = load_model_dir(ref, device, tasks=("causal_lm", "sft"))
         stop = list(meta.get("stop") or [tok.eos_token])
     else:
+        base = resolve_base(ref)
+        if not isinstance(base.path, str):  # a local folder: refused before its weights are read
+            check_generator(ref, read_json_file(base.path / "config.json", f"{base.path} has no config.json"))
         model, tok, _, _ = load_causal_lm(ref)
+        if isinstance(base.path, str):  # a hub id: its config is known once loaded
+            check_generator(ref, model.config.to_dict())
         model.to(device).eval()
         stop = stop_tokens(tok, chat=True)
     return Generator(model, tok, sorted(set(stop)), ref)
+
+
+MODEL_DIR_USE = {"classification": "label texts with `tunelab predict`, or `tunelab serve` it for /v1/classify",
+                 "token_classification": "find entities with `tunelab predict`, or `tunelab serve` it for "
+                                         "/v1/entities"}
+DECODER_HINT = "to generate, use a causal LM (e.g. builtin:smollm2-135m-instruct) or a causal_lm/sft model dir"
+
+
+def model_family(config: dict) -> str:
+    """What an HF config (`config.json` as a dict) describes: "decoder" (a causal LM: it generates text),
+    "encoder" (BERT and its kin: embeddings, classifiers, NER) or "other" (encoder-decoder, unknown types).
+    transformers also gives BERT-like types a causal-LM class (a random LM head on an encoder): a type with a
+    masked-LM class counts as an encoder unless its config says `is_decoder`."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    if not isinstance(config, dict) or config.get("is_encoder_decoder"):
+        return "other"
+    kind = config.get("model_type")
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+                                                      or config.get("is_decoder")):
+        return "decoder"
+    return "encoder" if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "other"
+
+
+def check_generator(ref: str, config: dict) -> None:
+    """A `UserError` unless the HF config of `ref` is a causal LM."""
+    family = model_family(config)
+    kind = (config.get("model_type") if isinstance(config, dict) else None) or "unknown"
+    if family == "encoder":
+        raise UserError(f"{ref} is an encoder ({kind}), not a text generator: `tunelab serve {ref}` gives its "
+                        f"embeddings; {DECODER_HINT}")
+    if family == "other":
+        raise UserError(f"{ref} is a '{kind}' model, not a causal LM; {DECODER_HINT}")
 
 
 class StopTrimmer:

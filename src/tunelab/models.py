@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tunelab.artifacts import write_folder
+from tunelab.artifacts import kind_of, write_folder
 from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin, tiny_model_dir
 from tunelab.errors import UserError, read_json_file
 from tunelab.train.distributed import is_dtensor
@@ -56,6 +56,8 @@ def resolve_base(ref: str) -> BaseRef:
     if p.is_file() and p.suffix == ".gguf":
         return BaseRef(ref, _dequantised_gguf_dir(ref, p))
     if p.is_dir():
+        if kind_of(p) == "run":
+            raise UserError(f"{p} is a run dir; its model is {p / 'model'}")
         if (p / META_FILE).is_file():
             raise UserError(f"{p} is a tunelab model dir; use it with eval/predict, or name its base "
                             f"({read_meta(p).get('base', {}).get('ref')}) as model.base")

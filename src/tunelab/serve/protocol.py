@@ -3,7 +3,8 @@
 Bodies are parsed here, not by FastAPI, so that every malformed body (not JSON, not an object, wrong
 types, out-of-range values) becomes one 400 in OpenAI's envelope
 `{"error": {"message", "type", "param", "code"}}` naming the offending parameter — never a 422 or a 500.
-Unknown fields are ignored (clients send many); fields we cannot honour (tools, logprobs) are refused.
+Unknown fields are ignored (clients send many); fields we cannot honour (tools, logprobs, a response_format
+other than text) are refused.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Sampling(Request):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logprobs: bool | int | None = None
+    response_format: dict | None = None
     user: str | None = None
 
     @field_validator("stop")
@@ -92,6 +94,13 @@ class Sampling(Request):
     def _no_logprobs(cls, v):
         if v:
             raise ValueError("logprobs are not supported")
+        return v
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        if v is not None and not (isinstance(v, dict) and v.get("type") == "text"):
+            raise ValueError('only {"type": "text"} is supported (no JSON mode or JSON schema)')
         return v
 
     def stops(self) -> list[str]:

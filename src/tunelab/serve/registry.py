@@ -2,9 +2,10 @@
 
 A MODEL argument is a tunelab model dir (classification -> /v1/classify; token_classification (NER) ->
 /v1/entities; causal_lm / sft -> chat and text completions) or a base model (builtin:…, tiny-llama, an HF
-dir, a .gguf): decoders are served for generation, encoders for embeddings. `NAME=PATH` sets the id;
-otherwise a model dir is named after its run (`runs/NAME/model` -> NAME) and a built-in after itself
-(`smollm2-135m-instruct`).
+dir, a .gguf): decoders are served for generation, encoders for embeddings (told apart by `config.json`, so
+an encoder never generates); a run dir, or anything else that is no model, is refused before the server
+starts. `NAME=PATH` sets the id; otherwise a model dir is named after its run (`runs/NAME/model` -> NAME)
+and a built-in after itself (`smollm2-135m-instruct`).
 
 LoRA model dirs on the same base share one copy of the base and one engine: each sequence in a batch
 runs through its own adapter (peft's mixed-adapter batches).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, read_json_file
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.protocol import APIError, bad_request
 
@@ -72,6 +73,7 @@ class Served:
 
 
 def parse_spec(item: str, embedding: bool = False) -> Spec:
+    from tunelab.artifacts import kind_of
     from tunelab.assets import builtin_path
     from tunelab.models import META_FILE, read_meta
 
@@ -79,6 +81,12 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
     if not ref:
         raise UserError(f"'{item}': empty model reference")
     d = Path(ref)
+    folder = kind_of(d)
+    if folder == "run":
+        raise UserError(f"{ref} is a run dir; serve its model: {d / 'model'}" if (d / "model").is_dir() else
+                        f"{ref} is a run dir without a model/ yet (its training has not finished)")
+    if folder not in (None, "model", "unknown"):
+        raise UserError(f"{ref} is a tunelab {folder}, not a model")
     if (d / META_FILE).is_file():
         meta = read_meta(d)
         task = meta.get("task")
@@ -99,11 +107,31 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
         return Spec(name or default, ref, kind, True, meta["base"]["ref"] if lora else None, meta)
     if ref.startswith("builtin:"):
         builtin_path(ref)  # unknown or not installed: say so now, not after the server has started
-    elif not (ref in ("tiny-llama", "tiny-bert") or d.exists()):
-        raise UserError(f"model '{ref}' not found: not a model dir, a base model dir, a .gguf file or builtin:NAME")
     default = ref.removeprefix("builtin:") if ref.startswith("builtin:") else d.name.removesuffix(".gguf")
-    kind = "embed" if embedding or ref in ("builtin:minilm-l6", "tiny-bert") else "generate"
-    return Spec(name or default, ref, kind, False)
+    kind = _base_kind(ref, d)
+    return Spec(name or default, ref, "embed" if embedding else kind, False)
+
+
+def _base_kind(ref: str, d: Path) -> str:
+    """How a base model is served, read from its config before any weights: "generate" for a decoder, "embed"
+    for an encoder."""
+    from tunelab.generate import model_family
+
+    if ref in ("builtin:minilm-l6", "tiny-bert"):
+        return "embed"
+    if ref.startswith("builtin:") or ref == "tiny-llama" or (d.is_file() and d.suffix == ".gguf"):
+        return "generate"
+    if not d.exists():
+        raise UserError(f"model '{ref}' not found: not a model dir, a base model dir, a .gguf file or builtin:NAME")
+    if (d / "config.json").is_file():
+        family = model_family(read_json_file(d / "config.json", ""))
+        if family == "other":
+            raise UserError(f"{ref} is neither a decoder (served for generation) nor an encoder (served for "
+                            "embeddings)")
+        return "generate" if family == "decoder" else "embed"
+    if d.is_dir() and any(d.glob("*.gguf")):
+        return "generate"
+    raise UserError(f"{ref} is not a model: no tunelab.json, config.json or .gguf file")
 
 
 def check_specs(items: list[str], embedding_model: str | None) -> list[Spec]:

@@ -1,14 +1,17 @@
 """`tunelab serve`: check the arguments, bind (loopback unless keys are set), print how to call it, run.
 
+The address is bound before the banner: a port in use is a `UserError`, not uvicorn's log line.
 SIGTERM / Ctrl-C: the server stops accepting connections and answers 503 to new requests on open ones,
 lets in-flight requests finish (up to `drain_timeout_s`), then stops the engines and exits 0. A model that
-fails to load stops the server with exit code 1.
+fails to load stops the server and `serve` raises its `UserError` (a bug in loading: its exception).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import sys
 
 import torch
@@ -25,7 +28,7 @@ from tunelab.serve.registry import check_specs
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, guard, banner):
         super().__init__(config)
-        self.guard, self.banner, self.exit_code = guard, banner, 0
+        self.guard, self.banner, self.load_error = guard, banner, None
         guard.state.on_load_error = self._fail
 
     def handle_exit(self, sig, frame) -> None:
@@ -36,8 +39,8 @@ class _Server(uvicorn.Server):
         else:
             self.should_exit = True
 
-    def _fail(self) -> None:
-        self.exit_code = 1
+    def _fail(self, err: Exception) -> None:
+        self.load_error = err
         self.should_exit = True
 
     async def startup(self, sockets=None) -> None:
@@ -59,6 +62,41 @@ def _raise_open_files_limit(wanted: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ImportError, ValueError, OSError):  # not on this OS, or not allowed: the OS limit stays
         pass
+
+
+def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets on every address of `host`, as uvicorn would open them (SO_REUSEADDR; IPv6 sockets
+    IPv6-only, as asyncio's), all on one port (port 0: the one the OS picks for the first). A port in use, a
+    privileged port or a host that is not this machine's is a `UserError`."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise UserError(f"cannot listen on {host}: {err.strerror}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((addr[0], socks[0].getsockname()[1] if len(socks) > 1 else port, *addr[2:]))
+            sock.listen(backlog)
+    except OSError as err:
+        for sock in socks:
+            sock.close()
+        raise UserError(_bind_error(err, host, port)) from None
+    return socks
+
+
+def _bind_error(err: OSError, host: str, port: int) -> str:
+    if err.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use (another server listens there); choose another --port"
+    if err.errno == errno.EACCES:
+        return f"port {port} on {host} needs privileges (ports below 1024 do); choose another --port"
+    if err.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {host}: not an address of this machine (127.0.0.1 for local use, 0.0.0.0 for all)"
+    return f"cannot listen on {host}:{port}: {err.strerror}"
 
 
 def serve(cfg: ServeConfig, out=print) -> int:
@@ -96,8 +134,13 @@ def serve(cfg: ServeConfig, out=print) -> int:
     config = uvicorn.Config(guard, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=int(cfg.drain_timeout_s), lifespan="on",
                             http=guarded_protocol(cfg, lambda reason: rejections.labels(reason).inc()))
+    sockets = _listen(cfg.host, cfg.port, config.backlog)
     server = _Server(config, guard, banner)
-    server.run()
-    if not server.started:
-        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine)")
-    return server.exit_code
+    try:
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    if server.load_error is not None:
+        raise server.load_error
+    return 0

@@ -10,6 +10,7 @@ import threading
 from fastapi import Request
 
 from tunelab.config import DEFAULT_RATE_LIMIT, ServeConfig
+from tunelab.errors import UserError
 from tunelab.serve.auth import KeyRing, RateLimiter
 from tunelab.serve.engine import EngineFull
 from tunelab.serve.metrics import Metrics
@@ -30,7 +31,7 @@ class ServerState:
         self.registry = Registry(specs, settings, self.metrics, device)
         self.draining = False
         self.load_error: str | None = None
-        self.on_load_error = lambda: None  # set by the server: stop, the models will never be ready
+        self.on_load_error = _log_load_error  # the server replaces it: stop, the models will never be ready
         self._loader: threading.Thread | None = None
 
     def start_loading(self) -> None:
@@ -38,18 +39,11 @@ class ServerState:
         self._loader.start()
 
     def _load(self) -> None:
-        from tunelab.errors import UserError
-
         try:
             self.registry.load()
-        except UserError as err:
-            self.load_error = str(err)
-            log.error("error: %s", err)
-            self.on_load_error()
-        except Exception:
-            self.load_error = "loading the models failed"
-            log.exception("loading the models failed")
-            self.on_load_error()
+        except Exception as err:
+            self.load_error = str(err) if isinstance(err, UserError) else "loading the models failed"
+            self.on_load_error(err)
 
     def close(self) -> None:
         self.registry.close()
@@ -90,6 +84,13 @@ class ServerState:
         self.metrics.rejections.labels("overload").inc()
         return APIError(503, f"{err}; retry shortly", type="server_error", code="overloaded",
                         headers={"Retry-After": "1"})
+
+
+def _log_load_error(err: Exception) -> None:
+    if isinstance(err, UserError):
+        log.error("error: %s", err)
+    else:
+        log.error("loading the models failed", exc_info=err)
 
 
 def state(request: Request) -> ServerState:
