@@ -474,7 +474,7 @@ def main() -> None:
     except ClickException as e:  # usage errors: unknown option, missing argument, bad value
         err_console.print(f"[bold red]error:[/] {plain(_usage_error(e))}", highlight=False)
         sys.exit(2)
-    except click_exceptions.Abort:
+    except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
