@@ -37,8 +37,16 @@ def training_data(meta: dict) -> tuple[Path | None, str]:
 
 
 def row_text(row: dict) -> str:
-    text = row.get("text")
-    return text if isinstance(text, str) else json.dumps(row.get("messages") or row, ensure_ascii=False)
+    """The text a model reads from a dataset row: `text`, an NER row's words joined by spaces, or the contents of
+    a conversation's messages, one per line."""
+    text, tokens, messages = row.get("text"), row.get("tokens"), row.get("messages")
+    if isinstance(text, str):
+        return text
+    if isinstance(tokens, list):
+        return " ".join(map(str, tokens))
+    if isinstance(messages, list):
+        return "\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
+    return json.dumps(row, ensure_ascii=False)
 
 
 def check_leakage(meta: dict, rows: list[dict], threshold: float = 0.7) -> dict:
