@@ -103,7 +103,8 @@ def test_eval_below_the_baseline_warns_states_both_sizes_and_says_it_plainly(tmp
     # C: both sizes, in the JSON and in words; TF-IDF + LR again on the rows the model saw
     assert report["model"]["train_examples"] == 60 and whole["train_examples"] == 240 and same["train_examples"] == 60
     assert report["train_rows"] == {"model": 60, "model_rows": "a seeded subset of the train split, seed 0",
-                                    "train_split": 240, "baselines": {"tfidf_logreg": 240, "tfidf_logreg_same_rows": 60}}
+                                    "train_split": 240,
+                                    "baselines": {"tfidf_logreg": 240, "tfidf_logreg_same_rows": 60}}
     assert same["name"] == f"{whole['name']} on the same 60 rows"
     assert (f"train rows: the fine-tuned model saw 60 (a seeded subset of the train split, seed 0); {whole['name']} "
             "trained on 240 (the whole train split), and again on the same 60 rows as the model") in out
