@@ -17,6 +17,7 @@ from tunelab.config import PrepareOptions, validate
 from tunelab.data.prepare import prepare
 from tunelab.data.summary import print_dataset_summary
 from tunelab.evaluate.report import evaluate, print_report
+from tunelab.terminal import plain
 from tunelab.train.loop import train
 
 
@@ -56,7 +57,7 @@ def run_quickstart(out: Path, data: Path, train_examples: int | None, epochs: fl
     opts = PrepareOptions(seed=0)
     meta = _same_dataset(data, opts)
     if meta is not None:
-        console.print(f"using the dataset already prepared at {data} (same source, options and tunelab version)")
+        console.print(f"using the dataset already prepared at {plain(data)} (same source, options and tunelab version)")
     else:
         meta = prepare(SOURCE, data, opts, overwrite=overwrite)
     print_dataset_summary(meta, data, console)
@@ -67,9 +68,9 @@ def run_quickstart(out: Path, data: Path, train_examples: int | None, epochs: fl
     console.rule("3/3 evaluate on the test split against the baselines")
     report = evaluate(summary["model_dir"], data, "test", out / "report.json", overwrite=True)
     print_report(report, console)
-    model_dir = summary["model_dir"]
-    console.print(f"\n[bold]model[/]  {model_dir}\n[bold]report[/] {out / 'report.json'} "
-                  f"(+ {report['confusion_matrix_png']})\n"
+    model_dir = plain(summary["model_dir"])
+    console.print(f"\n[bold]model[/]  {model_dir}\n[bold]report[/] {plain(out / 'report.json')} "
+                  f"(+ {plain(report['confusion_matrix_png'])})\n"
                   f"[bold]use it[/] tunelab predict {model_dir} \"the flight was late again\" \"great service!\"\n"
                   f"        python: from tunelab.predict import predict_texts; "
                   f"predict_texts('{model_dir}', ['great service!'])\n"

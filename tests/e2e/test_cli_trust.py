@@ -169,6 +169,14 @@ def test_logs_do_not_wrap_and_user_text_is_printed_as_written(trained_run, small
     assert f"{small_dataset}:train: 0 exact" in line and "🚆" not in out  # no :train: emoji, one line
 
 
+def test_labels_and_paths_with_brackets_print_as_written(outside):
+    rows = [{"text": r["text"] + " [/red] :train:", "label": {"positive": "[/pos]", "negative": "[neg]"}.get(
+        r["label"], r["label"])} for r in make_rows(90)]
+    write_csv(outside / "brackets.csv", rows)
+    out = tl("data", "prepare", "brackets.csv", "--out", "[out]", cwd=outside).stdout
+    assert "dataset [out] ·" in out and "[/pos]" in out and "[neg]" in out
+
+
 # ---- 10: one predict schema; stdout by default; - for stdin ------------------------------------------------
 
 def test_predict_has_one_schema_stdout_by_default_and_reads_stdin(tiny_classifier, outside):

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+
+from tunelab.terminal import plain
 
 
 def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None:
     rep = meta["report"]
     what = f"labels {', '.join(meta['labels'])}" if meta["labels"] else f"task {meta['task']}"
-    console.print(f"[bold]dataset[/] {out} · fingerprint {meta['fingerprint']} · {what}")
+    console.print(f"[bold]dataset[/] {plain(out)} · fingerprint {meta['fingerprint']} · {plain(what)}")
     acc = Table(title="rows")
     acc.add_column("")
     acc.add_column("count", justify="right")
@@ -35,18 +36,18 @@ def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None
                       "conflicting labels kept whole in one split", highlight=False)
     if not meta["class_balance"]:
         console.print("splits: " + " · ".join(f"{k} {v:,}" for k, v in meta["splits"].items()), highlight=False)
-        console.print(f"rejected rows with line numbers and reasons: {Path(out) / 'rejected.jsonl'}")
+        console.print(f"rejected rows with line numbers and reasons: {plain(Path(out) / 'rejected.jsonl')}")
         print_warnings(meta.get("warnings", []), console)
         return
     bal = Table(title="class balance")
     bal.add_column("split")
     for label in meta["labels"]:
-        bal.add_column(label, justify="right")
+        bal.add_column(plain(label), justify="right")
     bal.add_column("total", justify="right")
     for split, counts in meta["class_balance"].items():
         bal.add_row(split, *[f"{counts.get(label, 0):,}" for label in meta["labels"]], f"{meta['splits'][split]:,}")
     console.print(bal)
-    console.print(f"rejected rows with line numbers and reasons: {Path(out) / 'rejected.jsonl'}")
+    console.print(f"rejected rows with line numbers and reasons: {plain(Path(out) / 'rejected.jsonl')}")
     print_warnings(meta.get("warnings", []), console)
 
 
@@ -54,4 +55,4 @@ def print_warnings(warnings: list[str], console: Console) -> None:
     """One `warning: ...` line each, never wrapped (a line a user can grep for); brackets in label names print
     as written."""
     for warning in warnings:
-        console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True, highlight=False)
+        console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True, highlight=False)

@@ -35,6 +35,7 @@ from tunelab.models import load_model_dir
 from tunelab.tasks import DATASET_TASKS
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.tasks.token_classification import TokenClassificationTask
+from tunelab.terminal import make_console, plain
 from tunelab.train.loop import _subset
 
 BASELINES = ("tfidf", "zero_shot")
@@ -213,12 +214,12 @@ def verdict(score: float, base: float, name: str, metric: str, higher_is_better:
 
 def print_report(report: dict, console: Console | None = None) -> None:
     """The before/after table of the report's task."""
-    console = console or Console()
+    console = console or make_console()
     {"classification": _print_classification, "token_classification": _print_entities,
      "causal_lm": _print_language, "sft": _print_language}[report["task"]](report, console)
     _print_leakage(report, console)
     if report.get("base_fit") and (warning := base_fit.advice(report["base_fit"], report["model"]["base"])):
-        console.print(f"[bold yellow]warning:[/] {warning}")
+        console.print(f"[bold yellow]warning:[/] {plain(warning)}")
     print_warnings(report["warnings"] if "warnings" in report else below_baseline_warnings(report), console)
 
 
@@ -228,9 +229,9 @@ def _print_leakage(report: dict, console: Console) -> None:
         return
     line = describe(leak, report["data"]["split"])
     if leak.get("checked") and leak["loud"]:
-        console.print(f"[bold red]WARNING: {line}[/]")
+        console.print(f"[bold red]WARNING: {plain(line)}[/]")
         for ex in (leak["exact_examples"] + [e["b"] for e in leak["near_examples"]])[:3]:
-            console.print(f"  [red]seen in training:[/] {ex[:100]}")
+            console.print(f"  [red]seen in training:[/] {plain(ex[:100])}")
     else:
         console.print(line, style="yellow" if not leak.get("checked") else "dim")
 
@@ -241,7 +242,7 @@ def _per_group_table(title: str, key: str, groups: dict) -> Table:
     for col in (key, "precision", "recall", "F1", "support"):
         t.add_column(col, justify="left" if col == key else "right")
     for name, m in groups.items():
-        t.add_row(name, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+        t.add_row(plain(name), f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
     return t
 
 
@@ -249,11 +250,11 @@ def _model_name(report: dict) -> str:
     model = report["model"]
     if model["base"] == "scratch":
         return f"trained from scratch ({model['method']})"
-    return f"fine-tuned {model['base'].removeprefix('builtin:')} ({model['method']})"
+    return plain(f"fine-tuned {model['base'].removeprefix('builtin:')} ({model['method']})")
 
 
 def _print_entities(report: dict, console: Console) -> None:
-    t = Table(title=f"{report['data']['split']} split of {report['data']['dir']}")
+    t = Table(title=f"{plain(report['data']['split'])} split of {plain(report['data']['dir'])}")
     for col in ("model", "train rows", "test rows", "entity P", "entity R", "entity F1", "token acc"):
         t.add_column(col, justify="left" if col == "model" else "right")
 
@@ -272,7 +273,7 @@ def _print_entities(report: dict, console: Console) -> None:
 
 def _print_language(report: dict, console: Console) -> None:
     sft = report["task"] == "sft"
-    t = Table(title=f"{report['data']['split']} split of {report['data']['dir']}"
+    t = Table(title=f"{plain(report['data']['split'])} split of {plain(report['data']['dir'])}"
               + (" (perplexity on assistant tokens)" if sft else ""))
     cols = ["model", "tokens", "loss", "perplexity"] + (["ROUGE-L", "exact match", "answers"] if sft else [])
     for col in cols:
@@ -291,18 +292,18 @@ def _print_language(report: dict, console: Console) -> None:
     console.print(t)
     f = report.get("forgetting")
     if f:
-        console.print(f"forgetting probe: perplexity on {f['rows']} rows of {f['general_text']}: "
+        console.print(f"forgetting probe: perplexity on {f['rows']} rows of {plain(f['general_text'])}: "
                       f"{f['perplexity_before']:.2f} before → {f['perplexity_after']:.2f} after "
                       f"({100 * f['change']:+.1f}%)")
     for s in (report["after"].get("generation") or {}).get("samples", []):
-        console.print(f"[dim]prompt:[/] {s['prompt']}\n[dim]reference:[/] {s['reference']}\n"
-                      f"[dim]answer:[/] {s['answer']}")
+        console.print(f"[dim]prompt:[/] {plain(s['prompt'])}\n[dim]reference:[/] {plain(s['reference'])}\n"
+                      f"[dim]answer:[/] {plain(s['answer'])}")
 
 
 def _print_classification(report: dict, console: Console) -> None:
     """The before/after table: baselines first, the fine-tuned model last; then per-class scores."""
     data = report["data"]
-    t = Table(title=f"{data['split']} split of {data['dir']}")
+    t = Table(title=f"{plain(data['split'])} split of {plain(data['dir'])}")
     for col in ("model", "train rows", "test rows", "accuracy", "macro-F1", "recall", "ECE"):
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col != "model",
                      min_width=20 if col == "model" else None)
