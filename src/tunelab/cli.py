@@ -399,10 +399,13 @@ def serve(
     rate_limit: Optional[float] = _opt(ServeConfig, "rate_limit", "--rate-limit"),
     max_body_bytes: Optional[int] = _opt(ServeConfig, "max_body_bytes", "--max-body-bytes"),
     max_header_bytes: Optional[int] = _opt(ServeConfig, "max_header_bytes", "--max-header-bytes"),
+    max_headers: Optional[int] = _opt(ServeConfig, "max_headers", "--max-headers"),
     header_timeout: Optional[float] = _opt(ServeConfig, "header_timeout_s", "--header-timeout"),
     body_timeout: Optional[float] = _opt(ServeConfig, "body_timeout_s", "--body-timeout"),
     max_connections: Optional[int] = _opt(ServeConfig, "max_connections", "--max-connections"),
     drain_timeout: Optional[float] = _opt(ServeConfig, "drain_timeout_s", "--drain-timeout"),
+    max_n: Optional[int] = _opt(ServeConfig, "max_n", "--max-n"),
+    default_max_tokens: Optional[int] = _opt(ServeConfig, "default_max_tokens", "--default-max-tokens"),
 ):
     """An OpenAI-compatible API (chat, completions, classify, entities, embeddings) with a playground page at /."""
     from tunelab.config import section
@@ -413,7 +416,8 @@ def serve(
              "encoder_wait_ms": encoder_wait_ms, "precision": precision, "rate_limit": rate_limit,
              "max_body_bytes": max_body_bytes, "max_header_bytes": max_header_bytes,
              "header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "max_connections": max_connections,
-             "drain_timeout_s": drain_timeout}
+             "drain_timeout_s": drain_timeout, "max_headers": max_headers, "max_n": max_n,
+             "default_max_tokens": default_max_tokens}
     raw = {"models": models, **{k: v for k, v in flags.items() if v is not None}}
     if embedding_model is not None and embedding_model.lower() == "none":
         raw["embedding_model"] = None

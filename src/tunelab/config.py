@@ -250,7 +250,7 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=0, le=65535)
     api_keys_file: Path | None = Field(None, description="one key per line (# comments); also TUNELAB_API_KEYS")
     embedding_model: str | None = Field("builtin:minilm-l6", description="served at /v1/embeddings; null = off")
-    device: str | None = None
+    device: str | None = Field(None, description="cpu, cuda, cuda:1, …; none = cuda when there is one, else cpu")
     max_batch: int = Field(16, gt=0, description="sequences decoded together per generation model")
     max_waiting: int = Field(64, ge=0, description="admitted requests waiting for a slot; beyond: 503")
     encoder_batch: int = Field(64, gt=0, description="texts per classify/embeddings forward; also the most "
@@ -269,7 +269,7 @@ class ServeConfig(Section):
                                     "connection is closed (408)")
     body_timeout_s: float = Field(30, gt=0, description="time to send the body once the headers are in (408)")
     max_connections: int = Field(1000, gt=0, description="open connections; beyond: 503 and close")
-    max_n: int = Field(8, gt=0)
+    max_n: int = Field(8, gt=0, description="most choices per request (n x prompts)")
     default_max_tokens: int = Field(512, gt=0, description="when a request gives no max_tokens (capped by the "
                                     "context left)")
     drain_timeout_s: float = Field(30, gt=0, description="SIGTERM: how long in-flight requests may finish")

@@ -262,6 +262,11 @@ def test_version_and_help_list_every_command_with_defaults_written_one_way(outsi
                     ["data", "prepare"], ["data", "overlap"]):
         text = tl(*command, "--help", cwd=outside).stdout
         assert "[default:" not in text, command
+    serve = tl("serve", "--help", cwd=outside).stdout
+    from tunelab.config import ServeConfig
+
+    for field in set(ServeConfig.model_fields) - {"models"}:  # every serve setting has its flag: none is dead
+        assert f"--{field.removesuffix('_s').replace('_', '-')} " in serve, field
     gen = tl("generate", "--help", cwd=outside).stdout
     assert "(default: 256)" in " ".join(gen.split())
     prep = " ".join(tl("data", "prepare", "--help", cwd=outside).stdout.split())
