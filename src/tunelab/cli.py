@@ -158,6 +158,10 @@ def train(
         path = out / "config.yaml"
         if not path.is_file():
             raise UserError(f"--resume: {out} is not a tunelab run dir (no config.yaml); give the CONFIG too")
+    if path.is_dir():
+        hint = (f"; to continue the run in it: tunelab train --out {path} --resume auto"
+                if (path / "config.yaml").is_file() else "")
+        raise UserError(f"{path} is a folder, not a YAML config file{hint}")
     cfg = load_config(path, args)
     out = out or Path("runs") / (cfg.name or path.stem)
     summary = run_train(cfg, out, resume=resume, force=force, overwrite=overwrite, console=err_console,

@@ -155,6 +155,8 @@ def test_resume_without_a_config_uses_the_runs_own(trained_run, outside):
     one_error_line(tl("train", "--out", outside, "--resume", "auto", cwd=outside, check=False),
                    "not a tunelab run dir")
     one_error_line(tl("train", cwd=outside, check=False), "give a CONFIG")
+    one_error_line(tl("train", run, cwd=outside, check=False), "is a folder, not a YAML config file",
+                   f"tunelab train --out {run} --resume auto")
 
 
 # ---- 9: fixed width and no markup or emoji processing of user text ------------------------------------------
