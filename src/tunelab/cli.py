@@ -146,7 +146,7 @@ def train(
 ):
     """Fine-tune a model; writes the run dir with metrics, checkpoints and model/."""
     from tunelab.config import load_config
-    from tunelab.train.loop import train as run_train
+    from tunelab.train.loop import resume_command, train as run_train
 
     args = [a for a in [config, *(overrides or [])] if a is not None]
     path = None
@@ -159,8 +159,7 @@ def train(
         if not path.is_file():
             raise UserError(f"--resume: {out} is not a tunelab run dir (no config.yaml); give the CONFIG too")
     if path.is_dir():
-        hint = (f"; to continue the run in it: tunelab train --out {path} --resume auto"
-                if (path / "config.yaml").is_file() else "")
+        hint = f"; to continue the run in it: {resume_command(path)}" if (path / "config.yaml").is_file() else ""
         raise UserError(f"{path} is a folder, not a YAML config file{hint}")
     cfg = load_config(path, args)
     out = out or Path("runs") / (cfg.name or path.stem)
@@ -217,8 +216,8 @@ def predict(
                                                 "standard input (JSON lines, or one text per line)"),
     input: Optional[str] = typer.Option(None, "--input", help="JSONL/CSV/TSV/JSON/Parquet file of texts; - for "
                                         "standard input"),
-    out: Optional[Path] = typer.Option(None, "--out", help="predictions JSONL to write (default: standard "
-                                       "output)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="predictions JSONL to write (default, or -: "
+                                       "standard output)"),
     overwrite: bool = OVERWRITE,
     text_column: str = typer.Option("text", "--text-column"),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
@@ -231,6 +230,8 @@ def predict(
 
     if texts == ["-"] and input is None:
         texts, input = None, "-"
+    if out == Path("-"):
+        out = None
     if bool(texts) == bool(input):
         raise UserError("give either texts as arguments or --input FILE (- for standard input)")
     if out is not None and not input:
@@ -393,7 +394,7 @@ def serve(
     host: Optional[str] = _opt(ServeConfig, "host", "--host"),
     port: Optional[int] = _opt(ServeConfig, "port", "--port"),
     api_keys_file: Optional[Path] = _opt(ServeConfig, "api_keys_file", "--api-keys-file"),
-    embedding_model: Optional[str] = _opt(ServeConfig, "embedding_model", "--embedding-model", note="'none' = off"),
+    embedding_model: Optional[str] = _opt(ServeConfig, "embedding_model", "--embedding-model"),
     device: Optional[str] = _opt(ServeConfig, "device", "--device"),
     max_batch: Optional[int] = _opt(ServeConfig, "max_batch", "--max-batch"),
     max_waiting: Optional[int] = _opt(ServeConfig, "max_waiting", "--max-waiting"),
@@ -474,13 +475,13 @@ def main() -> None:
     try:
         code = command.main(prog_name="tunelab", standalone_mode=False)
     except UserError as err:
-        err_console.print(f"[bold red]error:[/] {plain(err)}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {plain(err)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except click_exceptions.NoArgsIsHelpError as e:  # `tunelab` or `tunelab data` alone: the help, as asked
         print(e.ctx.get_help())
         sys.exit(0)
     except ClickException as e:  # usage errors: unknown option, missing argument, bad value
-        err_console.print(f"[bold red]error:[/] {plain(_usage_error(e))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {plain(_usage_error(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Abort:
         err_console.print("aborted")

@@ -249,7 +249,7 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys_file: Path | None = Field(None, description="one key per line (# comments); also TUNELAB_API_KEYS")
-    embedding_model: str | None = Field("builtin:minilm-l6", description="served at /v1/embeddings; null = off")
+    embedding_model: str | None = Field("builtin:minilm-l6", description="served at /v1/embeddings; none = off")
     device: str | None = Field(None, description="cpu, cuda, cuda:1, …; none = cuda when there is one, else cpu")
     max_batch: int = Field(16, gt=0, description="sequences decoded together per generation model")
     max_waiting: int = Field(64, ge=0, description="admitted requests waiting for a slot; beyond: 503")
@@ -313,8 +313,10 @@ def apply_overrides(raw: dict, overrides: list[str], paths_from: Path | None = N
     absolute against it (see `resolve_paths`)."""
     for item in overrides:
         parts, value = parse_override(item)
+        if tuple(parts) in PATH_KEYS and value is not None and not isinstance(value, str):
+            value = item.partition("=")[2].strip()  # a path as typed: data.dir=2024 is a folder, not a number
         if paths_from is not None and tuple(parts) in PATH_KEYS:
-            value = _absolute(value, paths_from, PATH_KEYS[tuple(parts)])
+            value = _absolute(value, paths_from, PATH_KEYS[tuple(parts)], tuple(parts))
         node = raw
         for p in parts[:-1]:
             child = node.get(p)
@@ -364,6 +366,8 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 def read_yaml_mapping(path: str | Path, what: str = "sections (model, data, method, train, eval)") -> dict:
     """A YAML file holding a mapping; a missing file, bad YAML or another shape is a `UserError`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a YAML config file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
@@ -388,14 +392,20 @@ PATH_KEYS = {("data", "dir"): True, ("data", "prepare", "source"): True, ("eval"
 PREPARE_PATH_KEYS = {k[2:]: v for k, v in PATH_KEYS.items() if k[:2] == ("data", "prepare") and len(k) > 3}
 
 
-def _absolute(value: object, base: Path, always: bool) -> object:
-    if not isinstance(value, str) or not value or value.startswith("builtin:"):
+NAMES = ("scratch", "tiny-bert", "tiny-llama")  # model references that are names even where a folder is so named
+
+
+def _absolute(value: object, base: Path, always: bool, key: tuple[str, ...]) -> object:
+    if not isinstance(value, str) or not value or value.startswith("builtin:") or (not always and value in NAMES):
         return value
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
-    if always or value.startswith(("./", "../")) or value in (".", "..") or (base / p).exists():
-        return str((base / p).resolve())
+    try:
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        if always or value.startswith(("./", "../")) or value in (".", "..") or (base / p).exists():
+            return str((base / p).resolve())
+    except (RuntimeError, ValueError, OSError) as err:  # ~unknownuser, a NUL byte, a name too long
+        raise UserError(f"'{'.'.join(key)}': not a usable path ({value!r}: {err})") from None
     return value
 
 
@@ -406,7 +416,7 @@ def resolve_paths(raw: dict, base: Path, keys: dict = PATH_KEYS) -> dict:
         for k in path[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and path[-1] in node:
-            node[path[-1]] = _absolute(node[path[-1]], base, always)
+            node[path[-1]] = _absolute(node[path[-1]], base, always, path)
     return raw
 
 

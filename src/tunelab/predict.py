@@ -13,9 +13,10 @@ words by the same rule text + span NER data is prepared with). Only raw text is 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from tunelab.artifacts import check_file_target, write_file
 from tunelab.data.read import Row, parse_json_line, read_rows
@@ -32,6 +33,7 @@ def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64)
     [{"text", "entities": [{"type", "text", "start", "end", "score"}]}] with `text[start:end]` the entity's text
     and `score` the mean probability of its words' tags. Another task is a `UserError`."""
     model, tok, meta = load_model_dir(model_dir, tasks=TASKS)
+    texts = [valid_text(t) for t in texts]
     max_length = meta.get("max_length", 512)
     if meta["task"] == "token_classification":
         task = TokenClassificationTask(tok, meta["labels"], max_length)
@@ -46,14 +48,24 @@ def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64)
             for t, p in zip(texts, probs)]
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """`text` as valid Unicode: lone surrogates (bytes that were not UTF-8, as Python keeps them from the command
+    line, or JSON escapes such as \\ud800) become U+FFFD, as invalid bytes in files do."""
+    return SURROGATE.sub("\ufffd", text)
+
+
 def _output_row(fields: dict, res: dict) -> dict:
     return {**fields, **{k: v for k, v in res.items() if k != "text"}}
 
 
-def read_stdin_rows(stream: TextIO, text_column: str) -> tuple[list[str], list[Row]]:
-    """Rows from standard input: JSON lines when the first non-empty line is a JSON object, else one text per
-    non-empty line (in `text_column`)."""
-    lines = [(n, line.rstrip("\r\n")) for n, line in enumerate(stream, start=1) if line.strip()]
+def read_stdin_rows(stream: BinaryIO, text_column: str) -> tuple[list[str], list[Row]]:
+    """Rows from standard input (bytes: invalid UTF-8 is replaced, as in files): JSON lines when the first
+    non-empty line is a JSON object, else one text per non-empty line (in `text_column`)."""
+    text = stream.read().decode("utf-8-sig", errors="replace")
+    lines = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not lines:
         raise UserError("standard input is empty (no texts)")
     try:
@@ -68,7 +80,7 @@ def read_stdin_rows(stream: TextIO, text_column: str) -> tuple[list[str], list[R
 
 def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | Path | None,
                  text_column: str = "text", batch_size: int = 64, overwrite: bool = False,
-                 stdin: TextIO | None = None, stdout: TextIO | None = None) -> dict:
+                 stdin: BinaryIO | None = None, stdout: TextIO | None = None) -> dict:
     """Predict every row of a JSONL/CSV/… file (`-`: standard input); rows keep their other fields and gain
     `prediction` + `probs` (classifier) or `entities` (NER, offsets into the row's text); returns counts.
     `out_path` follows the output-file rule (an existing predictions file is replaced only with `overwrite`;
@@ -76,7 +88,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | 
     if out_path is not None:
         check_file_target(Path(out_path), "predictions", overwrite)
     if str(input_path) == "-":
-        columns, rows = read_stdin_rows(stdin or sys.stdin, text_column)
+        columns, rows = read_stdin_rows(stdin or sys.stdin.buffer, text_column)
     else:
         columns, rows = read_rows(input_path)
     if columns and text_column not in columns:
@@ -91,7 +103,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, out_path: str | 
         else:
             skipped.append({"line": row.line, "reason": row.error or "empty_or_missing_text"})
     results = predict_texts(model_dir, [r[text_column] for r in keep], batch_size) if keep else []
-    lines = "".join(json.dumps(_output_row(fields, res), ensure_ascii=False) + "\n"
+    lines = "".join(valid_text(json.dumps(_output_row(fields, res), ensure_ascii=False)) + "\n"
                     for fields, res in zip(keep, results))
     if out_path is None:
         (stdout or sys.stdout).write(lines)

@@ -480,7 +480,8 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
         "source": {"path": str(source) if is_builtin(source) else str(path.resolve()),
                    "text_column": text_col, "label_column": label_col},
         "options": opts.model_dump(mode="json"),
-        "report": report, "warnings": dataset_warnings(opts, labels, splits), "tunelab_version": __version__,
+        "report": report, "warnings": dataset_warnings(opts, labels, splits, label_col),
+        "tunelab_version": __version__,
     }
     with write_folder(out, "dataset", overwrite) as tmp:
         for name in SPLITS:
@@ -496,15 +497,17 @@ MIN_ROWS = 100  # fewer rows in all: scores move by whole points with one row, a
 MIN_LABEL_TRAIN_ROWS = 2  # fewer train rows of a label: the model cannot learn it, and a baseline can't either
 
 
-def dataset_warnings(opts: PrepareOptions, labels: list[str], splits: dict[str, list[dict]]) -> list[str]:
+def dataset_warnings(opts: PrepareOptions, labels: list[str], splits: dict[str, list[dict]],
+                     label_column: str | None = None) -> list[str]:
     """What makes the dataset unable to support its task (one sentence each, with what to do), or []:
     a single label (classification) or no entity tags (ner), a label with fewer than MIN_LABEL_TRAIN_ROWS
     train rows, an empty split, fewer than MIN_ROWS rows in all. Written into `dataset.json` as `warnings`."""
     out = []
     if opts.task == "classification" and len(labels) == 1:
+        column = label_column or opts.label_column or "label"
         out.append(f"only one label ('{labels[0]}'): a classifier needs at least two, and `tunelab train` refuses "
-                   f"this dataset; check the label column ('{opts.label_column or 'label'}' unless set with "
-                   "--label-column) or add rows of the other labels")
+                   f"this dataset; check the label column ('{column}'; another with --label-column) or add rows "
+                   "of the other labels")
     elif opts.task == "classification":
         counts = Counter(r["label"] for r in splits["train"])
         rare = [label for label in labels if counts[label] < MIN_LABEL_TRAIN_ROWS]
@@ -530,8 +533,9 @@ def dataset_warnings(opts: PrepareOptions, labels: list[str], splits: dict[str, 
             why, fix = f"{total:,} rows are too few to cut it", "add rows"
         out.append(f"the {name} split is empty ({why}): {needs[name]}; {fix}")
     if total < MIN_ROWS:
+        per = " per label" if opts.task == "classification" else ""
         out.append(f"only {total:,} rows in all: too few to fine-tune or to compare with a baseline (a score moves "
-                   "by whole points with one row); a few hundred rows per label is a usual minimum")
+                   f"by whole points with one row); a few hundred rows{per} is a usual minimum")
     return out
 
 

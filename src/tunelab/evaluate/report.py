@@ -204,7 +204,7 @@ def below_baseline_warnings(report: dict) -> list[str]:
 def verdict(score: float, base: float, name: str, metric: str, higher_is_better: bool = True) -> str:
     """One plain line: "fine-tuned model beats NAME by +0.0400 (0.8100 vs 0.7700 macro-F1)", "... scores
     0.4614 below NAME (0.3100 vs 0.7714 macro-F1)" or "... ties with NAME (0.7700 macro-F1 each)"."""
-    gain = _gain(score, base, higher_is_better)
+    gain, name = _gain(score, base, higher_is_better), plain(name)
     if gain > 0:
         return f"fine-tuned model [bold green]beats[/] {name} by {gain:+.4f} ({score:.4f} vs {base:.4f} {metric})"
     if gain < 0:
@@ -219,7 +219,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
      "causal_lm": _print_language, "sft": _print_language}[report["task"]](report, console)
     _print_leakage(report, console)
     if report.get("base_fit") and (warning := base_fit.advice(report["base_fit"], report["model"]["base"])):
-        console.print(f"[bold yellow]warning:[/] {plain(warning)}")
+        console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
     print_warnings(report["warnings"] if "warnings" in report else below_baseline_warnings(report), console)
 
 
@@ -233,7 +233,7 @@ def _print_leakage(report: dict, console: Console) -> None:
         for ex in (leak["exact_examples"] + [e["b"] for e in leak["near_examples"]])[:3]:
             console.print(f"  [red]seen in training:[/] {plain(ex[:100])}")
     else:
-        console.print(line, style="yellow" if not leak.get("checked") else "dim")
+        console.print(line, style="yellow" if not leak.get("checked") else "dim", markup=False, soft_wrap=True)
 
 
 def _per_group_table(title: str, key: str, groups: dict) -> Table:
@@ -263,7 +263,7 @@ def _print_entities(report: dict, console: Console) -> None:
                   f"{m['entity_recall']:.4f}", f"{m['entity_f1']:.4f}", f"{m['token_accuracy']:.4f}", style=style)
 
     base = report["baselines"]["lookup"]
-    add(base["name"], base)
+    add(plain(base["name"]), base)
     add(_model_name(report), {**report, "train_examples": report["model"]["train_examples"]}, "bold green")
     console.print(t)
     console.print(_per_group_table("fine-tuned model, per entity type", "type", report["per_type"]))
@@ -287,7 +287,7 @@ def _print_language(report: dict, console: Console) -> None:
         t.add_row(*cells, style=style)
 
     if "before" in report:
-        add(f"base {report['model']['base'].removeprefix('builtin:')} (before)", report["before"])
+        add(plain(f"base {report['model']['base'].removeprefix('builtin:')} (before)"), report["before"])
     add(_model_name(report), report["after"], "bold green")
     console.print(t)
     f = report.get("forgetting")
@@ -316,7 +316,7 @@ def _print_classification(report: dict, console: Console) -> None:
     b = report["baselines"]
     shown = [k for k in ("zero_shot", "tfidf_logreg", "tfidf_logreg_same_rows") if k in b]
     for k in shown:
-        add(b[k]["name"], 0 if k == "zero_shot" else b[k]["train_examples"], b[k])
+        add(plain(b[k]["name"]), 0 if k == "zero_shot" else b[k]["train_examples"], b[k])
     add(_model_name(report), report["model"]["train_examples"], report, style="bold green")
     console.print(t)
     console.print(_per_group_table("fine-tuned model, per class", "label", report["per_class"]))
@@ -336,4 +336,4 @@ def _print_train_rows(report: dict, console: Console) -> None:
             f"{b['tfidf_logreg']['name']} trained on {b['tfidf_logreg']['train_examples']:,} (the whole train split)")
     if "tfidf_logreg_same_rows" in b:
         line += f", and again on the same {rows['model']:,} rows as the model (its own row above)"
-    console.print(line, soft_wrap=True, highlight=False)
+    console.print(line, soft_wrap=True, highlight=False, markup=False)

@@ -87,7 +87,7 @@ def ensure_dataset(cfg: RunConfig, console: Console | None = None) -> tuple[Path
     if console is not None:
         console.print("prepared " + " / ".join(f"{n:,} {name}" for name, n in meta["splits"].items()) + " rows")
         for warning in meta.get("warnings", []):
-            console.print(f"[bold yellow]warning:[/] {plain(warning)}")
+            console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
     return d, {"source": p.source, "dir": str(d.resolve()), "fingerprint": meta["fingerprint"],
                "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
 
@@ -281,9 +281,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
         tracker.log(state.step, **run_record.get("resumed_from", {}))
     fit = base_fit.measure(tokenizer, [row_text(r) for r in train_rows])
     if (warning := base_fit.advice(fit, cfg.model.base)) is not None:  # before an hour is spent on it
-        console.print(f"[bold yellow]warning:[/] {warning}")
+        console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
     n_train, n_total = count_parameters(model)
-    console.print(f"[bold]train[/] {task_name} · {cfg.model.base} · method {cfg.method.name} · "
+    console.print(f"[bold]train[/] {task_name} · {plain(cfg.model.base)} · method {cfg.method.name} · "
                   f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
                   f"{len(train_rows):,} train / {len(val_rows):,} validation examples"
                   + (f" in {len(tr):,} + {len(va):,} packed blocks" if getattr(task, "packing", False) else "")
@@ -441,10 +441,10 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
         where = " (the final save was not finished)" if state.done else ""
         console.print(f"[bold yellow]stopped[/] by {stop_req.requested} at step {state.step} of {total_steps}"
                       f"{where}; checkpoint {plain(checkpoint)}; continue with: "
-                      f"{plain(resume_command(out))}")
+                      f"{plain(resume_command(out))}", soft_wrap=True)
         dd.close()
         return {"interrupted": stop_req.requested, "steps": state.step, "total_steps": total_steps,
-                "checkpoint": checkpoint, "task": task_name}
+                "checkpoint": checkpoint, "task": task_name, "resume": resume_command(out)}
     dd.close()
     tokens_rate = (state.tokens_seen - tokens_at_start) / max(train_time, 1e-9)
     tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate, elapsed_s=elapsed,
@@ -452,7 +452,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     tracker.close()
     model_dir = result["model_dir"]
     per_unit = f" · {tokens_rate:,.0f} tokens/s" if task_name != "classification" else ""
-    console.print(f"[bold green]saved[/] {model_dir} · best validation {metric_name} {state.best_metric:.4f} "
+    console.print(f"[bold green]saved[/] {plain(model_dir)} · best validation {metric_name} {state.best_metric:.4f} "
                   f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
     return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
             "validation": result["validation"], "nonfinite_skipped": state.nonfinite_skipped,
@@ -555,7 +555,7 @@ def _save(out: Path, state: LoopState, model, best_weights, optimizer, scheduler
 def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimizer, scheduler,
             console: Console, fsdp: bool = False) -> tuple[LoopState, dict | None]:
     d, weights, trainer, saved, best = ckpt.load_resume(out, resume, note=lambda msg: console.print(
-        f"[bold yellow]{msg}[/]", highlight=False, soft_wrap=True))
+        f"[bold yellow]{plain(msg)}[/]", highlight=False, soft_wrap=True))
     diffs = _differences(saved["config"], run_record["config"])
     if saved["data_fingerprint"] != run_record["data_fingerprint"]:
         diffs.append("data fingerprint")
@@ -567,8 +567,8 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
     scheduler.load_state_dict(trainer["scheduler"])
     ckpt.set_rng_state(trainer["rng"])
     state = LoopState(**saved["loop"])
-    console.print(f"[bold]resumed[/] from {d} at step {state.step}" + (f" (forced; changed: {diffs})" if diffs
-                                                                       else ""), soft_wrap=True)
+    console.print(f"[bold]resumed[/] from {plain(d)} at step {state.step}"
+                  + (f" (forced; changed: {plain(diffs)})" if diffs else ""), soft_wrap=True)
     run_record["resumed_from"] = {"checkpoint": str(d), "forced_changes": diffs}
     best_weights = best or (weights if state.best_step == state.step else None)
     return state, best_weights

@@ -34,7 +34,7 @@ class TrainProgress:
                                f"ETA {eta:.0f} s", highlight=False)
 
     def note(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress:
