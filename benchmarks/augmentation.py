@@ -20,7 +20,8 @@ from _common import write_result  # noqa: E402
 
 from tunelab.config import AugmentConfig, PrepareOptions, validate  # noqa: E402
 from tunelab.data.augment import augment  # noqa: E402
-from tunelab.data.prepare import SPLITS, load_meta, load_split, prepare  # noqa: E402
+from tunelab.data.dataset import SPLITS, load_meta, load_split  # noqa: E402
+from tunelab.data.prepare import prepare  # noqa: E402
 from tunelab.data.split import sample_rows  # noqa: E402
 from tunelab.evaluate.report import evaluate  # noqa: E402
 from tunelab.train.loop import train  # noqa: E402

@@ -28,7 +28,8 @@ from _common import write_result  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tunelab.config import PrepareOptions  # noqa: E402
-from tunelab.data.prepare import load_meta, load_split, prepare  # noqa: E402
+from tunelab.data.dataset import load_meta, load_split  # noqa: E402
+from tunelab.data.prepare import prepare  # noqa: E402
 from tunelab.evaluate import baselines as bl  # noqa: E402
 from tunelab.evaluate.metrics import classification_metrics  # noqa: E402
 

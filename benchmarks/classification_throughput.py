@@ -29,7 +29,8 @@ from _common import write_result  # noqa: E402
 
 from tunelab.config import validate  # noqa: E402
 from tunelab.config import PrepareOptions  # noqa: E402
-from tunelab.data.prepare import load_split, prepare  # noqa: E402
+from tunelab.data.dataset import load_split  # noqa: E402
+from tunelab.data.prepare import prepare  # noqa: E402
 from tunelab.evaluate.metrics import classification_metrics  # noqa: E402
 from tunelab.models import load_classifier, quiet_transformers  # noqa: E402
 from tunelab.tasks.classification import ClassificationTask  # noqa: E402

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import write_result  # noqa: E402
 
 from tunelab.config import PrepareOptions  # noqa: E402
-from tunelab.data.prepare import load_split, prepare  # noqa: E402
+from tunelab.data.dataset import load_split  # noqa: E402
+from tunelab.data.prepare import prepare  # noqa: E402
 
 
 def load_tweets() -> list[tuple[str, str]]:

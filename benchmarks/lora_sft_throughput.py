@@ -69,7 +69,7 @@ def arm_trainer(data_dir: str, n: int, out: str) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from tunelab.data.prepare import load_split
+    from tunelab.data.dataset import load_split
     from tunelab.models import load_tokenizer, quiet_transformers, resolve_base
     from tunelab.tasks.sft import encode_conversation
     from tunelab.train.loop import _subset
@@ -122,7 +122,8 @@ def main() -> None:
         return child(args)
 
     from tunelab.config import PrepareOptions
-    from tunelab.data.prepare import load_split, prepare
+    from tunelab.data.dataset import load_split
+    from tunelab.data.prepare import prepare
     from tunelab.train.loop import _subset
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,8 @@ import random
 
 from tunelab.config import AugmentConfig, PrepareOptions
 from tunelab.data.augment import EmbeddingNeighbours, Paraphraser, augment, delete_words, swap_words
-from tunelab.data.prepare import load_split, prepare
+from tunelab.data.dataset import load_split
+from tunelab.data.prepare import prepare
 
 from conftest import make_rows, write_csv
 

@@ -74,7 +74,8 @@ def test_prepare_keeps_chinese_reviews_as_written(tmp_path):
     import json
 
     from tunelab.config import PrepareOptions
-    from tunelab.data.prepare import load_split, prepare
+    from tunelab.data.dataset import load_split
+    from tunelab.data.prepare import prepare
 
     texts = [f"第{i}条：质量很好，物流也快！下单时间 2007-10-30 21:58:{i:02d}，版本 v2.13.0" for i in range(6)]
     src = tmp_path / "reviews.jsonl"

@@ -149,7 +149,8 @@ def test_ner_text_with_entities_is_redacted_before_tokenising(tmp_path):
     import json
 
     from tunelab.config import PrepareOptions
-    from tunelab.data.prepare import load_split, prepare
+    from tunelab.data.dataset import load_split
+    from tunelab.data.prepare import prepare
 
     text = "Jane Doe wrote from jane.doe@acme.com, call 555 123 4567."
     rows = [{"text": text, "entities": [{"start": 0, "end": 8, "label": "PER"},

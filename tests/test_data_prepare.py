@@ -3,7 +3,8 @@ import json
 import pytest
 
 from tunelab.config import PrepareOptions
-from tunelab.data.prepare import load_meta, load_split, prepare
+from tunelab.data.dataset import load_meta, load_split
+from tunelab.data.prepare import prepare
 from tunelab.errors import UserError
 
 from conftest import make_rows, write_csv

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from conftest import make_rows, write_csv
 from tunelab.cli import app
-from tunelab.data.prepare import load_split, prepare
+from tunelab.data.dataset import load_split
+from tunelab.data.prepare import prepare
 from tunelab.errors import UserError
 from tunelab.evaluate.report import evaluate
 

@@ -79,7 +79,7 @@ def test_out_of_memory_names_the_knobs_and_writes_no_checkpoint(tmp_path, small_
 
 
 def test_auto_batch_size_splits_and_keeps_the_gradient(tmp_path, small_dataset, monkeypatch):
-    from tunelab.data.prepare import load_split
+    from tunelab.data.dataset import load_split
     from tunelab.models import load_classifier
     from tunelab.train.loop import accumulate_gradients
 

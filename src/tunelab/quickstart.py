@@ -27,7 +27,7 @@ SOURCE = "builtin:tweets-sentiment"
 def _same_dataset(data: Path, opts: PrepareOptions) -> dict | None:
     """The dataset.json at `data` if it was prepared from the built-in tweets with `opts` by this version."""
     from tunelab import __version__
-    from tunelab.data.prepare import load_meta
+    from tunelab.data.dataset import load_meta
 
     if not (data / "dataset.json").is_file():
         return None

@@ -89,7 +89,7 @@ def test_training_on_a_single_label_is_refused(tmp_path):
 # ---- A, C, D: eval of a model below the baseline, trained on a subset ---------------------------------------
 
 def test_eval_below_the_baseline_warns_states_both_sizes_and_says_it_plainly(tmp_path, subset_model, small_dataset):
-    from tunelab.data.prepare import load_split
+    from tunelab.data.dataset import load_split
     from tunelab.data.split import sample_rows
     from tunelab.evaluate import baselines as bl
     from tunelab.evaluate.report import model_train_subset
@@ -140,7 +140,7 @@ def test_quickstart_ends_with_what_to_change_when_below_a_baseline(tmp_path, mon
     import io
 
     from tunelab import quickstart
-    from tunelab.data.prepare import load_meta
+    from tunelab.data.dataset import load_meta
 
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(quickstart, "prepare", lambda *a, **k: load_meta(small_dataset))

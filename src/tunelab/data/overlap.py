@@ -19,7 +19,7 @@ from tunelab.errors import UserError
 
 def load_texts(spec: str, text_column: str = "text") -> list[str]:
     """Texts of `spec`: a file, a dataset dir (all splits) or `DIR:split`."""
-    from tunelab.data.prepare import SPLITS, load_split
+    from tunelab.data.dataset import SPLITS, load_split
 
     path, _, split = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
     p = Path(path)

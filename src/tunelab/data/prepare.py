@@ -10,7 +10,6 @@ write `train/validation/test.jsonl`, `rejected.jsonl` (source line + reason for 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
@@ -23,14 +22,14 @@ from tunelab.artifacts import FolderLock, check_target, write_folder
 from tunelab.assets import DATASET_COLUMNS, builtin_path, is_builtin
 from tunelab.config import PrepareOptions
 from tunelab.data.clean import Cleaner
+from tunelab.data.dataset import DATASET_FILE, OUTPUT_FIELDS, SPLITS, fingerprint, output_row, write_jsonl
 from tunelab.data.dedup import exact_dedup
 from tunelab.data.pii import PiiRedactor
 from tunelab.data.read import read_rows
 from tunelab.data.split import group_split, sample_rows
 from tunelab.data.words import split_words
-from tunelab.errors import UserError, read_json_file
+from tunelab.errors import UserError
 
-SPLITS = ("train", "validation", "test")
 SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 # Reasons that make a row malformed (as opposed to filtered): `--strict` stops at the first of these.
@@ -379,16 +378,6 @@ def near_dedup(rows: list[dict], opts: PrepareOptions) -> tuple[list[dict], list
     return kept, dropped, groups, res.candidates
 
 
-def fingerprint(splits: dict[str, list[dict]]) -> str:
-    """sha256 over the written content of all splits (order-sensitive)."""
-    h = hashlib.sha256()
-    for name in SPLITS:
-        for r in splits[name]:
-            h.update(json.dumps([name, r["text"], r["label"], r.get("messages"), r.get("tags")],
-                                ensure_ascii=False).encode())
-    return h.hexdigest()[:16]
-
-
 def _check_drop_rate(report: dict, opts: PrepareOptions, path: Path) -> None:
     dropped = {k: v for k, v in report["dropped"].items() if k not in NOT_A_DROP}
     rate = sum(dropped.values()) / max(1, report["rows_read"])
@@ -485,11 +474,11 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
     }
     with write_folder(out, "dataset", overwrite) as tmp:
         for name in SPLITS:
-            _write_jsonl(tmp / f"{name}.jsonl", (_output_row(r, opts.task) for r in splits[name]))
-        _write_jsonl(tmp / "rejected.jsonl", sorted(rejected, key=lambda r: r["line"]))
-        _write_jsonl(tmp / "near_duplicates.jsonl", groups)
+            write_jsonl(tmp / f"{name}.jsonl", (output_row(r, opts.task) for r in splits[name]))
+        write_jsonl(tmp / "rejected.jsonl", sorted(rejected, key=lambda r: r["line"]))
+        write_jsonl(tmp / "near_duplicates.jsonl", groups)
         (tmp / "conflicts.json").write_text(json.dumps(conflicts, ensure_ascii=False, indent=1))
-        (tmp / "dataset.json").write_text(json.dumps(meta, ensure_ascii=False, indent=2))
+        (tmp / DATASET_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2))
     return meta
 
 
@@ -537,42 +526,3 @@ def dataset_warnings(opts: PrepareOptions, labels: list[str], splits: dict[str, 
         out.append(f"only {total:,} rows in all: too few to fine-tune or to compare with a baseline (a score moves "
                    f"by whole points with one row); a few hundred rows{per} is a usual minimum")
     return out
-
-
-OUTPUT_FIELDS = {"classification": ["text", "label"], "text": ["text"], "sft": ["messages"],
-                 "ner": ["tokens", "tags"]}
-
-
-def _output_row(r: dict, task: str) -> dict:
-    out = {k: r[k] for k in OUTPUT_FIELDS[task]}
-    for extra in ("category", "augmented"):
-        if extra in r:
-            out[extra] = r[extra]
-    return out
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-# ---- reading a prepared dataset dir ------------------------------------------------------------
-
-def load_meta(data_dir: str | Path) -> dict:
-    d = Path(data_dir)
-    return read_json_file(d / "dataset.json",
-                          f"{d} is not a dataset dir (no dataset.json); create one with `tunelab data prepare`")
-
-
-def load_split(data_dir: str | Path, split: str) -> list[dict]:
-    """Rows {"text", "label"} of one split of a prepared dataset dir."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    load_meta(data_dir)
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path} is missing; prepare the dataset again")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return rows

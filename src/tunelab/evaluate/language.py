@@ -90,7 +90,7 @@ def general_text(source: str | None, n: int, seed: int = 0) -> tuple[str, list[d
     else:
         p = Path(source)
         if p.is_dir():
-            from tunelab.data.prepare import load_split
+            from tunelab.data.dataset import load_split
 
             texts = [r.get("text") or "" for r in load_split(p, "test")]
         elif p.is_file():

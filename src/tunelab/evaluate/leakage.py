@@ -20,7 +20,7 @@ SEEN_SPLITS = ("train", "validation")  # what training read: train to fit, valid
 
 def training_data(meta: dict) -> tuple[Path | None, str]:
     """The model's training dataset dir -> (dir, "") or (None, why it cannot be used)."""
-    from tunelab.data.prepare import load_meta
+    from tunelab.data.dataset import load_meta
 
     data = meta.get("data") or {}
     places = [p for p in (data.get("path"), data.get("dir")) if p]
@@ -52,7 +52,7 @@ def row_text(row: dict) -> str:
 def check_leakage(meta: dict, rows: list[dict], threshold: float = 0.7) -> dict:
     """`rows` (the evaluated split) against the model's training data. -> {"checked", ...}: when checked, the
     counts of exact and near duplicates, their share, a few examples, and whether the warning is `loud`."""
-    from tunelab.data.prepare import load_split
+    from tunelab.data.dataset import load_split
 
     train_dir, why = training_data(meta)
     if train_dir is None:

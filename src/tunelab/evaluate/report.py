@@ -21,7 +21,7 @@ from rich.table import Table
 
 from tunelab.artifacts import check_file_target, write_file
 from tunelab.config import EvalConfig, section
-from tunelab.data.prepare import load_meta, load_split
+from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.summary import print_warnings
 from tunelab.errors import UserError
 from tunelab.evaluate import baselines as bl

@@ -28,7 +28,8 @@ from rich.console import Console
 
 from tunelab.artifacts import META_FILE, FolderLock, check_target, kind_of, recover, write_folder
 from tunelab.config import RunConfig, dump_config
-from tunelab.data.prepare import PrepareOptions, load_meta, load_split, prepare
+from tunelab.data.dataset import load_meta, load_split
+from tunelab.data.prepare import PrepareOptions, prepare
 from tunelab.data.split import sample_rows
 from tunelab.errors import UserError
 from tunelab.evaluate import base_fit
