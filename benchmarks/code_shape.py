@@ -13,7 +13,8 @@ Measured with the standard library only (`ast`, `tokenize`), no import of tunela
    function-local ones; cycles (strongly connected components of more than one module, or self-loops)
    among module-level imports, and with the local ones added. An import edge goes to the most specific
    module named (`from tunelab.train import loop` -> tunelab.train.loop), not to the parent packages.
-   Layer violations: any import of tunelab.tasks/evaluate/models/data/assets into tunelab.train or serve.
+   Layer violations: any import of tunelab.train or tunelab.serve from a lower layer (tasks, evaluate, models,
+   data, assets): the layering rule is that lower layers never import train/ or serve/.
 4. Comment share: lines holding a `#` comment, and those plus docstring lines, over the non-blank lines;
    and the public functions without a docstring in serve, tasks and methods (module-level functions and
    methods of public classes whose names do not start with an underscore).
@@ -249,7 +250,7 @@ def import_graph(mods: list[Source], pkg: str) -> dict:
                 module_edges[m.name].add(t)
             else:
                 local[m.rel] += 1
-            if in_layer(m.name, pkg, UPPER_LAYERS) and in_layer(t, pkg, LOWER_LAYERS):
+            if in_layer(m.name, pkg, LOWER_LAYERS) and in_layer(t, pkg, UPPER_LAYERS):
                 violations.append({"file": m.rel, "line": line, "imports": t, "where": where})
     return {"module_level_edges": sum(map(len, module_edges.values())), "local_imports": sum(local.values()),
             "local_imports_per_file": dict(local.most_common()), "type_checking_imports": type_only,

@@ -72,11 +72,11 @@ def arm_trainer(data_dir: str, n: int, out: str) -> dict:
     from tunelab.data.dataset import load_split
     from tunelab.models import load_tokenizer, quiet_transformers, resolve_base
     from tunelab.tasks.sft import encode_conversation
-    from tunelab.train.loop import _subset
+    from tunelab.data.split import seeded_subset
 
     quiet_transformers()
     tok = load_tokenizer(BASE)
-    rows = _subset(load_split(data_dir, "train"), n, 0, "sft")
+    rows = seeded_subset(load_split(data_dir, "train"), n, 0)
     features = []
     for r in rows:
         ids, labels = encode_conversation(tok, r["messages"])
@@ -124,12 +124,12 @@ def main() -> None:
     from tunelab.config import PrepareOptions
     from tunelab.data.dataset import load_split
     from tunelab.data.prepare import prepare
-    from tunelab.train.loop import _subset
+    from tunelab.data.split import seeded_subset
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "chat"
         prepare("builtin:chatterbot", data, PrepareOptions(task="sft", max_drop_rate=0.6))
-        rows = _subset(load_split(data, "train"), args.conversations, 0, "sft")
+        rows = seeded_subset(load_split(data, "train"), args.conversations, 0)
         tokens = real_tokens(rows)
         arms = {}
         for arm in ("trainer", "tunelab-fp32", "tunelab-auto"):

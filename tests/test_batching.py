@@ -1,6 +1,7 @@
 import torch
 
-from tunelab.train.batching import length_grouped_batches, pad_batch
+from tunelab.tasks.batch import pad_batch
+from tunelab.train.batching import length_grouped_batches
 
 
 def _padding(batches, lengths):

@@ -20,7 +20,6 @@ from torch import nn
 from tunelab.artifacts import kind_of, write_folder
 from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin, tiny_model_dir
 from tunelab.errors import UserError, read_json_file
-from tunelab.train.distributed import is_dtensor
 
 META_FILE = "tunelab.json"
 
@@ -264,6 +263,11 @@ def build_scratch_lm(scratch, texts, max_length: int, seed: int = 0):
                       tie_word_embeddings=True)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg), tok, BaseRef("scratch", "scratch"), []
+
+
+def is_dtensor(t) -> bool:
+    """An FSDP2-sharded tensor (checked by name: no import of the DTensor machinery on the common path)."""
+    return type(t).__name__ == "DTensor"
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

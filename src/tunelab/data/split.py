@@ -62,3 +62,18 @@ def sample_rows(rows: list[dict], n: int, label_field: str, seed: int) -> tuple[
     for label, q in zip(labels, quota):
         chosen.update(int(i) for i in rng.choice(np.array(by_label[label]), size=int(q), replace=False))
     return ([r for i, r in enumerate(rows) if i in chosen], [r for i, r in enumerate(rows) if i not in chosen])
+
+
+def seeded_subset(rows: list[dict], n: int | None, seed: int, stratify: str | None = None) -> list[dict]:
+    """At most `n` of `rows` (all of them when `n` is None), chosen by `seed`, in their original order:
+    stratified by the field `stratify` when given (`sample_rows`), else uniformly. Training draws its
+    `max_train_examples` / `max_eval_examples` subsets with it, and evaluation rebuilds them with it."""
+    if n is None:
+        return rows
+    if stratify is not None:
+        return sample_rows(rows, n, stratify, seed)[0]
+    if n >= len(rows):
+        return rows
+    keep = sorted(np.random.default_rng(seed).choice(len(rows), n, replace=False).tolist())
+    return [rows[i] for i in keep]
+

@@ -22,6 +22,7 @@ from rich.table import Table
 from tunelab.artifacts import check_file_target, write_file
 from tunelab.config import EvalConfig, section
 from tunelab.data.dataset import load_meta, load_split
+from tunelab.data.split import seeded_subset
 from tunelab.data.summary import print_warnings
 from tunelab.errors import UserError
 from tunelab.evaluate import baselines as bl
@@ -36,7 +37,6 @@ from tunelab.tasks import DATASET_TASKS
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.tasks.token_classification import TokenClassificationTask
 from tunelab.terminal import make_console, plain
-from tunelab.train.loop import _subset
 
 BASELINES = ("tfidf", "zero_shot")
 
@@ -124,12 +124,12 @@ def _report_names(report: Path, png: Path) -> bool:
 def model_train_subset(meta: dict, train_rows: list[dict]) -> list[dict] | None:
     """The rows of `train_rows` (the train split the model was trained on) that the model saw, when it trained
     on a seeded subset (`data.max_train_examples`); None when it saw all of them or the subset can't be rebuilt
-    (no seed recorded). Rebuilt with the training loop's own `_subset`: the same rows, the same seed."""
+    (no seed recorded). Rebuilt with `seeded_subset`, as training drew it: the same rows, the same seed."""
     data, seed = meta["data"], meta.get("seed")
     n = data.get("max_train_examples") or data["train_examples"]
     if seed is None or data["train_examples"] >= len(train_rows):
         return None
-    subset = _subset(train_rows, n, seed, "classification")
+    subset = seeded_subset(train_rows, n, seed, "label")
     return subset if len(subset) == data["train_examples"] else None
 
 

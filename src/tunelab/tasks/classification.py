@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tunelab.errors import UserError
 from tunelab.evaluate.metrics import classification_metrics
-from tunelab.train.batching import pad_batch
+from tunelab.tasks.batch import pad_batch
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from tunelab.data.words import split_words
 from tunelab.errors import UserError
-from tunelab.train.batching import pad_batch
+from tunelab.tasks.batch import pad_batch
 
 IGNORE = -100
 

@@ -1,9 +1,8 @@
-"""Batch formation: length-grouped shuffled batches and dynamic padding."""
+"""Batch formation: length-grouped shuffled batches (padding is `tunelab.tasks.batch.pad_batch`)."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True,
@@ -25,14 +24,3 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
         batches += [chunk[i:i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
     order = rng.permutation(len(batches))
     return [batches[i] for i in order]
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence -> (input_ids [B, T], attention_mask [B, T])."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask

@@ -25,6 +25,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tunelab.models import is_dtensor
+
 
 @dataclass
 class Dist:
@@ -88,11 +90,6 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer)
     fully_shard(model)
     return model
-
-
-def is_dtensor(t) -> bool:
-    """An FSDP2-sharded tensor (checked by name: no import of the DTensor machinery on the common path)."""
-    return type(t).__name__ == "DTensor"
 
 
 def optimizer_state(model, optimizer, fsdp: bool) -> dict:

@@ -30,7 +30,7 @@ from tunelab.artifacts import META_FILE, FolderLock, check_target, kind_of, reco
 from tunelab.config import RunConfig, dump_config
 from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.prepare import PrepareOptions, prepare
-from tunelab.data.split import sample_rows
+from tunelab.data.split import seeded_subset
 from tunelab.errors import UserError
 from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import row_text
@@ -104,17 +104,6 @@ def resolve_task(cfg: RunConfig, meta: dict, data_dir: Path) -> str:
         raise UserError(f"{data_dir} holds a '{meta.get('task')}' dataset, which trains task '{wanted}'; "
                         f"this config says task: {cfg.task}")
     return wanted
-
-
-def _subset(rows: list[dict], n: int | None, seed: int, task: str) -> list[dict]:
-    if n is None:
-        return rows
-    if task == "classification":
-        return sample_rows(rows, n, "label", seed)[0]
-    if n >= len(rows):
-        return rows
-    keep = sorted(np.random.default_rng(seed).choice(len(rows), n, replace=False).tolist())
-    return [rows[i] for i in keep]
 
 
 def build_task(task: str, cfg: RunConfig, meta: dict, train_rows: list[dict]):
@@ -236,8 +225,9 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     data_dir = ensure_dataset(cfg)[0]
     meta = load_meta(data_dir)
     task_name = resolve_task(cfg, meta, data_dir)
-    train_rows = _subset(load_split(data_dir, "train"), cfg.data.max_train_examples, tc.seed, task_name)
-    val_rows = _subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, tc.seed, task_name)
+    stratify = "label" if task_name == "classification" else None  # a subset keeps the class balance
+    train_rows = seeded_subset(load_split(data_dir, "train"), cfg.data.max_train_examples, tc.seed, stratify)
+    val_rows = seeded_subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, tc.seed, stratify)
     if not train_rows or not val_rows:
         raise UserError(f"{data_dir}: the train and validation splits must both have rows")
 
