@@ -2,7 +2,7 @@ import importlib.util
 
 import pytest
 
-from tunelab import assets
+from tunelab import assets, models
 from tunelab.errors import UserError
 
 
@@ -28,14 +28,14 @@ def test_unknown_asset_lists_the_known_ones():
 def test_tiny_models_are_built_once_and_deterministic(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    first = assets.tiny_model_dir("tiny-bert")
+    first = models.tiny_model_dir("tiny-bert")
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
-    second = assets.tiny_model_dir("tiny-bert")
+    second = models.tiny_model_dir("tiny-bert")
     assert first != second and second.is_relative_to(tmp_path)
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     with pytest.raises(UserError, match="unknown tiny model"):
-        assets.tiny_model_dir("tiny-gpt")
+        models.tiny_model_dir("tiny-gpt")
 
 
 def test_building_a_cached_asset_leaves_the_random_state_alone(tmp_path, monkeypatch):
@@ -49,7 +49,7 @@ def test_building_a_cached_asset_leaves_the_random_state_alone(tmp_path, monkeyp
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     expected = (torch.rand(3), random.random(), np.random.rand())
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
-    assets.tiny_model_dir("tiny-bert")  # built now: the cache is empty
+    models.tiny_model_dir("tiny-bert")  # built now: the cache is empty
     assert [p.name for p in (tmp_path / "models").glob("tiny-bert-*/model.safetensors")] == ["model.safetensors"]
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]

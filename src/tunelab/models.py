@@ -7,6 +7,7 @@ A model dir holds the Hugging Face files (`config.json` + `model.safetensors`, o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from tunelab.artifacts import kind_of, write_folder
-from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin, tiny_model_dir
+from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin
 from tunelab.errors import UserError, read_json_file
 
 META_FILE = "tunelab.json"
@@ -40,6 +41,47 @@ class BaseRef:
     ref: str
     path: Path | str  # a local dir, or a hub id for transformers to fetch
     gguf_file: str | None = None
+
+
+TINY_SPECS = {
+    "tiny-bert": {"arch": "bert", "tokenizer": "builtin:minilm-l6", "hidden_size": 32, "layers": 2, "heads": 2,
+                  "intermediate_size": 64, "max_positions": 512, "seed": 0},
+    "tiny-llama": {"arch": "llama", "tokenizer": "builtin:smollm2-135m-instruct", "hidden_size": 32, "layers": 2,
+                   "heads": 2, "kv_heads": 1, "intermediate_size": 64, "max_positions": 1024, "seed": 0},
+}
+
+
+def tiny_model_dir(name: str) -> Path:
+    """Build (once) and return the folder of a tiny random model: config, seeded weights, tokenizer.
+
+    `tiny-bert` borrows MiniLM's WordPiece tokenizer, `tiny-llama` SmolLM2's BPE tokenizer, so
+    the models read real text; the weights are random (seed 0) and identical on every machine.
+    """
+    if name not in TINY_MODELS:
+        raise UserError(f"unknown tiny model '{name}'; known: {', '.join(TINY_MODELS)}")
+    spec = TINY_SPECS[name]
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return cached(cache_dir() / "models" / f"{name}-{key}", lambda tmp: _build_tiny(name, spec, tmp))
+
+
+def _build_tiny(name: str, spec: dict, out: Path) -> None:
+    from transformers import AutoModel, BertConfig, LlamaConfig
+
+    tok = load_tokenizer(spec["tokenizer"])
+    size = dict(vocab_size=len(tok), hidden_size=spec["hidden_size"], num_hidden_layers=spec["layers"],
+                num_attention_heads=spec["heads"], intermediate_size=spec["intermediate_size"],
+                max_position_embeddings=spec["max_positions"])
+    if spec["arch"] == "bert":
+        config = BertConfig(**size)
+    else:
+        config = LlamaConfig(**size, num_key_value_heads=spec["kv_heads"], pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(spec["seed"])
+    model = AutoModel.from_config(config)
+    model.config.architectures = None  # a bare body; the task head is added on load
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "tunelab-tiny.json").write_text(json.dumps({"name": name, **spec}))
 
 
 def resolve_base(ref: str) -> BaseRef:

@@ -14,7 +14,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from tunelab.assets import tiny_model_dir
+from tunelab.models import tiny_model_dir
 from tunelab.config import ServeConfig
 from tunelab.serve.app import create_app
 from tunelab.serve.registry import check_specs
