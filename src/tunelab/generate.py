@@ -51,14 +51,15 @@ def load_generator(ref: str, device: str | None = None) -> Generator:
     """A tunelab model dir (causal_lm / sft) or a base model (builtin:…, tiny-llama, HF dir, .gguf). Anything
     that is not a causal LM (a classifier or NER model dir, an encoder) is a `UserError` saying what to use."""
     from tunelab.models import META_FILE, load_causal_lm, load_model_dir, read_meta, resolve_base
+    from tunelab.tasks import task_spec, tasks_where
     from tunelab.tasks.sft import stop_tokens
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(ref) / META_FILE).is_file():
-        task = read_meta(ref).get("task")
-        if task in MODEL_DIR_USE:
-            raise UserError(f"{ref} is a {task} model dir, not a text generator: {MODEL_DIR_USE[task]}")
-        model, tok, meta = load_model_dir(ref, device, tasks=("causal_lm", "sft"))
+        spec = task_spec(read_meta(ref).get("task"), ref)
+        if spec.served_as in MODEL_DIR_USE:
+            raise UserError(f"{ref} is a {spec.name} model dir, not a text generator: {MODEL_DIR_USE[spec.served_as]}")
+        model, tok, meta = load_model_dir(ref, device, tasks=tasks_where(generates=True))
         stop = list(meta.get("stop") or [tok.eos_token])
     else:
         base = resolve_base(ref)
@@ -72,9 +73,8 @@ def load_generator(ref: str, device: str | None = None) -> Generator:
     return Generator(model, tok, sorted(set(stop)), ref)
 
 
-MODEL_DIR_USE = {"classification": "label texts with `tunelab predict`, or `tunelab serve` it for /v1/classify",
-                 "token_classification": "find entities with `tunelab predict`, or `tunelab serve` it for "
-                                         "/v1/entities"}
+MODEL_DIR_USE = {"classify": "label texts with `tunelab predict`, or `tunelab serve` it for /v1/classify",
+                 "entities": "find entities with `tunelab predict`, or `tunelab serve` it for /v1/entities"}
 DECODER_HINT = "to generate, use a causal LM (e.g. builtin:smollm2-135m-instruct) or a causal_lm/sft model dir"
 
 

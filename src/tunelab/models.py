@@ -21,6 +21,7 @@ from torch import nn
 from tunelab.artifacts import kind_of, write_folder
 from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin
 from tunelab.errors import UserError, read_json_file
+from tunelab.tasks import task_spec
 
 META_FILE = "tunelab.json"
 
@@ -387,15 +388,12 @@ def read_meta(model_dir: str | Path) -> dict:
 def _auto_class(task: str):
     import transformers
 
-    name = {"classification": "AutoModelForSequenceClassification",
-            "token_classification": "AutoModelForTokenClassification",
-            "causal_lm": "AutoModelForCausalLM", "sft": "AutoModelForCausalLM"}[task]
-    return getattr(transformers, name)
+    return getattr(transformers, task_spec(task).auto_class)
 
 
 def _head_kwargs(meta: dict, tok) -> dict:
     labels = meta.get("labels") or []
-    if meta["task"] not in ("classification", "token_classification"):
+    if not task_spec(meta["task"]).labelled:
         return {}
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
             "label2id": {label: i for i, label in enumerate(labels)}, "pad_token_id": tok.pad_token_id}
@@ -412,9 +410,7 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str,
 
     d = Path(model_dir)
     meta = read_meta(d)
-    task = meta.get("task")
-    if task not in ("classification", "token_classification", "causal_lm", "sft"):
-        raise UserError(f"{d}: unknown task '{task}' in {META_FILE}")
+    task = task_spec(meta.get("task"), f"{d} ({META_FILE})").name
     if tasks is not None and task not in tasks:
         raise UserError(f"{d} holds a '{task}' model; this command needs a {' or '.join(tasks)} model")
     peft_adapter = (d / "adapter_config.json").is_file()

@@ -22,20 +22,20 @@ from tunelab.artifacts import check_file_target, write_file
 from tunelab.data.read import Row, parse_json_line, read_rows
 from tunelab.errors import UserError
 from tunelab.models import load_model_dir
+from tunelab.tasks import task_spec, tasks_where
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.tasks.token_classification import TokenClassificationTask
 
-TASKS = ("classification", "token_classification")
 
 
 def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64) -> list[dict]:
     """-> in input order, for a classifier [{"text", "prediction", "probs": {label: p}}]; for an NER model
     [{"text", "entities": [{"type", "text", "start", "end", "score"}]}] with `text[start:end]` the entity's text
     and `score` the mean probability of its words' tags. Another task is a `UserError`."""
-    model, tok, meta = load_model_dir(model_dir, tasks=TASKS)
+    model, tok, meta = load_model_dir(model_dir, tasks=tasks_where(labelled=True))
     texts = [valid_text(t) for t in texts]
     max_length = meta.get("max_length", 512)
-    if meta["task"] == "token_classification":
+    if task_spec(meta["task"]).served_as == "entities":
         task = TokenClassificationTask(tok, meta["labels"], max_length)
         found = task.text_entities(model, texts, batch_size)
         return [{"text": t, "entities": f["entities"]} for t, f in zip(texts, found)]

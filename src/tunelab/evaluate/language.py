@@ -14,6 +14,7 @@ import string
 import numpy as np
 
 from tunelab.errors import UserError
+from tunelab.tasks import task_spec
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -49,7 +50,7 @@ def lm_perplexity(model, tokenizer, rows: list[dict], task: str, block: int, bat
     from tunelab.tasks.causal_lm import CausalLMTask
     from tunelab.tasks.sft import SFTTask
 
-    t = (SFTTask if task == "sft" else CausalLMTask)(tokenizer, block, packing=True)
+    t = (SFTTask if task_spec(task).conversations else CausalLMTask)(tokenizer, block, packing=True)
     return t.evaluate(model, t.encode(rows), batch_size)
 
 
@@ -119,10 +120,10 @@ def evaluate_language(model, tok, meta: dict, rows: list[dict], eval_cfg, device
     if base_ref != "scratch":
         base, base_tok, _, _ = load_causal_lm(base_ref)
         base.to(device).eval()
-        if task == "sft" and not getattr(base_tok, "chat_template", None):
+        if task_spec(task).conversations and not getattr(base_tok, "chat_template", None):
             base_tok.chat_template = tok.chat_template
         report["before"] = lm_perplexity(base, base_tok, rows, task, block, bs)
-    if task == "sft" and eval_cfg.generation_samples:
+    if task_spec(task).conversations and eval_cfg.generation_samples:
         stop = list(meta.get("stop") or [tok.eos_token])
         report["after"]["generation"] = generation_scores(Generator(model, tok, stop, "fine-tuned"), rows,
                                                           eval_cfg.generation_samples, eval_cfg.max_new_tokens)

@@ -33,7 +33,7 @@ from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import check_leakage, describe, row_text, training_data
 from tunelab.evaluate.plots import confusion_matrix_png
 from tunelab.models import load_model_dir
-from tunelab.tasks import DATASET_TASKS
+from tunelab.tasks import DATASET_TASKS, task_spec
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.tasks.token_classification import TokenClassificationTask
 from tunelab.terminal import make_console, plain
@@ -90,10 +90,11 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
             "data": {"dir": str(data_dir), "split": split, "fingerprint": data_meta["fingerprint"],
                      "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]},
             "leakage": leak, "base_fit": fit, "eval": eval_cfg.model_dump(mode="json")}
-    if meta["task"] == "classification":
+    spec = task_spec(meta["task"])
+    if spec.report == "classes":
         report = _classification(model, tok, meta, rows, data_dir, eval_cfg, seed,
                                  head["data"]["same_data_as_training"])
-    elif meta["task"] == "token_classification":
+    elif spec.report == "entities":
         task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
         report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
         report["n"] = len(rows)
@@ -103,7 +104,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
     report = {**head, **report}
     report["warnings"] = below_baseline_warnings(report)
     if out:
-        if meta["task"] == "classification":
+        if spec.report == "classes":
             title = f"{meta['base']['ref']} ({meta['method']['name']}) — {split}"
             write_file(png, lambda p: confusion_matrix_png(report["confusion_matrix"]["matrix"], meta["labels"],
                                                            p, title), "plot", checked=True)
@@ -168,11 +169,6 @@ def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed
     return report
 
 
-# What each task's report compares: (score key, its name, higher is better).
-_SCORE = {"classification": ("macro_f1", "macro-F1", True), "token_classification": ("entity_f1", "entity F1", True),
-          "causal_lm": ("perplexity", "perplexity", False), "sft": ("perplexity", "perplexity", False)}
-
-
 def _gain(score: float, base: float, higher_is_better: bool = True) -> float:
     """How much better `score` is than `base` (positive: better), rounded to the 4 places reports show."""
     return round(score - base if higher_is_better else base - score, 4)
@@ -181,8 +177,9 @@ def _gain(score: float, base: float, higher_is_better: bool = True) -> float:
 def below_baseline_warnings(report: dict) -> list[str]:
     """[one sentence] naming each baseline (classification, NER) or the base model (causal_lm, sft: perplexity on
     the split) that scores better than the fine-tuned model, with both scores and what to try; [] when none does."""
-    key, metric, higher = _SCORE[report["task"]]
-    if report["task"] in ("causal_lm", "sft"):
+    spec = task_spec(report["task"])
+    key, metric, higher = spec.score
+    if spec.report == "language":
         before, after = report.get("before"), report["after"]
         if before is None or _gain(after[key], before[key], higher) >= 0:
             return []
@@ -215,8 +212,8 @@ def verdict(score: float, base: float, name: str, metric: str, higher_is_better:
 def print_report(report: dict, console: Console | None = None) -> None:
     """The before/after table of the report's task."""
     console = console or make_console()
-    {"classification": _print_classification, "token_classification": _print_entities,
-     "causal_lm": _print_language, "sft": _print_language}[report["task"]](report, console)
+    printers = {"classes": _print_classification, "entities": _print_entities, "language": _print_language}
+    printers[task_spec(report["task"]).report](report, console)
     _print_leakage(report, console)
     if report.get("base_fit") and (warning := base_fit.advice(report["base_fit"], report["model"]["base"])):
         console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
@@ -272,7 +269,7 @@ def _print_entities(report: dict, console: Console) -> None:
 
 
 def _print_language(report: dict, console: Console) -> None:
-    sft = report["task"] == "sft"
+    sft = task_spec(report["task"]).conversations
     t = Table(title=f"{plain(report['data']['split'])} split of {plain(report['data']['dir'])}"
               + (" (perplexity on assistant tokens)" if sft else ""))
     cols = ["model", "tokens", "loss", "perplexity"] + (["ROUGE-L", "exact match", "answers"] if sft else [])

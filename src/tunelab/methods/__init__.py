@@ -13,18 +13,21 @@ from dataclasses import dataclass
 from torch import nn
 
 from tunelab.errors import UserError
+from tunelab.tasks import TaskSpec, task_spec
 
-PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "token_classification": "TOKEN_CLS", "causal_lm": "CAUSAL_LM",
-                   "sft": "CAUSAL_LM"}
 PEFT_METHODS = ("lora", "adalora", "prefix", "prompt", "ptuning", "ia3")
 
 
 @dataclass
 class MethodContext:
-    task: str  # classification | token_classification | causal_lm | sft
+    task: TaskSpec  # what is trained (a task name is looked up in the registry)
     new_params: list[str]  # names of freshly initialised parameters (the task head)
     total_steps: int = 1000  # AdaLoRA's budget schedule needs the run length
     tokenizer_path: str | None = None  # prompt tuning initialised from text loads the tokenizer from here
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task, str):
+            self.task = task_spec(self.task)
 
 
 def head_module_names(model: nn.Module, new_params: list[str]) -> list[str]:
@@ -38,7 +41,7 @@ def head_module_names(model: nn.Module, new_params: list[str]) -> list[str]:
 def _heads(model, ctx: MethodContext) -> list[str]:
     """Task heads that must train with any method. A causal LM's output layer is the pretrained
     (often embedding-tied) vocabulary projection, not a new head."""
-    if ctx.task in ("causal_lm", "sft"):
+    if ctx.task.generates:
         return []
     return head_module_names(model, ctx.new_params)
 
@@ -86,7 +89,7 @@ def _apply_freeze(model, method, ctx):
 def _peft_config(method, ctx: MethodContext, model):
     import peft
 
-    task_type = getattr(peft.TaskType, PEFT_TASK_TYPES[ctx.task])
+    task_type = getattr(peft.TaskType, ctx.task.peft_task_type)
     heads = _heads(model, ctx) or None
     name = method.name
     if name == "lora":
@@ -126,7 +129,7 @@ def _apply_peft(model, method, ctx):
 
     from peft import get_peft_model
 
-    if method.name == "prefix" and ctx.task in ("classification", "token_classification"):
+    if method.name == "prefix" and ctx.task.labelled:
         # peft's own test for these heads, made at load instead of at the first forward
         body = getattr(model, getattr(model, "base_model_prefix", ""), model)
         if not any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, body)):
@@ -157,7 +160,7 @@ METHODS = {"full": _apply_full, "head": _apply_head, "freeze": _apply_freeze, "a
 def apply_method(model: nn.Module, method, ctx: MethodContext) -> nn.Module:
     """Return the model to train (possibly a peft wrapper) with `requires_grad` set per the method."""
     if method.name == "prompt" and method.prompt.init_text and (
-            ctx.task not in ("causal_lm", "sft") or ctx.tokenizer_path is None):
+            not ctx.task.generates or ctx.tokenizer_path is None):
         raise UserError("method.prompt.init_text works for causal_lm/sft on a pretrained base only")
     return METHODS[method.name](model, method, ctx)
 

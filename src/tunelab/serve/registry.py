@@ -23,6 +23,7 @@ import torch
 from tunelab.errors import UserError, read_json_file
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.protocol import APIError, bad_request
+from tunelab.tasks import task_spec
 
 log = logging.getLogger("tunelab.serve")
 
@@ -89,19 +90,11 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
         raise UserError(f"{ref} is a tunelab {folder}, not a model")
     if (d / META_FILE).is_file():
         meta = read_meta(d)
-        task = meta.get("task")
+        kind = task_spec(meta.get("task"), str(d)).served_as
         method = (meta.get("method") or {}).get("name")
-        if task == "classification":
-            kind = "classify"
-        elif task == "token_classification":
-            kind = "entities"
-        elif task in ("causal_lm", "sft"):
-            kind = "generate"
-            if method in PROMPT_LEARNING:
-                raise UserError(f"{d}: {method}-tuned models are not served (their virtual tokens do not "
-                                "batch); use `tunelab generate`, or train with LoRA")
-        else:
-            raise UserError(f"{d}: '{task}' models are not served; use `tunelab predict`")
+        if kind == "generate" and method in PROMPT_LEARNING:
+            raise UserError(f"{d}: {method}-tuned models are not served (their virtual tokens do not "
+                            "batch); use `tunelab generate`, or train with LoRA")
         lora = (d / "adapter_config.json").is_file() and method in ("lora", "adalora")
         default = d.parent.name if d.name == "model" and d.parent.name else d.name
         return Spec(name or default, ref, kind, True, meta["base"]["ref"] if lora else None, meta)

@@ -1,5 +1,68 @@
-"""Task definitions: how rows become tensors, how loss and predictions are computed."""
+"""Task definitions: how rows become tensors, how loss and predictions are computed, and the registry that
+tells the rest of tunelab what each task is.
 
+Outside this package no code compares task names: it asks the task's `TaskSpec` (`task_spec(name)`) what it
+needs — which transformers class loads the model, whether there is a label set, whether the model generates,
+what the server exposes, which score a report compares. Adding a task is one module here (its `Task` class
+and a `build` function) and one `TaskSpec` in `TASKS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from tunelab.errors import UserError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # the training task: config `task`, a model dir's `tunelab.json` task
+    dataset: str  # the dataset kind it trains on (`data prepare --task`)
+    auto_class: str  # the transformers Auto class that loads its model
+    peft_task_type: str  # peft's TaskType for its adapters
+    labelled: bool  # a label set and a classification head (sequence or token level)
+    generates: bool  # a causal LM: perplexity reports, generation, chat, the forgetting probe
+    conversations: bool  # chat SFT: chat template, loss on the assistant's tokens only
+    served_as: Literal["classify", "entities", "generate"]  # what `tunelab serve` exposes
+    report: Literal["classes", "entities", "language"]  # which report `tunelab eval` writes
+    score: tuple[str, str, bool]  # the report's headline score: (key, name, higher is better)
+    stratify: str | None  # the row field a seeded subset keeps balanced (`data.split.seeded_subset`)
+    module: str  # the module holding its `build(cfg, meta, train_rows)`
+
+    def build(self) -> Callable:
+        """The task's `build(cfg, meta, train_rows) -> (model, tokenizer, BaseRef, new params, task)`,
+        imported on first use (a task's module pulls in its model classes)."""
+        return importlib.import_module(self.module).build
+
+
+TASKS = {spec.name: spec for spec in (
+    TaskSpec("classification", "classification", "AutoModelForSequenceClassification", "SEQ_CLS", labelled=True,
+             generates=False, conversations=False, served_as="classify", report="classes",
+             score=("macro_f1", "macro-F1", True), stratify="label", module="tunelab.tasks.classification"),
+    TaskSpec("token_classification", "ner", "AutoModelForTokenClassification", "TOKEN_CLS", labelled=True,
+             generates=False, conversations=False, served_as="entities", report="entities",
+             score=("entity_f1", "entity F1", True), stratify=None, module="tunelab.tasks.token_classification"),
+    TaskSpec("causal_lm", "text", "AutoModelForCausalLM", "CAUSAL_LM", labelled=False, generates=True,
+             conversations=False, served_as="generate", report="language",
+             score=("perplexity", "perplexity", False), stratify=None, module="tunelab.tasks.causal_lm"),
+    TaskSpec("sft", "sft", "AutoModelForCausalLM", "CAUSAL_LM", labelled=False, generates=True, conversations=True,
+             served_as="generate", report="language", score=("perplexity", "perplexity", False), stratify=None,
+             module="tunelab.tasks.sft"),
+)}
 # dataset task (`data prepare --task`) -> the training task that uses it
-DATASET_TASKS = {"classification": "classification", "ner": "token_classification", "text": "causal_lm",
-                 "sft": "sft"}
+DATASET_TASKS = {spec.dataset: spec.name for spec in TASKS.values()}
+
+
+def task_spec(name: str | None, where: str = "") -> TaskSpec:
+    """The spec of training task `name`; an unknown name is a `UserError` (naming `where` it was read)."""
+    spec = TASKS.get(name)  # type: ignore[arg-type]
+    if spec is None:
+        raise UserError(f"{where + ': ' if where else ''}unknown task '{name}' (known: {', '.join(TASKS)})")
+    return spec
+
+
+def tasks_where(**flags) -> tuple[str, ...]:
+    """The names of the tasks whose spec has these values, e.g. `tasks_where(labelled=True)`."""
+    return tuple(s.name for s in TASKS.values() if all(getattr(s, k) == v for k, v in flags.items()))

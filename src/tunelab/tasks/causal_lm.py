@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunelab.errors import UserError
+
 IGNORE = -100
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")  # peft methods that add virtual tokens: no packing
 
@@ -226,3 +228,23 @@ class CausalLMTask:
             count += self.units(enc, idx)
         loss = total / max(1, count)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def build_lm(cfg, corpus: list[str], task_class):
+    """A pretrained causal LM, or with `model.base: scratch` a new one whose tokenizer is trained on `corpus`,
+    and `task_class` over it (see `tunelab.tasks.TaskSpec.build`)."""
+    from tunelab import models  # models imports this package's registry; the task modules load on demand
+
+    mc = cfg.model
+    if mc.base == "scratch":
+        if cfg.method.name != "full":
+            raise UserError("model.base: scratch trains a new model; use method.name: full")
+        model, tok, base, new = models.build_scratch_lm(mc.scratch, corpus, mc.max_length, cfg.train.seed)
+    else:
+        model, tok, base, new = models.load_causal_lm(mc.base, mc.trust_remote_code)
+    return model, tok, base, new, task_class(tok, mc.max_length, mc.packing, cfg.method.name)
+
+
+def build(cfg, meta: dict, train_rows: list[dict]):
+    """Causal language modelling on the dataset's texts."""
+    return build_lm(cfg, [r["text"] for r in train_rows], CausalLMTask)

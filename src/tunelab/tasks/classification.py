@@ -106,3 +106,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def build(cfg, meta: dict, train_rows: list[dict]):
+    """The run's model with a sequence-classification head over the dataset's labels, its tokenizer, base,
+    new parameter names, and the task (see `tunelab.tasks.TaskSpec.build`)."""
+    from tunelab import models  # models imports this package's registry; the task modules load on demand
+
+    mc = cfg.model
+    model, tok, base, new = models.load_classifier(mc.base, meta["labels"], mc.trust_remote_code)
+    return model, tok, base, new, ClassificationTask(tok, meta["labels"], mc.max_length)

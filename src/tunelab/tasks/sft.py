@@ -12,7 +12,7 @@ is context only.
 from __future__ import annotations
 
 from tunelab.errors import UserError
-from tunelab.tasks.causal_lm import IGNORE, CausalLMTask, one_per_row, pack_bins, shift_targets
+from tunelab.tasks.causal_lm import IGNORE, CausalLMTask, build_lm, one_per_row, pack_bins, shift_targets
 
 # Used when a tokenizer has no chat template (e.g. a model trained from scratch): ChatML, as SmolLM2.
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -84,3 +84,9 @@ class SFTTask(CausalLMTask):
     def encode(self, rows: list[dict]):
         segs = self.segments(rows)
         return pack_bins(segs, self.block) if self.packing else one_per_row(segs, self.block)
+
+
+def build(cfg, meta: dict, train_rows: list[dict]):
+    """Chat SFT on the dataset's conversations; a scratch tokenizer also learns the role names."""
+    corpus = ["\n".join(m["content"] for m in r["messages"]) for r in train_rows] + ["system user assistant"]
+    return build_lm(cfg, corpus, SFTTask)

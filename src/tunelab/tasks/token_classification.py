@@ -188,3 +188,13 @@ def bio_entities(tags: list[str], probs: list[float]) -> list[dict]:
         current = (kind, i) if prefix in ("B", "I") and kind else None
     close(len(tags))
     return found
+
+
+def build(cfg, meta: dict, train_rows: list[dict]):
+    """The run's model with a token-classification head over the dataset's BIO tags (see
+    `tunelab.tasks.TaskSpec.build`)."""
+    from tunelab import models  # models imports this package's registry; the task modules load on demand
+
+    mc = cfg.model
+    model, tok, base, new = models.load_token_classifier(mc.base, meta["labels"], mc.trust_remote_code)
+    return model, tok, base, new, TokenClassificationTask(tok, meta["labels"], mc.max_length)

@@ -6,7 +6,7 @@ tokens for language modelling and NER), so the accumulated gradient is the gradi
 over the window whatever the batch sizes. Then clip, optimizer step, LR schedule step. Evaluation on
 the validation split (the task's metric: macro-F1, entity F1, perplexity) every `eval_every` steps or
 each epoch; the best weights are kept; early stopping after `early_stopping_patience` evaluations
-without gain. What differs between tasks lives in `tunelab.tasks` (see `build_task`).
+without gain. What differs between tasks lives in `tunelab.tasks` (its `TaskSpec` registry).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tunelab.errors import UserError
 from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import row_text
 from tunelab.methods import MethodContext, apply_method, head_module_names
-from tunelab.tasks import DATASET_TASKS
+from tunelab.tasks import DATASET_TASKS, TaskSpec, task_spec
 from tunelab.terminal import make_console, plain
 from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
 from tunelab.train import checkpoint as ckpt
@@ -104,36 +104,6 @@ def resolve_task(cfg: RunConfig, meta: dict, data_dir: Path) -> str:
         raise UserError(f"{data_dir} holds a '{meta.get('task')}' dataset, which trains task '{wanted}'; "
                         f"this config says task: {cfg.task}")
     return wanted
-
-
-def build_task(task: str, cfg: RunConfig, meta: dict, train_rows: list[dict]):
-    """-> (model without method, tokenizer, BaseRef, new parameter names, task object)."""
-    from tunelab import models
-
-    mc = cfg.model
-    if task == "classification":
-        from tunelab.tasks.classification import ClassificationTask
-
-        model, tok, base, new = models.load_classifier(mc.base, meta["labels"], mc.trust_remote_code)
-        return model, tok, base, new, ClassificationTask(tok, meta["labels"], mc.max_length)
-    if task == "token_classification":
-        from tunelab.tasks.token_classification import TokenClassificationTask
-
-        model, tok, base, new = models.load_token_classifier(mc.base, meta["labels"], mc.trust_remote_code)
-        return model, tok, base, new, TokenClassificationTask(tok, meta["labels"], mc.max_length)
-    from tunelab.tasks.causal_lm import CausalLMTask
-    from tunelab.tasks.sft import SFTTask
-
-    if mc.base == "scratch":
-        if cfg.method.name != "full":
-            raise UserError("model.base: scratch trains a new model; use method.name: full")
-        texts = ([r["text"] for r in train_rows] if task == "causal_lm"
-                 else ["\n".join(m["content"] for m in r["messages"]) for r in train_rows] + ["system user assistant"])
-        model, tok, base, new = models.build_scratch_lm(mc.scratch, texts, mc.max_length, cfg.train.seed)
-    else:
-        model, tok, base, new = models.load_causal_lm(mc.base, mc.trust_remote_code)
-    cls = CausalLMTask if task == "causal_lm" else SFTTask
-    return model, tok, base, new, cls(tok, mc.max_length, mc.packing, cfg.method.name)
 
 
 def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32",
@@ -224,8 +194,8 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     dd.barrier()
     data_dir = ensure_dataset(cfg)[0]
     meta = load_meta(data_dir)
-    task_name = resolve_task(cfg, meta, data_dir)
-    stratify = "label" if task_name == "classification" else None  # a subset keeps the class balance
+    spec = task_spec(resolve_task(cfg, meta, data_dir))
+    task_name, stratify = spec.name, spec.stratify
     train_rows = seeded_subset(load_split(data_dir, "train"), cfg.data.max_train_examples, tc.seed, stratify)
     val_rows = seeded_subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, tc.seed, stratify)
     if not train_rows or not val_rows:
@@ -234,13 +204,13 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     # Seeded here, after the data was prepared and before the model is built: whatever ran before (building a
     # cached asset, preparing data) leaves the run's random draws alone, so a warm or cold cache trains the same.
     seed_everything(tc.seed)
-    model, tokenizer, base, new_params, task = build_task(task_name, cfg, meta, train_rows)
+    model, tokenizer, base, new_params, task = spec.build()(cfg, meta, train_rows)
     heads = tuple(head_module_names(model, new_params))
     tr, va = task.encode(train_rows), task.encode(val_rows)
     lengths = tr.lengths  # a property that builds the list: read it once, not per step
     windows_per_epoch = math.ceil(math.ceil(len(tr) / tc.batch_size) / tc.grad_accum)
     total_steps = tc.max_steps or math.ceil(tc.epochs * windows_per_epoch)
-    model = apply_method(model, cfg.method, MethodContext(task_name, new_params, total_steps,
+    model = apply_method(model, cfg.method, MethodContext(spec, new_params, total_steps,
                                                           None if base.ref == "scratch" else str(base.path)))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -280,7 +250,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
                   + (f" in {len(tr):,} + {len(va):,} packed blocks" if getattr(task, "packing", False) else "")
                   + f" · {total_steps} steps on {device} ({precision})")
 
-    lm = task_name in ("causal_lm", "sft")
+    lm = spec.generates
     metric_name = METRIC_NAMES.get(task.metric, task.metric)
     progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console,
                              unit="tok/s" if lm else "ex/s")
@@ -417,7 +387,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
             try:
                 if not dd.enabled:  # from here a signal stops at once (the checkpoint holds the run); under
                     stop_req.raise_from_now()  # torchrun every rank must reach the collectives: a flag there
-                result = _finish(cfg, out, dd, model, tokenizer, base, task, task_name, meta, data_dir, train_rows,
+                result = _finish(cfg, out, dd, model, tokenizer, base, task, spec, meta, data_dir, train_rows,
                                  state, best_weights, last_eval, run_eval, precision, fit)
             except StopRequested:
                 interrupted = True
@@ -442,7 +412,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
                 eval_s=eval_time)
     tracker.close()
     model_dir = result["model_dir"]
-    per_unit = f" · {tokens_rate:,.0f} tokens/s" if task_name != "classification" else ""
+    per_unit = f" · {tokens_rate:,.0f} tokens/s" if spec.served_as != "classify" else ""
     console.print(f"[bold green]saved[/] {plain(model_dir)} · best validation {metric_name} {state.best_metric:.4f} "
                   f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
     return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
@@ -450,7 +420,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
             "examples_per_s": rate, "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
 
 
-def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_name: str, meta: dict, data_dir: Path,
+def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: TaskSpec, meta: dict, data_dir: Path,
             train_rows: list[dict], state: LoopState, best_weights, last_eval: dict | None, run_eval,
             precision: str, fit: dict) -> dict:
     """The best weights, their validation metrics, and the model dir (replaced by a swap, never half-written)."""
@@ -459,7 +429,7 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_na
     fresh = last_eval is not None and state.best_step == state.step
     best_eval = last_eval if fresh else run_eval()
     model_meta = {
-        "task": task_name, "labels": getattr(task, "labels", []),
+        "task": spec.name, "labels": getattr(task, "labels", []),
         "base": {"ref": cfg.model.base, "path": str(base.path)},
         "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
         "data": {"dir": str(data_dir), "path": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
@@ -470,10 +440,10 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, task_na
         "best_step": state.best_step, "steps": state.step, "seed": cfg.train.seed, "precision": precision,
         "versions": library_versions(),
     }
-    if task_name in ("causal_lm", "sft"):  # what a server needs to stop where training taught it to
+    if spec.generates:  # what a server needs to stop where training taught it to
         from tunelab.tasks.sft import stop_tokens
 
-        model_meta["stop"] = stop_tokens(tokenizer, chat=task_name == "sft")
+        model_meta["stop"] = stop_tokens(tokenizer, chat=spec.conversations)
     full_state = distributed.full_model_state(model) if dd.fsdp else None  # gathered on every rank
     if not dd.fsdp:
         model.to("cpu")
