@@ -39,6 +39,8 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` plus the bottleneck's output (same shape): the residual keeps a fresh adapter, whose up-projection
+        is near zero, close to the identity."""
         return x + self.up(self.dropout(nn.functional.gelu(self.down(x))))
 
 
@@ -51,14 +53,19 @@ class AdaptedLinear(nn.Module):
         self.adapter = adapter
 
     @property
-    def weight(self) -> torch.Tensor:  # code that inspects the wrapped layer (dtype, device) still works
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (the tensor itself), so that code inspecting the wrapped layer's dtype or
+        device still works."""
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output, passed through the adapter."""
         return self.adapter(self.base(x))
 
 
 def target_names(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Qualified names of the `nn.Linear` modules of `model` that any of the regexes `patterns` matches
+    (`re.search`), in `named_modules` order; [] when none does."""
     regs = [re.compile(p) for p in patterns]
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(r.search(n) for r in regs)]
 
@@ -80,14 +87,18 @@ def add_adapters(model: nn.Module, bottleneck: int, dropout: float = 0.0, init_s
         ad = Bottleneck(base.out_features, bottleneck, dropout, init_scale).to(base.weight.device)
         setattr(parent, child, AdaptedLinear(base, ad))
     for name, p in model.named_parameters():
+        # ".adapter.": the parameters of every AdaptedLinear's `adapter`
         if ".adapter." in name or any(name == h or name.startswith(h + ".") for h in trainable_extra):
             p.requires_grad_(True)
+    # what `save_adapters` writes to the config, so that `load_adapters` can rebuild the same adapters
     model.tunelab_adapter = {"bottleneck": bottleneck, "dropout": dropout, "init_scale": init_scale,
                              "patterns": patterns or DEFAULT_TARGETS, "trainable_extra": list(trainable_extra)}
     return model
 
 
 def save_adapters(model: nn.Module, out: Path) -> None:
+    """Write the trainable tensors (adapters and any trainable head) to `out/adapter_model.safetensors` and the
+    settings to `out/houlsby_config.json`. `model` must have been through `add_adapters`; `out` must exist."""
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(tensors, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(json.dumps({"adapter_type": "houlsby", **model.tunelab_adapter}, indent=2))

@@ -34,6 +34,9 @@ OPEN_WHILE_DRAINING = {"/health", "/ready", "/metrics"}
 
 
 def create_app(settings: ServeConfig, specs: list[Spec], keys: list[str], device: str = "cpu") -> FastAPI:
+    """The app serving `specs` (no `keys`: no authentication, loopback Host only), returned wrapped in `Guard`,
+    whose `.state` is the `ServerState`. The lifespan starts loading the models in the background (the app
+    answers at once; /ready says when they are up) and stops their engines at shutdown."""
     st = ServerState(settings, specs, keys, device)
 
     @asynccontextmanager
@@ -84,8 +87,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        # the metric's route label takes a fixed set of values, so that arbitrary paths cannot add series
         route = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/") else "other")
-        status = {"code": 500}
+        status = {"code": 500}  # what is counted when the app fails before it starts a response
 
         async def counted_send(message):
             if message["type"] == "http.response.start":
@@ -111,7 +115,7 @@ class Guard:
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
                 return await self._too_large(counted_send, limit)
-            if length is None and with_body:
+            if length is None and with_body:  # chunked: read it here, capped, then replay it to the app
                 body = await _read_capped(receive, limit)
                 if body is None:
                     return await self._too_large(counted_send, limit)
@@ -146,6 +150,7 @@ class Guard:
 
 
 def _text(value: bytes | None) -> str:
+    # header bytes are latin-1 in ASGI; any byte decodes, so a malformed header cannot raise here
     return value.decode("latin-1") if value is not None else ""
 
 

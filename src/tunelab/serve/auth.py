@@ -23,6 +23,9 @@ ENV_KEYS = "TUNELAB_API_KEYS"
 
 
 def read_keys(path: Path | None) -> list[str]:
+    """The keys of `TUNELAB_API_KEYS` and of the file `path` (one per line; blank and `#` lines skipped); [] when
+    there are none. `UserError` when the file cannot be read, when a file is given but no key is found, or
+    when any key is shorter than 16 characters."""
     keys = [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
     if path is not None:
         try:
@@ -66,6 +69,7 @@ class KeyRing:
 
     @property
     def enabled(self) -> bool:
+        """True when the server has keys, i.e. requests must present one."""
         return bool(self._digests)
 
     def identify(self, authorization: str | None) -> str | None:
@@ -74,7 +78,7 @@ class KeyRing:
             return None
         presented = hashlib.sha256(authorization[7:].strip().encode()).digest()
         found = None
-        for d in self._digests:
+        for d in self._digests:  # no break: every digest is compared, so the time does not tell which matched
             if hmac.compare_digest(d, presented):
                 found = d
         return found.hex()[:12] if found is not None else None
@@ -91,6 +95,8 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def take(self, key: str) -> int:
+        """Spend one request from `key`'s bucket (a new key starts with a full one). -> 0 when allowed, else
+        the whole seconds (at least 1) to wait; always 0 with a rate of 0 (no limit). Thread-safe."""
         if self.rate <= 0:
             return 0
         now = time.monotonic()

@@ -37,6 +37,8 @@ class _Refused(Exception):
 
 
 def refusal_bytes(err: APIError) -> bytes:
+    """A whole HTTP/1.1 response for `err` (its JSON envelope, `connection: close`, its headers), written
+    straight to the transport, outside uvicorn's request cycle."""
     body = json.dumps(err.body()).encode()
     head = [f"HTTP/1.1 {err.status} {http.HTTPStatus(err.status).phrase}", "content-type: application/json",
             f"content-length: {len(body)}", "connection: close"]
@@ -64,7 +66,7 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
         # ---- connection --------------------------------------------------------------------------
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            if len(self.connections) > settings.max_connections:
+            if len(self.connections) > settings.max_connections:  # uvicorn has added this connection already
                 self._refuse(APIError(503, "the server has too many open connections; retry shortly",
                                       type="server_error", code="too_many_connections",
                                       headers={"Retry-After": "1"}), "connections", linger=CAP_LINGER_S)
@@ -95,6 +97,8 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
                     self.logger.warning("Invalid HTTP request received.")
                     self.send_400_response("Invalid HTTP request received.")
                 else:
+                    # a callback refused the request (_Refused surfaces as HttpParserCallbackError); it was
+                    # counted there, so no reason here
                     err, _ = self._refusal
                     self._refusal = None
                     self._refuse(err, None)
@@ -119,7 +123,7 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._header_lines += 1
-            self._header_bytes_seen(len(name) + len(value) + 4)
+            self._header_bytes_seen(len(name) + len(value) + 4)  # + ": " and CRLF
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:

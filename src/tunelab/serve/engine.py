@@ -74,6 +74,7 @@ class Sequence:
 
     @property
     def greedy(self) -> bool:
+        """True at temperature 0: the most likely token (after penalties) is taken; nothing is sampled."""
         return self.params.temperature == 0
 
     @property
@@ -140,6 +141,9 @@ class GenerationEngine(_Worker):
             self._cond.notify()
 
     def cancel(self, seqs: list[Sequence]) -> None:
+        """Mark `seqs` cancelled (thread-safe; cancelling twice, or a finished sequence, is harmless). Once the
+        engine thread sees the flag their sinks get no more events, not even "done": at its next iteration
+        it drops them from the queue or frees their batch rows, and marks them finished."""
         with self._cond:
             for s in seqs:
                 s.cancelled = True
@@ -186,7 +190,7 @@ class GenerationEngine(_Worker):
                 self._waiting.popleft()
                 s.finished = True
                 continue
-            if new and len(s.prompt) > budget:
+            if new and len(s.prompt) > budget:  # a prompt over the whole budget still goes in alone: no starving
                 break
             budget -= len(s.prompt)
             new.append(self._waiting.popleft())
@@ -196,6 +200,7 @@ class GenerationEngine(_Worker):
         from transformers import DynamicCache
 
         cache = cache if cache is not None else DynamicCache(config=self._config())
+        # keep_last (prefill): logits of the last position only, not [rows, prompt length, vocabulary]
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                       use_cache=True, logits_to_keep=1 if keep_last else 0)
         if self._multi_adapter:
@@ -222,7 +227,8 @@ class GenerationEngine(_Worker):
         for i, s in enumerate(new):
             ids[i, width - len(s.prompt):] = torch.tensor(s.prompt)
             mask[i, width - len(s.prompt):] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
+        # "__base__": peft's name for "no adapter" in a mixed-adapter batch
         logits, cache = self._forward(ids, mask, positions, None, [s.adapter or "__base__" for s in new],
                                       keep_last=True)
         if self._prompted is not None:
@@ -261,7 +267,7 @@ class GenerationEngine(_Worker):
             return
         index = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, index)
-        start = int(mask.any(0).long().argmax())
+        start = int(mask.any(0).long().argmax())  # the first column holding a real token in some remaining row
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
@@ -333,7 +339,7 @@ class GenerationEngine(_Worker):
             s.tokens.pop()  # the end-of-turn token is not part of the answer
             piece = s._trim.flush()
             self._send(s, piece)
-            self._finish(s, "stop", counted=len(s.tokens) + 1)
+            self._finish(s, "stop", counted=len(s.tokens) + 1)  # it was generated: usage counts it
             return True
         piece = s._trim.push(self._detok(s))
         self._send(s, piece)
@@ -404,6 +410,8 @@ class MicroBatcher(_Worker):
         self._start(f"batcher-{name}")
 
     def submit(self, texts: list[str]) -> Future:
+        """Queue one request's texts (thread-safe). -> a Future of their results, in order, or of the exception
+        `fn` raised for the batch. `EngineFull` when `max_waiting` requests are queued or the batcher is closed."""
         fut: Future = Future()
         with self._cond:
             if self._stopped:
@@ -419,7 +427,7 @@ class MicroBatcher(_Worker):
             with self._cond:
                 while not self._stopped and not self._queue:
                     self._cond.wait()
-                if self._stopped and not self._queue:
+                if self._stopped and not self._queue:  # closing runs what is queued: every Future gets an answer
                     return
                 deadline = time.monotonic() + self.max_wait
                 while not self._stopped and sum(len(t) for t, _ in self._queue) < self.max_batch:
@@ -428,6 +436,7 @@ class MicroBatcher(_Worker):
                         break
                     self._cond.wait(left)
                 batch, n = [], 0
+                # at least one request, even one with more than max_batch texts
                 while self._queue and (not batch or n + len(self._queue[0][0]) <= self.max_batch):
                     texts, fut = self._queue.popleft()
                     batch.append((texts, fut))

@@ -28,4 +28,5 @@ class Metrics:
         self.prompt_tokens = Counter("tunelab_prompt_tokens", "prompt tokens prefilled", ["model"], registry=r)
 
     def render(self) -> bytes:
+        """Every metric of this server, in Prometheus' text exposition format (the body of GET /metrics)."""
         return generate_latest(self.registry)

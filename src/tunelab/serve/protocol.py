@@ -28,10 +28,12 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
+        """The JSON envelope answered to the client: `{"error": {"message", "type", "param", "code"}}`."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 `APIError` (`invalid_request_error`) naming the offending `param`, if any; the caller raises it."""
     return APIError(400, message, param=param, code=code)
 
 
@@ -49,6 +51,7 @@ class Message(Request):
     content: str | list[TextPart] | None = None
 
     def text(self) -> str:
+        """The content as one string: text parts joined with no separator; "" for no content."""
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
@@ -68,7 +71,7 @@ class Sampling(Request):
     top_k: int = Field(0, ge=0, description="extension: 0 = off")
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)  # the range torch's manual_seed accepts
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -104,9 +107,11 @@ class Sampling(Request):
         return v
 
     def stops(self) -> list[str]:
+        """The stop strings as a new list (a single string becomes one item; [] when none)."""
         return list(self.stop or [])
 
     def include_usage(self) -> bool:
+        """True when a stream should end with a usage chunk (`stream_options.include_usage`)."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
@@ -123,6 +128,8 @@ class ChatRequest(Sampling):
         return v
 
     def limit(self) -> int | None:
+        """The completion-token limit asked for: `max_completion_tokens`, else `max_tokens`; None when neither
+        is given (the route picks one)."""
         return self.max_completion_tokens or self.max_tokens
 
 
@@ -131,9 +138,11 @@ class CompletionRequest(Sampling):
     echo: bool = False
 
     def prompts(self) -> list[str]:
+        """`prompt` as a list (a single string becomes one prompt)."""
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
     def limit(self) -> int | None:
+        """`max_tokens`, or None when not given (the route picks one)."""
         return self.max_tokens
 
 
@@ -142,6 +151,7 @@ class ClassifyRequest(Request):
     input: str | list[str]
 
     def texts(self) -> list[str]:
+        """`input` as a list (a single string becomes one text); may be empty, which the route refuses."""
         return [self.input] if isinstance(self.input, str) else self.input
 
 
@@ -157,6 +167,7 @@ class EmbeddingRequest(Request):
     user: str | None = None
 
     def texts(self) -> list[str]:
+        """`input` as a list (a single string becomes one text); may be empty, which the route refuses."""
         return [self.input] if isinstance(self.input, str) else self.input
 
 
@@ -167,7 +178,7 @@ def _no_constants(name: str):
 def parse_body(raw: bytes, model: type[Request]) -> Request:
     """Bytes of a request body -> a validated request, or a 400 `APIError` naming the parameter."""
     try:
-        data = json.loads(raw, parse_constant=_no_constants)
+        data = json.loads(raw, parse_constant=_no_constants)  # NaN, Infinity: Python's json takes them, JSON has none
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise bad_request("the request body is not valid JSON (UTF-8)") from None
     if not isinstance(data, dict):

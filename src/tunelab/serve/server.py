@@ -74,7 +74,7 @@ def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
         raise UserError(f"cannot listen on {host}: {err.strerror}") from None
     socks: list[socket.socket] = []
     try:
-        for family, kind, proto, _, addr in dict.fromkeys(infos):
+        for family, kind, proto, _, addr in dict.fromkeys(infos):  # an address listed twice is bound once
             sock = socket.socket(family, kind, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -132,6 +132,8 @@ def serve(cfg: ServeConfig, out=print) -> int:
     _raise_open_files_limit(cfg.max_connections + 256)
     rejections = guard.state.metrics.rejections
     config = uvicorn.Config(guard, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+                            # lifespan "on": it starts the model loading; "auto" would take an error in it
+                            # for "lifespan unsupported" and serve without models
                             timeout_graceful_shutdown=int(cfg.drain_timeout_s), lifespan="on",
                             http=guarded_protocol(cfg, lambda reason: rejections.labels(reason).inc()))
     sockets = _listen(cfg.host, cfg.port, config.backlog)

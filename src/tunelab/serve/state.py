@@ -35,6 +35,8 @@ class ServerState:
         self._loader: threading.Thread | None = None
 
     def start_loading(self) -> None:
+        """Load the models on a background thread and return at once; `registry.ready` turns True when all are
+        up. A failure sets `load_error` (a `UserError`'s message, else a generic one) and calls `on_load_error`."""
         self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
         self._loader.start()
 
@@ -46,6 +48,7 @@ class ServerState:
             self.on_load_error(err)
 
     def close(self) -> None:
+        """Stop every engine and micro-batcher (sequences still in an engine end with an error event)."""
         self.registry.close()
 
     # ---- per-request checks ----------------------------------------------------------------------
@@ -81,6 +84,7 @@ class ServerState:
         return await asyncio.to_thread(parse_body, await request.body(), model)
 
     def overloaded(self, err: EngineFull) -> APIError:
+        """Count an overload rejection; -> the 503 (`Retry-After: 1`) for the caller to raise."""
         self.metrics.rejections.labels("overload").inc()
         return APIError(503, f"{err}; retry shortly", type="server_error", code="overloaded",
                         headers={"Retry-After": "1"})
@@ -94,6 +98,7 @@ def _log_load_error(err: Exception) -> None:
 
 
 def state(request: Request) -> ServerState:
+    """The `ServerState` of the app serving `request`."""
     return request.app.state.tunelab
 
 

@@ -20,7 +20,9 @@ router = APIRouter()
 
 async def _encode(request: Request, model: type, kind: str):
     """The shared part of the routes: checks, then the texts through the model's micro-batcher.
-    -> (state, request body, served model, results, start time)."""
+    -> (state, request body, served model, results, start time). Raises 401 (key), 429 (rate limit),
+    503 (loading, or the batcher full), 400 (body; no text, or over `encoder_batch` texts; a model of
+    another kind) and 404 (no such model)."""
     st = state(request)
     st.admit(request)
     start = time.perf_counter()
@@ -46,6 +48,8 @@ def _usage(results: list) -> dict:
 
 @router.post("/v1/classify")
 async def classify(request: Request):
+    """POST /v1/classify, `{"model", "input": text or [texts]}` -> one `{"label", "probabilities": {label: p}}`
+    per text, in order, with token usage. Errors: those of `_encode`."""
     st, req, served, results, start = await _encode(request, ClassifyRequest, "classify")
     st.metrics.latency.labels("/v1/classify").observe(time.perf_counter() - start)
     return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
@@ -55,6 +59,8 @@ async def classify(request: Request):
 
 @router.post("/v1/entities")
 async def entities(request: Request):
+    """POST /v1/entities, the body of /v1/classify -> one `{"entities": [{"type", "text", "start", "end",
+    "score"}]}` per text (character offsets), in order, with token usage. Errors: those of `_encode`."""
     st, req, served, results, start = await _encode(request, EntitiesRequest, "entities")
     st.metrics.latency.labels("/v1/entities").observe(time.perf_counter() - start)
     return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
@@ -64,6 +70,8 @@ async def entities(request: Request):
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request):
+    """POST /v1/embeddings, `{"model", "input", "encoding_format", "dimensions"}` -> one unit-length embedding per
+    text, in order (floats, or base64). Errors: those of `_encode`; 400 when `dimensions` is not the model's."""
     st, req, served, results, start = await _encode(request, EmbeddingRequest, "embed")
     dims = len(results[0]["embedding"])
     if req.dimensions is not None and req.dimensions != dims:
@@ -72,7 +80,7 @@ async def embeddings(request: Request):
 
     def encode(v: list[float]):
         if req.encoding_format == "base64":
-            return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+            return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()  # little-endian float32, as OpenAI
         return v
 
     return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),

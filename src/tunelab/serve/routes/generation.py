@@ -26,10 +26,15 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
+    """POST /v1/chat/completions, a `ChatRequest` -> a `chat.completion` with `n` choices, or with `stream` SSE
+    `chat.completion.chunk` events ending `data: [DONE]` (a failed choice: one error envelope, then [DONE]).
+    Errors: 400 (body, chat template missing or rejecting the messages, context length, `n` over `max_n`), 401,
+    404 (model), 429, 503 (loading, overloaded); not streamed, also 500 for a failed choice (503 at shutdown)."""
     st = state(request)
     st.admit(request)
     req = await st.parse(request, ChatRequest)
     served = st.registry.get(req.model, "generate")
+    # `developer` is OpenAI's newer name for `system`, the role chat templates know
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     prompt = await asyncio.to_thread(served.chat_prompt, messages)  # templating + tokenising: off the event loop
     return await _run(request, st, served, req, [prompt], chat=True)
@@ -37,6 +42,9 @@ async def chat_completions(request: Request):
 
 @router.post("/v1/completions")
 async def completions(request: Request):
+    """POST /v1/completions, a `CompletionRequest` -> a `text_completion` with `n` choices per prompt (prompt-major;
+    `echo` prefixes the decoded prompt), or with `stream` SSE chunks ending `data: [DONE]`. Errors: those of
+    /v1/chat/completions, with 400 for an empty prompt instead of the chat-template ones."""
     st = state(request)
     st.admit(request)
     req = await st.parse(request, CompletionRequest)
@@ -89,6 +97,7 @@ def _submit(st: ServerState, served: Served, req, prompts: list[list[int]]) -> _
     seqs = []
     for p, prompt in enumerate(prompts):
         for j in range(req.n):
+            # the n choices of a seeded request differ from each other, and each is reproducible
             seed = None if req.seed is None else (req.seed + j) % 2 ** 63
             seqs.append(Sequence(prompt, _params(req, prompt, served, st, seed), sink(p * req.n + j),
                                  adapter=served.adapter))
@@ -108,7 +117,7 @@ async def _run(request: Request, st: ServerState, served: Served, req, prompts: 
     if req.stream:
         return StreamingResponse(_stream(st, served, req, job, meta, chat, start, route),
                                  media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no nginx buffer
     try:
         texts, finish, completion = await _collect(request, st, served, job, start)
     finally:
@@ -150,7 +159,7 @@ async def _collect(request: Request, st: ServerState, served: Served, job: _Job,
                 texts[i] += ev[1]
             elif ev[0] == "done":
                 finish[i], completion = ev[1], completion + ev[3]
-            else:
+            else:  # "shut down": the engine's message when it stops with this request unfinished (not a fault)
                 raise APIError(503 if "shut down" in ev[1] else 500, ev[1], type="server_error")
     finally:
         gone.cancel()

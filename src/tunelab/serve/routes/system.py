@@ -15,6 +15,8 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request):
+    """GET /v1/models -> `{"object": "list", "data": [{"id", "object", "created", "owned_by", "tunelab_kind"}]}`,
+    in argument order. 401 (key), 429 (rate limit), 503 while the models load."""
     st = state(request)
     st.admit(request)
     return {"object": "list", "data": st.registry.listing()}
@@ -22,6 +24,8 @@ async def list_models(request: Request):
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request):
+    """GET /v1/models/{id} (an id may hold `/`) -> that model's entry of /v1/models; 404 when there is none,
+    else the errors of /v1/models."""
     st = state(request)
     st.admit(request)
     for m in st.registry.listing():
@@ -32,11 +36,15 @@ async def get_model(model_id: str, request: Request):
 
 @router.get("/health")
 async def health():
+    """GET /health (liveness): 200 `{"status": "ok"}` while the process answers, loading and draining included;
+    no key."""
     return {"status": "ok"}
 
 
 @router.get("/ready")
 async def ready(request: Request):
+    """GET /ready: 200 `{"status": "ready", "models": [ids]}` once every model is loaded, else 503 with status
+    `loading`, `failed` (loading failed) or `draining`; no key."""
     st = state(request)
     if st.registry.ready and not st.draining:
         return {"status": "ready", "models": [m["id"] for m in st.registry.listing()]}
@@ -46,10 +54,12 @@ async def ready(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
+    """GET /metrics: this server's metrics in Prometheus' text format; no key, answered while draining too."""
     return Response(state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/", include_in_schema=False)
 async def playground():
+    """GET /: the playground page (static/index.html), sent with `Cache-Control: no-cache`; no key."""
     page = resources.files("tunelab.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
