@@ -1,4 +1,4 @@
-"""Built-in assets (`builtin:*` names) resolved to files, and tiny random models built from a config.
+"""Built-in assets (`builtin:*` names) resolved to files, and tunelab's cache folder (`TUNELAB_CACHE`).
 
 The built-in assets are pip packages installed with `--no-deps`; their files are located with
 `importlib.util.find_spec` and read as data. Their code is never imported.

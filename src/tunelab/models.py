@@ -1,5 +1,6 @@
 """Load a base model (built-in, tiny, local HF dir, GGUF, hub id), add the task head, apply the
-training method, and save / load model dirs per the artifact contract.
+training method, and save / load model dirs per the artifact contract. The tiny random models (`tiny-bert`,
+`tiny-llama`) are built here from a config, once, into the cache.
 
 A model dir holds the Hugging Face files (`config.json` + `model.safetensors`, or PEFT's
 `adapter_config.json` + `adapter_model.safetensors`), the tokenizer, and `tunelab.json`.

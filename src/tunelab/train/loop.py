@@ -157,7 +157,7 @@ def _oom_message(step: int, tc, cfg: RunConfig, split: int) -> str:
 
 def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: bool = False,
           overwrite: bool = False, console: Console | None = None, show_progress: bool = True) -> dict:
-    """Fine-tune `cfg.model.base` on `cfg.data` and write the run dir `out` (see DESIGN.md).
+    """Fine-tune `cfg.model.base` on `cfg.data` and write the run dir `out` (see ARCHITECTURE.md).
 
     The run dir is locked for the whole run (one writer; a second gets an error naming this process). A run
     dir that already holds checkpoints or a model is continued with `resume`, or replaced with `overwrite`
