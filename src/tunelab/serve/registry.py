@@ -46,6 +46,9 @@ class Spec:
 
 @dataclass
 class Served:
+    """A loaded model as the routes see it: a generation `engine` (`adapter`: its LoRA's name when the engine is
+    shared, else None) or an encoder `batcher`; `created` is the load time, Unix seconds."""
+
     id: str
     kind: str
     created: int
@@ -56,6 +59,8 @@ class Served:
     context: int = 0  # generation: prompt + max_tokens must fit
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of `messages` through the model's chat template, ending in the assistant header; a 400 when
+        there is no template or it rejects the messages."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise bad_request(f"model '{self.id}' has no chat template; use /v1/completions", param="model")
@@ -64,9 +69,10 @@ class Served:
         except Exception as err:  # jinja: the template rejected this conversation (e.g. role order)
             raise bad_request(f"the chat template of '{self.id}' rejects these messages: "
                               f"{str(err)[:200]}", param="messages") from None
-        return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(text, add_special_tokens=False)["input_ids"]  # the template writes the special tokens: no second BOS
 
     def text_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, with the tokenizer's special tokens (e.g. BOS); an empty result is a 400."""
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if not ids:
             raise bad_request("the prompt is empty", param="prompt")
@@ -74,10 +80,13 @@ class Served:
 
 
 def parse_spec(item: str, embedding: bool = False) -> Spec:
+    """One MODEL argument (`REF` or `NAME=REF`) -> its Spec, from metadata and config alone (no weights); one that
+    cannot be served is a `UserError`. `embedding`: a base model is served for embeddings, even a decoder."""
     from tunelab.artifacts import kind_of
     from tunelab.assets import builtin_path
     from tunelab.models import META_FILE, read_meta
 
+    # an existing path that contains "=" is a path, not NAME=PATH
     name, ref = (item.split("=", 1) if "=" in item and not Path(item).exists() else (None, item))
     if not ref:
         raise UserError(f"'{item}': empty model reference")
@@ -128,6 +137,8 @@ def _base_kind(ref: str, d: Path) -> str:
 
 
 def check_specs(items: list[str], embedding_model: str | None) -> list[Spec]:
+    """Every MODEL argument's Spec, plus `embedding_model`'s when no argument is served for embeddings; two models
+    with one id are a `UserError`."""
     specs = [parse_spec(i) for i in items]
     if embedding_model and not any(s.kind == "embed" for s in specs):
         specs.append(parse_spec(embedding_model, embedding=True))
@@ -139,6 +150,9 @@ def check_specs(items: list[str], embedding_model: str | None) -> list[Spec]:
 
 
 class Registry:
+    """The server's models: `specs` checked before start, `models` (id -> Served) filled by `load` on a
+    background thread; `ready` once every one is loaded."""
+
     def __init__(self, specs: list[Spec], settings, metrics, device: str):
         self.specs, self.settings, self.metrics, self.device = specs, settings, metrics, device
         self.models: dict[str, Served] = {}
@@ -147,6 +161,8 @@ class Registry:
 
     # ---- lookup ----------------------------------------------------------------------------------
     def get(self, model_id: str, kind: str) -> Served:
+        """The model `model_id` if it is served as `kind` (the calling route's); a 404 when there is no such model, a
+        400 naming its route when it is served as another kind."""
         served = self.models.get(model_id)
         if served is None:
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
@@ -156,6 +172,7 @@ class Registry:
         return served
 
     def listing(self) -> list[dict]:
+        """The loaded models as /v1/models objects (+ `tunelab_kind`); in argument order once `ready`."""
         return [{"id": s.id, "object": "model", "created": s.created, "owned_by": "tunelab",
                  "tunelab_kind": s.kind} for s in self.models.values()]
 
@@ -178,12 +195,13 @@ class Registry:
                 self._add_embedder(s)
             elif s.base is None:
                 self._add_generator([s])
-            elif groups.get(s.base) and groups[s.base][0] is s:
+            elif groups.get(s.base) and groups[s.base][0] is s:  # a group's first spec loads the whole group
                 self._add_generator(groups[s.base])
         self.models = {s.id: self.models[s.id] for s in self.specs}  # listing in argument order
         self.ready = True
 
     def close(self) -> None:
+        """Stop every engine and micro-batcher started so far (the server's shutdown)."""
         for close in self._closers:
             close()
 

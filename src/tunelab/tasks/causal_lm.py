@@ -39,12 +39,14 @@ class LMEncoded:
 
     @property
     def lengths(self) -> list[int]:
+        """Tokens per row; evaluation sorts rows by it so that a batch pads little."""
         return [len(x) for x in self.input_ids]
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def add(self, ids: list[int], targets: list[int], positions: list[int]) -> None:
+        """Append one row; the three lists are aligned token by token (same length)."""
         self.input_ids.append(ids)
         self.targets.append(targets)
         self.positions.append(positions)
@@ -112,6 +114,7 @@ def pack_bins(segments: list[tuple[list[int], list[int]]], block: int) -> LMEnco
 
 
 def one_per_row(segments: list[tuple[list[int], list[int]]], block: int) -> LMEncoded:
+    """No packing: each non-empty segment is one row, truncated to `block` tokens, positions from 0."""
     enc = LMEncoded()
     for ids, tg in segments:
         if ids:
@@ -173,15 +176,20 @@ class CausalLMTask:
         self.pad_id = tokenizer.pad_token_id
 
     def segments(self, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+        """Rows {"text"} -> (ids, shifted targets) per document: BOS (if any) + text + EOS (if any); every
+        position but the last predicts the next token."""
         ids = self.tokenizer([r["text"] for r in rows], add_special_tokens=False)["input_ids"]
         bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         out = []
         for x in ids:
+            # a tokenizer whose BOS is its EOS (GPT-2's <|endoftext|>) gets it once, as the separator at the end
             x = ([bos] if bos is not None and bos != eos else []) + x + ([eos] if eos is not None else [])
             out.append((x, shift_targets(x)))
         return out
 
     def encode(self, rows: list[dict]) -> LMEncoded:
+        """Documents packed as one stream into rows of `block` tokens (a document may span rows), or without
+        packing one document per row, truncated to `block`."""
         segs = self.segments(rows)
         return pack_stream(segs, self.block) if self.packing else one_per_row(segs, self.block)
 
@@ -210,6 +218,8 @@ class CausalLMTask:
         return sum(sum(t != IGNORE for t in enc.targets[i]) for i in idx)
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum (not mean) of token cross-entropies over the batch's targets, a float32 scalar; `units` gives the
+        count to normalise by."""
         if self.through_forward:
             return full_logits_loss_sum(model, batch)
         return chunked_lm_loss_sum(model, batch)
@@ -227,6 +237,7 @@ class CausalLMTask:
             total += float(self.loss_sum(model, batch))
             count += self.units(enc, idx)
         loss = total / max(1, count)
+        # math.exp raises OverflowError past ~709: a diverged loss reports a capped perplexity, not a crash
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 

@@ -22,6 +22,7 @@ class Encoded:
 
     @property
     def lengths(self) -> list[int]:
+        """Tokens per example; evaluation sorts examples by it so that a batch pads little."""
         return [len(x) for x in self.input_ids]
 
     def __len__(self) -> int:
@@ -29,6 +30,8 @@ class Encoded:
 
 
 class ClassificationTask:
+    """Rows {"text", "label"} -> one label per text; metric: validation macro-F1 (higher is better)."""
+
     name = "classification"
     metric = "macro_f1"
     greater_is_better = True
@@ -46,6 +49,7 @@ class ClassificationTask:
         self.pad_id = tokenizer.pad_token_id
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, special tokens included, truncated to `max_length`; unpadded."""
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         return enc["input_ids"]
 
@@ -103,6 +107,7 @@ class ClassificationTask:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, same shape as `logits`; the row max is subtracted so exp cannot overflow."""
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)

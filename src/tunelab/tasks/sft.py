@@ -21,6 +21,7 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
 
 
 def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template the ChatML one (`CHATML`), in place (a saved tokenizer keeps it)."""
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML
 
@@ -34,6 +35,8 @@ def stop_tokens(tokenizer, chat: bool) -> list[str]:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text (not tokenised) through the chat template; with `add_generation_prompt` it
+    ends with the header that opens an assistant turn."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -75,6 +78,8 @@ class SFTTask(CausalLMTask):
         super().__init__(tokenizer, block, packing, method)
 
     def segments(self, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+        """Rows {"messages"} -> (ids, shifted targets) per conversation: a position is a target only where the
+        next token is an assistant token (`encode_conversation`)."""
         out = []
         for r in rows:
             ids, labels = encode_conversation(self.tokenizer, r["messages"])
@@ -82,6 +87,8 @@ class SFTTask(CausalLMTask):
         return out
 
     def encode(self, rows: list[dict]):
+        """Conversations packed whole into rows of at most `block` tokens (`pack_bins`: never split across rows),
+        or one per row without packing; either way each is truncated to `block`."""
         segs = self.segments(rows)
         return pack_bins(segs, self.block) if self.packing else one_per_row(segs, self.block)
 

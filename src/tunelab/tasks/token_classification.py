@@ -25,6 +25,9 @@ IGNORE = -100
 
 @dataclass
 class TokenEncoded:
+    """Sub-token ids per example (unpadded, truncated) with aligned labels and word numbers; `n_words` and
+    `gold` count the example's words before truncation."""
+
     input_ids: list[list[int]]
     labels: list[list[int]]  # per sub-token: tag id on a word's first sub-token, IGNORE elsewhere
     word_index: list[list[int]]  # per sub-token: word number on first sub-tokens, -1 elsewhere
@@ -33,6 +36,7 @@ class TokenEncoded:
 
     @property
     def lengths(self) -> list[int]:
+        """Sub-tokens per example (special tokens included); inference sorts examples by it."""
         return [len(x) for x in self.input_ids]
 
     def __len__(self) -> int:
@@ -40,6 +44,8 @@ class TokenEncoded:
 
 
 def entity_metrics(true: list[list[str]], pred: list[list[str]]) -> dict:
+    """Gold and predicted BIO tags (per example, one per word, the two aligned) -> seqeval's micro entity P/R/F1
+    (an entity counts when type and span both match), word-level token accuracy, per-type scores with support."""
     from seqeval.metrics import classification_report
 
     report = classification_report(true, pred, output_dict=True, zero_division=0)
@@ -56,6 +62,8 @@ def entity_metrics(true: list[list[str]], pred: list[list[str]]) -> dict:
 
 
 class TokenClassificationTask:
+    """Rows {"tokens", "tags"} -> one BIO tag per word; metric: validation entity F1 (higher is better)."""
+
     name = "token_classification"
     metric = "entity_f1"
     greater_is_better = True
@@ -70,6 +78,8 @@ class TokenClassificationTask:
         self.pad_id = tokenizer.pad_token_id
 
     def encode(self, rows: list[dict], labelled: bool = True) -> TokenEncoded:
+        """Tokenise rows' word lists (truncated to `max_length` sub-tokens). Labelled: a tag unknown to the model
+        is a `UserError`; unlabelled rows need only "tokens" and carry no targets."""
         if labelled:
             unknown = sorted({t for r in rows for t in r["tags"]} - set(self.label2id))
             if unknown:
@@ -92,6 +102,7 @@ class TokenClassificationTask:
         return out
 
     def collate(self, enc: TokenEncoded, idx: list[int]) -> dict[str, torch.Tensor]:
+        """Right-padded input_ids and attention_mask [B, T]; labels [B, T], IGNORE on padding too."""
         ids, mask = pad_batch([enc.input_ids[i] for i in idx], self.pad_id)
         labels = torch.full(ids.shape, IGNORE, dtype=torch.long)
         for row, i in enumerate(idx):
@@ -100,6 +111,7 @@ class TokenClassificationTask:
 
     @staticmethod
     def units(enc: TokenEncoded, idx: list[int]) -> int:
+        """Loss terms in these examples: labelled first sub-tokens (words lost to truncation do not count)."""
         return sum(sum(x != IGNORE for x in enc.labels[i]) for i in idx)
 
     @staticmethod
@@ -108,6 +120,7 @@ class TokenClassificationTask:
         return logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual positions
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum (not mean) of cross-entropies over the labelled sub-tokens, so accumulation can normalise by `units`."""
         logits = self._logits(model, batch)
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="sum",
                                ignore_index=IGNORE)
