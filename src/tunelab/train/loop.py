@@ -179,245 +179,317 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
 
 def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite: bool, console: Console | None,
            show_progress: bool) -> dict:
-    tc = cfg.train
-    dd = distributed.from_env(tc.dist_timeout_s, tc.distributed)  # one process unless started by torchrun
-    console = console or make_console(stderr=True)
-    if not dd.main:  # rank 0 speaks for the job
-        console, show_progress = Console(file=io.StringIO()), False
-    _check_run_dir(out, resume, overwrite)  # again, holding the lock
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    device = f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(tc.precision, device.split(":")[0])
+    """The run, holding the run dir's lock: set up, then one optimizer step per window of micro-batches, epoch
+    after epoch, with evaluation, checkpoints and the stop checks after each; then the model dir."""
+    run = _Run(cfg, out, resume, force, overwrite, console, show_progress)
+    with run.stop_req:
+        while not run.stop and run.state.step < run.total_steps:
+            windows = run.epoch_windows()
+            for window in windows[run.state.window:]:
+                run.step(window, len(windows))
+                if run.stop or run.state.step >= run.total_steps:
+                    break
+            else:  # the epoch's windows are done: the next epoch reshuffles
+                run.state.epoch, run.state.window = run.state.epoch + 1, 0
+        result = None if run.interrupted else run.finish()
+    return run.summary(result)
 
-    prepared = ensure_dataset(cfg, console)[1] if dd.main else None
-    dd.barrier()
-    data_dir = ensure_dataset(cfg)[0]
-    meta = load_meta(data_dir)
-    spec = task_spec(resolve_task(cfg, meta, data_dir))
-    task_name, stratify = spec.name, spec.stratify
-    train_rows = seeded_subset(load_split(data_dir, "train"), cfg.data.max_train_examples, tc.seed, stratify)
-    val_rows = seeded_subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, tc.seed, stratify)
-    if not train_rows or not val_rows:
-        raise UserError(f"{data_dir}: the train and validation splits must both have rows")
 
-    # Seeded here, after the data was prepared and before the model is built: whatever ran before (building a
-    # cached asset, preparing data) leaves the run's random draws alone, so a warm or cold cache trains the same.
-    seed_everything(tc.seed)
-    model, tokenizer, base, new_params, task = spec.build()(cfg, meta, train_rows)
-    heads = tuple(head_module_names(model, new_params))
-    tr, va = task.encode(train_rows), task.encode(val_rows)
-    lengths = tr.lengths  # a property that builds the list: read it once, not per step
-    windows_per_epoch = math.ceil(math.ceil(len(tr) / tc.batch_size) / tc.grad_accum)
-    total_steps = tc.max_steps or math.ceil(tc.epochs * windows_per_epoch)
-    model = apply_method(model, cfg.method, MethodContext(spec, new_params, total_steps,
-                                                          None if base.ref == "scratch" else str(base.path)))
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = model.to(device)
-    if dd.fsdp:
-        model = distributed.shard_model(model)
-        if hasattr(task, "through_forward"):  # FSDP gathers root weights in the model's forward only
-            task.through_forward = True
-    adalora = cfg.method.name == "adalora"
+class _Run:
+    """One training run's pieces and running totals; `_train` reads as the loop over them.
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads, kind=tc.optimizer,
-                                fused=not dd.fsdp)
-    scheduler = build_schedule(optimizer, tc.schedule, total_steps, round(tc.warmup_ratio * total_steps))
-    better = (lambda a, b: a > b) if task.greater_is_better else (lambda a, b: a < b)
+    Set up in the order determinism needs: data first (preparing it may build cached assets), then the seed,
+    then the model, the method, the optimizer and a resumed checkpoint's state."""
 
-    state, best_weights = LoopState(), None
-    run_record = {"config": cfg.model_dump(mode="json"), "data_fingerprint": meta["fingerprint"]}
-    if resume:
-        state, best_weights = _resume(out, resume, force, run_record, model, optimizer, scheduler, console,
-                                      dd.fsdp)
-    if dd.main:
-        _open_run_dir(out, cfg, fresh=not resume, info={
-            "name": cfg.name, "task": task_name, "base": cfg.model.base,
-            "data": {"dir": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
-                     **({"prepared_by_this_run": prepared} if prepared else {})}})
-    tracker = Tracker(out) if dd.main else NullTracker()
-    if resume:  # the record says where the run continued from, and what --force let through
-        tracker.log(state.step, **run_record.get("resumed_from", {}))
-    fit = base_fit.measure(tokenizer, [row_text(r) for r in train_rows])
-    if (warning := base_fit.advice(fit, cfg.model.base)) is not None:  # before an hour is spent on it
-        console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
-    n_train, n_total = count_parameters(model)
-    console.print(f"[bold]train[/] {task_name} · {plain(cfg.model.base)} · method {cfg.method.name} · "
-                  f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
-                  f"{len(train_rows):,} train / {len(val_rows):,} validation examples"
-                  + (f" in {len(tr):,} + {len(va):,} packed blocks" if getattr(task, "packing", False) else "")
-                  + f" · {total_steps} steps on {device} ({precision})")
+    def __init__(self, cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite: bool,
+                 console: Console | None, show_progress: bool):
+        tc = self.tc = cfg.train
+        self.cfg, self.out, self.resume = cfg, out, resume
+        self.dd = dd = distributed.from_env(tc.dist_timeout_s, tc.distributed)  # one process unless torchrun
+        self.console = console or make_console(stderr=True)
+        if not dd.main:  # rank 0 speaks for the job
+            self.console, show_progress = Console(file=io.StringIO()), False
+        _check_run_dir(out, resume, overwrite)  # again, holding the lock
+        if tc.num_threads:
+            torch.set_num_threads(tc.num_threads)
+        self.device = f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.precision = resolve_precision(tc.precision, self.device.split(":")[0])
+        prepared = self._load_data()
+        # Seeded here, after the data was prepared and before the model is built: whatever ran before (building
+        # a cached asset, preparing data) leaves the run's random draws alone, so a warm or cold cache trains
+        # the same.
+        seed_everything(tc.seed)
+        self._build_model()
+        self.state, self.best_weights = LoopState(), None
+        self.run_record = {"config": cfg.model_dump(mode="json"), "data_fingerprint": self.meta["fingerprint"]}
+        if resume:
+            self.state, self.best_weights = _resume(out, resume, force, self.run_record, self.model, self.optimizer,
+                                                    self.scheduler, self.console, dd.fsdp)
+        self._open(prepared)
+        self.progress = TrainProgress(self.total_steps, self.state.step, enabled=show_progress,
+                                      console=self.console, unit="tok/s" if self.spec.generates else "ex/s")
+        self.stop_req = StopRequest(lambda name: self.progress.note(
+            f"{name}: finishing this step, then a checkpoint (a second Ctrl-C stops at once)"))
+        self.t_start, self.eval_time = time.perf_counter(), 0.0
+        self.seen_at_start, self.tokens_at_start = self.state.examples_seen, self.state.tokens_seen
+        self.window_loss, self.window_count, self.last_eval = 0.0, 0, None
+        self.split, self.nonfinite_in_row = 1, 0  # micro-batch split after out-of-memory; skipped steps in a row
+        self.stop, self.interrupted = self.state.done, False
+        self.saved_step = self.state.step if resume else None
 
-    lm = spec.generates
-    metric_name = METRIC_NAMES.get(task.metric, task.metric)
-    progress = TrainProgress(total_steps, state.step, enabled=show_progress, console=console,
-                             unit="tok/s" if lm else "ex/s")
-    t_start, seen_at_start, eval_time = time.perf_counter(), state.examples_seen, 0.0
-    tokens_at_start = state.tokens_seen
-    window_loss, window_count, last_eval = 0.0, 0, None
-    split, nonfinite_in_row = 1, 0
-    stop, saved_step = state.done, state.step if resume else None
-    stop_req = StopRequest(lambda name: progress.note(f"{name}: finishing this step, then a checkpoint "
-                                                       "(a second Ctrl-C stops at once)"))
-    interrupted = False
+    def _load_data(self) -> dict | None:
+        """The dataset (prepared by rank 0 if it does not exist yet) and the run's train/validation rows;
+        -> what was prepared, for the run's record."""
+        cfg, dd = self.cfg, self.dd
+        prepared = ensure_dataset(cfg, self.console)[1] if dd.main else None
+        dd.barrier()
+        self.data_dir = data_dir = ensure_dataset(cfg)[0]
+        self.meta = load_meta(data_dir)
+        self.spec = task_spec(resolve_task(cfg, self.meta, data_dir))
+        subset = dict(seed=cfg.train.seed, stratify=self.spec.stratify)
+        self.train_rows = seeded_subset(load_split(data_dir, "train"), cfg.data.max_train_examples, **subset)
+        self.val_rows = seeded_subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, **subset)
+        if not self.train_rows or not self.val_rows:
+            raise UserError(f"{data_dir}: the train and validation splits must both have rows")
+        return prepared
 
-    def run_eval() -> dict:
-        metrics = task.evaluate(model, va, tc.eval_batch_size)
-        if dd.fsdp:  # a forward without backward leaves the root's weights gathered
-            model.reshard()
+    def _build_model(self) -> None:
+        """The task's model with the method applied, on its device (sharded under FSDP), its optimizer and
+        learning-rate schedule."""
+        cfg, tc, dd = self.cfg, self.tc, self.dd
+        model, self.tokenizer, self.base, new_params, task = self.spec.build()(cfg, self.meta, self.train_rows)
+        heads = tuple(head_module_names(model, new_params))
+        self.tr, self.va = task.encode(self.train_rows), task.encode(self.val_rows)
+        self.lengths = self.tr.lengths  # a property that builds the list: read it once, not per step
+        windows_per_epoch = math.ceil(math.ceil(len(self.tr) / tc.batch_size) / tc.grad_accum)
+        self.total_steps = tc.max_steps or math.ceil(tc.epochs * windows_per_epoch)
+        model = apply_method(model, cfg.method, MethodContext(
+            self.spec, new_params, self.total_steps, None if self.base.ref == "scratch" else str(self.base.path)))
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = model.to(self.device)
+        if dd.fsdp:
+            model = distributed.shard_model(model)
+            if hasattr(task, "through_forward"):  # FSDP gathers root weights in the model's forward only
+                task.through_forward = True
+        self.model, self.task = model, task
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads, kind=tc.optimizer,
+                                         fused=not dd.fsdp)
+        self.scheduler = build_schedule(self.optimizer, tc.schedule, self.total_steps,
+                                        round(tc.warmup_ratio * self.total_steps))
+        self.better = (lambda a, b: a > b) if task.greater_is_better else (lambda a, b: a < b)
+
+    def _open(self, prepared: dict | None) -> None:
+        """The run dir and its tracker; the base-fit check and the one line that says what will run."""
+        cfg, spec, dd, console = self.cfg, self.spec, self.dd, self.console
+        if dd.main:
+            _open_run_dir(self.out, cfg, fresh=not self.resume, info={
+                "name": cfg.name, "task": spec.name, "base": cfg.model.base,
+                "data": {"dir": str(Path(self.data_dir).resolve()), "fingerprint": self.meta["fingerprint"],
+                         **({"prepared_by_this_run": prepared} if prepared else {})}})
+        self.tracker = Tracker(self.out) if dd.main else NullTracker()
+        if self.resume:  # the record says where the run continued from, and what --force let through
+            self.tracker.log(self.state.step, **self.run_record.get("resumed_from", {}))
+        self.fit = base_fit.measure(self.tokenizer, [row_text(r) for r in self.train_rows])
+        if (warning := base_fit.advice(self.fit, cfg.model.base)) is not None:  # before an hour is spent on it
+            console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
+        n_train, n_total = count_parameters(self.model)
+        packed = (f" in {len(self.tr):,} + {len(self.va):,} packed blocks" if getattr(self.task, "packing", False)
+                  else "")
+        console.print(f"[bold]train[/] {spec.name} · {plain(cfg.model.base)} · method {cfg.method.name} · "
+                      f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
+                      f"{len(self.train_rows):,} train / {len(self.val_rows):,} validation examples"
+                      + packed + f" · {self.total_steps} steps on {self.device} ({self.precision})")
+
+    def epoch_windows(self) -> list[list[list[int]]]:
+        """This epoch's optimizer steps: length-grouped micro-batches (seeded by the epoch), `grad_accum` each."""
+        tc = self.tc
+        batches = length_grouped_batches(self.lengths, tc.batch_size, tc.seed + self.state.epoch, tc.group_by_length)
+        return [batches[i:i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
+
+    def step(self, window: list[list[int]], windows: int) -> None:
+        """One window: the optimizer step (or a skipped one), its log line, and what is due after it."""
+        loss = self._optimizer_step(window)
+        if loss is None:  # a non-finite step skipped: the window's data is consumed, nothing else is due
+            return
+        self._log(loss, windows)
+        end_of_epoch = self.state.window == windows
+        due = (self.state.step % self.tc.eval_every == 0) if self.tc.eval_every else end_of_epoch
+        if due or self.state.step == self.total_steps:
+            self._evaluate()
+        save_due = (self.state.step % self.tc.save_every == 0) if self.tc.save_every else due
+        saved = save_due and self.state.step < self.total_steps and not self.stop
+        if saved:
+            self.save()
+        self._check_stop_request(saved)
+
+    def _optimizer_step(self, window: list[list[int]]) -> float | None:
+        """Backward over the window (each micro-batch split in halves again after an out-of-memory error, when
+        `train.auto_batch_size` allows), clip, then step, or apply the non-finite policy -> the loss, or None
+        when the update was skipped."""
+        tc, state, model, optimizer = self.tc, self.state, self.model, self.optimizer
+        model.train()
+        while True:
+            try:
+                loss = accumulate_gradients(model, self.task, self.tr, window, self.device, self.precision,
+                                            self.split, self.dd.shard, keep_empty=self.dd.fsdp,
+                                            loss_scale=self.dd.world if self.dd.fsdp else 1.0)
+                self.dd.all_reduce_grads(self.params)
+                loss = self.dd.sum(loss, self.device)
+                break
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err):
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                if not tc.auto_batch_size or self.split >= max(len(b) for b in window):
+                    raise UserError(_oom_message(state.step + 1, tc, self.cfg, self.split)) from None
+                self.split *= 2
+                self.progress.note(f"step {state.step + 1}: out of memory; retrying with each micro-batch split "
+                                   f"in {self.split} (train.auto_batch_size)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or float("inf"))
+        if distributed.is_dtensor(grad_norm):
+            grad_norm = grad_norm.full_tensor()
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            self._skip_nonfinite(loss, float(grad_norm))
+            return None
+        self.nonfinite_in_row = 0
+        optimizer.step()
+        self.scheduler.step()
+        if self.cfg.method.name == "adalora":  # AdaLoRA re-allocates its rank budget before the zeroing
+            model.base_model.update_and_allocate(state.step)
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.window += 1
+        state.examples_seen += sum(len(b) for b in window)
+        state.tokens_seen += sum(self.lengths[i] for b in window for i in b)
+        return loss
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """`train.on_nonfinite`: stop naming the step, or skip the update (up to `max_nonfinite_in_row`)."""
+        tc, state = self.tc, self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        if tc.on_nonfinite == "stop":
+            raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss}, grad norm "
+                            f"{grad_norm}); lower train.lr or set train.on_nonfinite: skip; last good checkpoint: "
+                            f"{_last_checkpoint(self.out)}")
+        state.nonfinite_skipped += 1
+        self.nonfinite_in_row += 1
+        self.progress.note(f"step {state.step + 1}: non-finite loss or gradient; update skipped "
+                           f"({self.nonfinite_in_row} in a row, {state.nonfinite_skipped} in all)")
+        if self.nonfinite_in_row >= tc.max_nonfinite_in_row:
+            raise UserError(f"{self.nonfinite_in_row} non-finite steps in a row (up to step {state.step + 1}); "
+                            f"stopping; last good checkpoint: {_last_checkpoint(self.out)}")
+        state.window += 1  # the window's data is consumed; no update, no schedule step
+
+    def _log(self, loss: float, windows: int) -> None:
+        """The progress bar or line every step; the mean loss into metrics.jsonl every `log_every` steps."""
+        state = self.state
+        self.window_loss += loss
+        self.window_count += 1
+        busy = max(1e-9, time.perf_counter() - self.t_start - self.eval_time)
+        rate = (state.examples_seen - self.seen_at_start) / busy
+        shown_rate = (state.tokens_seen - self.tokens_at_start) / busy if self.spec.generates else rate
+        lr = self.scheduler.get_last_lr()[0]
+        self.progress.update(state.step, loss, lr, shown_rate)
+        if state.step % self.tc.log_every == 0 or state.step == self.total_steps:
+            self.tracker.log(state.step, train_loss=self.window_loss / self.window_count, lr=lr,
+                             examples_per_s=rate, epoch=state.epoch + state.window / windows)
+            self.window_loss, self.window_count = 0.0, 0
+
+    def run_eval(self) -> dict:
+        """The validation metrics of the model as it is now."""
+        metrics = self.task.evaluate(self.model, self.va, self.tc.eval_batch_size)
+        if self.dd.fsdp:  # a forward without backward leaves the root's weights gathered
+            self.model.reshard()
         return metrics
 
-    def save() -> None:
-        nonlocal saved_step
-        _save(out, state, model, best_weights, optimizer, scheduler, tc.keep_last, run_record, dd.main, dd.fsdp)
-        saved_step = state.step
+    def _evaluate(self) -> None:
+        """Validation: keep the best weights, count evaluations without gain, stop early when patience ends."""
+        state, task = self.state, self.task
+        t_eval = time.perf_counter()
+        self.last_eval = metrics = self.run_eval()
+        score = metrics[task.metric]
+        improved = state.best_metric is None or self.better(score, state.best_metric)
+        if improved:
+            state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
+            self.best_weights = trainable_state(self.model)
+        else:
+            state.bad_evals += 1
+        self.tracker.log(state.step, **{f"eval_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        extra = f" accuracy {metrics['accuracy']:.4f}" if "accuracy" in metrics else ""
+        self.progress.note(f"step {state.step}: validation {METRIC_NAMES.get(task.metric, task.metric)} "
+                           f"{score:.4f}{extra} loss {metrics['loss']:.4f}" + (" (best)" if improved else ""))
+        self.eval_time += time.perf_counter() - t_eval
+        if self.tc.early_stopping_patience and state.bad_evals >= self.tc.early_stopping_patience:
+            self.progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
+            self.stop = True
 
-    with stop_req:
-        while not stop and state.step < total_steps:
-            batches = length_grouped_batches(lengths, tc.batch_size, tc.seed + state.epoch, tc.group_by_length)
-            windows = [batches[i:i + tc.grad_accum] for i in range(0, len(batches), tc.grad_accum)]
-            for window in windows[state.window:]:
-                model.train()
-                n = sum(len(b) for b in window)
-                while True:
-                    try:
-                        loss_value = accumulate_gradients(model, task, tr, window, device, precision, split,
-                                                             dd.shard, keep_empty=dd.fsdp,
-                                                             loss_scale=dd.world if dd.fsdp else 1.0)
-                        dd.all_reduce_grads(params)
-                        loss_value = dd.sum(loss_value, device)
-                        break
-                    except (torch.OutOfMemoryError, RuntimeError) as err:
-                        if not _is_oom(err):
-                            raise
-                        optimizer.zero_grad(set_to_none=True)
-                        largest = max(len(b) for b in window)
-                        if not tc.auto_batch_size or split >= largest:
-                            raise UserError(_oom_message(state.step + 1, tc, cfg, split)) from None
-                        split *= 2
-                        progress.note(f"step {state.step + 1}: out of memory; retrying with each micro-batch split "
-                                      f"in {split} (train.auto_batch_size)")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm or float("inf"))
-                if distributed.is_dtensor(grad_norm):
-                    grad_norm = grad_norm.full_tensor()
-                if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-                    optimizer.zero_grad(set_to_none=True)
-                    if tc.on_nonfinite == "stop":
-                        raise UserError(f"non-finite loss or gradient at step {state.step + 1} (loss {loss_value}, "
-                                        f"grad norm {float(grad_norm)}); lower train.lr or set "
-                                        f"train.on_nonfinite: skip; last good checkpoint: {_last_checkpoint(out)}")
-                    state.nonfinite_skipped += 1
-                    nonfinite_in_row += 1
-                    progress.note(f"step {state.step + 1}: non-finite loss or gradient; update skipped "
-                                  f"({nonfinite_in_row} in a row, {state.nonfinite_skipped} in all)")
-                    if nonfinite_in_row >= tc.max_nonfinite_in_row:
-                        raise UserError(f"{nonfinite_in_row} non-finite steps in a row (up to step {state.step + 1}); "
-                                        f"stopping; last good checkpoint: {_last_checkpoint(out)}")
-                    state.window += 1  # the window's data is consumed; no update, no schedule step
-                    continue
-                nonfinite_in_row = 0
-                optimizer.step()
-                scheduler.step()
-                if adalora:  # AdaLoRA re-allocates its rank budget between the step and zeroing the gradients
-                    model.base_model.update_and_allocate(state.step)
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.window += 1
-                state.examples_seen += n
-                state.tokens_seen += sum(lengths[i] for b in window for i in b)
-                window_loss += loss_value
-                window_count += 1
+    def save(self) -> None:
+        """A checkpoint of this step (every rank takes part under FSDP; rank 0 writes)."""
+        _save(self.out, self.state, self.model, self.best_weights, self.optimizer, self.scheduler,
+              self.tc.keep_last, self.run_record, self.dd.main, self.dd.fsdp)
+        self.saved_step = self.state.step
 
-                busy = max(1e-9, time.perf_counter() - t_start - eval_time)
-                rate = (state.examples_seen - seen_at_start) / busy
-                shown_rate = (state.tokens_seen - tokens_at_start) / busy if lm else rate
-                lr = scheduler.get_last_lr()[0]
-                progress.update(state.step, loss_value, lr, shown_rate)
-                if state.step % tc.log_every == 0 or state.step == total_steps:
-                    tracker.log(state.step, train_loss=window_loss / window_count, lr=lr, examples_per_s=rate,
-                                epoch=state.epoch + state.window / len(windows))
-                    window_loss, window_count = 0.0, 0
+    def _check_stop_request(self, saved: bool) -> None:
+        """A SIGTERM/SIGINT asked for a stop: checkpoint this step (unless just done) and stop. Under torchrun
+        every rank stops at the same step, whichever got the signal first."""
+        stop_asked = self.stop_req.requested is not None
+        if self.dd.enabled:
+            stop_asked = self.dd.sum(float(stop_asked), self.device) > 0
+            self.stop_req.requested = (self.stop_req.requested or "SIGTERM") if stop_asked else None
+        if stop_asked and not self.stop and self.state.step < self.total_steps:
+            if not saved:
+                self.save()
+            self.interrupted = self.stop = True
 
-                end_of_epoch = state.window == len(windows)
-                due = (state.step % tc.eval_every == 0) if tc.eval_every else end_of_epoch
-                if due or state.step == total_steps:
-                    t_eval = time.perf_counter()
-                    last_eval = run_eval()
-                    score = last_eval[task.metric]
-                    improved = state.best_metric is None or better(score, state.best_metric)
-                    if improved:
-                        state.best_metric, state.best_step, state.bad_evals = score, state.step, 0
-                        best_weights = trainable_state(model)
-                    else:
-                        state.bad_evals += 1
-                    tracker.log(state.step, **{f"eval_{k}": v for k, v in last_eval.items()
-                                               if isinstance(v, (int, float))})
-                    extra = f" accuracy {last_eval['accuracy']:.4f}" if "accuracy" in last_eval else ""
-                    progress.note(f"step {state.step}: validation {metric_name} {score:.4f}{extra} "
-                                  f"loss {last_eval['loss']:.4f}"
-                                  + (" (best)" if improved else ""))
-                    eval_time += time.perf_counter() - t_eval
-                    if tc.early_stopping_patience and state.bad_evals >= tc.early_stopping_patience:
-                        progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
-                        stop = True
-                save_due = (state.step % tc.save_every == 0) if tc.save_every else due
-                saved = save_due and state.step < total_steps and not stop
-                if saved:
-                    save()
-                stop_asked = stop_req.requested is not None
-                if dd.enabled:  # every rank stops at the same step, whichever got the signal first
-                    stop_asked = dd.sum(float(stop_asked), device) > 0
-                    stop_req.requested = (stop_req.requested or "SIGTERM") if stop_asked else None
-                if stop_asked and not stop and state.step < total_steps:
-                    if not saved:
-                        save()
-                    interrupted = stop = True
-                if stop or state.step >= total_steps:
-                    break
-            else:
-                state.epoch, state.window = state.epoch + 1, 0
-                continue
-            break
-        if not interrupted:
-            state.done = True
-            if saved_step != state.step:  # the last step is checkpointed too: a stop from here on loses nothing
-                save()
-            try:
-                if not dd.enabled:  # from here a signal stops at once (the checkpoint holds the run); under
-                    stop_req.raise_from_now()  # torchrun every rank must reach the collectives: a flag there
-                result = _finish(cfg, out, dd, model, tokenizer, base, task, spec, meta, data_dir, train_rows,
-                                 state, best_weights, last_eval, run_eval, precision, fit)
-            except StopRequested:
-                interrupted = True
-    progress.close()
-    elapsed = time.perf_counter() - t_start
-    train_time = elapsed - eval_time  # examples/s counts training only, not the validation passes
-    rate = (state.examples_seen - seen_at_start) / max(train_time, 1e-9)
-    if interrupted:
-        checkpoint = _last_checkpoint(out)
-        tracker.log(state.step, interrupted=stop_req.requested, elapsed_s=elapsed)
+    def finish(self) -> dict | None:
+        """The last step checkpointed, then the model dir; a signal from here stops at once (the checkpoint
+        holds the run) -> `_finish`'s result, or None when stopped."""
+        self.state.done = True
+        if self.saved_step != self.state.step:  # the last step is checkpointed too: a stop from here loses nothing
+            self.save()
+        try:
+            if not self.dd.enabled:  # under torchrun every rank must reach the collectives: a flag there
+                self.stop_req.raise_from_now()
+            return _finish(self.cfg, self.out, self.dd, self.model, self.tokenizer, self.base, self.task, self.spec,
+                           self.meta, self.data_dir, self.train_rows, self.state, self.best_weights, self.last_eval,
+                           self.run_eval, self.precision, self.fit)
+        except StopRequested:
+            self.interrupted = True
+            return None
+
+    def summary(self, result: dict | None) -> dict:
+        """The closing line and the summary `train` returns: where the model is, or how to continue."""
+        self.progress.close()
+        state, tracker, out = self.state, self.tracker, self.out
+        elapsed = time.perf_counter() - self.t_start
+        train_time = elapsed - self.eval_time  # examples/s counts training only, not the validation passes
+        rate = (state.examples_seen - self.seen_at_start) / max(train_time, 1e-9)
+        if result is None:
+            checkpoint = _last_checkpoint(out)
+            tracker.log(state.step, interrupted=self.stop_req.requested, elapsed_s=elapsed)
+            tracker.close()
+            where = " (the final save was not finished)" if state.done else ""
+            self.console.print(f"[bold yellow]stopped[/] by {self.stop_req.requested} at step {state.step} of "
+                               f"{self.total_steps}{where}; checkpoint {plain(checkpoint)}; continue with: "
+                               f"{plain(resume_command(out))}", soft_wrap=True)
+            self.dd.close()
+            return {"interrupted": self.stop_req.requested, "steps": state.step, "total_steps": self.total_steps,
+                    "checkpoint": checkpoint, "task": self.spec.name, "resume": resume_command(out)}
+        self.dd.close()
+        tokens_rate = (state.tokens_seen - self.tokens_at_start) / max(train_time, 1e-9)
+        tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate,
+                    elapsed_s=elapsed, eval_s=self.eval_time)
         tracker.close()
-        where = " (the final save was not finished)" if state.done else ""
-        console.print(f"[bold yellow]stopped[/] by {stop_req.requested} at step {state.step} of {total_steps}"
-                      f"{where}; checkpoint {plain(checkpoint)}; continue with: "
-                      f"{plain(resume_command(out))}", soft_wrap=True)
-        dd.close()
-        return {"interrupted": stop_req.requested, "steps": state.step, "total_steps": total_steps,
-                "checkpoint": checkpoint, "task": task_name, "resume": resume_command(out)}
-    dd.close()
-    tokens_rate = (state.tokens_seen - tokens_at_start) / max(train_time, 1e-9)
-    tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate, elapsed_s=elapsed,
-                eval_s=eval_time)
-    tracker.close()
-    model_dir = result["model_dir"]
-    per_unit = f" · {tokens_rate:,.0f} tokens/s" if spec.served_as != "classify" else ""
-    console.print(f"[bold green]saved[/] {plain(model_dir)} · best validation {metric_name} {state.best_metric:.4f} "
-                  f"at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
-    return {"model_dir": str(model_dir), "task": task_name, "steps": state.step, "best_step": state.best_step,
-            "validation": result["validation"], "nonfinite_skipped": state.nonfinite_skipped,
-            "examples_per_s": rate, "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
+        metric = METRIC_NAMES.get(self.task.metric, self.task.metric)
+        per_unit = f" · {tokens_rate:,.0f} tokens/s" if self.spec.served_as != "classify" else ""
+        self.console.print(f"[bold green]saved[/] {plain(result['model_dir'])} · best validation {metric} "
+                           f"{state.best_metric:.4f} at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
+        return {"model_dir": str(result["model_dir"]), "task": self.spec.name, "steps": state.step,
+                "best_step": state.best_step, "validation": result["validation"],
+                "nonfinite_skipped": state.nonfinite_skipped, "examples_per_s": rate, "tokens_per_s": tokens_rate,
+                "elapsed_s": elapsed, "train_s": train_time}
 
 
 def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: TaskSpec, meta: dict, data_dir: Path,
