@@ -39,14 +39,24 @@ def test_bad_value_is_named():
         validate(base() | {"method": {"name": "qlora-magic"}})
 
 
+def test_a_section_of_another_method_is_an_error_and_a_dump_holds_the_methods_own():
+    with pytest.raises(UserError, match=r"method.lora configures method lora, but method.name is prompt"):
+        validate(base() | {"method": {"name": "prompt", "lora": {"r": 4}}})
+    with pytest.raises(UserError, match=r"method.freeze configures method freeze"):
+        validate(base() | {"method": {"freeze": {"trainable_layers": 1}}})  # name defaults to full
+    cfg = validate(base() | {"method": {"name": "ptuning", "prompt": {"virtual_tokens": 8}}})
+    assert cfg.model_dump()["method"] == {"name": "ptuning", "prompt": cfg.method.prompt.model_dump()}
+    assert validate(cfg.model_dump(mode="json")) == cfg  # what a run saves loads back
+
+
 def test_missing_required_section():
     with pytest.raises(UserError, match="model"):
         validate({"data": {"dir": "d"}})
 
 
 def test_overrides_parse_yaml_values():
-    raw = apply_overrides(base(), ["train.epochs=2", "train.lr=3e-5", "method.lora.target_modules=[q,v]",
-                                   "data.max_train_examples=null"])
+    raw = apply_overrides(base(), ["train.epochs=2", "train.lr=3e-5", "method.name=lora",
+                                   "method.lora.target_modules=[q,v]", "data.max_train_examples=null"])
     cfg = validate(raw)
     assert cfg.train.epochs == 2 and cfg.train.lr == 3e-5
     assert cfg.method.lora.target_modules == ["q", "v"]

@@ -53,7 +53,7 @@ def _cfg(name: str) -> MethodConfig:
     cfg.lora.r = 4
     cfg.adalora.init_r, cfg.adalora.target_r, cfg.adalora.tinit, cfg.adalora.tfinal = 4, 2, 0.0, 0.0
     cfg.prompt.virtual_tokens = 4
-    cfg.trainable_layers = 1
+    cfg.freeze.trainable_layers = 1
     return cfg
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from tunelab.errors import UserError
 
@@ -175,16 +175,48 @@ class AdapterConfig(Section):
     init_scale: float = Field(1e-3, ge=0, description="std of the up-projection init (near identity)")
 
 
+class Ia3Config(Section):
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="modules to scale (default: peft's per-architecture choice)")
+
+
+class FreezeConfig(Section):
+    trainable_layers: int = Field(2, ge=0, description="train the last k transformer layers + the head")
+
+
+# Each method's own section of `method` (one shape for all: method.<section>.<key>), and the methods it serves.
+METHOD_SECTIONS = {"lora": ("lora",), "adalora": ("adalora",), "prompt": ("prefix", "prompt", "ptuning"),
+                   "ia3": ("ia3",), "adapter": ("adapter",), "freeze": ("freeze",)}
+
+
 class MethodConfig(Section):
+    """`method.name` and its own section; a section that belongs to another method is an error (it would be
+    ignored), and a dump holds the chosen method's section only."""
+
     name: Literal["full", "head", "freeze", "lora", "adalora", "prefix", "prompt", "ptuning", "ia3",
                   "adapter"] = "full"
     lora: LoraConfig = LoraConfig()
     adalora: AdaLoraConfig = AdaLoraConfig()
     prompt: PromptLearningConfig = PromptLearningConfig()
+    ia3: Ia3Config = Ia3Config()
     adapter: AdapterConfig = AdapterConfig()
-    ia3_target_modules: list[str] | Literal["all-linear"] | None = Field(
-        None, description="ia3: modules to scale (default: peft's per-architecture choice)")
-    trainable_layers: int = Field(2, ge=0, description="freeze: train the last k transformer layers + the head")
+    freeze: FreezeConfig = FreezeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_section_only(cls, data):
+        if isinstance(data, dict):
+            name = data.get("name", "full")
+            for section, methods in METHOD_SECTIONS.items():
+                if data.get(section) is not None and name not in methods:
+                    raise ValueError(f"method.{section} configures method {' or '.join(methods)}, but method.name "
+                                     f"is {name}: remove method.{section} or change method.name")
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump_own_section(self, handler):
+        data = handler(self)
+        return {k: v for k, v in data.items() if k not in METHOD_SECTIONS or self.name in METHOD_SECTIONS[k]}
 
 
 class TrainConfig(Section):
@@ -335,6 +367,8 @@ def format_validation_error(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}'")
+        elif e["type"] == "value_error":  # a check of ours: its message says what is wrong and what to do
+            lines.append(f"'{key}': {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
     return "invalid config: " + "; ".join(lines)

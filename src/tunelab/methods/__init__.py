@@ -69,18 +69,18 @@ _LAYER = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
 def _apply_freeze(model, method, ctx):
-    """Train the last `trainable_layers` transformer layers, the final norm and the task head."""
+    """Train the last `method.freeze.trainable_layers` transformer layers, the final norm and the task head."""
     indices = {int(m.group(1)) for n, _ in model.named_parameters() if (m := _LAYER.search(n))}
     if not indices:
         raise UserError("method freeze: no numbered transformer layers found in this model")
-    first = max(indices) + 1 - method.trainable_layers
+    first = max(indices) + 1 - method.freeze.trainable_layers
     heads = _heads(model, ctx)
 
     def keep(name: str) -> bool:
         m = _LAYER.search(name)
         if m:
             return int(m.group(1)) >= first
-        return _under(name, heads) or (method.trainable_layers > 0 and re.search(r"(^|\.)(norm|final_layer_norm|"
+        return _under(name, heads) or (method.freeze.trainable_layers > 0 and re.search(r"(^|\.)(norm|final_layer_norm|"
                                                                                   r"ln_f)\.", name) is not None)
 
     return _set_trainable(model, keep)
@@ -110,8 +110,8 @@ def _peft_config(method, ctx: MethodContext, model):
                                   modules_to_save=heads)
     if name == "ia3":
         kwargs = {}
-        if method.ia3_target_modules is not None:
-            kwargs = {"target_modules": method.ia3_target_modules, "feedforward_modules": []}
+        if method.ia3.target_modules is not None:
+            kwargs = {"target_modules": method.ia3.target_modules, "feedforward_modules": []}
         return peft.IA3Config(task_type=task_type, modules_to_save=heads, **kwargs)
     c = method.prompt
     if name == "prefix":
