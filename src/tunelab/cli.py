@@ -250,6 +250,11 @@ def predict(
         for r in results:
             print(json.dumps(r, ensure_ascii=False))
         return
+    console.print(_predictions_table(results))
+
+
+def _predictions_table(results: list[dict]) -> Table:
+    """Texts with their label and per-class probabilities, or with their entities (one row each)."""
     table = Table()
     table.add_column("text")
     if "entities" in results[0]:
@@ -263,14 +268,13 @@ def predict(
                 table.add_row(plain(r["text"]) if i == 0 else "", plain(e["type"]), plain(e["text"]),
                               f"{e['start']}–{e['end']}",
                               f"{e['score']:.3f}", end_section=i == len(r["entities"]) - 1)
-        console.print(table)
-        return
+        return table
     table.add_column("prediction", style="bold")
     for label in results[0]["probs"]:
         table.add_column(f"p({plain(label)})", justify="right")
     for r in results:
         table.add_row(plain(r["text"]), plain(r["prediction"]), *[f"{p:.3f}" for p in r["probs"].values()])
-    console.print(table)
+    return table
 
 
 def _generation_options(max_tokens: int, temperature: float, top_p: float, top_k: int,
@@ -345,20 +349,9 @@ def chat(
             err_console.print("(/exit or Ctrl-D quits)")
             continue
         if line.startswith("/"):  # a message that starts with a slash: type a space before it
-            command = line.split()[0].lower() if line.split() else "/"
-            if command in ("/exit", "/quit", "/bye"):
+            messages = _chat_command(line.split()[0].lower() if line.split() else "/", messages, start)
+            if messages is None:
                 return
-            if command == "/reset":
-                messages = list(start)
-                err_console.print("history cleared" + (" (the system message is kept)" if start else ""))
-            elif command == "/history":
-                turns = sum(m["role"] == "user" for m in messages)
-                err_console.print(f"{turns} exchange{'s' if turns != 1 else ''} in the history")
-            elif command == "/help":
-                err_console.print(CHAT_HELP, highlight=False)
-            else:
-                err_console.print(f"unknown command {plain(command)}; /help lists the commands (to send a "
-                                  "message that starts with /, type a space before it)", highlight=False)
             continue
         if not line.strip():
             continue
@@ -378,6 +371,24 @@ def chat(
             err_console.print("(answer stopped)", end="")
         print()
         messages.append({"role": "assistant", "content": answer.strip()})
+
+
+def _chat_command(command: str, messages: list[dict], start: list[dict]) -> list[dict] | None:
+    """A chat /command -> the history after it, or None to quit."""
+    if command in ("/exit", "/quit", "/bye"):
+        return None
+    if command == "/reset":
+        err_console.print("history cleared" + (" (the system message is kept)" if start else ""))
+        return list(start)
+    if command == "/history":
+        turns = sum(m["role"] == "user" for m in messages)
+        err_console.print(f"{turns} exchange{'s' if turns != 1 else ''} in the history")
+    elif command == "/help":
+        err_console.print(CHAT_HELP, highlight=False)
+    else:
+        err_console.print(f"unknown command {plain(command)}; /help lists the commands (to send a message that "
+                          "starts with /, type a space before it)", highlight=False)
+    return messages
 
 
 CHAT_HELP = """/reset    clear the history (a --system message is kept)

@@ -428,37 +428,11 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
         raise UserError(f"no usable rows in {path} (read {counters['rows_read']}; dropped: "
                         + ", ".join(f"{k}={v}" for k, v in reasons) + ")")
     classification = opts.task == "classification"
-    if opts.split_column:
-        splits = {name: [r for r in rows if r["_split"] == name] for name in SPLITS}
-    else:  # stratified by label for classification, plain random otherwise; near-dup groups stay together
-        splits = group_split(rows, "label", opts.val_ratio, opts.test_ratio, opts.seed)
-    augmentation = None
-    if opts.augment.enabled:
-        if not classification:
-            raise UserError("augment.enabled works for --task classification only")
-        from tunelab.data.augment import augment
-
-        new_rows, augmentation = augment(splits["train"], opts.augment, opts.seed)
-        merged = splits["train"] + new_rows
-        order = np.random.default_rng(opts.seed).permutation(len(merged))
-        splits["train"] = [merged[i] for i in order]
+    splits, augmentation = _split(rows, opts)
     labels = sorted({r["label"] for r in rows}) if classification else []
     if opts.task == "ner":
         labels = ["O"] + sorted({t for r in rows for t in r["tags"] if t != "O"}, key=lambda t: (t[2:], t))
-    dropped = dict(Counter(r["reason"] for r in rejected).most_common())
-    report = {"rows_read": counters["rows_read"], "rows_kept": len(rows), "dropped": dropped,
-              "repaired": {"invalid_utf8_replaced": counters["invalid_utf8_replaced"]},
-              "steps": {k: v for k, v in sorted(counters.items()) if k.startswith("clean.")},
-              "pii": {k.removeprefix("pii."): v for k, v in sorted(counters.items()) if k.startswith("pii.")},
-              "duplicates": {"exact_dropped": dropped.get("duplicate", 0),
-                             "exact_conflicting_groups": len(conflicts),
-                             "near_groups": len(groups), "near_dropped": dropped.get("near_duplicate", 0),
-                             "near_conflicting_groups": sum(g["conflicting_labels"] for g in groups),
-                             "near_candidates_checked": candidates}}
-    if augmentation is not None:
-        report["augmentation"] = augmentation  # extra train rows; not part of rows_read / rows_kept
-    if report["rows_read"] != report["rows_kept"] + sum(dropped.values()):
-        raise AssertionError(f"row accounting does not add up: {report}")
+    report = _report(counters, rows, rejected, conflicts, groups, candidates, augmentation)
     _check_drop_rate(report, opts, path)
     meta = {
         "kind": "dataset", "task": opts.task, "fields": OUTPUT_FIELDS[opts.task], "labels": labels,
@@ -480,6 +454,47 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
         (tmp / "conflicts.json").write_text(json.dumps(conflicts, ensure_ascii=False, indent=1))
         (tmp / DATASET_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2))
     return meta
+
+
+def _split(rows: list[dict], opts: PrepareOptions) -> tuple[dict[str, list[dict]], dict | None]:
+    """The splits (an existing split column, or stratified by label for classification and random otherwise,
+    near-duplicate groups kept together), and the train split's augmentation when asked -> (splits, its report)."""
+    if opts.split_column:
+        splits = {name: [r for r in rows if r["_split"] == name] for name in SPLITS}
+    else:
+        splits = group_split(rows, "label", opts.val_ratio, opts.test_ratio, opts.seed)
+    if not opts.augment.enabled:
+        return splits, None
+    if opts.task != "classification":
+        raise UserError("augment.enabled works for --task classification only")
+    from tunelab.data.augment import augment  # loads models for synonyms and paraphrases: only when asked
+
+    new_rows, augmentation = augment(splits["train"], opts.augment, opts.seed)
+    merged = splits["train"] + new_rows
+    order = np.random.default_rng(opts.seed).permutation(len(merged))
+    splits["train"] = [merged[i] for i in order]
+    return splits, augmentation
+
+
+def _report(counters: Counter, rows: list[dict], rejected: list[dict], conflicts: list, groups: list[dict],
+            candidates: int, augmentation: dict | None) -> dict:
+    """The preparation's accounting: rows read, kept and dropped by reason, what cleaning and redaction changed,
+    duplicates; checked to add up (rows read == kept + dropped)."""
+    dropped = dict(Counter(r["reason"] for r in rejected).most_common())
+    report = {"rows_read": counters["rows_read"], "rows_kept": len(rows), "dropped": dropped,
+              "repaired": {"invalid_utf8_replaced": counters["invalid_utf8_replaced"]},
+              "steps": {k: v for k, v in sorted(counters.items()) if k.startswith("clean.")},
+              "pii": {k.removeprefix("pii."): v for k, v in sorted(counters.items()) if k.startswith("pii.")},
+              "duplicates": {"exact_dropped": dropped.get("duplicate", 0),
+                             "exact_conflicting_groups": len(conflicts),
+                             "near_groups": len(groups), "near_dropped": dropped.get("near_duplicate", 0),
+                             "near_conflicting_groups": sum(g["conflicting_labels"] for g in groups),
+                             "near_candidates_checked": candidates}}
+    if augmentation is not None:
+        report["augmentation"] = augmentation  # extra train rows; not part of rows_read / rows_kept
+    if report["rows_read"] != report["rows_kept"] + sum(dropped.values()):
+        raise AssertionError(f"row accounting does not add up: {report}")
+    return report
 
 
 MIN_ROWS = 100  # fewer rows in all: scores move by whole points with one row, and a fine-tuned model rarely learns

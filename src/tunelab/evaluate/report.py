@@ -66,20 +66,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
             check_file_target(png, "plot", overwrite)
     model, tok, meta = load_model_dir(model_dir)
     eval_cfg = eval_cfg or eval_config_of(meta, overrides)
-    if data_dir is None:
-        found, why = training_data(meta)
-        if found is None:
-            raise UserError(f"{why}; give the data to evaluate on with --data DIR")
-        data_dir = found
-    data_dir = Path(data_dir)
-    data_meta = load_meta(data_dir)
-    rows = load_split(data_dir, split)
-    if not rows:
-        raise UserError(f"split '{split}' of {data_dir} is empty")
-    wanted = DATASET_TASKS.get(data_meta.get("task"))
-    if wanted != meta["task"]:
-        raise UserError(f"{data_dir} holds a '{data_meta.get('task')}' dataset; the model was trained for "
-                        f"'{meta['task']}'")
+    data_dir, data_meta, rows = _split_rows(meta, data_dir, split)
     fit = base_fit.measure(tok, [row_text(r) for r in rows])
     leak = check_leakage(meta, rows)
     if strict and (not leak["checked"] or leak["loud"]):
@@ -111,6 +98,25 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
             report["confusion_matrix_png"] = str(png)
         write_file(out, json.dumps(report, indent=2, ensure_ascii=False), "report", checked=True)
     return report
+
+
+def _split_rows(meta: dict, data_dir: str | Path | None, split: str) -> tuple[Path, dict, list[dict]]:
+    """The dataset to evaluate on (default: the one the model was trained on), its meta and the split's rows;
+    an empty split or a dataset of another task is a `UserError`."""
+    if data_dir is None:
+        found, why = training_data(meta)
+        if found is None:
+            raise UserError(f"{why}; give the data to evaluate on with --data DIR")
+        data_dir = found
+    data_dir = Path(data_dir)
+    data_meta = load_meta(data_dir)
+    rows = load_split(data_dir, split)
+    if not rows:
+        raise UserError(f"split '{split}' of {data_dir} is empty")
+    if DATASET_TASKS.get(data_meta.get("task")) != meta["task"]:
+        raise UserError(f"{data_dir} holds a '{data_meta.get('task')}' dataset; the model was trained for "
+                        f"'{meta['task']}'")
+    return data_dir, data_meta, rows
 
 
 def _report_names(report: Path, png: Path) -> bool:

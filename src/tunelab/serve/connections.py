@@ -51,6 +51,8 @@ def guarded_protocol(settings, count: Callable[[str], None] = lambda reason: Non
     (a `ServeConfig`); `count(reason)` is called once per refused connection or request."""
     body_raw_limit = 2 * settings.max_body_bytes + settings.max_header_bytes
 
+    # Longer than 60 lines because it is a class, defined here because uvicorn builds one protocol object per
+    # connection from a class it is given: the limits reach it only by closure. Its methods are each short.
     class GuardedProtocol(HttpToolsProtocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
