@@ -49,6 +49,14 @@ def test_a_section_of_another_method_is_an_error_and_a_dump_holds_the_methods_ow
     assert validate(cfg.model_dump(mode="json")) == cfg  # what a run saves loads back
 
 
+def test_a_run_config_saved_with_every_method_section_still_loads(tmp_path):
+    old = base() | {"method": {"name": "full", "lora": {"r": 8}, "prompt": {"virtual_tokens": 16}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(UserError, match="method.lora configures method lora"):
+        load_config(tmp_path / "config.yaml")  # a user's config: the stray section is an error
+    assert load_config(tmp_path / "config.yaml", saved=True).method.name == "full"  # a run's own: its section
+
+
 def test_missing_required_section():
     with pytest.raises(UserError, match="model"):
         validate({"data": {"dir": "d"}})

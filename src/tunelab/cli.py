@@ -149,19 +149,19 @@ def train(
     from tunelab.train.loop import resume_command, train as run_train
 
     args = [a for a in [config, *(overrides or [])] if a is not None]
-    path = None
+    path, saved = None, False
     if args and not ("=" in args[0] and not Path(args[0]).is_file()):
         path = Path(args.pop(0))
     if path is None:
         if not resume or out is None:
             raise UserError("give a CONFIG file (see examples/), or continue a run with --out RUN_DIR --resume auto")
-        path = out / "config.yaml"
+        path, saved = out / "config.yaml", True
         if not path.is_file():
             raise UserError(f"--resume: {out} is not a tunelab run dir (no config.yaml); give the CONFIG too")
     if path.is_dir():
         hint = f"; to continue the run in it: {resume_command(path)}" if (path / "config.yaml").is_file() else ""
         raise UserError(f"{path} is a folder, not a YAML config file{hint}")
-    cfg = load_config(path, args)
+    cfg = load_config(path, args, saved=saved)
     out = out or Path("runs") / (cfg.name or path.stem)
     summary = run_train(cfg, out, resume=resume, force=force, overwrite=overwrite, console=err_console,
                         show_progress=sys.stderr.isatty())

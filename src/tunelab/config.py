@@ -454,13 +454,27 @@ def resolve_paths(raw: dict, base: Path, keys: dict = PATH_KEYS) -> dict:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def own_method_sections(raw: dict) -> dict:
+    """A run config as saved before method sections were checked (every method's section, defaults included)
+    -> the same with only its own method's section, which validates and compares like a new one."""
+    method = raw.get("method")
+    if isinstance(method, dict):
+        name = method.get("name", "full")
+        raw = {**raw, "method": {k: v for k, v in method.items()
+                                 if k not in METHOD_SECTIONS or name in METHOD_SECTIONS[k]}}
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, saved: bool = False) -> RunConfig:
     """Read a YAML config, apply dotted overrides, validate. Errors name the file or key.
 
     Relative paths in the file are relative to the file (a config means the same from any folder); paths given
     as overrides are relative to the current folder, as anything typed in a shell is. Both end up absolute, so
-    the config a run saves names the same files wherever it is read."""
+    the config a run saves names the same files wherever it is read. `saved`: the config.yaml of a run dir,
+    possibly written by an earlier tunelab (see `own_method_sections`)."""
     raw = resolve_paths(read_yaml_mapping(path), Path(path).resolve().parent)
+    if saved:
+        raw = own_method_sections(raw)
     return validate(apply_overrides(raw, overrides or [], paths_from=Path.cwd()))
 
 

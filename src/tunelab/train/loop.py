@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from tunelab.artifacts import META_FILE, FolderLock, check_target, kind_of, recover, write_folder
-from tunelab.config import RunConfig, dump_config
+from tunelab.config import RunConfig, dump_config, own_method_sections
 from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.prepare import PrepareOptions, prepare
 from tunelab.data.split import seeded_subset
@@ -589,7 +589,7 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
             console: Console, fsdp: bool = False) -> tuple[LoopState, dict | None]:
     d, weights, trainer, saved, best = ckpt.load_resume(out, resume, note=lambda msg: console.print(
         f"[bold yellow]{plain(msg)}[/]", highlight=False, soft_wrap=True))
-    diffs = _differences(saved["config"], run_record["config"])
+    diffs = _differences(own_method_sections(saved["config"]), run_record["config"])
     if saved["data_fingerprint"] != run_record["data_fingerprint"]:
         diffs.append("data fingerprint")
     if diffs and not force:
