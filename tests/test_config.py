@@ -50,11 +50,13 @@ def test_a_section_of_another_method_is_an_error_and_a_dump_holds_the_methods_ow
 
 
 def test_a_run_config_saved_with_every_method_section_still_loads(tmp_path):
-    old = base() | {"method": {"name": "full", "lora": {"r": 8}, "prompt": {"virtual_tokens": 16}}}
+    old = base() | {"method": {"name": "freeze", "lora": {"r": 8}, "prompt": {"virtual_tokens": 16},
+                               "ia3_target_modules": None, "trainable_layers": 1}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(UserError, match="method.lora configures method lora"):
         load_config(tmp_path / "config.yaml")  # a user's config: the stray section is an error
-    assert load_config(tmp_path / "config.yaml", saved=True).method.name == "full"  # a run's own: its section
+    cfg = load_config(tmp_path / "config.yaml", saved=True)  # a run's own: its method's section, renamed keys
+    assert cfg.method.name == "freeze" and cfg.method.freeze.trainable_layers == 1
 
 
 def test_missing_required_section():

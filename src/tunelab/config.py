@@ -460,6 +460,11 @@ def own_method_sections(raw: dict) -> dict:
     method = raw.get("method")
     if isinstance(method, dict):
         name = method.get("name", "full")
+        method = dict(method)
+        for old, section, key in (("trainable_layers", "freeze", "trainable_layers"),
+                                  ("ia3_target_modules", "ia3", "target_modules")):  # the flat keys of then
+            if old in method:
+                method[section] = {**(method.get(section) or {}), key: method.pop(old)}
         raw = {**raw, "method": {k: v for k, v in method.items()
                                  if k not in METHOD_SECTIONS or name in METHOD_SECTIONS[k]}}
     return raw
