@@ -15,7 +15,7 @@ from rich.console import Console
 
 from tunelab.config import PrepareOptions, validate
 from tunelab.data.prepare import prepare
-from tunelab.data.summary import print_dataset_summary
+from tunelab.data.summary import print_dataset_summary, print_warnings
 from tunelab.evaluate.report import evaluate, print_report
 from tunelab.terminal import plain
 from tunelab.train.loop import train
@@ -81,7 +81,6 @@ def run_quickstart(out: Path, data: Path, train_examples: int | None, epochs: fl
         if n_train < meta["splits"]["train"]:
             tries.insert(0, f"--train-examples above {n_train:,} (or without it: all {meta['splits']['train']:,} "
                             "rows)")
-        console.print("[bold yellow]warning:[/] this model scores below a baseline (see the warnings above): run "
-                      f"the quickstart again with {' or '.join(tries)}, and --overwrite", soft_wrap=True,
-                      highlight=False)
+        print_warnings([f"this model scores below a baseline (see the warnings above): run the quickstart again "
+                        f"with {' or '.join(tries)}, and --overwrite"], console)
     return report

@@ -222,7 +222,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
     printers[task_spec(report["task"]).report](report, console)
     _print_leakage(report, console)
     if report.get("base_fit") and (warning := base_fit.advice(report["base_fit"], report["model"]["base"])):
-        console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
+        print_warnings([warning], console)
     print_warnings(report["warnings"] if "warnings" in report else below_baseline_warnings(report), console)
 
 

@@ -31,6 +31,7 @@ from tunelab.config import RunConfig, dump_config, own_method_sections
 from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.prepare import PrepareOptions, prepare
 from tunelab.data.split import seeded_subset
+from tunelab.data.summary import print_warnings
 from tunelab.errors import UserError
 from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import row_text
@@ -87,8 +88,7 @@ def ensure_dataset(cfg: RunConfig, console: Console | None = None) -> tuple[Path
     meta = prepare(p.source, d, PrepareOptions(**p.model_dump(exclude={"source"})))
     if console is not None:
         console.print("prepared " + " / ".join(f"{n:,} {name}" for name, n in meta["splits"].items()) + " rows")
-        for warning in meta.get("warnings", []):
-            console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
+        print_warnings(meta.get("warnings", []), console)
     return d, {"source": p.source, "dir": str(d.resolve()), "fingerprint": meta["fingerprint"],
                "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}
 
@@ -293,7 +293,7 @@ class _Run:
             self.tracker.log(self.state.step, **self.run_record.get("resumed_from", {}))
         self.fit = base_fit.measure(self.tokenizer, [row_text(r) for r in self.train_rows])
         if (warning := base_fit.advice(self.fit, cfg.model.base)) is not None:  # before an hour is spent on it
-            console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True)
+            print_warnings([warning], console)
         n_train, n_total = count_parameters(self.model)
         packed = (f" in {len(self.tr):,} + {len(self.va):,} packed blocks" if getattr(self.task, "packing", False)
                   else "")
