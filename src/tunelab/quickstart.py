@@ -15,9 +15,9 @@ from rich.console import Console
 
 from tunelab.config import PrepareOptions, validate
 from tunelab.data.prepare import prepare
-from tunelab.data.summary import print_dataset_summary, print_warnings
+from tunelab.data.summary import print_dataset_summary
 from tunelab.evaluate.report import evaluate, print_report
-from tunelab.terminal import plain
+from tunelab.terminal import plain, print_warnings
 from tunelab.train.loop import train
 
 

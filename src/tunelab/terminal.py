@@ -26,3 +26,10 @@ def make_console(stderr: bool = False, file: TextIO | None = None) -> Console:
 def plain(value: object) -> str:
     """`value` as text that rich markup leaves alone."""
     return escape(str(value))
+
+
+def print_warnings(warnings: list[str], console: Console) -> None:
+    """One `warning: ...` line each, never wrapped (a line a user can grep for); brackets in label names print
+    as written."""
+    for warning in warnings:
+        console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True, highlight=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tunelab.terminal import plain
+from tunelab.terminal import plain, print_warnings
 
 
 def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None:
@@ -49,10 +49,3 @@ def print_dataset_summary(meta: dict, out: str | Path, console: Console) -> None
     console.print(bal)
     console.print(f"rejected rows with line numbers and reasons: {plain(Path(out) / 'rejected.jsonl')}")
     print_warnings(meta.get("warnings", []), console)
-
-
-def print_warnings(warnings: list[str], console: Console) -> None:
-    """One `warning: ...` line each, never wrapped (a line a user can grep for); brackets in label names print
-    as written."""
-    for warning in warnings:
-        console.print(f"[bold yellow]warning:[/] {plain(warning)}", soft_wrap=True, highlight=False)

@@ -23,7 +23,6 @@ from tunelab.artifacts import check_file_target, write_file
 from tunelab.config import EvalConfig, section
 from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.split import seeded_subset
-from tunelab.data.summary import print_warnings
 from tunelab.errors import UserError
 from tunelab.evaluate import baselines as bl
 from tunelab.evaluate.metrics import classification_metrics
@@ -36,7 +35,7 @@ from tunelab.models import load_model_dir
 from tunelab.tasks import DATASET_TASKS, task_spec
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.tasks.token_classification import TokenClassificationTask
-from tunelab.terminal import make_console, plain
+from tunelab.terminal import make_console, plain, print_warnings
 
 BASELINES = ("tfidf", "zero_shot")
 

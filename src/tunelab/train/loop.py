@@ -31,13 +31,12 @@ from tunelab.config import RunConfig, dump_config, own_method_sections
 from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.prepare import PrepareOptions, prepare
 from tunelab.data.split import seeded_subset
-from tunelab.data.summary import print_warnings
 from tunelab.errors import UserError
 from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import row_text
 from tunelab.methods import MethodContext, apply_method, head_module_names
 from tunelab.tasks import DATASET_TASKS, TaskSpec, task_spec
-from tunelab.terminal import make_console, plain
+from tunelab.terminal import make_console, plain, print_warnings
 from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import distributed
