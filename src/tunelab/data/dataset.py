@@ -2,7 +2,7 @@
 
 A dataset dir holds `dataset.json` (kind "dataset", task, fields, labels, split sizes, class balance,
 fingerprint, source, options, the preparation report and warnings) and one JSON-lines file per split
-(`train.jsonl`, `validation.jsonl`, `test.jsonl`), each row holding the task's `OUTPUT_FIELDS`; beside them
+(`train.jsonl`, `validation.jsonl`, `test.jsonl`), each row holding its kind's `fields`; beside them
 the preparation's own records (`rejected.jsonl`, `near_duplicates.jsonl`, `conflicts.json`). Stages that only
 read a dataset (training, evaluation, overlap checks) import this module, never the preparation pipeline.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -18,19 +19,52 @@ from tunelab.errors import UserError, read_json_file
 
 DATASET_FILE = "dataset.json"
 SPLITS = ("train", "validation", "test")
-# The fields of a written row, per dataset task (`classification` also for any labelled text task).
-OUTPUT_FIELDS = {"classification": ["text", "label"], "text": ["text"], "sft": ["messages"],
-                 "ner": ["tokens", "tags"]}
 EXTRA_FIELDS = ("category", "augmented")  # kept when present: a dialogue's category, an augmented row's origin
 
 
-def output_row(r: dict, task: str) -> dict:
-    """The row as written to a split file: the task's fields, plus the extras it has."""
-    out = {k: r[k] for k in OUTPUT_FIELDS[task]}
-    for extra in EXTRA_FIELDS:
-        if extra in r:
-            out[extra] = r[extra]
-    return out
+@dataclass(frozen=True)
+class DatasetKind:
+    """What a dataset of one kind (`dataset.json` `task`) holds, for the pipeline that writes it and the stages
+    that read it. Adding a kind is one entry in `DATASET_KINDS`, an `_extract_<name>` on the preparation's
+    `RowFilter`, and a `TaskSpec` in `tasks.TASKS` that trains on it."""
+
+    name: str
+    fields: tuple[str, ...]  # of a written row
+    columns: tuple[str, ...] = ()  # the source columns it reads by role ("text", "label"); others read a structure
+    labelled: bool = False  # one class label per row: stratified split, class balance, label warnings, augmentation
+    tagged: bool = False  # one BIO tag per token; its labels are the tag set
+    keeps_newlines: bool = True  # a class label rarely depends on line breaks; text, chat and tokens keep theirs
+
+    def label_set(self, rows: list[dict]) -> list[str]:
+        """The dataset's labels: the sorted classes, or "O" then the tags grouped by entity type, or []."""
+        if self.labelled:
+            return sorted({r["label"] for r in rows})
+        if self.tagged:
+            return ["O"] + sorted({t for r in rows for t in r["tags"] if t != "O"}, key=lambda t: (t[2:], t))
+        return []
+
+    def output_row(self, r: dict) -> dict:
+        """The row as written to a split file: the kind's fields, plus the extras it has."""
+        out = {k: r[k] for k in self.fields}
+        for extra in EXTRA_FIELDS:
+            if extra in r:
+                out[extra] = r[extra]
+        return out
+
+
+DATASET_KINDS = {k.name: k for k in (
+    DatasetKind("classification", ("text", "label"), ("text", "label"), labelled=True, keeps_newlines=False),
+    DatasetKind("text", ("text",), ("text",)),
+    DatasetKind("sft", ("messages",)),
+    DatasetKind("ner", ("tokens", "tags"), tagged=True),
+)}
+
+
+def dataset_kind(name: str) -> DatasetKind:
+    """The `DatasetKind` called `name`; an unknown one is a `UserError` naming the known ones."""
+    if name not in DATASET_KINDS:
+        raise UserError(f"unknown dataset task '{name}'; choose one of {', '.join(DATASET_KINDS)}")
+    return DATASET_KINDS[name]
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -58,7 +92,7 @@ def load_meta(data_dir: str | Path) -> dict:
 
 
 def load_split(data_dir: str | Path, split: str) -> list[dict]:
-    """The rows of one split of a dataset dir, each with its task's `OUTPUT_FIELDS` (and extras)."""
+    """The rows of one split of a dataset dir, each with its kind's `fields` (and extras)."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     load_meta(data_dir)

@@ -22,7 +22,7 @@ from tunelab.artifacts import FolderLock, check_target, write_folder
 from tunelab.assets import DATASET_COLUMNS, builtin_path, is_builtin
 from tunelab.config import PrepareOptions
 from tunelab.data.clean import Cleaner
-from tunelab.data.dataset import DATASET_FILE, OUTPUT_FIELDS, SPLITS, fingerprint, output_row, write_jsonl
+from tunelab.data.dataset import DATASET_FILE, SPLITS, dataset_kind, fingerprint, write_jsonl
 from tunelab.data.dedup import exact_dedup
 from tunelab.data.pii import PiiRedactor
 from tunelab.data.read import read_rows
@@ -157,11 +157,11 @@ class RowFilter:
 
     def __init__(self, opts: PrepareOptions, text_col: str, label_col: str):
         self.opts, self.text_col, self.label_col = opts, text_col, label_col
-        self.cleaner = Cleaner(opts.clean, keep_newlines=opts.task != "classification")
+        kind = dataset_kind(opts.task)
+        self.cleaner = Cleaner(opts.clean, keep_newlines=kind.keeps_newlines)
         self.pii = PiiRedactor(opts.pii.types) if opts.pii.enabled else None
         self.allowed = set(opts.clean.labels) if opts.clean.labels else None
-        self.extract = {"classification": self._classification, "text": self._text, "sft": self._sft,
-                        "ner": self._ner}[opts.task]
+        self.extract = getattr(self, f"_extract_{kind.name}")  # one extractor per dataset kind
 
     def _redact(self, text: str) -> str:
         return self.pii.redact(text) if self.pii is not None else text
@@ -182,7 +182,7 @@ class RowFilter:
         redacted = self._redact(text) if text is not None else text
         return value if redacted == text else redacted
 
-    def _text(self, fields: dict) -> tuple[dict | None, str | None]:
+    def _extract_text(self, fields: dict) -> tuple[dict | None, str | None]:
         raw = fields.get(self.text_col)
         text = _as_text(raw)
         if raw is not None and text is None:
@@ -193,12 +193,12 @@ class RowFilter:
         reason = self.cleaner.length_reason(text)
         return (None, reason) if reason else ({"text": text, "label": None}, None)
 
-    def _classification(self, fields: dict) -> tuple[dict | None, str | None]:
+    def _extract_classification(self, fields: dict) -> tuple[dict | None, str | None]:
         raw_label = fields.get(self.label_col)
         label = _as_text(raw_label)
         if raw_label is not None and label is None:
             return None, "label_wrong_type"
-        example, reason = self._text(fields)
+        example, reason = self._extract_text(fields)
         if example is None:
             return None, reason
         if label is None or not label.strip():
@@ -209,7 +209,7 @@ class RowFilter:
         example["label"] = self._redact(label)  # after the check: `clean.labels` names labels as written
         return example, None
 
-    def _sft(self, fields: dict) -> tuple[dict | None, str | None]:
+    def _extract_sft(self, fields: dict) -> tuple[dict | None, str | None]:
         messages = to_messages(fields)
         if isinstance(messages, str):
             return None, messages
@@ -241,7 +241,7 @@ class RowFilter:
             return to_bio(fields[self.text_col], fields.get("entities", []))
         return "no_tokens"
 
-    def _ner(self, fields: dict) -> tuple[dict | None, str | None]:
+    def _extract_ner(self, fields: dict) -> tuple[dict | None, str | None]:
         source = self._ner_source(fields)
         if isinstance(source, str):
             return None, source
@@ -293,9 +293,9 @@ def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
     the counters count what redaction did to the rows it cleaned, and a row cleaned then rejected would count
     twice."""
     columns, rows = read_rows(path)
-    wanted = {"classification": {"text": text_col, "label": label_col}, "text": {"text": text_col}, "sft": {},
-              "ner": {}}
-    _check_columns(path, columns, {**wanted[opts.task], "split": opts.split_column})
+    named = {"text": text_col, "label": label_col}
+    wanted = {role: named[role] for role in dataset_kind(opts.task).columns}
+    _check_columns(path, columns, {**wanted, "split": opts.split_column})
     keep = RowFilter(opts, text_col, label_col)
     excerpt_pii = PiiRedactor(opts.pii.types) if opts.pii.enabled else None
     kept, rejected = [], []
@@ -427,18 +427,16 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
         reasons = Counter(r["reason"] for r in rejected).most_common(3)
         raise UserError(f"no usable rows in {path} (read {counters['rows_read']}; dropped: "
                         + ", ".join(f"{k}={v}" for k, v in reasons) + ")")
-    classification = opts.task == "classification"
+    kind = dataset_kind(opts.task)
     splits, augmentation = _split(rows, opts)
-    labels = sorted({r["label"] for r in rows}) if classification else []
-    if opts.task == "ner":
-        labels = ["O"] + sorted({t for r in rows for t in r["tags"] if t != "O"}, key=lambda t: (t[2:], t))
+    labels = kind.label_set(rows)
     report = _report(counters, rows, rejected, conflicts, groups, candidates, augmentation)
     _check_drop_rate(report, opts, path)
     meta = {
-        "kind": "dataset", "task": opts.task, "fields": OUTPUT_FIELDS[opts.task], "labels": labels,
+        "kind": "dataset", "task": kind.name, "fields": list(kind.fields), "labels": labels,
         "splits": {name: len(splits[name]) for name in SPLITS},
         "class_balance": {name: dict(sorted(Counter(r["label"] for r in splits[name]).items()))
-                          for name in SPLITS} if classification else {},
+                          for name in SPLITS} if kind.labelled else {},
         "fingerprint": fingerprint(splits),
         "source": {"path": str(source) if is_builtin(source) else str(path.resolve()),
                    "text_column": text_col, "label_column": label_col},
@@ -448,7 +446,7 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
     }
     with write_folder(out, "dataset", overwrite) as tmp:
         for name in SPLITS:
-            write_jsonl(tmp / f"{name}.jsonl", (output_row(r, opts.task) for r in splits[name]))
+            write_jsonl(tmp / f"{name}.jsonl", (kind.output_row(r) for r in splits[name]))
         write_jsonl(tmp / "rejected.jsonl", sorted(rejected, key=lambda r: r["line"]))
         write_jsonl(tmp / "near_duplicates.jsonl", groups)
         (tmp / "conflicts.json").write_text(json.dumps(conflicts, ensure_ascii=False, indent=1))
@@ -465,7 +463,7 @@ def _split(rows: list[dict], opts: PrepareOptions) -> tuple[dict[str, list[dict]
         splits = group_split(rows, "label", opts.val_ratio, opts.test_ratio, opts.seed)
     if not opts.augment.enabled:
         return splits, None
-    if opts.task != "classification":
+    if not dataset_kind(opts.task).labelled:
         raise UserError("augment.enabled works for --task classification only")
     from tunelab.data.augment import augment  # loads models for synonyms and paraphrases: only when asked
 
@@ -506,13 +504,13 @@ def dataset_warnings(opts: PrepareOptions, labels: list[str], splits: dict[str, 
     """What makes the dataset unable to support its task (one sentence each, with what to do), or []:
     a single label (classification) or no entity tags (ner), a label with fewer than MIN_LABEL_TRAIN_ROWS
     train rows, an empty split, fewer than MIN_ROWS rows in all. Written into `dataset.json` as `warnings`."""
-    out = []
-    if opts.task == "classification" and len(labels) == 1:
+    out, kind = [], dataset_kind(opts.task)
+    if kind.labelled and len(labels) == 1:
         column = label_column or opts.label_column or "label"
         out.append(f"only one label ('{labels[0]}'): a classifier needs at least two, and `tunelab train` refuses "
                    f"this dataset; check the label column ('{column}'; another with --label-column) or add rows "
                    "of the other labels")
-    elif opts.task == "classification":
+    elif kind.labelled:
         counts = Counter(r["label"] for r in splits["train"])
         rare = [label for label in labels if counts[label] < MIN_LABEL_TRAIN_ROWS]
         if rare:
@@ -520,7 +518,7 @@ def dataset_warnings(opts: PrepareOptions, labels: list[str], splits: dict[str, 
                        + ", ".join(f"'{label}' ({counts[label]})" for label in rare[:5])
                        + (", ..." if len(rare) > 5 else "")
                        + ": a model cannot learn a label from that; add rows of it, or drop it")
-    if opts.task == "ner" and labels == ["O"]:
+    if kind.tagged and labels == ["O"]:
         out.append("no entity tags (every token is O): a token classifier has nothing to learn")
     total = sum(len(rows) for rows in splits.values())
     needs = {"train": "`tunelab train` has nothing to train on",
@@ -537,7 +535,7 @@ def dataset_warnings(opts: PrepareOptions, labels: list[str], splits: dict[str, 
             why, fix = f"{total:,} rows are too few to cut it", "add rows"
         out.append(f"the {name} split is empty ({why}): {needs[name]}; {fix}")
     if total < MIN_ROWS:
-        per = " per label" if opts.task == "classification" else ""
+        per = " per label" if kind.labelled else ""
         out.append(f"only {total:,} rows in all: too few to fine-tune or to compare with a baseline (a score moves "
                    f"by whole points with one row); a few hundred rows{per} is a usual minimum")
     return out
