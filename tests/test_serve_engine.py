@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from tunelab.serve.engine import EngineFull, GenerationEngine, MicroBatcher, SamplingParams, Sequence
+from tunelab.serve.engine import (DoneEvent, EngineFull, ErrorEvent, Event, GenerationEngine, MicroBatcher,
+                                  SamplingParams, Sequence, TextEvent)
 
 PROMPTS = ["Hello there", "What is the capital of France?", "a b c d e f g", "Once upon a time in a land",
            "x", "The quick brown fox jumps over the lazy dog and then"]
@@ -42,7 +43,7 @@ class Run:
 
         def sink(ev):
             self.events[i].append(ev)
-            if ev[0] != "text":
+            if not isinstance(ev, TextEvent):
                 with self._lock:
                     self._left -= 1
                     if not self._left:
@@ -55,9 +56,9 @@ class Run:
         assert self._done.wait(timeout), "the engine did not finish in time"
 
     def text(self, i) -> str:
-        return "".join(e[1] for e in self.events[i] if e[0] == "text")
+        return "".join(e.text for e in self.events[i] if isinstance(e, TextEvent))
 
-    def end(self, i) -> tuple:
+    def end(self, i) -> Event:
         return self.events[i][-1]
 
 
@@ -99,7 +100,7 @@ def test_staggered_batch_equals_each_alone(lm):
     assert len({tuple(e) for e in expected}) == len(expected)  # varied answers: the check is not vacuous
     for i, s in enumerate(seqs):
         assert run.text(i) == tok.decode(s.tokens)  # incremental detokenisation loses nothing
-        assert run.end(i) == ("done", "length", len(s.prompt), len(s.tokens))
+        assert run.end(i) == DoneEvent("length", len(s.prompt), len(s.tokens))
 
 
 def test_identical_requests_identical_answers(lm):
@@ -158,9 +159,9 @@ def test_stop_tokens_and_stop_strings(lm):
         eng.close()
     first_stop = full.index(stop_id)
     assert by_token.tokens == full[:first_stop]
-    assert run.end(0)[:2] == ("done", "stop") and run.end(0)[3] == first_stop + 1  # the stop token is counted
+    assert run.end(0) == DoneEvent("stop", len(by_token.prompt), first_stop + 1)  # the stop token is counted
     assert run.text(1) == text[:text.index(stop_str)]
-    assert run.end(1)[1] == "stop"
+    assert run.end(1).finish_reason == "stop"
 
 
 def test_cancel_frees_the_slot_and_capacity_is_bounded(lm):
@@ -186,7 +187,7 @@ def test_cancel_frees_the_slot_and_capacity_is_bounded(lm):
         assert waiting.finished and len(waiting.tokens) == 4
         assert long.finished and len(long.tokens) < 200
         assert eng.load() == (0, 0)
-        assert not any(e[0] == "done" for e in run.events[0])  # a cancelled sequence reports nothing more
+        assert not any(isinstance(e, DoneEvent) for e in run.events[0])  # a cancelled sequence reports nothing more
     finally:
         eng.close()
 
@@ -286,10 +287,10 @@ def test_a_failing_sequence_ends_alone_and_extreme_parameters_are_safe(lm):
         run.wait()
     finally:
         eng.close()
-    assert long.tokens == expected[0] and run.end(0)[:2] == ("done", "length")
-    assert run.end(1) == ("error", "generation failed on this request") and not run.text(1)
-    assert tiny_t.tokens == expected[1] and run.end(2)[:2] == ("done", "length")  # 1e-45 = greedy
-    assert len(odd.tokens) == 30 and run.end(3)[:2] == ("done", "length")
+    assert long.tokens == expected[0] and run.end(0).finish_reason == "length"
+    assert run.end(1) == ErrorEvent("generation failed on this request") and not run.text(1)
+    assert tiny_t.tokens == expected[1] and run.end(2).finish_reason == "length"  # 1e-45 = greedy
+    assert len(odd.tokens) == 30 and run.end(3).finish_reason == "length"
 
 
 def test_detokenising_waits_for_a_bounded_number_of_tokens(lm):

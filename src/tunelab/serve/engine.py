@@ -8,8 +8,8 @@ Each decode step feeds every running sequence its last token, at its own positio
 mask. Prefill per iteration is bounded by a token budget so that a burst of new prompts cannot stall the
 sequences already decoding.
 
-Results go to each sequence's `sink` (called on the engine thread): ("text", piece), then one
-("done", finish_reason, prompt_tokens, completion_tokens) or ("error", message). Text is detokenised
+Results go to each sequence's `sink` (called on the engine thread) as events: `TextEvent`s, then one `DoneEvent`
+(finish reason and token counts) or one `ErrorEvent`. Text is detokenised
 incrementally (never a half UTF-8 character) and held back while it could be the start of a stop string.
 Per token, each sequence costs the same whatever its parameters (stop strings are matched incrementally,
 sampling is shifted so no temperature overflows), and a failure inside one sequence's step — sampling,
@@ -40,6 +40,33 @@ log = logging.getLogger("tunelab.serve")
 MAX_PENDING_TOKENS = 8  # tokens detokenising may wait for the rest of a UTF-8 character
 
 
+@dataclass(frozen=True, slots=True)
+class TextEvent:
+    """The next piece of a sequence's text (whole characters; never part of a stop string)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class DoneEvent:
+    """The sequence finished: `finish_reason` "stop" or "length", and its token counts for usage."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """The sequence failed and is over. `shutdown`: the engine stopped with it unfinished (not a fault)."""
+
+    message: str
+    shutdown: bool = False
+
+
+Event = TextEvent | DoneEvent | ErrorEvent
+
+
 class EngineFull(Exception):
     """More sequences than the engine admits (running + waiting); the caller answers 503."""
 
@@ -60,7 +87,7 @@ class SamplingParams:
 class Sequence:
     prompt: list[int]
     params: SamplingParams
-    sink: Callable[[tuple], None]
+    sink: Callable[[Event], None]
     adapter: str | None = None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -162,7 +189,8 @@ class GenerationEngine(_Worker):
                     self._cond.wait()
                 if self._stopped:
                     for s in list(self._waiting) + self._running:
-                        self._finish(s, error="the server shut down before this request finished")
+                        self._finish(s, error=ErrorEvent("the server shut down before this request finished",
+                                                         shutdown=True))
                     return
                 new = self._take_waiting()
                 self._prefilling = len(new)
@@ -176,7 +204,7 @@ class GenerationEngine(_Worker):
                 log.exception("generation engine %s failed; failing the running requests", self.name)
                 for s in new + self._running:
                     if not s.finished:
-                        self._finish(s, error="the generation engine failed on this request")
+                        self._finish(s, error=ErrorEvent("the generation engine failed on this request"))
                 self._running, self._cache, self._mask = [], None, None
             with self._cond:
                 self._prefilling = 0
@@ -298,7 +326,7 @@ class GenerationEngine(_Worker):
         except Exception:
             log.exception("generation failed on one sequence of %s; ending it alone", self.name)
             if not s.finished:
-                self._finish(s, error="generation failed on this request")
+                self._finish(s, error=ErrorEvent("generation failed on this request"))
             return True
 
     def _choose(self, s: Sequence, logits: torch.Tensor) -> int:
@@ -367,17 +395,17 @@ class GenerationEngine(_Worker):
     @staticmethod
     def _send(s: Sequence, piece: str) -> None:
         if piece and not s.cancelled:
-            s.sink(("text", piece))
+            s.sink(TextEvent(piece))
 
-    def _finish(self, s: Sequence, reason: str | None = None, error: str | None = None,
+    def _finish(self, s: Sequence, reason: str | None = None, error: ErrorEvent | None = None,
                 counted: int | None = None) -> None:
         s.finished = True
         if s.cancelled:
             return
         if error:
-            s.sink(("error", error))
+            s.sink(error)
         else:
-            s.sink(("done", reason, len(s.prompt), counted if counted is not None else len(s.tokens)))
+            s.sink(DoneEvent(reason, len(s.prompt), counted if counted is not None else len(s.tokens)))
 
     def _report(self) -> None:
         if self.metrics:

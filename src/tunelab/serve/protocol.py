@@ -1,4 +1,4 @@
-"""The wire protocol: OpenAI-compatible request models, the error envelope, and body parsing.
+"""The wire protocol: OpenAI-compatible request and response models, the error envelope, and body parsing.
 
 Bodies are parsed here, not by FastAPI, so that every malformed body (not JSON, not an object, wrong
 types, out-of-range values) becomes one 400 in OpenAI's envelope
@@ -10,9 +10,9 @@ other than text) are refused.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 MAX_STOPS = 4
 MAX_STOP_CHARS = 1000  # per stop string (matching is incremental; this bounds memory and what is held back)
@@ -27,9 +27,14 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
 
+    def envelope(self) -> ErrorResponse:
+        """The error as answered to the client: `{"error": {"message", "type", "param", "code"}}`."""
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param,
+                                               code=self.code))
+
     def body(self) -> dict:
-        """The JSON envelope answered to the client: `{"error": {"message", "type", "param", "code"}}`."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """`envelope()` as a JSON-ready dict."""
+        return self.envelope().body()
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -196,3 +201,190 @@ def _is_union_tag(part) -> bool:
     """pydantic names the union member it tried (`str`, `list[TextPart]`) in the location; drop those."""
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part
                                       or part[:1].isupper())
+
+
+# ---- responses -----------------------------------------------------------------------------------------
+# Field order is the order on the wire. `null` fields that OpenAI sends (`logprobs`, an open `finish_reason`)
+# are sent; the fields a class names in `omit_none` are left out when None (a chunk's `usage`, a delta's
+# `role`).
+
+
+class Response(BaseModel):
+    """A response body: `body()` for a JSON response, `sse()` for one server-sent event."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        data = handler(self)
+        for key in self.omit_none:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
+
+    def body(self) -> dict:
+        """The JSON-ready dict of this response."""
+        return self.model_dump(mode="json")
+
+    def sse(self) -> str:
+        """This response as one server-sent event: `data: {json}` and a blank line."""
+        return f"data: {self.model_dump_json()}\n\n"
+
+
+class ErrorDetail(Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Response):
+    """OpenAI's error envelope (every 4xx and 5xx, and a failed choice in a stream)."""
+
+    error: ErrorDetail
+
+
+class Usage(Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt: int, completion: int) -> Usage:
+        """Usage for `prompt` prompt and `completion` generated tokens."""
+        return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class AssistantMessage(Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(Response):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Delta(Response):
+    """A stream's increment of the assistant message: the role in the first chunk, then content; {} at the end."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Response):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class TextChoice(Response):
+    """A /v1/completions choice, whole or one stream chunk of it."""
+
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class Completion(Response):
+    """What chat and text completions (whole or a stream chunk) share: the request's id, time and model."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset({"usage"})
+    id: str
+    created: int
+    model: str
+
+
+class ChatCompletion(Completion):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatCompletionChunk(Completion):
+    """One SSE event of a streamed chat completion; the last, with `stream_options.include_usage`, has usage."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class TextCompletion(Completion):
+    """A /v1/completions response, or one SSE event of it (usage: whole responses and a stream's last event)."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[TextChoice]
+    usage: Usage | None = None
+
+
+class InputUsage(Response):
+    """Usage of an encoder request: only input tokens."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class Classification(Response):
+    object: Literal["classification"] = "classification"
+    index: int
+    label: str
+    probabilities: dict[str, float]
+
+
+class Entity(Response):
+    """One entity found in a text: its type, its text and character offsets [start, end), its mean score."""
+
+    type: str
+    text: str
+    start: int
+    end: int
+    score: float
+
+
+class TextEntities(Response):
+    object: Literal["entities"] = "entities"
+    index: int
+    entities: list[Entity]
+
+
+class Embedding(Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+
+
+class EncoderResults(Response):
+    """The answer of /v1/classify, /v1/entities and /v1/embeddings: one item per input text, in order."""
+
+    object: Literal["list"] = "list"
+    model: str
+    usage: InputUsage
+    data: list[Classification] | list[TextEntities] | list[Embedding]
+
+
+class ModelCard(Response):
+    """One served model as /v1/models lists it; `tunelab_kind` says which endpoints answer for it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tunelab"
+    tunelab_kind: str
+
+
+class ModelList(Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Status(Response):
+    """/health and /ready: `status`, and the ready server's model ids."""
+
+    omit_none: ClassVar[frozenset[str]] = frozenset({"models"})
+    status: str
+    models: list[str] | None = None

@@ -22,7 +22,7 @@ import torch
 
 from tunelab.errors import UserError, read_json_file
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
-from tunelab.serve.protocol import APIError, bad_request
+from tunelab.serve.protocol import APIError, ModelCard, bad_request
 from tunelab.tasks import task_spec
 
 log = logging.getLogger("tunelab.serve")
@@ -171,10 +171,9 @@ class Registry:
                               code="wrong_model_kind")
         return served
 
-    def listing(self) -> list[dict]:
-        """The loaded models as /v1/models objects (+ `tunelab_kind`); in argument order once `ready`."""
-        return [{"id": s.id, "object": "model", "created": s.created, "owned_by": "tunelab",
-                 "tunelab_kind": s.kind} for s in self.models.values()]
+    def listing(self) -> list[ModelCard]:
+        """The loaded models as /v1/models lists them; in argument order once `ready`."""
+        return [ModelCard(id=s.id, created=s.created, tunelab_kind=s.kind) for s in self.models.values()]
 
     # ---- loading ---------------------------------------------------------------------------------
     def load(self) -> None:

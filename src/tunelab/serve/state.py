@@ -1,11 +1,16 @@
 """What every route of one server shares: settings, keys, rate limits, metrics, the models; and the checks
-each inference request passes before any model work (ready, key, rate, body)."""
+each inference request passes before any model work (ready, key, rate, body), as the FastAPI dependencies
+the routes declare: `admitted` (key, rate limit, readiness) and `model_call(body, kind)` (admitted, the body
+parsed, the model it names looked up) — one preamble per endpoint group."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from fastapi import Request
 
@@ -15,7 +20,7 @@ from tunelab.serve.auth import KeyRing, RateLimiter
 from tunelab.serve.engine import EngineFull
 from tunelab.serve.metrics import Metrics
 from tunelab.serve.protocol import APIError, parse_body
-from tunelab.serve.registry import Registry, Spec
+from tunelab.serve.registry import Registry, Served, Spec
 
 log = logging.getLogger("tunelab.serve")
 
@@ -100,6 +105,37 @@ def _log_load_error(err: Exception) -> None:
 def state(request: Request) -> ServerState:
     """The `ServerState` of the app serving `request`."""
     return request.app.state.tunelab
+
+
+async def admitted(request: Request) -> ServerState:
+    """Dependency of every keyed endpoint: the key, the rate limit, readiness (401, 429, 503) -> the state."""
+    st = state(request)
+    st.admit(request)
+    return st
+
+
+@dataclass
+class Call:
+    """An admitted inference request: the server, its parsed body, the model it names, when it was admitted."""
+
+    state: ServerState
+    body: Any  # the endpoint's request model (`protocol.ChatRequest`, …)
+    served: Served
+    start: float  # perf_counter() at admission: latency and time-to-first-token count from here
+
+
+def model_call(body: type, kind: str) -> Callable[[Request], Awaitable[Call]]:
+    """The preamble of an inference endpoint as a FastAPI dependency: `admitted`, then the body parsed as `body`
+    (400 naming the parameter), then the model it names looked up as a `kind` model (404; 400 for a model of
+    another kind)."""
+
+    async def call(request: Request) -> Call:
+        st = await admitted(request)
+        start = time.perf_counter()
+        req = await st.parse(request, body)
+        return Call(st, req, st.registry.get(req.model, kind), start)
+
+    return call
 
 
 async def disconnected(request: Request, every: float = 0.25) -> None:

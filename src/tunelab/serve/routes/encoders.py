@@ -7,82 +7,74 @@ import asyncio
 import base64
 import struct
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from tunelab.serve.engine import EngineFull
-from tunelab.serve.protocol import ClassifyRequest, EmbeddingRequest, EntitiesRequest, bad_request
-from tunelab.serve.state import state
+from tunelab.serve.protocol import (Classification, ClassifyRequest, Embedding, EmbeddingRequest, EncoderResults,
+                                    EntitiesRequest, Entity, InputUsage, TextEntities, bad_request)
+from tunelab.serve.state import Call, model_call
 
 router = APIRouter()
 
 
-async def _encode(request: Request, model: type, kind: str):
-    """The shared part of the routes: checks, then the texts through the model's micro-batcher.
-    -> (state, request body, served model, results, start time). Raises 401 (key), 429 (rate limit),
-    503 (loading, or the batcher full), 400 (body; no text, or over `encoder_batch` texts; a model of
-    another kind) and 404 (no such model)."""
-    st = state(request)
-    st.admit(request)
-    start = time.perf_counter()
-    req = await st.parse(request, model)
-    served = st.registry.get(req.model, kind)
-    texts = req.texts()
+async def _encode(call: Call) -> list[dict]:
+    """The texts of an admitted request through its model's micro-batcher -> one result per text.
+    400 for no text or more than `encoder_batch` texts; 503 when the batcher is full. (The errors before it,
+    401, 429, 503 loading, 400 body, 404 and 400 for a model of another kind, are `model_call`'s.)"""
+    texts, limit = call.body.texts(), call.state.settings.encoder_batch
     if not texts:
         raise bad_request("input: give at least one text", param="input")
-    if len(texts) > st.settings.encoder_batch:
-        raise bad_request(f"input: {len(texts)} texts; at most {st.settings.encoder_batch} per request",
-                          param="input")
+    if len(texts) > limit:
+        raise bad_request(f"input: {len(texts)} texts; at most {limit} per request", param="input")
     try:
-        fut = served.batcher.submit(texts)
+        fut = call.served.batcher.submit(texts)
     except EngineFull as err:
-        raise st.overloaded(err) from None
-    return st, req, served, await asyncio.wrap_future(fut), start
+        raise call.state.overloaded(err) from None
+    return await asyncio.wrap_future(fut)
 
 
-def _usage(results: list) -> dict:
+def _answer(call: Call, route: str, results: list[dict], data: list) -> JSONResponse:
+    call.state.metrics.latency.labels(route).observe(time.perf_counter() - call.start)
     tokens = sum(r["tokens"] for r in results)
-    return {"prompt_tokens": tokens, "total_tokens": tokens}
+    return JSONResponse(EncoderResults(model=call.served.id, data=data,
+                                       usage=InputUsage(prompt_tokens=tokens, total_tokens=tokens)).body())
 
 
 @router.post("/v1/classify")
-async def classify(request: Request):
-    """POST /v1/classify, `{"model", "input": text or [texts]}` -> one `{"label", "probabilities": {label: p}}`
-    per text, in order, with token usage. Errors: those of `_encode`."""
-    st, req, served, results, start = await _encode(request, ClassifyRequest, "classify")
-    st.metrics.latency.labels("/v1/classify").observe(time.perf_counter() - start)
-    return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
-                         "data": [{"object": "classification", "index": i, "label": r["label"],
-                                   "probabilities": r["probabilities"]} for i, r in enumerate(results)]})
+async def classify(call: Annotated[Call, Depends(model_call(ClassifyRequest, "classify"))]):
+    """POST /v1/classify, `{"model", "input": text or [texts]}` -> one `Classification` (`label`,
+    `probabilities` per label) per text, in order, with token usage. Errors: those of `_encode`."""
+    results = await _encode(call)
+    return _answer(call, "/v1/classify", results, [
+        Classification(index=i, label=r["label"], probabilities=r["probabilities"]) for i, r in enumerate(results)])
 
 
 @router.post("/v1/entities")
-async def entities(request: Request):
-    """POST /v1/entities, the body of /v1/classify -> one `{"entities": [{"type", "text", "start", "end",
-    "score"}]}` per text (character offsets), in order, with token usage. Errors: those of `_encode`."""
-    st, req, served, results, start = await _encode(request, EntitiesRequest, "entities")
-    st.metrics.latency.labels("/v1/entities").observe(time.perf_counter() - start)
-    return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
-                         "data": [{"object": "entities", "index": i, "entities": r["entities"]}
-                                  for i, r in enumerate(results)]})
+async def entities(call: Annotated[Call, Depends(model_call(EntitiesRequest, "entities"))]):
+    """POST /v1/entities, the body of /v1/classify -> one `TextEntities` (each `Entity`: type, text, character
+    offsets start/end, score) per text, in order, with token usage. Errors: those of `_encode`."""
+    results = await _encode(call)
+    return _answer(call, "/v1/entities", results, [
+        TextEntities(index=i, entities=[Entity(**e) for e in r["entities"]]) for i, r in enumerate(results)])
 
 
 @router.post("/v1/embeddings")
-async def embeddings(request: Request):
-    """POST /v1/embeddings, `{"model", "input", "encoding_format", "dimensions"}` -> one unit-length embedding per
-    text, in order (floats, or base64). Errors: those of `_encode`; 400 when `dimensions` is not the model's."""
-    st, req, served, results, start = await _encode(request, EmbeddingRequest, "embed")
-    dims = len(results[0]["embedding"])
+async def embeddings(call: Annotated[Call, Depends(model_call(EmbeddingRequest, "embed"))]):
+    """POST /v1/embeddings, `{"model", "input", "encoding_format", "dimensions"}` -> one unit-length `Embedding`
+    per text, in order (floats, or base64). Errors: those of `_encode`; 400 when `dimensions` is not the
+    model's."""
+    results = await _encode(call)
+    req, dims = call.body, len(results[0]["embedding"])
     if req.dimensions is not None and req.dimensions != dims:
-        raise bad_request(f"dimensions: '{served.id}' gives {dims}-dimensional embeddings", param="dimensions")
-    st.metrics.latency.labels("/v1/embeddings").observe(time.perf_counter() - start)
+        raise bad_request(f"dimensions: '{call.served.id}' gives {dims}-dimensional embeddings", param="dimensions")
 
-    def encode(v: list[float]):
+    def encode(v: list[float]) -> list[float] | str:
         if req.encoding_format == "base64":
             return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()  # little-endian float32, as OpenAI
         return v
 
-    return JSONResponse({"object": "list", "model": served.id, "usage": _usage(results),
-                         "data": [{"object": "embedding", "index": i, "embedding": encode(r["embedding"])}
-                                  for i, r in enumerate(results)]})
+    return _answer(call, "/v1/embeddings", results, [
+        Embedding(index=i, embedding=encode(r["embedding"])) for i, r in enumerate(results)])

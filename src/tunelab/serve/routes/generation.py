@@ -8,49 +8,45 @@ the `finally` cancels its unfinished sequences, which frees their batch slots at
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tunelab.serve.engine import EngineFull, SamplingParams, Sequence
-from tunelab.serve.protocol import APIError, ChatRequest, CompletionRequest, bad_request
+from tunelab.serve.engine import DoneEvent, EngineFull, ErrorEvent, Event, SamplingParams, Sequence, TextEvent
+from tunelab.serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
+                                    ChatCompletionChunk, ChatRequest, Completion, CompletionRequest, Delta,
+                                    TextChoice, TextCompletion, Usage, bad_request)
 from tunelab.serve.registry import Served
-from tunelab.serve.state import ServerState, disconnected, state
+from tunelab.serve.state import Call, ServerState, disconnected, model_call
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(request: Request):
-    """POST /v1/chat/completions, a `ChatRequest` -> a `chat.completion` with `n` choices, or with `stream` SSE
-    `chat.completion.chunk` events ending `data: [DONE]` (a failed choice: one error envelope, then [DONE]).
+async def chat_completions(request: Request, call: Annotated[Call, Depends(model_call(ChatRequest, "generate"))]):
+    """POST /v1/chat/completions, a `ChatRequest` -> a `ChatCompletion` with `n` choices, or with `stream` SSE
+    `ChatCompletionChunk`s ending `data: [DONE]` (a failed choice: one error envelope, then [DONE]).
     Errors: 400 (body, chat template missing or rejecting the messages, context length, `n` over `max_n`), 401,
     404 (model), 429, 503 (loading, overloaded); not streamed, also 500 for a failed choice (503 at shutdown)."""
-    st = state(request)
-    st.admit(request)
-    req = await st.parse(request, ChatRequest)
-    served = st.registry.get(req.model, "generate")
     # `developer` is OpenAI's newer name for `system`, the role chat templates know
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-    prompt = await asyncio.to_thread(served.chat_prompt, messages)  # templating + tokenising: off the event loop
-    return await _run(request, st, served, req, [prompt], chat=True)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in call.body.messages]
+    prompt = await asyncio.to_thread(call.served.chat_prompt, messages)  # templating + tokenising: off the loop
+    return await _run(request, call, [prompt], chat=True)
 
 
 @router.post("/v1/completions")
-async def completions(request: Request):
-    """POST /v1/completions, a `CompletionRequest` -> a `text_completion` with `n` choices per prompt (prompt-major;
-    `echo` prefixes the decoded prompt), or with `stream` SSE chunks ending `data: [DONE]`. Errors: those of
-    /v1/chat/completions, with 400 for an empty prompt instead of the chat-template ones."""
-    st = state(request)
-    st.admit(request)
-    req = await st.parse(request, CompletionRequest)
-    served = st.registry.get(req.model, "generate")
-    prompts = await asyncio.to_thread(lambda: [served.text_prompt(p) for p in req.prompts()])
-    return await _run(request, st, served, req, prompts, chat=False)
+async def completions(request: Request, call: Annotated[Call, Depends(model_call(CompletionRequest, "generate"))]):
+    """POST /v1/completions, a `CompletionRequest` -> a `TextCompletion` with `n` choices per prompt
+    (prompt-major; `echo` prefixes the decoded prompt), or with `stream` SSE chunks ending `data: [DONE]`.
+    Errors: those of /v1/chat/completions, with 400 for an empty prompt instead of the chat-template ones."""
+    served = call.served
+    prompts = await asyncio.to_thread(lambda: [served.text_prompt(p) for p in call.body.prompts()])
+    return await _run(request, call, prompts, chat=False)
 
 
 def _params(req, prompt: list[int], served: Served, st: ServerState, seed: int | None) -> SamplingParams:
@@ -87,7 +83,7 @@ def _submit(st: ServerState, served: Served, req, prompts: list[list[int]]) -> _
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
     def sink(index: int):
-        def put(event: tuple) -> None:
+        def put(event: Event) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, (index, event))
             except RuntimeError:  # the event loop is gone (server stopped)
@@ -108,39 +104,37 @@ def _submit(st: ServerState, served: Served, req, prompts: list[list[int]]) -> _
     return _Job(seqs, queue, sum(len(p) for p in prompts))
 
 
-async def _run(request: Request, st: ServerState, served: Served, req, prompts: list[list[int]], chat: bool):
-    start = time.perf_counter()
+async def _run(request: Request, call: Call, prompts: list[list[int]], chat: bool):
+    st, served, req = call.state, call.served, call.body
     job = _submit(st, served, req, prompts)
     route = "/v1/chat/completions" if chat else "/v1/completions"
     meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
             "model": served.id}
     if req.stream:
-        return StreamingResponse(_stream(st, served, req, job, meta, chat, start, route),
-                                 media_type="text/event-stream",
+        return StreamingResponse(_stream(call, job, meta, chat, route), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no nginx buffer
     try:
-        texts, finish, completion = await _collect(request, st, served, job, start)
+        texts, finish, completion = await _collect(request, call, job)
     finally:
         job.cancel(served)
-    st.metrics.latency.labels(route).observe(time.perf_counter() - start)
-    if not chat and req.echo:
-        prompts = await asyncio.to_thread(lambda: [served.tokenizer.decode(s.prompt) for s in job.seqs])
-        texts = [p + t for p, t in zip(prompts, texts)]
+    st.metrics.latency.labels(route).observe(time.perf_counter() - call.start)
+    usage = Usage.of(job.prompt_tokens, completion)
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                    "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finish))]
+        answer: Completion = ChatCompletion(
+            **meta, usage=usage, choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
+                                          for i, (t, f) in enumerate(zip(texts, finish))])
     else:
-        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
-                   for i, (t, f) in enumerate(zip(texts, finish))]
-    return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                         "usage": _usage(job.prompt_tokens, completion)})
+        if req.echo:
+            prompts = await asyncio.to_thread(lambda: [served.tokenizer.decode(s.prompt) for s in job.seqs])
+            texts = [p + t for p, t in zip(prompts, texts)]
+        answer = TextCompletion(**meta, usage=usage, choices=[TextChoice(index=i, text=t, finish_reason=f)
+                                                              for i, (t, f) in enumerate(zip(texts, finish))])
+    return JSONResponse(answer.body())
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-async def _collect(request: Request, st: ServerState, served: Served, job: _Job, start: float):
+async def _collect(request: Request, call: Call, job: _Job) -> tuple[list[str], list[str | None], int]:
+    """Wait for every choice to finish -> (texts, finish reasons, completion tokens); 499 when the client goes,
+    500 for a failed choice (503 when the engine shut down under it)."""
     n = len(job.seqs)
     texts, finish, completion, first = [""] * n, [None] * n, 0, True
     gone = asyncio.create_task(disconnected(request))
@@ -152,60 +146,61 @@ async def _collect(request: Request, st: ServerState, served: Served, job: _Job,
                 get.cancel()
                 raise APIError(499, "client closed the request")
             i, ev = get.result()
-            if ev[0] == "text":
-                if first:
-                    st.metrics.ttft.labels(served.id).observe(time.perf_counter() - start)
-                    first = False
-                texts[i] += ev[1]
-            elif ev[0] == "done":
-                finish[i], completion = ev[1], completion + ev[3]
-            else:  # "shut down": the engine's message when it stops with this request unfinished (not a fault)
-                raise APIError(503 if "shut down" in ev[1] else 500, ev[1], type="server_error")
+            match ev:
+                case TextEvent(text):
+                    if first:
+                        _first_token(call)
+                        first = False
+                    texts[i] += text
+                case DoneEvent(reason, _, tokens):
+                    finish[i], completion = reason, completion + tokens
+                case ErrorEvent(message, shutdown):
+                    raise APIError(503 if shutdown else 500, message, type="server_error")
     finally:
         gone.cancel()
     return texts, finish, completion
 
 
-async def _stream(st: ServerState, served: Served, req, job: _Job, meta: dict, chat: bool, start: float,
-                  route: str):
-    obj = "chat.completion.chunk" if chat else "text_completion"
+def _first_token(call: Call) -> None:
+    call.state.metrics.ttft.labels(call.served.id).observe(time.perf_counter() - call.start)
 
-    def event(choices: list[dict], usage: dict | None = None) -> str:
-        body = {**meta, "object": obj, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def choice(i: int, text: str | None, reason: str | None = None, role: bool = False) -> dict:
+async def _stream(call: Call, job: _Job, meta: dict, chat: bool, route: str):
+    """The SSE events of a streamed request: (chat) the role, then one chunk per text piece and one per finished
+    choice, the usage chunk when asked, `data: [DONE]`; a failed choice sends an error envelope and ends it."""
+
+    def event(i: int, text: str | None, reason: str | None = None) -> str:
         if chat:
-            delta = {} if text is None else {"content": text}
-            if role:
-                delta["role"] = "assistant"
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = ChatChunkChoice(index=i, delta=Delta(content=text), finish_reason=reason)
+            return ChatCompletionChunk(**meta, choices=[choice]).sse()
+        return TextCompletion(**meta, choices=[TextChoice(index=i, text=text or "", finish_reason=reason)]).sse()
 
     n, open_choices, completion, first = len(job.seqs), len(job.seqs), 0, True
     try:
         if chat:
-            yield event([choice(i, "", role=True) for i in range(n)])
+            yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant",
+                                                                                            content=""))
+                                                       for i in range(n)]).sse()
         while open_choices:
             i, ev = await job.queue.get()
-            if ev[0] == "text":
-                if first:
-                    st.metrics.ttft.labels(served.id).observe(time.perf_counter() - start)
-                    first = False
-                yield event([choice(i, ev[1])])
-            elif ev[0] == "done":
-                open_choices -= 1
-                completion += ev[3]
-                yield event([choice(i, None, ev[1])])
-            else:  # this choice failed (the others of other requests go on); the stream ends here
-                err = APIError(500, ev[1], type="server_error")
-                yield f"data: {json.dumps(err.body())}\n\n"
-                break
-        if not open_choices and req.include_usage():
-            yield event([], _usage(job.prompt_tokens, completion))
+            match ev:
+                case TextEvent(text):
+                    if first:
+                        _first_token(call)
+                        first = False
+                    yield event(i, text)
+                case DoneEvent(reason, _, tokens):
+                    open_choices -= 1
+                    completion += tokens
+                    yield event(i, None, reason)
+                case ErrorEvent(message):  # this choice failed (other requests go on); the stream ends here
+                    yield APIError(500, message, type="server_error").envelope().sse()
+                    break
+        if not open_choices and call.body.include_usage():
+            usage = Usage.of(job.prompt_tokens, completion)
+            yield (ChatCompletionChunk(**meta, choices=[], usage=usage) if chat
+                   else TextCompletion(**meta, choices=[], usage=usage)).sse()
         yield "data: [DONE]\n\n"
-        st.metrics.latency.labels(route).observe(time.perf_counter() - start)
+        call.state.metrics.latency.labels(route).observe(time.perf_counter() - call.start)
     finally:
-        job.cancel(served)
+        job.cancel(call.served)

@@ -4,33 +4,31 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from tunelab.serve.protocol import APIError
-from tunelab.serve.state import state
+from tunelab.serve.protocol import APIError, ModelList, Status
+from tunelab.serve.state import ServerState, admitted, state
 
 router = APIRouter()
 
 
 @router.get("/v1/models")
-async def list_models(request: Request):
-    """GET /v1/models -> `{"object": "list", "data": [{"id", "object", "created", "owned_by", "tunelab_kind"}]}`,
-    in argument order. 401 (key), 429 (rate limit), 503 while the models load."""
-    st = state(request)
-    st.admit(request)
-    return {"object": "list", "data": st.registry.listing()}
+async def list_models(st: Annotated[ServerState, Depends(admitted)]):
+    """GET /v1/models -> a `ModelList` (`ModelCard`s: id, object, created, owned_by, tunelab_kind), in argument
+    order. 401 (key), 429 (rate limit), 503 while the models load."""
+    return ModelList(data=st.registry.listing()).body()
 
 
 @router.get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, request: Request):
-    """GET /v1/models/{id} (an id may hold `/`) -> that model's entry of /v1/models; 404 when there is none,
-    else the errors of /v1/models."""
-    st = state(request)
-    st.admit(request)
+async def get_model(model_id: str, st: Annotated[ServerState, Depends(admitted)]):
+    """GET /v1/models/{id} (an id may hold `/`) -> that model's `ModelCard`; 404 when there is none, else the
+    errors of /v1/models."""
     for m in st.registry.listing():
-        if m["id"] == model_id:
-            return m
+        if m.id == model_id:
+            return m.body()
     raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
 
 
@@ -38,7 +36,7 @@ async def get_model(model_id: str, request: Request):
 async def health():
     """GET /health (liveness): 200 `{"status": "ok"}` while the process answers, loading and draining included;
     no key."""
-    return {"status": "ok"}
+    return Status(status="ok").body()
 
 
 @router.get("/ready")
@@ -47,9 +45,9 @@ async def ready(request: Request):
     `loading`, `failed` (loading failed) or `draining`; no key."""
     st = state(request)
     if st.registry.ready and not st.draining:
-        return {"status": "ready", "models": [m["id"] for m in st.registry.listing()]}
+        return Status(status="ready", models=[m.id for m in st.registry.listing()]).body()
     status = "draining" if st.draining else ("failed" if st.load_error else "loading")
-    return JSONResponse({"status": status}, status_code=503)
+    return JSONResponse(Status(status=status).body(), status_code=503)
 
 
 @router.get("/metrics")
