@@ -101,7 +101,7 @@ _held_guard = threading.Lock()
 
 def _try_lock(fd: int, wait: bool) -> bool:
     if os.name == "nt":  # pragma: no cover - exercised on Windows only
-        import msvcrt
+        import msvcrt  # Windows only
 
         mode = msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK
         try:
@@ -109,7 +109,7 @@ def _try_lock(fd: int, wait: bool) -> bool:
             return True
         except OSError:
             return False
-    import fcntl
+    import fcntl  # POSIX only
 
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

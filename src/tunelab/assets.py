@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from tunelab.artifacts import FolderLock, write_folder
 from tunelab.errors import UserError
 
 INSTALL_HINT = "pip install --no-deps {package}   (or run `make install`)"
@@ -87,8 +91,6 @@ def cached(out: Path, build, complete=_complete) -> Path:
 
     Building never changes the caller's random state: a run seeded before it trains the same model whether
     the cache was warm or cold (the builders seed and draw from the global generators)."""
-    from tunelab.artifacts import FolderLock, write_folder
-
     if complete(out):
         return out
     with FolderLock(out, wait=True):
@@ -101,10 +103,7 @@ def cached(out: Path, build, complete=_complete) -> Path:
 @contextmanager
 def preserved_rng():
     """Restore Python's, NumPy's and torch's global random states on exit."""
-    import random
-
-    import numpy as np
-    import torch
+    import torch  # ~1 s to import; data prepare imports this module for the built-in paths alone
 
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):

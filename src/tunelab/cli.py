@@ -19,9 +19,16 @@ from typer._click import ClickException, Command, exceptions as click_exceptions
 from typer.core import TyperOption
 
 from tunelab import __version__
-from tunelab.config import DedupConfig, EvalConfig, PrepareOptions, ServeConfig
+from tunelab.artifacts import check_file_target, write_file
+from tunelab.config import (PREPARE_PATH_KEYS, DedupConfig, EvalConfig, PrepareOptions, ServeConfig, apply_overrides,
+                            load_config, read_yaml_mapping, resolve_paths, section)
+from tunelab.data.summary import print_dataset_summary
 from tunelab.errors import UserError
 from tunelab.terminal import PIPE_WIDTH, make_console, plain
+
+# Each command's stage is imported inside the command: tunelab.data.prepare and tunelab.data.overlap load numpy
+# (~0.1 s); tunelab.train.loop, tunelab.evaluate.report, tunelab.predict, tunelab.generate, tunelab.serve.server
+# and tunelab.quickstart load torch (and sklearn), 1-3 s. `tunelab --help` loads none of them.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # help text is printed as written (no markup in option help)
@@ -88,9 +95,7 @@ def data_prepare(
     overwrite: bool = OVERWRITE,
 ):
     """Read, clean, redact, de-duplicate and split a labelled text file into a dataset dir."""
-    from tunelab.config import PREPARE_PATH_KEYS, apply_overrides, read_yaml_mapping, resolve_paths, section
     from tunelab.data.prepare import prepare
-    from tunelab.data.summary import print_dataset_summary
 
     raw = resolve_paths(read_yaml_mapping(config, "prepare options"), config.resolve().parent,
                         PREPARE_PATH_KEYS) if config else {}
@@ -114,8 +119,6 @@ def data_overlap(
     overwrite: bool = OVERWRITE,
 ):
     """Decontamination check: rows of B that occur exactly or nearly in A."""
-    from tunelab.artifacts import check_file_target, write_file
-    from tunelab.config import section
     from tunelab.data.overlap import load_texts, overlap
 
     threshold = section(DedupConfig, {"threshold": threshold} if threshold is not None else {}, "options").threshold
@@ -145,7 +148,6 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run in --out"),
 ):
     """Fine-tune a model; writes the run dir with metrics, checkpoints and model/."""
-    from tunelab.config import load_config
     from tunelab.train.loop import resume_command, train as run_train
 
     args = [a for a in [config, *(overrides or [])] if a is not None]
@@ -424,7 +426,6 @@ def serve(
     default_max_tokens: Optional[int] = _opt(ServeConfig, "default_max_tokens", "--default-max-tokens"),
 ):
     """An OpenAI-compatible API (chat, completions, classify, entities, embeddings) with a playground page at /."""
-    from tunelab.config import section
     from tunelab.serve.server import serve as run_server
 
     flags = {"host": host, "port": port, "api_keys_file": api_keys_file, "embedding_model": embedding_model,

@@ -15,6 +15,9 @@ from typing import Callable
 import torch
 
 from tunelab.errors import UserError, read_json_file
+from tunelab.models import META_FILE, load_causal_lm, load_model_dir, read_meta, resolve_base
+from tunelab.tasks import task_spec, tasks_where
+from tunelab.tasks.sft import stop_tokens
 
 
 @dataclass
@@ -50,10 +53,6 @@ class Generator:
 def load_generator(ref: str, device: str | None = None) -> Generator:
     """A tunelab model dir (causal_lm / sft) or a base model (builtin:…, tiny-llama, HF dir, .gguf). Anything
     that is not a causal LM (a classifier or NER model dir, an encoder) is a `UserError` saying what to use."""
-    from tunelab.models import META_FILE, load_causal_lm, load_model_dir, read_meta, resolve_base
-    from tunelab.tasks import task_spec, tasks_where
-    from tunelab.tasks.sft import stop_tokens
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(ref) / META_FILE).is_file():
         spec = task_spec(read_meta(ref).get("task"), ref)
@@ -83,6 +82,7 @@ def model_family(config: dict) -> str:
     "encoder" (BERT and its kin: embeddings, classifiers, NER) or "other" (encoder-decoder, unknown types).
     transformers also gives BERT-like types a causal-LM class (a random LM head on an encoder): a type with a
     masked-LM class counts as an encoder unless its config says `is_decoder`."""
+    # transformers (~0.6 s over torch) loads when a config is checked, not when serve.engine imports StopTrimmer
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
@@ -169,7 +169,7 @@ def _prefix_function(s: str) -> list[int]:
 
 
 def _streamer(tokenizer, on_piece: Callable[[str], None]):
-    from transformers import TextStreamer
+    from transformers import TextStreamer  # ~0.6 s over torch; only streamed output needs it
 
     class _Callback(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

@@ -12,17 +12,23 @@ import hashlib
 import json
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
+from tunelab import __version__, model_files
 from tunelab.artifacts import kind_of, write_folder
 from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin
 from tunelab.errors import UserError, read_json_file
 from tunelab.tasks import task_spec
+
+# transformers (~0.6-1 s over torch) and peft (~2 s more) are imported inside the functions that use them:
+# importing this module costs torch alone.
 
 META_FILE = "tunelab.json"
 
@@ -121,13 +127,11 @@ def resolve_base(ref: str) -> BaseRef:
 def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
     """De-quantise a GGUF once (transformers' reader) and cache it as safetensors + tokenizer, keyed by the
     file's content (sha256), so that another file with the same name and size never reuses these weights."""
-    from tunelab.model_files import check_gguf
-
     key = re.sub(r"[^\w.-]", "_", gguf.stem)[:80] + "-" + _content_hash(gguf)[:24]
     out = cache_dir() / "gguf" / key
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    check_gguf(gguf)
+    model_files.check_gguf(gguf)
 
     def build(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,21 +158,16 @@ _hashes: dict[tuple, str] = {}
 
 def _content_hash(path: Path) -> str:
     """sha256 of a file, computed once per process for an unchanged file (same inode, size and mtime)."""
-    from tunelab.model_files import sha256_file
-
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _hashes:
-        _hashes[key] = sha256_file(path)
+        _hashes[key] = model_files.sha256_file(path)
     return _hashes[key]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A fast look-up of the hub's host, so an offline machine fails in seconds, not after retries.
     Behind a proxy the local look-up says nothing, so the answer is then yes."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false"):
         return False
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -189,17 +188,15 @@ def load_pretrained(loader, base: BaseRef, check: bool = True, **kwargs):
     """`loader.from_pretrained` on a base: a local folder's files are checked first (tokenizer files, or
     safetensors weights only, whole and finite; `check=False` when the caller has just done so); weights load
     from safetensors only, never a pickle."""
-    from tunelab.model_files import check_model_folder, check_tokenizer_folder
-
     quiet_transformers()
     tokenizer = loader.__name__.endswith("Tokenizer")
     if isinstance(base.path, str):
         if not _hub_reachable():
             kwargs["local_files_only"] = True  # only the local HF cache can help
     elif check and tokenizer:
-        check_tokenizer_folder(base.path)
+        model_files.check_tokenizer_folder(base.path)
     elif check:
-        check_model_folder(base.path)
+        model_files.check_model_folder(base.path)
     if not tokenizer:
         kwargs["use_safetensors"] = True
     try:
@@ -280,6 +277,7 @@ SCRATCH_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 def train_tokenizer(texts, vocab_size: int):
     """A byte-level BPE tokenizer trained on `texts` (any byte sequence is encodable), with
     `<|endoftext|>` as BOS/EOS, ChatML turn markers, and `<pad>`."""
+    # tokenizers and transformers load only when a model is trained from scratch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -341,7 +339,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         for n, t in state.items():
             p = params[n]
             if is_dtensor(p):  # keep this rank's shard of the full tensor
-                from torch.distributed.tensor import distribute_tensor
+                from torch.distributed.tensor import distribute_tensor  # ~0.6 s; only FSDP shards reach here
 
                 t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
             p.copy_(t)
@@ -356,18 +354,16 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict, sta
     `tunelab.json` (`kind: model`, and the size and sha256 of each weight file, verified on load).
     `state_dict`: weights to write instead of the model's own (the gathered full weights of an FSDP-sharded
     model)."""
-    from tunelab.model_files import files_manifest
-
     quiet_transformers()
     with write_folder(out, "model", overwrite) as tmp:
         if hasattr(model, "tunelab_adapter"):
-            from tunelab.methods.adapter import save_adapters
+            from tunelab.methods.adapter import save_adapters  # brings safetensors; only Houlsby adapters need it
 
             save_adapters(model, tmp)
         else:
             model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
-        meta = {"kind": "model", **meta, "files": files_manifest(tmp)}
+        meta = {"kind": "model", **meta, "files": model_files.files_manifest(tmp)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     return Path(out)
 
@@ -407,8 +403,6 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str,
     quiet_transformers()
     from transformers import AutoTokenizer
 
-    from tunelab.model_files import check_model_folder, check_tokenizer_folder
-
     d = Path(model_dir)
     meta = read_meta(d)
     task = task_spec(meta.get("task"), f"{d} ({META_FILE})").name
@@ -418,8 +412,8 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str,
     houlsby = (d / "houlsby_config.json").is_file()
     if not (peft_adapter or houlsby or (d / "config.json").is_file()):
         raise UserError(f"{d} has no model weights (config.json, adapter_config.json or houlsby_config.json)")
-    check_model_folder(d, meta.get("files"))
-    check_tokenizer_folder(d)
+    model_files.check_model_folder(d, meta.get("files"))
+    model_files.check_tokenizer_folder(d)
     try:
         tok = AutoTokenizer.from_pretrained(d)
     except (OSError, ValueError) as err:
@@ -434,7 +428,7 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str,
 
                 model = PeftModel.from_pretrained(body, d)
             else:
-                from tunelab.methods.adapter import load_adapters
+                from tunelab.methods.adapter import load_adapters  # safetensors again: Houlsby model dirs only
 
                 model = load_adapters(body, d)
         except (OSError, ValueError) as err:
@@ -448,8 +442,6 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str,
 def library_versions() -> dict[str, str]:
     import peft
     import transformers
-
-    from tunelab import __version__
 
     return {"tunelab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": sys.version.split()[0]}

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunelab import __version__
 from tunelab.config import PrepareOptions, validate
+from tunelab.data.dataset import load_meta
 from tunelab.data.prepare import prepare
 from tunelab.data.summary import print_dataset_summary
 from tunelab.evaluate.report import evaluate, print_report
@@ -26,9 +28,6 @@ SOURCE = "builtin:tweets-sentiment"
 
 def _same_dataset(data: Path, opts: PrepareOptions) -> dict | None:
     """The dataset.json at `data` if it was prepared from the built-in tweets with `opts` by this version."""
-    from tunelab import __version__
-    from tunelab.data.dataset import load_meta
-
     if not (data / "dataset.json").is_file():
         return None
     meta = load_meta(data)

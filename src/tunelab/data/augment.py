@@ -19,6 +19,9 @@ from functools import lru_cache
 
 import numpy as np
 
+# torch, transformers, safetensors and tunelab.models (which loads torch, ~1.2 s) are imported inside the synonym
+# finder and the paraphraser, sklearn (~1.3 s) inside the label filter: each operation loads only what it uses.
+
 _WORD = re.compile(r"^[A-Za-z]{3,}$")
 PARAPHRASE_PROMPT = ("Rewrite the following text in different words, keeping its meaning and tone. "
                      "Reply with the rewritten text only.\n\nText: {text}")

@@ -48,13 +48,13 @@ class Cleaner:
         self.counts: Counter = Counter()
         self._fix = self._fold = None
         if cfg.fix_text:
-            import ftfy
+            import ftfy  # ~60 ms; only a Cleaner that repairs text loads it (data overlap needs just dedup_key)
 
             config = ftfy.TextFixerConfig(fix_character_width=False, uncurl_quotes=False, normalization=None,
                                           explain=False)
             self._fix = functools.partial(ftfy.fix_text, config=config)
         if cfg.fold_width:
-            from ftfy.fixes import fix_character_width
+            from ftfy.fixes import fix_character_width  # ftfy again: only with fold_width on
 
             self._fold = fix_character_width
 

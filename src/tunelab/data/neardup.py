@@ -147,6 +147,7 @@ class NearDupResult:
 def near_duplicates(texts: list[str], threshold: float = 0.7, ngram: int = 2, num_perm: int = 64,
                     seed: int = 1) -> NearDupResult:
     """Group documents whose shingle sets have Jaccard similarity >= threshold (transitively)."""
+    # scipy: ~0.3 s to import, paid only when near-duplicate groups are computed
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tunelab.data.clean import dedup_key
+from tunelab.data.dataset import SPLITS, load_split
 from tunelab.data.neardup import near_duplicates
 from tunelab.data.read import read_rows
 from tunelab.errors import UserError
@@ -19,8 +20,6 @@ from tunelab.errors import UserError
 
 def load_texts(spec: str, text_column: str = "text") -> list[str]:
     """Texts of `spec`: a file, a dataset dir (all splits) or `DIR:split`."""
-    from tunelab.data.dataset import SPLITS, load_split
-
     path, _, split = spec.partition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
     p = Path(path)
     if (p / "dataset.json").is_file():

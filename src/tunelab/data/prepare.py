@@ -21,9 +21,11 @@ from tunelab import __version__
 from tunelab.artifacts import FolderLock, check_target, write_folder
 from tunelab.assets import DATASET_COLUMNS, builtin_path, is_builtin
 from tunelab.config import PrepareOptions
+from tunelab.data.augment import augment
 from tunelab.data.clean import Cleaner
 from tunelab.data.dataset import DATASET_FILE, SPLITS, dataset_kind, fingerprint, write_jsonl
 from tunelab.data.dedup import exact_dedup
+from tunelab.data.neardup import near_duplicates
 from tunelab.data.pii import PiiRedactor
 from tunelab.data.read import read_rows
 from tunelab.data.split import group_split, sample_rows
@@ -327,7 +329,7 @@ def _excerpt(raw: str | None, pii: PiiRedactor | None, limit: int = 500) -> str 
 
 def token_length_filter(rows: list[dict], cfg) -> tuple[list[dict], dict[str, list[dict]]]:
     """Drop rows outside [min_tokens, max_tokens] counted with `cfg.tokenizer` -> (kept, {reason: rows})."""
-    from tunelab.models import load_tokenizer
+    from tunelab.models import load_tokenizer  # loads torch (~1.2 s): only a token-length filter needs it
 
     tok = load_tokenizer(cfg.tokenizer)
     kept, dropped = [], {"too_short_tokens": [], "too_long_tokens": []}
@@ -352,8 +354,6 @@ def near_dedup(rows: list[dict], opts: PrepareOptions) -> tuple[list[dict], list
     A group whose labels agree keeps its first row (`near_action: drop`) or all rows (`group`); a
     group with conflicting labels keeps all its rows. Kept members of a group share `_group`, so the
     split puts them on the same side."""
-    from tunelab.data.neardup import near_duplicates
-
     d = opts.dedup
     res = near_duplicates([r["text"] for r in rows], d.threshold, d.ngram, d.num_perm, opts.seed + 1)
     members: dict[int, list[int]] = {}
@@ -465,8 +465,6 @@ def _split(rows: list[dict], opts: PrepareOptions) -> tuple[dict[str, list[dict]
         return splits, None
     if not dataset_kind(opts.task).labelled:
         raise UserError("augment.enabled works for --task classification only")
-    from tunelab.data.augment import augment  # loads models for synonyms and paraphrases: only when asked
-
     new_rows, augmentation = augment(splits["train"], opts.augment, opts.seed)
     merged = splits["train"] + new_rows
     order = np.random.default_rng(opts.seed).permutation(len(merged))

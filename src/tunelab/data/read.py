@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from tunelab.errors import UserError
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
@@ -167,8 +169,6 @@ def _read_txt_folder(path: Path) -> Iterator[Row]:
 
 def _read_yaml_dialogues(files: list[Path]) -> Iterator[Row]:
     """chatterbot-corpus YAML: `conversations` is a list of turn lists; rows number conversations."""
-    import yaml
-
     n = 0
     for f in files:
         try:
@@ -197,7 +197,7 @@ def _sniff_delimiter(path: Path) -> str:
 
 def _read_hf_saved(path: Path) -> tuple[list[str], Iterator[Row]]:
     """A folder from `Dataset.save_to_disk` (or a DatasetDict: rows get a `split` column)."""
-    from datasets import DatasetDict, load_from_disk
+    from datasets import DatasetDict, load_from_disk  # ~1 s to import; only a saved HF dataset needs it
 
     try:
         ds = load_from_disk(str(path))
@@ -273,7 +273,7 @@ def _read_json_array(path: Path) -> tuple[list[str], Iterator[Row]]:
 
 
 def _read_parquet(path: Path) -> tuple[list[str], Iterator[Row]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # ~0.25 s; only Parquet files need it
 
     try:
         pf = pq.ParquetFile(path)

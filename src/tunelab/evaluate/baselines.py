@@ -16,8 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.sparse import hstack
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
 
+from tunelab.assets import cache_dir, cached
+from tunelab.data.split import sample_rows
 from tunelab.evaluate.metrics import classification_metrics
+from tunelab.models import load_pretrained, load_tokenizer, resolve_base
 
 ZERO_SHOT_PROMPT = ("Classify the text into exactly one of these categories: {labels}.\n\n"
                     "Text: {text}\n\nAnswer with the category name only.")
@@ -39,8 +46,6 @@ class _TfidfModel:
     clf: object
 
     def probs(self, texts: list[str], n_labels: int) -> np.ndarray:
-        from scipy.sparse import hstack
-
         x = hstack([v.transform(texts) for v in self.vectorizers]).tocsr()
         probs = np.zeros((len(texts), n_labels))
         probs[:, self.clf.classes_] = self.clf.predict_proba(x)
@@ -69,8 +74,6 @@ def tfidf_logreg(train_rows: list[dict], test_rows: list[dict], labels: list[str
     if validation_rows:
         fit_rows, val_rows, tuned_on = train_rows, validation_rows, "validation"
     else:
-        from tunelab.data.split import sample_rows
-
         n_val = max(1, round(HOLDOUT_SHARE * len(train_rows)))
         val_rows, fit_rows = sample_rows(train_rows, n_val, "label", seed)
         tuned_on = f"a seeded {HOLDOUT_SHARE:.0%} hold-out of train (no validation rows)"
@@ -108,8 +111,6 @@ def _is_spaced(texts: list[str]) -> bool:
 
 
 def _vectorizer(kind: str, spaced: bool):
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     if kind == "word":
         return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
     if spaced:
@@ -125,15 +126,11 @@ def _feature_spec(features: str, spaced: bool) -> str:
 def _fit_clf(x, y: np.ndarray, C: float, seed: int):
     """One logistic regression; class-balanced because the report ranks by macro-F1. saga on these
     L2-normalised rows converges in a few dozen epochs, far faster than lbfgs at this tolerance."""
-    from sklearn.linear_model import LogisticRegression
-
     return LogisticRegression(C=C, solver="saga", tol=1e-3, max_iter=1000, class_weight="balanced",
                               random_state=seed).fit(x, y)
 
 
 def _fit(rows: list[dict], y: np.ndarray, features: str, C: float, spaced: bool, seed: int) -> _TfidfModel:
-    from scipy.sparse import hstack
-
     texts = [r["text"] for r in rows]
     vecs = [_vectorizer(kind, spaced) for kind in features.split("+")]
     x = hstack([v.fit_transform(texts) for v in vecs]).tocsr()
@@ -144,9 +141,6 @@ def _grid_search(fit_rows, y_fit, val_rows, y_val, spaced: bool, seed: int) -> t
     """Every (features, C) of the grid fit on `fit_rows` and scored on `val_rows` -> (grid, best), where best
     holds the first highest-scoring config and its fitted `model`. Each vectorizer is fit once: a model
     here is the very model `_fit` would build for the same config."""
-    from scipy.sparse import hstack
-    from sklearn.metrics import f1_score
-
     fit_texts, val_texts = [r["text"] for r in fit_rows], [r["text"] for r in val_rows]
     vecs = {kind: _vectorizer(kind, spaced) for kind in ("word", "char")}
     x_fit = {kind: v.fit_transform(fit_texts) for kind, v in vecs.items()}
@@ -196,8 +190,6 @@ def _read_choice(folder: Path) -> dict | None:
 def _cached_choice(key: str, search) -> tuple[dict, bool]:
     """(the choice, whether it came from the cache): `search()` runs only when no valid entry exists; the entry
     is written into a fresh folder swapped in whole (`assets.cached`), so readers never see half of it."""
-    from tunelab.assets import cache_dir, cached
-
     built: list[dict] = []
 
     def build(tmp: Path) -> None:
@@ -222,9 +214,7 @@ def _label_token_ids(tokenizer, label: str) -> set[int]:
 def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples: int | None = 300,
               seed: int = 0, batch_size: int = 16) -> dict:
     """Zero-shot classification by next-token label scores; `samples` caps the rows (seeded sample)."""
-    from transformers import AutoModelForCausalLM
-
-    from tunelab.models import load_pretrained, load_tokenizer, resolve_base
+    from transformers import AutoModelForCausalLM  # ~1 s over torch; only the zero-shot baseline loads a decoder
 
     rows = test_rows
     if samples is not None and samples < len(rows):

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import re
 import string
+from pathlib import Path
 
 import numpy as np
 
+from tunelab.config import PrepareOptions
+from tunelab.data.dataset import load_split
+from tunelab.data.prepare import resolve_source
+from tunelab.data.read import read_rows
 from tunelab.errors import UserError
 from tunelab.tasks import task_spec
+
+# tunelab.tasks.causal_lm, tunelab.tasks.sft, tunelab.generate and tunelab.models load torch (~1.2 s); they are
+# imported inside the functions that run a model, so the scores (rouge_l, exact_match) import without it.
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -77,13 +85,7 @@ def generation_scores(gen, rows: list[dict], n: int, max_new_tokens: int, seed: 
 def general_text(source: str | None, n: int, seed: int = 0) -> tuple[str, list[dict]]:
     """(name, rows {"text"}) of general text for the forgetting probe: a .txt file (paragraphs), a
     prepared dataset dir, or by default the built-in tweets' texts (everyday English)."""
-    from pathlib import Path
-
     if source is None:
-        from tunelab.data.read import read_rows
-        from tunelab.data.prepare import resolve_source
-        from tunelab.config import PrepareOptions
-
         path, text_col, _ = resolve_source("builtin:tweets-sentiment", PrepareOptions())
         _, rows = read_rows(path)
         texts = [str(r.fields.get(text_col) or "") for r in rows]
@@ -91,8 +93,6 @@ def general_text(source: str | None, n: int, seed: int = 0) -> tuple[str, list[d
     else:
         p = Path(source)
         if p.is_dir():
-            from tunelab.data.dataset import load_split
-
             texts = [r.get("text") or "" for r in load_split(p, "test")]
         elif p.is_file():
             texts = re.split(r"\n\s*\n", p.read_text(encoding="utf-8", errors="replace"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.overlap import overlap
 
 LOUD_SHARE = 0.01  # from this share of contaminated rows (or any exact duplicate) the warning is loud
@@ -20,8 +21,6 @@ SEEN_SPLITS = ("train", "validation")  # what training read: train to fit, valid
 
 def training_data(meta: dict) -> tuple[Path | None, str]:
     """The model's training dataset dir -> (dir, "") or (None, why it cannot be used)."""
-    from tunelab.data.dataset import load_meta
-
     data = meta.get("data") or {}
     places = [p for p in (data.get("path"), data.get("dir")) if p]
     if not places:
@@ -52,8 +51,6 @@ def row_text(row: dict) -> str:
 def check_leakage(meta: dict, rows: list[dict], threshold: float = 0.7) -> dict:
     """`rows` (the evaluated split) against the model's training data. -> {"checked", ...}: when checked, the
     counts of exact and near duplicates, their share, a few examples, and whether the warning is `loud`."""
-    from tunelab.data.dataset import load_split
-
     train_dir, why = training_data(meta)
     if train_dir is None:
         return {"checked": False, "reason": why}

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+# matplotlib is imported inside confusion_matrix_png (~0.7 s): only a report that draws its PNG pays it.
+
 
 def confusion_matrix_png(matrix: list[list[int]], labels: list[str], path: str | Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     m = np.asarray(matrix)
     size = 1.2 + 0.9 * len(labels)

@@ -7,6 +7,7 @@ bottleneck adapters (tunelab.methods.adapter). Adapter methods never change the 
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -87,7 +88,7 @@ def _apply_freeze(model, method, ctx):
 
 
 def _peft_config(method, ctx: MethodContext, model):
-    import peft
+    import peft  # ~2 s even after transformers; full, head, freeze and adapter training never load it
 
     task_type = getattr(peft.TaskType, ctx.task.peft_task_type)
     heads = _heads(model, ctx) or None
@@ -125,9 +126,7 @@ def _peft_config(method, ctx: MethodContext, model):
 
 
 def _apply_peft(model, method, ctx):
-    import inspect
-
-    from peft import get_peft_model
+    from peft import get_peft_model  # peft again: paid only by the peft methods
 
     if method.name == "prefix" and ctx.task.labelled:
         # peft's own test for these heads, made at load instead of at the first forward
@@ -144,7 +143,7 @@ def _apply_peft(model, method, ctx):
 
 
 def _apply_adapter(model, method, ctx):
-    from tunelab.methods.adapter import add_adapters
+    from tunelab.methods.adapter import add_adapters  # brings safetensors; only the adapter method needs it
 
     c = method.adapter
     try:

@@ -225,7 +225,7 @@ class GenerationEngine(_Worker):
         return new
 
     def _forward(self, ids, mask, positions, cache, adapters, keep_last: bool):
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # transformers loads with the model, not with this module
 
         cache = cache if cache is not None else DynamicCache(config=self._config())
         # keep_last (prefill): logits of the last position only, not [rows, prompt length, vocabulary]

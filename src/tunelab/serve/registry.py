@@ -20,10 +20,18 @@ from pathlib import Path
 
 import torch
 
+from tunelab.artifacts import kind_of
+from tunelab.assets import builtin_path
 from tunelab.errors import UserError, read_json_file
+from tunelab.generate import load_generator, model_family
+from tunelab.model_files import check_model_folder, check_tokenizer_folder
+from tunelab.models import (META_FILE, load_model_dir, load_pretrained, load_tokenizer, quiet_transformers, read_meta,
+                            resolve_base)
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.protocol import APIError, ModelCard, bad_request
 from tunelab.tasks import task_spec
+from tunelab.tasks.token_classification import TokenClassificationTask
+from tunelab.train.precision import autocast, resolve_precision
 
 log = logging.getLogger("tunelab.serve")
 
@@ -82,10 +90,6 @@ class Served:
 def parse_spec(item: str, embedding: bool = False) -> Spec:
     """One MODEL argument (`REF` or `NAME=REF`) -> its Spec, from metadata and config alone (no weights); one that
     cannot be served is a `UserError`. `embedding`: a base model is served for embeddings, even a decoder."""
-    from tunelab.artifacts import kind_of
-    from tunelab.assets import builtin_path
-    from tunelab.models import META_FILE, read_meta
-
     # an existing path that contains "=" is a path, not NAME=PATH
     name, ref = (item.split("=", 1) if "=" in item and not Path(item).exists() else (None, item))
     if not ref:
@@ -117,8 +121,6 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
 def _base_kind(ref: str, d: Path) -> str:
     """How a base model is served, read from its config before any weights: "generate" for a decoder, "embed"
     for an encoder."""
-    from tunelab.generate import model_family
-
     if ref in ("builtin:minilm-l6", "tiny-bert"):
         return "embed"
     if ref.startswith("builtin:") or ref == "tiny-llama" or (d.is_file() and d.suffix == ".gguf"):
@@ -178,8 +180,6 @@ class Registry:
     # ---- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
         """Load every model and start its engine; `ready` once all are up."""
-        from tunelab.models import quiet_transformers
-
         quiet_transformers()
         groups: dict[str, list[Spec]] = {}
         for s in self.specs:
@@ -205,10 +205,7 @@ class Registry:
             close()
 
     def _add_generator(self, specs: list[Spec]) -> None:
-        from transformers import AutoTokenizer
-
-        from tunelab.generate import load_generator
-        from tunelab.model_files import check_model_folder, check_tokenizer_folder
+        from transformers import AutoTokenizer  # transformers: seconds to import; `tunelab serve --help` skips it
 
         first = specs[0]
         gen = load_generator(first.ref, self.device)  # a model dir's own stop tokens, or the base's chat stops
@@ -239,8 +236,6 @@ class Registry:
                  "shared base, LoRA per request" if len(specs) > 1 else "one model")
 
     def _add_classifier(self, s: Spec) -> None:
-        from tunelab.models import load_model_dir
-
         model, tok, meta = load_model_dir(s.ref, self.device, tasks=("classification",))
         labels, max_length = list(meta["labels"]), int(meta.get("max_length") or 512)
 
@@ -254,10 +249,6 @@ class Registry:
     def _add_entities(self, s: Spec) -> None:
         """An NER model dir: texts -> {"entities": [{"type", "text", "start", "end", "score"}], "tokens"} each,
         character offsets into the text (`TokenClassificationTask.text_entities`)."""
-        from tunelab.models import load_model_dir
-        from tunelab.tasks.token_classification import TokenClassificationTask
-        from tunelab.train.precision import autocast, resolve_precision
-
         model, tok, meta = load_model_dir(s.ref, self.device, tasks=("token_classification",))
         task = TokenClassificationTask(tok, list(meta["labels"]), int(meta.get("max_length") or 512))
         precision = resolve_precision(self.settings.precision, self.device)
@@ -269,9 +260,7 @@ class Registry:
         self._add_encoder(s, "entities", run, tok)
 
     def _add_embedder(self, s: Spec) -> None:
-        from transformers import AutoModel
-
-        from tunelab.models import load_pretrained, load_tokenizer, resolve_base
+        from transformers import AutoModel  # as in _add_generator
 
         base = resolve_base(s.ref)
         tok = load_tokenizer(base)
@@ -290,8 +279,6 @@ class Registry:
         """texts -> one result dict per text (with its token count), in order. The texts of a micro-batch are
         sorted by length and run in chunks, so that short texts are not padded to the longest of the batch;
         under bf16 autocast where the hardware has it (`precision`)."""
-        from tunelab.train.precision import autocast, resolve_precision
-
         precision = resolve_precision(self.settings.precision, self.device)
 
         def run(texts: list[str]) -> list[dict]:

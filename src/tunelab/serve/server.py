@@ -54,7 +54,7 @@ def _raise_open_files_limit(wanted: int) -> None:
     """Every connection is a file descriptor: lift the soft limit towards `wanted` (as far as the hard limit
     allows), so that the connection cap, not the OS, decides when to refuse."""
     try:
-        import resource
+        import resource  # POSIX only: on Windows the ImportError below leaves the limit alone
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)

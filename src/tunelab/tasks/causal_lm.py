@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunelab import models
 from tunelab.errors import UserError
 
 IGNORE = -100
@@ -244,8 +245,6 @@ class CausalLMTask:
 def build_lm(cfg, corpus: list[str], task_class):
     """A pretrained causal LM, or with `model.base: scratch` a new one whose tokenizer is trained on `corpus`,
     and `task_class` over it (see `tunelab.tasks.TaskSpec.build`)."""
-    from tunelab import models  # models imports this package's registry; the task modules load on demand
-
     mc = cfg.model
     if mc.base == "scratch":
         if cfg.method.name != "full":

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab import models
 from tunelab.errors import UserError
 from tunelab.evaluate.metrics import classification_metrics
 from tunelab.tasks.batch import pad_batch
@@ -116,8 +117,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def build(cfg, meta: dict, train_rows: list[dict]):
     """The run's model with a sequence-classification head over the dataset's labels, its tokenizer, base,
     new parameter names, and the task (see `tunelab.tasks.TaskSpec.build`)."""
-    from tunelab import models  # models imports this package's registry; the task modules load on demand
-
     mc = cfg.model
     model, tok, base, new = models.load_classifier(mc.base, meta["labels"], mc.trust_remote_code)
     return model, tok, base, new, ClassificationTask(tok, meta["labels"], mc.max_length)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab import models
 from tunelab.data.words import split_words
 from tunelab.errors import UserError
 from tunelab.tasks.batch import pad_batch
@@ -46,7 +47,7 @@ class TokenEncoded:
 def entity_metrics(true: list[list[str]], pred: list[list[str]]) -> dict:
     """Gold and predicted BIO tags (per example, one per word, the two aligned) -> seqeval's micro entity P/R/F1
     (an entity counts when type and span both match), word-level token accuracy, per-type scores with support."""
-    from seqeval.metrics import classification_report
+    from seqeval.metrics import classification_report  # seqeval pulls in sklearn (~1.3 s); only entity scoring needs it
 
     report = classification_report(true, pred, output_dict=True, zero_division=0)
     micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
@@ -206,8 +207,6 @@ def bio_entities(tags: list[str], probs: list[float]) -> list[dict]:
 def build(cfg, meta: dict, train_rows: list[dict]):
     """The run's model with a token-classification head over the dataset's BIO tags (see
     `tunelab.tasks.TaskSpec.build`)."""
-    from tunelab import models  # models imports this package's registry; the task modules load on demand
-
     mc = cfg.model
     model, tok, base, new = models.load_token_classifier(mc.base, meta["labels"], mc.trust_remote_code)
     return model, tok, base, new, TokenClassificationTask(tok, meta["labels"], mc.max_length)

@@ -27,6 +27,9 @@ import torch.distributed as dist
 
 from tunelab.models import is_dtensor
 
+# torch.distributed.fsdp, torch.distributed.tensor and torch.distributed.checkpoint (~0.6 s together) are imported
+# inside the functions that use them: only FSDP runs pay for them.
+
 
 @dataclass
 class Dist:

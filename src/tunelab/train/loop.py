@@ -36,6 +36,7 @@ from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import row_text
 from tunelab.methods import MethodContext, apply_method, head_module_names
 from tunelab.tasks import DATASET_TASKS, TaskSpec, task_spec
+from tunelab.tasks.sft import stop_tokens
 from tunelab.terminal import make_console, plain, print_warnings
 from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
 from tunelab.train import checkpoint as ckpt
@@ -512,8 +513,6 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: T
         "versions": library_versions(),
     }
     if spec.generates:  # what a server needs to stop where training taught it to
-        from tunelab.tasks.sft import stop_tokens
-
         model_meta["stop"] = stop_tokens(tokenizer, chat=spec.conversations)
     full_state = distributed.full_model_state(model) if dd.fsdp else None  # gathered on every rank
     if not dd.fsdp:

@@ -13,7 +13,7 @@ class Tracker:
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # ~0.15 s more than torch; only with tensorboard on
 
             self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
