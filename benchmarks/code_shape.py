@@ -15,6 +15,13 @@ Measured with the standard library only (`ast`, `tokenize`), no import of tunela
    module named (`from tunelab.train import loop` -> tunelab.train.loop), not to the parent packages.
    Layer violations: any import of tunelab.train or tunelab.serve from a lower layer (tasks, evaluate, models,
    data, assets): the layering rule is that lower layers never import train/ or serve/.
+   Function-local imports of any package (an `import` / `from ... import` statement anywhere inside a def), and
+   those without a reason. The rule is that a local import keeps start-up fast or breaks a cycle, and says which;
+   one has a reason when (a) a `#` comment is on one of its lines, (b) a line holding only a comment is just
+   above it, or just above the run of consecutive import statements it belongs to (blank lines between them
+   allowed), or (c) a module-level comment (comment lines starting in column 0, consecutive ones read as one)
+   says "imported inside" and names the imported module or a package above it (`torch` covers
+   `torch.distributed.tensor`; the project package alone, `tunelab`, covers nothing). Counted per file.
 4. Comment share: lines holding a `#` comment, and those plus docstring lines, over the non-blank lines;
    and the public functions without a docstring in serve, tasks and methods (module-level functions and
    methods of public classes whose names do not start with an underscore).
@@ -31,6 +38,7 @@ import argparse
 import ast
 import io
 import json
+import re
 import subprocess
 import sys
 import tokenize
@@ -47,6 +55,7 @@ LOWER_LAYERS = ("tasks", "evaluate", "models", "data", "assets")
 UPPER_LAYERS = ("train", "serve")
 DOCSTRING_DIRS = ("serve", "tasks", "methods")
 FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
+DOTTED = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 
 
 def git(src: Path, *args: str) -> str:
@@ -170,6 +179,18 @@ def task_comparisons(mods: list[Source]) -> dict:
 
 # 3. Imports ------------------------------------------------------------------------------------------------
 
+def imported_modules(mod: Source, node: ast.Import | ast.ImportFrom, known: set[str]) -> list[str]:
+    """The modules an import statement names: `from a.b import c` is a.b.c when that is a known module, else a.b."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        parts = mod.name.split(".")
+        parts = parts[:len(parts) - node.level + mod.is_package]  # a package is its own level 1
+        base = ".".join([*parts, base] if base else parts)
+    return list(dict.fromkeys(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names))
+
+
 def imports(mod: Source, known: set[str], pkg: str):
     """(target module, line, where) of each import of a tunelab module; where: module, local or type_checking."""
 
@@ -185,18 +206,10 @@ def imports(mod: Source, known: set[str], pkg: str):
                 yield from visit(ast.Module(body=child.body, type_ignores=[]), "type_checking")
                 yield from visit(ast.Module(body=child.orelse, type_ignores=[]), where)
                 continue
-            if isinstance(child, ast.Import):
-                names = [a.name for a in child.names]
-            elif isinstance(child, ast.ImportFrom):
-                base = child.module or ""
-                if child.level:
-                    parts = mod.name.split(".")
-                    parts = parts[:len(parts) - child.level + mod.is_package]  # a package is its own level 1
-                    base = ".".join([*parts, base] if base else parts)
-                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in child.names]
-            else:
+            if not isinstance(child, (ast.Import, ast.ImportFrom)):
                 yield from visit(child, inner)
                 continue
+            names = imported_modules(mod, child, known)
             for t in dict.fromkeys(target(n) for n in names if n == pkg or n.startswith(pkg + ".")):
                 if t:
                     yield t, child.lineno, where
@@ -232,6 +245,67 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
+def comments(mod: Source) -> dict[int, tokenize.TokenInfo]:
+    return {t.start[0]: t for t in tokenize.generate_tokens(io.StringIO(mod.text).readline)
+            if t.type == tokenize.COMMENT}
+
+
+def inside_names(mod: Source, found: dict[int, tokenize.TokenInfo]) -> set[str]:
+    """Dotted names in the module-level comments (runs of column-0 comment lines) that say "imported inside"."""
+    runs: dict[int, list[str]] = {}  # last line of a run -> its comments
+    for line in sorted(n for n, t in found.items() if t.start[1] == 0):
+        runs[line] = [*runs.pop(line - 1, []), found[line].string.lstrip("#").strip()]
+    texts = [" ".join(run) for run in runs.values()]
+    return {name for text in texts if "imported inside" in text.lower() for name in DOTTED.findall(text)}
+
+
+def local_import_blocks(tree: ast.AST, local: bool = False):
+    """(import statement, first statement of its run of consecutive imports) of each function-local import."""
+    for _, value in ast.iter_fields(tree):
+        if isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+            first = None
+            for stmt in value:
+                if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                    first = first or stmt
+                    if local:
+                        yield stmt, first
+                else:
+                    first = None
+        for child in value if isinstance(value, list) else [value]:
+            if isinstance(child, ast.AST) and not isinstance(child, (ast.Import, ast.ImportFrom)):
+                yield from local_import_blocks(child, local or isinstance(child, FUNCS))
+
+
+def local_imports(mods: list[Source], pkg: str) -> dict:
+    """Function-local imports of any package, and those without a reason (see the module docstring, 3)."""
+    known = {m.name for m in mods}
+    total, missing, where = Counter(), Counter(), []
+    for m in mods:
+        found = comments(m)
+        lines = m.text.splitlines()
+        named = inside_names(m, found) - {pkg}
+
+        def own_line_comment(n: int) -> bool:
+            return n in found and lines[n - 1].lstrip().startswith("#")
+
+        def covered(target: str) -> bool:
+            parts = target.split(".")
+            return any(".".join(parts[:i]) in named for i in range(1, len(parts) + 1))
+
+        for stmt, first in local_import_blocks(m.tree):
+            total[m.rel] += 1
+            if any(n in found for n in range(stmt.lineno, stmt.end_lineno + 1)) \
+                    or own_line_comment(stmt.lineno - 1) or own_line_comment(first.lineno - 1) \
+                    or all(covered(t) for t in imported_modules(m, stmt, known)):
+                continue
+            missing[m.rel] += 1
+            where.append((m.rel, stmt.lineno, ", ".join(imported_modules(m, stmt, known))))
+    return {"function_local_imports": sum(total.values()), "function_local_imports_per_file": dict(total.most_common()),
+            "function_local_imports_without_reason": sum(missing.values()),
+            "function_local_imports_without_reason_per_file": dict(missing.most_common()),
+            "function_local_imports_without_reason_at": [f"{f}:{n} {t}" for f, n, t in sorted(where)]}
+
+
 def in_layer(module: str, pkg: str, layers: tuple[str, ...]) -> bool:
     return any(module == f"{pkg}.{x}" or module.startswith(f"{pkg}.{x}.") for x in layers)
 
@@ -255,7 +329,7 @@ def import_graph(mods: list[Source], pkg: str) -> dict:
     return {"module_level_edges": sum(map(len, module_edges.values())), "local_imports": sum(local.values()),
             "local_imports_per_file": dict(local.most_common()), "type_checking_imports": type_only,
             "cycles_module_level": cycles(module_edges), "cycles_with_local": cycles(all_edges),
-            "layer_violations": violations}
+            "layer_violations": violations, **local_imports(mods, pkg)}
 
 
 # 4. Comments and docstrings --------------------------------------------------------------------------------
@@ -333,6 +407,11 @@ def table(r: dict) -> str:
         rows += [(label, " <-> ".join(c) if len(c) > 1 else f"{c[0]} (self)") for c in im[key]] or [(label, "none")]
     rows += [("layer violations", str(len(im["layer_violations"])))]
     rows += [("", f"{v['file']}:{v['line']} -> {v['imports']} ({v['where']})") for v in im["layer_violations"]]
+    rows += [("local imports", f"{im['function_local_imports']} function-local (any package) in "
+                               f"{len(im['function_local_imports_per_file'])} files, "
+                               f"{im['function_local_imports_without_reason']} without a reason")]
+    rows += [("", f"{n:4d}  {f} without a reason")
+             for f, n in im["function_local_imports_without_reason_per_file"].items()]
     rows += [("comment share", f"{cm['comment_share']:.1%} comments, {cm['comment_and_docstring_share']:.1%} "
                                f"with docstrings, of {cm['nonblank_lines']} non-blank lines")]
     rows += [(f"undocumented public ({d})", f"{x['without_docstring']} of {x['public']}")
