@@ -49,3 +49,22 @@ def test_label_sets():
 def test_unknown_dataset_kind_is_a_user_error():
     with pytest.raises(UserError, match="unknown dataset task 'images'.*classification"):
         dataset_kind("images")
+
+
+def test_every_task_class_satisfies_the_task_protocol():
+    from tunelab.models import load_tokenizer, tiny_model_dir
+    from tunelab.tasks import Task
+    from tunelab.tasks.causal_lm import CausalLMTask
+    from tunelab.tasks.classification import ClassificationTask
+    from tunelab.tasks.sft import SFTTask
+    from tunelab.tasks.token_classification import TokenClassificationTask
+
+    bert, llama = load_tokenizer(str(tiny_model_dir("tiny-bert"))), load_tokenizer(str(tiny_model_dir("tiny-llama")))
+    tasks = [ClassificationTask(bert, ["a", "b"], 16), TokenClassificationTask(bert, ["O", "B-X", "I-X"], 16),
+             CausalLMTask(llama, 32), SFTTask(llama, 32)]
+    assert {t.name for t in tasks} == set(TASKS)
+    for t in tasks:
+        assert isinstance(t, Task), t.name
+        assert t.metric == TASKS[t.name].score[0]
+        assert t.greater_is_better == TASKS[t.name].score[2]
+        assert isinstance(t.labels, list) and isinstance(t.packing, bool)

@@ -3,17 +3,65 @@ tells the rest of tunelab what each task is.
 
 Outside this package no code compares task names: it asks the task's `TaskSpec` (`task_spec(name)`) what it
 needs — which transformers class loads the model, whether there is a label set, whether the model generates,
-what the server exposes, which score a report compares. Adding a task is one module here (its `Task` class
-and a `build` function) and one `TaskSpec` in `TASKS`.
+what the server exposes, which score a report compares. Adding a task is one module here (a class that
+satisfies the `Task` protocol, and a `build` function) and one `TaskSpec` in `TASKS`.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol, runtime_checkable
 
 from tunelab.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported by the task modules, not by the registry (start-up)
+    import torch
+
+
+class Encoded(Protocol):
+    """A split encoded by a task: one item per example (or packed block), with its length in tokens."""
+
+    @property
+    def lengths(self) -> list[int]: ...
+
+    def __len__(self) -> int: ...
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What training (`train.loop`) and evaluation need of a task, whatever it is. A task's `build` returns one."""
+
+    name: str  # its `TaskSpec` name
+    metric: str  # the validation score that picks the best step
+    greater_is_better: bool
+    labels: list[str]  # the label set ([] for language modelling), saved in the model dir
+    packing: bool  # examples are packed into blocks (the train line says so)
+
+    def encode(self, rows: list[dict]) -> Encoded:
+        """Dataset rows -> the encoded split."""
+        ...
+
+    def collate(self, enc: Any, idx: list[int]) -> dict[str, torch.Tensor]:
+        """The examples `idx` of an encoded split as one padded batch of tensors."""
+        ...
+
+    def units(self, enc: Any, idx: list[int]) -> int:
+        """How many loss terms the examples `idx` hold (the normaliser of a gradient-accumulation window)."""
+        ...
+
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The sum (not the mean) of the batch's loss terms."""
+        ...
+
+    def evaluate(self, model, enc: Any, batch_size: int) -> dict:
+        """Scores of the model on an encoded split; holds `metric`."""
+        ...
+
+    def through_model_forward(self) -> None:
+        """The model is FSDP-sharded, which gathers the root weights in the model's forward only: from now on
+        compute the loss through it."""
+        ...
 
 
 @dataclass(frozen=True)

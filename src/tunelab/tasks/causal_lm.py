@@ -167,6 +167,7 @@ class CausalLMTask:
     name = "causal_lm"
     metric = "perplexity"
     greater_is_better = False
+    labels: list[str] = []  # no label set
 
     def __init__(self, tokenizer, block: int, packing: bool = True, method: str = "full"):
         self.tokenizer = tokenizer
@@ -224,6 +225,11 @@ class CausalLMTask:
         if self.through_forward:
             return full_logits_loss_sum(model, batch)
         return chunked_lm_loss_sum(model, batch)
+
+    def through_model_forward(self) -> None:
+        """Compute the loss from the full logits of the model's forward (FSDP): the chunked loss runs the
+        decoder body and the head apart, bypassing the root forward where FSDP gathers the weights."""
+        self.through_forward = True
 
     @torch.no_grad()
     def evaluate(self, model, enc: LMEncoded, batch_size: int) -> dict:

@@ -36,6 +36,7 @@ class ClassificationTask:
     name = "classification"
     metric = "macro_f1"
     greater_is_better = True
+    packing = False
 
     def __init__(self, tokenizer, labels: list[str], max_length: int):
         """`labels`: the label set, two or more (one label is a `UserError`: nothing to learn or predict)."""
@@ -96,6 +97,9 @@ class ClassificationTask:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out[idx] = logits.float().cpu().numpy()
         return out
+
+    def through_model_forward(self) -> None:
+        """Nothing to change: the loss is the model's forward already."""
 
     def evaluate(self, model, enc: Encoded, batch_size: int) -> dict:
         """Accuracy, macro-F1/recall/precision, per class, confusion matrix, ECE and the mean loss."""

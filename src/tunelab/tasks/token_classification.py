@@ -68,6 +68,7 @@ class TokenClassificationTask:
     name = "token_classification"
     metric = "entity_f1"
     greater_is_better = True
+    packing = False
 
     def __init__(self, tokenizer, labels: list[str], max_length: int):
         if not getattr(tokenizer, "is_fast", False):
@@ -152,6 +153,9 @@ class TokenClassificationTask:
                         tags[i][w] = self.labels[pred[row][pos]]
                         probs[i][w] = best[row][pos]
         return tags, probs, total, count
+
+    def through_model_forward(self) -> None:
+        """Nothing to change: the loss is the model's forward already."""
 
     def evaluate(self, model, enc: TokenEncoded, batch_size: int) -> dict:
         """Entity-level P/R/F1 (seqeval), token accuracy, per-type scores and the mean token loss."""

@@ -270,8 +270,7 @@ class _Run:
         model = model.to(self.device)
         if dd.fsdp:
             model = distributed.shard_model(model)
-            if hasattr(task, "through_forward"):  # FSDP gathers root weights in the model's forward only
-                task.through_forward = True
+            task.through_model_forward()  # FSDP gathers root weights in the model's forward only
         self.model, self.task = model, task
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads, kind=tc.optimizer,
@@ -295,7 +294,7 @@ class _Run:
         if (warning := base_fit.advice(self.fit, cfg.model.base)) is not None:  # before an hour is spent on it
             print_warnings([warning], console)
         n_train, n_total = count_parameters(self.model)
-        packed = (f" in {len(self.tr):,} + {len(self.va):,} packed blocks" if getattr(self.task, "packing", False)
+        packed = (f" in {len(self.tr):,} + {len(self.va):,} packed blocks" if self.task.packing
                   else "")
         console.print(f"[bold]train[/] {spec.name} · {plain(cfg.model.base)} · method {cfg.method.name} · "
                       f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
@@ -501,7 +500,7 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: T
     fresh = last_eval is not None and state.best_step == state.step
     best_eval = last_eval if fresh else run_eval()
     model_meta = {
-        "task": spec.name, "labels": getattr(task, "labels", []),
+        "task": spec.name, "labels": task.labels,
         "base": {"ref": cfg.model.base, "path": str(base.path)},
         "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
         "data": {"dir": str(data_dir), "path": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
