@@ -25,13 +25,13 @@ EXTRA_FIELDS = ("category", "augmented")  # kept when present: a dialogue's cate
 @dataclass(frozen=True)
 class DatasetKind:
     """What a dataset of one kind (`dataset.json` `task`) holds, for the pipeline that writes it and the stages
-    that read it. Adding a kind is one entry in `DATASET_KINDS`, an `_extract_<name>` on the preparation's
-    `RowFilter`, and a `TaskSpec` in `tasks.TASKS` that trains on it."""
+    that read it. Adding a kind is one entry in `DATASET_KINDS`, its name in `PrepareOptions.task`, an
+    `_extract_<name>` on the preparation's `RowFilter`, and a `TaskSpec` in `tasks.TASKS` that trains on it."""
 
     name: str
     fields: tuple[str, ...]  # of a written row
     columns: tuple[str, ...] = ()  # the source columns it reads by role ("text", "label"); others read a structure
-    labelled: bool = False  # one class label per row: stratified split, class balance, label warnings, augmentation
+    labelled: bool = False  # one class label per row: class balance, label warnings, augmentation
     tagged: bool = False  # one BIO tag per token; its labels are the tag set
     keeps_newlines: bool = True  # a class label rarely depends on line breaks; text, chat and tokens keep theirs
 

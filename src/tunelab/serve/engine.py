@@ -169,7 +169,7 @@ class GenerationEngine(_Worker):
 
     def cancel(self, seqs: list[Sequence]) -> None:
         """Mark `seqs` cancelled (thread-safe; cancelling twice, or a finished sequence, is harmless). Once the
-        engine thread sees the flag their sinks get no more events, not even "done": at its next iteration
+        engine thread sees the flag their sinks get no more events, not even a `DoneEvent`: at its next iteration
         it drops them from the queue or frees their batch rows, and marks them finished."""
         with self._cond:
             for s in seqs:

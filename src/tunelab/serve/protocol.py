@@ -13,6 +13,7 @@ import json
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from starlette.responses import Response as HTTPResponse
 
 MAX_STOPS = 4
 MAX_STOP_CHARS = 1000  # per stop string (matching is incremental; this bounds memory and what is held back)
@@ -209,6 +210,10 @@ def _is_union_tag(part) -> bool:
 # `role`).
 
 
+class JSONBody(HTTPResponse):
+    media_type = "application/json"
+
+
 class Response(BaseModel):
     """A response body: `body()` for a JSON response, `sse()` for one server-sent event."""
 
@@ -225,6 +230,10 @@ class Response(BaseModel):
     def body(self) -> dict:
         """The JSON-ready dict of this response."""
         return self.model_dump(mode="json")
+
+    def response(self, status: int = 200) -> JSONBody:
+        """This response as an HTTP JSON response (serialised once, by pydantic)."""
+        return JSONBody(self.model_dump_json(), status_code=status)
 
     def sse(self) -> str:
         """This response as one server-sent event: `data: {json}` and a blank line."""

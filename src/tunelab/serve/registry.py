@@ -205,7 +205,7 @@ class Registry:
             close()
 
     def _add_generator(self, specs: list[Spec]) -> None:
-        from transformers import AutoTokenizer  # transformers: seconds to import; `tunelab serve --help` skips it
+        from transformers import AutoTokenizer  # transformers: seconds; the server binds and answers /health first
 
         first = specs[0]
         gen = load_generator(first.ref, self.device)  # a model dir's own stop tokens, or the base's chat stops
@@ -260,7 +260,7 @@ class Registry:
         self._add_encoder(s, "entities", run, tok)
 
     def _add_embedder(self, s: Spec) -> None:
-        from transformers import AutoModel  # as in _add_generator
+        from transformers import AutoModel  # loads with the models, as above
 
         base = resolve_base(s.ref)
         tok = load_tokenizer(base)

@@ -121,7 +121,15 @@ class Call:
     state: ServerState
     body: Any  # the endpoint's request model (`protocol.ChatRequest`, …)
     served: Served
-    start: float  # perf_counter() at admission: latency and time-to-first-token count from here
+    start: float  # perf_counter() when its work starts: admission; generation resets it at engine submission
+
+    def observe_latency(self, route: str) -> None:
+        """Record the request's latency (from `start`) under `route`."""
+        self.state.metrics.latency.labels(route).observe(time.perf_counter() - self.start)
+
+    def observe_first_token(self) -> None:
+        """Record the time to the first generated text (from `start`) under the model's id."""
+        self.state.metrics.ttft.labels(self.served.id).observe(time.perf_counter() - self.start)
 
 
 def model_call(body: type, kind: str) -> Callable[[Request], Awaitable[Call]]:

@@ -167,7 +167,6 @@ class CausalLMTask:
     name = "causal_lm"
     metric = "perplexity"
     greater_is_better = False
-    labels: list[str] = []  # no label set
 
     def __init__(self, tokenizer, block: int, packing: bool = True, method: str = "full"):
         self.tokenizer = tokenizer
@@ -176,6 +175,7 @@ class CausalLMTask:
         self.packing = packing and not self.prompt_learning
         self.through_forward = self.prompt_learning  # set for FSDP: the chunked loss bypasses the root forward
         self.pad_id = tokenizer.pad_token_id
+        self.labels: list[str] = []  # no label set
 
     def segments(self, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
         """Rows {"text"} -> (ids, shifted targets) per document: BOS (if any) + text + EOS (if any); every

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from tunelab.serve.engine import DoneEvent, EngineFull, ErrorEvent, Event, SamplingParams, Sequence, TextEvent
 from tunelab.serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
@@ -106,6 +106,7 @@ def _submit(st: ServerState, served: Served, req, prompts: list[list[int]]) -> _
 
 async def _run(request: Request, call: Call, prompts: list[list[int]], chat: bool):
     st, served, req = call.state, call.served, call.body
+    call.start = time.perf_counter()  # generation's latency and time to first token count from engine submission
     job = _submit(st, served, req, prompts)
     route = "/v1/chat/completions" if chat else "/v1/completions"
     meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
@@ -117,7 +118,7 @@ async def _run(request: Request, call: Call, prompts: list[list[int]], chat: boo
         texts, finish, completion = await _collect(request, call, job)
     finally:
         job.cancel(served)
-    st.metrics.latency.labels(route).observe(time.perf_counter() - call.start)
+    call.observe_latency(route)
     usage = Usage.of(job.prompt_tokens, completion)
     if chat:
         answer: Completion = ChatCompletion(
@@ -129,7 +130,7 @@ async def _run(request: Request, call: Call, prompts: list[list[int]], chat: boo
             texts = [p + t for p, t in zip(prompts, texts)]
         answer = TextCompletion(**meta, usage=usage, choices=[TextChoice(index=i, text=t, finish_reason=f)
                                                               for i, (t, f) in enumerate(zip(texts, finish))])
-    return JSONResponse(answer.body())
+    return answer.response()
 
 
 async def _collect(request: Request, call: Call, job: _Job) -> tuple[list[str], list[str | None], int]:
@@ -149,7 +150,7 @@ async def _collect(request: Request, call: Call, job: _Job) -> tuple[list[str], 
             match ev:
                 case TextEvent(text):
                     if first:
-                        _first_token(call)
+                        call.observe_first_token()
                         first = False
                     texts[i] += text
                 case DoneEvent(reason, _, tokens):
@@ -161,32 +162,28 @@ async def _collect(request: Request, call: Call, job: _Job) -> tuple[list[str], 
     return texts, finish, completion
 
 
-def _first_token(call: Call) -> None:
-    call.state.metrics.ttft.labels(call.served.id).observe(time.perf_counter() - call.start)
-
-
 async def _stream(call: Call, job: _Job, meta: dict, chat: bool, route: str):
     """The SSE events of a streamed request: (chat) the role, then one chunk per text piece and one per finished
     choice, the usage chunk when asked, `data: [DONE]`; a failed choice sends an error envelope and ends it."""
 
+    def chunk(choices: list, usage: Usage | None = None) -> str:
+        return (ChatCompletionChunk if chat else TextCompletion)(**meta, choices=choices, usage=usage).sse()
+
     def event(i: int, text: str | None, reason: str | None = None) -> str:
         if chat:
-            choice = ChatChunkChoice(index=i, delta=Delta(content=text), finish_reason=reason)
-            return ChatCompletionChunk(**meta, choices=[choice]).sse()
-        return TextCompletion(**meta, choices=[TextChoice(index=i, text=text or "", finish_reason=reason)]).sse()
+            return chunk([ChatChunkChoice(index=i, delta=Delta(content=text), finish_reason=reason)])
+        return chunk([TextChoice(index=i, text=text or "", finish_reason=reason)])
 
     n, open_choices, completion, first = len(job.seqs), len(job.seqs), 0, True
     try:
         if chat:
-            yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant",
-                                                                                            content=""))
-                                                       for i in range(n)]).sse()
+            yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)])
         while open_choices:
             i, ev = await job.queue.get()
             match ev:
                 case TextEvent(text):
                     if first:
-                        _first_token(call)
+                        call.observe_first_token()
                         first = False
                     yield event(i, text)
                 case DoneEvent(reason, _, tokens):
@@ -197,10 +194,8 @@ async def _stream(call: Call, job: _Job, meta: dict, chat: bool, route: str):
                     yield APIError(500, message, type="server_error").envelope().sse()
                     break
         if not open_choices and call.body.include_usage():
-            usage = Usage.of(job.prompt_tokens, completion)
-            yield (ChatCompletionChunk(**meta, choices=[], usage=usage) if chat
-                   else TextCompletion(**meta, choices=[], usage=usage)).sse()
+            yield chunk([], Usage.of(job.prompt_tokens, completion))
         yield "data: [DONE]\n\n"
-        call.state.metrics.latency.labels(route).observe(time.perf_counter() - call.start)
+        call.observe_latency(route)
     finally:
         job.cancel(call.served)
