@@ -23,7 +23,9 @@ class Encoded(Protocol):
     """A split encoded by a task: one item per example (or packed block), with its length in tokens."""
 
     @property
-    def lengths(self) -> list[int]: ...
+    def lengths(self) -> list[int]:
+        """Each item's length in tokens (length-grouped batching reads it)."""
+        ...
 
     def __len__(self) -> int: ...
 
