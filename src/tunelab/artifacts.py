@@ -66,6 +66,11 @@ def is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
 
 
+def article(noun: str) -> str:
+    """'a report', 'an export': the noun with its indefinite article."""
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
 def check_target(dest: Path, kind: str, overwrite: bool, flag: str = "--overwrite") -> bool:
     """Refuse a `dest` this write may not replace (W1) -> whether an artifact is there to be replaced."""
     if dest.is_symlink():
@@ -73,17 +78,17 @@ def check_target(dest: Path, kind: str, overwrite: bool, flag: str = "--overwrit
     if not dest.exists() or is_empty_dir(dest):
         return False
     if not dest.is_dir():
-        raise UserError(f"{dest} exists and is a file, not a {kind} folder; choose another output path "
+        raise UserError(f"{dest} exists and is a file, not {article(kind)} folder; choose another output path "
                         "(nothing was changed)")
     found = kind_of(dest)
     if found is None:
         raise UserError(f"{dest} exists and was not written by tunelab; choose another output path (tunelab "
                         "never deletes or overwrites folders it did not write; nothing was changed)")
     if found != kind:
-        raise UserError(f"{dest} holds a tunelab {found}, not a {kind}; choose another output path "
+        raise UserError(f"{dest} holds a tunelab {found}, not {article(kind)}; choose another output path "
                         "(nothing was changed)")
     if not overwrite:
-        raise UserError(f"{dest} already holds a {kind}; pass {flag} to replace it (the old one is removed only "
+        raise UserError(f"{dest} already holds {article(kind)}; pass {flag} to replace it (the old one is removed only "
                         "once the new one is complete)")
     return True
 
@@ -360,7 +365,7 @@ def check_file_target(path: Path, kind: str, overwrite: bool) -> None:
         raise UserError(f"{path} exists and was not written by tunelab; choose another output path (tunelab "
                         "never overwrites files it did not write; nothing was changed)")
     if not overwrite:
-        raise UserError(f"{path} already holds a {kind}; pass --overwrite to replace it")
+        raise UserError(f"{path} already holds {article(kind)}; pass --overwrite to replace it")
 
 
 def write_file(path: str | Path, data: bytes | str | Callable[[Path], None], kind: str,

@@ -28,7 +28,7 @@ from tunelab.terminal import PIPE_WIDTH, make_console, plain
 
 # Each command's stage is imported inside the command: tunelab.data.prepare and tunelab.data.overlap load numpy
 # (~0.1 s); tunelab.train.loop, tunelab.evaluate.report, tunelab.predict, tunelab.generate, tunelab.serve.server
-# and tunelab.quickstart load torch (and sklearn), 1-3 s. `tunelab --help` loads none of them.
+# tunelab.quickstart and tunelab.export load torch (and sklearn), 1-3 s. `tunelab --help` loads none of them.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # help text is printed as written (no markup in option help)
@@ -209,6 +209,39 @@ def eval_cmd(
     if out:
         png = report.get("confusion_matrix_png")
         console.print(f"report: {plain(out)}" + (f" · confusion matrix: {plain(png)}" if png else ""))
+
+
+@app.command("export")
+def export_cmd(
+    model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),
+    fmt: str = typer.Option(..., "--format", help="hf (a plain Hugging Face folder, adapters merged) or onnx "
+                               "(encoders: classification, NER)"),
+    out: Path = typer.Option(..., "--out", help="the export folder to write"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="onnx: int8 (ONNX Runtime dynamic "
+                                           "quantisation)"),
+    parity_rows: int = typer.Option(64, "--parity-rows", help="rows the parity check compares the export and "
+                                    "the model on"),
+    data: Optional[Path] = typer.Option(None, "--data", help="dataset dir for the parity rows (default: the "
+                                        "model's own, test split)"),
+    overwrite: bool = OVERWRITE,
+):
+    """Export a model as the file its user deploys, and prove it: the export runs in its own runtime on the
+    same rows as the model and must match it (parity.json); when it does not, nothing is written."""
+    from tunelab.export import export_model
+
+    record = export_model(model_dir, out, fmt, quantize=quantize, rows=parity_rows,
+                          data_dir=str(data) if data else None, overwrite=overwrite)
+    table = Table(title=f"parity of the {fmt}{' ' + quantize if quantize else ''} export "
+                  f"({record['rows']} rows from {plain(record['rows_from'])})")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("threshold", justify="right")
+    for name, value in record["figures"].items():
+        side, bound = record["thresholds"].get(name, (None, None))
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(name, shown, f"{'≤' if side == 'max' else '≥'} {bound:g}" if side else "")
+    console.print(table)
+    console.print(f"export {plain(out)} (parity.json, tunelab.json)")
 
 
 @app.command()

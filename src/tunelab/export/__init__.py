@@ -1,0 +1,116 @@
+"""`tunelab export`: a model dir as the file its user deploys, proven against the original in the runtime that
+will run it.
+
+Formats: `hf` (a plain Hugging Face folder, adapters merged: `merge.py`), `onnx` (encoders through
+`torch.onnx.export`, optionally int8 through ONNX Runtime: `onnx.py`). Every export is an artifact folder of
+kind "export" (`tunelab.json`: format, task, labels, lineage — the source model dir, its base, method and weight
+hashes) with `parity.json` beside the files; a parity figure past its threshold fails the export and leaves
+nothing at `--out` (`parity.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tunelab import __version__
+from tunelab.artifacts import kind_of, write_folder
+from tunelab.errors import UserError
+from tunelab.export.parity import check, parity_rows
+from tunelab.tasks import task_spec
+
+FORMATS = ("hf", "onnx")
+PARITY_FILE = "parity.json"
+
+
+def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str | None = None,
+                 rows: int = 64, data_dir: str | None = None, overwrite: bool = False,
+                 thresholds: dict | None = None) -> dict:
+    """Export the model dir `model_dir` as `fmt` into the folder `out` -> the parity record (also in
+    `out/parity.json`). `rows`: how many rows parity runs on; `data_dir`: where they come from when the model's
+    own dataset has moved; `thresholds`: figure -> ("max"|"min", bound), replacing the format's defaults.
+    A model that cannot be exported this way, or an export that misses a threshold, is a `UserError` (and
+    nothing is written)."""
+    from tunelab.models import read_meta
+
+    d = Path(model_dir)
+    if kind_of(d) == "run":
+        raise UserError(f"{d} is a run dir; export its model: {d / 'model'}")
+    meta = read_meta(d)
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if rows < 1:
+        raise UserError("--parity-rows must be at least 1")
+    sample, source = parity_rows(meta, data_dir, rows)
+    writer = _writer(fmt)
+    with write_folder(out, "export", overwrite) as tmp:
+        record = writer(d, meta, tmp, sample, quantize=quantize, thresholds=thresholds)
+        record = {"format": fmt, "quantize": quantize, "rows": len(sample), "rows_from": source, **record}
+        failed = check(record["figures"], record["thresholds"])
+        if failed:
+            raise UserError(f"the {fmt} export of {d} fails its parity check: " + "; ".join(failed)
+                            + " (nothing was written)")
+        (tmp / PARITY_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        export_meta = {"kind": "export", "format": fmt, "quantize": quantize, "task": meta["task"],
+                       "labels": meta.get("labels") or [], "max_length": meta.get("max_length"),
+                       "files": record.pop("files", []),
+                       "source": {"model_dir": str(d.resolve()), "base": meta.get("base"),
+                                  "method": meta.get("method"), "weights": meta.get("files"),
+                                  "data": meta.get("data")},
+                       "parity": PARITY_FILE, "tunelab_version": __version__, "created": int(time.time())}
+        (tmp / "tunelab.json").write_text(json.dumps(export_meta, indent=2, ensure_ascii=False))
+    return record
+
+
+def _writer(fmt: str) -> Callable:
+    if fmt == "hf":
+        from tunelab.export.hf import write_hf  # torch, transformers, peft: only when exporting
+
+        return write_hf
+    from tunelab.export.onnx import write_onnx  # torch, onnx, onnxruntime: only when exporting
+
+    return write_onnx
+
+
+def per_example(logits: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """A batch's outputs -> one array per example: its row of sequence-level logits [classes], or its real
+    positions of token-level logits [positions, classes]."""
+    if logits.ndim == 2:
+        return list(logits)
+    return [logits[i][mask[i].astype(bool)] for i in range(len(logits))]
+
+
+def torch_runner(model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`run(input_ids, attention_mask) -> logits` (float32 numpy) through a PyTorch model."""
+    import torch  # loaded by the caller already: this only names it
+
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+        return out.float().numpy()
+
+    return run
+
+
+def batched_outputs(run: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer, texts: list[str],
+                    max_length: int, batch_size: int = 16) -> list[np.ndarray]:
+    """`run(input_ids, attention_mask) -> logits` over `texts` in batches -> `per_example` outputs in order."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="np")
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        out.extend(per_example(run(ids, mask), mask))
+    return out
+
+
+def row_labels(meta: dict, rows: list[dict]) -> list[int] | None:
+    """Gold label ids of classification rows (None when the task has none or a row lacks a known label)."""
+    labels = meta.get("labels") or []
+    if task_spec(meta["task"]).report != "classes" or not all(r.get("label") in labels for r in rows):
+        return None
+    return [labels.index(r["label"]) for r in rows]

@@ -1,0 +1,77 @@
+"""Parity between an exported model and the model it came from, measured in the runtime that will run the export.
+
+Every export computes the same forward on the same rows on both sides and writes `parity.json`; a figure past
+its threshold fails the export (nothing is left at `--out`). Rows come from the test split of the dataset the
+model was trained on (its `tunelab.json` records where), else from `--data`, else from a few fixed sentences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tunelab.data.dataset import load_split
+from tunelab.errors import UserError
+from tunelab.evaluate.leakage import row_text
+
+# Sentences in several scripts for a model whose dataset is gone: parity needs inputs, not labels.
+FALLBACK_TEXTS = [
+    "The flight was late again and nobody told us why.",
+    "Great service, friendly staff, would come back!",
+    "这家餐厅的菜很好吃，但是服务太慢了。",
+    "Der Zug kam pünktlich an, aber er war sehr voll.",
+    "I'm not sure this is what I ordered.",
+    "東京は今日も雨です。",
+    "Can you tell me where the nearest pharmacy is?",
+    "Les résultats du trimestre sont meilleurs que prévu.",
+]
+
+
+def parity_rows(meta: dict, data_dir: str | None, n: int) -> tuple[list[dict], str]:
+    """Up to `n` rows to compare on -> (rows, where they came from): the test split of `data_dir` or of the
+    model's own dataset, else `FALLBACK_TEXTS`."""
+    candidates = [data_dir] if data_dir else [(meta.get("data") or {}).get("path")]
+    for d in candidates:
+        if not d:
+            continue
+        try:
+            rows = load_split(d, "test") or load_split(d, "validation")
+        except UserError:
+            if data_dir:  # asked for by the user: say what is wrong with it
+                raise
+            continue
+        if rows:
+            return rows[:n], f"{d} (test split)"
+    texts = (FALLBACK_TEXTS * (n // len(FALLBACK_TEXTS) + 1))[:n]
+    return [{"text": t} for t in texts], "built-in sentences (the model's dataset was not found; --data DIR)"
+
+
+def texts_of(rows: list[dict]) -> list[str]:
+    """What the model reads from each row (see `evaluate.leakage.row_text`), never empty."""
+    return [row_text(r) or " " for r in rows]
+
+
+def compare(reference, exported) -> dict:
+    """Per-example output arrays of the two models (each [..., classes] over the example's real positions), as
+    two iterables in the same order -> max |Δ|, mean |Δ| and top-1 agreement over every position."""
+    worst, total, agree, positions = 0.0, 0.0, 0, 0
+    for r, e in zip(reference, exported):
+        r = np.asarray(r, dtype=np.float64).reshape(-1, r.shape[-1])
+        e = np.asarray(e, dtype=np.float64).reshape(-1, e.shape[-1])
+        diff = np.abs(r - e)
+        worst, total = max(worst, float(diff.max())), total + float(diff.mean(-1).sum())
+        agree, positions = agree + int((r.argmax(-1) == e.argmax(-1)).sum()), positions + r.shape[0]
+    return {"positions": positions, "max_abs_diff": worst, "mean_abs_diff": total / max(1, positions),
+            "top1_agreement": agree / max(1, positions)}
+
+
+def check(figures: dict, thresholds: dict[str, tuple[str, float]]) -> list[str]:
+    """The figures past their threshold, as sentences -> [] when all pass. `thresholds`: figure name ->
+    ("max" or "min", bound)."""
+    failed = []
+    for name, (side, bound) in thresholds.items():
+        value = figures.get(name)
+        if value is None:
+            continue
+        if (side == "max" and value > bound) or (side == "min" and value < bound):
+            failed.append(f"{name} {value:.3g} is {'over' if side == 'max' else 'under'} its threshold {bound:g}")
+    return failed
