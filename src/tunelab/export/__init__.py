@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from tunelab import __version__
 from tunelab.artifacts import kind_of, write_folder
 from tunelab.errors import UserError
 from tunelab.export.parity import check, parity_rows
-from tunelab.tasks import task_spec
+from tunelab.models import read_meta
 
 FORMATS = ("hf", "onnx")
 PARITY_FILE = "parity.json"
@@ -35,8 +33,6 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str
     own dataset has moved; `thresholds`: figure -> ("max"|"min", bound), replacing the format's defaults.
     A model that cannot be exported this way, or an export that misses a threshold, is a `UserError` (and
     nothing is written)."""
-    from tunelab.models import read_meta
-
     d = Path(model_dir)
     if kind_of(d) == "run":
         raise UserError(f"{d} is a run dir; export its model: {d / 'model'}")
@@ -67,50 +63,11 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str
 
 
 def _writer(fmt: str) -> Callable:
+    """The format's `write_<format>(model_dir, meta, out, rows, quantize, thresholds) -> parity record`."""
     if fmt == "hf":
-        from tunelab.export.hf import write_hf  # torch, transformers, peft: only when exporting
+        from tunelab.export.hf import write_hf  # transformers and peft (~3 s) only for this format
 
         return write_hf
-    from tunelab.export.onnx import write_onnx  # torch, onnx, onnxruntime: only when exporting
+    from tunelab.export.onnx import write_onnx  # onnx, onnxruntime and the exporter (~2 s) only for this format
 
     return write_onnx
-
-
-def per_example(logits: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-    """A batch's outputs -> one array per example: its row of sequence-level logits [classes], or its real
-    positions of token-level logits [positions, classes]."""
-    if logits.ndim == 2:
-        return list(logits)
-    return [logits[i][mask[i].astype(bool)] for i in range(len(logits))]
-
-
-def torch_runner(model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """`run(input_ids, attention_mask) -> logits` (float32 numpy) through a PyTorch model."""
-    import torch  # loaded by the caller already: this only names it
-
-    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-        return out.float().numpy()
-
-    return run
-
-
-def batched_outputs(run: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer, texts: list[str],
-                    max_length: int, batch_size: int = 16) -> list[np.ndarray]:
-    """`run(input_ids, attention_mask) -> logits` over `texts` in batches -> `per_example` outputs in order."""
-    out: list[np.ndarray] = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="np")
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        out.extend(per_example(run(ids, mask), mask))
-    return out
-
-
-def row_labels(meta: dict, rows: list[dict]) -> list[int] | None:
-    """Gold label ids of classification rows (None when the task has none or a row lacks a known label)."""
-    labels = meta.get("labels") or []
-    if task_spec(meta["task"]).report != "classes" or not all(r.get("label") in labels for r in rows):
-        return None
-    return [labels.index(r["label"]) for r in rows]

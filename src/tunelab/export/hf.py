@@ -14,9 +14,8 @@ import torch
 import transformers
 
 from tunelab.errors import UserError
-from tunelab.export import batched_outputs, torch_runner
 from tunelab.export.merge import check_mergeable, merged
-from tunelab.export.parity import compare, texts_of
+from tunelab.export.parity import batched_outputs, compare, texts_of, torch_runner
 from tunelab.model_files import files_manifest
 from tunelab.models import load_model_dir
 from tunelab.tasks import task_spec

@@ -18,12 +18,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
+from sklearn.metrics import f1_score
 
 from tunelab.errors import UserError
-from tunelab.export import batched_outputs, row_labels, torch_runner
 from tunelab.export.merge import check_mergeable, merged
-from tunelab.export.parity import compare, texts_of
+from tunelab.export.parity import batched_outputs, compare, row_labels, texts_of, torch_runner
 from tunelab.models import load_model_dir
 from tunelab.tasks import task_spec
 
@@ -67,7 +68,7 @@ def write_onnx(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
     fp32 = out / ("model.fp32.onnx" if quantize else FILE)
     _export(graph, tok, fp32)
     if quantize:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # its loaders: only with --quantize
 
         with _quiet():  # per channel: one scale per output row keeps small rows from rounding to zero
             quantize_dynamic(str(fp32), str(out / FILE), weight_type=QuantType.QInt8, per_channel=True)
@@ -83,8 +84,6 @@ def write_onnx(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
     figures = compare(reference, exported)
     gold = row_labels(meta, rows)
     if gold is not None:
-        from sklearn.metrics import f1_score
-
         ref_f1 = f1_score(gold, [int(r.argmax()) for r in reference], average="macro", zero_division=0)
         exp_f1 = f1_score(gold, [int(r.argmax()) for r in exported], average="macro", zero_division=0)
         figures.update(metric="macro_f1", metric_pytorch=float(ref_f1), metric_onnx=float(exp_f1),
@@ -123,8 +122,6 @@ def _quiet():
 
 
 def _session(path: Path):
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch: a fair comparison
     options.inter_op_num_threads = 1

@@ -7,11 +7,15 @@ model was trained on (its `tunelab.json` records where), else from `--data`, els
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
+import torch
 
 from tunelab.data.dataset import load_split
 from tunelab.errors import UserError
 from tunelab.evaluate.leakage import row_text
+from tunelab.tasks import task_spec
 
 # Sentences in several scripts for a model whose dataset is gone: parity needs inputs, not labels.
 FALLBACK_TEXTS = [
@@ -75,3 +79,41 @@ def check(figures: dict, thresholds: dict[str, tuple[str, float]]) -> list[str]:
         if (side == "max" and value > bound) or (side == "min" and value < bound):
             failed.append(f"{name} {value:.3g} is {'over' if side == 'max' else 'under'} its threshold {bound:g}")
     return failed
+
+
+def per_example(logits: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
+    """A batch's outputs -> one array per example: its row of sequence-level logits [classes], or its real
+    positions of token-level logits [positions, classes]."""
+    if logits.ndim == 2:
+        return list(logits)
+    return [logits[i][mask[i].astype(bool)] for i in range(len(logits))]
+
+
+def torch_runner(model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`run(input_ids, attention_mask) -> logits` (float32 numpy) through a PyTorch model."""
+    def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+        return out.float().numpy()
+
+    return run
+
+
+def batched_outputs(run: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer, texts: list[str],
+                    max_length: int, batch_size: int = 16) -> list[np.ndarray]:
+    """`run(input_ids, attention_mask) -> logits` over `texts` in batches -> `per_example` outputs in order."""
+    out: list[np.ndarray] = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="np")
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        out.extend(per_example(run(ids, mask), mask))
+    return out
+
+
+def row_labels(meta: dict, rows: list[dict]) -> list[int] | None:
+    """Gold label ids of classification rows (None when the task has none or a row lacks a known label)."""
+    labels = meta.get("labels") or []
+    if task_spec(meta["task"]).report != "classes" or not all(r.get("label") in labels for r in rows):
+        return None
+    return [labels.index(r["label"]) for r in rows]
