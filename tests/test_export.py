@@ -111,6 +111,8 @@ def test_onnx_classifier_matches_pytorch_and_int8_is_smaller(tmp_path, tiny_clas
                         thresholds={"top1_agreement": ("min", 0.5)})
     assert int8["figures"]["size_mb"] < int8["figures"]["fp32_size_mb"]
     assert not (tmp_path / "int8" / "model.fp32.onnx").exists()
+    files = json.loads((tmp_path / "int8" / "tunelab.json").read_text())["files"]
+    assert files["model.onnx"]["size"] == (tmp_path / "int8" / "model.onnx").stat().st_size
 
 
 def test_onnx_ner_matches_pytorch_per_token(tmp_path, tiny_ner):

@@ -25,6 +25,7 @@ from sklearn.metrics import f1_score
 from tunelab.errors import UserError
 from tunelab.export.merge import check_mergeable, merged
 from tunelab.export.parity import batched_outputs, compare, row_labels, texts_of, torch_runner
+from tunelab.model_files import sha256_file
 from tunelab.models import load_model_dir
 from tunelab.tasks import task_spec
 
@@ -93,7 +94,8 @@ def write_onnx(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
         figures["fp32_size_mb"] = size_fp32 / 2**20
     figures.update(_speed(torch_run, ort_run, tok, texts, max_length))
     return {"method": method, "figures": figures, "thresholds": thresholds or default_thresholds(quantize, len(rows)),
-            "threads": torch.get_num_threads(), "files": {}}
+            "threads": torch.get_num_threads(),
+            "files": {FILE: {"size": (out / FILE).stat().st_size, "sha256": sha256_file(out / FILE)}}}
 
 
 def _export(graph: torch.nn.Module, tok, path: Path) -> None:

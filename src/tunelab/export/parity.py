@@ -1,8 +1,9 @@
 """Parity between an exported model and the model it came from, measured in the runtime that will run the export.
 
 Every export computes the same forward on the same rows on both sides and writes `parity.json`; a figure past
-its threshold fails the export (nothing is left at `--out`). Rows come from the test split of the dataset the
-model was trained on (its `tunelab.json` records where), else from `--data`, else from a few fixed sentences.
+its threshold fails the export (nothing is left at `--out`). Rows come from the test split (else validation) of
+`--data`, or of the dataset the model was trained on (its `tunelab.json` records where), else from a few fixed
+sentences.
 """
 
 from __future__ import annotations
@@ -31,20 +32,22 @@ FALLBACK_TEXTS = [
 
 
 def parity_rows(meta: dict, data_dir: str | None, n: int) -> tuple[list[dict], str]:
-    """Up to `n` rows to compare on -> (rows, where they came from): the test split of `data_dir` or of the
-    model's own dataset, else `FALLBACK_TEXTS`."""
+    """Up to `n` rows to compare on -> (rows, where they came from): the test (else validation) split of
+    `data_dir` or of the model's own dataset, else `FALLBACK_TEXTS`."""
     candidates = [data_dir] if data_dir else [(meta.get("data") or {}).get("path")]
     for d in candidates:
         if not d:
             continue
         try:
-            rows = load_split(d, "test") or load_split(d, "validation")
+            split, rows = "test", load_split(d, "test")
+            if not rows:
+                split, rows = "validation", load_split(d, "validation")
         except UserError:
             if data_dir:  # asked for by the user: say what is wrong with it
                 raise
             continue
         if rows:
-            return rows[:n], f"{d} (test split)"
+            return rows[:n], f"{d} ({split} split)"
     texts = (FALLBACK_TEXTS * (n // len(FALLBACK_TEXTS) + 1))[:n]
     return [{"text": t} for t in texts], "built-in sentences (the model's dataset was not found; --data DIR)"
 
