@@ -145,3 +145,26 @@ def test_parity_rows_fall_back_when_the_dataset_is_gone(tmp_path, tiny_classifie
     assert record["rows"] == 5 and "built-in sentences" in record["rows_from"]
     with pytest.raises(UserError, match="not a dataset dir"):
         export_model(moved, tmp_path / "hf2", "hf", rows=5, data_dir=str(tmp_path / "gone"))
+
+
+def test_gguf_f32_reads_back_exactly_and_q8_0_keeps_the_distribution(tmp_path, sft_lora):
+    exact = export_model(sft_lora, tmp_path / "f32", "gguf", quantize="f32", rows=8)
+    f = exact["figures"]
+    assert f["tokens"] > 8 and f["mean_kl"] <= 1e-6 and f["top1_agreement"] == 1.0
+    assert abs(f["perplexity_ratio"] - 1) < 1e-4
+    q8 = export_model(sft_lora, tmp_path / "q8", "gguf", quantize="q8_0", rows=8)
+    assert q8["figures"]["mean_kl"] <= 1e-3 and q8["figures"]["size_mb"] < f["size_mb"] / 2
+    from gguf import GGUFReader
+
+    reader = GGUFReader(tmp_path / "q8" / "model.gguf")
+    names = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert names["blk.0.attn_q.weight"] == "Q8_0" and names["blk.0.attn_norm.weight"] == "F32"
+    assert "tokenizer.chat_template" in reader.fields and "tokenizer.ggml.merges" in reader.fields
+
+
+def test_gguf_refuses_encoders_and_unknown_types(tmp_path, tiny_classifier, sft_lora):
+    with pytest.raises(UserError, match="exports decoders"):
+        export_model(tiny_classifier, tmp_path / "x", "gguf", rows=2)
+    with pytest.raises(UserError, match="unknown --quantize 'q3_k'"):
+        export_model(sft_lora, tmp_path / "x", "gguf", quantize="q3_k", rows=2)
+    assert not (tmp_path / "x").exists()

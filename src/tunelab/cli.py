@@ -214,11 +214,11 @@ def eval_cmd(
 @app.command("export")
 def export_cmd(
     model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),
-    fmt: str = typer.Option(..., "--format", help="hf (a plain Hugging Face folder, adapters merged) or onnx "
-                               "(encoders: classification, NER)"),
+    fmt: str = typer.Option(..., "--format", help="hf (a plain Hugging Face folder, adapters merged), onnx "
+                               "(encoders: classification, NER) or gguf (Llama-family decoders, for llama.cpp)"),
     out: Path = typer.Option(..., "--out", help="the export folder to write"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="onnx: int8 (ONNX Runtime dynamic "
-                                           "quantisation)"),
+                                           "quantisation); gguf: f32, f16 (default), bf16, q8_0, q4_0"),
     parity_rows: int = typer.Option(64, "--parity-rows", help="rows the parity check compares the export and "
                                     "the model on"),
     data: Optional[Path] = typer.Option(None, "--data", help="dataset dir for the parity rows (default: the "

@@ -21,7 +21,7 @@ from tunelab.errors import UserError
 from tunelab.export.parity import check, parity_rows
 from tunelab.models import read_meta
 
-FORMATS = ("hf", "onnx")
+FORMATS = ("hf", "onnx", "gguf")
 PARITY_FILE = "parity.json"
 
 
@@ -68,6 +68,10 @@ def _writer(fmt: str) -> Callable:
         from tunelab.export.hf import write_hf  # transformers and peft (~3 s) only for this format
 
         return write_hf
+    if fmt == "gguf":
+        from tunelab.export.gguf import write_gguf  # transformers' GGUF reader and the quantisers, this format only
+
+        return write_gguf
     from tunelab.export.onnx import write_onnx  # onnx, onnxruntime and the exporter (~2 s) only for this format
 
     return write_onnx
