@@ -152,6 +152,8 @@ def test_gguf_f32_reads_back_exactly_and_q8_0_keeps_the_distribution(tmp_path, s
     f = exact["figures"]
     assert f["tokens"] > 8 and f["mean_kl"] <= 1e-6 and f["top1_agreement"] == 1.0
     assert abs(f["perplexity_ratio"] - 1) < 1e-4
+    # llama.cpp itself loads the file and continues the prompts as PyTorch does
+    assert f["llama_cpp_prompts"] == 4 and f["llama_cpp_greedy_agreement"] >= 0.9 and f["llama_cpp_top5_overlap"] >= 0.8
     q8 = export_model(sft_lora, tmp_path / "q8", "gguf", quantize="q8_0", rows=8)
     assert q8["figures"]["mean_kl"] <= 1e-3 and q8["figures"]["size_mb"] < f["size_mb"] / 2
     from gguf import GGUFReader

@@ -7,13 +7,17 @@ the asked type (F32, F16, BF16, Q8_0, Q4_0; a matrix whose rows do not split int
 F16). The metadata carries the hyper-parameters, the byte-level BPE vocabulary with its merges, the special
 tokens, the chat template and the stop tokens. Parity: the file is read back by `transformers` (`gguf_file=`)
 and its next-token distributions are compared with the PyTorch model's over every token of the parity rows
-(mean KL divergence, top-1 agreement, perplexity ratio).
+(mean KL divergence, top-1 agreement, perplexity ratio); then a real llama.cpp (the `xllamacpp` wheel) loads it
+and continues the first rows greedily: its tokens against PyTorch's, and its top-5 next-token candidates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import gguf
@@ -36,7 +40,8 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 # what a file of each type must keep of the model's next-token distribution
-THRESHOLDS = {"f32": {"mean_kl": ("max", 1e-6), "top1_agreement": ("min", 0.999)},
+THRESHOLDS = {"f32": {"mean_kl": ("max", 1e-6), "top1_agreement": ("min", 0.999),
+                     "llama_cpp_greedy_agreement": ("min", 0.9)},  # llama.cpp's own kernels, the same weights
               "f16": {"mean_kl": ("max", 1e-4), "top1_agreement": ("min", 0.99)},
               "bf16": {"mean_kl": ("max", 1e-3), "top1_agreement": ("min", 0.98)},
               "q8_0": {"mean_kl": ("max", 1e-3), "top1_agreement": ("min", 0.98)},
@@ -61,7 +66,9 @@ def write_gguf(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
     if model.config.model_type != "llama":
         raise UserError(f"{d}: --format gguf writes Llama-family models; this one is '{model.config.model_type}'")
     _write(model, tok, meta, out / FILE, qtype)
-    figures = _parity(model, tok, out, texts_of(rows), int(meta.get("max_length") or 512))
+    texts, max_length = texts_of(rows), int(meta.get("max_length") or 512)
+    figures = _parity(model, tok, out, texts, max_length)
+    figures.update(_llama_cpp(model, tok, out / FILE, texts, max_length))
     figures["size_mb"] = (out / FILE).stat().st_size / 2**20
     return {"method": method, "type": qtype, "figures": figures, "thresholds": thresholds or THRESHOLDS[qtype],
             "files": {FILE: {"size": (out / FILE).stat().st_size, "sha256": sha256_file(out / FILE)}}}
@@ -189,3 +196,64 @@ def _parity(model, tok, out: Path, texts: list[str], max_length: int) -> dict:
     return {"tokens": n, "mean_kl": kl_sum / n, "top1_agreement": agree / n,
             "perplexity_pytorch": math.exp(nll_ref / n), "perplexity_gguf": math.exp(nll_back / n),
             "perplexity_ratio": math.exp((nll_back - nll_ref) / n)}
+
+
+LLAMA_CPP_PROMPTS, LLAMA_CPP_NEW_TOKENS = 4, 8
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp logs to the process's stderr from C++: point file descriptor 2 at /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(sink, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(sink)
+
+
+@torch.inference_mode()
+def _llama_cpp(model, tok, path: Path, texts: list[str], max_length: int) -> dict:
+    """The file in llama.cpp: greedy continuations of the first rows (ids in, no end-of-text stop) against the
+    PyTorch model's -> the share of generated tokens that agree (up to the first divergence per prompt) and the
+    mean overlap of the first step's top-5 candidates."""
+    import xllamacpp  # llama.cpp itself, the program the file is for: only for this check
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = max_length + LLAMA_CPP_NEW_TOKENS
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = torch.get_num_threads()
+    params.warmup = False
+    agree, total, overlap, prompts = 0, 0, 0.0, 0
+    with _quiet_stderr():
+        server = xllamacpp.Server(params)
+        for text in texts[:LLAMA_CPP_PROMPTS]:
+            ids = tok(text, truncation=True, max_length=max_length)["input_ids"]
+            if not ids:
+                continue
+            answer = server.handle_completions({"prompt": ids, "max_tokens": LLAMA_CPP_NEW_TOKENS,
+                                                "temperature": 0, "n_probs": 5, "ignore_eos": True,
+                                                "cache_prompt": False})
+            if "choices" not in answer:
+                raise RuntimeError(f"llama.cpp did not complete with {path}: {str(answer)[:300]}")
+            steps = answer["choices"][0]["logprobs"]["content"]
+            got = [s["id"] for s in steps]
+            seq = torch.tensor([ids])
+            first_top = None
+            for k in range(len(got)):
+                logits = model(input_ids=seq).logits[0, -1]
+                if first_top is None:
+                    first_top = set(logits.topk(5).indices.tolist())
+                nxt = int(logits.argmax())
+                if nxt != got[k]:
+                    break
+                agree += 1
+                seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+            total += len(got)
+            overlap += len(first_top & {c["id"] for c in steps[0]["top_logprobs"]}) / 5 if steps else 0
+            prompts += 1
+    return {"llama_cpp_prompts": prompts, "llama_cpp_greedy_agreement": agree / max(1, total),
+            "llama_cpp_top5_overlap": overlap / max(1, prompts)}
