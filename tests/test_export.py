@@ -170,3 +170,10 @@ def test_gguf_refuses_encoders_and_unknown_types(tmp_path, tiny_classifier, sft_
     with pytest.raises(UserError, match="unknown --quantize 'q3_k'"):
         export_model(sft_lora, tmp_path / "x", "gguf", quantize="q3_k", rows=2)
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_exports_a_base_decoder_as_it_is(tmp_path):
+    record = export_model("tiny-llama", tmp_path / "base", "gguf", quantize="f32", rows=4)
+    assert record["figures"]["mean_kl"] <= 1e-6 and record["figures"]["llama_cpp_prompts"] == 4
+    meta = json.loads((tmp_path / "base" / "tunelab.json").read_text())
+    assert meta["source"]["model_dir"] == "tiny-llama" and meta["task"] == "causal_lm"

@@ -19,7 +19,7 @@ from tunelab import __version__
 from tunelab.artifacts import kind_of, write_folder
 from tunelab.errors import UserError
 from tunelab.export.parity import check, parity_rows
-from tunelab.models import read_meta
+from tunelab.models import META_FILE, read_meta
 
 FORMATS = ("hf", "onnx", "gguf")
 PARITY_FILE = "parity.json"
@@ -36,9 +36,9 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str
     d = Path(model_dir)
     if kind_of(d) == "run":
         raise UserError(f"{d} is a run dir; export its model: {d / 'model'}")
-    meta = read_meta(d)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    meta = _source_meta(str(model_dir), fmt)
     if rows < 1:
         raise UserError("--parity-rows must be at least 1")
     sample, source = parity_rows(meta, data_dir, rows)
@@ -54,12 +54,21 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str
         export_meta = {"kind": "export", "format": fmt, "quantize": quantize, "task": meta["task"],
                        "labels": meta.get("labels") or [], "max_length": meta.get("max_length"),
                        "files": record.pop("files", []),
-                       "source": {"model_dir": str(d.resolve()), "base": meta.get("base"),
+                       "source": {"model_dir": str(d.resolve()) if d.is_dir() else str(model_dir),
+                                  "base": meta.get("base"),
                                   "method": meta.get("method"), "weights": meta.get("files"),
                                   "data": meta.get("data")},
                        "parity": PARITY_FILE, "tunelab_version": __version__, "created": int(time.time())}
         (tmp / "tunelab.json").write_text(json.dumps(export_meta, indent=2, ensure_ascii=False))
     return record
+
+
+def _source_meta(ref: str, fmt: str) -> dict:
+    """The source's `tunelab.json`; for gguf a base decoder (builtin:NAME, an HF dir, a hub id) may be exported as
+    it is, described as a causal LM with nothing trained on it."""
+    if fmt == "gguf" and not (Path(ref) / META_FILE).is_file():
+        return {"task": "causal_lm", "base": {"ref": ref}, "method": {"name": "full"}, "max_length": 512}
+    return read_meta(ref)
 
 
 def _writer(fmt: str) -> Callable:

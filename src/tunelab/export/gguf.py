@@ -1,5 +1,6 @@
-"""`--format gguf`: a Llama-family decoder (SmolLM2 and its fine-tunes, adapters merged first) as one GGUF file
-for llama.cpp / Ollama, written with the `gguf` package.
+"""`--format gguf`: a Llama-family decoder (SmolLM2 and its fine-tunes, adapters merged first; or a base such as
+`builtin:smollm2-135m-instruct` as it is) as one GGUF file for llama.cpp / Ollama, written with the `gguf`
+package.
 
 Tensors follow llama.cpp's names, with the q/k projections permuted the way its converter does (llama.cpp's rope
 pairs dimensions (i, i + d/2) where transformers' rotate_half layout is stored); norms stay F32, matrices take
@@ -29,7 +30,7 @@ from tunelab.errors import UserError
 from tunelab.export.merge import check_mergeable, merged
 from tunelab.export.parity import texts_of
 from tunelab.model_files import sha256_file
-from tunelab.models import load_model_dir
+from tunelab.generate import load_generator
 from tunelab.tasks import task_spec
 
 FILE = "model.gguf"
@@ -61,11 +62,11 @@ def write_gguf(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
         raise UserError(f"{d} holds a '{meta['task']}' model; --format gguf exports decoders (causal_lm, sft). "
                         "Export an encoder with --format onnx or hf")
     method = check_mergeable(meta, d)
-    model, tok, meta = load_model_dir(d)
-    model = merged(model).eval()
+    gen = load_generator(str(d), "cpu")  # a model dir with its stop tokens, or a base with its chat stops
+    model, tok = merged(gen.model).eval(), gen.tokenizer
     if model.config.model_type != "llama":
         raise UserError(f"{d}: --format gguf writes Llama-family models; this one is '{model.config.model_type}'")
-    _write(model, tok, meta, out / FILE, qtype)
+    _write(model, tok, meta, gen.stop, out / FILE, qtype)
     texts, max_length = texts_of(rows), int(meta.get("max_length") or 512)
     figures = _parity(model, tok, out, texts, max_length)
     figures.update(_llama_cpp(model, tok, out / FILE, texts, max_length))
@@ -116,7 +117,7 @@ def _vocab(tok, size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def _write(model, tok, meta: dict, path: Path, qtype: str) -> None:
+def _write(model, tok, meta: dict, stop: list[str], path: Path, qtype: str) -> None:
     cfg = model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -145,8 +146,9 @@ def _write(model, tok, meta: dict, path: Path, qtype: str) -> None:
                           (w.add_unk_token_id, tok.unk_token_id)):
         if value is not None:
             setter(int(value))
-    stops = [tok.convert_tokens_to_ids(s) for s in meta.get("stop") or []] or [tok.eos_token_id]
-    w.add_eos_token_id(int(stops[0]))  # llama.cpp's end of generation; the chat turn's end for a chat model
+    # llama.cpp's end of generation: for a chat model the end of a turn (the stop its chat template writes)
+    primary = next((s for s in stop if tok.chat_template and s in tok.chat_template), stop[0] if stop else None)
+    w.add_eos_token_id(int(tok.convert_tokens_to_ids(primary) if primary else tok.eos_token_id))
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
     for name, data in _tensors(model):
@@ -173,11 +175,13 @@ def _parity(model, tok, out: Path, texts: list[str], max_length: int) -> dict:
     from transformers import AutoModelForCausalLM  # loads with this export only
     from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its de-quantising bar is not the user's business
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = AutoModelForCausalLM.from_pretrained(out, gguf_file=FILE, dtype=torch.float32).eval()
-    hf_logging.enable_progress_bar()
+    if bars:
+        hf_logging.enable_progress_bar()
     kl_sum, agree, n, nll_ref, nll_back = 0.0, 0, 0, 0.0, 0.0
     for text in texts:
         ids = tok(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]
@@ -255,5 +259,6 @@ def _llama_cpp(model, tok, path: Path, texts: list[str], max_length: int) -> dic
             total += len(got)
             overlap += len(first_top & {c["id"] for c in steps[0]["top_logprobs"]}) / 5 if steps else 0
             prompts += 1
+        del server  # its shutdown logs too
     return {"llama_cpp_prompts": prompts, "llama_cpp_greedy_agreement": agree / max(1, total),
             "llama_cpp_top5_overlap": overlap / max(1, prompts)}
