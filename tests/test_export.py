@@ -115,10 +115,38 @@ def test_onnx_classifier_matches_pytorch_and_int8_is_smaller(tmp_path, tiny_clas
     assert files["model.onnx"]["size"] == (tmp_path / "int8" / "model.onnx").stat().st_size
 
 
-def test_onnx_ner_matches_pytorch_per_token(tmp_path, tiny_ner):
+def test_onnx_ner_matches_pytorch_per_token_and_in_entity_f1(tmp_path, tiny_ner):
     record = export_model(tiny_ner, tmp_path / "ner", "onnx", rows=12)
     f = record["figures"]
-    assert f["max_abs_diff"] <= 1e-4 and f["positions"] > 12 and "metric" not in f
+    assert f["max_abs_diff"] <= 1e-4 and f["positions"] > 12
+    assert f["metric"] == "entity_f1" and f["metric_onnx"] == f["metric_pytorch"]
+    # words get their first sub-token's tag as the training task does: the same F1 as the task's evaluation
+    from tunelab.data.dataset import load_split
+    from tunelab.models import load_model_dir, read_meta
+    from tunelab.tasks.token_classification import TokenClassificationTask
+
+    model, tok, meta = load_model_dir(tiny_ner)
+    rows = load_split(read_meta(tiny_ner)["data"]["path"], "test")[:12]
+    task = TokenClassificationTask(tok, meta["labels"], 512)
+    assert f["metric_pytorch"] == pytest.approx(task.evaluate(model, task.encode(rows), 4)["entity_f1"], abs=0.02)
+    assert f["metric_pytorch"] > 0.3  # the fixture finds entities; a misaligned reading would not
+
+
+def test_onnx_exports_a_base_encoder_as_sentence_embeddings(tmp_path):
+    import onnxruntime as ort
+
+    record = export_model("tiny-bert", tmp_path / "emb", "onnx", rows=8)
+    f = record["figures"]
+    assert f["max_abs_diff"] <= 1e-4 and f["min_cosine"] > 0.9999 and f["neighbour_agreement"] == 1.0
+    assert f["neighbour_recall_at_5"] == 1.0
+    assert "top1_agreement" not in f
+    meta = json.loads((tmp_path / "emb" / "tunelab.json").read_text())
+    assert meta["task"] == "embeddings" and meta["source"]["model_dir"] == "tiny-bert"
+    session = ort.InferenceSession(str(tmp_path / "emb" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["embeddings"]
+    with pytest.raises(UserError, match="is a decoder"):
+        export_model("tiny-llama", tmp_path / "x", "onnx", rows=2)
+    assert not (tmp_path / "x").exists()
 
 
 def test_onnx_refuses_a_generator_and_unknown_options(tmp_path, sft_lora, tiny_classifier):
@@ -154,8 +182,12 @@ def test_gguf_f32_reads_back_exactly_and_q8_0_keeps_the_distribution(tmp_path, s
     assert abs(f["perplexity_ratio"] - 1) < 1e-4
     # llama.cpp itself loads the file and continues the prompts as PyTorch does
     assert f["llama_cpp_prompts"] == 4 and f["llama_cpp_greedy_agreement"] >= 0.9 and f["llama_cpp_top5_overlap"] >= 0.8
-    q8 = export_model(sft_lora, tmp_path / "q8", "gguf", quantize="q8_0", rows=8)
-    assert q8["figures"]["mean_kl"] <= 1e-3 and q8["figures"]["size_mb"] < f["size_mb"] / 2
+    # a tiny random decoder's next-token distributions are nearly flat, so which token wins is a coin toss under
+    # any rounding: its Q8_0 file is held to the distribution (KL), not to top-1 agreement
+    q8 = export_model(sft_lora, tmp_path / "q8", "gguf", quantize="q8_0", rows=8,
+                      thresholds={"mean_kl": ("max", 1e-5)})
+    assert q8["figures"]["mean_kl"] <= 1e-5 and q8["figures"]["size_mb"] < f["size_mb"] / 2
+    assert q8["calibration"].endswith("(train split)")
     from gguf import GGUFReader
 
     reader = GGUFReader(tmp_path / "q8" / "model.gguf")

@@ -95,6 +95,27 @@ def model_family(config: dict) -> str:
     return "encoder" if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "other"
 
 
+def base_kind(ref: str) -> str:
+    """How a base model is served, read from its config before any weights: "generate" for a decoder, "embed"
+    for an encoder."""
+    d = Path(ref)
+    if ref in ("builtin:minilm-l6", "tiny-bert"):
+        return "embed"
+    if ref.startswith("builtin:") or ref == "tiny-llama" or (d.is_file() and d.suffix == ".gguf"):
+        return "generate"
+    if not d.exists():
+        raise UserError(f"model '{ref}' not found: not a model dir, a base model dir, a .gguf file or builtin:NAME")
+    if (d / "config.json").is_file():
+        family = model_family(read_json_file(d / "config.json", ""))
+        if family == "other":
+            raise UserError(f"{ref} is neither a decoder (served for generation) nor an encoder (served for "
+                            "embeddings)")
+        return "generate" if family == "decoder" else "embed"
+    if d.is_dir() and any(d.glob("*.gguf")):
+        return "generate"
+    raise UserError(f"{ref} is not a model: no tunelab.json, config.json or .gguf file")
+
+
 def check_generator(ref: str, config: dict) -> None:
     """A `UserError` unless the HF config of `ref` is a causal LM."""
     family = model_family(config)

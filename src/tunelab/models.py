@@ -382,6 +382,22 @@ def read_meta(model_dir: str | Path) -> dict:
     return meta
 
 
+DEFAULT_MAX_LENGTH = 512
+
+
+def sentence_embeddings(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """An encoder's last hidden states [batch, seq, dim] -> one unit-length vector per text: the mean over its real
+    tokens (what all-MiniLM-L6-v2 and its kin were trained to give), L2-normalised."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def max_length_of(meta: dict) -> int:
+    """The longest input (tokens) a model dir's `tunelab.json` says it was trained with, else 512."""
+    return int(meta.get("max_length") or DEFAULT_MAX_LENGTH)
+
+
 def _auto_class(task: str):
     import transformers
 

@@ -2,7 +2,8 @@
 will run it.
 
 Formats: `hf` (a plain Hugging Face folder, adapters merged: `merge.py`), `onnx` (encoders through
-`torch.onnx.export`, optionally int8 through ONNX Runtime: `onnx.py`). Every export is an artifact folder of
+`torch.onnx.export`, optionally int8 through ONNX Runtime: `onnx.py`), `gguf` (Llama-family decoders for
+llama.cpp: `gguf.py`, its Q8_0 / Q4_0 blocks from `quants.py`). Every export is an artifact folder of
 kind "export" (`tunelab.json`: format, task, labels, lineage — the source model dir, its base, method and weight
 hashes) with `parity.json` beside the files; a parity figure past its threshold fails the export and leaves
 nothing at `--out` (`parity.py`).
@@ -30,7 +31,7 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str
                  thresholds: dict | None = None) -> dict:
     """Export the model dir `model_dir` as `fmt` into the folder `out` -> the parity record (also in
     `out/parity.json`). `rows`: how many rows parity runs on; `data_dir`: where they come from when the model's
-    own dataset has moved; `thresholds`: figure -> ("max"|"min", bound), replacing the format's defaults.
+    own dataset has moved; `thresholds`: figure -> ("max"|"min", bound), replacing the format's defaults ({}: none).
     A model that cannot be exported this way, or an export that misses a threshold, is a `UserError` (and
     nothing is written)."""
     d = Path(model_dir)
@@ -44,7 +45,7 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str
     sample, source = parity_rows(meta, data_dir, rows)
     writer = _writer(fmt)
     with write_folder(out, "export", overwrite) as tmp:
-        record = writer(d, meta, tmp, sample, quantize=quantize, thresholds=thresholds)
+        record = writer(d, meta, tmp, sample, quantize=quantize, thresholds=thresholds, data_dir=data_dir)
         record = {"format": fmt, "quantize": quantize, "rows": len(sample), "rows_from": source, **record}
         failed = check(record["figures"], record["thresholds"])
         if failed:
@@ -64,15 +65,17 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str
 
 
 def _source_meta(ref: str, fmt: str) -> dict:
-    """The source's `tunelab.json`; for gguf a base decoder (builtin:NAME, an HF dir, a hub id) may be exported as
-    it is, described as a causal LM with nothing trained on it."""
-    if fmt == "gguf" and not (Path(ref) / META_FILE).is_file():
-        return {"task": "causal_lm", "base": {"ref": ref}, "method": {"name": "full"}, "max_length": 512}
+    """The source's `tunelab.json`; a base model (builtin:NAME, an HF dir) is exported as it is, with nothing
+    trained on it: for gguf a decoder (a causal LM), for onnx an encoder (sentence embeddings)."""
+    if fmt in ("gguf", "onnx") and not (Path(ref) / META_FILE).is_file():
+        task = "causal_lm" if fmt == "gguf" else "embeddings"
+        return {"task": task, "base": {"ref": ref}, "method": {"name": "full"}, "max_length": 512}
     return read_meta(ref)
 
 
 def _writer(fmt: str) -> Callable:
-    """The format's `write_<format>(model_dir, meta, out, rows, quantize, thresholds) -> parity record`."""
+    """The format's `write_<format>(model_dir, meta, out, rows, quantize, thresholds, data_dir) -> parity record`
+    (`data_dir`: the dataset the user named, for a quantiser that calibrates on its train split)."""
     if fmt == "hf":
         from tunelab.export.hf import write_hf  # transformers and peft (~3 s) only for this format
 

@@ -28,12 +28,15 @@ import torch.nn.functional as F
 
 from tunelab.errors import UserError
 from tunelab.export.merge import check_mergeable, merged
-from tunelab.export.parity import texts_of
+from tunelab.export import quants
+from tunelab.export.parity import calibration_rows, texts_of
 from tunelab.model_files import sha256_file
+from tunelab.models import max_length_of
 from tunelab.generate import load_generator
 from tunelab.tasks import task_spec
 
 FILE = "model.gguf"
+CALIBRATION_ROWS = 128  # train rows whose activations weigh the quantiser's rounding errors
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
          "q4_0": gguf.GGMLQuantizationType.Q4_0}
@@ -53,8 +56,10 @@ LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_att
 
 
 def write_gguf(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str | None = None,
-               thresholds: dict | None = None) -> dict:
-    """Write `model.gguf` for the decoder in model dir `d` into `out` -> the parity record."""
+               thresholds: dict | None = None, data_dir: str | None = None) -> dict:
+    """Write `model.gguf` for the decoder in model dir `d` into `out` -> the parity record. Q8_0 and Q4_0 blocks
+    take their scales from calibration text (the train split of `data_dir` or of the model's dataset, see
+    `quants`)."""
     qtype = (quantize or "f16").lower()
     if qtype not in TYPES:
         raise UserError(f"unknown --quantize '{quantize}' for gguf; choose {', '.join(TYPES)}")
@@ -66,12 +71,17 @@ def write_gguf(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
     model, tok = merged(gen.model).eval(), gen.tokenizer
     if model.config.model_type != "llama":
         raise UserError(f"{d}: --format gguf writes Llama-family models; this one is '{model.config.model_type}'")
-    _write(model, tok, meta, gen.stop, out / FILE, qtype)
-    texts, max_length = texts_of(rows), int(meta.get("max_length") or 512)
+    texts, max_length = texts_of(rows), max_length_of(meta)
+    weights, calibration = {}, None
+    if TYPES[qtype] in quants.LEVELS:
+        calib, calibration = calibration_rows(meta, data_dir, CALIBRATION_ROWS)
+        weights = quants.importance(model, tok, texts_of(calib), max_length)
+    _write(model, tok, meta, gen.stop, out / FILE, qtype, weights)
     figures = _parity(model, tok, out, texts, max_length)
     figures.update(_llama_cpp(model, tok, out / FILE, texts, max_length))
     figures["size_mb"] = (out / FILE).stat().st_size / 2**20
-    return {"method": method, "type": qtype, "figures": figures, "thresholds": thresholds or THRESHOLDS[qtype],
+    return {"method": method, "type": qtype, "calibration": calibration, "figures": figures,
+            "thresholds": THRESHOLDS[qtype] if thresholds is None else thresholds,
             "files": {FILE: {"size": (out / FILE).stat().st_size, "sha256": sha256_file(out / FILE)}}}
 
 
@@ -82,21 +92,23 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _tensors(model):
-    """(llama.cpp name, float32 array) of every weight, q/k permuted; the output matrix only when untied."""
+    """(llama.cpp name, transformers name, float32 array) of every weight, q/k permuted (by rows: the columns,
+    which the quantiser's weights follow, keep their order); the output matrix only when untied."""
     cfg = model.config
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    yield "token_embd.weight", state["model.embed_tokens.weight"]
+    yield "token_embd.weight", "model.embed_tokens.weight", state["model.embed_tokens.weight"]
     for i in range(cfg.num_hidden_layers):
         for hf, name in LAYER.items():
-            w = state[f"model.layers.{i}.{hf}.weight"]
+            key = f"model.layers.{i}.{hf}.weight"
+            w = state[key]
             if name == "attn_q":
                 w = _permute(w, cfg.num_attention_heads)
             elif name == "attn_k":
                 w = _permute(w, cfg.num_key_value_heads)
-            yield f"blk.{i}.{name}.weight", w
-    yield "output_norm.weight", state["model.norm.weight"]
+            yield f"blk.{i}.{name}.weight", key, w
+    yield "output_norm.weight", "model.norm.weight", state["model.norm.weight"]
     if not cfg.tie_word_embeddings:
-        yield "output.weight", state["lm_head.weight"]
+        yield "output.weight", "lm_head.weight", state["lm_head.weight"]
 
 
 def _vocab(tok, size: int) -> tuple[list[str], list[int], list[str]]:
@@ -117,7 +129,8 @@ def _vocab(tok, size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def _write(model, tok, meta: dict, stop: list[str], path: Path, qtype: str) -> None:
+def _write(model, tok, meta: dict, stop: list[str], path: Path, qtype: str, weights: dict) -> None:
+    """The GGUF file; `weights`: per-column importance of each matrix for the searched Q8_0 / Q4_0 scales."""
     cfg = model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -151,14 +164,16 @@ def _write(model, tok, meta: dict, stop: list[str], path: Path, qtype: str) -> N
     w.add_eos_token_id(int(tok.convert_tokens_to_ids(primary) if primary else tok.eos_token_id))
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
-    for name, data in _tensors(model):
+    for name, key, data in _tensors(model):
         kind = TYPES[qtype] if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-        if kind in (TYPES["q8_0"], TYPES["q4_0"]) and data.shape[-1] % 32:
+        if kind in quants.LEVELS and data.shape[-1] % quants.BLOCK:
             kind = gguf.GGMLQuantizationType.F16  # a row must split into 32-value blocks
         if kind == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, data.astype(np.float32))
         elif kind == gguf.GGMLQuantizationType.F16:
             w.add_tensor(name, data.astype(np.float16))
+        elif kind in quants.LEVELS:
+            w.add_tensor(name, quants.quantize(data, kind, weights.get(key)), raw_dtype=kind)
         else:
             w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
     w.write_header_to_file()
@@ -206,7 +221,7 @@ LLAMA_CPP_PROMPTS, LLAMA_CPP_NEW_TOKENS = 4, 8
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """llama.cpp logs to the process's stderr from C++: point file descriptor 2 at /dev/null meanwhile."""
     sys.stderr.flush()
     saved, sink = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -232,7 +247,7 @@ def _llama_cpp(model, tok, path: Path, texts: list[str], max_length: int) -> dic
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = torch.get_num_threads()
     params.warmup = False
     agree, total, overlap, prompts = 0, 0, 0.0, 0
-    with _quiet_stderr():
+    with quiet_stderr():
         server = xllamacpp.Server(params)
         for text in texts[:LLAMA_CPP_PROMPTS]:
             ids = tok(text, truncation=True, max_length=max_length)["input_ids"]

@@ -1,10 +1,14 @@
-"""`--format onnx`: an encoder model dir (classification, NER) as `model.onnx` for ONNX Runtime.
+"""`--format onnx`: an encoder model dir (classification, NER) or a base encoder (embeddings: `builtin:minilm-l6`,
+an HF dir) as `model.onnx` for ONNX Runtime.
 
 Exported by `torch.onnx.export` (the torch.export-based exporter) with dynamic batch and sequence axes; inputs
-`input_ids`, `attention_mask` (int64), output `logits`. `--quantize int8`: ONNX Runtime's dynamic quantisation
-(int8 weights of every MatMul, one scale per output channel; activations quantised per call). Parity runs the
-file in ONNX Runtime with the same thread count as PyTorch: max |Δlogit|, top-1 agreement, the task metric on
-both sides when the rows have labels, file sizes, latency p50 at batch 1 and throughput at batch 32.
+`input_ids`, `attention_mask` (int64), output `logits` (a model dir) or `embeddings` (a base encoder: the mean of
+the last hidden states over real tokens, L2-normalised, pooled inside the graph as `tunelab serve` pools them).
+`--quantize int8`: ONNX Runtime's dynamic quantisation (int8 weights of every MatMul, one scale per output
+channel; activations quantised per call). Parity runs the file in ONNX Runtime with the same thread count as
+PyTorch: max |Δ| of the outputs, top-1 agreement (classes, tags) or the lowest cosine and nearest-neighbour
+agreement (embeddings), the task metric on both sides when the rows have labels (macro-F1, entity F1), file
+sizes, latency p50 at batch 1 and throughput at batch 32.
 """
 
 from __future__ import annotations
@@ -23,51 +27,76 @@ import torch
 from sklearn.metrics import f1_score
 
 from tunelab.errors import UserError
+from tunelab.generate import base_kind
 from tunelab.export.merge import check_mergeable, merged
-from tunelab.export.parity import batched_outputs, compare, row_labels, texts_of, torch_runner
+from tunelab.export.parity import batched_outputs, compare, logits_of, row_labels, texts_of, torch_runner
 from tunelab.model_files import sha256_file
-from tunelab.models import load_model_dir
+from tunelab.models import (load_model_dir, load_pretrained, load_tokenizer, max_length_of, resolve_base,
+                            sentence_embeddings)
 from tunelab.tasks import task_spec
 
 FILE = "model.onnx"
 QUANTIZE = ("int8",)
+EMBEDDINGS = "embeddings"  # the task of a base encoder exported for sentence embeddings
+NEIGHBOURS = 5  # embeddings: the nearest texts a search returns
 
 
-def default_thresholds(quantize: str | None, rows: int) -> dict:
-    """fp32: the logits themselves (max |Δ| ≤ 1e-4, the same class everywhere). int8 moves logits by design, so
-    it is judged by what a user sees: the class (≥ 90% the same) and the score (≤ 1 point of macro-F1 lost, or
-    two rows' worth on a sample too small to resolve one point)."""
+def default_thresholds(quantize: str | None, rows: int, task: str = "") -> dict:
+    """fp32: the outputs themselves (max |Δ| ≤ 1e-4, the same class everywhere). int8 moves them by design, so it
+    is judged by what a user sees: the class (≥ 90% the same) and the score (≤ 1 point of the task metric lost,
+    or two rows' worth on a sample too small to resolve one point); for embeddings the direction of the vectors
+    (mean cosine ≥ 0.98; the lowest is reported, it only falls as rows are added) and whether a search still finds
+    each row's nearest neighbour among its 5 nearest (≥ 99% fp32, ≥ 90% int8; among hundreds of short texts the
+    very nearest is often a near tie, so that one is reported, not held)."""
+    if task == EMBEDDINGS:
+        recall = f"neighbour_recall_at_{NEIGHBOURS}"
+        if quantize is None:
+            return {"max_abs_diff": ("max", 1e-4), recall: ("min", 0.99)}
+        return {"mean_cosine": ("min", 0.98), recall: ("min", 0.9)}
     if quantize is None:
         return {"max_abs_diff": ("max", 1e-4), "top1_agreement": ("min", 1.0)}
     return {"top1_agreement": ("min", 0.9), "metric_drop": ("max", max(0.01, 2 / rows))}
 
 
 class _Logits(torch.nn.Module):
-    """The model as (input_ids, attention_mask) -> logits: the graph ONNX gets."""
+    """The model as (input_ids, attention_mask) -> logits: the graph ONNX gets (and PyTorch runs for parity)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits_of(self.model)(input_ids, attention_mask)
+
+
+class _Embeddings(_Logits):
+    """A base encoder as (input_ids, attention_mask) -> one unit vector per text (`models.sentence_embeddings`)."""
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return sentence_embeddings(hidden, attention_mask)
 
 
 def write_onnx(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str | None = None,
-               thresholds: dict | None = None) -> dict:
-    """Write `model.onnx` (and the tokenizer) for the encoder in model dir `d` into `out` -> the parity record."""
-    spec = task_spec(meta["task"])
-    if spec.generates:
-        raise UserError(f"{d} holds a '{spec.name}' model; --format onnx exports encoders (classification, NER). "
-                        "Export a decoder with --format gguf or hf")
+               thresholds: dict | None = None, data_dir: str | None = None) -> dict:
+    """Write `model.onnx` (and the tokenizer) for the encoder in model dir `d` (or the base encoder `meta` names,
+    task "embeddings") into `out` -> the parity record."""
     if quantize not in (None, *QUANTIZE):
         raise UserError(f"unknown --quantize '{quantize}' for onnx; choose {', '.join(QUANTIZE)}")
-    method = check_mergeable(meta, d)
-    model, tok, meta = load_model_dir(d)
-    model = merged(model).eval()
-    graph = _Logits(model).eval()
+    embeddings = meta["task"] == EMBEDDINGS
+    if embeddings:
+        graph, tok, output = _base_encoder(meta["base"]["ref"]), load_tokenizer(meta["base"]["ref"]), EMBEDDINGS
+        method = "full"
+    else:
+        spec = task_spec(meta["task"])
+        if spec.generates:
+            raise UserError(f"{d} holds a '{spec.name}' model; --format onnx exports encoders (classification, "
+                            "NER, embeddings). Export a decoder with --format gguf or hf")
+        method = check_mergeable(meta, d)
+        model, tok, meta = load_model_dir(d)
+        graph, output = _Logits(merged(model).eval()).eval(), "logits"
     fp32 = out / ("model.fp32.onnx" if quantize else FILE)
-    _export(graph, tok, fp32)
+    _export(graph, tok, fp32, output)
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic  # its loaders: only with --quantize
 
@@ -76,36 +105,109 @@ def write_onnx(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
         size_fp32 = fp32.stat().st_size
         fp32.unlink()
     tok.save_pretrained(out)
-    texts, max_length = texts_of(rows), int(meta.get("max_length") or 512)
-    session = _session(out / FILE)
-    ort_run = _ort_runner(session)
-    torch_run = torch_runner(model)
+    texts, max_length = texts_of(rows), max_length_of(meta)
+    ort_run = _ort_runner(_session(out / FILE), output)
+    torch_run = torch_runner(graph)
     reference = batched_outputs(torch_run, tok, texts, max_length)
     exported = batched_outputs(ort_run, tok, texts, max_length)
     figures = compare(reference, exported)
-    gold = row_labels(meta, rows)
-    if gold is not None:
-        ref_f1 = f1_score(gold, [int(r.argmax()) for r in reference], average="macro", zero_division=0)
-        exp_f1 = f1_score(gold, [int(r.argmax()) for r in exported], average="macro", zero_division=0)
-        figures.update(metric="macro_f1", metric_pytorch=float(ref_f1), metric_onnx=float(exp_f1),
-                       metric_drop=float(ref_f1 - exp_f1))
+    if embeddings:
+        figures.pop("top1_agreement")  # the largest coordinate of a vector means nothing
+        figures.update(_vector_figures(np.stack(reference), np.stack(exported)))
+    else:
+        figures.update(_task_metric(meta, rows, reference, exported, tok, max_length))
     figures["size_mb"] = (out / FILE).stat().st_size / 2**20
     if quantize:
         figures["fp32_size_mb"] = size_fp32 / 2**20
     figures.update(_speed(torch_run, ort_run, tok, texts, max_length))
-    return {"method": method, "figures": figures, "thresholds": thresholds or default_thresholds(quantize, len(rows)),
+    if thresholds is None:
+        thresholds = default_thresholds(quantize, len(rows), meta["task"])
+    return {"method": method, "figures": figures, "thresholds": thresholds,
             "threads": torch.get_num_threads(),
             "files": {FILE: {"size": (out / FILE).stat().st_size, "sha256": sha256_file(out / FILE)}}}
 
 
-def _export(graph: torch.nn.Module, tok, path: Path) -> None:
+def _base_encoder(ref: str) -> _Embeddings:
+    """The sentence-embedding graph of a base encoder (builtin:NAME, an HF dir); a decoder is refused."""
+    from transformers import AutoModel  # the bare encoder class: only for a base exported for embeddings
+
+    if base_kind(ref) != "embed":
+        raise UserError(f"{ref} is a decoder; --format onnx exports encoders (a model dir trained for "
+                        "classification or NER, or a base encoder for embeddings). Export a decoder with "
+                        "--format gguf")
+    model = load_pretrained(AutoModel, resolve_base(ref), dtype=torch.float32)
+    return _Embeddings(model.eval()).eval()
+
+
+def _vector_figures(reference: np.ndarray, exported: np.ndarray) -> dict:
+    """Unit vectors of the same texts from both sides -> the lowest and mean cosine, the share of texts whose
+    nearest other text (by cosine) is the same on both sides, and the share whose nearest text by the reference is
+    among the export's `NEIGHBOURS` nearest (what a search over these vectors would still find)."""
+    cosine = (reference * exported).sum(-1) / np.maximum(
+        np.linalg.norm(reference, axis=-1) * np.linalg.norm(exported, axis=-1), 1e-12)
+    figures = {"min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}
+    if len(reference) > NEIGHBOURS:
+        ranked = []
+        for vectors in (reference, exported):
+            sim = vectors @ vectors.T
+            np.fill_diagonal(sim, -np.inf)
+            ranked.append(np.argsort(-sim, axis=-1, kind="stable")[:, :NEIGHBOURS])
+        figures["neighbour_agreement"] = float((ranked[0][:, 0] == ranked[1][:, 0]).mean())
+        figures[f"neighbour_recall_at_{NEIGHBOURS}"] = float(
+            np.mean([ranked[0][i, 0] in ranked[1][i] for i in range(len(reference))]))
+    return figures
+
+
+def _task_metric(meta: dict, rows: list[dict], reference: list, exported: list, tok, max_length: int) -> dict:
+    """The task's score on both sides when the rows carry gold labels: macro-F1 (classification) or entity F1
+    (NER, over the tags of each row's words) -> {metric, metric_pytorch, metric_onnx, metric_drop} or {}."""
+    gold = row_labels(meta, rows)
+    if gold is not None:
+        scores = [f1_score(gold, [int(r.argmax()) for r in side], average="macro", zero_division=0)
+                  for side in (reference, exported)]
+        return _metric("macro_f1", *scores)
+    if task_spec(meta["task"]).report == "entities" and all(r.get("tags") and r.get("tokens") for r in rows):
+        scores = [_entity_f1(meta, rows, side, tok, max_length) for side in (reference, exported)]
+        return _metric("entity_f1", *scores)
+    return {}
+
+
+def _entity_f1(meta: dict, rows: list[dict], outputs: list[np.ndarray], tok, max_length: int) -> float:
+    """Entity F1 (seqeval, strict spans) of per-position tag logits over rows read as their words joined by spaces
+    (`texts_of`): each word takes the tag of its first sub-token, found by character offsets."""
+    from tunelab.tasks.token_classification import entity_metrics  # seqeval: for an NER export only
+
+    labels, gold, pred = meta["labels"], [], []
+    for row, out in zip(rows, outputs):
+        words = [str(w) for w in row["tokens"]]
+        starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]])
+        spans = tok(" ".join(words), truncation=True, max_length=max_length,
+                    return_offsets_mapping=True)["offset_mapping"]
+        tags = ["O"] * len(words)
+        tagged = set()
+        for position, (a, b) in enumerate(spans):
+            word = int(np.searchsorted(starts, a, side="right")) - 1
+            if b > a and word not in tagged:  # special tokens have empty spans
+                tagged.add(word)
+                tags[word] = labels[int(out[position].argmax())]
+        gold.append(list(row["tags"]))
+        pred.append(tags)
+    return entity_metrics(gold, pred)["entity_f1"]
+
+
+def _metric(name: str, pytorch: float, onnx: float) -> dict:
+    return {"metric": name, "metric_pytorch": float(pytorch), "metric_onnx": float(onnx),
+            "metric_drop": float(pytorch - onnx)}
+
+
+def _export(graph: torch.nn.Module, tok, path: Path, output: str) -> None:
     """torch.onnx.export with dynamic batch and sequence axes, traced on two padded texts (so the attention mask
     stays an input, not a constant)."""
     enc = tok(["an example to trace the graph with", "a shorter one"], padding=True, return_tensors="pt")
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with _quiet():
         torch.onnx.export(graph, (enc["input_ids"], enc["attention_mask"]), str(path), dynamo=True,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          input_names=["input_ids", "attention_mask"], output_names=[output],
                           dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), external_data=False,
                           verbose=False)
 
@@ -130,9 +232,9 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _ort_runner(session):
+def _ort_runner(session, output: str):
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        return session.run([output], {"input_ids": ids, "attention_mask": mask})[0]
 
     return run
 

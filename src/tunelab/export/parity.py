@@ -34,20 +34,30 @@ FALLBACK_TEXTS = [
 def parity_rows(meta: dict, data_dir: str | None, n: int) -> tuple[list[dict], str]:
     """Up to `n` rows to compare on -> (rows, where they came from): the test (else validation) split of
     `data_dir` or of the model's own dataset, else `FALLBACK_TEXTS`."""
+    return _dataset_rows(meta, data_dir, n, ("test", "validation"))
+
+
+def calibration_rows(meta: dict, data_dir: str | None, n: int) -> tuple[list[dict], str]:
+    """Up to `n` rows a quantiser may learn from -> (rows, where they came from): the train split (never the rows
+    parity measures on) of `data_dir` or of the model's own dataset, else `FALLBACK_TEXTS`."""
+    return _dataset_rows(meta, data_dir, n, ("train",))
+
+
+def _dataset_rows(meta: dict, data_dir: str | None, n: int, splits: tuple[str, ...]) -> tuple[list[dict], str]:
+    """The first of `splits` with rows, in `data_dir` or else the model's own dataset -> (up to `n` rows, where
+    they came from); the fixed sentences when neither is there."""
     candidates = [data_dir] if data_dir else [(meta.get("data") or {}).get("path")]
     for d in candidates:
         if not d:
             continue
         try:
-            split, rows = "test", load_split(d, "test")
-            if not rows:
-                split, rows = "validation", load_split(d, "validation")
+            for split in splits:
+                rows = load_split(d, split)
+                if rows:
+                    return rows[:n], f"{d} ({split} split)"
         except UserError:
             if data_dir:  # asked for by the user: say what is wrong with it
                 raise
-            continue
-        if rows:
-            return rows[:n], f"{d} ({split} split)"
     texts = (FALLBACK_TEXTS * (n // len(FALLBACK_TEXTS) + 1))[:n]
     return [{"text": t} for t in texts], "built-in sentences (the model's dataset was not found; --data DIR)"
 
@@ -92,14 +102,20 @@ def per_example(logits: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
     return [logits[i][mask[i].astype(bool)] for i in range(len(logits))]
 
 
-def torch_runner(model) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """`run(input_ids, attention_mask) -> logits` (float32 numpy) through a PyTorch model."""
+def torch_runner(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """`forward(input_ids, attention_mask) -> outputs` in PyTorch -> the same on numpy arrays (float32 out), the
+    shape `batched_outputs` runs."""
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
-        return out.float().numpy()
+            return forward(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
 
     return run
+
+
+def logits_of(model) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A transformers model as `forward(input_ids, attention_mask) -> logits`."""
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
 
 
 def batched_outputs(run: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer, texts: list[str],

@@ -22,11 +22,11 @@ import torch
 
 from tunelab.artifacts import kind_of
 from tunelab.assets import builtin_path
-from tunelab.errors import UserError, read_json_file
-from tunelab.generate import load_generator, model_family
+from tunelab.errors import UserError
+from tunelab.generate import base_kind, load_generator
 from tunelab.model_files import check_model_folder, check_tokenizer_folder
-from tunelab.models import (META_FILE, load_model_dir, load_pretrained, load_tokenizer, quiet_transformers, read_meta,
-                            resolve_base)
+from tunelab.models import (META_FILE, load_model_dir, load_pretrained, load_tokenizer, max_length_of,
+                            quiet_transformers, read_meta, resolve_base, sentence_embeddings)
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.protocol import APIError, ModelCard, bad_request
 from tunelab.tasks import task_spec
@@ -114,28 +114,8 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
     if ref.startswith("builtin:"):
         builtin_path(ref)  # unknown or not installed: say so now, not after the server has started
     default = ref.removeprefix("builtin:") if ref.startswith("builtin:") else d.name.removesuffix(".gguf")
-    kind = _base_kind(ref, d)
+    kind = base_kind(ref)
     return Spec(name or default, ref, "embed" if embedding else kind, False)
-
-
-def _base_kind(ref: str, d: Path) -> str:
-    """How a base model is served, read from its config before any weights: "generate" for a decoder, "embed"
-    for an encoder."""
-    if ref in ("builtin:minilm-l6", "tiny-bert"):
-        return "embed"
-    if ref.startswith("builtin:") or ref == "tiny-llama" or (d.is_file() and d.suffix == ".gguf"):
-        return "generate"
-    if not d.exists():
-        raise UserError(f"model '{ref}' not found: not a model dir, a base model dir, a .gguf file or builtin:NAME")
-    if (d / "config.json").is_file():
-        family = model_family(read_json_file(d / "config.json", ""))
-        if family == "other":
-            raise UserError(f"{ref} is neither a decoder (served for generation) nor an encoder (served for "
-                            "embeddings)")
-        return "generate" if family == "decoder" else "embed"
-    if d.is_dir() and any(d.glob("*.gguf")):
-        return "generate"
-    raise UserError(f"{ref} is not a model: no tunelab.json, config.json or .gguf file")
 
 
 def check_specs(items: list[str], embedding_model: str | None) -> list[Spec]:
@@ -237,7 +217,7 @@ class Registry:
 
     def _add_classifier(self, s: Spec) -> None:
         model, tok, meta = load_model_dir(s.ref, self.device, tasks=("classification",))
-        labels, max_length = list(meta["labels"]), int(meta.get("max_length") or 512)
+        labels, max_length = list(meta["labels"]), max_length_of(meta)
 
         def head(enc) -> list[dict]:
             probs = torch.softmax(model(**enc).logits.float(), -1).tolist()
@@ -250,7 +230,7 @@ class Registry:
         """An NER model dir: texts -> {"entities": [{"type", "text", "start", "end", "score"}], "tokens"} each,
         character offsets into the text (`TokenClassificationTask.text_entities`)."""
         model, tok, meta = load_model_dir(s.ref, self.device, tasks=("token_classification",))
-        task = TokenClassificationTask(tok, list(meta["labels"]), int(meta.get("max_length") or 512))
+        task = TokenClassificationTask(tok, list(meta["labels"]), max_length_of(meta))
         precision = resolve_precision(self.settings.precision, self.device)
 
         def run(texts: list[str]) -> list[dict]:
@@ -268,10 +248,8 @@ class Registry:
         max_length = min(int(getattr(model.config, "max_position_embeddings", 512) or 512), 512)
 
         def pool(enc) -> list[dict]:
-            hidden = model(**enc).last_hidden_state.float()
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            return [{"embedding": v} for v in torch.nn.functional.normalize(pooled, dim=-1).tolist()]
+            vectors = sentence_embeddings(model(**enc).last_hidden_state.float(), enc["attention_mask"])
+            return [{"embedding": v} for v in vectors.tolist()]
 
         self._add_encoder(s, "embed", self._encoder_run(tok, max_length, pool), tok)
 
