@@ -4,12 +4,13 @@ package.
 
 Tensors follow llama.cpp's names, with the q/k projections permuted the way its converter does (llama.cpp's rope
 pairs dimensions (i, i + d/2) where transformers' rotate_half layout is stored); norms stay F32, matrices take
-the asked type (F32, F16, BF16, Q8_0, Q4_0; a matrix whose rows do not split into 32-value blocks falls back to
-F16). The metadata carries the hyper-parameters, the byte-level BPE vocabulary with its merges, the special
-tokens, the chat template and the stop tokens. Parity: the file is read back by `transformers` (`gguf_file=`)
-and its next-token distributions are compared with the PyTorch model's over every token of the parity rows
-(mean KL divergence, top-1 agreement, perplexity ratio); then a real llama.cpp (the `xllamacpp` wheel) loads it
-and continues the first rows greedily: its tokens against PyTorch's, and its top-5 next-token candidates.
+the asked type (F32, F16, BF16, Q8_0, Q4_0; the last two with block scales searched against calibration text,
+see `quants`; a matrix whose rows do not split into 32-value blocks falls back to F16). The metadata carries the
+hyper-parameters, the byte-level BPE vocabulary with its merges, the special tokens, the chat template and the
+stop tokens. Parity: the file is read back by `transformers` (`gguf_file=`) and its next-token distributions are
+compared with the PyTorch model's over every token of the parity rows (mean KL divergence, top-1 agreement,
+perplexity ratio); then a real llama.cpp (the `xllamacpp` wheel) loads it and continues the first rows greedily:
+its tokens against PyTorch's, and its top-5 next-token candidates.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.errors import UserError
-from tunelab.export.merge import check_mergeable, merged
 from tunelab.export import quants
+from tunelab.export.merge import check_mergeable, merged
 from tunelab.export.parity import calibration_rows, texts_of
+from tunelab.generate import load_generator
 from tunelab.model_files import sha256_file
 from tunelab.models import max_length_of
-from tunelab.generate import load_generator
 from tunelab.tasks import task_spec
 
 FILE = "model.gguf"
@@ -188,15 +189,11 @@ def _parity(model, tok, out: Path, texts: list[str], max_length: int) -> dict:
     import warnings
 
     from transformers import AutoModelForCausalLM  # loads with this export only
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its de-quantising bar is not the user's business
-    with warnings.catch_warnings():
+    # its de-quantising bar (plain tqdm, deaf to transformers' own switch) is not the user's business
+    with warnings.catch_warnings(), open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
         warnings.simplefilter("ignore")
         back = AutoModelForCausalLM.from_pretrained(out, gguf_file=FILE, dtype=torch.float32).eval()
-    if bars:
-        hf_logging.enable_progress_bar()
     kl_sum, agree, n, nll_ref, nll_back = 0.0, 0, 0, 0.0, 0.0
     for text in texts:
         ids = tok(text, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"]

@@ -6,8 +6,8 @@ Exported by `torch.onnx.export` (the torch.export-based exporter) with dynamic b
 the last hidden states over real tokens, L2-normalised, pooled inside the graph as `tunelab serve` pools them).
 `--quantize int8`: ONNX Runtime's dynamic quantisation (int8 weights of every MatMul, one scale per output
 channel; activations quantised per call). Parity runs the file in ONNX Runtime with the same thread count as
-PyTorch: max |Δ| of the outputs, top-1 agreement (classes, tags) or the lowest cosine and nearest-neighbour
-agreement (embeddings), the task metric on both sides when the rows have labels (macro-F1, entity F1), file
+PyTorch: max |Δ| of the outputs, top-1 agreement (classes, tags) or cosines and nearest neighbours
+(embeddings), the task metric on both sides when the rows have labels (macro-F1, entity F1), file
 sizes, latency p50 at batch 1 and throughput at batch 32.
 """
 
@@ -27,9 +27,9 @@ import torch
 from sklearn.metrics import f1_score
 
 from tunelab.errors import UserError
-from tunelab.generate import base_kind
 from tunelab.export.merge import check_mergeable, merged
 from tunelab.export.parity import batched_outputs, compare, logits_of, row_labels, texts_of, torch_runner
+from tunelab.generate import base_kind
 from tunelab.model_files import sha256_file
 from tunelab.models import (load_model_dir, load_pretrained, load_tokenizer, max_length_of, resolve_base,
                             sentence_embeddings)
