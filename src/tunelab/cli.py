@@ -213,16 +213,18 @@ def eval_cmd(
 
 @app.command("export")
 def export_cmd(
-    model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),
+    model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`; or a base model as it is "
+                                     "(builtin:NAME, an HF dir): an encoder for onnx embeddings, a decoder for gguf"),
     fmt: str = typer.Option(..., "--format", help="hf (a plain Hugging Face folder, adapters merged), onnx "
-                               "(encoders: classification, NER) or gguf (Llama-family decoders, for llama.cpp)"),
+                               "(encoders: classification, NER, embeddings) or gguf (Llama-family decoders, for "
+                               "llama.cpp)"),
     out: Path = typer.Option(..., "--out", help="the export folder to write"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="onnx: int8 (ONNX Runtime dynamic "
                                            "quantisation); gguf: f32, f16 (default), bf16, q8_0, q4_0"),
     parity_rows: int = typer.Option(64, "--parity-rows", help="rows the parity check compares the export and "
                                     "the model on"),
     data: Optional[Path] = typer.Option(None, "--data", help="dataset dir for the parity rows (default: the "
-                                        "model's own, test split)"),
+                                        "model's own, test split) and the gguf quantiser's calibration (train split)"),
     overwrite: bool = OVERWRITE,
 ):
     """Export a model as the file its user deploys, and prove it: the export runs in its own runtime on the

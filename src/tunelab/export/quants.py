@@ -8,8 +8,8 @@ gets worse), the one whose rounding error, weighted per column by the mean squar
 calibration text, is smallest (llama.cpp's "importance matrix" idea). An error on a column that carries large
 activations moves the output most. The file format is unchanged: every GGUF reader reads these blocks.
 
-On SmolLM2-135M over tweets, Q8_0 with these scales keeps about a sixth of the reference quantiser's mean KL
-divergence (see `benchmarks/export.py`).
+On SmolLM2-135M over tweets, Q8_0 with these scales has a seventh of the reference quantiser's mean KL divergence
+from the float model (3.3e-4 against 2.2e-3, `benchmarks/export.py`).
 """
 
 from __future__ import annotations
