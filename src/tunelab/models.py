@@ -449,6 +449,12 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str,
                 model = load_adapters(body, d)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load the adapters in {d}: {_first_line(err)}") from None
+    elif (meta.get("compression") or {}).get("int8"):
+        if device != "cpu":
+            raise UserError(f"{d} is an int8 model for CPU serving; run it on the CPU (--device cpu)")
+        from tunelab.int8 import load_int8  # torch.ao's quantised modules: only int8 model dirs need them
+
+        model = load_int8(d, loader)
     else:
         model = load_pretrained(loader, BaseRef(str(d), d), check=False, dtype=torch.float32)
     model.to(device).eval()

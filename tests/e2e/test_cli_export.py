@@ -22,3 +22,14 @@ def test_export_refusals_are_one_line(tmp_path, tiny_classifier):
                   "unknown export format 'tflite'")
     fails_cleanly(tl("export", tmp_path / "nothing", "--format", "hf", "--out", tmp_path / "x", check=False),
                   "model dir not found")
+
+
+def test_compress_int8_writes_a_model_dir_that_predict_reads(tmp_path, tiny_classifier):
+    out = tmp_path / "int8"
+    proc = tl("compress", tiny_classifier, "--int8", "--out", out)
+    assert "linear layers quantised" in proc.stdout and (out / "model.int8.safetensors").is_file()
+    meta = json.loads((out / "tunelab.json").read_text())
+    assert meta["kind"] == "model" and meta["compression"]["int8"]["layers"] > 0
+    rows = [json.loads(line) for line in tl("predict", out, "what a lovely day", "--json").stdout.splitlines()]
+    assert len(rows) == 1 and rows[0]["prediction"] in meta["labels"]
+    fails_cleanly(tl("compress", tiny_classifier, "--out", tmp_path / "x", check=False), "--int8")

@@ -1,0 +1,129 @@
+"""What each compression of the quickstart classifier (MiniLM-L6 fine-tuned on the built-in tweets) costs and
+buys, all on its whole test split, the same threads and the same texts:
+
+- PyTorch fp32 eager (the anchor), PyTorch int8 (`tunelab compress --int8`: torch.ao dynamic quantisation, saved
+  and reloaded from its model dir), and, when the `torchao` package is importable, torchao's int8 dynamic
+  activation + int8 weight on the same model (the successor API, measured to choose between them);
+- ONNX Runtime fp32 and int8 (`tunelab export --format onnx`).
+
+For each: weight size, latency p50 at batch 1, throughput at batch 32, macro-F1 and its change against fp32.
+Targets: ONNX int8 ≥ 2.5× faster than PyTorch fp32 at batch 1 with ≤ 1.0 point of macro-F1 lost.
+
+Writes benchmarks/results/compression.json. Needs the model `make demo` trains (`runs/quickstart/model`).
+
+    python benchmarks/compression.py [--model runs/quickstart/model] [--rows 0 (= the whole test split)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_result  # noqa: E402
+
+from tunelab.data.dataset import load_split  # noqa: E402
+from tunelab.export import export_model  # noqa: E402
+from tunelab.export.parity import batched_outputs, logits_of, texts_of, torch_runner  # noqa: E402
+from tunelab.export.quantize import compress_int8  # noqa: E402
+from tunelab.models import load_model_dir, max_length_of, read_meta  # noqa: E402
+
+
+def measure(run, tok, texts: list[str], gold: list[int], max_length: int) -> dict:
+    """p50 at batch 1 over 50 texts, texts/s at batch 32 (best of 3), macro-F1 over every text."""
+    singles = []
+    for t in texts[:50]:
+        enc = tok([t], truncation=True, max_length=max_length, return_tensors="np")
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        start = time.perf_counter()
+        run(ids, mask)
+        singles.append(time.perf_counter() - start)
+    enc = tok(texts[:32], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    run(ids, mask)
+    batch = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run(ids, mask)
+        batch.append(time.perf_counter() - start)
+    pred = [int(o.argmax()) for o in batched_outputs(run, tok, texts, max_length, batch_size=32)]
+    return {"p50_ms_batch1": statistics.median(singles) * 1000, "texts_per_s_batch32": 32 / min(batch),
+            "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
+
+
+def size_mb(d: Path, pattern: str) -> float:
+    return sum(p.stat().st_size for p in d.glob(pattern)) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="runs/quickstart/model")
+    ap.add_argument("--rows", type=int, default=0, help="test rows (0: the whole test split)")
+    args = ap.parse_args()
+    src = Path(args.model)
+    meta = read_meta(src)
+    rows = load_split(meta["data"]["path"], "test")
+    rows = rows[:args.rows] if args.rows else rows
+    texts, gold = texts_of(rows), [meta["labels"].index(r["label"]) for r in rows]
+    max_length = max_length_of(meta)
+    arms = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32, tok, _ = load_model_dir(src)
+        compress_int8(src, tmp / "int8")
+        int8, _, _ = load_model_dir(tmp / "int8")
+        candidates = {"pytorch_fp32": (fp32, size_mb(src, "*.safetensors")),
+                      "pytorch_int8": (int8, size_mb(tmp / "int8", "*.safetensors"))}
+        try:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            ao = copy.deepcopy(fp32)
+            quantize_(ao, Int8DynamicActivationInt8WeightConfig())
+            candidates["torchao_int8"] = (ao, None)
+        except ImportError as err:
+            arms["torchao_int8"] = {"skipped": f"torchao not importable: {err}"}
+        for name, (model, size) in candidates.items():
+            arms[name] = {"size_mb": size, **measure(torch_runner(logits_of(model)), tok, texts, gold, max_length)}
+            print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in arms[name].items()}, flush=True)
+        for name, quantize in (("onnx_fp32", None), ("onnx_int8", "int8")):
+            export_model(src, tmp / name, "onnx", quantize=quantize, rows=64)
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+            session = ort.InferenceSession(str(tmp / name / "model.onnx"), options,
+                                           providers=["CPUExecutionProvider"])
+
+            def run(ids, mask, session=session):
+                return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+            arms[name] = {"size_mb": size_mb(tmp / name, "*.onnx"), **measure(run, tok, texts, gold, max_length)}
+            print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in arms[name].items()}, flush=True)
+    base = arms["pytorch_fp32"]
+    for arm in arms.values():
+        if "macro_f1" in arm:
+            arm["macro_f1_delta"] = arm["macro_f1"] - base["macro_f1"]
+            arm["speedup_batch1"] = base["p50_ms_batch1"] / arm["p50_ms_batch1"]
+            arm["speedup_batch32"] = arm["texts_per_s_batch32"] / base["texts_per_s_batch32"]
+    onnx8 = arms["onnx_int8"]
+    result = {"setup": {"model": str(src.resolve()), "rows": len(rows), "threads": torch.get_num_threads()},
+              "arms": arms,
+              "targets": {"onnx_int8_speedup_batch1": {"target": 2.5, "value": onnx8["speedup_batch1"],
+                                                       "met": onnx8["speedup_batch1"] >= 2.5},
+                          "onnx_int8_macro_f1_lost": {"target": 0.01, "value": -onnx8["macro_f1_delta"],
+                                                      "met": -onnx8["macro_f1_delta"] <= 0.01},
+                          "pruned_or_distilled_student": "not built yet"}}
+    print(f"wrote {write_result('compression', result)}")
+
+
+if __name__ == "__main__":
+    main()
