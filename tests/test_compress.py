@@ -3,6 +3,7 @@ to compute exactly what was saved."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,58 @@ def test_a_changed_int8_file_is_refused_and_int8_is_not_compressed_twice(tmp_pat
     (copy / WEIGHTS).write_bytes(bytes(data))
     with pytest.raises(UserError, match="does not match the size and sha256"):
         load_model_dir(copy)
+
+
+def test_pruning_nothing_keeps_the_logits_and_unused_neurons_go_first(tiny_classifier):
+    from tunelab.export.prune import _blocks, neuron_importance, pruned
+
+    model, tok, _ = load_model_dir(tiny_classifier)
+    texts = ["what a great day", "this is awful", "the train leaves at noon"]
+    before = _logits(model, tok, texts)
+    importance = neuron_importance(model, tok, texts, 32)
+    same, kept = pruned(model, importance, 1.0, None)
+    assert torch.equal(_logits(same, tok, texts), before) and kept["ffn_width"] == kept["ffn_width_of"]
+    model, _, _ = load_model_dir(tiny_classifier)
+    silent = [3, 7, 11]  # neurons whose output weights are zero move nothing: they rank last in every layer
+    with torch.no_grad():
+        for block in _blocks(model):
+            block.output.dense.weight[:, silent] = 0
+    before = _logits(model, tok, texts)
+    importance = neuron_importance(model, tok, texts, 32)
+    assert all(set(np.argsort(ranks)[:3]) == set(silent) for ranks in importance)
+    # and they are the ones pruned away, without changing what the model computes
+    width = _blocks(model)[0].intermediate.dense.out_features
+    smaller, kept = pruned(model, importance, (width - 3) / width, None)
+    assert kept["ffn_width"] == width - 3 and smaller.config.intermediate_size == width - 3
+    assert torch.allclose(_logits(smaller, tok, texts), before, atol=1e-5)
+
+
+def test_compress_prune_writes_a_smaller_model_dir_vanilla_transformers_loads(tmp_path, tiny_classifier):
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.export.prune import compress_prune
+
+    meta = compress_prune(tiny_classifier, tmp_path / "pruned", ffn_keep=0.5, layers=1, epochs=2, lr=3e-3,
+                          show_progress=False)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "pruned")
+    parent = AutoModelForSequenceClassification.from_pretrained(tiny_classifier)
+    assert plain.config.num_hidden_layers == 1 < parent.config.num_hidden_layers
+    assert plain.config.intermediate_size * 2 == parent.config.intermediate_size
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in parent.parameters())
+    prune = meta["compression"]["prune"]
+    assert prune["layers_kept"] == [0] and meta["parent"]["model_dir"] == str(tiny_classifier.resolve())
+    assert meta["labels"] == json.loads((tiny_classifier / "tunelab.json").read_text())["labels"]
+    model, _, _ = load_model_dir(tmp_path / "pruned")
+    assert model.config.num_hidden_layers == 1
+
+
+def test_pruning_refuses_decoders_and_impossible_shapes(tmp_path, tiny_classifier, sft_lora):
+    from tunelab.export.prune import compress_prune
+
+    with pytest.raises(UserError, match="pruning is for encoders"):
+        compress_prune(sft_lora, tmp_path / "x")
+    with pytest.raises(UserError, match="--layers must be between 1 and"):
+        compress_prune(tiny_classifier, tmp_path / "x", layers=99)
+    with pytest.raises(UserError, match="--prune-ffn"):
+        compress_prune(tiny_classifier, tmp_path / "x", ffn_keep=0)
+    assert not (tmp_path / "x").exists()

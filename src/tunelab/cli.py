@@ -249,20 +249,42 @@ def export_cmd(
 @app.command()
 def compress(
     model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),
+    out: Path = typer.Option(..., "--out", help="the model dir to write"),
     int8: bool = typer.Option(False, "--int8", help="dynamic int8 quantisation of every linear layer (PyTorch, "
                               "CPU): a smaller model dir that predict, eval and serve load"),
-    out: Path = typer.Option(..., "--out", help="the model dir to write"),
+    prune_ffn: Optional[float] = typer.Option(None, "--prune-ffn", help="encoders: the share of each layer's FFN "
+                                              "neurons to keep (its most important), e.g. 0.5"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="encoders: keep this many layers, evenly spaced"),
+    epochs: float = typer.Option(1.0, "--epochs", help="pruning: epochs of the recovery fine-tune"),
+    lr: float = typer.Option(5e-5, "--lr", help="pruning: learning rate of the recovery fine-tune"),
+    data: Optional[Path] = typer.Option(None, "--data", help="pruning: the training data (default: the model's)"),
     overwrite: bool = OVERWRITE,
 ):
-    """Make a model smaller and faster for deployment; the result is a model dir with its lineage."""
-    if not int8:
-        raise UserError("say how to compress: --int8")
-    from tunelab.export.quantize import compress_int8
+    """Make a model smaller and faster for deployment (int8, or pruning with a recovery fine-tune); the result is
+    a model dir with its lineage that predict, eval, export and serve take."""
+    if int8 == (prune_ffn is not None or layers is not None):
+        raise UserError("say how to compress: --int8, or --prune-ffn F and/or --layers K (one of the two; "
+                        "quantise a pruned model in a second step)")
+    if int8:
+        from tunelab.export.quantize import compress_int8  # torch.ao and safetensors: this path only
 
-    meta = compress_int8(model_dir, out, overwrite=overwrite)
-    size = sum(f["size"] for f in meta["files"].values()) / 2**20
-    console.print(f"int8 model {plain(out)}: {meta['compression']['int8']['layers']} linear layers quantised, "
-                  f"weights {size:.1f} MB")
+        meta = compress_int8(model_dir, out, overwrite=overwrite)
+        size = sum(f["size"] for f in meta["files"].values()) / 2**20
+        console.print(f"int8 model {plain(out)}: {meta['compression']['int8']['layers']} linear layers "
+                      f"quantised, weights {size:.1f} MB")
+        return
+    from tunelab.export.prune import compress_prune  # the training loop: this path only
+
+    meta = compress_prune(model_dir, out, ffn_keep=prune_ffn or 1.0, layers=layers, epochs=epochs, lr=lr,
+                          data_dir=str(data) if data else None, overwrite=overwrite)
+    p = meta["compression"]["prune"]
+    val = (meta.get("metrics") or {}).get("validation") or {}
+    before = ((meta["parent"].get("metrics") or {}).get("validation") or {})
+    scores = [f"{k} {before[k]:.4f} -> {val[k]:.4f}" if k in before else f"{k} {val[k]:.4f}"
+              for k in ("macro_f1", "entity_f1") if k in val]
+    console.print(f"pruned model {plain(out)}: layers {p['layers_kept']} of {p['layers_of']}, FFN width "
+                  f"{p['ffn_width']} of {p['ffn_width_of']}, recovered {epochs:g} epoch(s)"
+                  + (f" · validation {', '.join(scores)}" if scores else ""))
 
 
 @app.command()
