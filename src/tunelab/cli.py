@@ -258,6 +258,8 @@ def compress(
     epochs: float = typer.Option(1.0, "--epochs", help="pruning: epochs of the recovery fine-tune"),
     lr: float = typer.Option(5e-5, "--lr", help="pruning: learning rate of the recovery fine-tune"),
     data: Optional[Path] = typer.Option(None, "--data", help="pruning: the training data (default: the model's)"),
+    distill: bool = typer.Option(True, "--distill/--no-distill", help="pruning: the recovery fine-tune learns the "
+                                 "unpruned model's soft labels too"),
     overwrite: bool = OVERWRITE,
 ):
     """Make a model smaller and faster for deployment (int8, or pruning with a recovery fine-tune); the result is
@@ -276,7 +278,7 @@ def compress(
     from tunelab.export.prune import compress_prune  # the training loop: this path only
 
     meta = compress_prune(model_dir, out, ffn_keep=prune_ffn or 1.0, layers=layers, epochs=epochs, lr=lr,
-                          data_dir=str(data) if data else None, overwrite=overwrite)
+                          data_dir=str(data) if data else None, distill=distill, overwrite=overwrite)
     p = meta["compression"]["prune"]
     val = (meta.get("metrics") or {}).get("validation") or {}
     before = ((meta["parent"].get("metrics") or {}).get("validation") or {})

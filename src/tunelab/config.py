@@ -219,6 +219,14 @@ class MethodConfig(Section):
         return {k: v for k, v in data.items() if k not in METHOD_SECTIONS or self.name in METHOD_SECTIONS[k]}
 
 
+class DistillConfig(Section):
+    """Knowledge distillation from a trained model dir with the same labels and tokenizer (classification, NER)."""
+
+    teacher: str = Field(..., description="the teacher: a model dir of the same task, labels and tokenizer")
+    temperature: float = Field(2.0, gt=0, description="softens both distributions; the KL term is scaled by T²")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft labels (1 - alpha: the gold)")
+
+
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
@@ -251,6 +259,7 @@ class TrainConfig(Section):
     auto_batch_size: bool = Field(False, description="on out-of-memory, split each micro-batch in halves and retry "
                                   "(same gradient, less memory)")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="after the warmup")
+    distill: DistillConfig | None = Field(None, description="learn from a teacher model dir's soft labels too")
 
 
 class EvalConfig(Section):

@@ -6,8 +6,9 @@ pruning), so this prunes what the format can express:
   important ones. A neuron's importance is the mean magnitude of its activation over training text times the
   norm of the output weights it feeds (how much it moves the layer's output);
 - whole layers: `K` of them, evenly spaced from the first to the last (as DistilBERT keeps every other layer).
-Then a short recovery fine-tune on the model's own training data (the training loop, full fine-tuning, from the
-pruned weights), whose model dir is the result: `tunelab.json` says `compression: {prune: …}` and its parent.
+Then a short recovery fine-tune on the model's own training data (the training loop, full fine-tuning from the
+pruned weights, distilled from the unpruned model by default: `train.distill`), whose model dir is the result:
+`tunelab.json` says `compression: {prune: …}` and its parent.
 """
 
 from __future__ import annotations
@@ -119,10 +120,11 @@ def pruned(model, importance: list[np.ndarray], ffn_keep: float, layers: int | N
 
 
 def compress_prune(model_dir: str | Path, out: str | Path, ffn_keep: float = 0.5, layers: int | None = None,
-                   epochs: float = 1.0, lr: float = 5e-5, data_dir: str | None = None,
+                   epochs: float = 1.0, lr: float = 5e-5, data_dir: str | None = None, distill: bool = True,
                    overwrite: bool = False, show_progress: bool = True) -> dict:
-    """Prune the encoder in model dir `model_dir`, fine-tune it `epochs` on its training data to recover, and
-    write the result as the model dir `out` -> its `tunelab.json`."""
+    """Prune the encoder in model dir `model_dir`, fine-tune it `epochs` on its training data to recover (learning
+    from the unpruned model's soft labels too when `distill`), and write the result as the model dir `out` -> its
+    `tunelab.json`."""
     from tunelab.config import validate  # the recovery run's config, and the loop it runs: this stage only
     from tunelab.train.loop import train
 
@@ -148,7 +150,9 @@ def compress_prune(model_dir: str | Path, out: str | Path, ffn_keep: float = 0.5
         tok.save_pretrained(base)
         cfg = validate({"task": meta["task"], "model": {"base": str(base), "max_length": max_length},
                         "data": {"dir": str(data)}, "method": {"name": "full"},
-                        "train": {"epochs": epochs, "lr": lr, "seed": 0}, "eval": {"baselines": []}})
+                        "train": {"epochs": epochs, "lr": lr, "seed": 0,
+                                  "distill": {"teacher": str(d)} if distill else None},
+                        "eval": {"baselines": []}})
         run = Path(tmp) / "recovery"
         train(cfg, run, show_progress=show_progress)
         result = json.loads((run / "model" / META_FILE).read_text())
@@ -159,7 +163,8 @@ def compress_prune(model_dir: str | Path, out: str | Path, ffn_keep: float = 0.5
             new = {**result, "base": meta.get("base"), "method": {"name": "full"},
                    "compression": {**(meta.get("compression") or {}),
                                    "prune": {**kept, "ffn_keep": ffn_keep, "importance_rows": IMPORTANCE_ROWS,
-                                             "recovery": {"epochs": epochs, "lr": lr, "data": str(data)}}},
+                                             "recovery": {"epochs": epochs, "lr": lr, "data": str(data),
+                                                          "distilled_from": str(d.resolve()) if distill else None}}},
                    "parent": {"model_dir": str(d.resolve()), "files": meta.get("files"),
                               "metrics": meta.get("metrics")},
                    "tunelab_version": __version__, "created": int(time.time()), "files": files_manifest(folder)}

@@ -41,6 +41,7 @@ from tunelab.terminal import make_console, plain, print_warnings
 from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import distributed
+from tunelab.train.distill import distilled
 from tunelab.train.batching import length_grouped_batches
 from tunelab.train.optim import build_optimizer, build_schedule
 from tunelab.train.precision import autocast, resolve_precision
@@ -271,6 +272,8 @@ class _Run:
         if dd.fsdp:
             model = distributed.shard_model(model)
             task.through_model_forward()  # FSDP gathers root weights in the model's forward only
+        if tc.distill:
+            task = distilled(task, self.spec, tc.distill, self.tokenizer, self.device)
         self.model, self.task = model, task
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, tc.lr, tc.weight_decay, tc.head_lr, heads, kind=tc.optimizer,
