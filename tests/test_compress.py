@@ -107,3 +107,7 @@ def test_pruning_refuses_decoders_and_impossible_shapes(tmp_path, tiny_classifie
     with pytest.raises(UserError, match="--prune-ffn"):
         compress_prune(tiny_classifier, tmp_path / "x", ffn_keep=0)
     assert not (tmp_path / "x").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("not tunelab's")
+    with pytest.raises(UserError, match="taken"):  # refused before anything is computed
+        compress_prune(tiny_classifier, tmp_path / "taken")

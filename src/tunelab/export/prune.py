@@ -14,6 +14,7 @@ pruned weights, distilled from the unpruned model by default: `train.distill`), 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from tunelab import __version__
-from tunelab.artifacts import write_folder
+from tunelab.artifacts import check_target, write_folder
 from tunelab.data.dataset import load_split
 from tunelab.errors import UserError
 from tunelab.export.merge import check_mergeable, merged
@@ -129,6 +130,7 @@ def compress_prune(model_dir: str | Path, out: str | Path, ffn_keep: float = 0.5
     from tunelab.train.loop import train
 
     d = Path(model_dir)
+    check_target(Path(os.path.abspath(out)), "model", overwrite)  # before the recovery run, not after it
     model, tok, meta = load_model_dir(d)
     spec = task_spec(meta["task"])
     if spec.generates:
