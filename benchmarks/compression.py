@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
@@ -39,28 +37,14 @@ from tunelab.export import export_model  # noqa: E402
 from tunelab.export.parity import batched_outputs, logits_of, texts_of, torch_runner  # noqa: E402
 from tunelab.export.prune import compress_prune  # noqa: E402
 from tunelab.export.quantize import compress_int8  # noqa: E402
+from tunelab.export.report import speed  # noqa: E402
 from tunelab.models import load_model_dir, max_length_of, read_meta  # noqa: E402
 
 
 def measure(run, tok, texts: list[str], gold: list[int], max_length: int) -> dict:
-    """p50 at batch 1 over 50 texts, texts/s at batch 32 (best of 3), macro-F1 over every text."""
-    singles = []
-    for t in texts[:50]:
-        enc = tok([t], truncation=True, max_length=max_length, return_tensors="np")
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        start = time.perf_counter()
-        run(ids, mask)
-        singles.append(time.perf_counter() - start)
-    enc = tok(texts[:32], padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-    run(ids, mask)
-    batch = []
-    for _ in range(3):
-        start = time.perf_counter()
-        run(ids, mask)
-        batch.append(time.perf_counter() - start)
+    """`report.speed` (p50 at batch 1, texts/s at batch 32), and macro-F1 over every text."""
     pred = [int(o.argmax()) for o in batched_outputs(run, tok, texts, max_length, batch_size=32)]
-    return {"p50_ms_batch1": statistics.median(singles) * 1000, "texts_per_s_batch32": 32 / min(batch),
+    return {**speed(run, tok, texts, max_length),
             "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
 
 

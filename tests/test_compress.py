@@ -111,3 +111,22 @@ def test_pruning_refuses_decoders_and_impossible_shapes(tmp_path, tiny_classifie
     (tmp_path / "taken" / "mine.txt").write_text("not tunelab's")
     with pytest.raises(UserError, match="taken"):  # refused before anything is computed
         compress_prune(tiny_classifier, tmp_path / "taken")
+
+
+def test_the_report_measures_every_form_on_the_same_rows(tmp_path, tiny_classifier, int8_classifier, tiny_ner):
+    from tunelab.export import export_model
+    from tunelab.export.report import compression_report
+
+    export_model(tiny_classifier, tmp_path / "onnx", "onnx", rows=4)
+    result = compression_report([tiny_classifier, int8_classifier, tmp_path / "onnx"], rows=20)
+    first, int8, onnx = result["models"]
+    assert result["rows"] == 20 and [r["runtime"] for r in result["models"]] == ["pytorch", "pytorch", "onnxruntime"]
+    assert first["metric"] == "macro_f1" and first["delta"] == 0 and first["speedup_batch1"] == 1.0
+    assert onnx["value"] == pytest.approx(first["value"], abs=1e-9)  # fp32 ONNX: the same predictions
+    assert int8["compression"] == ["int8"] and abs(int8["delta"]) < 0.2
+    assert all(r["p50_ms_batch1"] > 0 and r["texts_per_s_batch32"] > 0 and r["size_mb"] > 0
+               for r in result["models"])
+    ner = compression_report([tiny_ner], rows=12)["models"][0]
+    assert ner["metric"] == "entity_f1" and 0 <= ner["value"] <= 1
+    with pytest.raises(UserError, match="not found"):
+        compression_report([tmp_path / "nothing"])

@@ -249,7 +249,11 @@ def export_cmd(
 @app.command()
 def compress(
     model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),
-    out: Path = typer.Option(..., "--out", help="the model dir to write"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the model dir to write"),
+    report: bool = typer.Option(False, "--report", help="measure instead: MODEL_DIR and each --with (model "
+                                "dirs, ONNX exports) on the same test rows: size, latency, throughput, metric"),
+    with_: list[Path] = typer.Option([], "--with", help="--report: another model dir or ONNX export to compare"),
+    report_rows: int = typer.Option(0, "--rows", help="--report: test rows to measure on (0: all)"),
     int8: bool = typer.Option(False, "--int8", help="dynamic int8 quantisation of every linear layer (PyTorch, "
                               "CPU): a smaller model dir that predict, eval and serve load"),
     prune_ffn: Optional[float] = typer.Option(None, "--prune-ffn", help="encoders: the share of each layer's FFN "
@@ -264,6 +268,11 @@ def compress(
 ):
     """Make a model smaller and faster for deployment (int8, or pruning with a recovery fine-tune); the result is
     a model dir with its lineage that predict, eval, export and serve take."""
+    if report:
+        _compression_report([model_dir, *with_], str(data) if data else None, report_rows)
+        return
+    if out is None:
+        raise UserError("--out DIR: where to write the compressed model dir")
     if int8 == (prune_ffn is not None or layers is not None):
         raise UserError("say how to compress: --int8, or --prune-ffn F and/or --layers K (one of the two; "
                         "quantise a pruned model in a second step)")
@@ -287,6 +296,24 @@ def compress(
     console.print(f"pruned model {plain(out)}: layers {p['layers_kept']} of {p['layers_of']}, FFN width "
                   f"{p['ffn_width']} of {p['ffn_width_of']}, recovered {epochs:g} epoch(s)"
                   + (f" · validation {', '.join(scores)}" if scores else ""))
+
+
+def _compression_report(items: list[Path], data: str | None, rows: int) -> None:
+    from tunelab.export.report import compression_report  # ONNX Runtime and the models: this path only
+
+    result = compression_report(items, data, rows)
+    table = Table(title=f"compression report ({result['rows']:,} test rows, {result['threads']} threads)")
+    for column in ("model", "runtime", "weights MB", "p50 ms (b1)", "texts/s (b32)", "metric", "Δ"):
+        table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
+    for r in result["models"]:
+        delta = r.get("delta")
+        table.add_row(plain(r["model"]), r["runtime"] + (" int8" if "int8" in r["compression"]
+                                                         or r["quantize"] == "int8" else ""),
+                      f"{r['size_mb']:.1f}", f"{r['p50_ms_batch1']:.1f} ({r['speedup_batch1']:.1f}x)",
+                      f"{r['texts_per_s_batch32']:.0f} ({r['speedup_batch32']:.1f}x)",
+                      f"{r['metric']} {r['value']:.4f}" if r["metric"] else "",
+                      "" if delta is None or r is result["models"][0] else f"{delta * 100:+.2f} pt")
+    console.print(table)
 
 
 @app.command()

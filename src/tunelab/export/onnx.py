@@ -24,11 +24,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from sklearn.metrics import f1_score
 
 from tunelab.errors import UserError
 from tunelab.export.merge import check_mergeable, merged
-from tunelab.export.parity import batched_outputs, compare, logits_of, row_labels, texts_of, torch_runner
+from tunelab.export.parity import batched_outputs, compare, logits_of, task_score, texts_of, torch_runner
 from tunelab.generate import base_kind
 from tunelab.model_files import sha256_file
 from tunelab.models import (load_model_dir, load_pretrained, load_tokenizer, max_length_of, resolve_base,
@@ -159,45 +158,14 @@ def _vector_figures(reference: np.ndarray, exported: np.ndarray) -> dict:
 
 
 def _task_metric(meta: dict, rows: list[dict], reference: list, exported: list, tok, max_length: int) -> dict:
-    """The task's score on both sides when the rows carry gold labels: macro-F1 (classification) or entity F1
-    (NER, over the tags of each row's words) -> {metric, metric_pytorch, metric_onnx, metric_drop} or {}."""
-    gold = row_labels(meta, rows)
-    if gold is not None:
-        scores = [f1_score(gold, [int(r.argmax()) for r in side], average="macro", zero_division=0)
-                  for side in (reference, exported)]
-        return _metric("macro_f1", *scores)
-    if task_spec(meta["task"]).report == "entities" and all(r.get("tags") and r.get("tokens") for r in rows):
-        scores = [_entity_f1(meta, rows, side, tok, max_length) for side in (reference, exported)]
-        return _metric("entity_f1", *scores)
-    return {}
-
-
-def _entity_f1(meta: dict, rows: list[dict], outputs: list[np.ndarray], tok, max_length: int) -> float:
-    """Entity F1 (seqeval, strict spans) of per-position tag logits over rows read as their words joined by spaces
-    (`texts_of`): each word takes the tag of its first sub-token, found by character offsets."""
-    from tunelab.tasks.token_classification import entity_metrics  # seqeval: for an NER export only
-
-    labels, gold, pred = meta["labels"], [], []
-    for row, out in zip(rows, outputs):
-        words = [str(w) for w in row["tokens"]]
-        starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]])
-        spans = tok(" ".join(words), truncation=True, max_length=max_length,
-                    return_offsets_mapping=True)["offset_mapping"]
-        tags = ["O"] * len(words)
-        tagged = set()
-        for position, (a, b) in enumerate(spans):
-            word = int(np.searchsorted(starts, a, side="right")) - 1
-            if b > a and word not in tagged:  # special tokens have empty spans
-                tagged.add(word)
-                tags[word] = labels[int(out[position].argmax())]
-        gold.append(list(row["tags"]))
-        pred.append(tags)
-    return entity_metrics(gold, pred)["entity_f1"]
-
-
-def _metric(name: str, pytorch: float, onnx: float) -> dict:
-    return {"metric": name, "metric_pytorch": float(pytorch), "metric_onnx": float(onnx),
-            "metric_drop": float(pytorch - onnx)}
+    """The task's score on both sides when the rows carry gold labels (`parity.task_score`) -> {metric,
+    metric_pytorch, metric_onnx, metric_drop} or {}."""
+    ref = task_score(meta, rows, reference, tok, max_length)
+    if ref is None:
+        return {}
+    name, before = ref
+    after = task_score(meta, rows, exported, tok, max_length)[1]
+    return {"metric": name, "metric_pytorch": before, "metric_onnx": after, "metric_drop": before - after}
 
 
 def _export(graph: torch.nn.Module, tok, path: Path, output: str) -> None:

@@ -136,3 +136,42 @@ def row_labels(meta: dict, rows: list[dict]) -> list[int] | None:
     if task_spec(meta["task"]).report != "classes" or not all(r.get("label") in labels for r in rows):
         return None
     return [labels.index(r["label"]) for r in rows]
+
+
+def task_score(meta: dict, rows: list[dict], outputs: list[np.ndarray], tok, max_length: int
+               ) -> tuple[str, float] | None:
+    """The task metric of per-example outputs (`batched_outputs`) when the rows carry gold labels -> (name, value):
+    macro-F1 for classification, entity F1 for NER (over the tags of each row's words); None otherwise."""
+    gold = row_labels(meta, rows)
+    if gold is not None:
+        from sklearn.metrics import f1_score  # sklearn (~1 s): only when a score is computed
+
+        return "macro_f1", float(f1_score(gold, [int(r.argmax()) for r in outputs], average="macro",
+                                          zero_division=0))
+    if task_spec(meta["task"]).report == "entities" and rows and all(r.get("tags") and r.get("tokens")
+                                                                     for r in rows):
+        return "entity_f1", float(_entity_f1(meta, rows, outputs, tok, max_length))
+    return None
+
+
+def _entity_f1(meta: dict, rows: list[dict], outputs: list[np.ndarray], tok, max_length: int) -> float:
+    """Entity F1 (seqeval, strict spans) of per-position tag logits over rows read as their words joined by spaces
+    (`texts_of`): each word takes the tag of its first sub-token, found by character offsets."""
+    from tunelab.tasks.token_classification import entity_metrics  # seqeval: for NER scores only
+
+    labels, gold, pred = meta["labels"], [], []
+    for row, out in zip(rows, outputs):
+        words = [str(w) for w in row["tokens"]]
+        starts = np.cumsum([0] + [len(w) + 1 for w in words[:-1]])
+        spans = tok(" ".join(words), truncation=True, max_length=max_length,
+                    return_offsets_mapping=True)["offset_mapping"]
+        tags = ["O"] * len(words)
+        tagged = set()
+        for position, (a, b) in enumerate(spans):
+            word = int(np.searchsorted(starts, a, side="right")) - 1
+            if b > a and word not in tagged:  # special tokens have empty spans
+                tagged.add(word)
+                tags[word] = labels[int(out[position].argmax())]
+        gold.append(list(row["tags"]))
+        pred.append(tags)
+    return entity_metrics(gold, pred)["entity_f1"]

@@ -1,0 +1,108 @@
+"""`tunelab compress MODEL_DIR --report [--with DIR …]`: one table of what each compression of a model costs and
+buys, every row measured the same way on the same test rows and threads.
+
+A row is a model dir run by PyTorch (the original, its int8 twin, a pruned or distilled student) or an ONNX export
+dir run by ONNX Runtime (fp32 or int8): weight size, latency p50 at batch 1, throughput at batch 32, the task
+metric (macro-F1, or entity F1 for NER) and its change against the first row.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunelab.artifacts import kind_of
+from tunelab.data.dataset import load_split
+from tunelab.errors import UserError, read_json_file
+from tunelab.export.parity import batched_outputs, logits_of, task_score, texts_of, torch_runner
+from tunelab.models import META_FILE, load_model_dir, max_length_of
+
+SINGLES = 50  # texts timed one by one
+BATCH = 32
+
+
+def speed(run, tok, texts: list[str], max_length: int) -> dict:
+    """`run(input_ids, attention_mask)` timed: p50 over `SINGLES` texts at batch 1 (ms), texts/s at batch 32 (the
+    best of 3 after a warm-up)."""
+    singles = []
+    for t in texts[:SINGLES]:
+        enc = tok([t], truncation=True, max_length=max_length, return_tensors="np")
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        start = time.perf_counter()
+        run(ids, mask)
+        singles.append(time.perf_counter() - start)
+    batch = (texts * (BATCH // len(texts) + 1))[:BATCH]
+    enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    run(ids, mask)
+    best = min(_timed(run, ids, mask) for _ in range(3))
+    return {"p50_ms_batch1": statistics.median(singles) * 1000, "texts_per_s_batch32": BATCH / best}
+
+
+def _timed(run, ids, mask) -> float:
+    start = time.perf_counter()
+    run(ids, mask)
+    return time.perf_counter() - start
+
+
+def _runner(d: Path):
+    """-> (run, tokenizer, meta, runtime, weight files) for a model dir or an ONNX export dir."""
+    if kind_of(d) == "export":
+        import onnxruntime as ort  # ONNX Runtime: only for an export row
+        from transformers import AutoTokenizer  # as above
+
+        meta = read_json_file(d / META_FILE, f"{d} has no {META_FILE}")
+        if meta.get("format") != "onnx" or not (d / "model.onnx").is_file():
+            raise UserError(f"{d} is a {meta.get('format')} export; the report runs ONNX exports")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        session = ort.InferenceSession(str(d / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        if "logits" not in {o.name for o in session.get_outputs()}:
+            raise UserError(f"{d} exports embeddings; the report compares classification and NER models")
+
+        def run(ids, mask):
+            return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+        return run, AutoTokenizer.from_pretrained(d), meta, "onnxruntime", list(d.glob("*.onnx"))
+    model, tok, meta = load_model_dir(d)
+    return torch_runner(logits_of(model)), tok, meta, "pytorch", list(d.glob("*.safetensors"))
+
+
+def compression_report(items: list[str | Path], data_dir: str | None = None, rows: int = 0) -> dict:
+    """Measure each of `items` (model dirs, ONNX export dirs; the first is the reference) on the test split of
+    `data_dir` (default: the first model's dataset), its first `rows` rows (0: all) -> {rows, threads, models}."""
+    if not items:
+        raise UserError("the report needs at least one model dir")
+    measured, test, first = [], None, None
+    for item in items:
+        d = Path(item)
+        if not d.is_dir():
+            raise UserError(f"model dir not found: {d}")
+        run, tok, meta, runtime, files = _runner(d)
+        if test is None:
+            source = data_dir or (meta.get("data") or {}).get("path")
+            if not source:
+                raise UserError(f"{d} does not say where its dataset is; give --data DIR")
+            test = load_split(source, "test")
+            test = test[:rows] if rows else test
+            if not test:
+                raise UserError(f"{source} has no test rows to measure on")
+        max_length = max_length_of(meta)
+        texts = texts_of(test)
+        score = task_score(meta, test, batched_outputs(run, tok, texts, max_length, batch_size=BATCH), tok,
+                           max_length)
+        row = {"model": str(d), "runtime": runtime, "compression": sorted((meta.get("compression") or {})),
+               "quantize": meta.get("quantize"), "size_mb": sum(p.stat().st_size for p in files) / 2**20,
+               **speed(run, tok, texts, max_length),
+               "metric": score[0] if score else None, "value": score[1] if score else None}
+        first = first or row
+        if row["value"] is not None and first["value"] is not None:
+            row["delta"] = row["value"] - first["value"]
+        row["speedup_batch1"] = first["p50_ms_batch1"] / row["p50_ms_batch1"]
+        row["speedup_batch32"] = row["texts_per_s_batch32"] / first["texts_per_s_batch32"]
+        measured.append(row)
+    return {"rows": len(test), "threads": torch.get_num_threads(), "models": measured}
