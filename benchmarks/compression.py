@@ -37,12 +37,13 @@ from tunelab.export import export_model  # noqa: E402
 from tunelab.export.parity import batched_outputs, logits_of, texts_of, torch_runner  # noqa: E402
 from tunelab.export.prune import compress_prune  # noqa: E402
 from tunelab.export.quantize import compress_int8  # noqa: E402
-from tunelab.export.report import speed  # noqa: E402
+from tunelab.export.onnx import ort_runner, session  # noqa: E402
+from tunelab.export.parity import speed  # noqa: E402
 from tunelab.models import load_model_dir, max_length_of, read_meta  # noqa: E402
 
 
 def measure(run, tok, texts: list[str], gold: list[int], max_length: int) -> dict:
-    """`report.speed` (p50 at batch 1, texts/s at batch 32), and macro-F1 over every text."""
+    """`parity.speed` (p50 at batch 1, texts/s at batch 32), and macro-F1 over every text."""
     pred = [int(o.argmax()) for o in batched_outputs(run, tok, texts, max_length, batch_size=32)]
     return {**speed(run, tok, texts, max_length),
             "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0))}
@@ -100,16 +101,7 @@ def main() -> None:
             print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in arms[name].items()}, flush=True)
         for name, quantize in (("onnx_fp32", None), ("onnx_int8", "int8")):
             export_model(src, tmp / name, "onnx", quantize=quantize, rows=64)
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-            session = ort.InferenceSession(str(tmp / name / "model.onnx"), options,
-                                           providers=["CPUExecutionProvider"])
-
-            def run(ids, mask, session=session):
-                return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
-
+            run = ort_runner(session(tmp / name / "model.onnx"), "logits")
             arms[name] = {"size_mb": size_mb(tmp / name, "*.onnx"), "rows": len(texts),
                           **measure(run, tok, texts, gold, max_length)}
             print(name, {k: round(v, 4) if isinstance(v, float) else v for k, v in arms[name].items()}, flush=True)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +25,8 @@ import torch
 
 from tunelab.errors import UserError
 from tunelab.export.merge import check_mergeable, merged
-from tunelab.export.parity import batched_outputs, compare, logits_of, task_score, texts_of, torch_runner
+from tunelab.export.parity import (batched_outputs, compare, logits_of, speed, task_score, texts_of,
+                                   torch_runner)
 from tunelab.generate import base_kind
 from tunelab.model_files import sha256_file
 from tunelab.models import (load_model_dir, load_pretrained, load_tokenizer, max_length_of, resolve_base,
@@ -105,7 +104,7 @@ def write_onnx(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
         fp32.unlink()
     tok.save_pretrained(out)
     texts, max_length = texts_of(rows), max_length_of(meta)
-    ort_run = _ort_runner(_session(out / FILE), output)
+    ort_run = ort_runner(session(out / FILE), output)
     torch_run = torch_runner(graph)
     reference = batched_outputs(torch_run, tok, texts, max_length)
     exported = batched_outputs(ort_run, tok, texts, max_length)
@@ -193,14 +192,16 @@ def _quiet():
             logging.disable(logging.NOTSET)
 
 
-def _session(path: Path):
+def session(path: Path):
+    """An ONNX Runtime session on the CPU with PyTorch's thread count (a fair comparison)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch: a fair comparison
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _ort_runner(session, output: str):
+def ort_runner(session, output: str):
+    """`run(input_ids, attention_mask) -> the output named `output`` through an ONNX Runtime session."""
     def run(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return session.run([output], {"input_ids": ids, "attention_mask": mask})[0]
 
@@ -208,24 +209,9 @@ def _ort_runner(session, output: str):
 
 
 def _speed(torch_run, ort_run, tok, texts: list[str], max_length: int) -> dict:
-    """Latency p50 at batch 1 (ms) and throughput at batch 32 (texts/s), PyTorch and ONNX Runtime in turn on the
-    same texts."""
-    singles = texts[:20]
-    batch = (texts * (32 // len(texts) + 1))[:32]
+    """Latency p50 at batch 1 (ms, 20 texts) and throughput at batch 32 (texts/s), PyTorch and ONNX Runtime in
+    turn on the same texts (`parity.speed`)."""
     out = {}
     for name, run in (("pytorch", torch_run), ("onnx", ort_run)):
-        times = []
-        for t in singles:
-            enc = tok([t], truncation=True, max_length=max_length, return_tensors="np")
-            ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-            start = time.perf_counter()
-            run(ids, mask)
-            times.append(time.perf_counter() - start)
-        enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        run(ids, mask)  # warm-up
-        start = time.perf_counter()
-        run(ids, mask)
-        out[f"{name}_p50_ms_batch1"] = statistics.median(times) * 1000
-        out[f"{name}_texts_per_s_batch32"] = len(batch) / (time.perf_counter() - start)
+        out.update({f"{name}_{k}": v for k, v in speed(run, tok, texts, max_length, singles=20, repeats=1).items()})
     return out

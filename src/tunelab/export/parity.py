@@ -8,6 +8,8 @@ sentences.
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Callable
 
 import numpy as np
@@ -175,3 +177,29 @@ def _entity_f1(meta: dict, rows: list[dict], outputs: list[np.ndarray], tok, max
         gold.append(list(row["tags"]))
         pred.append(tags)
     return entity_metrics(gold, pred)["entity_f1"]
+
+
+SINGLES, BATCH = 50, 32  # texts timed one by one; the batch whose throughput is timed
+
+
+def speed(run: Callable[[np.ndarray, np.ndarray], np.ndarray], tok, texts: list[str], max_length: int,
+          singles: int = SINGLES, repeats: int = 3) -> dict:
+    """`run(input_ids, attention_mask)` timed: p50 over the first `singles` texts at batch 1 (ms), and texts/s at
+    batch `BATCH` (the best of `repeats` after a warm-up)."""
+    times = []
+    for t in texts[:singles]:
+        enc = tok([t], truncation=True, max_length=max_length, return_tensors="np")
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        start = time.perf_counter()
+        run(ids, mask)
+        times.append(time.perf_counter() - start)
+    batch = (texts * (BATCH // len(texts) + 1))[:BATCH]
+    enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    run(ids, mask)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(ids, mask)
+        best = min(best, time.perf_counter() - start)
+    return {"p50_ms_batch1": statistics.median(times) * 1000, "texts_per_s_batch32": BATCH / best}

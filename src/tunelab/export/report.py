@@ -8,66 +8,31 @@ metric (macro-F1, or entity F1 for NER) and its change against the first row.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tunelab.artifacts import kind_of
 from tunelab.data.dataset import load_split
 from tunelab.errors import UserError, read_json_file
-from tunelab.export.parity import batched_outputs, logits_of, task_score, texts_of, torch_runner
+from tunelab.export.parity import BATCH, batched_outputs, logits_of, speed, task_score, texts_of, torch_runner
 from tunelab.models import META_FILE, load_model_dir, max_length_of
-
-SINGLES = 50  # texts timed one by one
-BATCH = 32
-
-
-def speed(run, tok, texts: list[str], max_length: int) -> dict:
-    """`run(input_ids, attention_mask)` timed: p50 over `SINGLES` texts at batch 1 (ms), texts/s at batch 32 (the
-    best of 3 after a warm-up)."""
-    singles = []
-    for t in texts[:SINGLES]:
-        enc = tok([t], truncation=True, max_length=max_length, return_tensors="np")
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        start = time.perf_counter()
-        run(ids, mask)
-        singles.append(time.perf_counter() - start)
-    batch = (texts * (BATCH // len(texts) + 1))[:BATCH]
-    enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-    run(ids, mask)
-    best = min(_timed(run, ids, mask) for _ in range(3))
-    return {"p50_ms_batch1": statistics.median(singles) * 1000, "texts_per_s_batch32": BATCH / best}
-
-
-def _timed(run, ids, mask) -> float:
-    start = time.perf_counter()
-    run(ids, mask)
-    return time.perf_counter() - start
 
 
 def _runner(d: Path):
     """-> (run, tokenizer, meta, runtime, weight files) for a model dir or an ONNX export dir."""
     if kind_of(d) == "export":
-        import onnxruntime as ort  # ONNX Runtime: only for an export row
-        from transformers import AutoTokenizer  # as above
+        from transformers import AutoTokenizer  # an export row's tokenizer
+
+        from tunelab.export.onnx import ort_runner, session  # ONNX Runtime: only for an export row
 
         meta = read_json_file(d / META_FILE, f"{d} has no {META_FILE}")
         if meta.get("format") != "onnx" or not (d / "model.onnx").is_file():
             raise UserError(f"{d} is a {meta.get('format')} export; the report runs ONNX exports")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-        session = ort.InferenceSession(str(d / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        if "logits" not in {o.name for o in session.get_outputs()}:
+        onnx = session(d / "model.onnx")
+        if "logits" not in {o.name for o in onnx.get_outputs()}:
             raise UserError(f"{d} exports embeddings; the report compares classification and NER models")
-
-        def run(ids, mask):
-            return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
-
-        return run, AutoTokenizer.from_pretrained(d), meta, "onnxruntime", list(d.glob("*.onnx"))
+        return ort_runner(onnx, "logits"), AutoTokenizer.from_pretrained(d), meta, "onnxruntime", list(d.glob("*.onnx"))
     model, tok, meta = load_model_dir(d)
     return torch_runner(logits_of(model)), tok, meta, "pytorch", list(d.glob("*.safetensors"))
 
