@@ -118,10 +118,13 @@ def test_the_report_measures_every_form_on_the_same_rows(tmp_path, tiny_classifi
     from tunelab.export.report import compression_report
 
     export_model(tiny_classifier, tmp_path / "onnx", "onnx", rows=4)
-    result = compression_report([tiny_classifier, int8_classifier, tmp_path / "onnx"], rows=20)
-    first, int8, onnx = result["models"]
-    assert result["rows"] == 20 and [r["runtime"] for r in result["models"]] == ["pytorch", "pytorch", "onnxruntime"]
+    result = compression_report([tiny_classifier, int8_classifier, tmp_path / "onnx"], rows=20, bf16=True)
+    first, bf16, int8, onnx = result["models"]
+    assert result["rows"] == 20 and [r["runtime"] for r in result["models"]] == ["pytorch"] * 3 + ["onnxruntime"]
+    assert [r["precision"].split()[0] for r in result["models"]] == ["fp32", "bf16", "int8", "fp32"]
     assert first["metric"] == "macro_f1" and first["delta"] == 0 and first["speedup_batch1"] == 1.0
+    assert bf16["model"] == first["model"] and bf16["size_mb"] == pytest.approx(first["size_mb"] / 2)
+    assert abs(bf16["delta"]) < 0.2  # bf16 keeps 8 bits of mantissa: a few predictions may flip, not many
     assert onnx["value"] == pytest.approx(first["value"], abs=1e-9)  # fp32 ONNX: the same predictions
     assert int8["compression"] == ["int8"] and abs(int8["delta"]) < 0.2
     assert all(r["p50_ms_batch1"] > 0 and r["texts_per_s_batch32"] > 0 and r["size_mb"] > 0
@@ -130,3 +133,6 @@ def test_the_report_measures_every_form_on_the_same_rows(tmp_path, tiny_classifi
     assert ner["metric"] == "entity_f1" and 0 <= ner["value"] <= 1
     with pytest.raises(UserError, match="not found"):
         compression_report([tmp_path / "nothing"])
+    for not_fp32 in (int8_classifier, tmp_path / "onnx"):  # bf16 casts fp32 PyTorch weights, nothing else
+        with pytest.raises(UserError, match="bf16"):
+            compression_report([not_fp32], rows=4, bf16=True)

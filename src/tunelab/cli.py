@@ -254,6 +254,8 @@ def compress(
                                 "dirs, ONNX exports) on the same test rows: size, latency, throughput, metric"),
     with_: list[Path] = typer.Option([], "--with", help="--report: another model dir or ONNX export to compare"),
     report_rows: int = typer.Option(0, "--rows", help="--report: test rows to measure on (0: all)"),
+    report_bf16: bool = typer.Option(False, "--bf16", help="--report: also MODEL_DIR with its weights in bf16 "
+                                     "(emulated, and so slow, on CPUs without native bf16)"),
     int8: bool = typer.Option(False, "--int8", help="dynamic int8 quantisation of every linear layer (PyTorch, "
                               "CPU): a smaller model dir that predict, eval and serve load"),
     prune_ffn: Optional[float] = typer.Option(None, "--prune-ffn", help="encoders: the share of each layer's FFN "
@@ -269,7 +271,7 @@ def compress(
     """Make a model smaller and faster for deployment (int8, or pruning with a recovery fine-tune); the result is
     a model dir with its lineage that predict, eval, export and serve take."""
     if report:
-        _compression_report([model_dir, *with_], str(data) if data else None, report_rows)
+        _compression_report([model_dir, *with_], str(data) if data else None, report_rows, report_bf16)
         return
     if out is None:
         raise UserError("--out DIR: where to write the compressed model dir")
@@ -298,17 +300,16 @@ def compress(
                   + (f" · validation {', '.join(scores)}" if scores else ""))
 
 
-def _compression_report(items: list[Path], data: str | None, rows: int) -> None:
+def _compression_report(items: list[Path], data: str | None, rows: int, bf16: bool) -> None:
     from tunelab.export.report import compression_report  # ONNX Runtime and the models: this path only
 
-    result = compression_report(items, data, rows)
+    result = compression_report(items, data, rows, bf16)
     table = Table(title=f"compression report ({result['rows']:,} test rows, {result['threads']} threads)")
     for column in ("model", "runtime", "weights MB", "p50 ms (b1)", "texts/s (b32)", "metric", "Δ"):
         table.add_column(column, justify="left" if column in ("model", "runtime") else "right")
     for r in result["models"]:
         delta = r.get("delta")
-        table.add_row(plain(r["model"]), r["runtime"] + (" int8" if "int8" in r["compression"]
-                                                         or r["quantize"] == "int8" else ""),
+        table.add_row(plain(r["model"]), f"{r['runtime']} {r['precision']}",
                       f"{r['size_mb']:.1f}", f"{r['p50_ms_batch1']:.1f} ({r['speedup_batch1']:.1f}x)",
                       f"{r['texts_per_s_batch32']:.0f} ({r['speedup_batch32']:.1f}x)",
                       f"{r['metric']} {r['value']:.4f}" if r["metric"] else "",

@@ -37,7 +37,8 @@ def test_compress_int8_writes_a_model_dir_that_predict_reads(tmp_path, tiny_clas
 
 def test_compress_report_prints_one_table(tmp_path, tiny_classifier):
     tl("compress", tiny_classifier, "--int8", "--out", tmp_path / "int8")
-    proc = tl("compress", tiny_classifier, "--report", "--with", tmp_path / "int8", "--rows", "16")
+    proc = tl("compress", tiny_classifier, "--report", "--with", tmp_path / "int8", "--rows", "16", "--bf16")
     assert "compression report (16 test rows" in proc.stdout and "pytorch int8" in proc.stdout
+    assert "pytorch bf16" in proc.stdout and "pytorch fp32" in proc.stdout
     assert "macro_f1" in proc.stdout
     fails_cleanly(tl("compress", tiny_classifier, "--int8", check=False), "--out DIR")
