@@ -110,7 +110,8 @@ class DataConfig(Section):
 
 
 class ScratchConfig(Section):
-    """A Llama-style decoder built from a config, with a byte-level BPE tokenizer trained on the corpus."""
+    """A Llama-style decoder built from a config, with a byte-level BPE tokenizer trained on the corpus (or an
+    existing model's tokenizer)."""
 
     vocab_size: int = Field(8192, ge=300, le=262144)
     hidden_size: int = Field(256, gt=0)
@@ -118,6 +119,8 @@ class ScratchConfig(Section):
     heads: int = Field(4, gt=0)
     kv_heads: int | None = Field(None, gt=0, description="grouped-query attention; default = heads")
     intermediate_size: int | None = Field(None, gt=0, description="default: 8/3 x hidden, rounded to 64")
+    tokenizer: str | None = Field(None, description="use this model's tokenizer (a base or a model dir) instead of "
+                                  "training one, e.g. to learn from it by token-level distillation")
 
     @model_validator(mode="after")
     def _check(self) -> "ScratchConfig":
@@ -220,9 +223,11 @@ class MethodConfig(Section):
 
 
 class DistillConfig(Section):
-    """Knowledge distillation from a trained model dir with the same labels and tokenizer (classification, NER)."""
+    """Knowledge distillation from a teacher with the same tokenizer: soft labels for classification and NER (a
+    model dir of the same task and labels), token-level for causal LM and SFT (a generative model dir or a base)."""
 
-    teacher: str = Field(..., description="the teacher: a model dir of the same task, labels and tokenizer")
+    teacher: str = Field(..., description="the teacher: a model dir of the same task, labels and tokenizer; causal "
+                         "LM / SFT: a causal LM or SFT model dir, or a base model")
     temperature: float = Field(2.0, gt=0, description="softens both distributions; the KL term is scaled by T²")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft labels (1 - alpha: the gold)")
 
@@ -286,7 +291,8 @@ DEFAULT_RATE_LIMIT = 600  # requests per minute per API key, when keys are set a
 class ServeConfig(Section):
     """`tunelab serve`: what is served and the limits that protect it."""
 
-    models: list[str] = Field(..., min_length=1, description="model dirs or base models; NAME=PATH sets the id")
+    models: list[str] = Field(..., min_length=1, description="model dirs, export dirs (ONNX: ONNX Runtime; GGUF: "
+                              "llama.cpp) or base models; NAME=PATH sets the id")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     api_keys_file: Path | None = Field(None, description="one key per line (# comments); also TUNELAB_API_KEYS")
@@ -313,6 +319,8 @@ class ServeConfig(Section):
     max_n: int = Field(8, gt=0, description="most choices per request (n x prompts)")
     default_max_tokens: int = Field(512, gt=0, description="when a request gives no max_tokens (capped by the "
                                     "context left)")
+    gguf_context: int = Field(2048, gt=0, description="GGUF exports (llama.cpp): tokens per parallel slot, prompt "
+                              "and answer together (capped by the model's context); the KV cache holds max_batch x it")
     drain_timeout_s: float = Field(30, gt=0, description="SIGTERM: how long in-flight requests may finish")
 
 

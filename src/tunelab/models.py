@@ -230,6 +230,15 @@ def load_tokenizer(ref: str | BaseRef, trust_remote_code: bool = False):
     return tok
 
 
+def tokenizer_of(ref: str):
+    """The tokenizer of a base (`load_tokenizer`) or of a tunelab model dir (the one it was trained with)."""
+    d = Path(ref)
+    if d.is_dir() and (d / META_FILE).is_file():
+        read_meta(d)  # a tunelab model dir, not a run dir or an export
+        return load_tokenizer(BaseRef(ref, d))
+    return load_tokenizer(ref)
+
+
 def _with_head(loader, base: BaseRef, tok, labels: list[str], trust_remote_code: bool):
     model, info = load_pretrained(
         loader, base, num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -292,11 +301,11 @@ def train_tokenizer(texts, vocab_size: int):
 
 
 def build_scratch_lm(scratch, texts, max_length: int, seed: int = 0):
-    """A new Llama-style decoder sized by `scratch` (a ScratchConfig) with a tokenizer trained on `texts`
-    -> (model, tokenizer, BaseRef("scratch"), [])."""
+    """A new Llama-style decoder sized by `scratch` (a ScratchConfig) with a tokenizer trained on `texts`, or
+    the tokenizer of the model `scratch.tokenizer` names -> (model, tokenizer, BaseRef("scratch"), [])."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = train_tokenizer(texts, scratch.vocab_size)
+    tok = tokenizer_of(scratch.tokenizer) if scratch.tokenizer else train_tokenizer(texts, scratch.vocab_size)
     inter = scratch.intermediate_size or 64 * round(8 * scratch.hidden_size / 3 / 64)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=scratch.hidden_size, intermediate_size=inter,
                       num_hidden_layers=scratch.layers, num_attention_heads=scratch.heads,

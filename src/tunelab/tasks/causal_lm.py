@@ -123,40 +123,49 @@ def one_per_row(segments: list[tuple[list[int], list[int]]], block: int) -> LMEn
     return enc
 
 
-def _lm_parts(model):
+def lm_parts(model):
     """(decoder body, output projection) of a causal LM, through a peft wrapper if any."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = lm.get_decoder() if hasattr(lm, "get_decoder") else getattr(lm, lm.base_model_prefix)
     return body, lm.get_output_embeddings()
 
 
-def _ce_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def lm_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The model's keyword arguments for a collated batch (packed rows carry positions, not a mask)."""
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+            "position_ids": batch.get("position_ids"), "use_cache": False}
+
+
+def target_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states at the batch's target positions -> ([n, hidden], their [n] targets)."""
+    body, _ = lm_parts(model)
+    hidden = body(**lm_inputs(batch)).last_hidden_state
+    sel = batch["targets"] != IGNORE
+    return hidden[sel], batch["targets"][sel]
+
+
+def chunked_sum(fn, *rows: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Sum of `fn(*chunk of each of rows)` (a scalar each) over chunks of `chunk` rows; with gradients on, each
+    chunk runs under activation checkpointing, so what `fn` builds inside (a chunk's logits) is freed at once and
+    recomputed in backward."""
+    total = rows[0].new_zeros((), dtype=torch.float32)
+    for i in range(0, len(rows[0]), chunk):
+        part = [r[i:i + chunk] for r in rows]
+        total = total + (checkpoint(fn, *part, use_reentrant=False) if torch.is_grad_enabled() else fn(*part))
+    return total
 
 
 def chunked_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 1024) -> torch.Tensor:
     """Sum of token cross-entropies over the target positions (see the module docstring)."""
-    body, head = _lm_parts(model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                  position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-    targets = batch["targets"]
-    sel = targets != IGNORE
-    h, t = hidden[sel], targets[sel]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, len(t), chunk):
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_ce_sum, head, h[i:i + chunk], t[i:i + chunk], use_reentrant=False)
-        else:
-            total = total + _ce_sum(head, h[i:i + chunk], t[i:i + chunk])
-    return total
+    head = lm_parts(model)[1]
+    return chunked_sum(lambda h, t: F.cross_entropy(head(h).float(), t, reduction="sum"),
+                       *target_hidden(model, batch), chunk=chunk)
 
 
 def full_logits_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Through the model's own forward (prompt-learning methods add virtual tokens/prefixes there; FSDP
-    gathers the root's sharded weights in it)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False).logits
-    logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning prepends virtual positions
+    gathers the root's sharded weights in it). Prompt tuning prepends virtual positions: only the last ones count."""
+    logits = model(**lm_inputs(batch)).logits[:, -batch["input_ids"].shape[1]:]
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), reduction="sum",
                            ignore_index=IGNORE)
 
