@@ -8,13 +8,19 @@ then a fixed-rate run (bounded count) for failures, latency percentiles and the 
 Reported: generated tokens/s, time-to-first-token and end-to-end p50/p99, and whether every served answer
 equals the naive greedy answer.
 
+Engines (the same chat requests, greedy, 64 new tokens): `tunelab serve` with its PyTorch engine on the model,
+`tunelab serve` with its llama.cpp engine on the model's Q8_0 GGUF export, and bare llama.cpp (`xllamacpp`, in
+this process, no HTTP) on the same file with the same slots and threads — one client at a time (single-stream
+tokens/s) and 16 concurrent clients.
+
 Classification (MiniLM-L6 with a 3-label head, real tweets, one text per request, 32 concurrent clients):
 `tunelab serve` with micro-batching (up to 64 texts or 5 ms) vs the same server with batches of one
-(`--encoder-batch 1 --encoder-wait-ms 0`, one forward per request). Reported: requests/s, p50/p99 latency.
+(`--encoder-batch 1 --encoder-wait-ms 0`, one forward per request), and the model's int8 ONNX export served by
+ONNX Runtime behind the same micro-batching. Reported: requests/s, p50/p99 latency.
 
 Writes benchmarks/results/serve_load.json.
 
-    python benchmarks/serve_load.py [--clients 16] [--tokens 64] [--rounds 2]
+    python benchmarks/serve_load.py [--clients 16] [--tokens 64] [--rounds 2] [--only generation|engines|classification]
 """
 
 from __future__ import annotations
@@ -116,8 +122,9 @@ def naive(convs: list[list[dict]], tokens: int) -> dict:
             "e2e_s_if_all_arrive_at_once": summary(done_at), "_texts": texts}
 
 
-async def chat_stream(client: httpx.AsyncClient, url: str, conv: list[dict], tokens: int) -> dict:
-    body = {"model": "smollm2-135m-instruct", "messages": conv, "max_tokens": tokens, "temperature": 0,
+async def chat_stream(client: httpx.AsyncClient, url: str, conv: list[dict], tokens: int,
+                      model: str = "smollm2-135m-instruct") -> dict:
+    body = {"model": model, "messages": conv, "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, text, usage = None, "", None
@@ -139,10 +146,11 @@ async def chat_stream(client: httpx.AsyncClient, url: str, conv: list[dict], tok
             "tokens": usage["completion_tokens"] if usage else 0}
 
 
-async def concurrent_round(url: str, convs: list[list[dict]], tokens: int) -> tuple[list[dict], float]:
+async def concurrent_round(url: str, convs: list[list[dict]], tokens: int,
+                           model: str = "smollm2-135m-instruct") -> tuple[list[dict], float]:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(convs))) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(chat_stream(client, url, c, tokens) for c in convs))
+        results = await asyncio.gather(*(chat_stream(client, url, c, tokens, model) for c in convs))
         return results, time.perf_counter() - start
 
 
@@ -184,6 +192,87 @@ def served_generation(convs, tokens: int, rounds: int, rate: float, rate_request
         return {"concurrent": concurrent, "fixed_rate": fixed}
     finally:
         srv.stop()
+
+
+# ---- engines: PyTorch, llama.cpp behind tunelab, bare llama.cpp -----------------------------------------
+def served_engine(args: list[str], model: str, convs, tokens: int, single: int, log: Path) -> dict:
+    """One server: `single` requests one at a time, then all of `convs` at once (after a warm-up)."""
+    srv = Server([*args, "--embedding-model", "none", "--max-batch", str(len(convs))], log)
+    try:
+        asyncio.run(concurrent_round(srv.url, convs[:2], 8, model))  # warm-up
+        alone = [asyncio.run(concurrent_round(srv.url, [c], tokens, model))[0][0] for c in convs[:single]]
+        together, wall = asyncio.run(concurrent_round(srv.url, convs, tokens, model))
+    finally:
+        srv.stop()
+    ok = [r for r in together if r["status"] == 200]
+    return {"single_stream_tokens_per_s": round(sum(r["tokens"] for r in alone) / sum(r["e2e"] for r in alone), 1),
+            "single_stream_ttft_s": summary([r["ttft"] for r in alone]),
+            "concurrent_tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+            "concurrent_e2e_s": summary([r["e2e"] for r in ok]), "failed": len(together) - len(ok),
+            "_texts": [r["text"] for r in ok]}
+
+
+def bare_llama_cpp(gguf: Path, convs, tokens: int, single: int) -> dict:
+    """llama.cpp itself on the same file: the same prompt token ids, slots and threads; no HTTP, no tunelab."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    import xllamacpp
+
+    from tunelab.models import BaseRef, load_tokenizer
+
+    tok = load_tokenizer(BaseRef(str(gguf.parent), gguf.parent))  # the export's: prompts rendered as the engine does
+    ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"] for c in convs]
+    p = xllamacpp.CommonParams()
+    p.model.path = str(gguf)
+    p.n_parallel = len(convs)
+    p.n_ctx = 2048 * len(convs)
+    p.cpuparams.n_threads = p.cpuparams_batch.n_threads = torch.get_num_threads()
+    p.warmup = False
+    p.verbosity = 0
+    server = xllamacpp.Server(p)
+
+    def ask(prompt):
+        start = time.perf_counter()
+        out = server.handle_completions({"prompt": prompt, "max_tokens": tokens, "temperature": 0})
+        return out["usage"]["completion_tokens"], time.perf_counter() - start
+
+    ask(ids[0][:8])  # warm-up
+    alone = [ask(i) for i in ids[:single]]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(ids)) as pool:
+        together = list(pool.map(ask, ids))
+    wall = time.perf_counter() - start
+    return {"single_stream_tokens_per_s": round(sum(n for n, _ in alone) / sum(t for _, t in alone), 1),
+            "concurrent_tokens_per_s": round(sum(n for n, _ in together) / wall, 1)}
+
+
+def engines(args, tmp: Path) -> dict:
+    from tunelab.export import export_model
+
+    gguf = Path(args.gguf) if args.gguf else tmp / "q8"
+    if not args.gguf:
+        print(f"exporting {args.model} to GGUF Q8_0 …", flush=True)
+        export_model(args.model, gguf, "gguf", quantize="q8_0")
+    convs = prompts(args.clients)
+    print("engines: PyTorch, llama.cpp behind tunelab, bare llama.cpp …", flush=True)
+    arms = {"pytorch": served_engine([f"m={args.model}"], "m", convs, args.tokens, args.single, tmp / "pt.log"),
+            "llama_cpp_engine": served_engine([f"m={gguf}"], "m", convs, args.tokens, args.single,
+                                              tmp / "llama.log"),
+            "bare_llama_cpp": bare_llama_cpp(gguf / "model.gguf", convs, args.tokens, args.single)}
+    same = sum(a == b for a, b in zip(arms["pytorch"].pop("_texts"), arms["llama_cpp_engine"].pop("_texts")))
+    pt, ll, bare = arms["pytorch"], arms["llama_cpp_engine"], arms["bare_llama_cpp"]
+    return {"model": args.model, "gguf": "Q8_0", "max_tokens": args.tokens, "clients": args.clients,
+            "single_stream_requests": args.single, **arms,
+            "greedy_answers_equal_pytorch_vs_llama_cpp": f"{same}/{len(convs)}",
+            "single_stream_ratio_llama_cpp_vs_pytorch": round(ll["single_stream_tokens_per_s"]
+                                                              / pt["single_stream_tokens_per_s"], 2),
+            "concurrent_ratio_llama_cpp_vs_pytorch": round(ll["concurrent_tokens_per_s"]
+                                                           / pt["concurrent_tokens_per_s"], 2),
+            "single_stream_engine_vs_bare": round(ll["single_stream_tokens_per_s"]
+                                                  / bare["single_stream_tokens_per_s"], 2),
+            "concurrent_engine_vs_bare": round(ll["concurrent_tokens_per_s"] / bare["concurrent_tokens_per_s"], 2)}
 
 
 # ---- classification ------------------------------------------------------------------------------------
@@ -241,12 +330,13 @@ CLASSIFY_ARMS = {
     "one_by_one_fp32": ["--encoder-batch", "1", "--encoder-wait-ms", "0", "--precision", "fp32"],
     "micro_batched_fp32": ["--encoder-batch", "64", "--encoder-wait-ms", "5", "--precision", "fp32"],
     "micro_batched_default": ["--encoder-batch", "64", "--encoder-wait-ms", "5"],
+    "onnx_int8_micro_batched": ["--encoder-batch", "64", "--encoder-wait-ms", "5"],  # served from the ONNX export
 }
 
 
 def served_classification(model_dir: Path, texts: list[str], clients: int, arm: str, tmp: Path) -> dict:
-    srv = Server([str(model_dir), "--embedding-model", "none", "--max-waiting", "256", *CLASSIFY_ARMS[arm]],
-                 tmp / f"{arm}.log")
+    srv = Server([f"minilm-sentiment={model_dir}", "--embedding-model", "none", "--max-waiting", "256",
+                  *CLASSIFY_ARMS[arm]], tmp / f"{arm}.log")
     try:
         asyncio.run(classify_load(srv.url, texts[:64], clients))  # warm-up
         res, wall = asyncio.run(classify_load(srv.url, texts, clients))
@@ -273,14 +363,21 @@ def generation(args, tmp: Path) -> dict:
 
 
 def classification(args, tmp: Path) -> dict:
+    from tunelab.export import export_model
+
     texts = tweets(args.classify_requests)
     model_dir = classifier_dir(tmp)
-    print("classification: one by one vs micro-batched …", flush=True)
-    arms = {arm: served_classification(model_dir, texts, args.classify_clients, arm, tmp) for arm in CLASSIFY_ARMS}
+    export_model(str(model_dir), tmp / "onnx-int8", "onnx", quantize="int8", thresholds={})  # a random head
+    print("classification: one by one vs micro-batched vs ONNX int8 …", flush=True)
+    arms = {arm: served_classification(tmp / "onnx-int8" if arm.startswith("onnx") else model_dir, texts,
+                                       args.classify_clients, arm, tmp) for arm in CLASSIFY_ARMS}
     anchor_rps = arms["one_by_one_fp32"]["requests_per_s"]
+    default_rps = arms["micro_batched_default"]["requests_per_s"]
     return {"model": "builtin:minilm-l6 + 3-label head", "texts": "real tweets, one per request", **arms,
             "ratio_micro_batched_fp32": round(arms["micro_batched_fp32"]["requests_per_s"] / anchor_rps, 2),
-            "ratio_micro_batched_default": round(arms["micro_batched_default"]["requests_per_s"] / anchor_rps, 2)}
+            "ratio_micro_batched_default": round(default_rps / anchor_rps, 2),
+            "ratio_onnx_int8_vs_pytorch_default": round(arms["onnx_int8_micro_batched"]["requests_per_s"]
+                                                        / default_rps, 2)}
 
 
 def main() -> None:
@@ -292,24 +389,35 @@ def main() -> None:
     ap.add_argument("--rate-requests", type=int, default=40)
     ap.add_argument("--classify-requests", type=int, default=640)
     ap.add_argument("--classify-clients", type=int, default=32)
-    ap.add_argument("--only", choices=["generation", "classification"],
-                    help="run one half; the other is kept from the previous results file")
+    ap.add_argument("--model", default=BASE, help="engines: the decoder (a model dir or base) and its GGUF export")
+    ap.add_argument("--gguf", help="engines: an existing GGUF export dir of --model (skips the export)")
+    ap.add_argument("--single", type=int, default=4, help="engines: requests sent one at a time")
+    ap.add_argument("--only", choices=["generation", "engines", "classification"],
+                    help="run one part; the others are kept from the previous results file")
     args = ap.parse_args()
     previous = RESULTS / "serve_load.json"
     result = json.loads(previous.read_text()) if args.only and previous.exists() else {}
     with tempfile.TemporaryDirectory() as d:
-        for part, fn in (("generation", generation), ("classification", classification)):
+        for part, fn in (("generation", generation), ("engines", engines), ("classification", classification)):
             if args.only in (None, part):
                 result[part] = fn(args, Path(d))
                 print(json.dumps(result[part], indent=1), flush=True)
-    gen, clf = result["generation"], result["classification"]
+    gen, clf, eng = result["generation"], result["classification"], result.get("engines")
     conc, fixed = gen["tunelab"]["concurrent"], gen["tunelab"]["fixed_rate"]
     arms = [v for v in clf.values() if isinstance(v, dict)]
     targets = {"generation_throughput_ratio>=4": gen["throughput_ratio"] >= 4,
                "p99<=3xp50": gen["p99_over_p50_e2e"] <= 3,
                "classification_ratio>=5": clf["ratio_micro_batched_default"] >= 5,
                "zero_failures": conc["failed"] == 0 and fixed["failed"] == 0 and all(a["failed"] == 0 for a in arms)}
-    path = write_result("serve_load", {"generation": gen, "classification": clf, "targets_met": targets})
+    if "ratio_onnx_int8_vs_pytorch_default" in clf:
+        targets["onnx_int8_vs_pytorch_classification>=2"] = clf["ratio_onnx_int8_vs_pytorch_default"] >= 2
+    if eng:
+        targets.update({"llama_cpp_single_stream>=5x_pytorch": eng["single_stream_ratio_llama_cpp_vs_pytorch"] >= 5,
+                        "llama_cpp_16_clients>=1.3x_pytorch": eng["concurrent_ratio_llama_cpp_vs_pytorch"] >= 1.3,
+                        "engine_within_10%_of_bare_llama_cpp": min(eng["single_stream_engine_vs_bare"],
+                                                                   eng["concurrent_engine_vs_bare"]) >= 0.9})
+    path = write_result("serve_load", {"generation": gen, "engines": eng, "classification": clf,
+                                       "targets_met": targets})
     print(json.dumps(targets), f"\nwrote {path}")
 
 

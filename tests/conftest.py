@@ -171,3 +171,34 @@ def tiny_ner(tmp_path_factory, ner_data) -> Path:
     run = tmp_path_factory.mktemp("ner-model") / "finance-ner"
     train(task_config(ner_data, "tiny-bert", epochs=6), run, show_progress=False)
     return run / "model"
+
+
+def _export(tmp_path_factory, source, name: str, fmt: str, **kw) -> Path:
+    from tunelab.export import export_model
+
+    out = tmp_path_factory.mktemp(f"export-{name}") / name
+    export_model(str(source), out, fmt, rows=4, **kw)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peaky_gguf(tmp_path_factory, peaky_llama) -> Path:
+    """peaky-llama as a GGUF export (f32: llama.cpp computes what PyTorch does; no thresholds, it is random)."""
+    return _export(tmp_path_factory, peaky_llama, "peaky", "gguf", quantize="f32", thresholds={})
+
+
+@pytest.fixture(scope="session")
+def classifier_onnx(tmp_path_factory, tiny_classifier) -> Path:
+    """The tiny classifier as an fp32 ONNX export (the same predictions as the model dir)."""
+    return _export(tmp_path_factory, tiny_classifier, "sentiment", "onnx")
+
+
+@pytest.fixture(scope="session")
+def ner_onnx(tmp_path_factory, tiny_ner) -> Path:
+    return _export(tmp_path_factory, tiny_ner, "ner", "onnx")
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(tmp_path_factory) -> Path:
+    """MiniLM's sentence embeddings as an ONNX export."""
+    return _export(tmp_path_factory, "builtin:minilm-l6", "minilm-l6", "onnx")

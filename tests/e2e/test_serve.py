@@ -1,5 +1,7 @@
 """`tunelab serve` as a black box in a subprocess: the official `openai` client, raw bad bodies, keys,
-limits, concurrency, disconnects, metrics and SIGTERM (RELIABILITY.md S1–S14)."""
+limits, concurrency, disconnects, metrics and SIGTERM (RELIABILITY.md S1–S14) — each against the PyTorch engine
+(model dirs, base models) and against the exported engines (a GGUF export in llama.cpp, ONNX exports in ONNX
+Runtime), under the same model ids."""
 
 from __future__ import annotations
 
@@ -21,10 +23,26 @@ CHAT = {"model": "peaky", "messages": [{"role": "user", "content": "What is the 
         "max_tokens": 12, "temperature": 0}
 
 
+ENGINES = {"pytorch": {"peaky": "pytorch", "sentiment": "pytorch", "minilm-l6": "pytorch"},
+           "exported": {"peaky": "llama.cpp", "sentiment": "onnxruntime", "minilm-l6": "onnxruntime"}}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engines(request) -> str:
+    return request.param
+
+
+def peaky_model(request, engines: str) -> str:
+    return f"peaky={request.getfixturevalue('peaky_llama' if engines == 'pytorch' else 'peaky_gguf')}"
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, peaky_llama, tiny_classifier, sft_lora):
+def server(request, engines, tmp_path_factory, tiny_classifier, sft_lora):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    srv = ServerProcess([f"peaky={peaky_llama}", str(tiny_classifier), f"chat-a={sft_lora}", f"chat-b={sft_lora}",
+    encoders = [str(tiny_classifier)] if engines == "pytorch" else [
+        f"sentiment={request.getfixturevalue('classifier_onnx')}",
+        f"minilm-l6={request.getfixturevalue('minilm_onnx')}"]
+    srv = ServerProcess([peaky_model(request, engines), *encoders, f"chat-a={sft_lora}", f"chat-b={sft_lora}",
                          "--max-batch", "8", "--max-waiting", "32", "--max-body-bytes", "200000",
                          "--rate-limit", "0"], log,  # unlimited: this module sends hundreds of requests at once
                         env={"TUNELAB_API_KEYS": KEY})
@@ -64,10 +82,12 @@ def test_banner_names_models_and_snippets(server):
     assert "curl " in text and "openai.OpenAI(" in text
 
 
-def test_models_lists_everything_served(client):
+def test_models_lists_everything_served(client, engines):
     ids = {m.id: m for m in client.models.list().data}
     assert set(ids) == {"peaky", "sentiment", "chat-a", "chat-b", "minilm-l6"}
     assert client.models.retrieve("peaky").id == "peaky"
+    assert {k: ids[k].tunelab_engine for k in ENGINES[engines]} == ENGINES[engines]
+    assert ids["chat-a"].tunelab_engine == "pytorch"  # LoRA adapters sharing a base stay on the PyTorch engine
 
 
 def test_chat_non_streaming_and_streaming_agree(client):
@@ -247,9 +267,9 @@ def test_metric_names_are_pinned(server, client):
 
 # ---- a small server: admission, rate limits, disconnects, SIGTERM (S6, S9, S11) ------------------------
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory, peaky_llama):
+def tight(request, engines, tmp_path_factory):
     log = tmp_path_factory.mktemp("tight") / "server.log"
-    srv = ServerProcess([f"peaky={peaky_llama}", "--embedding-model", "none", "--max-batch", "1",
+    srv = ServerProcess([peaky_model(request, engines), "--embedding-model", "none", "--max-batch", "1",
                          "--max-waiting", "0", "--rate-limit", "60", "--drain-timeout", "60"], log,
                         env={"TUNELAB_API_KEYS": f"{KEY},{OTHER_KEY},{THIRD_KEY}"})
     yield srv
@@ -304,9 +324,9 @@ def test_rate_limit_is_per_key_with_retry_after(tight):
     assert post(tight, "/v1/completions", body, headers=AUTH).status_code == 200  # other keys unaffected
 
 
-def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(tmp_path, peaky_llama):
+def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(request, engines, tmp_path):
     # a long drain timeout: the 1500-token stream takes ~30 s on a loaded CPU, and must not be cut off
-    srv = ServerProcess([f"peaky={peaky_llama}", "--embedding-model", "none", "--drain-timeout", "120"],
+    srv = ServerProcess([peaky_model(request, engines), "--embedding-model", "none", "--drain-timeout", "120"],
                         tmp_path / "server.log")
     result = {}
 

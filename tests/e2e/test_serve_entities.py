@@ -1,5 +1,6 @@
 """`tunelab serve` with an NER model dir as a black box: POST /v1/entities (one text, a list), character
-offsets into each text, the wrong route for a model kind, and keys."""
+offsets into each text, the wrong route for a model kind, and keys — the model dirs in PyTorch, and their ONNX
+exports in ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ TEXTS = ["Shares of Silverspring Energy fell 4% after Tom Novak, its chief execu
          "腾讯控股今天在香港上涨3%", "Falcon Rock Energy (FRE) reported quarterly revenue of $5.2 billion."]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_ner, tiny_classifier):
+@pytest.fixture(scope="module", params=["pytorch", "onnxruntime"])
+def server(request, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-ner") / "server.log"
-    srv = ServerProcess([f"ner={tiny_ner}", str(tiny_classifier), "--embedding-model", "none"], log,
+    names = ("tiny_ner", "tiny_classifier") if request.param == "pytorch" else ("ner_onnx", "classifier_onnx")
+    ner, classifier = (request.getfixturevalue(n) for n in names)
+    srv = ServerProcess([f"ner={ner}", f"sentiment={classifier}", "--embedding-model", "none"], log,
                         env={"TUNELAB_API_KEYS": KEY})
+    srv.engine = request.param
     yield srv
     assert srv.stop() == 0
     assert "Traceback" not in log.read_text()
@@ -38,6 +42,7 @@ def check(text, entities):
 def test_models_list_the_ner_model_as_entities(server):
     listing = httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"]
     assert {m["id"]: m["tunelab_kind"] for m in listing} == {"ner": "entities", "sentiment": "classify"}
+    assert {m["tunelab_engine"] for m in listing} == {server.engine}
 
 
 def test_entities_for_one_text_and_a_list(server):

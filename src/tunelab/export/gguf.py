@@ -10,7 +10,8 @@ hyper-parameters, the byte-level BPE vocabulary with its merges, the special tok
 stop tokens. Parity: the file is read back by `transformers` (`gguf_file=`) and its next-token distributions are
 compared with the PyTorch model's over every token of the parity rows (mean KL divergence, top-1 agreement,
 perplexity ratio); then a real llama.cpp (the `xllamacpp` wheel) loads it and continues the first rows greedily:
-its tokens against PyTorch's, and its top-5 next-token candidates.
+its tokens against PyTorch's, and its top-5 next-token candidates. The tokenizer files sit beside the file, so that
+`tunelab serve` renders and tokenises prompts exactly as in training and hands llama.cpp token ids.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def write_gguf(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
     figures = _parity(model, tok, out, texts, max_length)
     figures.update(_llama_cpp(model, tok, out / FILE, texts, max_length))
     figures["size_mb"] = (out / FILE).stat().st_size / 2**20
+    tok.save_pretrained(out)  # the tokenizer it was trained with, chat template and all: `serve` renders prompts by it
     return {"method": method, "type": qtype, "calibration": calibration, "figures": figures,
             "thresholds": THRESHOLDS[qtype] if thresholds is None else thresholds,
             "files": {FILE: {"size": (out / FILE).stat().st_size, "sha256": sha256_file(out / FILE)}}}

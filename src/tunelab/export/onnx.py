@@ -18,6 +18,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -198,6 +199,27 @@ def session(path: Path):
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch: a fair comparison
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxEncoder(torch.nn.Module):
+    """An ONNX export run by ONNX Runtime behind a transformers-like call — `model(input_ids=…, attention_mask=…)`
+    -> an output with `.logits` or `.embeddings` (float32 CPU tensors) — so the code that serves and evaluates a
+    PyTorch encoder runs the export unchanged (nothing in it trains: its one parameter is empty and names the
+    device, the CPU)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.session = session(path)
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.device_anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_):
+        feed = {"input_ids": input_ids.cpu().numpy().astype(np.int64),
+                "attention_mask": attention_mask.cpu().numpy().astype(np.int64)}
+        values = self.session.run(self.outputs, {k: v for k, v in feed.items() if k in self.inputs})
+        return SimpleNamespace(**{name: torch.from_numpy(np.asarray(v, dtype=np.float32))
+                                  for name, v in zip(self.outputs, values)})
 
 
 def ort_runner(session, output: str):

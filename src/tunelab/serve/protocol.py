@@ -377,13 +377,15 @@ class EncoderResults(Response):
 
 
 class ModelCard(Response):
-    """One served model as /v1/models lists it; `tunelab_kind` says which endpoints answer for it."""
+    """One served model as /v1/models lists it; `tunelab_kind` says which endpoints answer for it, `tunelab_engine`
+    what runs it (pytorch, onnxruntime, llama.cpp)."""
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tunelab"
     tunelab_kind: str
+    tunelab_engine: str = "pytorch"
 
 
 class ModelList(Response):

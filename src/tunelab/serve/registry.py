@@ -1,11 +1,15 @@
 """The models one server holds, by id, and the engine behind each.
 
 A MODEL argument is a tunelab model dir (classification -> /v1/classify; token_classification (NER) ->
-/v1/entities; causal_lm / sft -> chat and text completions) or a base model (builtin:…, tiny-llama, an HF
-dir, a .gguf): decoders are served for generation, encoders for embeddings (told apart by `config.json`, so
-an encoder never generates); a run dir, or anything else that is no model, is refused before the server
-starts. `NAME=PATH` sets the id; otherwise a model dir is named after its run (`runs/NAME/model` -> NAME)
-and a built-in after itself (`smollm2-135m-instruct`).
+/v1/entities; causal_lm / sft -> chat and text completions), an export dir (`tunelab export`), or a base model
+(builtin:…, tiny-llama, an HF dir, a .gguf): decoders are served for generation, encoders for embeddings (told
+apart by `config.json`, so an encoder never generates); a run dir, or anything else that is no model, is refused
+before the server starts. `NAME=PATH` sets the id; otherwise a model dir is named after its run
+(`runs/NAME/model` -> NAME), an export dir after itself and a built-in after itself (`smollm2-135m-instruct`).
+
+The engine follows the model: model dirs and base models run in PyTorch; an ONNX export (fp32 or int8) runs in
+ONNX Runtime behind the same micro-batching (`export.onnx.OnnxEncoder`); a GGUF export runs in llama.cpp
+(`serve.llamacpp`), its prompts rendered and tokenised by the tokenizer the model was trained with.
 
 LoRA model dirs on the same base share one copy of the base and one engine: each sequence in a batch
 runs through its own adapter (peft's mixed-adapter batches).
@@ -22,10 +26,10 @@ import torch
 
 from tunelab.artifacts import kind_of
 from tunelab.assets import builtin_path
-from tunelab.errors import UserError
+from tunelab.errors import UserError, read_json_file
 from tunelab.generate import base_kind, load_generator
 from tunelab.model_files import check_model_folder, check_tokenizer_folder
-from tunelab.models import (META_FILE, load_model_dir, load_pretrained, load_tokenizer, max_length_of,
+from tunelab.models import (META_FILE, BaseRef, load_model_dir, load_pretrained, load_tokenizer, max_length_of,
                             quiet_transformers, read_meta, resolve_base, sentence_embeddings)
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.protocol import APIError, ModelCard, bad_request
@@ -47,7 +51,7 @@ class Spec:
     id: str
     ref: str
     kind: str  # generate | classify | entities | embed
-    model_dir: bool
+    engine: str = "pytorch"  # pytorch | onnxruntime | llama.cpp
     base: str | None = None  # for LoRA model dirs: the base they share
     meta: dict = field(default_factory=dict)
 
@@ -60,6 +64,7 @@ class Served:
     id: str
     kind: str
     created: int
+    runtime: str = "pytorch"  # the engine's name, as /v1/models lists it
     tokenizer: object = None
     engine: GenerationEngine | None = None
     batcher: MicroBatcher | None = None
@@ -99,6 +104,8 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
     if folder == "run":
         raise UserError(f"{ref} is a run dir; serve its model: {d / 'model'}" if (d / "model").is_dir() else
                         f"{ref} is a run dir without a model/ yet (its training has not finished)")
+    if folder == "export":
+        return _export_spec(d, name)
     if folder not in (None, "model", "unknown"):
         raise UserError(f"{ref} is a tunelab {folder}, not a model")
     if (d / META_FILE).is_file():
@@ -110,12 +117,32 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
                             "batch); use `tunelab generate`, or train with LoRA")
         lora = (d / "adapter_config.json").is_file() and method in ("lora", "adalora")
         default = d.parent.name if d.name == "model" and d.parent.name else d.name
-        return Spec(name or default, ref, kind, True, meta["base"]["ref"] if lora else None, meta)
+        return Spec(name or default, ref, kind, base=meta["base"]["ref"] if lora else None, meta=meta)
     if ref.startswith("builtin:"):
         builtin_path(ref)  # unknown or not installed: say so now, not after the server has started
     default = ref.removeprefix("builtin:") if ref.startswith("builtin:") else d.name.removesuffix(".gguf")
     kind = base_kind(ref)
-    return Spec(name or default, ref, "embed" if embedding else kind, False)
+    return Spec(name or default, ref, "embed" if embedding else kind)
+
+
+def _export_spec(d: Path, name: str | None) -> Spec:
+    """An export dir: ONNX (encoders) runs in ONNX Runtime, GGUF (decoders) in llama.cpp."""
+    meta = read_json_file(d / META_FILE, f"{d} has no {META_FILE}")
+    fmt, task = meta.get("format"), meta.get("task")
+    files = {"onnx": "model.onnx", "gguf": "model.gguf"}
+    if fmt not in files:
+        source = (meta.get("source") or {}).get("model_dir")
+        raise UserError(f"{d} is a {fmt} export; serve the model dir it came from ({source}), or its ONNX or GGUF "
+                        "export")
+    if not (d / files[fmt]).is_file():
+        raise UserError(f"{d} is a {fmt} export without its {files[fmt]}")
+    if not (d / "tokenizer_config.json").is_file():
+        raise UserError(f"{d} has no tokenizer files (an export of an older tunelab); export it again")
+    check_tokenizer_folder(d)
+    if fmt == "onnx":
+        kind = "embed" if task == "embeddings" else task_spec(task, str(d)).served_as
+        return Spec(name or d.name, str(d), kind, "onnxruntime", meta=meta)
+    return Spec(name or d.name, str(d), "generate", "llama.cpp", meta=meta)
 
 
 def check_specs(items: list[str], embedding_model: str | None) -> list[Spec]:
@@ -155,7 +182,8 @@ class Registry:
 
     def listing(self) -> list[ModelCard]:
         """The loaded models as /v1/models lists them; in argument order once `ready`."""
-        return [ModelCard(id=s.id, created=s.created, tunelab_kind=s.kind) for s in self.models.values()]
+        return [ModelCard(id=s.id, created=s.created, tunelab_kind=s.kind, tunelab_engine=s.runtime)
+                for s in self.models.values()]
 
     # ---- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -166,7 +194,9 @@ class Registry:
             if s.kind == "generate" and s.base is not None:
                 groups.setdefault(s.base, []).append(s)
         for s in self.specs:
-            if s.kind == "classify":
+            if s.engine == "llama.cpp":
+                self._add_llamacpp(s)
+            elif s.kind == "classify":
                 self._add_classifier(s)
             elif s.kind == "entities":
                 self._add_entities(s)
@@ -210,13 +240,38 @@ class Registry:
         self._closers.append(engine.close)
         context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         for s in specs:
-            self.models[s.id] = Served(s.id, "generate", int(time.time()), tokenizers[s.id], engine=engine,
+            self.models[s.id] = Served(s.id, "generate", int(time.time()), "pytorch", tokenizers[s.id], engine=engine,
                                        adapter=adapters[s.id], context=context)
         log.info("loaded %s for generation (%s)", ", ".join(s.id for s in specs),
                  "shared base, LoRA per request" if len(specs) > 1 else "one model")
 
+    def _add_llamacpp(self, s: Spec) -> None:
+        """A GGUF export in llama.cpp: `max_batch` slots of `gguf_context` tokens (at most the file's context)."""
+        from tunelab.serve.llamacpp import LlamaCppEngine, gguf_context  # llama.cpp: only for a GGUF export
+
+        d = Path(s.ref)
+        tok = load_tokenizer(BaseRef(s.ref, d))
+        tok("warm-up")  # the first call writes tokenizer state: once, here, not in concurrent request threads
+        context = min(self.settings.gguf_context, gguf_context(d / "model.gguf") or self.settings.gguf_context)
+        engine = LlamaCppEngine(d / "model.gguf", self.settings.max_batch, context, self.settings.max_waiting,
+                                name=s.id, metrics=self.metrics)
+        self._closers.append(engine.close)
+        self.models[s.id] = Served(s.id, "generate", int(time.time()), "llama.cpp", tok, engine=engine,
+                                   context=context)
+        log.info("loaded %s for generation (llama.cpp, %d slots of %d tokens)", s.id, self.settings.max_batch,
+                 context)
+
+    def _encoder(self, s: Spec, task: str):
+        """(model, tokenizer, meta) of an encoder: a model dir in PyTorch, or an ONNX export in ONNX Runtime (the
+        same call, see `OnnxEncoder`)."""
+        if s.engine == "onnxruntime":
+            from tunelab.export.onnx import OnnxEncoder  # ONNX Runtime: only for an ONNX export
+
+            return OnnxEncoder(Path(s.ref) / "model.onnx"), load_tokenizer(BaseRef(s.ref, Path(s.ref))), s.meta
+        return load_model_dir(s.ref, self.device, tasks=(task,))
+
     def _add_classifier(self, s: Spec) -> None:
-        model, tok, meta = load_model_dir(s.ref, self.device, tasks=("classification",))
+        model, tok, meta = self._encoder(s, "classification")
         labels, max_length = list(meta["labels"]), max_length_of(meta)
 
         def head(enc) -> list[dict]:
@@ -229,7 +284,7 @@ class Registry:
     def _add_entities(self, s: Spec) -> None:
         """An NER model dir: texts -> {"entities": [{"type", "text", "start", "end", "score"}], "tokens"} each,
         character offsets into the text (`TokenClassificationTask.text_entities`)."""
-        model, tok, meta = load_model_dir(s.ref, self.device, tasks=("token_classification",))
+        model, tok, meta = self._encoder(s, "token_classification")
         task = TokenClassificationTask(tok, list(meta["labels"]), max_length_of(meta))
         precision = resolve_precision(self.settings.precision, self.device)
 
@@ -242,6 +297,12 @@ class Registry:
     def _add_embedder(self, s: Spec) -> None:
         from transformers import AutoModel  # loads with the models, as above
 
+        if s.engine == "onnxruntime":  # the export pools and normalises in its graph
+            model, tok, meta = self._encoder(s, "embeddings")
+            vectors = self._encoder_run(tok, max_length_of(meta), lambda enc: [
+                {"embedding": v} for v in model(**enc).embeddings.tolist()])
+            self._add_encoder(s, "embed", vectors, tok)
+            return
         base = resolve_base(s.ref)
         tok = load_tokenizer(base)
         model = load_pretrained(AutoModel, base, dtype=torch.float32).to(self.device).eval()
@@ -279,6 +340,6 @@ class Registry:
                                max_wait_ms=self.settings.encoder_wait_ms, max_waiting=self.settings.max_waiting,
                                name=s.id, metrics=self.metrics)
         self._closers.append(batcher.close)
-        self.models[s.id] = Served(s.id, kind, int(time.time()), tok, batcher=batcher)
-        log.info("loaded %s for %s", s.id, ROUTE_OF_KIND[kind])
+        self.models[s.id] = Served(s.id, kind, int(time.time()), s.engine, tok, batcher=batcher)
+        log.info("loaded %s for %s (%s)", s.id, ROUTE_OF_KIND[kind], s.engine)
 

@@ -117,7 +117,7 @@ def serve(cfg: ServeConfig, out=print) -> int:
         gen = next((s.id for s in specs if s.kind == "generate"), None)
         out(f"tunelab serving on {url}   (playground: {url}/ , ready when {url}/ready answers 200)")
         for s in specs:
-            out(f"  model {s.id:<28} {s.kind:<9} {s.ref}")
+            out(f"  model {s.id:<28} {s.kind:<9} {s.engine:<12} {s.ref}")
         auth = '-H "Authorization: Bearer $KEY" ' if keys else ""
         if gen:
             out("try:")
