@@ -229,6 +229,7 @@ def bare_llama_cpp(gguf: Path, convs, tokens: int, single: int) -> dict:
     p.n_parallel = len(convs)
     p.n_ctx = 2048 * len(convs)
     p.cpuparams.n_threads = p.cpuparams_batch.n_threads = torch.get_num_threads()
+    p.cpuparams.poll = p.cpuparams_batch.poll = 0  # as the engine runs it: what the server adds is all that differs
     p.warmup = False
     p.verbosity = 0
     server = xllamacpp.Server(p)

@@ -110,7 +110,8 @@ class LlamaCppEngine:
         p = s.params
         req = {"prompt": s.prompt, "max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
                "top_k": p.top_k, "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
-               "repeat_last_n": self.context, "repeat_penalty": 1.0, "stop": p.stop, "stream": True, "cache_prompt": True}
+               "repeat_last_n": self.context, "repeat_penalty": 1.0, "stop": p.stop, "stream": True,
+               "cache_prompt": True, "min_p": 0.0}  # llama.cpp's default min-p (0.05) cuts a tail OpenAI's keeps
         if p.seed is not None:
             req["seed"] = p.seed % 2**32  # llama.cpp seeds are 32-bit
         return req
