@@ -37,7 +37,7 @@ demo: install
 	$(BIN)/tunelab quickstart --overwrite
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -202,3 +202,15 @@ def ner_onnx(tmp_path_factory, tiny_ner) -> Path:
 def minilm_onnx(tmp_path_factory) -> Path:
     """MiniLM's sentence embeddings as an ONNX export."""
     return _export(tmp_path_factory, "builtin:minilm-l6", "minilm-l6", "onnx")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q8(tmp_path_factory) -> tuple[Path, dict]:
+    """The built-in SmolLM2 as a Q8_0 GGUF export, and its parity record (integration tests: ~1.5 min). No dataset:
+    parity and calibration read the built-in sentences; a few dozen tokens, so top-1 is held loosely."""
+    from tunelab.export import export_model
+
+    out = tmp_path_factory.mktemp("smollm2-q8") / "smollm2-135m-instruct"
+    record = export_model("builtin:smollm2-135m-instruct", out, "gguf", quantize="q8_0", rows=8,
+                          thresholds={"mean_kl": ("max", 1e-3), "top1_agreement": ("min", 0.95)})
+    return out, record

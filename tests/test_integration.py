@@ -67,19 +67,16 @@ def test_smollm2_lora_classifier_trains(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_smollm2_exports_to_gguf_q8_0_and_llama_cpp_answers_paris(tmp_path):
+def test_smollm2_exports_to_gguf_q8_0_and_llama_cpp_answers_paris(smollm2_q8):
     import xllamacpp
 
-    from tunelab.export import export_model
     from tunelab.export.gguf import quiet_stderr
 
-    # no dataset: parity and calibration read the built-in sentences; a few dozen tokens, so top-1 is held loosely
-    record = export_model("builtin:smollm2-135m-instruct", tmp_path / "q8", "gguf", quantize="q8_0", rows=8,
-                          thresholds={"mean_kl": ("max", 1e-3), "top1_agreement": ("min", 0.95)})
+    out, record = smollm2_q8
     f = record["figures"]
     assert f["mean_kl"] <= 1e-3 and abs(f["perplexity_ratio"] - 1) < 0.02 and f["llama_cpp_top5_overlap"] >= 0.8
     params = xllamacpp.CommonParams()
-    params.model.path = str(tmp_path / "q8" / "model.gguf")
+    params.model.path = str(out / "model.gguf")
     params.n_ctx = 512
     params.use_jinja = True  # llama.cpp renders the chat template the file carries
     params.warmup = False

@@ -384,14 +384,10 @@ def test_refuses_public_bind_without_keys_and_short_keys(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("engine", ["pytorch", "llama.cpp"])
-def test_smollm2_served_answers_and_batches_exactly(tmp_path, engine):
+def test_smollm2_served_answers_and_batches_exactly(request, tmp_path, engine):
     model = "builtin:smollm2-135m-instruct"
-    if engine == "llama.cpp":  # its Q8_0 export (a few dozen parity tokens: top-1 held loosely)
-        from tunelab.export import export_model
-
-        export_model(model, tmp_path / "smollm2-135m-instruct", "gguf", quantize="q8_0", rows=8,
-                     thresholds={"mean_kl": ("max", 1e-3), "top1_agreement": ("min", 0.95)})
-        model = str(tmp_path / "smollm2-135m-instruct")
+    if engine == "llama.cpp":  # its Q8_0 export
+        model = str(request.getfixturevalue("smollm2_q8")[0])
     srv = ServerProcess([model, "--embedding-model", "none"], tmp_path / "server.log")
     try:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
