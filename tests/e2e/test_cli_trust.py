@@ -240,8 +240,9 @@ def test_predict_table_prints_brackets_in_user_text_as_written(tiny_classifier, 
 # ---- 11: chat commands and Ctrl-C ------------------------------------------------------------------------
 
 def _read_until(proc, stream, marker: str, timeout: float = 120) -> str:
+    """What `stream` gives until `marker` has come (an empty marker: the next chunk)."""
     got, end = "", time.time() + timeout
-    while marker not in got:
+    while marker not in got or not got:
         assert time.time() < end, f"no {marker!r} in time: {got!r}"
         ready, _, _ = select.select([stream], [], [], 0.5)
         if ready:
@@ -265,8 +266,9 @@ def test_chat_commands_answer_and_ctrl_c_stops_only_the_answer(outside):
         assert "/reset" in err and "history cleared" in err
         proc.stdin.write("hello there\n")
         proc.stdin.flush()
-        _read_until(proc, proc.stdout, "model> ")
-        _read_until(proc, proc.stdout, " ")  # the answer has started streaming
+        streamed = _read_until(proc, proc.stdout, "model> ")
+        while len(streamed.split("model> ", 1)[1]) < 80:  # well into the answer (first-token set-up is over)
+            streamed += _read_until(proc, proc.stdout, "")
         proc.send_signal(signal.SIGINT)
         _read_until(proc, proc.stderr, "(answer stopped)")
         proc.stdin.write("/history\n/exit\n")
