@@ -255,9 +255,11 @@ def _read_until(proc, stream, marker: str, timeout: float = 120) -> str:
 def test_chat_commands_answer_and_ctrl_c_stops_only_the_answer(outside):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     # tiny-llama never produces its end token: an answer runs to --max-tokens, long enough to be interrupted
+    # as at a terminal: Ctrl-C interrupts. A test run started in the background (`cmd &` in a script) inherits SIGINT
+    # ignored, and Python leaves an inherited SIG_IGN alone, so the chat would never see the signal
     proc = subprocess.Popen([sys.executable, "-m", "tunelab", "chat", "tiny-llama", "--max-tokens", "900"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=outside,
-                            env=env, text=True)
+                            env=env, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _read_until(proc, proc.stderr, "/help lists the commands")
         proc.stdin.write("/help\n/reset\n/frobnicate\n")
