@@ -14,23 +14,29 @@ its whole test split:
    reference quantiser (`gguf.quants.quantize`, the rounding of llama.cpp's converter: each block's scale from
    its largest value) writing the same file, beside tunelab's searched, activation-weighted scales.
 
+The GGUF arms run tunelab's quantiser (searched scales, then GPTQ levels), the same with searched scales only, and
+the reference.
+
 Writes benchmarks/results/export.json. Needs the model `make demo` trains (`runs/quickstart/model`), or --model.
+`--gguf-only` measures the GGUF arms again (they need only the decoder and a dataset) and keeps the other arms of
+the existing results file, saying so in it.
 
     python benchmarks/export.py [--model runs/quickstart/model] [--rows 0 (= the whole test split)]
                                 [--encoder builtin:minilm-l6] [--decoder builtin:smollm2-135m-instruct]
-                                [--gguf-rows 100]
+                                [--gguf-rows 100] [--gguf-only --data data/tweets]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import RESULTS, write_result  # noqa: E402
 
 import gguf  # noqa: E402
 
@@ -45,7 +51,12 @@ def main() -> None:
     ap.add_argument("--encoder", default="builtin:minilm-l6", help="the base encoder exported for embeddings")
     ap.add_argument("--decoder", default="builtin:smollm2-135m-instruct", help="the decoder exported to GGUF")
     ap.add_argument("--gguf-rows", type=int, default=100, help="test rows the GGUF parity runs on (0: skip GGUF)")
+    ap.add_argument("--gguf-only", action="store_true",
+                    help="measure the GGUF arms again and keep the others from the existing results file")
+    ap.add_argument("--data", default="data/tweets", help="with --gguf-only: the dataset of the GGUF rows")
     args = ap.parse_args()
+    if args.gguf_only:
+        return _gguf_only(args)
     meta = read_meta(args.model)
     rows = args.rows or sum(1 for _ in open(Path(meta["data"]["path"]) / "test.jsonl", encoding="utf-8"))
     arms = {}
@@ -93,22 +104,40 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+def _gguf_only(args) -> None:
+    """The GGUF arms measured again into the existing results file; its other arms stay as they were."""
+    path = RESULTS / "export.json"
+    result = json.loads(path.read_text())
+    for key in ("benchmark", "machine"):  # written afresh
+        result.pop(key)
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf_arms = _gguf_arms(args.decoder, args.data, args.gguf_rows, Path(tmp))
+    result["arms"] = {**{k: v for k, v in result["arms"].items() if not k.startswith("gguf_")}, **gguf_arms}
+    result["targets"] = {**{k: v for k, v in result["targets"].items() if not k.startswith("gguf")},
+                         **_gguf_targets(result["arms"])}
+    result["gguf_arms"] = f"measured again on their own ({time.strftime('%Y-%m-%d')}); the other arms are earlier"
+    print(f"wrote {write_result('export', result)}")
+
+
 def _gguf_arms(decoder: str, data: str, rows: int, tmp: Path) -> dict:
-    """The decoder as GGUF of each type, with tunelab's quantiser and (Q8_0, Q4_0) the reference one; no threshold
-    stops an arm, the targets are judged after."""
+    """The decoder as GGUF of each type: tunelab's quantiser (searched scales, GPTQ levels), searched scales only,
+    and (Q8_0, Q4_0) the reference one; no threshold stops an arm, the targets are judged after."""
     arms = {}
-    searched = quants.quantize
-    for name, qtype, reference in (("gguf_f16", "f16", False), ("gguf_q8_0", "q8_0", False),
-                                   ("gguf_q8_0_reference", "q8_0", True), ("gguf_q4_0", "q4_0", False),
-                                   ("gguf_q4_0_reference", "q4_0", True)):
-        if reference:  # the anchor's rounding: each block's scale from its largest value
-            quants.quantize = lambda data, kind, weights=None: gguf.quants.quantize(data, kind)
+    fitted = quants.quantize
+    variants = {"reference": lambda data, kind, hessian=None, compensate=True: gguf.quants.quantize(data, kind),
+                "searched": lambda data, kind, hessian=None, compensate=True: fitted(data, kind, hessian, False)}
+    for name, qtype, variant in (("gguf_f16", "f16", None), ("gguf_q8_0", "q8_0", None),
+                                 ("gguf_q8_0_searched", "q8_0", "searched"),
+                                 ("gguf_q8_0_reference", "q8_0", "reference"), ("gguf_q4_0", "q4_0", None),
+                                 ("gguf_q4_0_searched", "q4_0", "searched"),
+                                 ("gguf_q4_0_reference", "q4_0", "reference")):
+        quants.quantize = variants.get(variant, fitted)  # reference: each block's scale from its largest value
         start = time.perf_counter()
         try:
             record = export_model(decoder, tmp / name, "gguf", quantize=qtype, rows=rows, data_dir=data,
                                   thresholds={})
         finally:
-            quants.quantize = searched
+            quants.quantize = fitted
         arms[name] = {"export_s": time.perf_counter() - start, **record}
         f = record["figures"]
         print(f"{name:20} KL {f['mean_kl']:.2e} · top-1 {f['top1_agreement']:.4f} over {f['tokens']} tokens"

@@ -4,8 +4,8 @@ package.
 
 Tensors follow llama.cpp's names, with the q/k projections permuted the way its converter does (llama.cpp's rope
 pairs dimensions (i, i + d/2) where transformers' rotate_half layout is stored); norms stay F32, matrices take
-the asked type (F32, F16, BF16, Q8_0, Q4_0; the last two with block scales searched against calibration text,
-see `quants`; a matrix whose rows do not split into 32-value blocks falls back to F16). The metadata carries the
+the asked type (F32, F16, BF16, Q8_0, Q4_0; the last two with block scales and levels fitted to calibration
+text, see `quants`; a matrix whose rows do not split into 32-value blocks falls back to F16). The metadata carries the
 hyper-parameters, the byte-level BPE vocabulary with its merges, the special tokens, the chat template and the
 stop tokens. Parity: the file is read back by `transformers` (`gguf_file=`) and its next-token distributions are
 compared with the PyTorch model's over every token of the parity rows (mean KL divergence, top-1 agreement,
@@ -60,7 +60,7 @@ LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_att
 def write_gguf(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str | None = None,
                thresholds: dict | None = None, data_dir: str | None = None) -> dict:
     """Write `model.gguf` for the decoder in model dir `d` into `out` -> the parity record. Q8_0 and Q4_0 blocks
-    take their scales from calibration text (the train split of `data_dir` or of the model's dataset, see
+    are fitted to calibration text (the train split of `data_dir` or of the model's dataset, see
     `quants`)."""
     qtype = (quantize or "f16").lower()
     if qtype not in TYPES:
@@ -74,11 +74,11 @@ def write_gguf(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
     if model.config.model_type != "llama":
         raise UserError(f"{d}: --format gguf writes Llama-family models; this one is '{model.config.model_type}'")
     texts, max_length = texts_of(rows), max_length_of(meta)
-    weights, calibration = {}, None
+    fitted, calibration = None, None
     if TYPES[qtype] in quants.LEVELS:
         calib, calibration = calibration_rows(meta, data_dir, CALIBRATION_ROWS)
-        weights = quants.importance(model, tok, texts_of(calib), max_length)
-    _write(model, tok, meta, gen.stop, out / FILE, qtype, weights)
+        fitted = quants.Calibration(model, tok, texts_of(calib), max_length)
+    _write(model, tok, meta, gen.stop, out / FILE, qtype, fitted)
     figures = _parity(model, tok, out, texts, max_length)
     figures.update(_llama_cpp(model, tok, out / FILE, texts, max_length))
     figures["size_mb"] = (out / FILE).stat().st_size / 2**20
@@ -132,8 +132,9 @@ def _vocab(tok, size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def _write(model, tok, meta: dict, stop: list[str], path: Path, qtype: str, weights: dict) -> None:
-    """The GGUF file; `weights`: per-column importance of each matrix for the searched Q8_0 / Q4_0 scales."""
+def _write(model, tok, meta: dict, stop: list[str], path: Path, qtype: str,
+           fitted: quants.Calibration | None) -> None:
+    """The GGUF file; `fitted`: the calibration inputs that Q8_0 / Q4_0 blocks are fitted to."""
     cfg = model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -176,7 +177,9 @@ def _write(model, tok, meta: dict, stop: list[str], path: Path, qtype: str, weig
         elif kind == gguf.GGMLQuantizationType.F16:
             w.add_tensor(name, data.astype(np.float16))
         elif kind in quants.LEVELS:
-            w.add_tensor(name, quants.quantize(data, kind, weights.get(key)), raw_dtype=kind)
+            hessian = fitted.hessian(key) if fitted else None
+            w.add_tensor(name, quants.quantize(data, kind, hessian, compensate=name != "token_embd.weight"),
+                         raw_dtype=kind)
         else:
             w.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
     w.write_header_to_file()
