@@ -23,6 +23,8 @@ from the float model, and GPTQ halves it again (`benchmarks/export.py`).
 
 from __future__ import annotations
 
+import contextlib
+
 import gguf
 import numpy as np
 import torch
@@ -167,20 +169,33 @@ def _compensated(data: np.ndarray, hessian: np.ndarray, scales: np.ndarray, kind
     u = _inverse_factor(h)
     if u is None:  # not positive definite even damped: the searched rounding stands
         return _search_levels(data, scales, kind)
-    w = torch.from_numpy(data.astype(np.float64))[:, order]
-    s = torch.from_numpy(scales.astype(np.float64)).reshape(rows, cols // BLOCK)[:, order // BLOCK]
-    safe = torch.where(s == 0, torch.ones_like(s), s)
+    # one row per column, so that each step of the loop reads and writes contiguous memory
+    w = torch.from_numpy(data.astype(np.float64)).T[order].contiguous()
+    s = torch.from_numpy(scales.astype(np.float64)).reshape(rows, cols // BLOCK).T[order // BLOCK].contiguous()
+    safe, kept = torch.where(s == 0, torch.ones_like(s), s), (s != 0).double()
     q = torch.empty_like(w)
-    for a in range(0, cols, STEP):
-        b = min(a + STEP, cols)
-        part, errors = w[:, a:b].clone(), torch.empty(rows, b - a, dtype=torch.float64)
-        for i in range(b - a):
-            c = a + i
-            q[:, c] = torch.where(s[:, c] == 0, 0.0, torch.clamp(torch.round(part[:, i] / safe[:, c]), lo, hi))
-            errors[:, i] = (part[:, i] - q[:, c] * s[:, c]) / u[c, c]
-            part[:, i:] -= errors[:, i:i + 1] * u[c, c:b]
-        w[:, b:] -= errors @ u[a:b, b:]
-    return q[:, torch.argsort(order)].reshape(-1, BLOCK).to(torch.int8).numpy()
+    with one_thread():  # thousands of tiny steps: threads only add hand-offs (and stall when cores are busy)
+        for a in range(0, cols, STEP):
+            b = min(a + STEP, cols)
+            part, errors = w[a:b].clone(), torch.empty(b - a, rows, dtype=torch.float64)
+            for i in range(b - a):
+                c = a + i
+                q[c] = torch.clamp(torch.round(part[i] / safe[c]), lo, hi) * kept[c]
+                errors[i] = (part[i] - q[c] * s[c]) / u[c, c]
+                part[i:] -= u[c, c:b, None] * errors[i]
+            w[b:] -= u[a:b, b:].T @ errors
+    return q[torch.argsort(order)].T.reshape(-1, BLOCK).to(torch.int8).numpy()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """PyTorch on one thread inside the block, as many as before after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _inverse_factor(h: torch.Tensor) -> torch.Tensor | None:
