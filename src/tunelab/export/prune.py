@@ -28,7 +28,7 @@ from tunelab import __version__
 from tunelab.artifacts import check_target, write_folder
 from tunelab.data.dataset import load_split
 from tunelab.errors import UserError
-from tunelab.export.merge import check_mergeable, merged
+from tunelab.merge import check_mergeable, merged
 from tunelab.export.parity import texts_of
 from tunelab.model_files import files_manifest
 from tunelab.models import META_FILE, load_model_dir, max_length_of

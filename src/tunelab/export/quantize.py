@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tunelab import __version__
 from tunelab.artifacts import write_folder
 from tunelab.errors import UserError
-from tunelab.export.merge import check_mergeable, merged
+from tunelab.merge import check_mergeable, merged
 from tunelab.int8 import BACKEND, WEIGHTS, int8_tensors, quantised, quantised_layers
 from tunelab.model_files import files_manifest
 from tunelab.models import META_FILE, load_model_dir, quiet_transformers

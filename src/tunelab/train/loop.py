@@ -38,7 +38,8 @@ from tunelab.methods import MethodContext, apply_method, head_module_names
 from tunelab.tasks import DATASET_TASKS, TaskSpec, task_spec
 from tunelab.tasks.sft import stop_tokens
 from tunelab.terminal import make_console, plain, print_warnings
-from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
+from tunelab.models import (count_parameters, library_versions, load_trainable_state, parent_record, save_model_dir,
+                            trainable_state)
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import distributed
 from tunelab.train.distill import distilled
@@ -504,7 +505,8 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: T
     best_eval = last_eval if fresh else run_eval()
     model_meta = {
         "task": spec.name, "labels": task.labels,
-        "base": {"ref": cfg.model.base, "path": str(base.path)},
+        "base": {"ref": cfg.model.base, "path": str(base.path),
+                 **({"parent": parent} if (parent := parent_record(base)) else {})},
         "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
         "data": {"dir": str(data_dir), "path": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
                  "train_examples": len(train_rows), "max_train_examples": cfg.data.max_train_examples},
