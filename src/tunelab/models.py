@@ -285,8 +285,8 @@ def tokenizer_of(ref: str):
 def _with_head(loader, ref: str, labels: list[str], task: str, trust_remote_code: bool):
     """A base with a head over `labels` -> (model, tokenizer, BaseRef, new_param_names). Continuing a model dir of
     the same task keeps its head: its labels first, in its order, then the dataset's new ones, whose rows are
-    initialised fresh (an old class's logit is unchanged; `labels_of(model)` gives the order). A model dir of another task gives its body
-    only: its head, if any, is initialised afresh."""
+    initialised fresh (an old class's logit is unchanged; `labels_of(model)` gives the order). A model dir of
+    another task gives its body only: its head, if any, is initialised afresh."""
     base = resolve_base(ref)
     tok = load_tokenizer(base, trust_remote_code)
     parent = base.parent or {}
@@ -373,6 +373,45 @@ def load_causal_lm(ref: str, trust_remote_code: bool = False):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, base, []
+
+
+def load_masked_lm(ref: str, trust_remote_code: bool = False):
+    """A pretrained encoder with a masked-LM head -> (model, tokenizer, BaseRef, new_param_names). A base saved
+    without its MLM head (MiniLM, a sentence encoder; a classifier's model dir) gets a fresh one, whose
+    parameters are the new ones; its decoder weight is tied to the word embeddings, so only the transform and the
+    output bias are new. A tokenizer without a mask token is a `UserError`."""
+    from transformers import AutoModelForMaskedLM
+
+    base = resolve_base(ref)
+    tok = load_tokenizer(base, trust_remote_code)
+    if tok.mask_token_id is None:
+        raise UserError(f"the tokenizer of '{base.ref}' has no mask token; masked_lm needs an encoder's "
+                        "tokenizer (BERT family)")
+    model, info = load_pretrained(AutoModelForMaskedLM, base, dtype=torch.float32,
+                                  trust_remote_code=trust_remote_code, output_loading_info=True)
+    params = {name for name, _ in model.named_parameters()}  # a tied key (decoder.bias) is not a parameter name
+    return model, tok, base, sorted(set(info.get("missing_keys", [])) & params)
+
+
+ENCODER_TYPES = frozenset({"albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra",
+                           "mpnet", "modernbert", "roberta", "xlm-roberta"})
+
+
+def encoder_type(ref: str) -> str | None:
+    """The model type of base `ref` when it is a bidirectional encoder (BERT family, read from its config.json
+    without loading weights), else None; also None when that cannot be known here (a hub id not on this machine,
+    `scratch`). A tunelab model dir of adapters answers for its base."""
+    if ref == "scratch":
+        return None
+    d = Path(ref)
+    if d.is_dir() and (d / META_FILE).is_file() and not (d / "config.json").is_file():
+        return encoder_type(((read_meta(d).get("base") or {}).get("ref")) or "scratch")
+    base = resolve_base(ref)
+    if isinstance(base.path, str) or not (Path(base.path) / "config.json").is_file():
+        return None
+    config = read_json_file(Path(base.path) / "config.json", f"{base.path} has no config.json")
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    return kind if kind in ENCODER_TYPES and not config.get("is_decoder") else None
 
 
 SCRATCH_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
