@@ -80,20 +80,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
                      "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]},
             "leakage": leak, "base_fit": fit, "eval": eval_cfg.model_dump(mode="json")}
     spec = task_spec(meta["task"])
-    if spec.report == "classes":
-        report = _classification(model, tok, meta, rows, data_dir, eval_cfg, seed,
-                                 head["data"]["same_data_as_training"])
-    elif spec.report == "entities":
-        task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
-        report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
-        report["n"] = len(rows)
-        report["baselines"] = {"lookup": lookup_baseline(load_split(data_dir, "train"), rows)}
-    elif spec.report == "masked":
-        task = MaskedLMTask.from_meta(tok, meta)
-        report = {**task.evaluate(model, task.encode(rows), eval_cfg.batch_size), "n": len(rows)}
-    else:
-        report = evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device))
-    report = {**head, **report}
+    report = {**head, **_scores(spec.report, model, tok, meta, rows, data_dir, eval_cfg, seed,
+                                head["data"]["same_data_as_training"])}
     report["warnings"] = below_baseline_warnings(report)
     if out:
         if spec.report == "classes":
@@ -103,6 +91,22 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
             report["confusion_matrix_png"] = str(png)
         write_file(out, json.dumps(report, indent=2, ensure_ascii=False), "report", checked=True)
     return report
+
+
+def _scores(kind: str, model, tok, meta: dict, rows: list[dict], data_dir: Path, eval_cfg: EvalConfig, seed: int,
+            same_data: bool) -> dict:
+    """The scores of the report `kind` (the task spec's `report`) of the model on `rows`."""
+    if kind == "classes":
+        return _classification(model, tok, meta, rows, data_dir, eval_cfg, seed, same_data)
+    if kind == "entities":
+        task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
+        report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
+        return {**report, "n": len(rows),
+                "baselines": {"lookup": lookup_baseline(load_split(data_dir, "train"), rows)}}
+    if kind == "masked":
+        task = MaskedLMTask.from_meta(tok, meta)
+        return {**task.evaluate(model, task.encode(rows), eval_cfg.batch_size), "n": len(rows)}
+    return evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device))
 
 
 def _split_rows(meta: dict, data_dir: str | Path | None, split: str) -> tuple[Path, dict, list[dict]]:
