@@ -153,6 +153,19 @@ def tiny_classifier(tmp_path_factory, small_dataset) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lora_classifier(tmp_path_factory, small_dataset) -> Path:
+    """A tiny-bert LoRA classifier (the head trained too): merging has something to fold in."""
+    from tunelab.config import validate
+    from tunelab.train.loop import train
+
+    raw = tiny_config(small_dataset, epochs=2)
+    raw["method"] = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
+    run = tmp_path_factory.mktemp("lora-clf") / "run"
+    train(validate(raw), run, show_progress=False)
+    return run / "model"
+
+
+@pytest.fixture(scope="session")
 def sft_lora(tmp_path_factory, chat_data) -> Path:
     """A tiny-llama LoRA chat model dir (its chat template and stop tokens saved with it)."""
     from tunelab.train.loop import train

@@ -16,14 +16,23 @@ def base() -> dict:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_validates(path):
     cfg = load_config(path)
-    assert cfg.task in ("auto", "classification")
+    assert cfg.task in ("auto", "classification", "masked_lm")  # masked_lm is never auto (text means causal_lm)
     assert cfg.data.prepare is not None or Path(cfg.data.dir).exists(), "an example must name its data"
 
 
 def test_examples_exist():
     names = {p.name for p in EXAMPLES}
     assert {"tiny.yaml", "tweets-minilm.yaml", "tweets-smollm2-lora.yaml", "finance-ner-minilm.yaml",
-            "chatterbot-smollm2-lora.yaml", "pretrain-scratch.yaml"} <= names
+            "chatterbot-smollm2-lora.yaml", "pretrain-scratch.yaml", "dapt-minilm.yaml",
+            "dapt-then-classify.yaml"} <= names
+
+
+def test_masked_lm_options_are_checked():
+    assert validate(base() | {"task": "masked_lm"}).model.mlm.probability == 0.15
+    with pytest.raises(UserError, match="'model.mlm.probability'"):
+        validate({"model": {"base": "tiny-bert", "mlm": {"probability": 1.5}}, "data": {"dir": "d"}})
+    with pytest.raises(UserError, match="unknown key 'model.mlm.whole_words'"):
+        validate({"model": {"base": "tiny-bert", "mlm": {"whole_words": True}}, "data": {"dir": "d"}})
 
 
 def test_unknown_key_is_named():

@@ -11,21 +11,7 @@ import pytest
 
 from tunelab.errors import UserError
 from tunelab.export import export_model
-from tunelab.train.loop import train
 
-from conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def lora_classifier(tmp_path_factory, small_dataset) -> Path:
-    """A tiny-bert LoRA classifier (the head trained too): merging has something to fold in."""
-    from tunelab.config import validate
-
-    raw = tiny_config(small_dataset, epochs=2)
-    raw["method"] = {"name": "lora", "lora": {"r": 4, "alpha": 8}}
-    run = tmp_path_factory.mktemp("lora-clf") / "run"
-    train(validate(raw), run, show_progress=False)
-    return run / "model"
 
 
 def _plain_load(folder: Path, auto_class: str) -> dict:

@@ -29,6 +29,8 @@ def test_dataset_kinds_are_the_prepare_choices_and_each_has_an_extractor():
 def test_tasks_are_the_train_choices_and_train_on_known_dataset_kinds():
     assert set(TASKS) | {"auto"} == _choices(RunConfig, "task")
     assert set(DATASET_TASKS) == set(DATASET_KINDS)
+    for kind in DATASET_KINDS:  # one default task per dataset kind (`task: auto`)
+        assert sum(s.dataset == kind and s.dataset_default for s in TASKS.values()) == 1
     for spec in TASKS.values():
         assert spec.dataset in DATASET_KINDS
         assert hasattr(transformers, spec.auto_class)
@@ -56,12 +58,13 @@ def test_every_task_class_satisfies_the_task_protocol():
     from tunelab.tasks import Task
     from tunelab.tasks.causal_lm import CausalLMTask
     from tunelab.tasks.classification import ClassificationTask
+    from tunelab.tasks.masked_lm import MaskedLMTask
     from tunelab.tasks.sft import SFTTask
     from tunelab.tasks.token_classification import TokenClassificationTask
 
     bert, llama = load_tokenizer(str(tiny_model_dir("tiny-bert"))), load_tokenizer(str(tiny_model_dir("tiny-llama")))
     tasks = [ClassificationTask(bert, ["a", "b"], 16), TokenClassificationTask(bert, ["O", "B-X", "I-X"], 16),
-             CausalLMTask(llama, 32), SFTTask(llama, 32)]
+             CausalLMTask(llama, 32), SFTTask(llama, 32), MaskedLMTask(bert, 32)]
     assert {t.name for t in tasks} == set(TASKS)
     for t in tasks:
         assert isinstance(t, Task), t.name

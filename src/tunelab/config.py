@@ -131,6 +131,17 @@ class ScratchConfig(Section):
         return self
 
 
+class MaskedLMConfig(Section):
+    """masked_lm: BERT's masking recipe. Of the tokens chosen, 80% become [MASK], 10% a random token, 10% stay; the
+    model predicts the original token at each chosen position. Training masks are drawn afresh every batch
+    (seeded by train.seed); validation masks are drawn once, so scores compare step to step."""
+
+    probability: float = Field(0.15, gt=0, lt=1, description="share of the non-special tokens chosen for "
+                               "prediction")
+    whole_word: bool = Field(False, description="choose whole words: a word's WordPiece continuations (##…) are "
+                             "masked with it")
+
+
 class ModelConfig(Section):
     base: str = Field(description="builtin:NAME, tiny-bert, tiny-llama, a local HF model dir, a hub id, or "
                       "`scratch` (causal_lm: a new model, see model.scratch)")
@@ -139,7 +150,8 @@ class ModelConfig(Section):
     scratch: ScratchConfig = ScratchConfig()
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
     packing: bool = Field(True, description="causal_lm/sft: pack examples into max_length blocks (no attention "
-                          "across examples)")
+                          "across examples); masked_lm: documents concatenated and cut into [CLS] … [SEP] blocks")
+    mlm: MaskedLMConfig = Field(MaskedLMConfig(), description="masked_lm: which tokens are masked")
 
 
 class LoraConfig(Section):
@@ -325,9 +337,9 @@ class ServeConfig(Section):
 
 
 class RunConfig(Section):
-    task: Literal["auto", "classification", "token_classification", "causal_lm", "sft"] = Field(
+    task: Literal["auto", "classification", "token_classification", "causal_lm", "masked_lm", "sft"] = Field(
         "auto", description="auto: from the dataset (classification, ner -> token_classification, text -> "
-        "causal_lm, sft)")
+        "causal_lm, sft); masked_lm: continued pretraining of an encoder on a text dataset, said explicitly")
     name: str | None = None
     model: ModelConfig
     data: DataConfig

@@ -16,7 +16,7 @@ import torch
 
 from tunelab.errors import UserError, read_json_file
 from tunelab.models import META_FILE, load_causal_lm, load_model_dir, read_meta, resolve_base
-from tunelab.tasks import task_spec, tasks_where
+from tunelab.tasks import refuse_stage, tasks_where
 from tunelab.tasks.sft import stop_tokens
 
 
@@ -55,7 +55,7 @@ def load_generator(ref: str, device: str | None = None) -> Generator:
     that is not a causal LM (a classifier or NER model dir, an encoder) is a `UserError` saying what to use."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if (Path(ref) / META_FILE).is_file():
-        spec = task_spec(read_meta(ref).get("task"), ref)
+        spec = refuse_stage(read_meta(ref).get("task"), ref, "generate with")
         if spec.served_as in MODEL_DIR_USE:
             raise UserError(f"{ref} is a {spec.name} model dir, not a text generator: {MODEL_DIR_USE[spec.served_as]}")
         model, tok, meta = load_model_dir(ref, device, tasks=tasks_where(generates=True))

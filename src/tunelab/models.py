@@ -25,6 +25,7 @@ from tunelab import __version__, model_files
 from tunelab.artifacts import kind_of, write_folder
 from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin
 from tunelab.errors import UserError, read_json_file
+from tunelab.merge import check_mergeable
 from tunelab.tasks import task_spec
 
 # transformers (~0.6-1 s over torch) and peft (~2 s more) are imported inside the functions that use them:
@@ -49,6 +50,7 @@ class BaseRef:
     ref: str
     path: Path | str  # a local dir, or a hub id for transformers to fetch
     gguf_file: str | None = None
+    parent: dict | None = None  # a tunelab model dir continued from: its tunelab.json (lineage, labels, data)
 
 
 TINY_SPECS = {
@@ -108,8 +110,7 @@ def resolve_base(ref: str) -> BaseRef:
         if kind_of(p) == "run":
             raise UserError(f"{p} is a run dir; its model is {p / 'model'}")
         if (p / META_FILE).is_file():
-            raise UserError(f"{p} is a tunelab model dir; use it with eval/predict, or name its base "
-                            f"({read_meta(p).get('base', {}).get('ref')}) as model.base")
+            return _model_dir_base(ref, p)
         if (p / "config.json").is_file():
             return BaseRef(ref, p)
         ggufs = sorted(p.glob("*.gguf"))
@@ -122,6 +123,48 @@ def resolve_base(ref: str) -> BaseRef:
         return BaseRef(ref, ref)
     raise UserError(f"model '{ref}' not found: not a local dir, a builtin:NAME, tiny-bert/tiny-llama, "
                     "or a hub id (org/name)")
+
+
+def _model_dir_base(ref: str, d: Path) -> BaseRef:
+    """A tunelab model dir as the start of another run: its weights (checked against its manifest) and the
+    tokenizer it was trained with; a base + peft adapters merged first, once, into a cached plain folder keyed by
+    the adapters' hashes. Int8 twins and adapters that cannot merge are refused with the way out."""
+    meta = read_meta(d)
+    if (meta.get("compression") or {}).get("int8"):
+        parent = (meta.get("parent") or {}).get("model_dir", "the model dir it was compressed from")
+        raise UserError(f"{d} is an int8 model dir for CPU serving; training continues from float weights: "
+                        f"{parent}")
+    if (d / "houlsby_config.json").is_file() or (d / "adapter_config.json").is_file():
+        return BaseRef(ref, _merged_dir(d, meta), parent=meta)
+    model_files.check_model_folder(d, meta.get("files"))
+    return BaseRef(ref, d, parent=meta)
+
+
+def _merged_dir(d: Path, meta: dict) -> Path:
+    """The model dir's base with its adapters merged in, as a plain Hugging Face folder (cached)."""
+    check_mergeable(meta, d, instead=f"continue from its base ({(meta.get('base') or {}).get('ref')})")
+    files = json.dumps(meta.get("files") or {}, sort_keys=True)
+    out = cache_dir() / "models" / f"merged-{hashlib.sha256(files.encode()).hexdigest()[:24]}"
+
+    def build(tmp: Path) -> None:
+        model, tok, _ = load_model_dir(d)
+        model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"model_dir": str(d.resolve()), "files": meta.get("files")}))
+
+    return cached(out, build)
+
+
+def parent_record(base: BaseRef) -> dict | None:
+    """The lineage a run started from a model dir records: where it was, its task, labels, base, data and
+    weight hashes."""
+    if base.parent is None:
+        return None
+    m = base.parent
+    return {"model_dir": str(Path(base.ref).resolve()), "task": m.get("task"), "labels": m.get("labels"),
+            "base": m.get("base"), "method": (m.get("method") or {}).get("name"), "data": m.get("data"),
+            "files": {name: f.get("sha256") for name, f in (m.get("files") or {}).items()}}
 
 
 def _dequantised_gguf_dir(ref: str, gguf: Path) -> Path:
@@ -239,33 +282,85 @@ def tokenizer_of(ref: str):
     return load_tokenizer(ref)
 
 
-def _with_head(loader, base: BaseRef, tok, labels: list[str], trust_remote_code: bool):
+def _with_head(loader, ref: str, labels: list[str], task: str, trust_remote_code: bool):
+    """A base with a head over `labels` -> (model, tokenizer, BaseRef, new_param_names). Continuing a model dir of
+    the same task keeps its head: its labels first, in its order, then the dataset's new ones, whose rows are
+    initialised fresh (an old class's logit is unchanged; `labels_of(model)` gives the order). A model dir of
+    another task gives its body only: its head, if any, is initialised afresh."""
+    base = resolve_base(ref)
+    tok = load_tokenizer(base, trust_remote_code)
+    parent = base.parent or {}
+    same_task = parent.get("task") == task
+    if same_task:
+        old = list(parent.get("labels") or [])
+        labels = old + [label for label in labels if label not in old]
     model, info = load_pretrained(
         loader, base, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tok.pad_token_id,
-        dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True)
+        dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True,
+        ignore_mismatched_sizes=bool(parent))
     model.config.pad_token_id = tok.pad_token_id
-    return model, sorted(info.get("missing_keys", []))
+    new = set(info.get("missing_keys", []))
+    mismatched = {name: shape for name, shape, _ in info.get("mismatched_keys", set())}
+    if same_task:
+        _keep_old_rows(model, base.path, mismatched)
+    elif parent.get("labels"):
+        new |= _reset_head(model)
+    return model, tok, base, sorted(new | set(mismatched))
+
+
+def _keep_old_rows(model: nn.Module, folder: Path, mismatched: dict) -> None:
+    """Copy the saved rows of each grown head tensor (more classes now) into its first rows."""
+    from safetensors import safe_open  # safetensors: only a grown head reads a checkpoint itself
+
+    params = dict(model.named_parameters())
+    for path in model_files.weight_files(folder):
+        with safe_open(str(path), "pt") as f:
+            for name in set(f.keys()) & set(mismatched):
+                old, p = f.get_tensor(name), params[name]
+                if old.shape[1:] != p.shape[1:] or old.shape[0] > p.shape[0]:
+                    raise ValueError(f"{name}: a saved {tuple(old.shape)} does not fit {tuple(p.shape)}")
+                with torch.no_grad():
+                    p[:old.shape[0]].copy_(old)
+
+
+def _reset_head(model: nn.Module) -> set[str]:
+    """Initialise afresh every module outside the pretrained body (linear layers as transformers initialises a new
+    head: normal with the config's `initializer_range`, zero bias) -> their parameter names."""
+    std = getattr(model.config, "initializer_range", 0.02)
+    names = set()
+    with torch.no_grad():
+        for child_name, child in model.named_children():
+            if child_name == getattr(model, "base_model_prefix", None):
+                continue
+            for m in child.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, 0.0, std)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+                elif hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+            names |= {f"{child_name}.{n}" for n, _ in child.named_parameters()}
+    return names
 
 
 def load_classifier(ref: str, labels: list[str], trust_remote_code: bool = False):
-    """A base with a fresh sequence-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
+    """A base with a sequence-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
     from transformers import AutoModelForSequenceClassification
 
-    base = resolve_base(ref)
-    tok = load_tokenizer(base, trust_remote_code)
-    model, new = _with_head(AutoModelForSequenceClassification, base, tok, labels, trust_remote_code)
-    return model, tok, base, new
+    return _with_head(AutoModelForSequenceClassification, ref, labels, "classification", trust_remote_code)
 
 
 def load_token_classifier(ref: str, labels: list[str], trust_remote_code: bool = False):
-    """A base with a fresh token-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
+    """A base with a token-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
     from transformers import AutoModelForTokenClassification
 
-    base = resolve_base(ref)
-    tok = load_tokenizer(base, trust_remote_code)
-    model, new = _with_head(AutoModelForTokenClassification, base, tok, labels, trust_remote_code)
-    return model, tok, base, new
+    return _with_head(AutoModelForTokenClassification, ref, labels, "token_classification", trust_remote_code)
+
+
+def labels_of(model) -> list[str]:
+    """The class names of a model with a classification head, in the order of its logits."""
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
 def load_causal_lm(ref: str, trust_remote_code: bool = False):
@@ -278,6 +373,45 @@ def load_causal_lm(ref: str, trust_remote_code: bool = False):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, base, []
+
+
+def load_masked_lm(ref: str, trust_remote_code: bool = False):
+    """A pretrained encoder with a masked-LM head -> (model, tokenizer, BaseRef, new_param_names). A base saved
+    without its MLM head (MiniLM, a sentence encoder; a classifier's model dir) gets a fresh one, whose
+    parameters are the new ones; its decoder weight is tied to the word embeddings, so only the transform and the
+    output bias are new. A tokenizer without a mask token is a `UserError`."""
+    from transformers import AutoModelForMaskedLM
+
+    base = resolve_base(ref)
+    tok = load_tokenizer(base, trust_remote_code)
+    if tok.mask_token_id is None:
+        raise UserError(f"the tokenizer of '{base.ref}' has no mask token; masked_lm needs an encoder's "
+                        "tokenizer (BERT family)")
+    model, info = load_pretrained(AutoModelForMaskedLM, base, dtype=torch.float32,
+                                  trust_remote_code=trust_remote_code, output_loading_info=True)
+    params = {name for name, _ in model.named_parameters()}  # a tied key (decoder.bias) is not a parameter name
+    return model, tok, base, sorted(set(info.get("missing_keys", [])) & params)
+
+
+ENCODER_TYPES = frozenset({"albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra",
+                           "mpnet", "modernbert", "roberta", "xlm-roberta"})
+
+
+def encoder_type(ref: str) -> str | None:
+    """The model type of base `ref` when it is a bidirectional encoder (BERT family, read from its config.json
+    without loading weights), else None; also None when that cannot be known here (a hub id not on this machine,
+    `scratch`). A tunelab model dir of adapters answers for its base."""
+    if ref == "scratch":
+        return None
+    d = Path(ref)
+    if d.is_dir() and (d / META_FILE).is_file() and not (d / "config.json").is_file():
+        return encoder_type(((read_meta(d).get("base") or {}).get("ref")) or "scratch")
+    base = resolve_base(ref)
+    if isinstance(base.path, str) or not (Path(base.path) / "config.json").is_file():
+        return None
+    config = read_json_file(Path(base.path) / "config.json", f"{base.path} has no config.json")
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    return kind if kind in ENCODER_TYPES and not config.get("is_decoder") else None
 
 
 SCRATCH_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
@@ -446,7 +580,9 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", tasks: tuple[str,
     loader = _auto_class(task)
     if peft_adapter or houlsby:
         base = resolve_base(meta["base"]["ref"])
-        body = load_pretrained(loader, base, dtype=torch.float32, **_head_kwargs(meta, tok))
+        # a body continued from a model dir may have had fewer classes; the adapters' head has them all
+        body = load_pretrained(loader, base, dtype=torch.float32, ignore_mismatched_sizes=base.parent is not None,
+                               **_head_kwargs(meta, tok))
         try:
             if peft_adapter:
                 from peft import PeftModel

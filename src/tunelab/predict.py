@@ -21,8 +21,8 @@ from typing import BinaryIO, TextIO
 from tunelab.artifacts import check_file_target, write_file
 from tunelab.data.read import Row, parse_json_line, read_rows
 from tunelab.errors import UserError
-from tunelab.models import load_model_dir
-from tunelab.tasks import task_spec, tasks_where
+from tunelab.models import load_model_dir, read_meta
+from tunelab.tasks import refuse_stage, task_spec, tasks_where
 from tunelab.tasks.classification import ClassificationTask, softmax
 from tunelab.tasks.token_classification import TokenClassificationTask
 
@@ -32,6 +32,7 @@ def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64)
     """-> in input order, for a classifier [{"text", "prediction", "probs": {label: p}}]; for an NER model
     [{"text", "entities": [{"type", "text", "start", "end", "score"}]}] with `text[start:end]` the entity's text
     and `score` the mean probability of its words' tags. Another task is a `UserError`."""
+    refuse_stage(read_meta(model_dir).get("task"), str(model_dir), "predict with")
     model, tok, meta = load_model_dir(model_dir, tasks=tasks_where(labelled=True))
     texts = [valid_text(t) for t in texts]
     max_length = meta.get("max_length", 512)

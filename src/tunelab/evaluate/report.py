@@ -7,6 +7,8 @@ a model trained on a seeded subset of the train split (`data.max_train_examples`
 TF-IDF + LR trained on that same subset (`tfidf_logreg_same_rows`). Token classification: `entity_f1`,
 `entity_precision`, `entity_recall`, `token_accuracy`, `per_type` and the word-lookup baseline. causal_lm / sft:
 `before` (the base) and `after` perplexity, sft generation scores, and `forgetting` (see evaluate/language.py).
+masked_lm: the masked tokens' `loss`, `perplexity` and `accuracy` on the split, its masks drawn as validation's
+were (fixed, seeded with the run's seed); no baseline: the model is a stage, judged by the runs fine-tuned from it.
 Every report has `warnings`: when baselines (or the base model) score better than the fine-tuned model, a
 sentence naming each with both scores and what to try; `print_report` prints them as `warning:` lines.
 """
@@ -32,8 +34,9 @@ from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import check_leakage, describe, row_text, training_data
 from tunelab.evaluate.plots import confusion_matrix_png
 from tunelab.models import load_model_dir
-from tunelab.tasks import DATASET_TASKS, task_spec
+from tunelab.tasks import task_spec
 from tunelab.tasks.classification import ClassificationTask, softmax
+from tunelab.tasks.masked_lm import MaskedLMTask
 from tunelab.tasks.token_classification import TokenClassificationTask
 from tunelab.terminal import make_console, plain, print_warnings
 
@@ -77,17 +80,8 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
                      "same_data_as_training": data_meta["fingerprint"] == meta["data"]["fingerprint"]},
             "leakage": leak, "base_fit": fit, "eval": eval_cfg.model_dump(mode="json")}
     spec = task_spec(meta["task"])
-    if spec.report == "classes":
-        report = _classification(model, tok, meta, rows, data_dir, eval_cfg, seed,
-                                 head["data"]["same_data_as_training"])
-    elif spec.report == "entities":
-        task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
-        report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
-        report["n"] = len(rows)
-        report["baselines"] = {"lookup": lookup_baseline(load_split(data_dir, "train"), rows)}
-    else:
-        report = evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device))
-    report = {**head, **report}
+    report = {**head, **_scores(spec.report, model, tok, meta, rows, data_dir, eval_cfg, seed,
+                                head["data"]["same_data_as_training"])}
     report["warnings"] = below_baseline_warnings(report)
     if out:
         if spec.report == "classes":
@@ -97,6 +91,22 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
             report["confusion_matrix_png"] = str(png)
         write_file(out, json.dumps(report, indent=2, ensure_ascii=False), "report", checked=True)
     return report
+
+
+def _scores(kind: str, model, tok, meta: dict, rows: list[dict], data_dir: Path, eval_cfg: EvalConfig, seed: int,
+            same_data: bool) -> dict:
+    """The scores of the report `kind` (the task spec's `report`) of the model on `rows`."""
+    if kind == "classes":
+        return _classification(model, tok, meta, rows, data_dir, eval_cfg, seed, same_data)
+    if kind == "entities":
+        task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
+        report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
+        return {**report, "n": len(rows),
+                "baselines": {"lookup": lookup_baseline(load_split(data_dir, "train"), rows)}}
+    if kind == "masked":
+        task = MaskedLMTask.from_meta(tok, meta)
+        return {**task.evaluate(model, task.encode(rows), eval_cfg.batch_size), "n": len(rows)}
+    return evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device))
 
 
 def _split_rows(meta: dict, data_dir: str | Path | None, split: str) -> tuple[Path, dict, list[dict]]:
@@ -112,7 +122,7 @@ def _split_rows(meta: dict, data_dir: str | Path | None, split: str) -> tuple[Pa
     rows = load_split(data_dir, split)
     if not rows:
         raise UserError(f"split '{split}' of {data_dir} is empty")
-    if DATASET_TASKS.get(data_meta.get("task")) != meta["task"]:
+    if task_spec(meta["task"]).dataset != data_meta.get("task"):
         raise UserError(f"{data_dir} holds a '{data_meta.get('task')}' dataset; the model was trained for "
                         f"'{meta['task']}'")
     return data_dir, data_meta, rows
@@ -184,6 +194,8 @@ def below_baseline_warnings(report: dict) -> list[str]:
     the split) that scores better than the fine-tuned model, with both scores and what to try; [] when none does."""
     spec = task_spec(report["task"])
     key, metric, higher = spec.score
+    if spec.report == "masked":  # a stage: nothing to compare with here (see the module docstring)
+        return []
     if spec.report == "language":
         before, after = report.get("before"), report["after"]
         if before is None or _gain(after[key], before[key], higher) >= 0:
@@ -217,7 +229,8 @@ def verdict(score: float, base: float, name: str, metric: str, higher_is_better:
 def print_report(report: dict, console: Console | None = None) -> None:
     """The before/after table of the report's task."""
     console = console or make_console()
-    printers = {"classes": _print_classification, "entities": _print_entities, "language": _print_language}
+    printers = {"classes": _print_classification, "entities": _print_entities, "language": _print_language,
+                "masked": _print_masked}
     printers[task_spec(report["task"]).report](report, console)
     _print_leakage(report, console)
     if report.get("base_fit") and (warning := base_fit.advice(report["base_fit"], report["model"]["base"])):
@@ -300,6 +313,19 @@ def _print_language(report: dict, console: Console) -> None:
     for s in (report["after"].get("generation") or {}).get("samples", []):
         console.print(f"[dim]prompt:[/] {plain(s['prompt'])}\n[dim]reference:[/] {plain(s['reference'])}\n"
                       f"[dim]answer:[/] {plain(s['answer'])}")
+
+
+def _print_masked(report: dict, console: Console) -> None:
+    """The masked-token scores, and what the model dir is for."""
+    t = Table(title=f"{plain(report['data']['split'])} split of {plain(report['data']['dir'])} (masked tokens)")
+    for col in ("model", "rows", "masked tokens", "loss", "perplexity", "accuracy"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    t.add_row(_model_name(report).replace("fine-tuned", "continued"), f"{report['n']:,}", f"{report['tokens']:,}",
+              f"{report['loss']:.4f}", f"{report['perplexity']:.2f}", f"{report['accuracy']:.4f}", style="bold green")
+    console.print(t)
+    console.print(f"a masked-LM model dir is a stage: fine-tune it for a task (model.base: "
+                  f"{plain(report['model']['dir'])}) and compare that model with one fine-tuned from the base",
+                  soft_wrap=True, highlight=False)
 
 
 def _print_classification(report: dict, console: Console) -> None:

@@ -21,6 +21,7 @@ from tunelab.artifacts import kind_of, write_folder
 from tunelab.errors import UserError
 from tunelab.export.parity import check, parity_rows
 from tunelab.models import META_FILE, read_meta
+from tunelab.tasks import refuse_stage
 
 FORMATS = ("hf", "onnx", "gguf")
 PARITY_FILE = "parity.json"
@@ -70,7 +71,9 @@ def _source_meta(ref: str, fmt: str) -> dict:
     if fmt in ("gguf", "onnx") and not (Path(ref) / META_FILE).is_file():
         task = "causal_lm" if fmt == "gguf" else "embeddings"
         return {"task": task, "base": {"ref": ref}, "method": {"name": "full"}, "max_length": 512}
-    return read_meta(ref)
+    meta = read_meta(ref)
+    refuse_stage(meta.get("task"), ref, "export")
+    return meta
 
 
 def _writer(fmt: str) -> Callable:

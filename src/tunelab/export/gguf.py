@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from tunelab.errors import UserError
 from tunelab.export import quants
-from tunelab.export.merge import check_mergeable, merged
+from tunelab.merge import check_mergeable, merged
 from tunelab.export.parity import calibration_rows, texts_of
 from tunelab.generate import load_generator
 from tunelab.model_files import sha256_file

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from tunelab.errors import UserError
-from tunelab.export.merge import check_mergeable, merged
+from tunelab.merge import check_mergeable, merged
 from tunelab.export.parity import batched_outputs, compare, logits_of, texts_of, torch_runner
 from tunelab.model_files import files_manifest
 from tunelab.models import load_model_dir, max_length_of

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 
 from tunelab.errors import UserError
-from tunelab.export.merge import check_mergeable, merged
+from tunelab.merge import check_mergeable, merged
 from tunelab.export.parity import (batched_outputs, compare, logits_of, speed, task_score, texts_of,
                                    torch_runner)
 from tunelab.generate import base_kind

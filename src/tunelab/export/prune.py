@@ -28,11 +28,11 @@ from tunelab import __version__
 from tunelab.artifacts import check_target, write_folder
 from tunelab.data.dataset import load_split
 from tunelab.errors import UserError
-from tunelab.export.merge import check_mergeable, merged
+from tunelab.merge import check_mergeable, merged
 from tunelab.export.parity import texts_of
 from tunelab.model_files import files_manifest
-from tunelab.models import META_FILE, load_model_dir, max_length_of
-from tunelab.tasks import task_spec
+from tunelab.models import META_FILE, load_model_dir, max_length_of, read_meta
+from tunelab.tasks import refuse_stage, task_spec
 
 IMPORTANCE_ROWS = 256  # training rows whose activations rank the FFN neurons
 
@@ -131,6 +131,7 @@ def compress_prune(model_dir: str | Path, out: str | Path, ffn_keep: float = 0.5
 
     d = Path(model_dir)
     check_target(Path(os.path.abspath(out)), "model", overwrite)  # before the recovery run, not after it
+    refuse_stage(read_meta(d).get("task"), str(d), "compress")
     model, tok, meta = load_model_dir(d)
     spec = task_spec(meta["task"])
     if spec.generates:

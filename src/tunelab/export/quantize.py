@@ -16,15 +16,17 @@ from safetensors.torch import save_file
 from tunelab import __version__
 from tunelab.artifacts import write_folder
 from tunelab.errors import UserError
-from tunelab.export.merge import check_mergeable, merged
+from tunelab.merge import check_mergeable, merged
 from tunelab.int8 import BACKEND, WEIGHTS, int8_tensors, quantised, quantised_layers
 from tunelab.model_files import files_manifest
-from tunelab.models import META_FILE, load_model_dir, quiet_transformers
+from tunelab.models import META_FILE, load_model_dir, quiet_transformers, read_meta
+from tunelab.tasks import refuse_stage
 
 
 def compress_int8(model_dir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Write the int8 twin of model dir `model_dir` into the model dir `out` -> its `tunelab.json`."""
     d = Path(model_dir)
+    refuse_stage(read_meta(d).get("task"), str(d), "compress")
     model, tok, meta = load_model_dir(d)
     if (meta.get("compression") or {}).get("int8"):
         raise UserError(f"{d} is int8 already")

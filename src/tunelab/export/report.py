@@ -19,6 +19,7 @@ from tunelab.data.dataset import load_split
 from tunelab.errors import UserError, read_json_file
 from tunelab.export.parity import BATCH, batched_outputs, logits_of, speed, task_score, texts_of, torch_runner
 from tunelab.models import META_FILE, load_model_dir, max_length_of, read_meta
+from tunelab.tasks import refuse_stage
 from tunelab.train.precision import bf16_supported
 
 
@@ -37,6 +38,7 @@ def _runner(d: Path, bf16: bool = False):
         if "logits" not in {o.name for o in onnx.get_outputs()}:
             raise UserError(f"{d} exports embeddings; the report compares classification and NER models")
         return ort_runner(onnx, "logits"), AutoTokenizer.from_pretrained(d), meta, "onnxruntime", list(d.glob("*.onnx"))
+    refuse_stage(read_meta(d).get("task"), str(d), "compress")
     model, tok, meta = load_model_dir(d)
     if bf16:
         model = model.to(torch.bfloat16)

@@ -87,11 +87,31 @@ def _apply_freeze(model, method, ctx):
     return _set_trainable(model, keep)
 
 
+def _untied(model: nn.Module, heads: list[str]) -> list[str]:
+    """The head modules peft may copy (`modules_to_save`): a module holding a weight shared with the body (an MLM
+    head's decoder is the word embeddings) is replaced by its children that hold none, so the embeddings are
+    neither copied nor trained; parameters directly on such a module (an MLM's output bias) stay as loaded. A
+    module inside another kept one is dropped (the outer copy holds it)."""
+    owners: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), set()).add(name)
+    shared = {n for names in owners.values() if len(names) > 1 for n in names}
+
+    def untied(prefix: str, module: nn.Module) -> list[str]:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in shared):
+            return [prefix] if any(True for _ in module.parameters()) else []
+        return [m for child, sub in module.named_children() for m in untied(f"{prefix}.{child}", sub)]
+
+    modules = dict(model.named_modules())
+    kept = {m for h in heads if h in modules for m in untied(h, modules[h])}
+    return sorted(m for m in kept if not any(m.startswith(k + ".") for k in kept))
+
+
 def _peft_config(method, ctx: MethodContext, model):
     import peft  # ~2 s even after transformers; full, head, freeze and adapter training never load it
 
     task_type = getattr(peft.TaskType, ctx.task.peft_task_type)
-    heads = _heads(model, ctx) or None
+    heads = _untied(model, _heads(model, ctx)) or None
     name = method.name
     if name == "lora":
         c = method.lora

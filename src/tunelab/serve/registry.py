@@ -33,7 +33,7 @@ from tunelab.models import (META_FILE, BaseRef, load_model_dir, load_pretrained,
                             quiet_transformers, read_meta, resolve_base, sentence_embeddings)
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.protocol import APIError, ModelCard, bad_request
-from tunelab.tasks import task_spec
+from tunelab.tasks import refuse_stage, task_spec
 from tunelab.tasks.token_classification import TokenClassificationTask
 from tunelab.train.precision import autocast, resolve_precision
 
@@ -110,7 +110,7 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
         raise UserError(f"{ref} is a tunelab {folder}, not a model")
     if (d / META_FILE).is_file():
         meta = read_meta(d)
-        kind = task_spec(meta.get("task"), str(d)).served_as
+        kind = refuse_stage(meta.get("task"), str(d), "serve").served_as
         method = (meta.get("method") or {}).get("name")
         if kind == "generate" and method in PROMPT_LEARNING:
             raise UserError(f"{d}: {method}-tuned models are not served (their virtual tokens do not "

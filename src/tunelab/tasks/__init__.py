@@ -75,11 +75,13 @@ class TaskSpec:
     labelled: bool  # a label set and a classification head (sequence or token level)
     generates: bool  # a causal LM: perplexity reports, generation, chat, the forgetting probe
     conversations: bool  # chat SFT: chat template, loss on the assistant's tokens only
-    served_as: Literal["classify", "entities", "generate"]  # what `tunelab serve` exposes
-    report: Literal["classes", "entities", "language"]  # which report `tunelab eval` writes
+    served_as: Literal["classify", "entities", "generate"] | None  # what `tunelab serve` exposes; None: a stage
+    report: Literal["classes", "entities", "language", "masked"]  # which report `tunelab eval` writes
     score: tuple[str, str, bool]  # the report's headline score: (key, name, higher is better)
     stratify: str | None  # the row field a seeded subset keeps balanced (`data.split.seeded_subset`)
     module: str  # the module holding its `build(cfg, meta, train_rows)`
+    # `task: auto` on its dataset kind picks it (one per kind); another task on that kind is said explicitly
+    dataset_default: bool = True
 
     def build(self) -> Callable:
         """The task's `build(cfg, meta, train_rows) -> (model, tokenizer, BaseRef, new params, task)`,
@@ -100,9 +102,13 @@ TASKS = {spec.name: spec for spec in (
     TaskSpec("sft", "sft", "AutoModelForCausalLM", "CAUSAL_LM", labelled=False, generates=True, conversations=True,
              served_as="generate", report="language", score=("perplexity", "perplexity", False), stratify=None,
              module="tunelab.tasks.sft"),
+    # continued pretraining of an encoder: its model dir is a stage, the base of a later run (served_as None)
+    TaskSpec("masked_lm", "text", "AutoModelForMaskedLM", "FEATURE_EXTRACTION", labelled=False, generates=False,
+             conversations=False, served_as=None, report="masked", score=("perplexity", "perplexity", False),
+             stratify=None, module="tunelab.tasks.masked_lm", dataset_default=False),
 )}
-# dataset task (`data prepare --task`) -> the training task that uses it
-DATASET_TASKS = {spec.dataset: spec.name for spec in TASKS.values()}
+# dataset task (`data prepare --task`) -> the training task `task: auto` picks for it
+DATASET_TASKS = {spec.dataset: spec.name for spec in TASKS.values() if spec.dataset_default}
 
 
 def task_spec(name: str | None, where: str = "") -> TaskSpec:
@@ -110,6 +116,16 @@ def task_spec(name: str | None, where: str = "") -> TaskSpec:
     spec = TASKS.get(name)  # type: ignore[arg-type]
     if spec is None:
         raise UserError(f"{where + ': ' if where else ''}unknown task '{name}' (known: {', '.join(TASKS)})")
+    return spec
+
+
+def refuse_stage(task: str | None, where: str, use: str) -> TaskSpec:
+    """The spec of the model dir `where`'s task; a stage's model dir (masked LM: no task head, nothing to serve)
+    is a `UserError` saying that `use` needs a fine-tuned model and how to make one from it."""
+    spec = task_spec(task, where)
+    if spec.served_as is None:
+        raise UserError(f"{where} is a {spec.name} model dir, a stage, not a model to {use}: fine-tune it for a "
+                        f"task (model.base: {where} in a classification or NER run), then {use} that model")
     return spec
 
 

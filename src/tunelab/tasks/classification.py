@@ -123,4 +123,4 @@ def build(cfg, meta: dict, train_rows: list[dict]):
     new parameter names, and the task (see `tunelab.tasks.TaskSpec.build`)."""
     mc = cfg.model
     model, tok, base, new = models.load_classifier(mc.base, meta["labels"], mc.trust_remote_code)
-    return model, tok, base, new, ClassificationTask(tok, meta["labels"], mc.max_length)
+    return model, tok, base, new, ClassificationTask(tok, models.labels_of(model), mc.max_length)

@@ -213,4 +213,4 @@ def build(cfg, meta: dict, train_rows: list[dict]):
     `tunelab.tasks.TaskSpec.build`)."""
     mc = cfg.model
     model, tok, base, new = models.load_token_classifier(mc.base, meta["labels"], mc.trust_remote_code)
-    return model, tok, base, new, TokenClassificationTask(tok, meta["labels"], mc.max_length)
+    return model, tok, base, new, TokenClassificationTask(tok, models.labels_of(model), mc.max_length)

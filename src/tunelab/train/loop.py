@@ -35,10 +35,11 @@ from tunelab.errors import UserError
 from tunelab.evaluate import base_fit
 from tunelab.evaluate.leakage import row_text
 from tunelab.methods import MethodContext, apply_method, head_module_names
-from tunelab.tasks import DATASET_TASKS, TaskSpec, task_spec
+from tunelab.tasks import DATASET_TASKS, TaskSpec, task_spec, tasks_where
 from tunelab.tasks.sft import stop_tokens
 from tunelab.terminal import make_console, plain, print_warnings
-from tunelab.models import count_parameters, library_versions, load_trainable_state, save_model_dir, trainable_state
+from tunelab.models import (count_parameters, encoder_type, library_versions, load_trainable_state, parent_record,
+                            save_model_dir, trainable_state)
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import distributed
 from tunelab.train.distill import distilled
@@ -98,13 +99,23 @@ METRIC_NAMES = {"macro_f1": "macro-F1", "entity_f1": "entity F1"}
 
 
 def resolve_task(cfg: RunConfig, meta: dict, data_dir: Path) -> str:
-    wanted = DATASET_TASKS.get(meta.get("task"))
-    if wanted is None:
-        raise UserError(f"{data_dir}: unknown dataset task '{meta.get('task')}'")
-    if cfg.task not in ("auto", wanted):
-        raise UserError(f"{data_dir} holds a '{meta.get('task')}' dataset, which trains task '{wanted}'; "
-                        f"this config says task: {cfg.task}")
-    return wanted
+    """The training task: `task: auto` takes the dataset kind's default task, another must train on that kind.
+    A decoder's task on an encoder base (a text dataset and a BERT-family base: `auto` means causal_lm) is a
+    `UserError` naming `task: masked_lm`: an encoder sees the token it should predict, so it would learn nothing.
+    """
+    kind = meta.get("task")
+    default = DATASET_TASKS.get(kind)
+    if default is None:
+        raise UserError(f"{data_dir}: unknown dataset task '{kind}'")
+    task = default if cfg.task == "auto" else cfg.task
+    if task_spec(task).dataset != kind:
+        raise UserError(f"{data_dir} holds a '{kind}' dataset, which trains task "
+                        f"{' or '.join(tasks_where(dataset=kind))}; this config says task: {cfg.task}")
+    if task_spec(task).generates and (encoder := encoder_type(cfg.model.base)):
+        raise UserError(f"{cfg.model.base} is an encoder ({encoder}), not a decoder: task {task} would let it see "
+                        f"the tokens it predicts; set task: masked_lm to continue its pretraining on {data_dir}, or "
+                        "use a decoder base")
+    return task
 
 
 def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32",
@@ -504,7 +515,8 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: T
     best_eval = last_eval if fresh else run_eval()
     model_meta = {
         "task": spec.name, "labels": task.labels,
-        "base": {"ref": cfg.model.base, "path": str(base.path)},
+        "base": {"ref": cfg.model.base, "path": str(base.path),
+                 **({"parent": parent} if (parent := parent_record(base)) else {})},
         "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
         "data": {"dir": str(data_dir), "path": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
                  "train_examples": len(train_rows), "max_train_examples": cfg.data.max_train_examples},
@@ -513,6 +525,7 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: T
         "eval": cfg.eval.model_dump(mode="json"),
         "best_step": state.best_step, "steps": state.step, "seed": cfg.train.seed, "precision": precision,
         "versions": library_versions(),
+        **getattr(task, "model_meta", {}),  # what rebuilds the task for `tunelab eval` (masked_lm: its masking)
     }
     if spec.generates:  # what a server needs to stop where training taught it to
         model_meta["stop"] = stop_tokens(tokenizer, chat=spec.conversations)

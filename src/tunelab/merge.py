@@ -25,14 +25,16 @@ def method_of(meta: dict) -> str:
     return (meta.get("method") or {}).get("name") or "full"
 
 
-def check_mergeable(meta: dict, model_dir) -> str:
-    """-> the method when its model can become one plain model; a `UserError` with the reason otherwise."""
+def check_mergeable(meta: dict, model_dir, instead: str = "export a LoRA, AdaLoRA, IA3 or full fine-tune, or "
+                    "serve this one with tunelab") -> str:
+    """-> the method when its model can become one plain model; a `UserError` with the reason and what to do
+    `instead` otherwise."""
     method = method_of(meta)
     if method in MERGEABLE or method in PLAIN:
         return method
     why = WHY_NOT.get(method, "tunelab does not know how to merge it")
-    raise UserError(f"{model_dir} was trained with {method}, which cannot be merged into a plain model: {why}. "
-                    "Export a LoRA, AdaLoRA, IA3 or full fine-tune, or serve this one with tunelab")
+    raise UserError(f"{model_dir} was trained with {method}, which cannot be merged into a plain model: {why}; "
+                    f"{instead}")
 
 
 def merged(model):
