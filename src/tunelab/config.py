@@ -143,8 +143,8 @@ class MaskedLMConfig(Section):
 
 
 class ModelConfig(Section):
-    base: str = Field(description="builtin:NAME, tiny-bert, tiny-llama, a local HF model dir, a hub id, or "
-                      "`scratch` (causal_lm: a new model, see model.scratch)")
+    base: str = Field(description="builtin:NAME, tiny-bert, tiny-llama, a local HF model dir, a tunelab model dir "
+                      "(continue from it), a hub id, or `scratch` (causal_lm: a new model, see model.scratch)")
     max_length: int = Field(128, gt=0, le=32768, description="tokens per example; the block size when packing")
     trust_remote_code: bool = False
     scratch: ScratchConfig = ScratchConfig()

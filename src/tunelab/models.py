@@ -143,8 +143,8 @@ def _model_dir_base(ref: str, d: Path) -> BaseRef:
 def _merged_dir(d: Path, meta: dict) -> Path:
     """The model dir's base with its adapters merged in, as a plain Hugging Face folder (cached)."""
     check_mergeable(meta, d, instead=f"continue from its base ({(meta.get('base') or {}).get('ref')})")
-    files = json.dumps(meta.get("files") or {}, sort_keys=True)
-    out = cache_dir() / "models" / f"merged-{hashlib.sha256(files.encode()).hexdigest()[:24]}"
+    key = json.dumps({"files": meta.get("files") or {}, "base": meta.get("base")}, sort_keys=True)
+    out = cache_dir() / "models" / f"merged-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
     def build(tmp: Path) -> None:
         model, tok, _ = load_model_dir(d)
@@ -301,27 +301,30 @@ def _with_head(loader, ref: str, labels: list[str], task: str, trust_remote_code
         ignore_mismatched_sizes=bool(parent))
     model.config.pad_token_id = tok.pad_token_id
     new = set(info.get("missing_keys", []))
-    mismatched = {name: shape for name, shape, _ in info.get("mismatched_keys", set())}
+    mismatched = {name for name, _, _ in info.get("mismatched_keys", set())}
     if same_task:
         _keep_old_rows(model, base.path, mismatched)
     elif parent.get("labels"):
         new |= _reset_head(model)
-    return model, tok, base, sorted(new | set(mismatched))
+    return model, tok, base, sorted(new | mismatched)
 
 
-def _keep_old_rows(model: nn.Module, folder: Path, mismatched: dict) -> None:
+def _keep_old_rows(model: nn.Module, folder: Path, grown: set[str]) -> None:
     """Copy the saved rows of each grown head tensor (more classes now) into its first rows."""
     from safetensors import safe_open  # safetensors: only a grown head reads a checkpoint itself
 
-    params = dict(model.named_parameters())
+    params, found = dict(model.named_parameters()), set()
     for path in model_files.weight_files(folder):
         with safe_open(str(path), "pt") as f:
-            for name in set(f.keys()) & set(mismatched):
+            for name in set(f.keys()) & grown:
                 old, p = f.get_tensor(name), params[name]
                 if old.shape[1:] != p.shape[1:] or old.shape[0] > p.shape[0]:
                     raise ValueError(f"{name}: a saved {tuple(old.shape)} does not fit {tuple(p.shape)}")
                 with torch.no_grad():
                     p[:old.shape[0]].copy_(old)
+                found.add(name)
+    if found != grown:  # a checkpoint naming its tensors otherwise than the model: the old rows would be lost
+        raise ValueError(f"grown head tensors not found in {folder}: {sorted(grown - found)}")
 
 
 def _reset_head(model: nn.Module) -> set[str]:
