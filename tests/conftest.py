@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 POS = ["great", "love", "excellent", "wonderful", "happy", "amazing", "fantastic", "good"]
 NEG = ["awful", "hate", "terrible", "horrible", "sad", "broken", "late", "bad"]
 NEU = ["flight", "tuesday", "gate", "schedule", "seat", "ticket", "boston", "monday"]
+ASKING = ["why", "how", "when", "where", "which", "whom", "whose", "what"]
 FILLER = ["the", "a", "my", "this", "our", "trip", "service", "crew", "airline", "today", "was", "is"]
 
 
@@ -150,6 +151,20 @@ def tiny_classifier(tmp_path_factory, small_dataset) -> Path:
     run = tmp_path_factory.mktemp("clf") / "sentiment"
     train(validate(tiny_config(small_dataset, epochs=16)), run, show_progress=False)
     return run / "model"
+
+
+@pytest.fixture(scope="session")
+def four_labels(tmp_path_factory) -> Path:
+    """The sentiment rows plus a fourth class ('question') the tiny classifier never saw."""
+    from tunelab.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("four")
+    rng = random.Random(7)
+    rows = make_rows(240, seed=7, start=1000)
+    rows += [{"text": " ".join(rng.sample(FILLER, 3) + rng.sample(ASKING, 2) + [f"#{i}"]), "label": "question"}
+             for i in range(2000, 2080)]
+    prepare(str(write_csv(root / "four.csv", rows)), root / "ds")
+    return root / "ds"
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,7 @@ every old logit, the body only for another task, adapters merged first (or refus
 lineage recorded in the new model dir."""
 
 import json
-import random
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +15,8 @@ from tunelab.models import (labels_of, load_causal_lm, load_classifier, load_mod
                             resolve_base)
 from tunelab.train.loop import train
 
-from conftest import FILLER, make_rows, tiny_config, write_csv
+from conftest import tiny_config
 
-ASKING = ["why", "how", "when", "where", "which", "whom", "whose", "what"]
 TEXTS = ["the service was great and fast", "a terrible, slow delivery", "the shares closed flat today"]
 
 
@@ -96,20 +93,6 @@ def test_dirs_that_cannot_be_continued_are_refused_with_the_way_out(tmp_path, lo
     (d / "tunelab.json").write_text(json.dumps({**meta, **edit}))
     with pytest.raises(UserError, match=message):
         resolve_base(str(d))
-
-
-@pytest.fixture(scope="module")
-def four_labels(tmp_path_factory) -> Path:
-    """The sentiment rows plus a fourth class ('question') the tiny classifier never saw."""
-    from tunelab.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("four")
-    rng = random.Random(7)
-    rows = make_rows(240, seed=7, start=1000)
-    rows += [{"text": " ".join(rng.sample(FILLER, 3) + rng.sample(ASKING, 2) + [f"#{i}"]), "label": "question"}
-             for i in range(2000, 2080)]
-    prepare(str(write_csv(root / "four.csv", rows)), root / "ds")
-    return root / "ds"
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -171,6 +171,35 @@ def train(
         console.print_json(json.dumps(summary))
 
 
+@app.command("update")
+def update_cmd(
+    model_dir: Path = typer.Argument(..., help="the model dir to update (a tunelab model dir)"),
+    data: Path = typer.Option(..., "--data", help="the new dataset dir (prepared, same kind as the old one)"),
+    out: Path = typer.Option(..., "--out", help="the update's run dir"),
+    replay: Optional[float] = typer.Option(None, "--replay", min=0.0, max=0.99,
+                                           help="share of the training rows replayed from the old train split"),
+    regularize: Optional[str] = typer.Option(None, "--regularize", help="ewc or l2sp: pull toward the old weights"),
+    strength: Optional[float] = typer.Option(None, "--strength", help="λ of --regularize"),
+    method: Optional[str] = typer.Option(None, "--method", help="training method (default: the old run's)"),
+    min_gain: float = typer.Option(0.01, "--min-gain", help="gate: least gain on the new test split (points; "
+                                   "perplexity: relative)"),
+    max_drop: float = typer.Option(0.01, "--max-drop", help="gate: most loss on the old test split (points; "
+                                   "perplexity: relative)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=1"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier run in --out"),
+):
+    """Teach a model dir new data (optionally replaying old rows or pulling toward its weights); score old and new
+    test splits before and after; exit 3 when the gate fails (the result is recorded either way)."""
+    from tunelab.train.update import print_update, update
+
+    record = update(model_dir, data, out, replay=replay or None, regularize=regularize, strength=strength,
+                    method=method, overrides=overrides or [], min_gain=min_gain, max_drop=max_drop,
+                    overwrite=overwrite, console=err_console, show_progress=sys.stderr.isatty())
+    print_update(record, console)
+    if not record["gate"]["passed"]:
+        raise typer.Exit(3)
+
+
 @app.command("eval")
 def eval_cmd(
     model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`"),

@@ -102,11 +102,20 @@ class PrepareConfig(PrepareOptions):
     source: str = Field(description="builtin:NAME or a CSV/TSV/JSONL/JSON/Parquet path")
 
 
+class ReplayConfig(Section):
+    """Old rows mixed into the training rows of an update, so that the model keeps seeing what it knew."""
+
+    share: float = Field(0.2, gt=0, lt=1, description="share of the training rows that are replayed old rows")
+    dir: str | None = Field(None, description="the old dataset dir; default: the one model.base (a tunelab model "
+                            "dir) was trained on")
+
+
 class DataConfig(Section):
     dir: str = Field(description="a prepared dataset dir (dataset.json + train/validation/test.jsonl)")
     prepare: PrepareConfig | None = None
     max_train_examples: int | None = Field(None, gt=0, description="seeded stratified subset of train")
     max_eval_examples: int | None = Field(None, gt=0, description="subset of validation used during training")
+    replay: ReplayConfig | None = Field(None, description="mix a seeded sample of old train rows into training")
 
 
 class ScratchConfig(Section):
@@ -244,6 +253,18 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the teacher's soft labels (1 - alpha: the gold)")
 
 
+class RegularizeConfig(Section):
+    """A pull toward the weights an update starts from: L2-SP (every weight alike) or EWC (each weight by its
+    diagonal Fisher information on the old data, normalised to a mean of 1, so a strength means the same mean pull
+    in both)."""
+
+    kind: Literal["ewc", "l2sp"]
+    strength: float = Field(..., gt=0, description="λ: the penalty is λ/2 Σ w (θ - θ₀)²")
+    fisher_rows: int = Field(256, gt=0, description="ewc: old train rows the Fisher information is estimated on")
+    dir: str | None = Field(None, description="ewc: the old dataset dir; default: the one model.base was trained "
+                            "on")
+
+
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
@@ -277,6 +298,8 @@ class TrainConfig(Section):
                                   "(same gradient, less memory)")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="after the warmup")
     distill: DistillConfig | None = Field(None, description="learn from a teacher model dir's soft labels too")
+    regularize: RegularizeConfig | None = Field(None, description="an update: pull the weights toward where they "
+                                                "started (ewc, l2sp)")
 
 
 class EvalConfig(Section):

@@ -47,6 +47,7 @@ from tunelab.train.batching import length_grouped_batches
 from tunelab.train.optim import build_optimizer, build_schedule
 from tunelab.train.precision import autocast, resolve_precision
 from tunelab.train.progress import TrainProgress
+from tunelab.train.regularize import build_anchor, old_data_dir, replay_rows
 from tunelab.train.signals import StopRequest, StopRequested
 from tunelab.train.tracking import NullTracker, Tracker
 
@@ -263,6 +264,10 @@ class _Run:
         self.val_rows = seeded_subset(load_split(data_dir, "validation"), cfg.data.max_eval_examples, **subset)
         if not self.train_rows or not self.val_rows:
             raise UserError(f"{data_dir}: the train and validation splits must both have rows")
+        self.replay = None
+        if cfg.data.replay:  # old rows mixed in (an update); validation stays the new data's
+            old, self.replay = replay_rows(cfg, self.meta["task"], len(self.train_rows), self.spec.stratify)
+            self.train_rows = self.train_rows + old
         return prepared
 
     def _build_model(self) -> None:
@@ -283,6 +288,7 @@ class _Run:
         if dd.fsdp:
             model = distributed.shard_model(model)
             task.through_model_forward()  # FSDP gathers root weights in the model's forward only
+        base_task = task
         if tc.distill:
             task = distilled(task, self.spec, tc.distill, self.tokenizer, self.device)
         self.model, self.task = model, task
@@ -292,6 +298,18 @@ class _Run:
         self.scheduler = build_schedule(self.optimizer, tc.schedule, self.total_steps,
                                         round(tc.warmup_ratio * self.total_steps))
         self.better = (lambda a, b: a > b) if task.greater_is_better else (lambda a, b: a < b)
+        self.anchor, self.penalty = None, 0.0
+        if tc.regularize:  # built on the starting weights, before a resumed run loads its checkpoint
+            if dd.fsdp:
+                raise UserError("train.regularize works without FSDP (ddp or one process)")
+            self.anchor = build_anchor(tc.regularize, model, new_params, lambda: self._fisher_data(base_task))
+
+    def _fisher_data(self, task):
+        """EWC's rows: `train.regularize.fisher_rows` of the old train split, encoded by the run's own task."""
+        rc = self.cfg.train.regularize
+        d = old_data_dir(self.cfg, rc.dir, "train.regularize", self.meta["task"])
+        rows = seeded_subset(load_split(d, "train"), rc.fisher_rows, seed=self.tc.seed, stratify=self.spec.stratify)
+        return task, task.encode(rows), self.device
 
     def _open(self, prepared: dict | None) -> None:
         """The run dir and its tracker; the base-fit check and the one line that says what will run."""
@@ -360,6 +378,8 @@ class _Run:
                 self.split *= 2
                 self.progress.note(f"step {state.step + 1}: out of memory; retrying with each micro-batch split "
                                    f"in {self.split} (train.auto_batch_size)")
+        if self.anchor is not None:
+            self.penalty = self.anchor.add_grad()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm or float("inf"))
         if distributed.is_dtensor(grad_norm):
             grad_norm = grad_norm.full_tensor()
@@ -407,7 +427,8 @@ class _Run:
         self.progress.update(state.step, loss, lr, shown_rate)
         if state.step % self.tc.log_every == 0 or state.step == self.total_steps:
             self.tracker.log(state.step, train_loss=self.window_loss / self.window_count, lr=lr,
-                             examples_per_s=rate, epoch=state.epoch + state.window / windows)
+                             examples_per_s=rate, epoch=state.epoch + state.window / windows,
+                             **({"penalty": self.penalty} if self.anchor is not None else {}))
             self.window_loss, self.window_count = 0.0, 0
 
     def run_eval(self) -> dict:
@@ -467,7 +488,7 @@ class _Run:
                 self.stop_req.raise_from_now()
             return _finish(self.cfg, self.out, self.dd, self.model, self.tokenizer, self.base, self.task, self.spec,
                            self.meta, self.data_dir, self.train_rows, self.state, self.best_weights, self.last_eval,
-                           self.run_eval, self.precision, self.fit)
+                           self.run_eval, self.precision, self.fit, self.replay)
         except StopRequested:
             self.interrupted = True
             return None
@@ -507,7 +528,7 @@ class _Run:
 
 def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: TaskSpec, meta: dict, data_dir: Path,
             train_rows: list[dict], state: LoopState, best_weights, last_eval: dict | None, run_eval,
-            precision: str, fit: dict) -> dict:
+            precision: str, fit: dict, replay: dict | None = None) -> dict:
     """The best weights, their validation metrics, and the model dir (replaced by a swap, never half-written)."""
     if best_weights is not None:
         load_trainable_state(model, best_weights)
@@ -519,7 +540,9 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: T
                  **({"parent": parent} if (parent := parent_record(base)) else {})},
         "method": cfg.method.model_dump(mode="json"), "max_length": cfg.model.max_length,
         "data": {"dir": str(data_dir), "path": str(Path(data_dir).resolve()), "fingerprint": meta["fingerprint"],
-                 "train_examples": len(train_rows), "max_train_examples": cfg.data.max_train_examples},
+                 "train_examples": len(train_rows), "max_train_examples": cfg.data.max_train_examples,
+                 **({"replay": replay} if replay else {})},
+        **({"regularize": cfg.train.regularize.model_dump(mode="json")} if cfg.train.regularize else {}),
         "metrics": {"validation": {k: v for k, v in best_eval.items() if isinstance(v, (int, float))}},
         "base_fit": fit,  # measured once, before training (`base_fit.measure`)
         "eval": cfg.eval.model_dump(mode="json"),
