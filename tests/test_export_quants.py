@@ -124,3 +124,4 @@ def test_calibration_collects_each_linear_inputs_second_moment_a_group_at_a_time
     np.testing.assert_allclose(fitted.hessian("second.weight"), (y.T @ y / 3).numpy(), rtol=1e-5, atol=1e-7)
     assert len(passes) == 2 * len(texts)  # one pass over the text per group
     assert fitted.hessian("embed.weight") is None
+    assert not fitted.compensable("first.weight")  # 3 tokens for 4 inputs: too few to compensate against

@@ -14,6 +14,9 @@ to its nearest level. Here, given calibration text:
    rounded through the inverse of the input's second-moment matrix X^T X / n, so that the layer's output over the
    calibration inputs, not each weight, stays closest to the float one.
 
+GPTQ needs the input's second moments known in every direction: with fewer than 8 calibration tokens per input
+column (no dataset: only the built-in sentences) the levels stay the searched scales' rounding.
+
 The file format is unchanged: every GGUF reader reads these blocks. The token-embedding table is a lookup as well
 as (when tied) the output layer, so it gets the searched scales only; compensation is for what only multiplies.
 
@@ -42,6 +45,10 @@ CHUNK = 1 << 15  # blocks searched at once (bounds the working memory to a few t
 BUDGET = 1 << 30  # bytes of X^T X matrices collected in one pass over the calibration text
 DAMP = 0.01  # added to X^T X's diagonal, times its mean: keeps the inverse stable where inputs are collinear
 STEP = 128  # columns rounded between two lazy updates of the rest of the matrix
+# GPTQ's compensation needs X^T X to be known in every direction: at least this many calibration tokens per input
+# column, else the errors are pushed where calibration never looked (8 built-in sentences, 132 tokens, against
+# 576 columns made SmolLM2's chat answers worse than plain rounding); below it, the searched scales only
+TOKENS_PER_INPUT = 8
 
 
 class Calibration:
@@ -56,10 +63,19 @@ class Calibration:
         # a tied input embedding is the output layer's matrix: it shares that layer's inputs
         self.alias = {"model.embed_tokens.weight": "lm_head.weight"} if tied and "lm_head.weight" in self.linears \
             else {}
-        self.held: dict[str, np.ndarray] = {}
+        self.held: dict[str, tuple[np.ndarray, int]] = {}
 
     def hessian(self, name: str) -> np.ndarray | None:
         """[in, in] float64 for the weight `name`; None for a matrix that is no linear layer's."""
+        held = self._held(name)
+        return None if held is None else held[0]
+
+    def compensable(self, name: str) -> bool:
+        """Whether enough calibration tokens reached the matrix `name` for GPTQ (see TOKENS_PER_INPUT)."""
+        held = self._held(name)
+        return held is not None and held[1] >= TOKENS_PER_INPUT * held[0].shape[0]
+
+    def _held(self, name: str) -> tuple[np.ndarray, int] | None:
         name = self.alias.get(name, name)
         if name not in self.linears:
             return None
@@ -78,8 +94,9 @@ class Calibration:
 
 
 @torch.inference_mode()
-def second_moments(model, tok, texts: list[str], max_length: int, linears: dict) -> dict[str, np.ndarray]:
-    """X^T X / n over `texts` of the input X of each module in `linears` ({weight name: nn.Linear})."""
+def second_moments(model, tok, texts: list[str], max_length: int, linears: dict
+                   ) -> dict[str, tuple[np.ndarray, int]]:
+    """(X^T X / n, n) over `texts` of the input X (n rows) of each module in `linears` ({weight name: nn.Linear})."""
     sums: dict[str, list] = {}
 
     def hook(name):
@@ -102,7 +119,7 @@ def second_moments(model, tok, texts: list[str], max_length: int, linears: dict)
     out = {}
     for name, m in linears.items():
         total, n = sums.get(name, (None, 0))
-        out[name] = (total / n).numpy() if n else np.zeros((m.in_features, m.in_features))
+        out[name] = ((total / n).numpy() if n else np.zeros((m.in_features, m.in_features)), n)
     return out
 
 
