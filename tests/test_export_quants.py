@@ -116,12 +116,12 @@ def test_calibration_collects_each_linear_inputs_second_moment_a_group_at_a_time
         passes.append(text)
         return {"input_ids": torch.tensor([texts[text]])}
 
-    fitted = Calibration(model, tok, list(texts), max_length=8, budget=8 * 6 * 6)  # room for one matrix a pass
+    fitted = Calibration(model, tok, [*texts, *texts], max_length=8, budget=8 * 6 * 6)  # one matrix a pass
     with torch.no_grad():
         x = model.embed(torch.tensor([1, 2, 3])).double()
         y = model.first(x.float()).double()
     np.testing.assert_allclose(fitted.hessian("first.weight"), (x.T @ x / 3).numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fitted.hessian("second.weight"), (y.T @ y / 3).numpy(), rtol=1e-5, atol=1e-7)
-    assert len(passes) == 2 * len(texts)  # one pass over the text per group
+    assert len(passes) == 2 * len(texts)  # one pass over the distinct texts per group
     assert fitted.hessian("embed.weight") is None
     assert not fitted.compensable("first.weight")  # 3 tokens for 4 inputs: too few to compensate against

@@ -57,6 +57,9 @@ class Calibration:
     large model's matrices are never all held at once. Ask in the model's order."""
 
     def __init__(self, model, tok, texts: list[str], max_length: int, budget: int = BUDGET):
+        # a repeated text adds nothing to X^T X / n but would count as new tokens (the built-in sentences are
+        # repeated to fill the rows asked for)
+        texts = list(dict.fromkeys(texts))
         self.model, self.tok, self.texts, self.max_length, self.budget = model, tok, texts, max_length, budget
         self.linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
