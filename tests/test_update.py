@@ -127,3 +127,56 @@ def test_update_refuses_half_a_pull(tmp_path, tiny_classifier, small_dataset):
     with pytest.raises(UserError, match="--regularize and --strength go together"):
         update(tiny_classifier, small_dataset, tmp_path / "run", regularize="l2sp")
     assert validate(tiny_config(small_dataset)).train.regularize is None
+
+
+def test_update_refuses_before_any_work_what_it_cannot_read_or_write(tmp_path, monkeypatch, tiny_classifier,
+                                                                      small_dataset, ner_data):
+    import tunelab.train.update as update_module
+
+    monkeypatch.setattr(update_module, "scores", lambda *a: pytest.fail("scored before refusing"))
+    with pytest.raises(UserError, match="is a ner dataset, but .* classification one"):
+        update(tiny_classifier, ner_data, tmp_path / "run")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="mine"):
+        update(tiny_classifier, small_dataset, mine)
+    assert (mine / "notes.txt").read_text() == "keep"
+    (tmp_path / "done" / "model").mkdir(parents=True)
+    (tmp_path / "done" / "tunelab.json").write_text(json.dumps({"kind": "run"}))
+    with pytest.raises(UserError, match="already holds a run; replace it with --overwrite"):
+        update(tiny_classifier, small_dataset, tmp_path / "done")
+
+
+def test_an_update_learns_chinese_rows_and_a_chinese_label(tmp_path, tiny_classifier):
+    """Stranger input: the new data is Chinese (mostly unknown to tiny-bert's English vocabulary: it runs, with the
+    poor-fit warning), its labels new Chinese classes; the record keeps them as written (UTF-8, not escapes)."""
+    from tunelab.data.prepare import prepare
+
+    words = {"正面": ["很好", "喜欢", "满意"], "负面": ["糟糕", "讨厌", "延误"], "投诉": ["投诉", "退款", "赔偿"]}
+    rows = [{"text": f"航班{i}号 {words[label][i % 3]} 今天", "label": label}
+            for i in range(180) for label in [("正面", "负面", "投诉")[i % 3]]]
+    prepare(str(write_csv(tmp_path / "zh.csv", rows)), tmp_path / "zh")
+    record = update(tiny_classifier, tmp_path / "zh", tmp_path / "run", replay=0.2, overrides=["train.epochs=2"])
+    meta = json.loads((tmp_path / "run" / "model" / "tunelab.json").read_text(encoding="utf-8"))
+    assert {"正面", "负面", "投诉", "positive", "negative", "neutral"} <= set(meta["labels"])
+    assert set(record["labels_added"]) == {"正面", "负面", "投诉"}
+    assert "投诉" in (tmp_path / "run" / "update.json").read_text(encoding="utf-8")
+    assert set(record["after"]) == {"old", "new"} and record["training"]["examples_seen"] > 0
+
+
+def test_a_ner_update_learns_a_new_entity_type_the_old_model_is_scored_on(tmp_path, tiny_ner, ner_data):
+    """The new data names products (a type the old tagger does not have): before, it is scored as missing them,
+    not refused; after, the tag set has grown and the new data's entity F1 has risen."""
+    from tunelab.config import PrepareOptions
+    from tunelab.data.prepare import prepare
+
+    rows = [{"tokens": r["tokens"] + ["via", "Acme", "Phone"], "tags": r["tags"] + ["O", "B-PRODUCT", "I-PRODUCT"]}
+            for split in ("train", "validation", "test") for r in load_split(ner_data, split)]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare(str(tmp_path / "new.jsonl"), tmp_path / "new", PrepareOptions(task="ner"))
+    record = update(tiny_ner, tmp_path / "new", tmp_path / "run", replay=0.2, overrides=["train.epochs=4"])
+    assert record["metric"] == "entity_f1"
+    assert record["after"]["new"]["entity_f1"] > record["before"]["new"]["entity_f1"] + 0.05
+    labels = json.loads((tmp_path / "run" / "model" / "tunelab.json").read_text())["labels"]
+    assert {"B-PRODUCT", "I-PRODUCT"} <= set(labels)

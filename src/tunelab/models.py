@@ -25,7 +25,7 @@ from tunelab import __version__, model_files
 from tunelab.artifacts import kind_of, write_folder
 from tunelab.assets import TINY_MODELS, builtin_path, cache_dir, cached, is_builtin
 from tunelab.errors import UserError, read_json_file
-from tunelab.merge import check_mergeable
+from tunelab.merge import check_mergeable, merged
 from tunelab.tasks import task_spec
 
 # transformers (~0.6-1 s over torch) and peft (~2 s more) are imported inside the functions that use them:
@@ -148,7 +148,7 @@ def _merged_dir(d: Path, meta: dict) -> Path:
 
     def build(tmp: Path) -> None:
         model, tok, _ = load_model_dir(d)
-        model = model.merge_and_unload()
+        model = merged(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"model_dir": str(d.resolve()), "files": meta.get("files")}))

@@ -164,6 +164,10 @@ class TokenClassificationTask:
         metrics["loss"] = total / max(1, count)
         return metrics
 
+    def tags(self, model, enc: TokenEncoded, batch_size: int) -> list[list[str]]:
+        """Encoded word lists -> one predicted tag per word."""
+        return self._run(model, enc, batch_size)[0]
+
     def entities(self, model, enc: TokenEncoded, batch_size: int) -> list[list[dict]]:
         """Encoded (unlabelled) word lists -> per example its entities, as `bio_entities` gives them."""
         tags, probs, _, _ = self._run(model, enc, batch_size)

@@ -184,7 +184,7 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
         raise UserError("--resume continues the run in --out and --overwrite replaces it; choose one")
     # What tunelab may never write into is refused before the lock is taken (no lock file is left beside it);
     # whether an earlier run may be replaced is decided holding the lock, so a run in progress is named first.
-    _check_run_dir(out, resume, overwrite=True)
+    check_run_dir(out, resume, overwrite=True)
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes the run dir
     with FolderLock(out) if writer else nullcontext():
         return _train(cfg, out, resume, force, overwrite, console, show_progress)
@@ -222,7 +222,7 @@ class _Run:
         self.console = console or make_console(stderr=True)
         if not dd.main:  # rank 0 speaks for the job
             self.console, show_progress = Console(file=io.StringIO()), False
-        _check_run_dir(out, resume, overwrite)  # again, holding the lock
+        check_run_dir(out, resume, overwrite)  # again, holding the lock
         if tc.num_threads:
             torch.set_num_threads(tc.num_threads)
         self.device = f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -522,8 +522,8 @@ class _Run:
                            f"{state.best_metric:.4f} at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
         return {"model_dir": str(result["model_dir"]), "task": self.spec.name, "steps": state.step,
                 "best_step": state.best_step, "validation": result["validation"],
-                "nonfinite_skipped": state.nonfinite_skipped, "examples_per_s": rate, "tokens_per_s": tokens_rate,
-                "elapsed_s": elapsed, "train_s": train_time}
+                "nonfinite_skipped": state.nonfinite_skipped, "examples_seen": state.examples_seen,
+                "examples_per_s": rate, "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
 
 
 def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: TaskSpec, meta: dict, data_dir: Path,
@@ -562,9 +562,10 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: T
     return {"model_dir": model_dir, "validation": model_meta["metrics"]["validation"]}
 
 
-def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
+def check_run_dir(out: Path, resume: str | None, overwrite: bool, resumable: bool = True) -> None:
     """Refuse what this run may not write into (nothing is changed here; the swap comes once all loaded).
-    `overwrite=True` checks only that `out` is free or a tunelab run."""
+    `overwrite=True` checks only that `out` is free or a tunelab run; `resumable=False` (an update) leaves
+    `--resume` out of the way out."""
     if resume:
         if not out.exists():
             raise UserError(f"--resume: no complete checkpoint in {out} (it does not exist)")
@@ -573,8 +574,9 @@ def _check_run_dir(out: Path, resume: str | None, overwrite: bool) -> None:
         return
     if check_target(out, "run", overwrite=True) and not overwrite and (
             ckpt.complete_checkpoints(out / "checkpoints") or (out / "model").exists()):
-        raise UserError(f"{out} already holds a run; continue it with --resume auto, replace it with "
-                        "--overwrite, or choose another --out")
+        resume_hint = "continue it with --resume auto, " if resumable else ""
+        raise UserError(f"{out} already holds a run; {resume_hint}replace it with --overwrite, or choose another "
+                        "--out")
 
 
 def _open_run_dir(out: Path, cfg: RunConfig, fresh: bool, info: dict) -> None:

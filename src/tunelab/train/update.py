@@ -27,14 +27,15 @@ import yaml
 from rich.table import Table
 
 from tunelab.config import EvalConfig, apply_overrides, validate
-from tunelab.data.dataset import load_split
+from tunelab.data.dataset import load_meta, load_split
 from tunelab.errors import UserError
 from tunelab.evaluate.metrics import classification_metrics
 from tunelab.evaluate.report import evaluate
-from tunelab.models import META_FILE, read_meta
+from tunelab.models import META_FILE, load_model_dir, max_length_of, read_meta
 from tunelab.predict import predict_texts
 from tunelab.tasks import task_spec
-from tunelab.train.loop import train
+from tunelab.tasks.token_classification import TokenClassificationTask, entity_metrics
+from tunelab.train.loop import check_run_dir, train
 
 MIN_GAIN, MAX_DROP = 0.01, 0.01  # the gate's defaults: +1 point on the new data, at most -1 point on the old
 
@@ -52,19 +53,27 @@ def update(model_dir: str | Path, data_dir: str | Path, out: str | Path, replay:
         raise UserError(f"{model_dir} was trained on {old_dir or 'an unrecorded dataset'}, which is not here; the "
                         "update scores the old test split, so the old dataset dir must exist")
     if (regularize is None) != (strength is None):
-        raise UserError("--regularize and --strength go together (e.g. --regularize ewc --strength 100)")
+        raise UserError("--regularize and --strength go together (e.g. --regularize ewc --strength 1)")
+    old_kind, new_kind = load_meta(old_dir)["task"], load_meta(data_dir)["task"]
+    if new_kind != old_kind:
+        raise UserError(f"{data_dir} is a {new_kind} dataset, but {model_dir} was trained on a {old_kind} one "
+                        f"({old_dir}); an update learns new data of the same kind")
+    check_run_dir(out, None, overwrite, resumable=False)  # a RUN that cannot be written is refused before the scoring
     cfg = validate(apply_overrides(_config(model_dir, parent, data_dir, replay, regularize, strength, method),
                                    overrides or [], paths_from=Path.cwd()))
     spec = task_spec(parent["task"])
-    before = {"old": _scores(model_dir, old_dir), "new": _scores(model_dir, data_dir)}
+    before = {"old": scores(model_dir, old_dir), "new": scores(model_dir, data_dir)}
     summary = train(cfg, out, overwrite=overwrite, console=console, show_progress=show_progress)
     new_dir = Path(summary["model_dir"])
-    after = {"old": _scores(new_dir, old_dir), "new": _scores(new_dir, data_dir)}
+    after = {"old": scores(new_dir, old_dir), "new": scores(new_dir, data_dir)}
     record = {"parent": {"model_dir": str(model_dir.resolve()), "files": {n: f.get("sha256") for n, f in
                                                                            (parent.get("files") or {}).items()}},
               "data": {"old": str(old_dir.resolve()), "new": str(data_dir.resolve())},
               "replay": replay, "regularize": {"kind": regularize, "strength": strength} if regularize else None,
               "method": cfg.method.name, "metric": spec.score[0], "before": before, "after": after,
+              "training": {k: summary[k] for k in ("steps", "examples_seen", "train_s") if k in summary},
+              **({"labels_added": [x for x in read_meta(new_dir)["labels"] if x not in parent["labels"]]}
+                 if parent.get("labels") else {}),
               "gate": gate(before, after, spec.score[2], min_gain, max_drop)}
     _annotate(new_dir, {"update": record})
     (out / "update.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
@@ -91,18 +100,27 @@ def _config(model_dir: Path, parent: dict, data_dir: Path, replay: float | None,
     return raw
 
 
-def _scores(model_dir: Path, data_dir: Path) -> dict:
+def scores(model_dir: Path, data_dir: Path) -> dict:
     """The headline metric of `model_dir` on the test split of `data_dir` (no baselines), and the forgetting
     probe's figures for a generative model. A classifier is scored over the classes of the split and of its
-    predictions, so that the model before the update, which may not know a new class (it is never right on it),
-    and the model after are scored alike."""
-    if task_spec(read_meta(model_dir)["task"]).report == "classes":
+    predictions, and a tagger on the entity types of both, so that the model before the update, which may not
+    know a new class or type (it is never right on it), and the model after are scored alike."""
+    report = task_spec(read_meta(model_dir)["task"]).report
+    if report == "classes":
         rows = load_split(data_dir, "test")
         predicted = [p["prediction"] for p in predict_texts(model_dir, [r["text"] for r in rows])]
         labels = sorted({r["label"] for r in rows} | set(predicted))
         m = classification_metrics([labels.index(r["label"]) for r in rows],
                                    [labels.index(p) for p in predicted], labels)
         return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]}
+    if report == "entities":  # the words' tags are predicted unlabelled: a new entity type is simply missed
+        rows = load_split(data_dir, "test")
+        model, tok, meta = load_model_dir(model_dir)
+        task = TokenClassificationTask(tok, meta["labels"], max_length_of(meta))
+        m = entity_metrics([r["tags"] for r in rows], task.tags(model, task.encode(rows, labelled=False),
+                                                                EvalConfig().batch_size))
+        return {"entity_f1": m["entity_f1"], "entity_precision": m["entity_precision"],
+                "entity_recall": m["entity_recall"]}
     report = evaluate(model_dir, data_dir, "test", eval_cfg=EvalConfig(baselines=[], generation_samples=0))
     key = task_spec(report["task"]).score[0]
     value = report["after"][key] if isinstance(report.get("after"), dict) else report[key]
