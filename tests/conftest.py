@@ -242,3 +242,48 @@ def smollm2_q8(tmp_path_factory) -> tuple[Path, dict]:
     record = export_model("builtin:smollm2-135m-instruct", out, "gguf", quantize="q8_0", rows=8,
                           thresholds={"mean_kl": ("max", 1e-3), "top1_agreement": ("min", 0.95)})
     return out, record
+
+
+def _postgres_bin() -> Path | None:
+    """The newest Debian PostgreSQL server binaries, if installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+                   if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server for the tests that run on one: TUNELAB_TEST_POSTGRES_URL, else a throwaway cluster
+    started from Debian's binaries (as the postgres user when run as root, which PostgreSQL refuses), else skip."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    if os.environ.get("TUNELAB_TEST_POSTGRES_URL"):
+        yield os.environ["TUNELAB_TEST_POSTGRES_URL"]
+        return
+    pg = _postgres_bin()
+    if pg is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql); its tests are skipped")
+    root = Path(tempfile.mkdtemp(prefix="tunelab-pg-"))  # under /tmp: the postgres user must reach it
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = dict(check=True, capture_output=True, text=True, timeout=120)
+    try:
+        subprocess.run(as_user + [str(pg / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "tunelab",
+                                  "--no-sync"], **run)
+        subprocess.run(as_user + [str(pg / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
+                                  "-o", f"-k {root} -p {port} -c listen_addresses='' -c fsync=off", "start"], **run)
+    except (subprocess.CalledProcessError, OSError) as err:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"could not start a PostgreSQL cluster: {getattr(err, 'stderr', '') or err}")
+    yield f"postgresql+psycopg://tunelab@/postgres?host={root}&port={port}"
+    subprocess.run(as_user + [str(pg / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+                   capture_output=True, timeout=60)
+    shutil.rmtree(root, ignore_errors=True)

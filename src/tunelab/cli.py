@@ -24,6 +24,7 @@ from tunelab.config import (PREPARE_PATH_KEYS, DedupConfig, EvalConfig, PrepareO
                             load_config, read_yaml_mapping, resolve_paths, section)
 from tunelab.data.summary import print_dataset_summary
 from tunelab.errors import UserError
+from tunelab.registry.commands import registry_app
 from tunelab.terminal import PIPE_WIDTH, make_console, plain
 
 # Each command's stage is imported inside the command: tunelab.data.prepare and tunelab.data.overlap load numpy
@@ -37,6 +38,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, short_help="data prepare | data overlap",
                        help="data prepare: a file into a dataset dir · data overlap: rows of one found in another")
 app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
 console = make_console()
 err_console = make_console(stderr=True)
 
