@@ -48,7 +48,13 @@ def _metric(record: dict) -> str:
 
 
 def _gate(record: dict) -> str:
-    return {True: "passed", False: "FAILED", None: "-"}[record["gate_passed"]]
+    """An update's gate and its changes on the old and the new test split; '-' for a version that is no update."""
+    gate = record["lineage"].get("gate")
+    if not gate:
+        return "-"
+    verdict = "passed" if gate.get("passed") else "FAILED"
+    sign = -1 if gate.get("relative") else 1
+    return f"{verdict} (old {-sign * gate['drop']:+.4f}, new {sign * gate['gain']:+.4f})"
 
 
 @registry_app.command("register")
@@ -65,7 +71,7 @@ def register(model_dir: Path = typer.Argument(..., help="a tunelab model dir (a 
     parent = (rec["lineage"].get("parent") or {}).get("version")  # NAME:VERSION
     parent = f" · parent {parent.split(':')[0]}:{_short(parent.split(':')[1])}" if parent else ""
     console.print(f"registered {rec['name']}:{_short(rec['version'])} ({rec['kind']}, {rec['task']}, "
-                  f"{len(rec['files'])} files) · {_metric(rec)} · gate {_gate(rec)}{parent}",
+                  f"{len(rec['files'])} files) · validation {_metric(rec)} · update gate {_gate(rec)}{parent}",
                   highlight=False, soft_wrap=True)
 
 
@@ -78,12 +84,14 @@ def list_versions(name: Optional[str] = typer.Argument(None, help="one model lin
     if as_json:
         console.print_json(json.dumps([{k: v for k, v in r.items() if k not in ("files", "lineage")} for r in rows]))
         return
-    t = Table(title=f"registry {reg.root}")
-    for col in ("name", "version", "registered (UTC)", "task", "method", "validation", "gate", "aliases"):
-        t.add_column(col)
+    t = Table(title=f"{name + ' in ' if name else ''}registry {reg.root}")
+    cols = ("version", "registered (UTC)", "task", "method", "validation", "update gate", "aliases")
+    for col in cols if name else ("name", *cols):
+        t.add_column(col, no_wrap=col in ("version", "registered (UTC)", "validation"))
     for r in rows:
-        t.add_row(r["name"], _short(r["version"]), r["registered_at"][:19].replace("T", " "), r["task"] or "-",
-                  r["lineage"].get("method") or "-", _metric(r), _gate(r), ", ".join(r["aliases"]) or "-")
+        cells = (_short(r["version"]), r["registered_at"][:19].replace("T", " "), r["task"] or "-",
+                 r["lineage"].get("method") or "-", _metric(r), _gate(r), ", ".join(r["aliases"]) or "-")
+        t.add_row(*(cells if name else (r["name"], *cells)))
     console.print(t)
 
 
@@ -165,7 +173,7 @@ def log(name: str = typer.Argument(..., help="the model line"),
         return
     t = Table(title=f"log of {name}{f'@{alias}' if alias else ''}")
     for col in ("#", "time (UTC)", "action", "alias", "from", "to", "by", "reason"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("time (UTC)", "from", "to"))
     for e in events:
         action = e["action"] + (" (gate overridden)" if e["override"] else "")
         t.add_row(str(e["id"]), e["at"][:19].replace("T", " "), action, e["alias"] or "-", _short(e["previous"]),
