@@ -539,8 +539,9 @@ Ctrl-C while an answer streams stops it; the chat goes on."""
 
 @app.command()
 def serve(
-    models: list[str] = typer.Argument(..., help="model dirs, export dirs (ONNX, GGUF) or base models (builtin:…, "
-                                       "tiny-llama, a dir, a .gguf); NAME=PATH sets the id clients use"),
+    models: list[str] = typer.Argument(..., help="model dirs, export dirs (ONNX, GGUF), base models (builtin:…, "
+                                       "tiny-llama, a dir, a .gguf) or registry:NAME@ALIAS (followed: a promote or "
+                                       "rollback swaps the version served); NAME=PATH sets the id clients use"),
     host: Optional[str] = _opt(ServeConfig, "host", "--host"),
     port: Optional[int] = _opt(ServeConfig, "port", "--port"),
     api_keys_file: Optional[Path] = _opt(ServeConfig, "api_keys_file", "--api-keys-file"),
@@ -562,6 +563,10 @@ def serve(
     max_n: Optional[int] = _opt(ServeConfig, "max_n", "--max-n"),
     default_max_tokens: Optional[int] = _opt(ServeConfig, "default_max_tokens", "--default-max-tokens"),
     gguf_context: Optional[int] = _opt(ServeConfig, "gguf_context", "--gguf-context"),
+    registry: Optional[Path] = _opt(ServeConfig, "registry", "--registry"),
+    registry_db: Optional[str] = _opt(ServeConfig, "registry_db", "--registry-db"),
+    registry_poll: Optional[float] = _opt(ServeConfig, "registry_poll_s", "--registry-poll"),
+    admin_keys_file: Optional[Path] = _opt(ServeConfig, "admin_keys_file", "--admin-keys-file"),
 ):
     """An OpenAI-compatible API (chat, completions, classify, entities, embeddings) with a playground page at /."""
     from tunelab.serve.server import serve as run_server
@@ -572,7 +577,8 @@ def serve(
              "max_body_bytes": max_body_bytes, "max_header_bytes": max_header_bytes,
              "header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "max_connections": max_connections,
              "drain_timeout_s": drain_timeout, "max_headers": max_headers, "max_n": max_n,
-             "default_max_tokens": default_max_tokens, "gguf_context": gguf_context}
+             "default_max_tokens": default_max_tokens, "gguf_context": gguf_context, "registry": registry,
+             "registry_db": registry_db, "registry_poll_s": registry_poll, "admin_keys_file": admin_keys_file}
     raw = {"models": models, **{k: v for k, v in flags.items() if v is not None}}
     if embedding_model is not None and embedding_model.lower() == "none":
         raw["embedding_model"] = None

@@ -357,6 +357,15 @@ class ServeConfig(Section):
     gguf_context: int = Field(2048, gt=0, description="GGUF exports (llama.cpp): tokens per parallel slot, prompt "
                               "and answer together (capped by the model's context); the KV cache holds max_batch x it")
     drain_timeout_s: float = Field(30, gt=0, description="SIGTERM: how long in-flight requests may finish")
+    registry: Path | None = Field(None, description="the registry folder of registry:NAME@ALIAS models (default: "
+                                  "TUNELAB_REGISTRY, else ~/.local/share/tunelab/registry)")
+    registry_db: str | None = Field(None, description="the registry's database URL when not the folder's SQLite "
+                                    "(default: TUNELAB_REGISTRY_DB)")
+    registry_poll_s: float = Field(2.0, ge=0, description="how often a registry:NAME@ALIAS model checks its alias "
+                                   "(a move loads the new version beside the old, then swaps); 0 = only on "
+                                   "POST /admin/reload")
+    admin_keys_file: Path | None = Field(None, description="keys for POST /admin/reload, one per line (also "
+                                         "TUNELAB_ADMIN_KEYS); none: the endpoint is off")
 
 
 class RunConfig(Section):

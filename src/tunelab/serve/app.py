@@ -29,7 +29,8 @@ from tunelab.serve.state import ServerState
 log = logging.getLogger("tunelab.serve")
 
 ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/entities", "/v1/embeddings",
-          "/health", "/ready", "/metrics", "/"}
+          "/health", "/ready", "/metrics", "/", "/admin/reload"}
+ADMIN = "/admin/"  # its routes check the admin keys themselves (the API keys do not open them)
 OPEN_WHILE_DRAINING = {"/health", "/ready", "/metrics"}
 
 
@@ -94,6 +95,10 @@ class Guard:
         async def counted_send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                version = scope.get("state", {}).get("tunelab_version")
+                if version:  # the registry version that answered (set by the route once it has its model)
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-tunelab-version", version.encode())]}
             await send(message)
 
         try:
@@ -106,7 +111,8 @@ class Guard:
             try:
                 self._check_origin(headers)
                 if with_body:  # before a byte of the body is read
-                    self.state.authenticate(_text(headers.get(b"authorization")))
+                    if not path.startswith(ADMIN):
+                        self.state.authenticate(_text(headers.get(b"authorization")))
                     self._check_json(headers)
             except APIError as err:
                 err.headers.setdefault("Connection", "close")

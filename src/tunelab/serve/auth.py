@@ -20,24 +20,25 @@ from pathlib import Path
 from tunelab.errors import UserError
 
 ENV_KEYS = "TUNELAB_API_KEYS"
+ADMIN_ENV_KEYS = "TUNELAB_ADMIN_KEYS"
 
 
-def read_keys(path: Path | None) -> list[str]:
-    """The keys of `TUNELAB_API_KEYS` and of the file `path` (one per line; blank and `#` lines skipped); [] when
-    there are none. `UserError` when the file cannot be read, when a file is given but no key is found, or
-    when any key is shorter than 16 characters."""
-    keys = [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+def read_keys(path: Path | None, env: str = ENV_KEYS, what: str = "API keys") -> list[str]:
+    """The keys of the variable `env` (comma-separated) and of the file `path` (one per line; blank and `#` lines
+    skipped); [] when there are none. `UserError` when the file cannot be read, when a file is given but no key
+    is found, or when any key is shorter than 16 characters."""
+    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
     if path is not None:
         try:
             lines = Path(path).read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read the API keys file {path}: {err.__class__.__name__}") from None
+            raise UserError(f"cannot read the {what} file {path}: {err.__class__.__name__}") from None
         keys += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
         if not keys:
-            raise UserError(f"the API keys file {path} holds no keys")
+            raise UserError(f"the {what} file {path} holds no keys")
     short = [k for k in keys if len(k) < 16]
     if short:
-        raise UserError(f"{len(short)} API key(s) are shorter than 16 characters; use long random keys "
+        raise UserError(f"{len(short)} {what[:-1]}(s) are shorter than 16 characters; use long random keys "
                         "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
     return keys
 

@@ -435,6 +435,7 @@ class MicroBatcher(_Worker):
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
         self.max_waiting, self.name, self.metrics = max_waiting, name, metrics
         self._queue: deque[tuple[list[str], Future]] = deque()
+        self._in_batch = 0  # requests taken from the queue whose batch is running
         self._start(f"batcher-{name}")
 
     def submit(self, texts: list[str]) -> Future:
@@ -449,6 +450,11 @@ class MicroBatcher(_Worker):
             self._queue.append((texts, fut))
             self._cond.notify()
         return fut
+
+    def pending(self) -> int:
+        """Requests queued or in the running batch."""
+        with self._cond:
+            return len(self._queue) + self._in_batch
 
     def _loop(self) -> None:
         while True:
@@ -469,6 +475,7 @@ class MicroBatcher(_Worker):
                     texts, fut = self._queue.popleft()
                     batch.append((texts, fut))
                     n += len(texts)
+                self._in_batch = len(batch)
             if self.metrics:
                 self.metrics.running.labels(self.name).set(n)
                 self.metrics.queue_depth.labels(self.name).set(len(self._queue))
@@ -479,10 +486,14 @@ class MicroBatcher(_Worker):
                 log.exception("encoder %s failed", self.name)
                 for _, fut in batch:
                     fut.set_exception(err)
+                with self._cond:
+                    self._in_batch = 0
                 continue
             start = 0
             for texts, fut in batch:
                 fut.set_result(results[start:start + len(texts)])
                 start += len(texts)
+            with self._cond:
+                self._in_batch = 0
             if self.metrics:
                 self.metrics.running.labels(self.name).set(0)

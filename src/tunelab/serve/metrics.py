@@ -26,6 +26,10 @@ class Metrics:
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.generated_tokens = Counter("tunelab_generated_tokens", "tokens generated", ["model"], registry=r)
         self.prompt_tokens = Counter("tunelab_prompt_tokens", "prompt tokens prefilled", ["model"], registry=r)
+        self.reloads = Counter("tunelab_model_reloads", "registry versions loaded to replace a served one, by "
+                               "outcome (swapped, failed)", ["model", "outcome"], registry=r)
+        self.version = Gauge("tunelab_model_version_info", "the registry version a model answers with (1)",
+                             ["model", "version"], registry=r)
 
     def render(self) -> bytes:
         """Every metric of this server, in Prometheus' text exposition format (the body of GET /metrics)."""

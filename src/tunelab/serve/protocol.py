@@ -378,7 +378,8 @@ class EncoderResults(Response):
 
 class ModelCard(Response):
     """One served model as /v1/models lists it; `tunelab_kind` says which endpoints answer for it, `tunelab_engine`
-    what runs it (pytorch, onnxruntime, llama.cpp)."""
+    what runs it (pytorch, onnxruntime, llama.cpp), `tunelab_version` which registry version (None: not from a
+    registry)."""
 
     id: str
     object: Literal["model"] = "model"
@@ -386,6 +387,7 @@ class ModelCard(Response):
     owned_by: str = "tunelab"
     tunelab_kind: str
     tunelab_engine: str = "pytorch"
+    tunelab_version: str | None = None  # a registry model: NAME:VERSION (12 hex characters) now answering
 
 
 class ModelList(Response):

@@ -13,6 +13,10 @@ ONNX Runtime behind the same micro-batching (`export.onnx.OnnxEncoder`); a GGUF 
 
 LoRA model dirs on the same base share one copy of the base and one engine: each sequence in a batch
 runs through its own adapter (peft's mixed-adapter batches).
+
+`registry:NAME@ALIAS` (or `registry:NAME:VERSION`, pinned) serves a version of the model registry
+(`tunelab.registry`), its files verified first; it is named NAME, and an alias is followed (`serve.follow`): its
+`Spec.follow` is the alias and `Served.version` the version answering.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class Spec:
     engine: str = "pytorch"  # pytorch | onnxruntime | llama.cpp
     base: str | None = None  # for LoRA model dirs: the base they share
     meta: dict = field(default_factory=dict)
+    follow: str | None = None  # a registry alias (NAME@ALIAS) whose moves the server follows
+    version: str | None = None  # the registry version it holds: NAME:VERSION (12 hex characters)
 
 
 @dataclass
@@ -70,6 +76,21 @@ class Served:
     batcher: MicroBatcher | None = None
     adapter: str | None = None
     context: int = 0  # generation: prompt + max_tokens must fit
+    version: str | None = None  # a registry version: NAME:VERSION (12 hex characters)
+
+    def close(self) -> None:
+        """Stop its engine or micro-batcher (queued work still gets its answer or error event)."""
+        worker = self.engine or self.batcher
+        if worker is not None:
+            worker.close()
+
+    def busy(self) -> bool:
+        """Whether work is still queued or running on it (a retired version is closed once it is not)."""
+        if self.batcher is not None:
+            return self.batcher.pending() > 0
+        if self.engine is not None and hasattr(self.engine, "load"):
+            return any(self.engine.load())
+        return False
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` through the model's chat template, ending in the assistant header; a 400 when
@@ -92,13 +113,16 @@ class Served:
         return ids
 
 
-def parse_spec(item: str, embedding: bool = False) -> Spec:
+def parse_spec(item: str, embedding: bool = False, registry=None) -> Spec:
     """One MODEL argument (`REF` or `NAME=REF`) -> its Spec, from metadata and config alone (no weights); one that
-    cannot be served is a `UserError`. `embedding`: a base model is served for embeddings, even a decoder."""
+    cannot be served is a `UserError`. `embedding`: a base model is served for embeddings, even a decoder.
+    `registry`: the `tunelab.registry.Registry` that `registry:` references name (opened when None)."""
     # an existing path that contains "=" is a path, not NAME=PATH
     name, ref = (item.split("=", 1) if "=" in item and not Path(item).exists() else (None, item))
     if not ref:
         raise UserError(f"'{item}': empty model reference")
+    if ref.startswith("registry:"):
+        return registry_spec(ref.removeprefix("registry:"), name, registry)
     d = Path(ref)
     folder = kind_of(d)
     if folder == "run":
@@ -125,6 +149,27 @@ def parse_spec(item: str, embedding: bool = False) -> Spec:
     return Spec(name or default, ref, "embed" if embedding else kind)
 
 
+def registry_spec(ref: str, name: str | None, registry) -> Spec:
+    """`NAME@ALIAS` (followed) or `NAME:VERSION` (pinned) of the model registry -> the Spec of that version's
+    folder in the store, its files verified; served as `name`, else as NAME."""
+    from tunelab.registry import Registry  # SQLAlchemy: only for registry models
+
+    if registry is None:
+        with Registry() as reg:
+            return registry_spec(ref, name, reg)
+    record, path = registry.resolve(ref)
+    spec = parse_spec(f"{name or record['name']}={path}")
+    spec.base = None  # a followed version is loaded alone: its engine is swapped, never shared
+    spec.follow = ref if "@" in ref else None
+    spec.version = version_label(record)
+    return spec
+
+
+def version_label(record: dict) -> str:
+    """NAME:VERSION with the version's first 12 hex characters, as the server shows it."""
+    return f"{record['name']}:{record['version'][:12]}"
+
+
 def _export_spec(d: Path, name: str | None) -> Spec:
     """An export dir: ONNX (encoders) runs in ONNX Runtime, GGUF (decoders) in llama.cpp."""
     meta = read_json_file(d / META_FILE, f"{d} has no {META_FILE}")
@@ -145,10 +190,17 @@ def _export_spec(d: Path, name: str | None) -> Spec:
     return Spec(name or d.name, str(d), "generate", "llama.cpp", meta=meta)
 
 
-def check_specs(items: list[str], embedding_model: str | None) -> list[Spec]:
+def check_specs(items: list[str], embedding_model: str | None, registry=None) -> list[Spec]:
     """Every MODEL argument's Spec, plus `embedding_model`'s when no argument is served for embeddings; two models
-    with one id are a `UserError`."""
-    specs = [parse_spec(i) for i in items]
+    with one id are a `UserError`. `registry`: a callable -> the `tunelab.registry.Registry` of `registry:` models
+    (called only when there is one)."""
+    reg = registry() if registry is not None and any(i.split("=", 1)[-1].startswith("registry:") for i in items) \
+        else None
+    try:
+        specs = [parse_spec(i, registry=reg) for i in items]
+    finally:
+        if reg is not None:
+            reg.close()
     if embedding_model and not any(s.kind == "embed" for s in specs):
         specs.append(parse_spec(embedding_model, embedding=True))
     ids = [s.id for s in specs]
@@ -166,7 +218,7 @@ class Registry:
         self.specs, self.settings, self.metrics, self.device = specs, settings, metrics, device
         self.models: dict[str, Served] = {}
         self.ready = False
-        self._closers = []
+        self.retiring: list[Served] = []  # replaced versions still finishing their work (`serve.follow`)
 
     # ---- lookup ----------------------------------------------------------------------------------
     def get(self, model_id: str, kind: str) -> Served:
@@ -182,8 +234,8 @@ class Registry:
 
     def listing(self) -> list[ModelCard]:
         """The loaded models as /v1/models lists them; in argument order once `ready`."""
-        return [ModelCard(id=s.id, created=s.created, tunelab_kind=s.kind, tunelab_engine=s.runtime)
-                for s in self.models.values()]
+        return [ModelCard(id=s.id, created=s.created, tunelab_kind=s.kind, tunelab_engine=s.runtime,
+                          tunelab_version=s.version) for s in self.models.values()]
 
     # ---- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -194,27 +246,36 @@ class Registry:
             if s.kind == "generate" and s.base is not None:
                 groups.setdefault(s.base, []).append(s)
         for s in self.specs:
-            if s.engine == "llama.cpp":
-                self._add_llamacpp(s)
-            elif s.kind == "classify":
-                self._add_classifier(s)
-            elif s.kind == "entities":
-                self._add_entities(s)
-            elif s.kind == "embed":
-                self._add_embedder(s)
-            elif s.base is None:
-                self._add_generator([s])
-            elif groups.get(s.base) and groups[s.base][0] is s:  # a group's first spec loads the whole group
-                self._add_generator(groups[s.base])
+            if s.kind == "generate" and s.base is not None:
+                if groups[s.base][0] is s:  # a group's first spec loads the whole group
+                    for served in self._add_generator(groups[s.base]):
+                        self.models[served.id] = served
+            else:
+                self.models[s.id] = self.build(s)
         self.models = {s.id: self.models[s.id] for s in self.specs}  # listing in argument order
         self.ready = True
 
+    def build(self, s: Spec) -> Served:
+        """Load the model of one spec (not a LoRA group's) and start its engine -> its `Served`, not yet listed."""
+        if s.engine == "llama.cpp":
+            served = self._add_llamacpp(s)
+        elif s.kind == "classify":
+            served = self._add_classifier(s)
+        elif s.kind == "entities":
+            served = self._add_entities(s)
+        elif s.kind == "embed":
+            served = self._add_embedder(s)
+        else:
+            served = self._add_generator([s])[0]
+        served.version = s.version
+        return served
+
     def close(self) -> None:
         """Stop every engine and micro-batcher started so far (the server's shutdown)."""
-        for close in self._closers:
-            close()
+        for served in [*self.models.values(), *self.retiring]:
+            served.close()
 
-    def _add_generator(self, specs: list[Spec]) -> None:
+    def _add_generator(self, specs: list[Spec]) -> list[Served]:
         from transformers import AutoTokenizer  # transformers: seconds; the server binds and answers /health first
 
         first = specs[0]
@@ -237,15 +298,13 @@ class Registry:
         engine = GenerationEngine(model, tok, stop_ids, max_batch=self.settings.max_batch,
                                   max_waiting=self.settings.max_waiting, name=first.id, metrics=self.metrics,
                                   multi_adapter=len(specs) > 1)
-        self._closers.append(engine.close)
         context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-        for s in specs:
-            self.models[s.id] = Served(s.id, "generate", int(time.time()), "pytorch", tokenizers[s.id], engine=engine,
-                                       adapter=adapters[s.id], context=context)
         log.info("loaded %s for generation (%s)", ", ".join(s.id for s in specs),
                  "shared base, LoRA per request" if len(specs) > 1 else "one model")
+        return [Served(s.id, "generate", int(time.time()), "pytorch", tokenizers[s.id], engine=engine,
+                       adapter=adapters[s.id], context=context, version=s.version) for s in specs]
 
-    def _add_llamacpp(self, s: Spec) -> None:
+    def _add_llamacpp(self, s: Spec) -> Served:
         """A GGUF export in llama.cpp: `max_batch` slots of `gguf_context` tokens (at most the file's context)."""
         from tunelab.serve.llamacpp import LlamaCppEngine, gguf_context  # llama.cpp: only for a GGUF export
 
@@ -255,11 +314,9 @@ class Registry:
         context = min(self.settings.gguf_context, gguf_context(d / "model.gguf") or self.settings.gguf_context)
         engine = LlamaCppEngine(d / "model.gguf", self.settings.max_batch, context, self.settings.max_waiting,
                                 name=s.id, metrics=self.metrics)
-        self._closers.append(engine.close)
-        self.models[s.id] = Served(s.id, "generate", int(time.time()), "llama.cpp", tok, engine=engine,
-                                   context=context)
         log.info("loaded %s for generation (llama.cpp, %d slots of %d tokens)", s.id, self.settings.max_batch,
                  context)
+        return Served(s.id, "generate", int(time.time()), "llama.cpp", tok, engine=engine, context=context)
 
     def _encoder(self, s: Spec, task: str):
         """(model, tokenizer, meta) of an encoder: a model dir in PyTorch, or an ONNX export in ONNX Runtime (the
@@ -270,7 +327,7 @@ class Registry:
             return OnnxEncoder(Path(s.ref) / "model.onnx"), load_tokenizer(BaseRef(s.ref, Path(s.ref))), s.meta
         return load_model_dir(s.ref, self.device, tasks=(task,))
 
-    def _add_classifier(self, s: Spec) -> None:
+    def _add_classifier(self, s: Spec) -> Served:
         model, tok, meta = self._encoder(s, "classification")
         labels, max_length = list(meta["labels"]), max_length_of(meta)
 
@@ -279,9 +336,9 @@ class Registry:
             return [{"label": labels[max(range(len(p)), key=p.__getitem__)],
                      "probabilities": {lab: round(x, 6) for lab, x in zip(labels, p)}} for p in probs]
 
-        self._add_encoder(s, "classify", self._encoder_run(tok, max_length, head), tok)
+        return self._add_encoder(s, "classify", self._encoder_run(tok, max_length, head), tok)
 
-    def _add_entities(self, s: Spec) -> None:
+    def _add_entities(self, s: Spec) -> Served:
         """An NER model dir: texts -> {"entities": [{"type", "text", "start", "end", "score"}], "tokens"} each,
         character offsets into the text (`TokenClassificationTask.text_entities`)."""
         model, tok, meta = self._encoder(s, "token_classification")
@@ -292,17 +349,16 @@ class Registry:
             with autocast(precision, self.device):  # the task's loop sorts by length, ENCODER_CHUNK per forward
                 return task.text_entities(model, texts, ENCODER_CHUNK)
 
-        self._add_encoder(s, "entities", run, tok)
+        return self._add_encoder(s, "entities", run, tok)
 
-    def _add_embedder(self, s: Spec) -> None:
+    def _add_embedder(self, s: Spec) -> Served:
         from transformers import AutoModel  # loads with the models, as above
 
         if s.engine == "onnxruntime":  # the export pools and normalises in its graph
             model, tok, meta = self._encoder(s, "embeddings")
             vectors = self._encoder_run(tok, max_length_of(meta), lambda enc: [
                 {"embedding": v} for v in model(**enc).embeddings.tolist()])
-            self._add_encoder(s, "embed", vectors, tok)
-            return
+            return self._add_encoder(s, "embed", vectors, tok)
         base = resolve_base(s.ref)
         tok = load_tokenizer(base)
         model = load_pretrained(AutoModel, base, dtype=torch.float32).to(self.device).eval()
@@ -312,7 +368,7 @@ class Registry:
             vectors = sentence_embeddings(model(**enc).last_hidden_state.float(), enc["attention_mask"])
             return [{"embedding": v} for v in vectors.tolist()]
 
-        self._add_encoder(s, "embed", self._encoder_run(tok, max_length, pool), tok)
+        return self._add_encoder(s, "embed", self._encoder_run(tok, max_length, pool), tok)
 
     def _encoder_run(self, tok, max_length: int, forward):
         """texts -> one result dict per text (with its token count), in order. The texts of a micro-batch are
@@ -335,11 +391,10 @@ class Registry:
 
         return run
 
-    def _add_encoder(self, s: Spec, kind: str, run, tok) -> None:
+    def _add_encoder(self, s: Spec, kind: str, run, tok) -> Served:
         batcher = MicroBatcher(run, max_batch=self.settings.encoder_batch,
                                max_wait_ms=self.settings.encoder_wait_ms, max_waiting=self.settings.max_waiting,
                                name=s.id, metrics=self.metrics)
-        self._closers.append(batcher.close)
-        self.models[s.id] = Served(s.id, kind, int(time.time()), s.engine, tok, batcher=batcher)
         log.info("loaded %s for %s (%s)", s.id, ROUTE_OF_KIND[kind], s.engine)
+        return Served(s.id, kind, int(time.time()), s.engine, tok, batcher=batcher)
 

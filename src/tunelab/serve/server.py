@@ -99,13 +99,19 @@ def _bind_error(err: OSError, host: str, port: int) -> str:
     return f"cannot listen on {host}:{port}: {err.strerror}"
 
 
+def _model_registry(cfg: ServeConfig):
+    from tunelab.registry import Registry  # SQLAlchemy: only for registry:NAME@ALIAS models
+
+    return Registry(cfg.registry, cfg.registry_db)
+
+
 def serve(cfg: ServeConfig, out=print) -> int:
     """Run until SIGTERM/SIGINT; -> exit code."""
     keys = read_keys(cfg.api_keys_file)
     if not keys and not is_loopback(cfg.host):
         raise UserError(f"refusing to listen on {cfg.host} without API keys: set {ENV_KEYS} or --api-keys-file "
                         "(or bind 127.0.0.1)")
-    specs = check_specs(cfg.models, cfg.embedding_model)
+    specs = check_specs(cfg.models, cfg.embedding_model, registry=lambda: _model_registry(cfg))
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -117,7 +123,8 @@ def serve(cfg: ServeConfig, out=print) -> int:
         gen = next((s.id for s in specs if s.kind == "generate"), None)
         out(f"tunelab serving on {url}   (playground: {url}/ , ready when {url}/ready answers 200)")
         for s in specs:
-            out(f"  model {s.id:<28} {s.kind:<9} {s.engine:<12} {s.ref}")
+            where = f"{s.version}, following registry:{s.follow}" if s.follow else (s.version or s.ref)
+            out(f"  model {s.id:<28} {s.kind:<9} {s.engine:<12} {where}")
         auth = '-H "Authorization: Bearer $KEY" ' if keys else ""
         if gen:
             out("try:")

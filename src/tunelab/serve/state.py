@@ -16,8 +16,9 @@ from fastapi import Request
 
 from tunelab.config import DEFAULT_RATE_LIMIT, ServeConfig
 from tunelab.errors import UserError
-from tunelab.serve.auth import KeyRing, RateLimiter
+from tunelab.serve.auth import ADMIN_ENV_KEYS, KeyRing, RateLimiter, read_keys
 from tunelab.serve.engine import EngineFull
+from tunelab.serve.follow import Follower
 from tunelab.serve.metrics import Metrics
 from tunelab.serve.protocol import APIError, parse_body
 from tunelab.serve.registry import Registry, Served, Spec
@@ -34,6 +35,8 @@ class ServerState:
         self.limiter = RateLimiter(self.rate_limit)
         self.metrics = Metrics()
         self.registry = Registry(specs, settings, self.metrics, device)
+        self.admin_keys = KeyRing(read_keys(settings.admin_keys_file, ADMIN_ENV_KEYS, "admin keys"))
+        self.follower = Follower(self.registry, settings, self.metrics)
         self.draining = False
         self.load_error: str | None = None
         self.on_load_error = _log_load_error  # the server replaces it: stop, the models will never be ready
@@ -48,12 +51,15 @@ class ServerState:
     def _load(self) -> None:
         try:
             self.registry.load()
+            self.follower.start()
         except Exception as err:
             self.load_error = str(err) if isinstance(err, UserError) else "loading the models failed"
             self.on_load_error(err)
 
     def close(self) -> None:
-        """Stop every engine and micro-batcher (sequences still in an engine end with an error event)."""
+        """Stop following the registry, then every engine and micro-batcher (sequences still in an engine end with
+        an error event)."""
+        self.follower.close()
         self.registry.close()
 
     # ---- per-request checks ----------------------------------------------------------------------
@@ -116,12 +122,31 @@ async def admitted(request: Request) -> ServerState:
 
 @dataclass
 class Call:
-    """An admitted inference request: the server, its parsed body, the model it names, when it was admitted."""
+    """An admitted inference request: the server, its parsed body, the model it names, when it was admitted, and
+    the request (whose `state.tunelab_version` the response's `X-Tunelab-Version` header shows)."""
 
     state: ServerState
     body: Any  # the endpoint's request model (`protocol.ChatRequest`, …)
     served: Served
     start: float  # perf_counter() when its work starts: admission; generation resets it at engine submission
+    request: Request | None = None
+
+    def __post_init__(self) -> None:
+        self._show_version()
+
+    def swapped(self) -> bool:
+        """Whether the model was replaced by a new registry version since the lookup (its engine then refuses new
+        work): if so, `served` becomes the one answering now -> True."""
+        now = self.state.registry.models.get(self.served.id)
+        if now is None or now is self.served:
+            return False
+        self.served = now
+        self._show_version()
+        return True
+
+    def _show_version(self) -> None:
+        if self.request is not None and self.served.version:
+            self.request.state.tunelab_version = self.served.version
 
     def observe_latency(self, route: str) -> None:
         """Record the request's latency (from `start`) under `route`."""
@@ -141,7 +166,7 @@ def model_call(body: type, kind: str) -> Callable[[Request], Awaitable[Call]]:
         st = await admitted(request)
         start = time.perf_counter()
         req = await st.parse(request, body)
-        return Call(st, req, st.registry.get(req.model, kind), start)
+        return Call(st, req, st.registry.get(req.model, kind), start, request)
 
     return call
 

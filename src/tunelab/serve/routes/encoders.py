@@ -30,7 +30,12 @@ async def _encode(call: Call) -> list[dict]:
     try:
         fut = call.served.batcher.submit(texts)
     except EngineFull as err:
-        raise call.state.overloaded(err) from None
+        if not call.swapped():  # a registry model swapped since the lookup: its new version takes the request
+            raise call.state.overloaded(err) from None
+        try:
+            fut = call.served.batcher.submit(texts)
+        except EngineFull as err2:
+            raise call.state.overloaded(err2) from None
     return await asyncio.wrap_future(fut)
 
 

@@ -97,17 +97,25 @@ def _submit(st: ServerState, served: Served, req, prompts: list[list[int]]) -> _
             seed = None if req.seed is None else (req.seed + j) % 2 ** 63
             seqs.append(Sequence(prompt, _params(req, prompt, served, st, seed), sink(p * req.n + j),
                                  adapter=served.adapter))
-    try:
-        served.engine.submit(seqs)
-    except EngineFull as err:
-        raise st.overloaded(err) from None
+    served.engine.submit(seqs)  # EngineFull: the caller's to answer
     return _Job(seqs, queue, sum(len(p) for p in prompts))
 
 
 async def _run(request: Request, call: Call, prompts: list[list[int]], chat: bool):
     st, served, req = call.state, call.served, call.body
     call.start = time.perf_counter()  # generation's latency and time to first token count from engine submission
-    job = _submit(st, served, req, prompts)
+    try:
+        job = _submit(st, served, req, prompts)
+    except EngineFull as err:
+        # a registry model swapped since the lookup: its new version (the same line, so the same tokenizer and
+        # the same prompt ids) takes the request; otherwise the engine is full
+        if not call.swapped():
+            raise st.overloaded(err) from None
+        served = call.served
+        try:
+            job = _submit(st, served, req, prompts)
+        except EngineFull as err2:
+            raise st.overloaded(err2) from None
     route = "/v1/chat/completions" if chat else "/v1/completions"
     meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
             "model": served.id}
