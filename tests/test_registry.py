@@ -201,3 +201,11 @@ def test_cli_walk_through(tmp_path, three):
     assert [e["action"] for e in json.loads(res.output)] == ["register", "register", "promote"]
     res = run(app, ["registry", "show", "s@production", "--verify", "--registry", root])
     assert json.loads(res.output)["verified"] is True
+
+
+def test_an_export_registers_with_its_parity_and_its_parent_version(reg, tiny_classifier, classifier_onnx):
+    parent = reg.register(tiny_classifier, "sentiment")
+    exported = reg.register(classifier_onnx, "sentiment-onnx")
+    assert exported["kind"] == "export" and exported["lineage"]["export"]["format"] == "onnx"
+    assert exported["lineage"]["export"]["parity"]  # the figures of its parity check
+    assert exported["lineage"]["parent"]["version"] == f"sentiment:{parent['version']}"
