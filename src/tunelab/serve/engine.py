@@ -110,14 +110,49 @@ class Sequence:
         return len(self.prompt) + len(self.tokens) - 1
 
 
+class ThreadStarter:
+    """Starts threads from a thread of its own, so that they take its CPU priority rather than their caller's:
+    a Linux thread inherits its creator's nice value and cannot lower it again without privileges, and an engine
+    built by a low-priority loader (`serve.follow`) must serve at the server's priority. Create it on a thread
+    at that priority."""
+
+    def __init__(self):
+        self._jobs: deque[tuple[threading.Thread, threading.Event]] = deque()
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="thread-starter", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                thread, started = self._jobs.popleft()
+            thread.start()
+            started.set()
+
+    def start(self, thread: threading.Thread) -> None:
+        started = threading.Event()
+        with self._cond:
+            self._jobs.append((thread, started))
+            self._cond.notify()
+        started.wait()
+
+
+STARTER: ThreadStarter | None = None  # set by the server when models may be built on a low-priority thread
+
+
 class _Worker:
-    """A daemon thread running `_loop`, woken through `_cond`; `close` stops it."""
+    """A daemon thread running `_loop`, woken through `_cond`; `close` stops it. The thread is started through
+    `STARTER` when there is one."""
 
     def _start(self, name: str) -> None:
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        if STARTER is not None:
+            STARTER.start(self._thread)
+        else:
+            self._thread.start()
 
     def _loop(self) -> None:
         raise NotImplementedError
