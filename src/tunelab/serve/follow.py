@@ -72,9 +72,15 @@ class Follower:
 
     def _poll(self) -> None:
         _lower_priority()
+        said = None
         while not self._stop.wait(self.settings.registry_poll_s):
             try:
                 self.check(retry_failed=False)
+                said = None
+            except UserError as err:  # the alias removed, the database gone: said once, until it changes
+                if str(err) != said:
+                    log.error("checking the registry: %s (serving on with the versions loaded)", err)
+                    said = str(err)
             except Exception:  # noqa: BLE001 - the follower must outlive a database hiccup; the next poll retries
                 log.exception("checking the registry failed")
 
