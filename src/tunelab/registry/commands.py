@@ -53,6 +53,8 @@ def _gate(record: dict) -> str:
     if not gate:
         return "-"
     verdict = "passed" if gate.get("passed") else "FAILED"
+    if not isinstance(gate.get("drop"), (int, float)) or not isinstance(gate.get("gain"), (int, float)):
+        return verdict  # a gate recorded without its figures
     sign = -1 if gate.get("relative") else 1
     return f"{verdict} (old {-sign * gate['drop']:+.4f}, new {sign * gate['gain']:+.4f})"
 
