@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,14 +158,18 @@ def test_cli_prints_one_line_for_a_broken_model_dir(copy):
 
 
 @pytest.mark.integration
-def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
-    """Two GGUF files with the same name and size but different bytes load different weights."""
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch, peaky_gguf):
+    """Two GGUF files with the same name and size but different bytes load different weights. (A tiny Llama's
+    GGUF, and no tokenizer conversion — building 49k tokens from GGUF takes most of a minute and is not the point.)"""
+    import transformers
     from gguf import GGUFReader
 
-    from tunelab.assets import builtin_path
     from tunelab.models import resolve_base
 
-    src = builtin_path("builtin:smollm2-135m-instruct")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: SimpleNamespace(save_pretrained=lambda path: None))
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))  # these tokenizer-less builds stay here
+    src = peaky_gguf / "model.gguf"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
