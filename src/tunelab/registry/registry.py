@@ -91,7 +91,9 @@ class Registry:
 
         _check_name(name)
         src = Path(model_dir)
-        kind = kind_of(src) if src.is_dir() else None
+        if not src.is_dir():
+            raise UserError(f"{src} is not a folder; register a model dir (a run's model/) or an export dir")
+        kind = kind_of(src)
         if kind not in ("model", "export"):
             raise UserError(f"{src} is not a tunelab model dir or export dir (its {META_FILE} says "
                             f"{kind or 'nothing'}); register the model/ folder of a run, or an export")
