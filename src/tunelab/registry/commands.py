@@ -34,6 +34,16 @@ def _open(registry: Optional[Path], db: Optional[str]):
     return Registry(registry, db)
 
 
+def _query(registry: Optional[Path], db: Optional[str], as_json: bool, call):
+    """`call(registry)` on the open registry; printed as JSON (-> None) with --json, else returned for a table."""
+    with _open(registry, db) as reg:
+        result = call(reg)
+    if as_json:
+        console.print_json(json.dumps(result, ensure_ascii=False))
+        return None
+    return result
+
+
 def _short(version: str | None) -> str:
     return version[:12] if version else "-"
 
@@ -142,10 +152,8 @@ def _print_move(ev: dict) -> None:
 def diff(a: str = typer.Argument(..., help="a version reference"), b: str = typer.Argument(..., help="another"),
          registry: Optional[Path] = REGISTRY, db: Optional[str] = DB, as_json: bool = AS_JSON):
     """What differs between two versions: lineage (config, data, metrics, gate) and files."""
-    with _open(registry, db) as reg:
-        d = reg.diff(a, b)
-    if as_json:
-        console.print_json(json.dumps(d, ensure_ascii=False))
+    d = _query(registry, db, as_json, lambda reg: reg.diff(a, b))
+    if d is None:
         return
     t = Table(title=f"{d['a']} → {d['b']}")
     for col in ("key", d["a"], d["b"]):
@@ -168,10 +176,8 @@ def log(name: str = typer.Argument(..., help="the model line"),
         alias: Optional[str] = typer.Option(None, "--alias", help="only this alias's moves"),
         registry: Optional[Path] = REGISTRY, db: Optional[str] = DB, as_json: bool = AS_JSON):
     """Every registration and alias move, oldest first: when, who, what, from what, why."""
-    with _open(registry, db) as reg:
-        events = reg.log(name, alias)
-    if as_json:
-        console.print_json(json.dumps(events, ensure_ascii=False))
+    events = _query(registry, db, as_json, lambda reg: reg.log(name, alias))
+    if events is None:
         return
     t = Table(title=f"log of {name}{f'@{alias}' if alias else ''}")
     for col in ("#", "time (UTC)", "action", "alias", "from", "to", "by", "reason"):
