@@ -25,6 +25,7 @@ from tunelab.config import (PREPARE_PATH_KEYS, DedupConfig, EvalConfig, PrepareO
 from tunelab.data.summary import print_dataset_summary
 from tunelab.errors import UserError
 from tunelab.registry.commands import registry_app
+from tunelab.monitor.commands import monitor_app
 from tunelab.terminal import PIPE_WIDTH, make_console, plain
 
 # Each command's stage is imported inside the command: tunelab.data.prepare and tunelab.data.overlap load numpy
@@ -39,6 +40,7 @@ data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, short_help="
                        help="data prepare: a file into a dataset dir · data overlap: rows of one found in another")
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
+app.add_typer(monitor_app, name="monitor")
 console = make_console()
 err_console = make_console(stderr=True)
 

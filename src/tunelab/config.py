@@ -368,6 +368,142 @@ class ServeConfig(Section):
                                          "TUNELAB_ADMIN_KEYS); none: the endpoint is off")
 
 
+class MonitorSentiment(Section):
+    model: str = Field(..., description="a classification model dir, or its ONNX export dir")
+    negative_label: str | None = Field(None, description="the label that counts as negative (none: the label named "
+                                       "negative or neg, any case)")
+    positive_label: str | None = Field(None, description="the label that counts as positive in the score (none: "
+                                       "positive or pos; without one the score is -p(negative))")
+    batch_size: int = Field(64, gt=0, description="texts per forward")
+
+
+class WatchItem(Section):
+    name: str = Field(..., min_length=1, max_length=200)
+    aliases: list[str] = Field(default_factory=list, description="other names, tickers ($AAPL), handles (@united); "
+                               "matched as whole words, case-insensitive unless written all in capitals")
+
+
+class MonitorEntities(Section):
+    watchlist: list[WatchItem] = Field(default_factory=list)
+    ner_model: str | None = Field(None, description="an NER model dir (or ONNX export): the names it finds count as "
+                                  "entities too (a watch-list alias maps them to its name)")
+    ner_types: list[str] = Field(["ORG"], description="the NER entity types kept")
+
+
+class FolderSource(Section):
+    path: Path
+    patterns: list[str] = Field(["*.jsonl", "*.csv"], description="file names read (new files and appended lines)")
+    poll_s: float = Field(1.0, gt=0)
+
+
+class MonitorSources(Section):
+    folder: FolderSource | None = None
+    stdin: bool = Field(False, description="JSON lines on standard input; at its end the monitor stops once "
+                        "everything is stored (unless it also serves or watches a folder)")
+    fields: dict[Literal["id", "timestamp", "source", "text"], str] = Field(
+        default_factory=dict, description="the column holding each document field, when not its own name")
+
+
+class MonitorHttp(Section):
+    """The monitor's HTTP side (POST /ingest, the dashboard, /metrics), with `tunelab serve`'s protections."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8100, ge=0, le=65535)
+    api_keys_file: Path | None = Field(None, description="one key per line (# comments); also TUNELAB_API_KEYS")
+    rate_limit: float | None = Field(None, ge=0, description="requests per minute per key (as `tunelab serve`)")
+    max_documents: int = Field(1000, gt=0, description="documents per POST /ingest")
+    max_body_bytes: int = Field(4_000_000, gt=0)
+    max_header_bytes: int = Field(32_768, gt=0)
+    max_headers: int = Field(100, gt=0)
+    header_timeout_s: float = Field(10, gt=0)
+    body_timeout_s: float = Field(30, gt=0)
+    max_connections: int = Field(200, gt=0)
+    drain_timeout_s: float = Field(10, gt=0)
+
+
+RULE_METRICS = ("volume", "negatives", "share_negative", "mean_score")
+
+
+class Rule(Section):
+    """An alert rule over each entity's windows. threshold: the window's metric passes `above`/`below`;
+    zscore: its z-score against the trailing `baseline_windows` passes `above` (or -`below`); page_hinkley and
+    adwin: a change detector over the per-window values since the last alert."""
+
+    name: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["threshold", "zscore", "page_hinkley", "adwin"]
+    metric: Literal["volume", "negatives", "share_negative", "mean_score"] = "share_negative"
+    above: float | None = None
+    below: float | None = None
+    min_volume: int = Field(10, ge=0, description="documents the window needs before the rule looks at it")
+    baseline_windows: int = Field(24, ge=2, le=1000, description="zscore: trailing windows compared against; "
+                                  "change detectors: the most windows they look back")
+    delta: float = Field(0.005, gt=0, description="page_hinkley: the change ignored; adwin: the confidence")
+    entities: Literal["all", "watchlist", "overall"] | list[str] = Field(
+        "watchlist", description="whose windows: the watch-list's, every entity's, the overall stream's, or names")
+    cooldown_windows: int = Field(6, ge=0, description="after an alert, no other from this rule for the entity "
+                                  "for this many windows")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Rule":
+        if self.kind in ("threshold", "zscore", "page_hinkley") and self.above is None and self.below is None:
+            raise ValueError(f"rule {self.name}: a {self.kind} rule needs `above` or `below`")
+        if self.kind == "adwin" and self.metric not in ("share_negative", "mean_score"):
+            raise ValueError(f"rule {self.name}: adwin watches a bounded metric (share_negative, mean_score)")
+        return self
+
+
+class Webhook(Section):
+    url: str = Field(..., pattern=r"^https?://")
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(5, gt=0)
+    max_attempts: int = Field(8, ge=1, description="then the delivery is marked failed (logged, counted)")
+
+
+class MonitorAlerts(Section):
+    webhooks: list[Webhook] = Field(default_factory=list)
+
+
+class MonitorConfig(Section):
+    """`tunelab monitor run CONFIG`: sources -> scoring -> storage and aggregates -> rules -> alerts."""
+
+    state: Path = Field(Path("monitor-state"), description="folder of the SQLite database (unless `database`)")
+    database: str | None = Field(None, description="a SQLAlchemy URL, e.g. postgresql+psycopg://user@host/monitor "
+                                 "(default: TUNELAB_MONITOR_DB, else state/monitor.db)")
+    window_s: int = Field(3600, gt=0, description="the aggregate window, in seconds of document time")
+    sentiment: MonitorSentiment
+    entities: MonitorEntities = MonitorEntities()
+    sources: MonitorSources = MonitorSources()
+    http: MonitorHttp = MonitorHttp()
+    rules: list[Rule] = Field(default_factory=list)
+    alerts: MonitorAlerts = MonitorAlerts()
+    max_batch: int = Field(64, gt=0, description="documents scored and committed together")
+    max_wait_ms: float = Field(200, ge=0, description="how long a batch waits to fill")
+    max_text_chars: int = Field(20_000, gt=0, description="longer texts are refused (text_too_long)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MonitorConfig":
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names):
+            raise ValueError("two rules share a name")
+        return self
+
+
+MONITOR_PATH_KEYS = {("state",): True, ("sentiment", "model"): True, ("entities", "ner_model"): True,
+                     ("sources", "folder", "path"): True, ("http", "api_keys_file"): True}
+
+
+def load_monitor_config(path: str | Path, overrides: list[str] | None = None) -> MonitorConfig:
+    """A monitor config file (paths relative to it) with dotted overrides, validated."""
+    raw = resolve_paths(read_yaml_mapping(path, "sections (sentiment, entities, sources, rules, …)"),
+                        Path(path).resolve().parent, MONITOR_PATH_KEYS)
+    raw = apply_overrides(raw, overrides or [], paths_from=Path.cwd())
+    try:
+        return MonitorConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
 class RunConfig(Section):
     task: Literal["auto", "classification", "token_classification", "causal_lm", "masked_lm", "sft"] = Field(
         "auto", description="auto: from the dataset (classification, ner -> token_classification, text -> "

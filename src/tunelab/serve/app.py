@@ -51,6 +51,14 @@ def create_app(settings: ServeConfig, specs: list[Spec], keys: list[str], device
     for module in (generation, encoders, system):
         app.include_router(module.router)
 
+    install_error_handlers(app)
+    return Guard(app, st)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's envelope: ours (`APIError`), Starlette's 404/405, a body that does not validate (400)
+    and any bug (500, its traceback to the log only)."""
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
@@ -74,22 +82,23 @@ def create_app(settings: ServeConfig, specs: list[Spec], keys: list[str], device
         body = APIError(500, "internal server error", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
-    return Guard(app, st)
-
 
 class Guard:
     """Pure ASGI middleware: request metrics, drain refusal, Host check (keyless), and for requests with a
     body, before any of it is read: the key, the JSON media type, the size limit."""
 
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state  # the server (drain, load errors) and tests reach the state here
+    def __init__(self, app, state, routes: set[str] = ROUTES):
+        # `state`: a `ServerState`, or another app's state with the same `settings.max_body_bytes`, `keys`,
+        # `authenticate`, `draining` and `metrics.requests` / `.rejections`; the server (drain, load errors) and
+        # tests reach it here. `routes`: the paths counted under their own name in the request metric.
+        self.app, self.state, self.routes = app, state, routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
         # the metric's route label takes a fixed set of values, so that arbitrary paths cannot add series
-        route = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        route = path if path in self.routes else ("/v1/models" if path.startswith("/v1/models/") else "other")
         status = {"code": 500}  # what is counted when the app fails before it starts a response
 
         async def counted_send(message):

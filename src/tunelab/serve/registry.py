@@ -190,6 +190,16 @@ def _export_spec(d: Path, name: str | None) -> Spec:
     return Spec(name or d.name, str(d), "generate", "llama.cpp", meta=meta)
 
 
+def load_encoder(s: Spec, device: str, task: str):
+    """(model, tokenizer, meta) of an encoder: a model dir in PyTorch, or an ONNX export in ONNX Runtime (the same
+    call, see `OnnxEncoder`)."""
+    if s.engine == "onnxruntime":
+        from tunelab.export.onnx import OnnxEncoder  # ONNX Runtime: only for an ONNX export
+
+        return OnnxEncoder(Path(s.ref) / "model.onnx"), load_tokenizer(BaseRef(s.ref, Path(s.ref))), s.meta
+    return load_model_dir(s.ref, device, tasks=(task,))
+
+
 def check_specs(items: list[str], embedding_model: str | None, registry=None) -> list[Spec]:
     """Every MODEL argument's Spec, plus `embedding_model`'s when no argument is served for embeddings; two models
     with one id are a `UserError`. `registry`: a callable -> the `tunelab.registry.Registry` of `registry:` models
@@ -319,13 +329,7 @@ class Registry:
         return Served(s.id, "generate", int(time.time()), "llama.cpp", tok, engine=engine, context=context)
 
     def _encoder(self, s: Spec, task: str):
-        """(model, tokenizer, meta) of an encoder: a model dir in PyTorch, or an ONNX export in ONNX Runtime (the
-        same call, see `OnnxEncoder`)."""
-        if s.engine == "onnxruntime":
-            from tunelab.export.onnx import OnnxEncoder  # ONNX Runtime: only for an ONNX export
-
-            return OnnxEncoder(Path(s.ref) / "model.onnx"), load_tokenizer(BaseRef(s.ref, Path(s.ref))), s.meta
-        return load_model_dir(s.ref, self.device, tasks=(task,))
+        return load_encoder(s, self.device, task)
 
     def _add_classifier(self, s: Spec) -> Served:
         model, tok, meta = self._encoder(s, "classification")

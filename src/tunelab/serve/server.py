@@ -25,7 +25,7 @@ from tunelab.serve.connections import guarded_protocol
 from tunelab.serve.registry import check_specs
 
 
-class _Server(uvicorn.Server):
+class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, guard, banner):
         super().__init__(config)
         self.guard, self.banner, self.load_error = guard, banner, None
@@ -50,7 +50,7 @@ class _Server(uvicorn.Server):
             self.banner(host, port)
 
 
-def _raise_open_files_limit(wanted: int) -> None:
+def raise_open_files_limit(wanted: int) -> None:
     """Every connection is a file descriptor: lift the soft limit towards `wanted` (as far as the hard limit
     allows), so that the connection cap, not the OS, decides when to refuse."""
     try:
@@ -64,7 +64,7 @@ def _raise_open_files_limit(wanted: int) -> None:
         pass
 
 
-def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+def listen(host: str, port: int, backlog: int) -> list[socket.socket]:
     """Listening sockets on every address of `host`, as uvicorn would open them (SO_REUSEADDR; IPv6 sockets
     IPv6-only, as asyncio's), all on one port (port 0: the one the OS picks for the first). A port in use, a
     privileged port or a host that is not this machine's is a `UserError`."""
@@ -136,15 +136,15 @@ def serve(cfg: ServeConfig, out=print) -> int:
                 f"\"content\": \"Hello!\"}}]).choices[0].message.content)'")
         sys.stdout.flush()
 
-    _raise_open_files_limit(cfg.max_connections + 256)
+    raise_open_files_limit(cfg.max_connections + 256)
     rejections = guard.state.metrics.rejections
     config = uvicorn.Config(guard, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                             # lifespan "on": it starts the model loading; "auto" would take an error in it
                             # for "lifespan unsupported" and serve without models
                             timeout_graceful_shutdown=int(cfg.drain_timeout_s), lifespan="on",
                             http=guarded_protocol(cfg, lambda reason: rejections.labels(reason).inc()))
-    sockets = _listen(cfg.host, cfg.port, config.backlog)
-    server = _Server(config, guard, banner)
+    sockets = listen(cfg.host, cfg.port, config.backlog)
+    server = DrainingServer(config, guard, banner)
     try:
         server.run(sockets=sockets)
     finally:

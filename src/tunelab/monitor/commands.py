@@ -1,0 +1,195 @@
+"""`tunelab monitor run CONFIG` and `tunelab monitor demo`: thin commands over `service.Monitor`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunelab.config import MonitorConfig, load_monitor_config
+from tunelab.errors import UserError
+from tunelab.terminal import make_console
+
+monitor_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, short_help="run | demo",
+                          help="A stream of documents (a folder of JSONL/CSV files, standard input, POST /ingest) -> "
+                               "sentiment and entities -> per-entity windows in a database -> alert rules -> alerts "
+                               "(log, webhooks, /metrics) and a dashboard.")
+console = make_console()
+
+
+def check_http(cfg: MonitorConfig) -> list[str]:
+    """The API keys of the HTTP side ([] without); a non-loopback address without keys is a `UserError`."""
+    from tunelab.serve.auth import ENV_KEYS, is_loopback, read_keys
+
+    if not cfg.http.enabled:
+        return []
+    keys = read_keys(cfg.http.api_keys_file)
+    if not keys and not is_loopback(cfg.http.host):
+        raise UserError(f"refusing to listen on {cfg.http.host} without API keys: set {ENV_KEYS} or "
+                        "http.api_keys_file (or bind 127.0.0.1)")
+    return keys
+
+
+def serve_http(monitor, keys: list[str], out=print) -> None:
+    """The monitor's HTTP side until SIGTERM / Ctrl-C (in-flight requests finish first)."""
+    import uvicorn
+
+    from tunelab.monitor.http import create_app
+    from tunelab.serve.connections import guarded_protocol
+    from tunelab.serve.server import DrainingServer, listen, raise_open_files_limit
+
+    settings = monitor.cfg.http
+    guard = create_app(settings, keys, monitor)
+
+    def banner(host: str, port: int) -> None:
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        auth = '-H "Authorization: Bearer $KEY" ' if keys else ""
+        out(f"tunelab monitor on {url}   (dashboard: {url}/ , metrics: {url}/metrics)")
+        out(f"  ingest: curl {url}/ingest {auth}-H 'Content-Type: application/json' -d '{{\"documents\": "
+            f"[{{\"id\": \"1\", \"timestamp\": \"2026-01-05T09:30:00Z\", \"text\": \"...\"}}]}}'")
+        sys.stdout.flush()
+
+    raise_open_files_limit(settings.max_connections + 256)
+    rejections = guard.state.metrics.rejections
+    config = uvicorn.Config(guard, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan="off",
+                            http=guarded_protocol(settings, lambda reason: rejections.labels(reason).inc()))
+    sockets = listen(settings.host, settings.port, config.backlog)
+    try:
+        DrainingServer(config, guard, banner).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _until_signal(done: threading.Event) -> None:
+    """Wait for SIGTERM / SIGINT (or `done`)."""
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.is_set() and not done.is_set():
+            stop.wait(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_monitor(cfg: MonitorConfig, out=print, stdin=None) -> dict:
+    """Run until SIGTERM / Ctrl-C (or, reading only standard input, its end) -> the overview at the end."""
+    from tunelab.monitor.service import Monitor
+
+    if not (cfg.http.enabled or cfg.sources.folder or cfg.sources.stdin):
+        raise UserError("nothing to read: enable http, sources.folder or sources.stdin")
+    if cfg.sources.folder is not None and not Path(cfg.sources.folder.path).is_dir():
+        raise UserError(f"sources.folder.path {cfg.sources.folder.path} is not a folder")
+    keys = check_http(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    monitor = Monitor(cfg, stdin=stdin if cfg.sources.stdin else None)
+    monitor.start()
+    try:
+        if cfg.sources.folder is not None:
+            out(f"watching {cfg.sources.folder.path} ({', '.join(cfg.sources.folder.patterns)})")
+        if cfg.http.enabled:
+            serve_http(monitor, keys, out)
+        elif cfg.sources.folder is None:
+            _until_signal(monitor.stdin.finished)
+        else:
+            _until_signal(threading.Event())
+    finally:
+        monitor.stop()
+    return _summary(cfg, out)
+
+
+def _summary(cfg: MonitorConfig, out) -> dict:
+    from tunelab.monitor.store import Store, Views, database_url
+
+    store = Store(database_url(cfg.state, cfg.database), cfg.window_s)
+    try:
+        view = Views(store).overview()
+    finally:
+        store.close()
+    rejected = ", ".join(f"{k} {v}" for k, v in sorted(view["rejected"].items())) or "none"
+    out(f"stored {view['documents']} documents (rejected: {rejected}); {view['alerts']} alerts")
+    return view
+
+
+@monitor_app.command("run")
+def run_cmd(config: Path = typer.Argument(..., help="the monitor's YAML config"),
+            overrides: Optional[list[str]] = typer.Argument(None, help="dotted key=value overrides")):
+    """Run the monitor: read its sources, score, store, raise alerts, serve the dashboard and POST /ingest."""
+    cfg = load_monitor_config(config, overrides)
+    run_monitor(cfg, out=console.print, stdin=sys.stdin.buffer)
+
+
+def _wait_read(monitor, files: list[Path], say, timeout_s: float = 1800) -> None:
+    """Until the monitor has committed every byte of `files`."""
+    start = last = time.monotonic()
+    while True:
+        done = all((monitor.store.position(str(f.resolve())) or (0, ""))[0] >= f.stat().st_size for f in files)
+        if done or time.monotonic() - start > timeout_s:
+            return
+        if time.monotonic() - last >= 5:
+            say(f"  … {monitor.views.overview()['documents']} documents stored")
+            last = time.monotonic()
+        time.sleep(0.2)
+
+
+def print_state(views, say) -> None:
+    """The per-entity table and the alerts, as the dashboard shows them."""
+    from datetime import datetime, timezone
+
+    from rich.table import Table
+
+    view = views.overview()
+    rejected = ", ".join(f"{k} {v}" for k, v in sorted(view["rejected"].items())) or "none"
+    share = view["negatives"] / view["documents"] if view["documents"] else 0
+    say(f"stored {view['documents']} documents, {share:.0%} negative; rejected: {rejected}")
+    table = Table("entity", "documents", "negative", "mean score", "alerts", box=None, pad_edge=False)
+    for e in view["entities"]:
+        table.add_row(e["name"], str(e["volume"]), f"{e['share_negative']:.0%}", f"{e['mean_score']:+.2f}",
+                      str(e["alerts"]))
+    console.print(table)
+    alerts = views.alerts(100)
+    say(f"{len(alerts)} alert(s):")
+    for a in reversed(alerts):
+        start = datetime.fromtimestamp(a["window"], timezone.utc).strftime("%Y-%m-%d %H:%M")
+        say(f"  [{start} UTC] {a['message']}")
+
+
+@monitor_app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("runs/monitor-demo"), "--out", help="the demo's folder (model, inbox, "
+                                      "database, monitor.yaml)"),
+             model: Optional[Path] = typer.Option(None, "--model", help="a tweets sentiment model dir (default: "
+                                                  "MiniLM fine-tuned on 3,000 tweets, once)"),
+             serve: bool = typer.Option(True, "--serve/--no-serve", help="serve the dashboard afterwards (Ctrl-C "
+                                        "stops)"),
+             port: int = typer.Option(8100, "--port", help="the dashboard's port")):
+    """Replay the built-in tweets as a stream of company mentions with an injected negative burst; print the
+    alerts; serve the dashboard."""
+    from tunelab.monitor.demo import prepare_demo
+    from tunelab.monitor.service import Monitor
+
+    path, info = prepare_demo(out, model, console.print)
+    t0 = time.monotonic()
+    cfg = load_monitor_config(path, [f"http.port={port}"])
+    keys = check_http(cfg) if serve else []
+    console.print(f"replaying {info['stream']} tweets over 48 hourly windows, and a burst of {info['burst']} negative "
+                  f"tweets about {info['target']} in one hour (config: {path})")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    monitor = Monitor(cfg)
+    monitor.start()
+    try:
+        _wait_read(monitor, sorted(Path(cfg.sources.folder.path).iterdir()), console.print)
+        console.print(f"read in {time.monotonic() - t0:.0f} s")
+        print_state(monitor.views, console.print)
+        if serve:
+            serve_http(monitor, keys, console.print)
+    finally:
+        monitor.stop()
