@@ -63,8 +63,8 @@ def test_timestamps_and_fields():
 # ---- entities -------------------------------------------------------------------------------------------------
 def test_watchlist_matches_whole_words_tickers_in_capitals_and_chinese_inside_sentences():
     find = EntityFinder(MonitorEntities(watchlist=WATCH))
-    texts = ["ACME beats estimates", "acme is a word here", "ACMEX is another ticker", "@acme why", "Globex corp!", "Acme Corp ships",
-             "腾讯控股今日股价大跌", "Tencent and ACME", "nothing here"]
+    texts = ["ACME beats estimates", "acme is a word here", "ACMEX is another ticker", "@acme why", "Globex corp!",
+             "Acme Corp ships", "腾讯控股今日股价大跌", "Tencent and ACME", "nothing here"]
     assert find(texts) == [["ACME"], [], [], ["ACME"], ["Globex"], ["ACME"], ["腾讯"], ["ACME", "腾讯"], []]
 
 
