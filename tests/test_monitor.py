@@ -18,7 +18,7 @@ from tunelab.errors import UserError
 from tunelab.monitor.documents import Rejected, parse_document, parse_timestamp
 from tunelab.monitor.scoring import EntityFinder
 from tunelab.monitor.sources import FolderReader, Work
-from tunelab.monitor.stats import Window, adwin_cut, page_hinkley, zscore
+from tunelab.monitor.stats import Window, adwin_cut, count_z, page_hinkley, zscore
 from tunelab.monitor.store import OVERALL, Deliveries, Store, Views, tables
 
 START = 1767571200  # 2026-01-05 00:00 UTC
@@ -69,13 +69,19 @@ def test_watchlist_matches_whole_words_tickers_in_capitals_and_chinese_inside_se
 
 
 # ---- statistics ----------------------------------------------------------------------------------------------
-def test_zscore_floors_and_binomial_share():
+def test_zscore_counts_by_exact_tails_and_shares_by_the_binomial():
+    from scipy.stats import norm, poisson
+
     flat = [Window(i, 100, 10, 0.0) for i in range(24)]
     assert zscore(Window(99, 100, 10, 0.0), flat, "negatives") == 0
-    assert zscore(Window(99, 120, 30, 0.0), flat, "negatives") == pytest.approx(20 / 10 ** 0.5)  # Poisson floor
+    assert 4.5 < zscore(Window(99, 120, 30, 0.0), flat, "negatives") < 5.5  # tail 7e-7
+    # at small counts the exact tail, not (x - mean) / sd: 6 against a steady 1.4 is about 2.6, not 3.9
+    small = [1.4] * 24
+    assert count_z(6, small) == pytest.approx(norm.isf(poisson.sf(5, 1.4)), abs=0.15)
+    assert count_z(6, [0, 0, 0, 5, 0, 0, 0, 6] * 3) < count_z(6, small)  # over-dispersed: less surprising
     assert zscore(Window(99, 100, 30, 0.0), flat, "share_negative") == pytest.approx(0.2 / (0.09 / 100) ** 0.5)
     assert zscore(Window(99, 0, 0, 0.0), flat, "share_negative") is None
-    assert zscore(Window(99, 5, 5, 0.0), [Window(i, 0, 0, 0.0) for i in range(5)], "negatives") == 5  # floor 1
+    assert count_z(5, [0] * 24) > 4  # five where there was nothing
 
 
 def test_change_detectors_see_a_step_and_not_noise():
@@ -309,3 +315,26 @@ def test_config_errors_name_the_key(tmp_path):
     p.write_text("sentiment: {model: x}\nrules:\n  - {name: r, kind: adwin, metric: volume}\n", encoding="utf-8")
     with pytest.raises(UserError, match="bounded metric"):
         load_monitor_config(p)
+
+
+# ---- scoring with real (tiny) models ---------------------------------------------------------------------------
+def test_sentiment_and_ner_score_alike_from_a_model_dir_and_its_onnx_export(tiny_classifier, classifier_onnx,
+                                                                               tiny_ner):
+    from tunelab.config import MonitorSentiment
+    from tunelab.monitor.scoring import SentimentScorer
+
+    texts = ["great wonderful happy day", "awful terrible bad service", "the meeting is at noon",
+             "Goldman Sachs hired John Smith"]
+    torch_scores = SentimentScorer(MonitorSentiment(model=str(tiny_classifier)))(texts)
+    onnx_scores = SentimentScorer(MonitorSentiment(model=str(classifier_onnx)))(texts)
+    assert [s[:2] for s in torch_scores] == [s[:2] for s in onnx_scores]
+    assert all(abs(a[2] - b[2]) < 1e-3 and -1 <= a[2] <= 1 for a, b in zip(torch_scores, onnx_scores))
+    with pytest.raises(UserError, match="serves 'entities', not 'classify'"):
+        SentimentScorer(MonitorSentiment(model=str(tiny_ner)))
+    with pytest.raises(UserError, match="not a label of the model"):
+        SentimentScorer(MonitorSentiment(model=str(tiny_classifier), negative_label="bad"))
+    # the NER model's names count too, mapped to the watch-list's name when they are one of its aliases
+    find = EntityFinder(MonitorEntities(watchlist=[{"name": "Silverspring", "aliases": ["Silverspring Energy"]}],
+                                        ner_model=str(tiny_ner), ner_types=["PER"]))
+    (found,) = find(["Shares of Silverspring Energy fell 4% after Tom Novak, its chief executive, resigned."])
+    assert found == ["Silverspring", "Tom Novak"]

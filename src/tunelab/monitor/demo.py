@@ -40,7 +40,7 @@ WATCHLIST = [
     {"name": "Uber", "aliases": ["@Uber"]},
 ]
 RULES = [
-    {"name": "negative-burst", "kind": "zscore", "metric": "negatives", "above": 4.0, "min_volume": 5,
+    {"name": "negative-burst", "kind": "zscore", "metric": "negatives", "above": 3.5, "min_volume": 5,
      "baseline_windows": 24, "cooldown_windows": 6, "entities": "watchlist"},
     {"name": "mostly-negative", "kind": "threshold", "metric": "share_negative", "above": 0.9, "min_volume": 30,
      "entities": "watchlist"},

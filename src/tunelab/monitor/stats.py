@@ -1,9 +1,9 @@
 """The statistics the rules use, on per-window values (pure functions: the rules recompute them from the stored
 windows, so that a restart or a second process sees exactly what the first saw).
 
-- `zscore`: a window's value against its trailing baseline. Counts (volume, negatives) use the baseline's mean and
-  standard deviation, the deviation floored by the Poisson one (sqrt of the mean, at least 1): a quiet baseline
-  does not make every small bump significant. The share of negatives uses the binomial standard error of the
+- `zscore`: a window's value against its trailing baseline. Counts (volume, negatives) by their exact tail
+  probability under a Poisson (or negative binomial) with the baseline's mean and variance, as a standard normal
+  quantile (`count_z`): calibrated at the small counts an entity has per window. The share of negatives uses the binomial standard error of the
   pooled baseline share at the window's volume. The mean score uses the baseline's deviation, floored at 0.05.
 - `page_hinkley`: the Page-Hinkley test for an increase of the mean (Page 1954; Hinkley 1971).
 - `adwin`: ADWIN's cut test (Bifet & Gavaldà 2007) over the documents of the windows: is there a window boundary
@@ -39,10 +39,7 @@ def zscore(current: Window, baseline: list[Window], metric: str) -> float | None
     if not baseline:
         return None
     if metric in ("volume", "negatives"):
-        values = [w.value(metric) for w in baseline]
-        mean = sum(values) / len(values)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1))
-        return (current.value(metric) - mean) / max(sd, math.sqrt(mean), 1.0)
+        return count_z(current.value(metric), [w.value(metric) for w in baseline])
     volume = sum(w.volume for w in baseline)
     if volume == 0 or current.volume == 0:
         return None
@@ -54,6 +51,28 @@ def zscore(current: Window, baseline: list[Window], metric: str) -> float | None
     mean = sum(w.score_sum for w in baseline) / volume
     sd = math.sqrt(sum((m - mean) ** 2 for m in means) / max(1, len(means) - 1)) if len(means) > 1 else 0.0
     return (current.value(metric) - mean) / max(sd, 0.05)
+
+
+MIN_RATE = 0.25  # counts per window assumed at least: an entity unseen in the baseline is not infinitely rare
+MAX_Z = 40.0
+
+
+def count_z(x: float, baseline: list[float]) -> float:
+    """The z-score of a count `x` by its exact upper tail: P(X >= x) under a Poisson with the baseline's mean, or a
+    negative binomial with its mean and variance when the counts vary more than a Poisson's (the variance also
+    holds the uncertainty of the mean, mean / n), turned into the standard normal quantile with the same tail.
+    Below the mean it is the plain (x - mean) / sd. At small counts this is calibrated where (x - mean) / sd is not:
+    6 against a mean of 1.4 is z 2.5 (tail 0.006), not 3.9."""
+    from scipy.stats import nbinom, norm, poisson  # scipy: only when a count rule runs
+
+    n = len(baseline)
+    mean = max(sum(baseline) / n, MIN_RATE)
+    var = max(sum((v - mean) ** 2 for v in baseline) / max(1, n - 1), mean) + mean / n
+    if x <= mean:
+        return (x - mean) / math.sqrt(var)
+    k = math.ceil(x) - 1  # P(X >= x) = sf(ceil(x) - 1)
+    tail = poisson.sf(k, mean) if var <= mean * 1.0001 else nbinom.sf(k, mean * mean / (var - mean), mean / var)
+    return MAX_Z if tail <= 0 else float(min(MAX_Z, norm.isf(tail)))
 
 
 def page_hinkley(values: list[float], delta: float) -> float:
