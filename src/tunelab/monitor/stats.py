@@ -3,8 +3,9 @@ windows, so that a restart or a second process sees exactly what the first saw).
 
 - `zscore`: a window's value against its trailing baseline. Counts (volume, negatives) by their exact tail
   probability under a Poisson (or negative binomial) with the baseline's mean and variance, as a standard normal
-  quantile (`count_z`): calibrated at the small counts an entity has per window. The share of negatives uses the binomial standard error of the
-  pooled baseline share at the window's volume. The mean score uses the baseline's deviation, floored at 0.05.
+  quantile (`count_z`): calibrated at the small counts an entity has per window. The share of negatives uses the
+  binomial standard error of the pooled baseline share at the window's volume. The mean score uses the baseline's
+  deviation, floored at 0.05.
 - `page_hinkley`: the Page-Hinkley test for an increase of the mean (Page 1954; Hinkley 1971).
 - `adwin`: ADWIN's cut test (Bifet & Gavaldà 2007) over the documents of the windows: is there a window boundary
   where the two sides' means differ by more than the Hoeffding-style bound at confidence `delta`?
