@@ -338,3 +338,13 @@ def test_sentiment_and_ner_score_alike_from_a_model_dir_and_its_onnx_export(tiny
                                         ner_model=str(tiny_ner), ner_types=["PER"]))
     (found,) = find(["Shares of Silverspring Energy fell 4% after Tom Novak, its chief executive, resigned."])
     assert found == ["Silverspring", "Tom Novak"]
+
+
+def test_the_example_config_validates():
+    from pathlib import Path
+
+    from tunelab.config import load_monitor_config
+
+    cfg = load_monitor_config(Path(__file__).parent.parent / "examples" / "monitor" / "monitor.yaml")
+    assert cfg.sources.folder is not None and [r.name for r in cfg.rules][0] == "negative-burst"
+    assert cfg.sentiment.model.endswith("runs/monitor-demo/sentiment/model")

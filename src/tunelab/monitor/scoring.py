@@ -25,12 +25,14 @@ MAX_ENTITY_CHARS = 200
 
 
 def _encoder(ref: str, kind: str, what: str):
+    import torch  # the models run on the GPU when there is one
+
     spec = check_specs([ref], None)[0]
     if spec.kind != kind:
         raise UserError(f"{what} {ref} serves '{spec.kind}', not '{kind}': give a "
                         f"{'classification' if kind == 'classify' else 'NER'} model dir or its ONNX export")
     task = "classification" if kind == "classify" else "token_classification"
-    return load_encoder(spec, "cpu", task)
+    return load_encoder(spec, "cuda" if torch.cuda.is_available() else "cpu", task)
 
 
 def _label(labels: list[str], given: str | None, names: tuple[str, ...], what: str, required: bool) -> int | None:
@@ -109,7 +111,7 @@ class EntityFinder:
 
             model, task = self.ner
             with torch.inference_mode():
-                tagged = task.text_entities(model, texts, 64)
+                tagged = task.text_entities(model, texts, 16)
             for i, t in enumerate(tagged):
                 found[i].update(self._name(e["text"]) for e in t["entities"] if e["type"] in self.ner_types)
         return [sorted(f - {"", OVERALL}) for f in found]

@@ -303,10 +303,11 @@ class Views:
 
         agg = self.t["aggregates"]
         with self.db.read() as conn:
-            last = conn.execute(select(func.max(agg.c.win)).where(agg.c.entity == OVERALL)).scalar()
+            earliest, last = conn.execute(select(func.min(agg.c.win), func.max(agg.c.win))
+                                          .where(agg.c.entity == OVERALL)).first()
             if last is None:
                 return []
-            first = last - (windows - 1) * self.window_s
+            first = max(earliest, last - (windows - 1) * self.window_s)  # from the stream's first window at most
             rows = conn.execute(select(agg).where(and_(agg.c.entity == entity, agg.c.win >= first))
                                 .order_by(agg.c.win)).all()
         found = {r.win: r for r in rows}
