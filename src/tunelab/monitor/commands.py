@@ -38,11 +38,8 @@ def check_http(cfg: MonitorConfig) -> list[str]:
 
 def serve_http(monitor, keys: list[str], out=print) -> None:
     """The monitor's HTTP side until SIGTERM / Ctrl-C (in-flight requests finish first)."""
-    import uvicorn
-
     from tunelab.monitor.http import create_app
-    from tunelab.serve.connections import guarded_protocol
-    from tunelab.serve.server import DrainingServer, listen, raise_open_files_limit
+    from tunelab.serve.server import run_guarded
 
     settings = monitor.cfg.http
     guard = create_app(settings, keys, monitor)
@@ -55,17 +52,7 @@ def serve_http(monitor, keys: list[str], out=print) -> None:
             f"[{{\"id\": \"1\", \"timestamp\": \"2026-01-05T09:30:00Z\", \"text\": \"...\"}}]}}'")
         sys.stdout.flush()
 
-    raise_open_files_limit(settings.max_connections + 256)
-    rejections = guard.state.metrics.rejections
-    config = uvicorn.Config(guard, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan="off",
-                            http=guarded_protocol(settings, lambda reason: rejections.labels(reason).inc()))
-    sockets = listen(settings.host, settings.port, config.backlog)
-    try:
-        DrainingServer(config, guard, banner).run(sockets=sockets)
-    finally:
-        for sock in sockets:
-            sock.close()
+    run_guarded(guard, settings, banner, lifespan="off")
 
 
 def _until_signal(done: threading.Event) -> None:

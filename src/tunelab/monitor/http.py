@@ -19,10 +19,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from tunelab.config import MonitorHttp
+from tunelab.config import DEFAULT_RATE_LIMIT, MonitorHttp
 from tunelab.monitor.sources import Work
 from tunelab.serve.app import Guard, install_error_handlers
-from tunelab.serve.auth import KeyRing, RateLimiter
+from tunelab.serve.auth import Admission, KeyRing, RateLimiter
 from tunelab.serve.protocol import APIError, bad_request
 
 log = logging.getLogger("tunelab.monitor")
@@ -31,37 +31,17 @@ ROUTES = {"/ingest", "/", "/api/overview", "/api/series", "/api/alerts", "/api/d
           "/ready"}
 
 
-class HttpState:
+class HttpState(Admission):
     """What the routes share, shaped for `serve.app.Guard` (settings, keys, authenticate, draining, metrics)."""
 
     def __init__(self, settings: MonitorHttp, keys: list[str], monitor):
         self.settings, self.keys, self.monitor = settings, KeyRing(keys), monitor
         self.metrics = monitor.metrics
         self.draining = False
-        self.rate_limit = settings.rate_limit if settings.rate_limit is not None else (600 if keys else 0)
+        self.rate_limit = settings.rate_limit if settings.rate_limit is not None else \
+            (DEFAULT_RATE_LIMIT if keys else 0)
         self.limiter = RateLimiter(self.rate_limit)
         self.on_load_error = None  # the draining server sets it; the monitor loads before it listens
-
-    def authenticate(self, authorization: str | None) -> str | None:
-        if not self.keys.enabled:
-            return None
-        who = self.keys.identify(authorization)
-        if who is None:
-            self.metrics.rejections.labels("auth").inc()
-            raise APIError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
-        return who
-
-    def admit(self, request: Request) -> None:
-        who = self.authenticate(request.headers.get("authorization"))
-        if who is None:
-            who = request.client.host if request.client else "local"
-        wait = self.limiter.take(who)
-        if wait:
-            self.metrics.rejections.labels("rate_limit").inc()
-            raise APIError(429, f"rate limit of {self.rate_limit:g} requests per minute reached; retry in {wait} s",
-                           type="requests", code="rate_limit_exceeded", headers={"Retry-After": str(wait)})
-
 
 def _state(request: Request) -> HttpState:
     return request.app.state.monitor

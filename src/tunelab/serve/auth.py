@@ -109,3 +109,36 @@ class RateLimiter:
                 return 0
             self._buckets[key] = (tokens, now)
             return max(1, math.ceil((1 - tokens) / self.rate))
+
+
+class Admission:
+    """The key and rate-limit checks of a server's state, which holds `keys` (a `KeyRing`), `limiter` (a
+    `RateLimiter`), `rate_limit` and `metrics.rejections`."""
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """-> the key id (a digest prefix); None when the server has no keys; 401 for a missing or wrong key."""
+        from tunelab.serve.protocol import APIError  # the wire's error type; protocol imports nothing of this module
+
+        if not self.keys.enabled:
+            return None
+        who = self.keys.identify(authorization)
+        if who is None:
+            self.metrics.rejections.labels("auth").inc()
+            raise APIError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return who
+
+    def admit(self, request) -> str:
+        """Key, then rate limit (429). -> the caller's id (key digest prefix or client host)."""
+        from tunelab.serve.protocol import APIError
+
+        who = self.authenticate(request.headers.get("authorization"))
+        if who is None:
+            who = request.client.host if request.client else "local"
+        wait = self.limiter.take(who)
+        if wait:
+            self.metrics.rejections.labels("rate_limit").inc()
+            raise APIError(429, f"rate limit of {self.rate_limit:g} requests per minute reached; "
+                           f"retry in {wait} s", type="requests", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(wait)})
+        return who

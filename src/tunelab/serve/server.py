@@ -25,7 +25,7 @@ from tunelab.serve.connections import guarded_protocol
 from tunelab.serve.registry import check_specs
 
 
-class DrainingServer(uvicorn.Server):
+class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, guard, banner):
         super().__init__(config)
         self.guard, self.banner, self.load_error = guard, banner, None
@@ -50,7 +50,7 @@ class DrainingServer(uvicorn.Server):
             self.banner(host, port)
 
 
-def raise_open_files_limit(wanted: int) -> None:
+def _raise_open_files_limit(wanted: int) -> None:
     """Every connection is a file descriptor: lift the soft limit towards `wanted` (as far as the hard limit
     allows), so that the connection cap, not the OS, decides when to refuse."""
     try:
@@ -64,7 +64,7 @@ def raise_open_files_limit(wanted: int) -> None:
         pass
 
 
-def listen(host: str, port: int, backlog: int) -> list[socket.socket]:
+def _listen(host: str, port: int, backlog: int) -> list[socket.socket]:
     """Listening sockets on every address of `host`, as uvicorn would open them (SO_REUSEADDR; IPv6 sockets
     IPv6-only, as asyncio's), all on one port (port 0: the one the OS picks for the first). A port in use, a
     privileged port or a host that is not this machine's is a `UserError`."""
@@ -105,6 +105,25 @@ def _model_registry(cfg: ServeConfig):
     return Registry(cfg.registry, cfg.registry_db)
 
 
+def run_guarded(guard, settings, banner, lifespan: str) -> _Server:
+    """Serve the app `guard` (a `Guard`) on `settings.host`/`port` with the per-connection limits of `settings` until
+    SIGTERM / Ctrl-C (a drain of up to `settings.drain_timeout_s`) -> the stopped server. `banner(host, port)` is
+    called once it listens."""
+    _raise_open_files_limit(settings.max_connections + 256)
+    rejections = guard.state.metrics.rejections
+    config = uvicorn.Config(guard, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s), lifespan=lifespan,
+                            http=guarded_protocol(settings, lambda reason: rejections.labels(reason).inc()))
+    sockets = _listen(settings.host, settings.port, config.backlog)
+    server = _Server(config, guard, banner)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+    return server
+
+
 def serve(cfg: ServeConfig, out=print) -> int:
     """Run until SIGTERM/SIGINT; -> exit code."""
     keys = read_keys(cfg.api_keys_file)
@@ -136,20 +155,9 @@ def serve(cfg: ServeConfig, out=print) -> int:
                 f"\"content\": \"Hello!\"}}]).choices[0].message.content)'")
         sys.stdout.flush()
 
-    raise_open_files_limit(cfg.max_connections + 256)
-    rejections = guard.state.metrics.rejections
-    config = uvicorn.Config(guard, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
-                            # lifespan "on": it starts the model loading; "auto" would take an error in it
-                            # for "lifespan unsupported" and serve without models
-                            timeout_graceful_shutdown=int(cfg.drain_timeout_s), lifespan="on",
-                            http=guarded_protocol(cfg, lambda reason: rejections.labels(reason).inc()))
-    sockets = listen(cfg.host, cfg.port, config.backlog)
-    server = DrainingServer(config, guard, banner)
-    try:
-        server.run(sockets=sockets)
-    finally:
-        for sock in sockets:
-            sock.close()
+    # lifespan "on": it starts the model loading; "auto" would take an error in it for "lifespan unsupported" and
+    # serve without models
+    server = run_guarded(guard, cfg, banner, lifespan="on")
     if server.load_error is not None:
         raise server.load_error
     return 0

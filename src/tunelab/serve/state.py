@@ -16,7 +16,7 @@ from fastapi import Request
 
 from tunelab.config import DEFAULT_RATE_LIMIT, ServeConfig
 from tunelab.errors import UserError
-from tunelab.serve.auth import ADMIN_ENV_KEYS, KeyRing, RateLimiter, read_keys
+from tunelab.serve.auth import ADMIN_ENV_KEYS, Admission, KeyRing, RateLimiter, read_keys
 from tunelab.serve.engine import EngineFull
 from tunelab.serve.follow import Follower
 from tunelab.serve.metrics import Metrics
@@ -26,7 +26,7 @@ from tunelab.serve.registry import Registry, Served, Spec
 log = logging.getLogger("tunelab.serve")
 
 
-class ServerState:
+class ServerState(Admission):
     def __init__(self, settings: ServeConfig, specs: list[Spec], keys: list[str], device: str):
         self.settings = settings
         self.keys = KeyRing(keys)
@@ -63,28 +63,9 @@ class ServerState:
         self.registry.close()
 
     # ---- per-request checks ----------------------------------------------------------------------
-    def authenticate(self, authorization: str | None) -> str | None:
-        """-> the key id (a digest prefix); None when the server has no keys; 401 for a missing or wrong key."""
-        if not self.keys.enabled:
-            return None
-        who = self.keys.identify(authorization)
-        if who is None:
-            self.metrics.rejections.labels("auth").inc()
-            raise APIError(401, "a valid API key is required (Authorization: Bearer KEY)",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return who
-
     def admit(self, request: Request) -> str:
         """Key, then rate limit, then readiness. -> the caller's id (key digest prefix or client host)."""
-        who = self.authenticate(request.headers.get("authorization"))
-        if who is None:
-            who = request.client.host if request.client else "local"
-        wait = self.limiter.take(who)
-        if wait:
-            self.metrics.rejections.labels("rate_limit").inc()
-            raise APIError(429, f"rate limit of {self.rate_limit:g} requests per minute reached; "
-                           f"retry in {wait} s", type="requests", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(wait)})
+        who = Admission.admit(self, request)
         if not self.registry.ready:
             raise APIError(503, "the models are still loading", type="server_error", code="not_ready",
                            headers={"Retry-After": "5"})
