@@ -109,8 +109,12 @@ def db_url(request, tmp_path):
     return url
 
 
+SCORED: list[str] = []
+
+
 def keyword_scorer(texts):
     """A test double for the sentiment model: 'awful' is negative."""
+    SCORED.extend(texts)
     return [("negative", True, -0.9) if "awful" in t else ("positive", False, 0.8) for t in texts]
 
 
@@ -174,7 +178,9 @@ def test_ingest_is_idempotent_and_counts_rejects(make_monitor, db_url):
     assert sum(c["stored"] for c in first) == len(docs)
     assert sum(c["duplicates"] for c in first) == 1 and sum(c["rejected"] for c in first) == 1
     before = totals(m)
-    again = feed(m, docs, chunk=77)  # a replay, batched otherwise
+    SCORED.clear()
+    again = feed(m, docs, chunk=77)  # a replay, batched otherwise: nothing scored again, nothing counted twice
+    assert SCORED == []
     assert sum(c["stored"] for c in again) == 0 and sum(c["duplicates"] for c in again) == len(docs)
     assert totals(m) == before and before["documents"] == before["volume"] == len(docs)
     view = Views(m.store).overview()
@@ -229,6 +235,10 @@ def test_folder_reads_new_files_appended_lines_and_waits_for_a_line_to_end(tmp_p
     got = commit(reader.poll())
     assert got[0]["id"] == "3" and isinstance(got[1], Rejected) and got[1].reason == "not_json"
     assert reader.poll() == []
+    with open(f, "a", encoding="utf-8") as out:  # a line over 1 MiB is one rejected document; the next is read
+        out.write('{"id": "huge", "text": "' + "x" * (1 << 20) + '"}\n{"id": "4"}\n')
+    got = commit(reader.poll()) + commit(reader.poll())
+    assert [getattr(g, "reason", None) or g["id"] for g in got] == ["line_too_long", "4"]
     (inbox / "b.csv").write_text('id,text\n1,"a ""quoted""\nline"\n2,plain\n3,"still open\n', encoding="utf-8")
     assert commit(reader.poll()) == [{"id": "1", "text": 'a "quoted"\nline'}, {"id": "2", "text": "plain"}]
     # a new reader (a restart) resumes from the stored positions; a file replaced under its name is read again

@@ -180,6 +180,9 @@ def test_ingest_is_keyed_limited_and_idempotent(site):
     one = httpx.post(site + "/ingest", json={"id": "single", "timestamp": "2026-01-05T10:00:00Z",
                                              "text": "ACME alone"}, headers=AUTH)
     assert one.json()["stored"] == 1
+    bare = httpx.post(site + "/ingest", json=[{"id": "listed", "timestamp": START, "text": "Globex listed"}],
+                      headers=AUTH)
+    assert bare.json()["stored"] == 1  # a bare list of documents is read too
     assert httpx.get(site + "/api/overview").status_code == 401
     view = httpx.get(site + "/api/overview", headers=AUTH).json()
     assert view["documents"] >= 41 and view["rejected"]["missing_timestamp"] >= 1

@@ -58,7 +58,7 @@ router = APIRouter()
 
 @router.post("/ingest")
 async def ingest(request: Request, st: Annotated[HttpState, Depends(admitted)]):
-    """POST /ingest `{"documents": [{id, timestamp, text, source?}, …]}` (or one document object) -> once stored:
+    """POST /ingest `{"documents": [{id, timestamp, text, source?}, …]}` (or a list of them, or one) -> once stored:
     `{"stored", "duplicates", "rejected", "reasons": {reason: n}}`. 400 for a body that is not that shape, 413 over
     `max_documents`, 503 (Retry-After) while the pipeline's queue is full."""
     try:
@@ -66,7 +66,8 @@ async def ingest(request: Request, st: Annotated[HttpState, Depends(admitted)]):
     except (ValueError, UnicodeDecodeError):
         raise bad_request("the body is not JSON: send {\"documents\": [{\"id\", \"timestamp\", \"text\"}, …]}") \
             from None
-    docs = body.get("documents") if isinstance(body, dict) and "documents" in body else [body]
+    docs = body.get("documents") if isinstance(body, dict) and "documents" in body else \
+        body if isinstance(body, list) else [body]
     if not isinstance(docs, list):
         raise bad_request("'documents' must be a list of document objects", param="documents")
     limit = st.settings.max_documents

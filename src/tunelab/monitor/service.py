@@ -102,9 +102,11 @@ class Pipeline(threading.Thread):
                     reasons[i][why.reason] += 1
                     rejects[(w.source, why.reason)] += 1
                     self._log_rejected(w.source, why)
-        texts = [d.text for d in docs]
+        known = self.store.known([d.id for d in docs])  # a replay is not scored again (the store re-checks)
+        fresh = [d for d in docs if d.id not in known]
+        texts = [d.text for d in fresh]
         labels, entities = self.score(texts), self.find(texts)
-        scored = [Scored(d, lab, neg, score, ents) for d, (lab, neg, score), ents in zip(docs, labels, entities)]
+        scored = [Scored(d, lab, neg, score, ents) for d, (lab, neg, score), ents in zip(fresh, labels, entities)]
         result = self.store.ingest(scored, dict(rejects), [w.position for w in works if w.position is not None])
         counts = [{"stored": 0, "duplicates": 0, "rejected": sum(r.values()), "reasons": dict(r)} for r in reasons]
         claimed = set()

@@ -25,7 +25,7 @@ from tunelab.monitor.documents import Rejected
 log = logging.getLogger("tunelab.monitor")
 
 MAX_LINE_BYTES = 1 << 20  # a longer line is one rejected document (line_too_long)
-READ_BYTES = 4 << 20  # read per file per round at most
+BYTES_PER_DOC = 4096  # read per round: this per document wanted (at least 64 KiB), more only for one long line
 
 
 @dataclass
@@ -97,7 +97,13 @@ class FolderReader:
             if offset >= size:
                 return None
             f.seek(offset)
-            chunk = f.read(READ_BYTES)
+            chunk = f.read(max(1 << 16, self.max_docs * BYTES_PER_DOC))
+            if b"\n" not in chunk and offset + len(chunk) < size:  # one line longer than that: up to the limit
+                chunk += f.read(MAX_LINE_BYTES - len(chunk))
+                if b"\n" not in chunk:  # over the limit: skipped whole, once its newline is there
+                    end = _next_newline(f)
+                    return None if end is None else Work([Rejected("line_too_long")], path.name,
+                                                         (key, end, _fingerprint(first)))
         items, used = self._parse(chunk, first if csv_file else None, path.suffix.lower() == ".tsv")
         if used == 0:
             return None
@@ -106,9 +112,6 @@ class FolderReader:
     def _parse(self, chunk: bytes, header: bytes | None, tsv: bool) -> tuple[list, int]:
         """Documents from the complete lines of `chunk` (at most `max_docs`) -> (items, bytes used)."""
         end = chunk.rfind(b"\n") + 1
-        if end == 0 and len(chunk) >= MAX_LINE_BYTES:  # one line over the limit: skipped whole, once complete
-            nl = chunk.find(b"\n")
-            return ([Rejected("line_too_long")], nl + 1) if nl >= 0 else ([], 0)
         items, used = [], 0
         lines = chunk[:end].splitlines(keepends=True)
         if header is None:
@@ -132,6 +135,17 @@ class FolderReader:
                 items.append(_csv_record(record, columns, tsv))
             record = b""
         return items, used
+
+
+def _next_newline(f) -> int | None:
+    """The file offset just after the next newline from `f`'s position, or None before the end of the file."""
+    while True:
+        block = f.tell(), f.read(1 << 20)
+        if not block[1]:
+            return None
+        nl = block[1].find(b"\n")
+        if nl >= 0:
+            return block[0] + nl + 1
 
 
 def _json_line(line: bytes):

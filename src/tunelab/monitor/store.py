@@ -124,15 +124,24 @@ class Store:
         return out
 
     def _new_documents(self, conn, scored: list[Scored]) -> list[Scored]:
+        first: dict[str, Scored] = {}
+        for s in scored:
+            first.setdefault(s.doc.id, s)  # the first of a repeated id
+        seen = self._known(conn, list(first))
+        return [s for s in first.values() if s.doc.id not in seen]
+
+    def _known(self, conn, ids: list[str]) -> set[str]:
         from sqlalchemy import select
 
-        docs = self.t["documents"]
-        unique = list({s.doc.id: s for s in reversed(scored)}.values())[::-1]  # the first of a repeated id
-        seen = set()
-        ids = [s.doc.id for s in unique]
+        docs, seen = self.t["documents"], set()
         for i in range(0, len(ids), _CHUNK):
             seen.update(conn.execute(select(docs.c.id).where(docs.c.id.in_(ids[i:i + _CHUNK]))).scalars())
-        return [s for s in unique if s.doc.id not in seen]
+        return seen
+
+    def known(self, ids: list[str]) -> set[str]:
+        """The ids among `ids` already stored (read without the write lock: `ingest` checks again under it)."""
+        with self.db.read() as conn:
+            return self._known(conn, ids)
 
     def _store_documents(self, conn, new: list[Scored]) -> dict[str, set[int]]:
         """Insert `new` and their mentions, add them to the aggregates -> the windows changed, per entity."""
