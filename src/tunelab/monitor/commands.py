@@ -14,7 +14,7 @@ import typer
 
 from tunelab.config import MonitorConfig, load_monitor_config
 from tunelab.errors import UserError
-from tunelab.terminal import make_console
+from tunelab.terminal import make_console, plain
 
 monitor_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, short_help="run | demo",
                           help="A stream of documents (a folder of JSONL/CSV files, standard input, POST /ingest) -> "
@@ -47,9 +47,9 @@ def serve_http(monitor, keys: list[str], out=print) -> None:
     def banner(host: str, port: int) -> None:
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         auth = '-H "Authorization: Bearer $KEY" ' if keys else ""
-        out(f"tunelab monitor on {url}   (dashboard: {url}/ , metrics: {url}/metrics)")
-        out(f"  ingest: curl {url}/ingest {auth}-H 'Content-Type: application/json' -d '{{\"documents\": "
-            f"[{{\"id\": \"1\", \"timestamp\": \"2026-01-05T09:30:00Z\", \"text\": \"...\"}}]}}'")
+        out(plain(f"tunelab monitor on {url}   (dashboard: {url}/ , metrics: {url}/metrics)"))
+        out(plain(f"  ingest: curl {url}/ingest {auth}-H 'Content-Type: application/json' -d '{{\"documents\": "
+                  f"[{{\"id\": \"1\", \"timestamp\": \"2026-01-05T09:30:00Z\", \"text\": \"...\"}}]}}'"))
         sys.stdout.flush()
 
     run_guarded(guard, settings, banner, lifespan="off")
@@ -82,7 +82,7 @@ def run_monitor(cfg: MonitorConfig, out=print, stdin=None) -> dict:
     monitor.start()
     try:
         if cfg.sources.folder is not None:
-            out(f"watching {cfg.sources.folder.path} ({', '.join(cfg.sources.folder.patterns)})")
+            out(plain(f"watching {cfg.sources.folder.path} ({', '.join(cfg.sources.folder.patterns)})"))
         if cfg.http.enabled:
             serve_http(monitor, keys, out)
         elif cfg.sources.folder is None:
@@ -103,7 +103,7 @@ def _summary(cfg: MonitorConfig, out) -> dict:
     finally:
         store.close()
     rejected = ", ".join(f"{k} {v}" for k, v in sorted(view["rejected"].items())) or "none"
-    out(f"stored {view['documents']} documents (rejected: {rejected}); {view['alerts']} alerts")
+    out(plain(f"stored {view['documents']} documents (rejected: {rejected}); {view['alerts']} alerts"))
     return view
 
 
@@ -140,14 +140,14 @@ def print_state(views, say) -> None:
     say(f"stored {view['documents']} documents, {share:.0%} negative; rejected: {rejected}")
     table = Table("entity", "documents", "negative", "mean score", "alerts", box=None, pad_edge=False)
     for e in view["entities"]:
-        table.add_row(e["name"], str(e["volume"]), f"{e['share_negative']:.0%}", f"{e['mean_score']:+.2f}",
+        table.add_row(plain(e["name"]), str(e["volume"]), f"{e['share_negative']:.0%}", f"{e['mean_score']:+.2f}",
                       str(e["alerts"]))
     console.print(table)
     alerts = views.alerts(100)
     say(f"{len(alerts)} alert(s):")
     for a in reversed(alerts):
         start = datetime.fromtimestamp(a["window"], timezone.utc).strftime("%Y-%m-%d %H:%M")
-        say(f"  [{start} UTC] {a['message']}")
+        say(plain(f"  [{start} UTC] {a['message']}"))
 
 
 @monitor_app.command("demo")
@@ -167,8 +167,8 @@ def demo_cmd(out: Path = typer.Option(Path("runs/monitor-demo"), "--out", help="
     t0 = time.monotonic()
     cfg = load_monitor_config(path, [f"http.port={port}"])
     keys = check_http(cfg) if serve else []
-    console.print(f"replaying {info['stream']} tweets over 48 hourly windows, and a burst of {info['burst']} negative "
-                  f"tweets about {info['target']} in one hour (config: {path})")
+    console.print(plain(f"replaying {info['stream']} tweets over 48 hourly windows, and a burst of {info['burst']} "
+                        f"negative tweets about {info['target']} in one hour (config: {path})"))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     monitor = Monitor(cfg)
     monitor.start()

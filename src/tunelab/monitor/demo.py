@@ -26,6 +26,7 @@ import yaml
 from tunelab.artifacts import kind_of
 from tunelab.assets import builtin_path
 from tunelab.errors import UserError
+from tunelab.terminal import plain
 
 WATCHLIST = [
     {"name": "United Airlines", "aliases": ["@united", "United", "UAL"]},
@@ -126,7 +127,7 @@ def prepare_demo(out: Path, model: Path | None, say) -> tuple[Path, dict]:
         if kind_of(model) != "model":
             model = _train_model(rows[:TRAIN_ROWS], out, say)
         else:
-            say(f"using the demo's sentiment model at {model}")
+            say(plain(f"using the demo's sentiment model at {model}"))
     for old in ("state", "inbox"):  # the demo's own stream and database, replayed from scratch
         shutil.rmtree(out / old, ignore_errors=True)
     info = write_stream(rows[TRAIN_ROWS:], out / "inbox")
