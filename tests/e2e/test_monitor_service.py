@@ -80,7 +80,7 @@ def write_jsonl(path: Path, rows: list, mode: str = "w") -> None:
 def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path, tiny_classifier):
     config = write_config(tmp_path, tiny_classifier)
     db = tmp_path / "state" / "monitor.db"
-    rows = docs(6000)
+    rows = docs(3000)
     write_jsonl(tmp_path / "inbox" / "big.jsonl", rows[:10] + ["not json", '{"id": "x", "text": "no time"}']
                 + rows[10:])
     proc = start(config, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,11 +92,11 @@ def test_kill_9_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path, tiny
         proc.kill()
     killed_at = count(db)
     assert 300 <= killed_at < len(rows), "killed mid-stream"
-    # meanwhile: more lines appended, a new file with 100 new documents and 100 already stored ones
-    more = docs(500, start=6000)
+    # meanwhile: more lines appended, a new file with 50 new documents and 50 already stored ones
+    more = docs(300, start=3000)
     write_jsonl(tmp_path / "inbox" / "big.jsonl", more, "a")
-    write_jsonl(tmp_path / "inbox" / "late.jsonl", docs(100, "late") + rows[:100])
-    expected = rows + more + docs(100, "late")
+    write_jsonl(tmp_path / "inbox" / "late.jsonl", docs(50, "late") + rows[:50])
+    expected = rows + more + docs(50, "late")
     log = tmp_path / "restart.log"
     proc = start(config, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
     try:
