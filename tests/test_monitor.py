@@ -239,6 +239,9 @@ def test_folder_reads_new_files_appended_lines_and_waits_for_a_line_to_end(tmp_p
         out.write('{"id": "huge", "text": "' + "x" * (1 << 20) + '"}\n{"id": "4"}\n')
     got = commit(reader.poll()) + commit(reader.poll())
     assert [getattr(g, "reason", None) or g["id"] for g in got] == ["line_too_long", "4"]
+    (inbox / "c.jsonl").write_text('{"id": "' + "y" * (1 << 20) + '"}\n{"id": "5"}\n', encoding="utf-8")
+    got = commit(reader.poll()) + commit(reader.poll())  # an over-long first line too
+    assert [getattr(g, "reason", None) or g["id"] for g in got] == ["line_too_long", "5"]
     (inbox / "b.csv").write_text('id,text\n1,"a ""quoted""\nline"\n2,plain\n3,"still open\n', encoding="utf-8")
     assert commit(reader.poll()) == [{"id": "1", "text": 'a "quoted"\nline'}, {"id": "2", "text": "plain"}]
     # a new reader (a restart) resumes from the stored positions; a file replaced under its name is read again

@@ -88,8 +88,8 @@ class FolderReader:
         csv_file = path.suffix.lower() in (".csv", ".tsv")
         with open(path, "rb") as f:
             first = f.readline(MAX_LINE_BYTES)
-            if not first.endswith(b"\n"):
-                return None  # not even one complete line yet
+            if not first.endswith(b"\n") and len(first) < MAX_LINE_BYTES:
+                return None  # not even one complete line yet (an over-long one is skipped below)
             size = f.seek(0, io.SEEK_END)
             offset = self._start(key, size, first)
             if csv_file and offset == 0:
