@@ -361,3 +361,18 @@ def test_the_example_config_validates():
     cfg = load_monitor_config(Path(__file__).parent.parent / "examples" / "monitor" / "monitor.yaml")
     assert cfg.sources.folder is not None and [r.name for r in cfg.rules][0] == "negative-burst"
     assert cfg.sentiment.model.endswith("runs/monitor-demo/sentiment/model")
+
+
+def test_a_stranger_s_mistakes_are_one_clear_error(tmp_path):
+    from tunelab.config import MonitorSentiment
+    from tunelab.monitor.demo import prepare_demo
+    from tunelab.monitor.scoring import SentimentScorer
+
+    mine = tmp_path / "my-folder"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(UserError, match="is not a monitor demo folder"):
+        prepare_demo(mine, None, print)
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "mine"
+    with pytest.raises(UserError):
+        SentimentScorer(MonitorSentiment(model=str(tmp_path / "no-such-model")))
