@@ -18,6 +18,8 @@ class Metrics:
         self.rejections = Counter("tunelab_rejections", "requests refused before inference, by reason",
                                   ["reason"], registry=r)
         self.queue_depth = Gauge("tunelab_queue_depth", "requests waiting for a batch slot", ["model"], registry=r)
+        self.queue_capacity = Gauge("tunelab_queue_capacity", "requests that may wait for a batch slot (max_waiting); "
+                                    "beyond it: 503", ["model"], registry=r)
         self.running = Gauge("tunelab_running_batch_size", "sequences (or texts) in the running batch",
                              ["model"], registry=r)
         self.ttft = Histogram("tunelab_time_to_first_token_seconds", "time to the first generated token",
@@ -30,6 +32,16 @@ class Metrics:
                                "outcome (swapped, failed)", ["model", "outcome"], registry=r)
         self.version = Gauge("tunelab_model_version_info", "the registry version a model answers with (1)",
                              ["model", "version"], registry=r)
+
+        self.drift_p = Gauge("tunelab_drift_p_value", "the last drift check's p-value per statistic (window against "
+                             "the model's reference profile)", ["model", "statistic"], registry=r)
+        self.drift_stat = Gauge("tunelab_drift_statistic", "the last drift check's statistic (MMD², KS D, χ², "
+                                "rate difference)", ["model", "statistic"], registry=r)
+        self.drift_detected = Gauge("tunelab_drift_detected", "1 when the last drift check found drift (the smallest "
+                                    "p-value under alpha / statistics), else 0", ["model"], registry=r)
+        self.drift_window = Gauge("tunelab_drift_window_requests", "texts in the model's drift window", ["model"],
+                                  registry=r)
+        self.drift_checks = Counter("tunelab_drift_checks", "drift checks run", ["model"], registry=r)
 
     def render(self) -> bytes:
         """Every metric of this server, in Prometheus' text exposition format (the body of GET /metrics)."""

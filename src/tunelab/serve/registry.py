@@ -263,6 +263,9 @@ class Registry:
             else:
                 self.models[s.id] = self.build(s)
         self.models = {s.id: self.models[s.id] for s in self.specs}  # listing in argument order
+        if self.metrics is not None:
+            for model_id in self.models:
+                self.metrics.queue_capacity.labels(model_id).set(self.settings.max_waiting)
         self.ready = True
 
     def build(self, s: Spec) -> Served:
