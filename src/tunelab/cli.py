@@ -569,6 +569,12 @@ def serve(
     registry_db: Optional[str] = _opt(ServeConfig, "registry_db", "--registry-db"),
     registry_poll: Optional[float] = _opt(ServeConfig, "registry_poll_s", "--registry-poll"),
     admin_keys_file: Optional[Path] = _opt(ServeConfig, "admin_keys_file", "--admin-keys-file"),
+    drift_window: Optional[int] = _opt(ServeConfig, "drift_window", "--drift-window"),
+    drift_every: Optional[int] = _opt(ServeConfig, "drift_every", "--drift-every"),
+    drift_alpha: Optional[float] = _opt(ServeConfig, "drift_alpha", "--drift-alpha"),
+    request_log: Optional[Path] = _opt(ServeConfig, "request_log", "--request-log"),
+    request_log_sample: Optional[float] = _opt(ServeConfig, "request_log_sample", "--request-log-sample"),
+    request_log_max_mb: Optional[float] = _opt(ServeConfig, "request_log_max_mb", "--request-log-max-mb"),
 ):
     """An OpenAI-compatible API (chat, completions, classify, entities, embeddings) with a playground page at /."""
     from tunelab.serve.server import serve as run_server
@@ -580,7 +586,10 @@ def serve(
              "header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "max_connections": max_connections,
              "drain_timeout_s": drain_timeout, "max_headers": max_headers, "max_n": max_n,
              "default_max_tokens": default_max_tokens, "gguf_context": gguf_context, "registry": registry,
-             "registry_db": registry_db, "registry_poll_s": registry_poll, "admin_keys_file": admin_keys_file}
+             "registry_db": registry_db, "registry_poll_s": registry_poll, "admin_keys_file": admin_keys_file,
+             "drift_window": drift_window, "drift_every": drift_every, "drift_alpha": drift_alpha,
+             "request_log": request_log, "request_log_sample": request_log_sample,
+             "request_log_max_mb": request_log_max_mb}
     raw = {"models": models, **{k: v for k, v in flags.items() if v is not None}}
     if embedding_model is not None and embedding_model.lower() == "none":
         raw["embedding_model"] = None

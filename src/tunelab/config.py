@@ -366,6 +366,17 @@ class ServeConfig(Section):
                                    "POST /admin/reload")
     admin_keys_file: Path | None = Field(None, description="keys for POST /admin/reload, one per line (also "
                                          "TUNELAB_ADMIN_KEYS); none: the endpoint is off")
+    drift_window: int = Field(500, ge=0, description="classifiers with a drift profile: texts in the sliding "
+                              "window compared with it; 0 = no drift checks")
+    drift_every: int = Field(100, gt=0, description="a drift check after this many new texts")
+    drift_min_window: int = Field(200, gt=0, description="texts the window needs before the first check")
+    drift_alpha: float = Field(0.01, gt=0, lt=1, description="a window drifts when a statistic's p-value is under "
+                               "alpha / (statistics tested)")
+    drift_permutations: int = Field(200, ge=20, le=10_000, description="MMD permutation test resamples")
+    request_log: Path | None = Field(None, description="a folder for a log of classify requests (sampled, "
+                                     "PII-redacted, size-bounded); none = no log")
+    request_log_sample: float = Field(0.1, gt=0, le=1, description="the share of texts logged")
+    request_log_max_mb: float = Field(100, gt=0, description="the log folder's size bound; the oldest files go")
 
 
 class MonitorSentiment(Section):

@@ -494,12 +494,12 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 # ---- model dirs ----------------------------------------------------------------------------------
 
 def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict, state_dict: dict | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write the model dir by the folder rule (tunelab.artifacts; an existing model dir is replaced only with
     `overwrite`): HF/PEFT weights or Houlsby adapters (safetensors), tokenizer (with its chat template),
     `tunelab.json` (`kind: model`, and the size and sha256 of each weight file, verified on load).
     `state_dict`: weights to write instead of the model's own (the gathered full weights of an FSDP-sharded
-    model)."""
+    model). `extra_files`: name -> bytes written beside them (the drift profile)."""
     quiet_transformers()
     with write_folder(out, "model", overwrite) as tmp:
         if hasattr(model, "tunelab_adapter"):
@@ -509,6 +509,8 @@ def save_model_dir(model: nn.Module, tokenizer, out: str | Path, meta: dict, sta
         else:
             model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         meta = {"kind": "model", **meta, "files": model_files.files_manifest(tmp)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     return Path(out)

@@ -26,15 +26,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tunelab.artifacts import kind_of
 from tunelab.assets import builtin_path
 from tunelab.errors import UserError, read_json_file
+from tunelab.evaluate import drift
+from tunelab.evaluate.drift import classifier_outputs
 from tunelab.generate import base_kind, load_generator
 from tunelab.model_files import check_model_folder, check_tokenizer_folder
 from tunelab.models import (META_FILE, BaseRef, load_model_dir, load_pretrained, load_tokenizer, max_length_of,
                             quiet_transformers, read_meta, resolve_base, sentence_embeddings)
+from tunelab.serve.drift import DriftTracker, Observer, RequestLog
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.protocol import APIError, ModelCard, bad_request
 from tunelab.tasks import refuse_stage, task_spec
@@ -229,6 +233,8 @@ class Registry:
         self.models: dict[str, Served] = {}
         self.ready = False
         self.retiring: list[Served] = []  # replaced versions still finishing their work (`serve.follow`)
+        self.request_log = None if settings.request_log is None else RequestLog(
+            settings.request_log, settings.request_log_sample, int(settings.request_log_max_mb * 2 ** 20))
 
     # ---- lookup ----------------------------------------------------------------------------------
     def get(self, model_id: str, kind: str) -> Served:
@@ -337,13 +343,44 @@ class Registry:
     def _add_classifier(self, s: Spec) -> Served:
         model, tok, meta = self._encoder(s, "classification")
         labels, max_length = list(meta["labels"]), max_length_of(meta)
+        observer = self._observer(s, tok, max_length, labels)
+        embed = observer is not None and observer.wants_embeddings and s.engine == "pytorch"
 
         def head(enc) -> list[dict]:
-            probs = torch.softmax(model(**enc).logits.float(), -1).tolist()
+            probs, vectors = classifier_outputs(model, enc, embed)
+            rows = probs.tolist()
             return [{"label": labels[max(range(len(p)), key=p.__getitem__)],
-                     "probabilities": {lab: round(x, 6) for lab, x in zip(labels, p)}} for p in probs]
+                     "probabilities": {lab: round(x, 6) for lab, x in zip(labels, p)},
+                     "_observed": (p, None if vectors is None else vectors[k].cpu().numpy())}
+                    for k, p in enumerate(rows)]
 
-        return self._add_encoder(s, "classify", self._encoder_run(tok, max_length, head), tok)
+        def after(texts: list[str], ids: list[list[int]], out: list[dict]) -> None:
+            seen = [r.pop("_observed") for r in out]
+            if observer is None:
+                return
+            try:
+                observer.observe(texts, ids, np.array([p for p, _ in seen], dtype=np.float32),
+                                 np.stack([v for _, v in seen]) if embed and seen else None)
+            except Exception:  # noqa: BLE001 - watching must not fail the answer; a bug here is logged whole
+                log.exception("observing the traffic of %s failed", s.id)
+
+        return self._add_encoder(s, "classify", self._encoder_run(tok, max_length, head, after), tok)
+
+    def _observer(self, s: Spec, tok, max_length: int, labels: list[str]) -> Observer | None:
+        """The drift window (when the model dir has a profile and drift checks are on) and the request log (when
+        one is configured) of a classifier; None when neither."""
+        st = self.settings
+        profile = drift.load_profile(s.ref) if st.drift_window > 0 else None
+        if profile is not None and profile.labels != labels:
+            log.warning("%s: its drift profile's labels differ from the model's; no drift checks", s.id)
+            profile = None
+        tracker = None if profile is None else DriftTracker(s.id, profile, st, self.metrics, s.version)
+        if tracker is None and self.request_log is None:
+            return None
+        if tracker is not None:
+            log.info("%s: drift checks every %d texts over the last %d, against %d %s rows", s.id, st.drift_every,
+                     st.drift_window, len(profile.features), profile.source)
+        return Observer(s.id, tok, max_length, labels, tracker, self.request_log, s.version)
 
     def _add_entities(self, s: Spec) -> Served:
         """An NER model dir: texts -> {"entities": [{"type", "text", "start", "end", "score"}], "tokens"} each,
@@ -377,10 +414,11 @@ class Registry:
 
         return self._add_encoder(s, "embed", self._encoder_run(tok, max_length, pool), tok)
 
-    def _encoder_run(self, tok, max_length: int, forward):
+    def _encoder_run(self, tok, max_length: int, forward, after=None):
         """texts -> one result dict per text (with its token count), in order. The texts of a micro-batch are
         sorted by length and run in chunks, so that short texts are not padded to the longest of the batch;
-        under bf16 autocast where the hardware has it (`precision`)."""
+        under bf16 autocast where the hardware has it (`precision`). `after(texts, ids, results)` sees the
+        micro-batch's results before they are answered."""
         precision = resolve_precision(self.settings.precision, self.device)
 
         def run(texts: list[str]) -> list[dict]:
@@ -394,6 +432,8 @@ class Registry:
                     results = forward(enc)
                 for i, r in zip(part, results):
                     out[i] = {**r, "tokens": len(ids[i])}
+            if after is not None:
+                after(texts, ids, out)
             return out
 
         return run

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from tunelab import models
 from tunelab.errors import UserError
+from tunelab.evaluate import drift
 from tunelab.evaluate.metrics import classification_metrics
 from tunelab.tasks.batch import pad_batch
 
@@ -97,6 +98,16 @@ class ClassificationTask:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out[idx] = logits.float().cpu().numpy()
         return out
+
+    def drift_profile(self, model, rows: list[dict], seed: int) -> drift.Profile:
+        """The reference profile (`tunelab.evaluate.drift`) of up to `drift.PROFILE_ROWS` held-out `rows`, seeded:
+        what a server compares its traffic with."""
+        if len(rows) > drift.PROFILE_ROWS:
+            pick = np.random.default_rng(seed).choice(len(rows), drift.PROFILE_ROWS, replace=False)
+            rows = [rows[i] for i in sorted(pick)]
+        device = str(next(model.parameters()).device)
+        feats = drift.model_features(model, self.tokenizer, [r["text"] for r in rows], self.max_length, device)
+        return drift.build_profile(feats, self.labels, "validation", seed)
 
     def through_model_forward(self) -> None:
         """Nothing to change: the loss is the model's forward already."""

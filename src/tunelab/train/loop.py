@@ -32,7 +32,7 @@ from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.prepare import PrepareOptions, prepare
 from tunelab.data.split import seeded_subset
 from tunelab.errors import UserError
-from tunelab.evaluate import base_fit
+from tunelab.evaluate import base_fit, drift
 from tunelab.evaluate.leakage import row_text
 from tunelab.methods import MethodContext, apply_method, head_module_names
 from tunelab.tasks import DATASET_TASKS, TaskSpec, task_spec, tasks_where
@@ -488,7 +488,7 @@ class _Run:
                 self.stop_req.raise_from_now()
             return _finish(self.cfg, self.out, self.dd, self.model, self.tokenizer, self.base, self.task, self.spec,
                            self.meta, self.data_dir, self.train_rows, self.state, self.best_weights, self.last_eval,
-                           self.run_eval, self.precision, self.fit, self.replay)
+                           self.run_eval, self.precision, self.fit, self.replay, self.val_rows)
         except StopRequested:
             self.interrupted = True
             return None
@@ -528,7 +528,7 @@ class _Run:
 
 def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: TaskSpec, meta: dict, data_dir: Path,
             train_rows: list[dict], state: LoopState, best_weights, last_eval: dict | None, run_eval,
-            precision: str, fit: dict, replay: dict | None = None) -> dict:
+            precision: str, fit: dict, replay: dict | None = None, reference_rows: list[dict] = ()) -> dict:
     """The best weights, their validation metrics, and the model dir (replaced by a swap, never half-written)."""
     if best_weights is not None:
         load_trainable_state(model, best_weights)
@@ -552,12 +552,17 @@ def _finish(cfg: RunConfig, out: Path, dd, model, tokenizer, base, task, spec: T
     }
     if spec.generates:  # what a server needs to stop where training taught it to
         model_meta["stop"] = stop_tokens(tokenizer, chat=spec.conversations)
+    extra = {}
+    if dd.main and not dd.fsdp and hasattr(task, "drift_profile"):  # what a server compares its traffic with
+        profile = task.drift_profile(model, reference_rows, cfg.train.seed)
+        model_meta["drift_profile"], extra[drift.PROFILE_FILE] = profile.summary(), profile.to_bytes()
     full_state = distributed.full_model_state(model) if dd.fsdp else None  # gathered on every rank
     if not dd.fsdp:
         model.to("cpu")
     model_dir = out / "model"
     if dd.main:  # the run dir is this process's (locked): its model/ is replaced by the swap
-        save_model_dir(model, tokenizer, model_dir, model_meta, state_dict=full_state, overwrite=True)
+        save_model_dir(model, tokenizer, model_dir, model_meta, state_dict=full_state, overwrite=True,
+                       extra_files=extra)
     dd.barrier()
     return {"model_dir": model_dir, "validation": model_meta["metrics"]["validation"]}
 

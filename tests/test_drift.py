@@ -1,0 +1,137 @@
+"""Drift of a served classifier's traffic: the profile a training run writes, the statistics (their false-alarm
+rate on clean windows and their power on shifted ones), the server's window and gauges, and its request log
+(sampled, PII-redacted, size-bounded: RELIABILITY M4)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import make_rows
+from tunelab.config import ServeConfig
+from tunelab.errors import UserError
+from tunelab.evaluate import drift
+from tunelab.serve.app import create_app
+from tunelab.serve.registry import check_specs
+
+
+def synthetic(n: int, rng: np.random.Generator, shift: str | None = None) -> drift.Features:
+    """Features of n texts drawn from one fixed distribution, or with one aspect shifted."""
+    emb = rng.normal(size=(n, 16)) + np.linspace(0, 1, 16)
+    if shift == "embedding":
+        emb[: n // 4, :4] += 2.0  # a quarter of the texts from elsewhere
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    prior = [0.2, 0.6, 0.2] if shift == "label" else [0.4, 0.3, 0.3]
+    frag = rng.gamma(9, 0.15, n) * (1.25 if shift == "fragmentation" else 1.0)
+    return drift.Features(confidence=rng.beta(5, 2, n).astype(np.float32), label=rng.choice(3, n, p=prior),
+                          length=rng.gamma(4, 20, n).astype(np.float32), unk=(rng.random(n) < 0.02).astype(np.float32),
+                          fragmentation=frag.astype(np.float32), embedding=emb.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def profile() -> drift.Profile:
+    return drift.build_profile(synthetic(1000, np.random.default_rng(0)), ["a", "b", "c"], "test")
+
+
+def test_clean_windows_rarely_drift_and_shifted_ones_are_found_by_their_statistic(profile):
+    rng = np.random.default_rng(1)
+    clean = [drift.compare(profile, synthetic(300, rng), alpha=0.01, permutations=100, seed=i)["drift"]
+             for i in range(40)]
+    assert sum(clean) <= 4  # nominal 1%: 0.4 expected; 4 is far out in the tail
+    for shift, statistic in [("embedding", "embedding_mmd"), ("label", "label_chi2"),
+                             ("fragmentation", "fragmentation_ks")]:
+        found = [drift.compare(profile, synthetic(300, rng, shift), alpha=0.01, permutations=100, seed=i)
+                 for i in range(10)]
+        assert sum(r["drift"] for r in found) >= 9, shift
+        assert sum(statistic in r["drifted"] for r in found) >= 9, shift
+
+
+def test_mmd_p_value_resolves_below_its_permutations_and_is_large_on_the_same_sample(profile):
+    ref = profile.features.embedding
+    _, p_same = drift.mmd_test(ref[:500], ref[500:], profile.bandwidth, permutations=100)
+    assert p_same > 0.01
+    far = np.roll(ref[:300], 1, axis=1)  # the same vectors, coordinates rotated: another distribution
+    mmd2, p_far = drift.mmd_test(ref, far, profile.bandwidth, permutations=100)
+    assert mmd2 > 0 and p_far < 1 / 101  # beyond the permutations' resolution: the normal tail
+
+
+def test_profile_round_trips_and_a_corrupt_one_is_a_clear_error(profile, tmp_path):
+    (tmp_path / drift.PROFILE_FILE).write_bytes(profile.to_bytes())
+    back = drift.load_profile(tmp_path)
+    assert back.labels == ["a", "b", "c"] and len(back.features) == 1000 and back.bandwidth == profile.bandwidth
+    assert np.allclose(back.features.embedding, profile.features.embedding, atol=1e-3)
+    assert drift.load_profile(tmp_path / "nowhere") is None
+    (tmp_path / drift.PROFILE_FILE).write_bytes(b"not an npz")
+    with pytest.raises(UserError, match="corrupt"):
+        drift.load_profile(tmp_path)
+
+
+def test_training_writes_a_profile_of_the_validation_split(tiny_classifier):
+    meta = json.loads((tiny_classifier / "tunelab.json").read_text())
+    prof = drift.load_profile(tiny_classifier)
+    assert prof is not None and prof.source == "validation" and prof.labels == meta["labels"]
+    assert len(prof.features) == meta["drift_profile"]["rows"] == 30  # the small dataset's validation split
+    assert prof.features.embedding.shape[0] == 30
+    assert np.allclose(np.linalg.norm(prof.features.embedding, axis=1), 1, atol=1e-2)
+
+
+def _metric(client, name: str, **labels) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f"{name}{{{want}}}") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _wait_checks(client, n: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while (_metric(client, "tunelab_drift_checks_total", model="clf") or 0) < n:
+        assert time.time() < deadline, "no drift check ran"
+        time.sleep(0.05)
+
+
+def test_server_checks_drift_on_metrics_and_logs_sampled_redacted_requests(tiny_classifier, tmp_path):
+    logs = tmp_path / "requests"
+    cfg = ServeConfig(models=[f"clf={tiny_classifier}"], embedding_model=None, drift_window=200, drift_every=100,
+                      drift_min_window=100, request_log=logs, request_log_sample=0.5, request_log_max_mb=0.02)
+    guard = create_app(cfg, check_specs(cfg.models, None), keys=[])
+    rng = random.Random(3)
+    clean = [r["text"] for r in make_rows(200, seed=11, start=100)]  # numbered as the validation rows are
+    shifted = ["".join(rng.choice("天气服务航班延误") for _ in range(20)) + f" mail me at user{i}@example.com"
+               for i in range(400)]
+    with TestClient(guard, base_url="http://localhost") as client:
+        deadline = time.time() + 60
+        while client.get("/ready").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        for i in range(0, 200, 20):
+            assert client.post("/v1/classify", json={"model": "clf", "input": clean[i:i + 20]}).status_code == 200
+        _wait_checks(client, 1)
+        assert _metric(client, "tunelab_drift_detected", model="clf") == 0
+        assert _metric(client, "tunelab_drift_window_requests", model="clf") == 200
+        for i in range(0, 400, 20):
+            assert client.post("/v1/classify", json={"model": "clf", "input": shifted[i:i + 20]}).status_code == 200
+        _wait_checks(client, 3)
+        time.sleep(0.5)  # the check started by the last batch
+        assert _metric(client, "tunelab_drift_detected", model="clf") == 1
+        assert _metric(client, "tunelab_drift_p_value", model="clf", statistic="length_ks") < 1e-4
+    lines = [json.loads(x) for p in sorted(logs.glob("requests-*.jsonl")) for x in p.read_text().splitlines()]
+    logged = sum(p.stat().st_size for p in logs.glob("requests-*.jsonl"))
+    assert logged <= 0.02 * 2 ** 20  # the bound held: the oldest files went
+    assert len(list(logs.glob("requests-*.jsonl"))) >= 2
+    assert lines and all(set(x) >= {"time", "model", "text", "label", "confidence"} for x in lines)
+    assert not any("@example.com" in x["text"] for x in lines)
+    assert any("<EMAIL>" in x["text"] for x in lines)
+
+
+def test_request_log_samples_about_its_share(tmp_path):
+    from tunelab.serve.drift import RequestLog
+
+    log = RequestLog(tmp_path, 0.25, 10 * 2 ** 20, seed=0)
+    picked = sum(len(log.chosen(100)) for _ in range(40))
+    assert 800 < picked < 1200  # 1,000 expected of 4,000
