@@ -135,3 +135,32 @@ def test_request_log_samples_about_its_share(tmp_path):
     log = RequestLog(tmp_path, 0.25, 10 * 2 ** 20, seed=0)
     picked = sum(len(log.chosen(100)) for _ in range(40))
     assert 800 < picked < 1200  # 1,000 expected of 4,000
+
+
+def test_monitor_drift_reports_a_request_log_window(tiny_classifier, tmp_path):
+    from tunelab.monitor.drift import drift_report
+
+    log = tmp_path / "log"
+    log.mkdir()
+    clean = make_rows(120, seed=12, start=100)
+    shifted = ["".join(random.Random(i).choice("天气服务航班延误") for _ in range(30)) for i in range(120)]
+    with open(log / "requests-000001.jsonl", "w", encoding="utf-8") as f:
+        for i, r in enumerate(clean):
+            f.write(json.dumps({"time": 1_780_000_000 + i, "model": "clf", "text": r["text"]}) + "\n")
+        for i, t in enumerate(shifted):
+            f.write(json.dumps({"time": 1_780_001_000 + i, "model": "clf", "text": t}) + "\n")
+        f.write('{"time": "yesterday", "model": "clf", "text": "x"}\n{"model": "other", "text": "y"}\nnot json\n')
+    r = drift_report(tiny_classifier, [log], tmp_path / "before", model_id="clf", until="1780001000")
+    assert r["current"]["texts"] == 120 and not r["drift"]
+    skipped = r["current"]["skipped"]
+    assert skipped.pop("bad_time") == skipped.pop("other_model") == 1 and skipped.pop("outside_window") == 120
+    assert list(skipped.values()) == [1]  # the line that is not JSON, by the reader's reason
+    r = drift_report(tiny_classifier, [log], tmp_path / "all", model_id="clf", window=60)
+    assert r["drift"] and "embedding_mmd" in r["drifted"]
+    assert [w["drift"] for w in r["windows"]] == [False, False, True, True]
+    assert (tmp_path / "all" / "drift.png").stat().st_size > 10_000
+    assert (tmp_path / "all" / "drift-series.png").is_file()
+    with pytest.raises(UserError, match="at least"):
+        drift_report(tiny_classifier, [log], tmp_path / "few", last=5)
+    with pytest.raises(UserError, match="--since"):
+        drift_report(tiny_classifier, [log], tmp_path / "bad", since="last tuesday")

@@ -1,4 +1,5 @@
-"""`tunelab monitor run CONFIG` and `tunelab monitor demo`: thin commands over `service.Monitor`."""
+"""`tunelab monitor run CONFIG`, `tunelab monitor demo` (thin commands over `service.Monitor`) and `tunelab monitor
+drift MODEL --current LOG` (over `drift.drift_report`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tunelab.config import MonitorConfig, load_monitor_config
 from tunelab.errors import UserError
 from tunelab.terminal import make_console, plain
 
-monitor_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, short_help="run | demo",
+monitor_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, short_help="run | demo | drift",
                           help="A stream of documents (a folder of JSONL/CSV files, standard input, POST /ingest) -> "
                                "sentiment and entities -> per-entity windows in a database -> alert rules -> alerts "
                                "(log, webhooks, /metrics) and a dashboard.")
@@ -180,3 +181,46 @@ def demo_cmd(out: Path = typer.Option(Path("runs/monitor-demo"), "--out", help="
             serve_http(monitor, keys, console.print)
     finally:
         monitor.stop()
+
+
+@monitor_app.command("drift")
+def drift_cmd(model: Path = typer.Argument(..., help="a classification model dir with a drift profile (every "
+                                           "classifier tunelab trains has one)"),
+              current: list[Path] = typer.Option(..., "--current", help="a request log folder (tunelab serve "
+                                                 "--request-log), or JSONL/CSV files with a text column; repeatable"),
+              out: Path = typer.Option(Path("drift-report"), "--out", help="the report folder"),
+              model_id: Optional[str] = typer.Option(None, "--model-id", help="only records of this served model "
+                                                     "id (a log of several models)"),
+              since: Optional[str] = typer.Option(None, "--since", help="only texts at or after this time (ISO 8601 "
+                                                  "or Unix seconds)"),
+              until: Optional[str] = typer.Option(None, "--until", help="only texts before this time"),
+              last: Optional[int] = typer.Option(None, "--last", min=1, help="only the last N texts"),
+              window: Optional[int] = typer.Option(None, "--window", min=20, help="also a check per run of N texts"),
+              alpha: float = typer.Option(0.01, "--alpha", min=1e-9, max=0.5, help="the family-wise false-alarm "
+                                          "rate of one check (Bonferroni over the statistics)"),
+              overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier report in --out")):
+    """A drift report of a window of texts against the model's reference profile: drift.json and PNGs."""
+    from tunelab.monitor.drift import drift_report
+
+    r = drift_report(model, current, out, model_id, since, until, last, window, alpha, overwrite=overwrite)
+    cur = r["current"]
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(cur["skipped"].items())) or "none"
+    console.print(plain(f"{cur['texts']} texts ({cur['first'] or '?'} to {cur['last'] or '?'}; skipped: {skipped}) "
+                        f"against {r['reference']['rows']} {r['reference']['source']} rows of the profile"))
+    from rich.table import Table
+
+    table = Table("statistic", "value", "p-value", "", box=None, pad_edge=False)
+    for name, s in r["statistics"].items():
+        table.add_row(name, f"{s['statistic']:.4g}", f"{s['p_value']:.2g}",
+                      "DRIFT" if s["p_value"] < r["threshold"] else "")
+    console.print(table)
+    ref, now = r["summary"]["reference"], r["summary"]["window"]
+    console.print(plain(f"mean confidence {ref['mean_confidence']:.3f} -> {now['mean_confidence']:.3f}; labels "
+                        + ", ".join(f"{lab} {a:.0%} -> {b:.0%}" for lab, a, b in
+                                    zip(r["labels"], ref["label_shares"], now["label_shares"]))))
+    if r["windows"]:
+        flagged = sum(w["drift"] for w in r["windows"])
+        console.print(plain(f"{flagged} of {len(r['windows'])} windows of {window} texts drifted"))
+    verdict = (f"DRIFT ({', '.join(r['drifted'])}; smallest p {r['p_min']:.2g} < {r['threshold']:.2g})"
+               if r["drift"] else f"no drift (smallest p {r['p_min']:.2g} >= {r['threshold']:.2g})")
+    console.print(plain(f"{verdict}; report: {out}/drift.json, {out}/drift.png"))
