@@ -164,3 +164,59 @@ def test_monitor_drift_reports_a_request_log_window(tiny_classifier, tmp_path):
         drift_report(tiny_classifier, [log], tmp_path / "few", last=5)
     with pytest.raises(UserError, match="--since"):
         drift_report(tiny_classifier, [log], tmp_path / "bad", since="last tuesday")
+
+
+def test_monitor_alerts_on_a_served_model_that_stays_drifted(tmp_path):
+    import http.server
+    import threading
+
+    from tunelab.config import ServeTarget
+    from tunelab.monitor.metrics import MonitorMetrics
+    from tunelab.monitor.store import Store, Views, database_url
+    from tunelab.monitor.watch import ServeWatcher
+    from tunelab.serve.metrics import Metrics
+
+    served = Metrics()  # the server's own exposition, as its /metrics renders it
+    served.version.labels("clf", "sentiment:0123456789ab").set(1)
+    served.drift_window.labels("clf").set(500)
+    for name, p in [("embedding_mmd", 1e-9), ("label_chi2", 0.3)]:
+        served.drift_p.labels("clf", name).set(p)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = served.render()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    store = Store(database_url(tmp_path, None), 3600, webhooks=["http://127.0.0.1:9/hook"])
+    metrics = MonitorMetrics([])
+    try:
+        target = ServeTarget(url=f"http://127.0.0.1:{httpd.server_port}", checks=2, cooldown_s=3600)
+        watcher = ServeWatcher([target], store, metrics, threading.Event(), 3600)
+        served.drift_detected.labels("clf").set(1)
+        assert watcher.poll(target, now=1_780_000_000) == []  # one check is not a trend
+        served.drift_detected.labels("clf").set(0)
+        assert watcher.poll(target, now=1_780_000_030) == []  # and the streak starts again
+        served.drift_detected.labels("clf").set(1)
+        assert watcher.poll(target, now=1_780_000_060) == []
+        [alert] = watcher.poll(target, now=1_780_000_090)
+        assert "sentiment:0123456789ab" in alert["message"] and "embedding_mmd p=1e-09" in alert["message"]
+        assert "tunelab registry rollback sentiment" in alert["message"]
+        assert watcher.poll(target, now=1_780_000_120) == []  # cool-down: still drifted, not alerted again
+        [stored] = Views(store).alerts(10)
+        assert stored["entity"] == "clf" and stored["rule"] == "model_drift"
+        from tunelab.monitor.store import Deliveries
+
+        assert len(Deliveries(store).due(now=2e9)) == 1  # the webhook outbox has it
+        down = ServeTarget(url="http://127.0.0.1:9", checks=1)
+        assert watcher.poll(down) == [] and "tunelab_monitor_watch_errors_total" in metrics.render().decode()
+    finally:
+        httpd.shutdown()
+        store.close()

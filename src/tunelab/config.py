@@ -476,6 +476,15 @@ class MonitorAlerts(Section):
     webhooks: list[Webhook] = Field(default_factory=list)
 
 
+class ServeTarget(Section):
+    """A `tunelab serve` whose drift gauges the monitor polls (its /metrics needs no key)."""
+
+    url: str = Field(..., pattern=r"^https?://", description="the server's base URL (or its /metrics URL)")
+    poll_s: float = Field(30, gt=0, description="how often /metrics is read")
+    checks: int = Field(3, ge=1, description="polls in a row that must find a model drifted before it alerts")
+    cooldown_s: int = Field(3600, ge=0, description="after an alert, none for the same model for this long")
+
+
 class MonitorConfig(Section):
     """`tunelab monitor run CONFIG`: sources -> scoring -> storage and aggregates -> rules -> alerts."""
 
@@ -483,7 +492,9 @@ class MonitorConfig(Section):
     database: str | None = Field(None, description="a SQLAlchemy URL, e.g. postgresql+psycopg://user@host/monitor "
                                  "(default: TUNELAB_MONITOR_DB, else state/monitor.db)")
     window_s: int = Field(3600, gt=0, description="the aggregate window, in seconds of document time")
-    sentiment: MonitorSentiment
+    sentiment: MonitorSentiment | None = Field(None, description="what scores the documents; required with "
+                                               "document sources (a monitor that only watches servers needs none)")
+    watch: list[ServeTarget] = Field(default_factory=list, description="servers whose drift gauges raise alerts")
     entities: MonitorEntities = MonitorEntities()
     sources: MonitorSources = MonitorSources()
     http: MonitorHttp = MonitorHttp()
@@ -498,6 +509,8 @@ class MonitorConfig(Section):
         names = [r.name for r in self.rules]
         if len(set(names)) != len(names):
             raise ValueError("two rules share a name")
+        if self.sentiment is None and (self.sources.folder is not None or self.sources.stdin):
+            raise ValueError("sources need sentiment.model (the classifier that scores the documents)")
         return self
 
 

@@ -72,8 +72,8 @@ def run_monitor(cfg: MonitorConfig, out=print, stdin=None) -> dict:
     """Run until SIGTERM / Ctrl-C (or, reading only standard input, its end) -> the overview at the end."""
     from tunelab.monitor.service import Monitor
 
-    if not (cfg.http.enabled or cfg.sources.folder or cfg.sources.stdin):
-        raise UserError("nothing to read: enable http, sources.folder or sources.stdin")
+    if not (cfg.http.enabled or cfg.sources.folder or cfg.sources.stdin or cfg.watch):
+        raise UserError("nothing to read: enable http, sources.folder or sources.stdin, or watch a server")
     if cfg.sources.folder is not None and not Path(cfg.sources.folder.path).is_dir():
         raise UserError(f"sources.folder.path {cfg.sources.folder.path} is not a folder")
     keys = check_http(cfg)
@@ -84,9 +84,11 @@ def run_monitor(cfg: MonitorConfig, out=print, stdin=None) -> dict:
     try:
         if cfg.sources.folder is not None:
             out(plain(f"watching {cfg.sources.folder.path} ({', '.join(cfg.sources.folder.patterns)})"))
+        for t in cfg.watch:
+            out(plain(f"watching the drift of the models served at {t.url} (every {t.poll_s:g} s)"))
         if cfg.http.enabled:
             serve_http(monitor, keys, out)
-        elif cfg.sources.folder is None:
+        elif cfg.sources.folder is None and not cfg.watch:
             _until_signal(monitor.stdin.finished)
         else:
             _until_signal(threading.Event())

@@ -74,6 +74,9 @@ async def ingest(request: Request, st: Annotated[HttpState, Depends(admitted)]):
     if len(docs) > limit:
         raise APIError(413, f"{len(docs)} documents in one request; at most {limit} (send several requests)",
                        code="too_many_documents")
+    if st.monitor.cfg.sentiment is None:
+        raise APIError(404, "this monitor scores no documents (no sentiment.model in its config)",
+                       code="no_documents")
     work = Work(docs, "http", done=Future())
     try:
         st.monitor.pipeline.submit(work, block=False)

@@ -29,6 +29,8 @@ class MonitorMetrics:
         self.batch_seconds = Histogram("tunelab_monitor_batch_seconds", "time to score and commit one batch",
                                        buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("tunelab_monitor_queue_depth", "work items waiting for the pipeline", registry=r)
+        self.watch_errors = Counter("tunelab_monitor_watch_errors", "polls of a watched server's /metrics that "
+                                    "failed", ["url"], registry=r)
 
     def alert(self, alert: dict) -> None:
         entity = alert["entity"]

@@ -23,6 +23,7 @@ from tunelab.monitor.metrics import MonitorMetrics
 from tunelab.monitor.rules import RuleSet
 from tunelab.monitor.sources import FolderReader, FolderSource, StdinSource, Work
 from tunelab.monitor.store import Deliveries, Scored, Store, Views, database_url
+from tunelab.monitor.watch import ServeWatcher
 
 log = logging.getLogger("tunelab.monitor")
 
@@ -144,7 +145,7 @@ class Monitor:
                            [h.url for h in cfg.alerts.webhooks])
         self.views = Views(self.store)
         self.metrics = MonitorMetrics(watch)
-        if score is None or find is None:
+        if (score is None or find is None) and cfg.sentiment is not None:
             from tunelab.monitor.scoring import EntityFinder, SentimentScorer  # torch and the models: only here
 
             score = score or SentimentScorer(cfg.sentiment)
@@ -158,6 +159,8 @@ class Monitor:
             folder = cfg.sources.folder
             reader = FolderReader(folder.path, folder.patterns, self.store, cfg.max_batch)
             self.sources.append(FolderSource(reader, self.pipeline.submit, folder.poll_s, self.stop_event))
+        if cfg.watch:
+            self.sources.append(ServeWatcher(cfg.watch, self.store, self.metrics, self.stop_event, cfg.window_s))
         self.stdin = None
         if cfg.sources.stdin and stdin is not None:
             self.stdin = StdinSource(stdin, self.pipeline.submit, self.stop_event)

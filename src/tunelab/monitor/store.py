@@ -123,6 +123,18 @@ class Store:
                     self._add_alert(conn, alert)
         return out
 
+    def add_alerts(self, alerts: list[dict], cooldown_s: int = 0) -> list[dict]:
+        """Store the `alerts` (and their webhook deliveries) not within `cooldown_s` of an earlier one of the same
+        rule and entity: one transaction -> those stored."""
+        stored = []
+        with self.db.write() as conn:
+            for a in alerts:
+                if not self.alert_windows(conn, a["rule"], a["entity"], a["window"] - cooldown_s,
+                                          a["window"] + cooldown_s):
+                    self._add_alert(conn, a)
+                    stored.append(a)
+        return stored
+
     def _new_documents(self, conn, scored: list[Scored]) -> list[Scored]:
         first: dict[str, Scored] = {}
         for s in scored:
