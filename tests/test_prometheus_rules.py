@@ -71,6 +71,7 @@ def _exposition() -> dict[str, str]:
     m.drift_detected.labels("m").set(0)
     m.drift_window.labels("m").set(10)
     m.drift_checks.labels("m").inc()
+    m.drift_observed.labels("m").inc(10)
     samples = {}
     for family in text_string_to_metric_families(m.render().decode()):
         for sample in family.samples:

@@ -115,6 +115,7 @@ class DriftTracker:
                 self.checking, self.since_check = True, 0
                 window = self._snapshot()
         self.metrics.drift_window.labels(self.model_id).set(self.filled)
+        self.metrics.drift_observed.labels(self.model_id).inc(n)
         if due:
             threading.Thread(target=self._check, args=(window,), name=f"drift-{self.model_id}", daemon=True).start()
 

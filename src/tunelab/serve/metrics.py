@@ -42,6 +42,8 @@ class Metrics:
         self.drift_window = Gauge("tunelab_drift_window_requests", "texts in the model's drift window", ["model"],
                                   registry=r)
         self.drift_checks = Counter("tunelab_drift_checks", "drift checks run", ["model"], registry=r)
+        self.drift_observed = Counter("tunelab_drift_observed_texts", "texts put into the drift window", ["model"],
+                                      registry=r)
 
     def render(self) -> bytes:
         """Every metric of this server, in Prometheus' text exposition format (the body of GET /metrics)."""
