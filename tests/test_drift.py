@@ -220,3 +220,18 @@ def test_monitor_alerts_on_a_served_model_that_stays_drifted(tmp_path):
     finally:
         httpd.shutdown()
         store.close()
+
+
+def test_monitor_configs_load_and_sources_need_a_sentiment_model(tmp_path):
+    from pathlib import Path
+
+    from tunelab.config import load_monitor_config
+
+    examples = sorted((Path(__file__).parent.parent / "examples" / "monitor").glob("*.yaml"))
+    assert len(examples) >= 2
+    watch = [load_monitor_config(p) for p in examples if "watch" in p.name][0]
+    assert watch.sentiment is None and watch.watch[0].checks == 3
+    bad = tmp_path / "m.yaml"
+    bad.write_text(f"sources: {{folder: {{path: {tmp_path}}}}}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="sentiment.model"):
+        load_monitor_config(bad)

@@ -5,7 +5,8 @@ takes work until it has `max_batch` documents or `max_wait_ms` passed, checks ea
 by reason and logged, never stops the stream), scores the batch (sentiment, entities), and stores it in one
 transaction with the aggregates, the sources' positions and the alerts the rules raise (`store.Store.ingest`). Only
 then is the work answered (an HTTP 200, a file's next read): what a source was told is stored, is. Alerts go to
-the log and Prometheus at once, to webhooks from the outbox (`alerts.Dispatcher`, its own thread).
+the log and Prometheus at once, to webhooks from the outbox (`alerts.Dispatcher`, its own thread). Servers named
+under `watch:` are polled by a `watch.ServeWatcher` thread; their drift alerts take the same way out.
 """
 
 from __future__ import annotations
