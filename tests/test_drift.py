@@ -235,3 +235,21 @@ def test_monitor_configs_load_and_sources_need_a_sentiment_model(tmp_path):
     bad.write_text(f"sources: {{folder: {{path: {tmp_path}}}}}\n", encoding="utf-8")
     with pytest.raises(UserError, match="sentiment.model"):
         load_monitor_config(bad)
+
+
+def test_an_onnx_export_keeps_the_profile_and_is_checked_without_hidden_states(classifier_onnx):
+    assert drift.load_profile(classifier_onnx) is not None
+    cfg = ServeConfig(models=[f"clf={classifier_onnx}"], embedding_model=None, drift_window=100, drift_every=100,
+                      drift_min_window=100)
+    guard = create_app(cfg, check_specs(cfg.models, None), keys=[])
+    texts = [r["text"] for r in make_rows(100, seed=13, start=100)]
+    with TestClient(guard, base_url="http://localhost") as client:
+        deadline = time.time() + 60
+        while client.get("/ready").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        for i in range(0, 100, 25):
+            assert client.post("/v1/classify", json={"model": "clf", "input": texts[i:i + 25]}).status_code == 200
+        _wait_checks(client, 1)
+        assert _metric(client, "tunelab_drift_p_value", model="clf", statistic="confidence_ks") > 0
+        assert np.isnan(_metric(client, "tunelab_drift_p_value", model="clf", statistic="embedding_mmd"))

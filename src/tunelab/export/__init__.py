@@ -12,6 +12,7 @@ nothing at `--out` (`parity.py`).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from typing import Callable
 from tunelab import __version__
 from tunelab.artifacts import kind_of, write_folder
 from tunelab.errors import UserError
+from tunelab.evaluate.drift import PROFILE_FILE
 from tunelab.export.parity import check, parity_rows
 from tunelab.models import META_FILE, read_meta
 from tunelab.tasks import refuse_stage
@@ -53,6 +55,8 @@ def export_model(model_dir: str | Path, out: str | Path, fmt: str, quantize: str
             raise UserError(f"the {fmt} export of {d} fails its parity check: " + "; ".join(failed)
                             + " (nothing was written)")
         (tmp / PARITY_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+        if fmt != "gguf" and (d / PROFILE_FILE).is_file():  # a served export checks its traffic's drift too
+            shutil.copyfile(d / PROFILE_FILE, tmp / PROFILE_FILE)
         export_meta = {"kind": "export", "format": fmt, "quantize": quantize, "task": meta["task"],
                        "labels": meta.get("labels") or [], "max_length": meta.get("max_length"),
                        "files": record.pop("files", []),

@@ -78,9 +78,11 @@ class RequestLog:
 
 class DriftTracker:
     """One served classifier's window of the last `window` texts' features; every `every` new texts (once the
-    window holds `min_window`) a check runs on its own thread and sets the drift gauges."""
+    window holds `min_window`) a check runs on its own thread and sets the drift gauges. `embeddings`: whether the
+    engine gives hidden states (the embedding test needs them)."""
 
-    def __init__(self, model_id: str, profile: drift.Profile, settings, metrics, version: str | None = None):
+    def __init__(self, model_id: str, profile: drift.Profile, settings, metrics, version: str | None = None,
+                 embeddings: bool = True):
         self.model_id, self.profile, self.metrics, self.version = model_id, profile, metrics, version
         self.size, self.every = settings.drift_window, settings.drift_every
         self.min_window, self.alpha = min(settings.drift_min_window, self.size), settings.drift_alpha
@@ -89,7 +91,7 @@ class DriftTracker:
         self.columns = {"confidence": np.zeros(self.size, np.float32), "label": np.zeros(self.size, np.int64),
                         "length": np.zeros(self.size, np.float32), "unk": np.zeros(self.size, np.float32),
                         "fragmentation": np.zeros(self.size, np.float32)}
-        if ref.embedding is not None:
+        if ref.embedding is not None and embeddings:  # an ONNX export gives no hidden states: no MMD then
             self.columns["embedding"] = np.zeros((self.size, ref.embedding.shape[1]), np.float32)
         self.lock = threading.Lock()
         self.count, self.since_check, self.checking = 0, 0, False

@@ -374,7 +374,8 @@ class Registry:
         if profile is not None and profile.labels != labels:
             log.warning("%s: its drift profile's labels differ from the model's; no drift checks", s.id)
             profile = None
-        tracker = None if profile is None else DriftTracker(s.id, profile, st, self.metrics, s.version)
+        tracker = None if profile is None else DriftTracker(s.id, profile, st, self.metrics, s.version,
+                                                            embeddings=s.engine == "pytorch")
         if tracker is None and self.request_log is None:
             return None
         if tracker is not None:
