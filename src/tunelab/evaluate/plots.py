@@ -63,6 +63,7 @@ def drift_png(reference, current, labels: list[str], path: str | Path, title: st
         counts = np.bincount(f.label, minlength=len(labels))[:len(labels)]
         axes[3].bar(x + offset, counts / max(1, counts.sum()), width=0.4, label=lab)
     axes[3].set_xticks(x, labels, rotation=30, ha="right")
+    axes[3].legend()
     axes[3].set_ylabel("share predicted")
     fig.suptitle(title)
     fig.tight_layout()
@@ -86,6 +87,7 @@ def series_png(times: list[str], p_values: dict[str, list[float]], threshold: fl
         ax.plot(x, np.clip(np.asarray(ps, dtype=float), 1e-30, 1), marker="o", label=name)
     ax.axhline(threshold, color="red", linestyle="--", label="drift threshold")
     ax.set_yscale("log")
+    ax.set_ylim(top=2)
     ax.set_xticks(x, times, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("p-value")
     ax.set_title(title)

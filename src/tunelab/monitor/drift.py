@@ -150,8 +150,10 @@ def drift_report(model: str | Path, current: list[Path], out: str | Path, model_
     with write_folder(out, "drift-report", overwrite) as tmp:
         (tmp / "tunelab.json").write_text(json.dumps({"kind": "drift-report", "model": report["model"]}))
         (tmp / "drift.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        name = Path(model).resolve()
+        name = name.parent.name if name.name == "model" else name.name  # runs/NAME/model: NAME
         drift_png(profile.features, feats, profile.labels, tmp / "drift.png",
-                  f"{Path(model).name}: reference ({len(profile.features)} {profile.source} rows) against "
+                  f"{name}: reference ({len(profile.features)} {profile.source} rows) against "
                   f"{len(feats)} current texts")
         if series:
             names = sorted({k for s in series for k in s["p_values"]})
