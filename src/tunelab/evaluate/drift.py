@@ -87,7 +87,7 @@ def classifier_outputs(model, enc, embed: bool):
     last hidden states [b, d] or None), as tensors."""
     import torch  # torch: only where a model runs (the statistics need numpy and scipy alone)
 
-    from tunelab.models import sentence_embeddings
+    from tunelab.models import sentence_embeddings  # brings torch and transformers: as above
 
     if not embed:
         return torch.softmax(model(**enc).logits.float(), -1), None

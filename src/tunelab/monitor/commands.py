@@ -202,14 +202,14 @@ def drift_cmd(model: Path = typer.Argument(..., help="a classification model dir
                                           "rate of one check (Bonferroni over the statistics)"),
               overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier report in --out")):
     """A drift report of a window of texts against the model's reference profile: drift.json and PNGs."""
-    from tunelab.monitor.drift import drift_report
+    from tunelab.monitor.drift import drift_report  # torch and the model: only for this command
 
     r = drift_report(model, current, out, model_id, since, until, last, window, alpha, overwrite=overwrite)
     cur = r["current"]
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(cur["skipped"].items())) or "none"
     console.print(plain(f"{cur['texts']} texts ({cur['first'] or '?'} to {cur['last'] or '?'}; skipped: {skipped}) "
                         f"against {r['reference']['rows']} {r['reference']['source']} rows of the profile"))
-    from rich.table import Table
+    from rich.table import Table  # rich's tables: only for the commands that print one
 
     table = Table("statistic", "value", "p-value", "", box=None, pad_edge=False)
     for name, s in r["statistics"].items():

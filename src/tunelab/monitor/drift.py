@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from tunelab.artifacts import write_folder
@@ -117,7 +118,7 @@ def drift_report(model: str | Path, current: list[Path], out: str | Path, model_
     """Compare the selected texts with the model dir's profile; write the report folder -> the report."""
     import torch  # torch and the model: only once the arguments are known to be good
 
-    from tunelab.models import load_model_dir, max_length_of
+    from tunelab.models import load_model_dir, max_length_of  # brings torch and transformers: as above
 
     profile = drift.load_profile(model)
     if profile is None:
@@ -166,8 +167,6 @@ def drift_report(model: str | Path, current: list[Path], out: str | Path, model_
 def _iso(t: float | None) -> str | None:
     if t is None:
         return None
-    from datetime import datetime, timezone
-
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
