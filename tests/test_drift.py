@@ -88,6 +88,13 @@ def _metric(client, name: str, **labels) -> float | None:
     return None
 
 
+def _wait_ready(client, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while client.get("/ready").status_code != 200:
+        assert time.time() < deadline, "the model did not load"
+        time.sleep(0.05)
+
+
 def _wait_checks(client, n: int, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while (_metric(client, "tunelab_drift_checks_total", model="clf") or 0) < n:
@@ -105,10 +112,7 @@ def test_server_checks_drift_on_metrics_and_logs_sampled_redacted_requests(tiny_
     shifted = ["".join(rng.choice("天气服务航班延误") for _ in range(20)) + f" mail me at user{i}@example.com"
                for i in range(400)]
     with TestClient(guard, base_url="http://localhost") as client:
-        deadline = time.time() + 60
-        while client.get("/ready").status_code != 200:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        _wait_ready(client)
         for i in range(0, 200, 20):
             assert client.post("/v1/classify", json={"model": "clf", "input": clean[i:i + 20]}).status_code == 200
         _wait_checks(client, 1)
@@ -244,10 +248,7 @@ def test_an_onnx_export_keeps_the_profile_and_is_checked_without_hidden_states(c
     guard = create_app(cfg, check_specs(cfg.models, None), keys=[])
     texts = [r["text"] for r in make_rows(100, seed=13, start=100)]
     with TestClient(guard, base_url="http://localhost") as client:
-        deadline = time.time() + 60
-        while client.get("/ready").status_code != 200:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        _wait_ready(client)
         for i in range(0, 100, 25):
             assert client.post("/v1/classify", json={"model": "clf", "input": texts[i:i + 25]}).status_code == 200
         _wait_checks(client, 1)
