@@ -164,6 +164,15 @@ def test_monitor_drift_reports_a_request_log_window(tiny_classifier, tmp_path):
     assert [w["drift"] for w in r["windows"]] == [False, False, True, True]
     assert (tmp_path / "all" / "drift.png").stat().st_size > 10_000
     assert (tmp_path / "all" / "drift-series.png").is_file()
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    res = CliRunner().invoke(app, ["monitor", "drift", str(tiny_classifier), "--current", str(log), "--model-id",
+                                   "clf", "--window", "60", "--out", str(tmp_path / "cli")])
+    out = " ".join(res.output.split())  # the console wraps long lines
+    assert res.exit_code == 0, out
+    assert "240 texts" in out and "2 of 4 windows of 60 texts drifted" in out and "DRIFT (" in out
     with pytest.raises(UserError, match="at least"):
         drift_report(tiny_classifier, [log], tmp_path / "few", last=5)
     with pytest.raises(UserError, match="--since"):

@@ -571,7 +571,9 @@ def serve(
     admin_keys_file: Optional[Path] = _opt(ServeConfig, "admin_keys_file", "--admin-keys-file"),
     drift_window: Optional[int] = _opt(ServeConfig, "drift_window", "--drift-window"),
     drift_every: Optional[int] = _opt(ServeConfig, "drift_every", "--drift-every"),
+    drift_min_window: Optional[int] = _opt(ServeConfig, "drift_min_window", "--drift-min-window"),
     drift_alpha: Optional[float] = _opt(ServeConfig, "drift_alpha", "--drift-alpha"),
+    drift_permutations: Optional[int] = _opt(ServeConfig, "drift_permutations", "--drift-permutations"),
     request_log: Optional[Path] = _opt(ServeConfig, "request_log", "--request-log"),
     request_log_sample: Optional[float] = _opt(ServeConfig, "request_log_sample", "--request-log-sample"),
     request_log_max_mb: Optional[float] = _opt(ServeConfig, "request_log_max_mb", "--request-log-max-mb"),
@@ -587,7 +589,8 @@ def serve(
              "drain_timeout_s": drain_timeout, "max_headers": max_headers, "max_n": max_n,
              "default_max_tokens": default_max_tokens, "gguf_context": gguf_context, "registry": registry,
              "registry_db": registry_db, "registry_poll_s": registry_poll, "admin_keys_file": admin_keys_file,
-             "drift_window": drift_window, "drift_every": drift_every, "drift_alpha": drift_alpha,
+             "drift_window": drift_window, "drift_every": drift_every, "drift_min_window": drift_min_window,
+             "drift_alpha": drift_alpha, "drift_permutations": drift_permutations,
              "request_log": request_log, "request_log_sample": request_log_sample,
              "request_log_max_mb": request_log_max_mb}
     raw = {"models": models, **{k: v for k, v in flags.items() if v is not None}}
