@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -82,26 +83,29 @@ def test_pipeline_outputs(trained):
 def test_bad_input_gives_one_clear_message(trained, tmp_path):
     root = trained
     model = root / "run" / "model"
-    fails_cleanly(tl("data", "prepare", tmp_path / "missing.csv", "--out", tmp_path / "d", check=False),
-                  "no such file")
-    fails_cleanly(tl("data", "prepare", root / "reviews.csv", "--out", tmp_path / "d", "--text-column", "body",
-                     check=False), "no text column 'body'", "columns are: text, label")
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
-    fails_cleanly(tl("data", "prepare", empty, "--out", tmp_path / "d", check=False), "no usable rows")
-
     bad_cfg = tmp_path / "typo.yaml"
     cfg = tiny_config(root / "data")
     cfg["train"]["epochz"] = 3
     bad_cfg.write_text(yaml.safe_dump(cfg))
-    fails_cleanly(tl("train", bad_cfg, "--out", tmp_path / "r", check=False), "unknown key 'train.epochz'")
-    fails_cleanly(tl("train", root / "tiny.yaml", "--out", tmp_path / "r", "train.lr=-1", check=False),
-                  "'train.lr'")
-    fails_cleanly(tl("train", root / "tiny.yaml", "--out", root / "run", check=False), "already holds a run")
-    fails_cleanly(tl("eval", tmp_path, check=False), "not a tunelab model dir")
-    fails_cleanly(tl("eval", root / "run", check=False), "is a tunelab run, not a model dir; its model is")
-    fails_cleanly(tl("predict", tmp_path / "nope", "hi", check=False), "model dir not found")
-    fails_cleanly(tl("predict", model, check=False), "either texts")
+    cases = [  # (arguments, what the one message says); each its own output folder: they run two at a time
+        (("data", "prepare", tmp_path / "missing.csv", "--out", tmp_path / "d1"), ["no such file"]),
+        (("data", "prepare", root / "reviews.csv", "--out", tmp_path / "d2", "--text-column", "body"),
+         ["no text column 'body'", "columns are: text, label"]),
+        (("data", "prepare", empty, "--out", tmp_path / "d3"), ["no usable rows"]),
+        (("train", bad_cfg, "--out", tmp_path / "r1"), ["unknown key 'train.epochz'"]),
+        (("train", root / "tiny.yaml", "--out", tmp_path / "r2", "train.lr=-1"), ["'train.lr'"]),
+        (("train", root / "tiny.yaml", "--out", root / "run"), ["already holds a run"]),
+        (("eval", tmp_path), ["not a tunelab model dir"]),
+        (("eval", root / "run"), ["is a tunelab run, not a model dir; its model is"]),
+        (("predict", tmp_path / "nope", "hi"), ["model dir not found"]),
+        (("predict", model), ["either texts"]),
+    ]
+    with ThreadPoolExecutor(2) as pool:  # each is a fresh interpreter importing tunelab: two cores, two at once
+        procs = list(pool.map(lambda case: tl(*case[0], check=False), cases))
+    for (_, fragments), proc in zip(cases, procs):
+        fails_cleanly(proc, *fragments)
 
     # a dataset whose labels the model has never seen
     other = tmp_path / "other.csv"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -197,25 +198,31 @@ def test_labels_and_paths_with_brackets_print_as_written(outside):
 
 def test_predict_has_one_schema_stdout_by_default_and_reads_stdin(tiny_classifier, outside):
     texts = [r["text"] for r in make_rows(3, seed=99, start=1000)]
-    as_json = [json.loads(x) for x in tl("predict", tiny_classifier, *texts, "--json", cwd=outside).stdout.splitlines()]
+    rows = "".join(json.dumps({"id": i, "text": t, "label": "gold"}) + "\n" for i, t in enumerate(texts))
+    (outside / "in.jsonl").write_text(rows)
+    runs = {  # independent invocations, each a fresh interpreter: two at a time (two cores)
+        "json": dict(args=(*texts, "--json")),
+        "file": dict(args=("--input", "in.jsonl")),  # no --out: JSON lines on stdout
+        "piped": dict(args=("--input", "-"), stdin=rows),
+        "lines": dict(args=("-",), stdin="\n".join(texts) + "\n\n"),
+        "out": dict(args=("--input", "in.jsonl", "--out", "pred.jsonl")),
+        "out_and_texts": dict(args=("hi", "--out", "p.jsonl"), check=False),
+        "empty_stdin": dict(args=("-",), stdin="", check=False),
+    }
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(runs, pool.map(lambda r: tl("predict", tiny_classifier, *r["args"], cwd=outside,
+                                                     check=r.get("check", True), stdin=r.get("stdin")),
+                                       runs.values())))
+    as_json = [json.loads(x) for x in done["json"].stdout.splitlines()]
     assert [set(r) for r in as_json] == [{"text", "prediction", "probs"}] * 3
-
-    (outside / "in.jsonl").write_text("".join(json.dumps({"id": i, "text": t, "label": "gold"}) + "\n"
-                                              for i, t in enumerate(texts)))
-    proc = tl("predict", tiny_classifier, "--input", "in.jsonl", cwd=outside)  # no --out: JSON lines on stdout
-    from_file = [json.loads(x) for x in proc.stdout.splitlines()]
+    from_file = [json.loads(x) for x in done["file"].stdout.splitlines()]
     assert [r["prediction"] for r in from_file] == [r["prediction"] for r in as_json]
     assert all(r["label"] == "gold" and set(r) == {"id", "text", "label", "prediction", "probs"} for r in from_file)
-
-    piped = tl("predict", tiny_classifier, "--input", "-", cwd=outside, stdin=(outside / "in.jsonl").read_text())
-    assert [json.loads(x) for x in piped.stdout.splitlines()] == from_file
-    lines = tl("predict", tiny_classifier, "-", cwd=outside, stdin="\n".join(texts) + "\n\n")
-    assert [json.loads(x) for x in lines.stdout.splitlines()] == as_json
-
-    tl("predict", tiny_classifier, "--input", "in.jsonl", "--out", "pred.jsonl", cwd=outside)
+    assert [json.loads(x) for x in done["piped"].stdout.splitlines()] == from_file
+    assert [json.loads(x) for x in done["lines"].stdout.splitlines()] == as_json
     assert [json.loads(x) for x in (outside / "pred.jsonl").read_text().splitlines()] == from_file
-    one_error_line(tl("predict", tiny_classifier, "hi", "--out", "p.jsonl", cwd=outside, check=False), "--out")
-    one_error_line(tl("predict", tiny_classifier, "-", cwd=outside, check=False, stdin=""), "standard input is empty")
+    one_error_line(done["out_and_texts"], "--out")
+    one_error_line(done["empty_stdin"], "standard input is empty")
 
 
 def test_predict_reads_invalid_utf8_and_lone_surrogates_without_a_traceback(tiny_classifier, outside):
