@@ -175,6 +175,16 @@ def test_monitor_drift_reports_a_request_log_window(tiny_classifier, tmp_path):
     assert "240 texts" in out and "2 of 4 windows of 60 texts drifted" in out and "DRIFT (" in out
     with pytest.raises(UserError, match="at least"):
         drift_report(tiny_classifier, [log], tmp_path / "few", last=5)
+    other = tmp_path / "tickets.csv"
+    other.write_text("id,内容\n" + "".join(f"{i},航班延误了{i}次，服务很差\n" for i in range(30)), encoding="utf-8")
+    with pytest.raises(UserError, match="no `text` column .*--text-column"):
+        drift_report(tiny_classifier, [other], tmp_path / "cn")
+    r = drift_report(tiny_classifier, [other], tmp_path / "cn", text_column="内容")
+    assert r["current"]["texts"] == 30 and r["drift"]
+    with pytest.raises(UserError, match="--overwrite"):  # an earlier report is replaced only when asked
+        drift_report(tiny_classifier, [other], tmp_path / "cn", text_column="内容")
+    with pytest.raises(UserError, match="not written by tunelab"):  # a folder of the user's: never
+        drift_report(tiny_classifier, [other], log, text_column="内容", overwrite=True)
     with pytest.raises(UserError, match="--since"):
         drift_report(tiny_classifier, [log], tmp_path / "bad", since="last tuesday")
 

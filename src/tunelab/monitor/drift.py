@@ -57,23 +57,24 @@ def log_files(paths: list[Path]) -> list[Path]:
 
 
 def select(paths: list[Path], model_id: str | None = None, since: str | None = None, until: str | None = None,
-           last: int | None = None) -> Selection:
-    """The texts of `paths` (for `model_id` when records name their model, in [since, until) when they have a
-    time), in time order, the `last` N of them."""
+           last: int | None = None, text_column: str = "text") -> Selection:
+    """The texts of `paths` (column `text_column`; for `model_id` when records name their model, in [since, until)
+    when they have a time), in time order, the `last` N of them."""
     lo = _bound(since, "--since")
     hi = _bound(until, "--until")
     sel, rows = Selection(), []
     for f in log_files(paths):
         sel.files.append(str(f))
         columns, it = read_rows(f)
-        if "text" not in columns:
-            raise UserError(f"{f} has no `text` column (columns: {', '.join(columns[:10])})")
+        if text_column not in columns:
+            raise UserError(f"{f} has no `{text_column}` column (columns: {', '.join(map(str, columns[:10]))}); "
+                            "name it with --text-column")
         for n, row in enumerate(it):
             if row.error:
                 sel.skip(row.error)
                 continue
             rec = row.fields
-            text = rec.get("text")
+            text = rec.get(text_column)
             if not isinstance(text, str) or not text.strip():
                 sel.skip("no_text")
                 continue
@@ -114,7 +115,7 @@ def _bound(value: str | None, flag: str) -> float | None:
 def drift_report(model: str | Path, current: list[Path], out: str | Path, model_id: str | None = None,
                  since: str | None = None, until: str | None = None, last: int | None = None,
                  window: int | None = None, alpha: float = 0.01, permutations: int = 500,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, text_column: str = "text") -> dict:
     """Compare the selected texts with the model dir's profile; write the report folder -> the report."""
     import torch  # torch and the model: only once the arguments are known to be good
 
@@ -124,7 +125,7 @@ def drift_report(model: str | Path, current: list[Path], out: str | Path, model_
     if profile is None:
         raise UserError(f"{model} has no drift profile ({drift.PROFILE_FILE}): a classifier trained by this "
                         "tunelab version writes one; retrain it, or export a model dir that has one")
-    sel = select(current, model_id, since, until, last)
+    sel = select(current, model_id, since, until, last, text_column)
     if len(sel.texts) < MIN_TEXTS:
         raise UserError(f"{len(sel.texts)} texts selected ({_skipped(sel)}); a drift report needs at least "
                         f"{MIN_TEXTS}")
