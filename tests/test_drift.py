@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,6 +186,16 @@ def test_monitor_drift_reports_a_request_log_window(tiny_classifier, tmp_path):
         drift_report(tiny_classifier, [other], tmp_path / "cn", text_column="内容")
     with pytest.raises(UserError, match="not written by tunelab"):  # a folder of the user's: never
         drift_report(tiny_classifier, [other], log, text_column="内容", overwrite=True)
+    import shutil
+
+    old = tmp_path / "old-model"  # a model dir from before profiles: the report takes --reference
+    shutil.copytree(tiny_classifier, old)
+    (old / drift.PROFILE_FILE).unlink()
+    with pytest.raises(UserError, match="--reference"):
+        drift_report(old, [log], tmp_path / "old")
+    dataset = json.loads((tiny_classifier / "tunelab.json").read_text())["data"]["path"]
+    r = drift_report(old, [log], tmp_path / "old", model_id="clf", reference=Path(dataset))
+    assert r["reference"]["rows"] == 30 and r["reference"]["source"].startswith("validation split of") and r["drift"]
     with pytest.raises(UserError, match="--since"):
         drift_report(tiny_classifier, [log], tmp_path / "bad", since="last tuesday")
 
@@ -246,8 +257,6 @@ def test_monitor_alerts_on_a_served_model_that_stays_drifted(tmp_path):
 
 
 def test_monitor_configs_load_and_sources_need_a_sentiment_model(tmp_path):
-    from pathlib import Path
-
     from tunelab.config import load_monitor_config
 
     examples = sorted((Path(__file__).parent.parent / "examples" / "monitor").glob("*.yaml"))

@@ -199,6 +199,9 @@ def drift_cmd(model: Path = typer.Argument(..., help="a classification model dir
               last: Optional[int] = typer.Option(None, "--last", min=1, help="only the last N texts"),
               window: Optional[int] = typer.Option(None, "--window", min=20, help="also a check per run of N texts"),
               text_column: str = typer.Option("text", "--text-column", help="the column holding the text"),
+              reference: Optional[Path] = typer.Option(None, "--reference", help="a dataset dir: compare with its "
+                                                       "validation split instead of the model dir's profile (a "
+                                                       "model dir written before profiles were)"),
               alpha: float = typer.Option(0.01, "--alpha", min=1e-9, max=0.5, help="the family-wise false-alarm "
                                           "rate of one check (Bonferroni over the statistics)"),
               overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier report in --out")):
@@ -206,7 +209,7 @@ def drift_cmd(model: Path = typer.Argument(..., help="a classification model dir
     from tunelab.monitor.drift import drift_report  # torch and the model: only for this command
 
     r = drift_report(model, current, out, model_id, since, until, last, window, alpha, overwrite=overwrite,
-                     text_column=text_column)
+                     text_column=text_column, reference=reference)
     cur = r["current"]
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(cur["skipped"].items())) or "none"
     console.print(plain(f"{cur['texts']} texts ({cur['first'] or '?'} to {cur['last'] or '?'}; skipped: {skipped}) "

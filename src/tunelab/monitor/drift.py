@@ -115,16 +115,18 @@ def _bound(value: str | None, flag: str) -> float | None:
 def drift_report(model: str | Path, current: list[Path], out: str | Path, model_id: str | None = None,
                  since: str | None = None, until: str | None = None, last: int | None = None,
                  window: int | None = None, alpha: float = 0.01, permutations: int = 500,
-                 overwrite: bool = False, text_column: str = "text") -> dict:
-    """Compare the selected texts with the model dir's profile; write the report folder -> the report."""
+                 overwrite: bool = False, text_column: str = "text", reference: Path | None = None) -> dict:
+    """Compare the selected texts with the model dir's profile (or, with `reference`, a profile of that dataset
+    dir's validation split: for a model dir written before profiles were); write the report folder -> the
+    report."""
     import torch  # torch and the model: only once the arguments are known to be good
 
     from tunelab.models import load_model_dir, max_length_of  # brings torch and transformers: as above
 
-    profile = drift.load_profile(model)
-    if profile is None:
-        raise UserError(f"{model} has no drift profile ({drift.PROFILE_FILE}): a classifier trained by this "
-                        "tunelab version writes one; retrain it, or export a model dir that has one")
+    profile = drift.load_profile(model) if reference is None else None
+    if profile is None and reference is None:
+        raise UserError(f"{model} has no drift profile ({drift.PROFILE_FILE}; a classifier trained by this "
+                        "tunelab version has one): give --reference DATASET_DIR, the dataset it was trained on")
     sel = select(current, model_id, since, until, last, text_column)
     if len(sel.texts) < MIN_TEXTS:
         raise UserError(f"{len(sel.texts)} texts selected ({_skipped(sel)}); a drift report needs at least "
@@ -132,6 +134,8 @@ def drift_report(model: str | Path, current: list[Path], out: str | Path, model_
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tok, meta = load_model_dir(model, device, tasks=("classification",))
+    if profile is None:
+        profile = _dataset_profile(reference, net, tok, meta, device)
     feats = drift.model_features(net, tok, sel.texts, max_length_of(meta), device,
                                  embed=profile.features.embedding is not None)
     seconds = time.perf_counter() - t0
@@ -163,6 +167,24 @@ def drift_report(model: str | Path, current: list[Path], out: str | Path, model_
                        {k: [s["p_values"].get(k, 1.0) for s in series] for k in names},
                        overall["threshold"], tmp / "drift-series.png", f"drift per window of {window} texts")
     return report
+
+
+def _dataset_profile(data_dir: Path, net, tok, meta: dict, device: str) -> drift.Profile:
+    """A profile of up to `drift.PROFILE_ROWS` rows of a dataset dir's validation split (seeded), through the
+    model, as training would have written it."""
+    import numpy as np  # numpy: only when a profile is built here
+
+    from tunelab.data.dataset import load_split  # the dataset contract: only with --reference
+    from tunelab.models import max_length_of  # brings torch and transformers: only once a model runs
+
+    rows = [r for r in load_split(data_dir, "validation") if isinstance(r.get("text"), str)]
+    if len(rows) < MIN_TEXTS:
+        raise UserError(f"{data_dir}: {len(rows)} validation rows with a text; a profile needs at least {MIN_TEXTS}")
+    if len(rows) > drift.PROFILE_ROWS:
+        rows = [rows[i] for i in sorted(np.random.default_rng(0).choice(len(rows), drift.PROFILE_ROWS,
+                                                                         replace=False))]
+    feats = drift.model_features(net, tok, [r["text"] for r in rows], max_length_of(meta), device)
+    return drift.build_profile(feats, list(meta["labels"]), f"validation split of {data_dir}")
 
 
 def _iso(t: float | None) -> str | None:
