@@ -97,27 +97,10 @@ def chinese_pieces() -> list[str]:
 # ---- the model ---------------------------------------------------------------------------------------------------
 
 def model_dir(out: Path, rows: list[dict]) -> Path:
-    from tunelab.config import PrepareOptions, validate
-    from tunelab.data.prepare import prepare
-    from tunelab.train.loop import train
-
     model = out / "sentiment" / "model"
     if kind_of(model) == "model" and (model / drift.PROFILE_FILE).is_file():
         return model
-    out.mkdir(parents=True, exist_ok=True)
-    raw = out / "train.jsonl"
-    raw.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows),
-                   encoding="utf-8")
-    print(f"fine-tuning MiniLM on {len(rows)} tweets (once)", flush=True)
-    prepare(str(raw), out / "data", PrepareOptions(seed=0), overwrite=True)
-    cfg = validate({"task": "classification", "name": "drift-bench",
-                    "model": {"base": "builtin:minilm-l6", "max_length": 64},
-                    "data": {"dir": str(out / "data"), "max_eval_examples": 1000},
-                    "method": {"name": "full"},
-                    "train": {"epochs": 1, "batch_size": 32, "lr": 8e-5, "warmup_ratio": 0.06, "eval_every": 0,
-                              "seed": 0}})
-    train(cfg, out / "sentiment", show_progress=False, overwrite=True)
-    return model
+    return demo.train_model(rows, out, lambda m: print(m, flush=True), epochs=1, eval_rows=1000, name="drift-bench")
 
 
 # ---- windows -----------------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def main() -> None:
     model = args.model
     work = Path(tempfile.mkdtemp(prefix="tunelab-monitor-bench-"))
     if kind_of(model) != "model":
-        model = demo._train_model(rows[:demo.TRAIN_ROWS], work / "demo-model", print)
+        model = demo.train_model(rows[:demo.TRAIN_ROWS], work / "demo-model", print)
     rest = rows[demo.TRAIN_ROWS:]
     stream_rows, tail = rest[:args.stream_docs], rest[args.stream_docs:]
     find = EntityFinder(MonitorEntities(watchlist=demo.WATCHLIST))

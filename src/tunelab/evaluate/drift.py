@@ -167,6 +167,16 @@ def build_profile(features: Features, labels: list[str], source: str, seed: int 
     return Profile(features, list(labels), bw, source, info)
 
 
+def reference_profile(model, tokenizer, texts: list[str], labels: list[str], max_length: int, device: str,
+                      source: str, seed: int = 0) -> Profile:
+    """The profile of up to `PROFILE_ROWS` of `texts` (a seeded sample, in their order) through a classification
+    model: what training writes from its validation split."""
+    if len(texts) > PROFILE_ROWS:
+        texts = [texts[i] for i in np.sort(np.random.default_rng(seed).choice(len(texts), PROFILE_ROWS,
+                                                                               replace=False))]
+    return build_profile(model_features(model, tokenizer, texts, max_length, device), labels, source, seed)
+
+
 def load_profile(model_dir: str | Path) -> Profile | None:
     """The profile of a model dir (or export dir), None when it has none; a corrupt file is a `UserError`."""
     path = Path(model_dir) / PROFILE_FILE

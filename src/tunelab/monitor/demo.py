@@ -59,21 +59,25 @@ def _tweets() -> list[dict]:
     return rows
 
 
-def _train_model(rows: list[dict], out: Path, say) -> Path:
+def train_model(rows: list[dict], out: Path, say, epochs: int = 2, eval_rows: int = 300,
+                name: str = "monitor-demo") -> Path:
+    """MiniLM fine-tuned on `rows` ({text, label}) into `out`/sentiment (the data prepared in `out`/data) -> its
+    model dir (with its drift profile of up to `eval_rows` validation rows)."""
     from tunelab.config import PrepareOptions, validate
     from tunelab.data.prepare import prepare
     from tunelab.train.loop import train
 
+    out.mkdir(parents=True, exist_ok=True)
     raw = out / "train.jsonl"
     raw.write_text("".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows),
                    encoding="utf-8")
-    say(f"fine-tuning MiniLM on {len(rows)} tweets for the demo's sentiment model (once; about two minutes)")
+    say(f"fine-tuning MiniLM on {len(rows)} tweets for the sentiment model of {name} (once)")
     prepare(str(raw), out / "data", PrepareOptions(seed=0), overwrite=True)
-    cfg = validate({"task": "classification", "name": "monitor-demo",
+    cfg = validate({"task": "classification", "name": name,
                     "model": {"base": "builtin:minilm-l6", "max_length": 64},
-                    "data": {"dir": str(out / "data"), "max_eval_examples": 300},
+                    "data": {"dir": str(out / "data"), "max_eval_examples": eval_rows},
                     "method": {"name": "full"},
-                    "train": {"epochs": 2, "batch_size": 32, "lr": 8e-5, "warmup_ratio": 0.06, "eval_every": 0,
+                    "train": {"epochs": epochs, "batch_size": 32, "lr": 8e-5, "warmup_ratio": 0.06, "eval_every": 0,
                               "seed": 0}})
     train(cfg, out / "sentiment", show_progress=False, overwrite=True)
     return out / "sentiment" / "model"
@@ -125,7 +129,7 @@ def prepare_demo(out: Path, model: Path | None, say) -> tuple[Path, dict]:
     if model is None:
         model = out / "sentiment" / "model"
         if kind_of(model) != "model":
-            model = _train_model(rows[:TRAIN_ROWS], out, say)
+            model = train_model(rows[:TRAIN_ROWS], out, say)
         else:
             say(plain(f"using the demo's sentiment model at {model}"))
     for old in ("state", "inbox"):  # the demo's own stream and database, replayed from scratch

@@ -170,21 +170,15 @@ def drift_report(model: str | Path, current: list[Path], out: str | Path, model_
 
 
 def _dataset_profile(data_dir: Path, net, tok, meta: dict, device: str) -> drift.Profile:
-    """A profile of up to `drift.PROFILE_ROWS` rows of a dataset dir's validation split (seeded), through the
-    model, as training would have written it."""
-    import numpy as np  # numpy: only when a profile is built here
-
+    """A profile of a dataset dir's validation split through the model, as training would have written it."""
     from tunelab.data.dataset import load_split  # the dataset contract: only with --reference
     from tunelab.models import max_length_of  # brings torch and transformers: only once a model runs
 
-    rows = [r for r in load_split(data_dir, "validation") if isinstance(r.get("text"), str)]
-    if len(rows) < MIN_TEXTS:
-        raise UserError(f"{data_dir}: {len(rows)} validation rows with a text; a profile needs at least {MIN_TEXTS}")
-    if len(rows) > drift.PROFILE_ROWS:
-        rows = [rows[i] for i in sorted(np.random.default_rng(0).choice(len(rows), drift.PROFILE_ROWS,
-                                                                         replace=False))]
-    feats = drift.model_features(net, tok, [r["text"] for r in rows], max_length_of(meta), device)
-    return drift.build_profile(feats, list(meta["labels"]), f"validation split of {data_dir}")
+    texts = [r["text"] for r in load_split(data_dir, "validation") if isinstance(r.get("text"), str)]
+    if len(texts) < MIN_TEXTS:
+        raise UserError(f"{data_dir}: {len(texts)} validation rows with a text; a profile needs at least {MIN_TEXTS}")
+    return drift.reference_profile(net, tok, texts, list(meta["labels"]), max_length_of(meta), device,
+                                   f"validation split of {data_dir}")
 
 
 def _iso(t: float | None) -> str | None:

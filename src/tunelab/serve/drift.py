@@ -106,10 +106,9 @@ class DriftTracker:
         """Put the features of a batch's texts into the window; start a check when one is due."""
         n = len(feats)
         with self.lock:
-            for k in range(n):
-                slot = (self.count + k) % self.size
-                for name, column in self.columns.items():
-                    column[slot] = getattr(feats, name)[k]
+            slots = (self.count + np.arange(n)) % self.size  # a ring: the oldest texts are overwritten
+            for name, column in self.columns.items():
+                column[slots] = getattr(feats, name)
             self.count += n
             self.since_check += n
             due = (not self.checking and self.since_check >= self.every and self.filled >= self.min_window)

@@ -102,12 +102,8 @@ class ClassificationTask:
     def drift_profile(self, model, rows: list[dict], seed: int) -> drift.Profile:
         """The reference profile (`tunelab.evaluate.drift`) of up to `drift.PROFILE_ROWS` held-out `rows`, seeded:
         what a server compares its traffic with."""
-        if len(rows) > drift.PROFILE_ROWS:
-            pick = np.random.default_rng(seed).choice(len(rows), drift.PROFILE_ROWS, replace=False)
-            rows = [rows[i] for i in sorted(pick)]
-        device = str(next(model.parameters()).device)
-        feats = drift.model_features(model, self.tokenizer, [r["text"] for r in rows], self.max_length, device)
-        return drift.build_profile(feats, self.labels, "validation", seed)
+        return drift.reference_profile(model, self.tokenizer, [r["text"] for r in rows], self.labels,
+                                       self.max_length, str(next(model.parameters()).device), "validation", seed)
 
     def through_model_forward(self) -> None:
         """Nothing to change: the loss is the model's forward already."""
