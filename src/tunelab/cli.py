@@ -175,6 +175,58 @@ def train(
         console.print_json(json.dumps(summary))
 
 
+@app.command("tune")
+def tune_cmd(
+    config: Path = typer.Argument(..., help="the run config every trial starts from (as for tunelab train)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides of the config, e.g. "
+                                                    "data.max_train_examples=2000"),
+    space: Path = typer.Option(..., "--space", help="search space YAML: dotted keys -> {low, high, log}, "
+                               "{type: int, low, high} or {choices: [...]}"),
+    trials: int = typer.Option(..., "--trials", help="trials this invocation adds to the study"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the study folder: trials/, study.db, best.yaml, "
+                                       "trials.csv, PNGs (default: runs/tune-<study>)"),
+    workers: int = typer.Option(1, "--workers", help="parallel worker processes; the cores are split between them"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="database URL of the study (default: "
+                                          "sqlite:///OUT/study.db); postgresql+psycopg://… for workers on several "
+                                          "machines"),
+    study: Optional[str] = typer.Option(None, "--study", help="study name (default: the config's name or file "
+                                        "name); the same name in the same storage resumes it"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds after which no new trial starts "
+                                            "(running trials finish); continue later with the same command"),
+    sampler: str = typer.Option("tpe", "--sampler", help="tpe | random | gp"),
+    pruner: str = typer.Option("median", "--pruner", help="median | hyperband | none; fed by every validation "
+                               "pass (set train.evals_per_epoch to prune within an epoch)"),
+    startup_trials: int = typer.Option(10, "--startup-trials", help="random trials before the sampler models the "
+                                       "results"),
+    pruner_startup: int = typer.Option(3, "--pruner-startup", help="median: completed trials before pruning "
+                                       "starts"),
+    seed: int = typer.Option(0, "--seed", help="the sampler's seed (each worker and resumption derives its own)"),
+    heartbeat: int = typer.Option(10, "--heartbeat", help="seconds between a running trial's heartbeats; a trial "
+                                  "silent for three is failed (its worker died)"),
+    keep_models: str = typer.Option("best", "--keep-models", help="best: only the best trial keeps its model "
+                                    "dir; all: every completed trial"),
+    registry: Optional[Path] = typer.Option(None, "--registry", help="register the best model in this registry "
+                                            "(also done when TUNELAB_REGISTRY or TUNELAB_REGISTRY_DB is set)"),
+    registry_db: Optional[str] = typer.Option(None, "--registry-db", help="the registry's database URL"),
+    register_name: Optional[str] = typer.Option(None, "--register-name", help="the registry model line "
+                                                "(default: the study name)"),
+    force: bool = typer.Option(False, "--force", help="add trials to a study started with another config or "
+                               "space"),
+):
+    """Hyperparameter search: an Optuna study over config keys, trials pruned at each evaluation."""
+    from tunelab.tune.search import TuneOptions, slug, tune
+
+    opts = TuneOptions(trials=trials, workers=workers, storage=storage, study=study, timeout=timeout,
+                       sampler=sampler, pruner=pruner, startup_trials=startup_trials, pruner_startup=pruner_startup,
+                       seed=seed, heartbeat_s=heartbeat, keep_models=keep_models,
+                       registry=str(registry) if registry else None, registry_db=registry_db,
+                       register_name=register_name, force=force)
+    if out is None:
+        name = study or slug(read_yaml_mapping(config).get("name") or config.stem)
+        out = Path("runs") / f"tune-{name}"
+    tune(config, space, out, opts, overrides or [], console=err_console)
+
+
 @app.command("update")
 def update_cmd(
     model_dir: Path = typer.Argument(..., help="the model dir to update (a tunelab model dir)"),

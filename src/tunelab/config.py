@@ -275,7 +275,10 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = each epoch")
+    eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = evals_per_epoch times "
+                            "an epoch")
+    evals_per_epoch: int = Field(1, gt=0, description="with eval_every 0: evaluations per epoch, evenly spaced "
+                                 "(a hyperparameter search can prune a trial at each)")
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
     save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = at each evaluation")
     keep_last: int = Field(2, gt=0)

@@ -168,8 +168,21 @@ def _oom_message(step: int, tc, cfg: RunConfig, split: int) -> str:
             "checkpoint was written for this step")
 
 
+@dataclass
+class EvalPoint:
+    """What an `on_eval` hook of `train` sees after each validation pass."""
+
+    step: int  # optimizer steps done
+    epochs: float  # epochs of training done (steps / steps per epoch)
+    examples_seen: int
+    score: float  # the task's metric now
+    best: float  # the best so far (the model dir will hold the best weights)
+    metrics: dict
+
+
 def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: bool = False,
-          overwrite: bool = False, console: Console | None = None, show_progress: bool = True) -> dict:
+          overwrite: bool = False, console: Console | None = None, show_progress: bool = True,
+          on_eval=None, checkpoints: bool = True) -> dict:
     """Fine-tune `cfg.model.base` on `cfg.data` and write the run dir `out` (see ARCHITECTURE.md).
 
     The run dir is locked for the whole run (one writer; a second gets an error naming this process). A run
@@ -178,6 +191,10 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     one); a folder tunelab did not write is refused. A stop at any moment (SIGTERM/SIGINT, including
     during the final evaluation and save) leaves a valid model dir or a checkpoint of the last step.
     Returns a summary: best validation metrics, steps, examples/s and the model dir path.
+
+    `on_eval(EvalPoint) -> bool` is called after every validation pass; True stops the run there without a
+    model dir (a hyperparameter search pruning the trial; the summary says `pruned`). `checkpoints=False`
+    writes none (a trial that is rerun rather than resumed); a stop then leaves nothing to continue from.
     """
     out = Path(out)
     if resume and overwrite:
@@ -187,14 +204,15 @@ def train(cfg: RunConfig, out: str | Path, resume: str | None = None, force: boo
     check_run_dir(out, resume, overwrite=True)
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes the run dir
     with FolderLock(out) if writer else nullcontext():
-        return _train(cfg, out, resume, force, overwrite, console, show_progress)
+        return _train(cfg, out, resume, force, overwrite, console, show_progress, on_eval, checkpoints)
 
 
 def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite: bool, console: Console | None,
-           show_progress: bool) -> dict:
+           show_progress: bool, on_eval=None, checkpoints: bool = True) -> dict:
     """The run, holding the run dir's lock: set up, then one optimizer step per window of micro-batches, epoch
     after epoch, with evaluation, checkpoints and the stop checks after each; then the model dir."""
     run = _Run(cfg, out, resume, force, overwrite, console, show_progress)
+    run.on_eval, run.checkpoints = on_eval, checkpoints
     with run.stop_req:
         while not run.stop and run.state.step < run.total_steps:
             windows = run.epoch_windows()
@@ -204,7 +222,7 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
                     break
             else:  # the epoch's windows are done: the next epoch reshuffles
                 run.state.epoch, run.state.window = run.state.epoch + 1, 0
-        result = None if run.interrupted else run.finish()
+        result = None if run.interrupted or run.pruned else run.finish()
     return run.summary(result)
 
 
@@ -247,7 +265,8 @@ class _Run:
         self.seen_at_start, self.tokens_at_start = self.state.examples_seen, self.state.tokens_seen
         self.window_loss, self.window_count, self.last_eval = 0.0, 0, None
         self.split, self.nonfinite_in_row = 1, 0  # micro-batch split after out-of-memory; skipped steps in a row
-        self.stop, self.interrupted = self.state.done, False
+        self.stop, self.interrupted, self.pruned = self.state.done, False, False
+        self.on_eval, self.checkpoints = None, True
         self.saved_step = self.state.step if resume else None
 
     def _load_data(self) -> dict | None:
@@ -278,7 +297,7 @@ class _Run:
         heads = tuple(head_module_names(model, new_params))
         self.tr, self.va = task.encode(self.train_rows), task.encode(self.val_rows)
         self.lengths = self.tr.lengths  # a property that builds the list: read it once, not per step
-        windows_per_epoch = math.ceil(math.ceil(len(self.tr) / tc.batch_size) / tc.grad_accum)
+        self.windows_per_epoch = windows_per_epoch = math.ceil(math.ceil(len(self.tr) / tc.batch_size) / tc.grad_accum)
         self.total_steps = tc.max_steps or math.ceil(tc.epochs * windows_per_epoch)
         model = apply_method(model, cfg.method, MethodContext(
             self.spec, new_params, self.total_steps, None if self.base.ref == "scratch" else str(self.base.path)))
@@ -345,12 +364,13 @@ class _Run:
         if loss is None:  # a non-finite step skipped: the window's data is consumed, nothing else is due
             return
         self._log(loss, windows)
-        end_of_epoch = self.state.window == windows
-        due = (self.state.step % self.tc.eval_every == 0) if self.tc.eval_every else end_of_epoch
+        n = self.tc.evals_per_epoch  # the k-th of an epoch's n evaluations comes after round(k * windows / n) windows
+        due = (self.state.step % self.tc.eval_every == 0) if self.tc.eval_every else (
+            self.state.window in {round(k * windows / n) for k in range(1, n + 1)})
         if due or self.state.step == self.total_steps:
             self._evaluate()
         save_due = (self.state.step % self.tc.save_every == 0) if self.tc.save_every else due
-        saved = save_due and self.state.step < self.total_steps and not self.stop
+        saved = save_due and self.state.step < self.total_steps and not self.stop and self.checkpoints
         if saved:
             self.save()
         self._check_stop_request(saved)
@@ -458,6 +478,11 @@ class _Run:
         if self.tc.early_stopping_patience and state.bad_evals >= self.tc.early_stopping_patience:
             self.progress.note(f"early stopping: no gain in {state.bad_evals} evaluations")
             self.stop = True
+        if self.on_eval is not None and self.on_eval(EvalPoint(
+                state.step, state.step / self.windows_per_epoch, state.examples_seen, score, state.best_metric,
+                metrics)):
+            self.progress.note(f"step {state.step}: pruned (stopped without a model dir)")
+            self.pruned = self.stop = True
 
     def save(self) -> None:
         """A checkpoint of this step (every rank takes part under FSDP; rank 0 writes)."""
@@ -473,7 +498,7 @@ class _Run:
             stop_asked = self.dd.sum(float(stop_asked), self.device) > 0
             self.stop_req.requested = (self.stop_req.requested or "SIGTERM") if stop_asked else None
         if stop_asked and not self.stop and self.state.step < self.total_steps:
-            if not saved:
+            if not saved and self.checkpoints:
                 self.save()
             self.interrupted = self.stop = True
 
@@ -481,7 +506,7 @@ class _Run:
         """The last step checkpointed, then the model dir; a signal from here stops at once (the checkpoint
         holds the run) -> `_finish`'s result, or None when stopped."""
         self.state.done = True
-        if self.saved_step != self.state.step:  # the last step is checkpointed too: a stop from here loses nothing
+        if self.saved_step != self.state.step and self.checkpoints:  # a stop from here loses nothing
             self.save()
         try:
             if not self.dd.enabled:  # under torchrun every rank must reach the collectives: a flag there
@@ -500,6 +525,13 @@ class _Run:
         elapsed = time.perf_counter() - self.t_start
         train_time = elapsed - self.eval_time  # examples/s counts training only, not the validation passes
         rate = (state.examples_seen - self.seen_at_start) / max(train_time, 1e-9)
+        if result is None and self.pruned:
+            tracker.log(state.step, pruned=True, elapsed_s=elapsed)
+            tracker.close()
+            self.dd.close()
+            return {"pruned": True, "steps": state.step, "total_steps": self.total_steps, "task": self.spec.name,
+                    "best_metric": state.best_metric, "epochs_trained": state.step / self.windows_per_epoch,
+                    "examples_seen": state.examples_seen, "elapsed_s": elapsed}
         if result is None:
             checkpoint = _last_checkpoint(out)
             tracker.log(state.step, interrupted=self.stop_req.requested, elapsed_s=elapsed)
@@ -521,6 +553,7 @@ class _Run:
         self.console.print(f"[bold green]saved[/] {plain(result['model_dir'])} · best validation {metric} "
                            f"{state.best_metric:.4f} at step {state.best_step} · {rate:.1f} examples/s{per_unit}")
         return {"model_dir": str(result["model_dir"]), "task": self.spec.name, "steps": state.step,
+                "best_metric": state.best_metric, "epochs_trained": state.step / self.windows_per_epoch,
                 "best_step": state.best_step, "validation": result["validation"],
                 "nonfinite_skipped": state.nonfinite_skipped, "examples_seen": state.examples_seen,
                 "examples_per_s": rate, "tokens_per_s": tokens_rate, "elapsed_s": elapsed, "train_s": train_time}
