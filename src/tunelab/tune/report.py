@@ -14,14 +14,19 @@ import time
 import warnings
 from pathlib import Path
 
+import optuna
+from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 from rich.console import Console
 from rich.table import Table
 
 from tunelab.artifacts import META_FILE, write_file
 from tunelab.config import apply_overrides, dump_config, validate
 from tunelab.errors import UserError
-from tunelab.terminal import plain
+from tunelab.registry.registry import Registry
+from tunelab.terminal import plain, print_warnings
 from tunelab.tune.space import overrides
+
+# matplotlib is imported inside each plot function (~0.7 s): only an invocation that draws pays it.
 
 TRIALS_FILE, BEST_FILE, HISTORY_PNG, IMPORTANCE_PNG = "trials.csv", "best.yaml", "history.png", "importance.png"
 
@@ -55,10 +60,14 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def best_trial(study):
-    from optuna.trial import TrialState
+def completed(study) -> list:
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None]
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+
+def best_trial(study):
+    """The best completed trial (ties: the earliest), or None."""
+    done = completed(study)
     if not done:
         return None
     maximize = study.direction.name == "MAXIMIZE"
@@ -131,9 +140,6 @@ def importance_png(importances: dict, path: Path) -> Path:
 
 def importances(study) -> dict | None:
     """fANOVA importances over the completed trials (seeded), or None when too few trials vary."""
-    import optuna
-    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
-
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(done) < 3:
         return None
@@ -184,6 +190,7 @@ def write(study, ctx, metric_name: str, console: Console, started: float, interr
         write_file(out / BEST_FILE, header + dump_config(cfg), "tune", overwrite=True, checked=True)
         model_dir = best_model_dir(study, best)
         summary["best"] = {"trial": best.number, "value": best.value, "params": best.params,
+                           "worker": best.user_attrs.get("worker"),
                            "epochs": best.user_attrs.get("epochs"), "model_dir": str(model_dir) if model_dir else None,
                            "config": BEST_FILE}
         summary["files"]["best"] = BEST_FILE
@@ -192,11 +199,16 @@ def write(study, ctx, metric_name: str, console: Console, started: float, interr
     _print(rows, best, summary, metric_name, console, ctx)
     if best is None:
         first = next((r["error"] for r in rows if r.get("error")), None)
-        raise UserError(f"no trial of study {ctx.study} has completed ({', '.join(f'{n} {s}' for s, n in states.items())})"
+        counts = ", ".join(f"{n} {s}" for s, n in states.items())
+        raise UserError(f"no trial of study {ctx.study} has completed ({counts})"
                         + (f"; first error: {first}" if first else "") + f"; trial logs in {out / 'trials'}")
     registered = _register(summary, ctx, metric_name)
-    if registered:
+    if registered and "skipped" in registered:
+        print_warnings([f"not registered: {registered['skipped']}"], console)
+    elif registered:
         summary["registered"] = registered
+        write_file(out / META_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str), "tune",
+                   overwrite=True, checked=True)
         console.print(f"registered {registered['name']}:{registered['version'][:12]} (best trial {best.number})",
                       highlight=False, soft_wrap=True)
     return summary
@@ -249,11 +261,9 @@ def _register(summary: dict, ctx, metric_name: str) -> dict | None:
             or os.environ.get("TUNELAB_REGISTRY_DB")):
         return None
     best = summary["best"]
-    if not best.get("model_dir"):
-        raise UserError(f"the best trial ({best['trial']}) has no model dir left to register (kept with "
-                        "--keep-models best only while it is the best)")
-    from tunelab.registry.registry import Registry
-
+    if not best.get("model_dir"):  # it ran on another machine sharing the storage: registered from there
+        return {"skipped": f"the best trial ({best['trial']}) has no model dir on this machine (worker "
+                           f"{best.get('worker')}); register it where it ran"}
     with Registry(opts.registry, opts.registry_db) as reg:
         rec = reg.register(best["model_dir"], opts.register_name or ctx.study,
                            f"tune {ctx.study}: best of {summary['trials']} trials (trial {best['trial']}, "

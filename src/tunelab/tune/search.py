@@ -15,23 +15,33 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import multiprocessing
 import os
 import re
 import shutil
 import socket
 import sqlite3
+import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import optuna
+import torch
 from rich.console import Console
+from sqlalchemy.engine import make_url
 
-from tunelab.artifacts import META_FILE, check_target, kind_of
+from tunelab.artifacts import META_FILE, check_target, kind_of, write_file
 from tunelab.config import RunConfig, apply_overrides, read_yaml_mapping, resolve_paths, validate
+from tunelab.data.dataset import load_meta
 from tunelab.errors import UserError
+from tunelab.tasks import task_spec
 from tunelab.terminal import plain
+from tunelab.train.loop import ensure_dataset, resolve_task, train
+from tunelab.tune import report
 from tunelab.tune.space import Space, load_space, overrides
 
 SAMPLERS = ("tpe", "random", "gp")
@@ -72,7 +82,7 @@ class Context:
     threads: int
     opts: TuneOptions
     cores: int = 1
-    logs: list = field(default_factory=list)
+    max_resource: int | None = None  # the most evaluations a trial can make (Hyperband's top rung)
 
     def trial_config(self, params: dict, threads: int | None = None) -> RunConfig:
         items = overrides(params) + ([f"train.num_threads={threads}"] if threads else [])
@@ -83,8 +93,6 @@ class Context:
 
 def shown_url(url: str) -> str:
     """A storage URL with its password hidden (for output and the study folder's record)."""
-    from sqlalchemy.engine import make_url
-
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL sqlalchemy can parse: shown as given, it holds no password it could find
@@ -94,9 +102,6 @@ def shown_url(url: str) -> str:
 def open_storage(url: str, heartbeat_s: int):
     """Optuna's RDB storage with heartbeats (the grace period is three heartbeats); SQLite in WAL mode with a
     long busy timeout, so worker processes wait for each other's writes instead of failing."""
-    import optuna
-    from sqlalchemy.engine import make_url
-
     try:
         parsed = make_url(url)
     except Exception as err:
@@ -128,8 +133,6 @@ def open_storage(url: str, heartbeat_s: int):
 
 
 def make_sampler(opts: TuneOptions, seed: int):
-    import optuna
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if opts.sampler == "random":
@@ -141,20 +144,33 @@ def make_sampler(opts: TuneOptions, seed: int):
                                           constant_liar=True)
 
 
-def make_pruner(opts: TuneOptions):
-    import optuna
-
+def make_pruner(opts: TuneOptions, max_resource: int | None = None):
+    """Median: prune below the median of completed trials at the same evaluation. Hyperband: brackets of
+    successive halving from one evaluation up to `max_resource` (the most evaluations a trial can make)."""
     if opts.pruner == "none":
         return optuna.pruners.NopPruner()
     if opts.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_resource or "auto",
+                                              reduction_factor=3)
     return optuna.pruners.MedianPruner(n_startup_trials=opts.pruner_startup, n_warmup_steps=0)
+
+
+def max_evaluations(cfg: RunConfig, space: Space) -> int | None:
+    """The most evaluations a trial of this space can report: the largest epochs × evals_per_epoch (None when
+    evaluations are counted in steps or training is bounded by max_steps: then Hyperband takes it from the first
+    completed trial)."""
+    if cfg.train.eval_every or cfg.train.max_steps or any(p.key in ("train.eval_every", "train.max_steps")
+                                                          for p in space.params):
+        return None
+    most = {"train.epochs": cfg.train.epochs, "train.evals_per_epoch": cfg.train.evals_per_epoch}
+    for p in space.params:
+        if p.key in most:
+            most[p.key] = max(p.choices) if p.type == "categorical" else p.high
+    return max(1, math.ceil(most["train.epochs"] * most["train.evals_per_epoch"]))
 
 
 def worker_seed(seed: int, worker: int, existing: int) -> int:
     """Each worker, and each resumption, draws its own random points (never the first invocation's again)."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, worker, existing]).generate_state(1)[0])
 
 
@@ -166,8 +182,6 @@ def trial_dir(out: Path, number: int) -> Path:
 
 def _same_params(study, params: dict):
     """A completed trial with exactly these parameters (a small discrete space repeats points), or None."""
-    import optuna
-
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if t.params == params:
             return t
@@ -176,10 +190,6 @@ def _same_params(study, params: dict):
 
 def objective(ctx: Context, trial) -> float:
     """Train one trial's config; report each evaluation; stop when the pruner says so."""
-    import optuna
-
-    from tunelab.train.loop import train
-
     params = ctx.space.suggest(trial)
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     same = _same_params(trial.study, params)
@@ -223,16 +233,11 @@ def objective(ctx: Context, trial) -> float:
     return float(value)
 
 
-def drop_other_models(study, out: Path, maximize: bool) -> None:
+def drop_other_models(study, out: Path) -> None:
     """`keep_models: best`: the model dirs of completed trials other than the best are removed (a completed
     trial that is not the best never becomes it again; its run dir, log and metrics stay)."""
-    from optuna.trial import TrialState
-
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    if not done:
-        return
-    best = (max if maximize else min)(done, key=lambda t: (t.value if maximize else -t.value, -t.number))
-    for t in done:
+    best = report.best_trial(study)
+    for t in report.completed(study):
         model = trial_dir(out, t.number) / "model"
         if t.number != best.number and model.is_dir() and kind_of(model) == "model":
             shutil.rmtree(model, ignore_errors=True)
@@ -274,25 +279,23 @@ def take_ticket(tickets) -> bool:
         return True
 
 
-def work(ctx: Context, tickets, deadline: float | None, index: int, metric_name: str) -> None:
-    """One worker: trials until the tickets or the time run out."""
-    import optuna
-
+def work(ctx: Context, tickets, deadline: float | None, index: int, metric_name: str, emit=None) -> None:
+    """One worker: trials until the tickets or the time run out; `emit(line)` says how each trial ended (on
+    stderr by default: a spawned worker's lines join the invocation's progress)."""
+    emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
     torch.set_num_threads(ctx.threads)
     storage = open_storage(ctx.storage_url, ctx.opts.heartbeat_s)
     existing = len(optuna.load_study(study_name=ctx.study, storage=storage).trials)
     study = optuna.load_study(study_name=ctx.study, storage=storage,
                               sampler=make_sampler(ctx.opts, worker_seed(ctx.opts.seed, index, existing)),
-                              pruner=make_pruner(ctx.opts))
+                              pruner=make_pruner(ctx.opts, ctx.max_resource))
 
     def after(study, trial) -> None:
-        print(_line(trial, metric_name), flush=True)
+        emit(_line(trial, metric_name))
         if ctx.opts.keep_models == "best":
-            drop_other_models(study, ctx.out, ctx.maximize)
+            drop_other_models(study, ctx.out)
 
     while (deadline is None or time.time() < deadline) and take_ticket(tickets):
         study.optimize(lambda t: objective(ctx, t), n_trials=1, catch=(UserError,), callbacks=[after])
@@ -300,8 +303,6 @@ def work(ctx: Context, tickets, deadline: float | None, index: int, metric_name:
 
 def _work_process(ctx: Context, tickets, deadline, index: int, metric_name: str) -> None:
     """A spawned worker: a user error is one line on stderr and exit code 2 (not a traceback)."""
-    import sys
-
     try:
         work(ctx, tickets, deadline, index, metric_name)
     except UserError as err:
@@ -328,8 +329,6 @@ def open_folder(out: Path) -> None:
 
 
 def _write_meta(out: Path, record: dict) -> None:
-    from tunelab.artifacts import write_file
-
     write_file(out / META_FILE, json.dumps(record, indent=2, ensure_ascii=False), "tune", overwrite=True,
                checked=True)
 
@@ -344,13 +343,6 @@ def usable_cores() -> int:
 def tune(config: str | Path, space_path: str | Path, out: str | Path, opts: TuneOptions,
          config_overrides: list[str] | None = None, console: Console | None = None) -> dict:
     """Run `opts.trials` trials of the study; write the study folder's outputs -> its summary (see `report`)."""
-    import optuna
-
-    from tunelab.data.dataset import load_meta
-    from tunelab.train.loop import ensure_dataset, resolve_task
-    from tunelab.tasks import task_spec
-    from tunelab.tune import report
-
     console = console or Console()
     _check_options(opts)
     out = Path(out).resolve()
@@ -364,21 +356,13 @@ def tune(config: str | Path, space_path: str | Path, out: str | Path, opts: Tune
     metric, metric_name, maximize = spec.score
     name = opts.study or slug(cfg.name or Path(config).stem)
     url = opts.storage or f"sqlite:///{out / 'study.db'}"
-    storage = open_storage(url, opts.heartbeat_s)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
-                                direction="maximize" if maximize else "minimize")
-    if study.direction != (optuna.study.StudyDirection.MAXIMIZE if maximize else
-                           optuna.study.StudyDirection.MINIMIZE):
-        raise UserError(f"study {name} in {shown_url(url)} {study.direction.name.lower()}s; this config's "
-                        f"{metric_name} is {'maximized' if maximize else 'minimized'}; choose another --study")
-    _check_same_study(study, cfg, space, metric, opts.force, name)
+    study = _open_study(name, url, opts, cfg, space, metric, metric_name, maximize)
     cores = usable_cores()
     workers = opts.workers
     threads = max(1, cores // workers)
     before = len(study.trials)
     ctx = Context(base_raw=base_raw, space=space, out=out, storage_url=url, study=name, metric=metric,
-                  maximize=maximize, threads=threads, opts=opts, cores=cores)
+                  maximize=maximize, threads=threads, opts=opts, cores=cores, max_resource=max_evaluations(cfg, space))
     resumed = f" (the study holds {before} already)" if before else ""
     console.print(f"[bold]tune[/] study {plain(name)} · {plain(shown_url(url))} · {opts.trials} trials{resumed} · "
                   f"{workers} worker{'s' if workers > 1 else ''} × {threads} thread{'s' if threads > 1 else ''} "
@@ -392,7 +376,8 @@ def tune(config: str | Path, space_path: str | Path, out: str | Path, opts: Tune
     interrupted = False
     try:
         if workers == 1:
-            work(ctx, tickets, deadline, 0, metric_name)
+            work(ctx, tickets, deadline, 0, metric_name,
+                 emit=lambda line: console.print(plain(line), highlight=False, soft_wrap=True))
         else:
             _run_workers(ctx, tickets, deadline, metric_name, console)
     except KeyboardInterrupt:
@@ -403,7 +388,7 @@ def tune(config: str | Path, space_path: str | Path, out: str | Path, opts: Tune
     summary = report.write(study, ctx, metric_name, console, started=started, interrupted=interrupted,
                            shown_storage=shown_url(url))
     if interrupted:
-        console.print(f"[bold yellow]stopped[/]; the study keeps every finished trial: run the same command to "
+        console.print("[bold yellow]stopped[/]; the study keeps every finished trial: run the same command to "
                       "continue it", soft_wrap=True)
     return summary
 
@@ -423,6 +408,21 @@ def _check_options(opts: TuneOptions) -> None:
         raise UserError("--heartbeat must be at least 1 second")
     if opts.keep_models not in ("best", "all"):
         raise UserError("--keep-models must be best or all")
+
+
+def _open_study(name: str, url: str, opts: TuneOptions, cfg: RunConfig, space: Space, metric: str, metric_name: str,
+                maximize: bool):
+    """The study `name` in `url`, created or loaded; a loaded one must optimise the same way, with the same
+    config and space (unless forced)."""
+    storage = open_storage(url, opts.heartbeat_s)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    direction = optuna.study.StudyDirection.MAXIMIZE if maximize else optuna.study.StudyDirection.MINIMIZE
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=direction)
+    if study.direction != direction:
+        raise UserError(f"study {name} in {shown_url(url)} {study.direction.name.lower()}s; this config's "
+                        f"{metric_name} is {'maximized' if maximize else 'minimized'}; choose another --study")
+    _check_same_study(study, cfg, space, metric, opts.force, name)
+    return study
 
 
 def _check_same_study(study, cfg: RunConfig, space: Space, metric: str, force: bool, name: str) -> None:

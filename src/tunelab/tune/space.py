@@ -72,6 +72,8 @@ def overrides(params: dict) -> list[str]:
 
 def load_space(path: str | Path, base_raw: dict) -> Space:
     """The space file, every key checked against `base_raw` (the run config as read, before validation)."""
+    if not Path(path).is_file() and not Path(path).is_dir():
+        raise UserError(f"search space file not found: {path}")
     raw = read_yaml_mapping(path, "dotted config keys (train.lr: {low: …, high: …})")
     if not raw:
         raise UserError(f"search space {path} is empty; give at least one key, e.g. train.lr: {{low: 1.0e-5, "
