@@ -174,13 +174,12 @@ def write(study, ctx, metric_name: str, console: Console, started: float, interr
                                    "cores": ctx.cores, "sampler": ctx.opts.sampler, "pruner": ctx.opts.pruner,
                                    "seconds": round(time.time() - started, 1), "interrupted": interrupted},
                "files": {"trials": TRIALS_FILE}}
-    history_png(rows, ctx.maximize, metric_name, _tmp_png(out, HISTORY_PNG))
-    os.replace(_tmp_png(out, HISTORY_PNG), out / HISTORY_PNG)
+    write_file(out / HISTORY_PNG, lambda tmp: history_png(rows, ctx.maximize, metric_name, tmp), "tune",
+               overwrite=True, checked=True)
     summary["files"]["history"] = HISTORY_PNG
     imp = importances(study)
     if imp:
-        importance_png(imp, _tmp_png(out, IMPORTANCE_PNG))
-        os.replace(_tmp_png(out, IMPORTANCE_PNG), out / IMPORTANCE_PNG)
+        write_file(out / IMPORTANCE_PNG, lambda tmp: importance_png(imp, tmp), "tune", overwrite=True, checked=True)
         summary["importance"] = {k: round(v, 4) for k, v in imp.items()}
         summary["files"]["importance"] = IMPORTANCE_PNG
     if best is not None:
@@ -212,10 +211,6 @@ def write(study, ctx, metric_name: str, console: Console, started: float, interr
         console.print(f"registered {registered['name']}:{registered['version'][:12]} (best trial {best.number})",
                       highlight=False, soft_wrap=True)
     return summary
-
-
-def _tmp_png(out: Path, name: str) -> Path:
-    return out / f".{name}.tunelab-new-{os.getpid()}.png"
 
 
 def _print(rows, best, summary, metric_name, console: Console, ctx) -> None:
