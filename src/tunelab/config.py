@@ -161,6 +161,11 @@ class ModelConfig(Section):
     packing: bool = Field(True, description="causal_lm/sft: pack examples into max_length blocks (no attention "
                           "across examples); masked_lm: documents concatenated and cut into [CLS] … [SEP] blocks")
     mlm: MaskedLMConfig = Field(MaskedLMConfig(), description="masked_lm: which tokens are masked")
+    hidden_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the hidden states (BERT's "
+                                         "hidden_dropout_prob, GPT-2's resid/embd_pdrop, …); none = the base's own")
+    attention_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the attention weights (BERT's "
+                                            "attention_probs_dropout_prob, Llama's attention_dropout, …); none = the "
+                                            "base's own")
 
 
 class LoraConfig(Section):
@@ -265,6 +270,24 @@ class RegularizeConfig(Section):
                             "on")
 
 
+class AdversarialConfig(Section):
+    """Adversarial training on the input embeddings: each batch's loss is the clean loss plus the loss under a
+    perturbation of the word embeddings that raises it most (an L2 ball of radius `epsilon` per example). FGM
+    (Miyato et al., 2017) takes one normalised gradient step; PGD (Madry et al., 2018) takes `steps` steps of
+    size `alpha`, each projected back onto the ball."""
+
+    method: Literal["fgm", "pgd"]
+    epsilon: float = Field(1.0, gt=0, description="the L2 radius of the perturbation, per example")
+    steps: int = Field(3, gt=0, le=20, description="pgd: ascent steps (each one forward and backward more)")
+    alpha: float = Field(0.3, gt=0, description="pgd: the L2 size of each step")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        """`train.adversarial: fgm` means `{method: fgm}` with the default radius."""
+        return {"method": value} if isinstance(value, str) else value
+
+
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
@@ -301,6 +324,10 @@ class TrainConfig(Section):
                                   "(same gradient, less memory)")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="after the warmup")
     distill: DistillConfig | None = Field(None, description="learn from a teacher model dir's soft labels too")
+    adversarial: AdversarialConfig | None = Field(None, description="fgm or pgd: train on the clean loss plus the "
+                                                  "loss under a worst-case perturbation of the word embeddings")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="classification / NER: the target puts this share "
+                                   "of its mass uniformly over all labels")
     regularize: RegularizeConfig | None = Field(None, description="an update: pull the weights toward where they "
                                                 "started (ewc, l2sp)")
 

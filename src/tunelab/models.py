@@ -282,7 +282,41 @@ def tokenizer_of(ref: str):
     return load_tokenizer(ref)
 
 
-def _with_head(loader, ref: str, labels: list[str], task: str, trust_remote_code: bool):
+# the config attributes that set each dropout, by architecture (a base has one or more of each)
+DROPOUT_KEYS = {"hidden": ("hidden_dropout_prob", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop"),
+                "attention": ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")}
+
+
+def dropout_kwargs(base: BaseRef, dropout: dict[str, float | None] | None, trust_remote_code: bool = False) -> dict:
+    """`{"hidden": p, "attention": q}` (None: the base's own) -> the `from_pretrained` overrides of the base's
+    config attributes that set them. A base whose config has no attribute for a dropout asked for is a
+    `UserError` naming the attributes looked for."""
+    wanted = {kind: p for kind, p in (dropout or {}).items() if p is not None}
+    if not wanted:
+        return {}
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base.path, trust_remote_code=trust_remote_code).to_dict()
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config of {base.ref}: {_first_line(err)}") from None
+    out = {}
+    for kind, p in wanted.items():
+        keys = [k for k in DROPOUT_KEYS[kind] if k in config]
+        if not keys:
+            raise UserError(f"model.{kind}_dropout: {base.ref} ({config.get('model_type')}) has no {kind} dropout "
+                            f"setting (looked for {', '.join(DROPOUT_KEYS[kind])}); leave it unset")
+        out.update({k: p for k in keys})
+    return out
+
+
+def dropout_of(model_cfg) -> dict[str, float | None]:
+    """A run config's `model` section -> the dropout `dropout_kwargs` reads."""
+    return {"hidden": model_cfg.hidden_dropout, "attention": model_cfg.attention_dropout}
+
+
+def _with_head(loader, ref: str, labels: list[str], task: str, trust_remote_code: bool,
+               dropout: dict | None = None):
     """A base with a head over `labels` -> (model, tokenizer, BaseRef, new_param_names). Continuing a model dir of
     the same task keeps its head: its labels first, in its order, then the dataset's new ones, whose rows are
     initialised fresh (an old class's logit is unchanged; `labels_of(model)` gives the order). A model dir of
@@ -298,7 +332,7 @@ def _with_head(loader, ref: str, labels: list[str], task: str, trust_remote_code
         loader, base, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tok.pad_token_id,
         dtype=torch.float32, trust_remote_code=trust_remote_code, output_loading_info=True,
-        ignore_mismatched_sizes=bool(parent))
+        ignore_mismatched_sizes=bool(parent), **dropout_kwargs(base, dropout, trust_remote_code))
     model.config.pad_token_id = tok.pad_token_id
     new = set(info.get("missing_keys", []))
     mismatched = {name for name, _, _ in info.get("mismatched_keys", set())}
@@ -347,18 +381,21 @@ def _reset_head(model: nn.Module) -> set[str]:
     return names
 
 
-def load_classifier(ref: str, labels: list[str], trust_remote_code: bool = False):
-    """A base with a sequence-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
+def load_classifier(ref: str, labels: list[str], trust_remote_code: bool = False, dropout: dict | None = None):
+    """A base with a sequence-classification head -> (model, tokenizer, BaseRef, new_param_names). `dropout`:
+    see `dropout_kwargs`."""
     from transformers import AutoModelForSequenceClassification
 
-    return _with_head(AutoModelForSequenceClassification, ref, labels, "classification", trust_remote_code)
+    return _with_head(AutoModelForSequenceClassification, ref, labels, "classification", trust_remote_code, dropout)
 
 
-def load_token_classifier(ref: str, labels: list[str], trust_remote_code: bool = False):
-    """A base with a token-classification head -> (model, tokenizer, BaseRef, new_param_names)."""
+def load_token_classifier(ref: str, labels: list[str], trust_remote_code: bool = False, dropout: dict | None = None):
+    """A base with a token-classification head -> (model, tokenizer, BaseRef, new_param_names). `dropout`:
+    see `dropout_kwargs`."""
     from transformers import AutoModelForTokenClassification
 
-    return _with_head(AutoModelForTokenClassification, ref, labels, "token_classification", trust_remote_code)
+    return _with_head(AutoModelForTokenClassification, ref, labels, "token_classification", trust_remote_code,
+                      dropout)
 
 
 def labels_of(model) -> list[str]:
@@ -366,23 +403,24 @@ def labels_of(model) -> list[str]:
     return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
-def load_causal_lm(ref: str, trust_remote_code: bool = False):
-    """A pretrained causal LM -> (model, tokenizer, BaseRef, [])."""
+def load_causal_lm(ref: str, trust_remote_code: bool = False, dropout: dict | None = None):
+    """A pretrained causal LM -> (model, tokenizer, BaseRef, []). `dropout`: see `dropout_kwargs`."""
     from transformers import AutoModelForCausalLM
 
     base = resolve_base(ref)
     tok = load_tokenizer(base, trust_remote_code)
-    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                            **dropout_kwargs(base, dropout, trust_remote_code))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok, base, []
 
 
-def load_masked_lm(ref: str, trust_remote_code: bool = False):
+def load_masked_lm(ref: str, trust_remote_code: bool = False, dropout: dict | None = None):
     """A pretrained encoder with a masked-LM head -> (model, tokenizer, BaseRef, new_param_names). A base saved
     without its MLM head (MiniLM, a sentence encoder; a classifier's model dir) gets a fresh one, whose
     parameters are the new ones; its decoder weight is tied to the word embeddings, so only the transform and the
-    output bias are new. A tokenizer without a mask token is a `UserError`."""
+    output bias are new. A tokenizer without a mask token is a `UserError`. `dropout`: see `dropout_kwargs`."""
     from transformers import AutoModelForMaskedLM
 
     base = resolve_base(ref)
@@ -391,7 +429,8 @@ def load_masked_lm(ref: str, trust_remote_code: bool = False):
         raise UserError(f"the tokenizer of '{base.ref}' has no mask token; masked_lm needs an encoder's "
                         "tokenizer (BERT family)")
     model, info = load_pretrained(AutoModelForMaskedLM, base, dtype=torch.float32,
-                                  trust_remote_code=trust_remote_code, output_loading_info=True)
+                                  trust_remote_code=trust_remote_code, output_loading_info=True,
+                                  **dropout_kwargs(base, dropout, trust_remote_code))
     params = {name for name, _ in model.named_parameters()}  # a tied key (decoder.bias) is not a parameter name
     return model, tok, base, sorted(set(info.get("missing_keys", [])) & params)
 

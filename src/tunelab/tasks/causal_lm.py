@@ -264,9 +264,12 @@ def build_lm(cfg, corpus: list[str], task_class):
     if mc.base == "scratch":
         if cfg.method.name != "full":
             raise UserError("model.base: scratch trains a new model; use method.name: full")
+        if mc.hidden_dropout is not None or mc.attention_dropout is not None:
+            raise UserError("model.hidden_dropout / attention_dropout set a pretrained base's dropout; a scratch "
+                            "model is built without dropout")
         model, tok, base, new = models.build_scratch_lm(mc.scratch, corpus, mc.max_length, cfg.train.seed)
     else:
-        model, tok, base, new = models.load_causal_lm(mc.base, mc.trust_remote_code)
+        model, tok, base, new = models.load_causal_lm(mc.base, mc.trust_remote_code, models.dropout_of(mc))
     return model, tok, base, new, task_class(tok, mc.max_length, mc.packing, cfg.method.name)
 
 

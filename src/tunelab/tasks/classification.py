@@ -38,6 +38,7 @@ class ClassificationTask:
     metric = "macro_f1"
     greater_is_better = True
     packing = False
+    label_smoothing = 0.0  # training's targets (`train.label_smoothing`); evaluation scores the plain loss
 
     def __init__(self, tokenizer, labels: list[str], max_length: int):
         """`labels`: the label set, two or more (one label is a `UserError`: nothing to learn or predict)."""
@@ -79,11 +80,11 @@ class ClassificationTask:
         """Loss terms in these examples: one per example."""
         return len(idx)
 
-    @staticmethod
-    def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum (not mean) of per-example cross-entropy, so accumulation can normalise by the true count."""
+    def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum (not mean) of per-example cross-entropy (against smoothed targets when `label_smoothing`), so
+        accumulation can normalise by the true count."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum", label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def logits(self, model, enc: Encoded, batch_size: int = 128) -> np.ndarray:
@@ -129,5 +130,6 @@ def build(cfg, meta: dict, train_rows: list[dict]):
     """The run's model with a sequence-classification head over the dataset's labels, its tokenizer, base,
     new parameter names, and the task (see `tunelab.tasks.TaskSpec.build`)."""
     mc = cfg.model
-    model, tok, base, new = models.load_classifier(mc.base, meta["labels"], mc.trust_remote_code)
+    model, tok, base, new = models.load_classifier(mc.base, meta["labels"], mc.trust_remote_code,
+                                                   models.dropout_of(mc))
     return model, tok, base, new, ClassificationTask(tok, models.labels_of(model), mc.max_length)

@@ -278,6 +278,6 @@ def build(cfg, meta: dict, train_rows: list[dict]):
                         "pretraining; use lora (or full, freeze, adapter) for masked_lm")
     if mc.base == "scratch":
         raise UserError("masked_lm continues a pretrained encoder; model.base: scratch builds decoders only")
-    model, tok, base, new = models.load_masked_lm(mc.base, mc.trust_remote_code)
+    model, tok, base, new = models.load_masked_lm(mc.base, mc.trust_remote_code, models.dropout_of(mc))
     task = MaskedLMTask(tok, mc.max_length, mc.packing, mc.mlm.probability, mc.mlm.whole_word, cfg.train.seed)
     return model, tok, base, new, task

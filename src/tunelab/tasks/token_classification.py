@@ -69,6 +69,7 @@ class TokenClassificationTask:
     metric = "entity_f1"
     greater_is_better = True
     packing = False
+    label_smoothing = 0.0  # training's targets (`train.label_smoothing`); evaluation scores the plain loss
 
     def __init__(self, tokenizer, labels: list[str], max_length: int):
         if not getattr(tokenizer, "is_fast", False):
@@ -125,7 +126,7 @@ class TokenClassificationTask:
         """Sum (not mean) of cross-entropies over the labelled sub-tokens, so accumulation can normalise by `units`."""
         logits = self._logits(model, batch)
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="sum",
-                               ignore_index=IGNORE)
+                               ignore_index=IGNORE, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def _run(self, model, enc: TokenEncoded, batch_size: int) -> tuple[list[list[str]], list[list[float]], float, int]:
@@ -216,5 +217,6 @@ def build(cfg, meta: dict, train_rows: list[dict]):
     """The run's model with a token-classification head over the dataset's BIO tags (see
     `tunelab.tasks.TaskSpec.build`)."""
     mc = cfg.model
-    model, tok, base, new = models.load_token_classifier(mc.base, meta["labels"], mc.trust_remote_code)
+    model, tok, base, new = models.load_token_classifier(mc.base, meta["labels"], mc.trust_remote_code,
+                                                              models.dropout_of(mc))
     return model, tok, base, new, TokenClassificationTask(tok, models.labels_of(model), mc.max_length)

@@ -42,6 +42,7 @@ from tunelab.models import (count_parameters, encoder_type, library_versions, lo
                             save_model_dir, trainable_state)
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import distributed
+from tunelab.train.adversarial import Adversary
 from tunelab.train.distill import distilled
 from tunelab.train.batching import length_grouped_batches
 from tunelab.train.optim import build_optimizer, build_schedule
@@ -120,8 +121,8 @@ def resolve_task(cfg: RunConfig, meta: dict, data_dir: Path) -> str:
 
 
 def accumulate_gradients(model, task, enc, window: list[list[int]], device: str, precision: str = "fp32",
-                         split: int = 1, shard=None, keep_empty: bool = False, loss_scale: float = 1.0
-                         ) -> float:
+                         split: int = 1, shard=None, keep_empty: bool = False, loss_scale: float = 1.0,
+                         adversary=None) -> float:
     """Backward over the micro-batches of one optimizer step -> the window's mean loss.
 
     Each micro-batch contributes (sum of its loss terms) / (loss terms in the whole window), so the
@@ -131,7 +132,8 @@ def accumulate_gradients(model, task, enc, window: list[list[int]], device: str,
     global, so summing the ranks' gradients gives the single-process gradient). `keep_empty`: a rank
     whose share is empty still runs the micro-batch's forward and backward, at zero weight (FSDP's
     collectives need every rank in every forward). `loss_scale` multiplies the backward pass only (FSDP
-    averages gradients over ranks; scaling by the world size turns that into the sum).
+    averages gradients over ranks; scaling by the world size turns that into the sum). `adversary`
+    (`train.adversarial`): each micro-batch adds the gradient of its loss under an embedding perturbation.
     """
     n = sum(task.units(enc, idx) for idx in window)
     weights = [1.0] * len(window)
@@ -146,9 +148,16 @@ def accumulate_gradients(model, task, enc, window: list[list[int]], device: str,
     total = 0.0
     for idx, w in zip(window, weights):
         batch = {k: v.to(device) for k, v in task.collate(enc, idx).items()}
-        with autocast(precision, device.split(":")[0]):
-            loss = task.loss_sum(model, batch) * (w / max(1, n))
-        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+
+        def compute(batch=batch, w=w) -> torch.Tensor:
+            with autocast(precision, device.split(":")[0]):
+                return task.loss_sum(model, batch) * (w / max(1, n))
+
+        if adversary is not None:
+            loss = adversary.backward(model, compute, loss_scale)
+        else:
+            loss = compute()
+            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         total += loss.item()
     return total
 
@@ -308,6 +317,7 @@ class _Run:
             model = distributed.shard_model(model)
             task.through_model_forward()  # FSDP gathers root weights in the model's forward only
         base_task = task
+        self.adversary = self._remedies(task)
         if tc.distill:
             task = distilled(task, self.spec, tc.distill, self.tokenizer, self.device)
         self.model, self.task = model, task
@@ -322,6 +332,20 @@ class _Run:
             if dd.fsdp:
                 raise UserError("train.regularize works without FSDP (ddp or one process)")
             self.anchor = build_anchor(tc.regularize, model, new_params, lambda: self._fisher_data(base_task))
+
+    def _remedies(self, task) -> Adversary | None:
+        """`train.label_smoothing` set on the task (labelled tasks only) -> the `train.adversarial` adversary."""
+        tc = self.tc
+        if tc.label_smoothing:
+            if not self.spec.labelled:
+                raise UserError(f"train.label_smoothing smooths class targets; task {self.spec.name} has none "
+                                "(classification and token_classification do)")
+            task.label_smoothing = tc.label_smoothing
+        if tc.adversarial is None:
+            return None
+        if self.dd.fsdp:
+            raise UserError("train.adversarial works without FSDP (ddp or one process)")
+        return Adversary(tc.adversarial)
 
     def _fisher_data(self, task):
         """EWC's rows: `train.regularize.fisher_rows` of the old train split, encoded by the run's own task."""
@@ -385,7 +409,8 @@ class _Run:
             try:
                 loss = accumulate_gradients(model, self.task, self.tr, window, self.device, self.precision,
                                             self.split, self.dd.shard, keep_empty=self.dd.fsdp,
-                                            loss_scale=self.dd.world if self.dd.fsdp else 1.0)
+                                            loss_scale=self.dd.world if self.dd.fsdp else 1.0,
+                                            adversary=self.adversary)
                 self.dd.all_reduce_grads(self.params)
                 loss = self.dd.sum(loss, self.device)
                 break
