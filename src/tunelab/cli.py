@@ -227,6 +227,28 @@ def tune_cmd(
     tune(config, space, out, opts, overrides or [], console=err_console)
 
 
+@app.command("cv")
+def cv_cmd(
+    config: Path = typer.Argument(..., help="the run config (as for tunelab train)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. train.epochs=1"),
+    folds: int = typer.Option(5, "--folds", help="K: each fold trains on the other K-1 of the train split"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the CV folder: folds/, fold-N/ run dirs, cv.json "
+                                       "(default: runs/cv-<config name>)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="retrain folds already trained"),
+):
+    """K-fold cross-validation on the train split (near-duplicate groups kept in one fold): per-fold scores on the
+    held-out fold and their mean ± std."""
+    from tunelab.train.cv import cross_validate, print_cv
+
+    cfg = load_config(config, overrides or [])
+    out = out or Path("runs") / f"cv-{cfg.name or config.stem}"
+    summary = cross_validate(cfg, folds, out, overwrite=overwrite, console=err_console,
+                             show_progress=sys.stderr.isatty())
+    print_cv(summary, console)
+    console.print(f"results: {plain(out / 'cv.json')} · the fold models make an ensemble: tunelab ensemble "
+                  f"{plain(out)}/fold-*/model --out {plain(out)}-ensemble")
+
+
 @app.command("update")
 def update_cmd(
     model_dir: Path = typer.Argument(..., help="the model dir to update (a tunelab model dir)"),
@@ -294,6 +316,31 @@ def eval_cmd(
     if out:
         png = report.get("confusion_matrix_png")
         console.print(f"report: {plain(out)}" + (f" · confusion matrix: {plain(png)}" if png else ""))
+
+
+@app.command("ensemble")
+def ensemble_cmd(
+    model_dirs: list[Path] = typer.Argument(..., help="two or more model dirs of one task and label set "
+                                            "(classification or NER)"),
+    out: Path = typer.Option(..., "--out", help="the ensemble dir (predict, eval and serve take it)"),
+    combine: str = typer.Option("mean", "--combine", help="mean: average the probabilities; vote: majority of "
+                                "the members' labels"),
+    weights: Optional[list[float]] = typer.Option(None, "--weight", help="one per model dir, in order "
+                                                  "(repeatable; default: equal)"),
+    overwrite: bool = OVERWRITE,
+):
+    """Combine classifiers (or NER models) into one ensemble dir: probability averaging or voting."""
+    from tunelab.ensemble import build_ensemble
+
+    record = build_ensemble(model_dirs, out, combine, weights or None, overwrite)
+    table = Table("member", "base", "method", "validation")
+    for m, w in zip(record["members"], record["weights"]):
+        score = m["validation"].get("macro_f1", m["validation"].get("entity_f1"))
+        table.add_row(plain(m["source"]), plain(m["base"]), m["method"] + f" · weight {w:.2f}",
+                      "—" if score is None else f"{score:.4f}")
+    console.print(table)
+    console.print(f"[bold green]saved[/] {plain(out)} · {record['task']} · {len(record['members'])} members · "
+                  f"{combine}")
 
 
 @app.command("export")

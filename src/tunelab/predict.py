@@ -20,6 +20,7 @@ from typing import BinaryIO, TextIO
 
 from tunelab.artifacts import check_file_target, write_file
 from tunelab.data.read import Row, parse_json_line, read_rows
+from tunelab.ensemble import Ensemble, is_ensemble
 from tunelab.errors import UserError
 from tunelab.models import load_model_dir, read_meta
 from tunelab.tasks import refuse_stage, task_spec, tasks_where
@@ -31,7 +32,10 @@ from tunelab.tasks.token_classification import TokenClassificationTask
 def predict_texts(model_dir: str | Path, texts: list[str], batch_size: int = 64) -> list[dict]:
     """-> in input order, for a classifier [{"text", "prediction", "probs": {label: p}}]; for an NER model
     [{"text", "entities": [{"type", "text", "start", "end", "score"}]}] with `text[start:end]` the entity's text
-    and `score` the mean probability of its words' tags. Another task is a `UserError`."""
+    and `score` the mean probability of its words' tags. Another task is a `UserError`. An ensemble dir answers
+    the same way (`tunelab.ensemble`)."""
+    if is_ensemble(model_dir):
+        return Ensemble(model_dir).predict([valid_text(t) for t in texts], batch_size)
     refuse_stage(read_meta(model_dir).get("task"), str(model_dir), "predict with")
     model, tok, meta = load_model_dir(model_dir, tasks=tasks_where(labelled=True))
     texts = [valid_text(t) for t in texts]

@@ -77,3 +77,31 @@ def seeded_subset(rows: list[dict], n: int | None, seed: int, stratify: str | No
     keep = sorted(np.random.default_rng(seed).choice(len(rows), n, replace=False).tolist())
     return [rows[i] for i in keep]
 
+
+
+def group_kfold(rows: list[dict], k: int, seed: int, groups: list[int], label_field: str | None = None
+                ) -> list[int]:
+    """Seeded k-fold assignment -> the fold (0..k-1) of each row; rows sharing a `groups` value share a fold.
+
+    Units are groups, stratified by the label of their first row when `label_field` is given: each label's units
+    are shuffled and each goes to the fold holding the fewest rows so far (ties: the next fold in turn), so folds
+    get each label's share and sizes within a group's size of each other."""
+    rng = np.random.default_rng(seed)
+    units: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        units.setdefault(int(g), []).append(i)
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for key, members in units.items():
+        by_label[str(rows[members[0]].get(label_field) or "") if label_field else ""].append(key)
+    fold = [0] * len(rows)
+    sizes, turn = [0] * k, 0
+    for label in sorted(by_label):
+        keys = by_label[label]
+        for j in rng.permutation(len(keys)):
+            members = units[keys[j]]
+            target = min(range(k), key=lambda f: (sizes[f], (f - turn) % k))
+            for i in members:
+                fold[i] = target
+            sizes[target] += len(members)
+            turn = (target + 1) % k
+    return fold

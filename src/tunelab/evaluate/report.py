@@ -25,6 +25,7 @@ from tunelab.artifacts import check_file_target, write_file
 from tunelab.config import EvalConfig, section
 from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.split import seeded_subset
+from tunelab.ensemble import Ensemble, is_ensemble
 from tunelab.errors import UserError
 from tunelab.evaluate import baselines as bl
 from tunelab.evaluate.metrics import classification_metrics
@@ -66,11 +67,16 @@ def evaluate(model_dir: str | Path, data_dir: str | Path | None = None, split: s
         check_file_target(out, "report", overwrite)  # refused before the work, not after it
         if png.exists() and not _report_names(out, png):
             check_file_target(png, "plot", overwrite)
-    model, tok, meta = load_model_dir(model_dir)
+    if is_ensemble(model_dir):  # scored like a model; its leakage is the worst of its members'
+        model = Ensemble(model_dir)
+        tok, meta, leak_metas = model.tokenizer, model.meta, model.member_metas
+    else:
+        model, tok, meta = load_model_dir(model_dir)
+        leak_metas = [meta]
     eval_cfg = eval_cfg or eval_config_of(meta, overrides)
     data_dir, data_meta, rows = _split_rows(meta, data_dir, split)
     fit = base_fit.measure(tok, [row_text(r) for r in rows])
-    leak = check_leakage(meta, rows)
+    leak = max((check_leakage(m, rows) for m in leak_metas), key=lambda r: (r["checked"], r.get("contaminated", 0)))
     if strict and (not leak["checked"] or leak["loud"]):
         raise UserError(f"--strict: {describe(leak, split)}; evaluate on data the model has not seen")
     head = {"kind": "report", "task": meta["task"],
@@ -99,8 +105,11 @@ def _scores(kind: str, model, tok, meta: dict, rows: list[dict], data_dir: Path,
     if kind == "classes":
         return _classification(model, tok, meta, rows, data_dir, eval_cfg, seed, same_data)
     if kind == "entities":
-        task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
-        report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
+        if isinstance(model, Ensemble):
+            report = model.evaluate(rows, eval_cfg.batch_size)
+        else:
+            task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
+            report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
         return {**report, "n": len(rows),
                 "baselines": {"lookup": lookup_baseline(load_split(data_dir, "train"), rows)}}
     if kind == "masked":
@@ -151,10 +160,13 @@ def model_train_subset(meta: dict, train_rows: list[dict]) -> list[dict] | None:
 
 def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed, same_data: bool) -> dict:
     labels = meta["labels"]
-    task = ClassificationTask(tok, labels, meta.get("max_length", 512))
-    enc = task.encode(rows)
-    logits = task.logits(model, enc, eval_cfg.batch_size)
-    report = classification_metrics(enc.labels, logits.argmax(-1), labels, softmax(logits))
+    if isinstance(model, Ensemble):
+        report = model.evaluate(rows, eval_cfg.batch_size)
+    else:
+        task = ClassificationTask(tok, labels, meta.get("max_length", 512))
+        enc = task.encode(rows)
+        logits = task.logits(model, enc, eval_cfg.batch_size)
+        report = classification_metrics(enc.labels, logits.argmax(-1), labels, softmax(logits))
     report["baselines"] = {}
     train_rows = load_split(data_dir, "train")
     subset = model_train_subset(meta, train_rows) if same_data else None

@@ -5,7 +5,8 @@ A MODEL argument is a tunelab model dir (classification -> /v1/classify; token_c
 (builtin:…, tiny-llama, an HF dir, a .gguf): decoders are served for generation, encoders for embeddings (told
 apart by `config.json`, so an encoder never generates); a run dir, or anything else that is no model, is refused
 before the server starts. `NAME=PATH` sets the id; otherwise a model dir is named after its run
-(`runs/NAME/model` -> NAME), an export dir after itself and a built-in after itself (`smollm2-135m-instruct`).
+(`runs/NAME/model` -> NAME), an export or ensemble dir after itself and a built-in after itself
+(`smollm2-135m-instruct`). An ensemble dir (`tunelab ensemble`) is served at its members' route.
 
 The engine follows the model: model dirs and base models run in PyTorch; an ONNX export (fp32 or int8) runs in
 ONNX Runtime behind the same micro-batching (`export.onnx.OnnxEncoder`); a GGUF export runs in llama.cpp
@@ -31,6 +32,7 @@ import torch
 
 from tunelab.artifacts import kind_of
 from tunelab.assets import builtin_path
+from tunelab.ensemble import Ensemble, read_ensemble
 from tunelab.errors import UserError, read_json_file
 from tunelab.evaluate import drift
 from tunelab.evaluate.drift import classifier_outputs
@@ -41,7 +43,7 @@ from tunelab.models import (META_FILE, BaseRef, load_model_dir, load_pretrained,
 from tunelab.serve.drift import DriftTracker, Observer, RequestLog
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.protocol import APIError, ModelCard, bad_request
-from tunelab.tasks import refuse_stage, task_spec
+from tunelab.tasks import refuse_stage, task_spec, tasks_where
 from tunelab.tasks.token_classification import TokenClassificationTask
 from tunelab.train.precision import autocast, resolve_precision
 
@@ -134,6 +136,10 @@ def parse_spec(item: str, embedding: bool = False, registry=None) -> Spec:
                         f"{ref} is a run dir without a model/ yet (its training has not finished)")
     if folder == "export":
         return _export_spec(d, name)
+    if folder == "ensemble":
+        meta = read_ensemble(d)
+        return Spec(name or d.name, ref, refuse_stage(meta.get("task"), str(d), "serve").served_as, "ensemble",
+                    meta=meta)
     if folder not in (None, "model", "unknown"):
         raise UserError(f"{ref} is a tunelab {folder}, not a model")
     if (d / META_FILE).is_file():
@@ -278,6 +284,8 @@ class Registry:
         """Load the model of one spec (not a LoRA group's) and start its engine -> its `Served`, not yet listed."""
         if s.engine == "llama.cpp":
             served = self._add_llamacpp(s)
+        elif s.engine == "ensemble":
+            served = self._add_ensemble(s)
         elif s.kind == "classify":
             served = self._add_classifier(s)
         elif s.kind == "entities":
@@ -395,6 +403,18 @@ class Registry:
                 return task.text_entities(model, texts, ENCODER_CHUNK)
 
         return self._add_encoder(s, "entities", run, tok)
+
+    def _add_ensemble(self, s: Spec) -> Served:
+        """An ensemble dir (`tunelab.ensemble`): served at its members' route, answering as one model (no drift
+        checks: there is no one reference profile)."""
+        ens = Ensemble(s.ref, self.device, tasks=tasks_where(labelled=True))
+        precision = resolve_precision(self.settings.precision, self.device)
+
+        def run(texts: list[str]) -> list[dict]:
+            with autocast(precision, self.device):
+                return ens.serve(texts, ENCODER_CHUNK)
+
+        return self._add_encoder(s, s.kind, run, ens.tokenizer)
 
     def _add_embedder(self, s: Spec) -> Served:
         from transformers import AutoModel  # loads with the models, as above

@@ -129,14 +129,14 @@ class TokenClassificationTask:
                                ignore_index=IGNORE, label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
-    def _run(self, model, enc: TokenEncoded, batch_size: int) -> tuple[list[list[str]], list[list[float]], float, int]:
-        """The one inference loop (evaluation and prediction): -> (one tag per word of each example, the
-        softmax probability of that tag at the word's first sub-token; words lost to truncation get "O" and
-        1.0), loss sum, loss terms (both 0 for unlabelled examples)."""
+    def word_distributions(self, model, enc: TokenEncoded, batch_size: int
+                           ) -> tuple[list[np.ndarray], float, int]:
+        """The one inference loop (evaluation, prediction, ensembles): -> (per example [words, labels] softmax
+        probabilities at each word's first sub-token, NaN rows for words lost to truncation), loss sum, loss
+        terms (both 0 for unlabelled examples)."""
         model.eval()
         device = next(model.parameters()).device
-        tags: list[list[str]] = [["O"] * n for n in enc.n_words]
-        probs: list[list[float]] = [[1.0] * n for n in enc.n_words]
+        dists = [np.full((n, len(self.labels)), np.nan, dtype=np.float32) for n in enc.n_words]
         total, count = 0.0, 0
         order = np.argsort(enc.lengths, kind="stable")
         for start in range(0, len(order), batch_size):
@@ -146,14 +146,28 @@ class TokenClassificationTask:
             total += float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum",
                                            ignore_index=IGNORE))
             count += self.units(enc, idx)
-            best, pred = torch.softmax(logits, -1).max(-1)
-            best, pred = best.cpu().tolist(), pred.cpu().tolist()
+            probs = torch.softmax(logits, -1).cpu().numpy()
             for row, i in enumerate(idx):
                 for pos, w in enumerate(enc.word_index[i]):
                     if w >= 0:
-                        tags[i][w] = self.labels[pred[row][pos]]
-                        probs[i][w] = best[row][pos]
-        return tags, probs, total, count
+                        dists[i][w] = probs[row, pos]
+        return dists, total, count
+
+    def decode(self, dists: list[np.ndarray]) -> tuple[list[list[str]], list[list[float]]]:
+        """Per-word distributions -> (one tag per word, that tag's probability); a word lost to truncation (a NaN
+        row) is "O" with probability 1."""
+        tags, probs = [], []
+        for d in dists:
+            seen = ~np.isnan(d).any(axis=1)
+            best = np.nan_to_num(d, nan=-1.0).argmax(axis=1)
+            tags.append([self.labels[b] if ok else "O" for b, ok in zip(best, seen)])
+            probs.append([float(d[k, b]) if ok else 1.0 for k, (b, ok) in enumerate(zip(best, seen))])
+        return tags, probs
+
+    def _run(self, model, enc: TokenEncoded, batch_size: int) -> tuple[list[list[str]], list[list[float]], float, int]:
+        """-> (one tag per word of each example, its probability; see `decode`), loss sum, loss terms."""
+        dists, total, count = self.word_distributions(model, enc, batch_size)
+        return (*self.decode(dists), total, count)
 
     def through_model_forward(self) -> None:
         """Nothing to change: the loss is the model's forward already."""
@@ -169,23 +183,31 @@ class TokenClassificationTask:
         """Encoded word lists -> one predicted tag per word."""
         return self._run(model, enc, batch_size)[0]
 
-    def entities(self, model, enc: TokenEncoded, batch_size: int) -> list[list[dict]]:
-        """Encoded (unlabelled) word lists -> per example its entities, as `bio_entities` gives them."""
-        tags, probs, _, _ = self._run(model, enc, batch_size)
-        return [bio_entities(t, p) for t, p in zip(tags, probs)]
-
     def text_entities(self, model, texts: list[str], batch_size: int) -> list[dict]:
         """Raw texts -> per text {"entities": [{"type", "text", "start", "end", "score"}], "tokens": model tokens},
         in input order. Texts are split by `split_words` (the rule text + span NER data was prepared with);
         `start`/`end` are character offsets into the text, `text[start:end]` is the entity's text."""
         words = [split_words(t) for t in texts]
-        enc = self.encode([{"tokens": [w for w, _, _ in ws]} for ws in words], labelled=False)
-        out = []
-        for text, ws, found, n in zip(texts, words, self.entities(model, enc, batch_size), enc.lengths):
-            spans = [(ws[e["start"]][1], ws[e["end"] - 1][2], e) for e in found]
-            out.append({"entities": [{"type": e["type"], "text": text[a:b], "start": a, "end": b, "score": e["score"]}
-                                     for a, b, e in spans], "tokens": n})
-        return out
+        enc = self.encode(word_rows(words), labelled=False)
+        tags, probs = self.decode(self.word_distributions(model, enc, batch_size)[0])
+        return text_spans(texts, words, tags, probs, enc.lengths)
+
+
+def word_rows(words: list[list[tuple[str, int, int]]]) -> list[dict]:
+    """`split_words` output per text -> unlabelled NER rows {"tokens"}."""
+    return [{"tokens": [w for w, _, _ in ws]} for ws in words]
+
+
+def text_spans(texts: list[str], words: list[list[tuple[str, int, int]]], tags: list[list[str]],
+               probs: list[list[float]], n_tokens: list[int]) -> list[dict]:
+    """Per text its predicted word tags -> {"entities": [{"type", "text", "start", "end", "score"}], "tokens"},
+    character offsets into the text (see `TokenClassificationTask.text_entities`)."""
+    out = []
+    for text, ws, t, p, n in zip(texts, words, tags, probs, n_tokens):
+        spans = [(ws[e["start"]][1], ws[e["end"] - 1][2], e) for e in bio_entities(t, p)]
+        out.append({"entities": [{"type": e["type"], "text": text[a:b], "start": a, "end": b, "score": e["score"]}
+                                 for a, b, e in spans], "tokens": n})
+    return out
 
 
 def bio_entities(tags: list[str], probs: list[float]) -> list[dict]:
