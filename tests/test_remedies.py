@@ -241,3 +241,43 @@ def test_cv_keeps_near_duplicates_in_one_fold_and_reports_mean_and_std(tmp_path)
     again = cross_validate(validate(raw), 3, tmp_path / "cv")
     assert weights.stat().st_mtime_ns == stamp
     assert [r["scores"] for r in again["per_fold"]] == [r["scores"] for r in summary["per_fold"]]
+
+
+def test_bootstrap_intervals_cover_and_the_paired_test_sees_only_real_gains():
+    from tunelab.evaluate.metrics import bootstrap_interval, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 2000)
+    weak = np.where(rng.random(2000) < 0.7, y, rng.integers(0, 3, 2000))  # ~80% right
+    strong = np.where(rng.random(2000) < 0.9, y, rng.integers(0, 3, 2000))  # ~93% right
+    low, high = bootstrap_interval(y, weak, "accuracy")
+    assert low < float((y == weak).mean()) < high and high - low < 0.05
+    assert paired_bootstrap(y, strong, weak, "macro_f1")["verdict"] == "better"
+    assert paired_bootstrap(y, weak, strong, "accuracy")["verdict"] == "worse"
+    same = paired_bootstrap(y, weak, weak.copy(), "macro_f1")
+    assert same["difference"] == 0 and same["verdict"] == "no clear difference"
+
+
+def test_a_config_with_seeds_trains_members_and_writes_an_ensemble(small_dataset, tmp_path):
+    from tunelab.artifacts import kind_of
+    from tunelab.evaluate.report import evaluate
+    from tunelab.train.members import train_ensemble
+
+    raw = tiny_config(small_dataset, epochs=3)
+    raw["ensemble"] = {"seeds": [0, 1], "combine": "mean"}
+    summary = train_ensemble(validate(raw), tmp_path / "run")
+    assert kind_of(tmp_path / "run") == "run" and kind_of(tmp_path / "run" / "model") == "ensemble"
+    assert [m["seed"] for m in summary["members"]] == [0, 1]
+    seeds = [json.loads((tmp_path / "run" / "members" / f"seed-{s}" / "model" / "tunelab.json").read_text())["seed"]
+             for s in (0, 1)]
+    assert seeds == [0, 1]
+    report = evaluate(tmp_path / "run" / "model", overrides={"baselines": []})
+    assert report["model"]["method"] == "ensemble (mean)" and 0 <= report["macro_f1"] <= 1
+    with pytest.raises(UserError, match="already holds a run"):
+        train_ensemble(validate(raw), tmp_path / "run")
+    weights = tmp_path / "run" / "members" / "seed-1" / "model" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    train_ensemble(validate(raw), tmp_path / "run", resume="auto")  # members kept, the ensemble rebuilt
+    assert weights.stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="must differ"):
+        validate({**raw, "ensemble": {"seeds": [0, 0]}})

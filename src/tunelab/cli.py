@@ -169,8 +169,14 @@ def train(
         raise UserError(f"{path} is a folder, not a YAML config file{hint}")
     cfg = load_config(path, args, saved=saved)
     out = out or Path("runs") / (cfg.name or path.stem)
-    summary = run_train(cfg, out, resume=resume, force=force, overwrite=overwrite, console=err_console,
-                        show_progress=sys.stderr.isatty())
+    if cfg.ensemble is not None:  # one member per seed, then the ensemble dir out/model
+        from tunelab.train.members import train_ensemble
+
+        summary = train_ensemble(cfg, out, resume=resume, overwrite=overwrite, console=err_console,
+                                 show_progress=sys.stderr.isatty())
+    else:
+        summary = run_train(cfg, out, resume=resume, force=force, overwrite=overwrite, console=err_console,
+                            show_progress=sys.stderr.isatty())
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports for the job
         console.print_json(json.dumps(summary))
 

@@ -559,6 +559,20 @@ def load_monitor_config(path: str | Path, overrides: list[str] | None = None) ->
         raise UserError(format_validation_error(err)) from None
 
 
+class EnsembleConfig(Section):
+    """Train the config once per seed and combine the models: `tunelab train` writes each member's run dir
+    (`OUT/members/seed-N/`) and the ensemble dir `OUT/model` (`tunelab ensemble`)."""
+
+    seeds: list[int] = Field(..., min_length=2, description="one member per seed (train.seed)")
+    combine: Literal["mean", "vote"] = Field("mean", description="mean: average the probabilities; vote: majority")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EnsembleConfig":
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("ensemble.seeds must differ")
+        return self
+
+
 class RunConfig(Section):
     task: Literal["auto", "classification", "token_classification", "causal_lm", "masked_lm", "sft"] = Field(
         "auto", description="auto: from the dataset (classification, ner -> token_classification, text -> "
@@ -569,6 +583,8 @@ class RunConfig(Section):
     method: MethodConfig = MethodConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    ensemble: EnsembleConfig | None = Field(None, description="train one member per seed and combine them "
+                                            "(classification and NER)")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

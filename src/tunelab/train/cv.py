@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunelab.artifacts import META_FILE, check_target, kind_of, write_file, write_folder
-from tunelab.config import DedupConfig, EvalConfig, RunConfig, dump_config
+from tunelab.config import DedupConfig, EvalConfig, RunConfig
 from tunelab.data.dataset import DATASET_FILE, SPLITS, fingerprint, load_meta, load_split, write_jsonl
 from tunelab.data.neardup import near_duplicates
 from tunelab.data.split import group_kfold, seeded_subset
@@ -34,8 +34,8 @@ from tunelab.evaluate.report import evaluate
 from tunelab.models import library_versions, read_meta
 from tunelab.tasks import task_spec
 from tunelab.terminal import make_console, plain
-from tunelab.train import checkpoint as ckpt
-from tunelab.train.loop import ensure_dataset, resolve_task, train
+from tunelab.train.loop import ensure_dataset, resolve_task
+from tunelab.train.members import train_or_keep
 
 # the scores summarised per fold, by report (the task's headline score first)
 SCORES = {"classes": ("macro_f1", "accuracy", "macro_precision", "macro_recall"),
@@ -126,45 +126,25 @@ def _balance(rows: list[dict]) -> dict:
 
 def _run_fold(cfg: RunConfig, k: int, fold_dir: Path, run_dir: Path, spec, overwrite: bool, console: Console,
               show_progress: bool) -> dict:
-    """Train fold `k` (unless its run dir already holds a model of this config and these rows) and score it on
-    the held-out fold -> its scores."""
+    """Train fold `k` (or keep / continue it, `members.train_or_keep`) and score it on the held-out fold -> its
+    scores."""
     raw = cfg.model_dump(mode="json")
     raw["data"] = {**raw["data"], "dir": str(fold_dir.resolve()), "prepare": None, "max_train_examples": None}
     fold_cfg = RunConfig.model_validate(raw)
-    fp = load_meta(fold_dir)["fingerprint"]
+    fold_meta = load_meta(fold_dir)
     model_dir = run_dir / "model"
     started = time.perf_counter()
-    if overwrite or not _done(run_dir, fold_cfg, fp):
-        resume = None if overwrite or not _same_config(run_dir, fold_cfg) or not ckpt.complete_checkpoints(
-            run_dir / "checkpoints") else "auto"
-        console.print(f"[bold]fold {k}[/]: " + ("continuing" if resume else "training")
-                      + f" on {load_meta(fold_dir)['splits']['train']:,} rows")
-        summary = train(fold_cfg, run_dir, resume=resume, overwrite=resume is None, console=console,
-                        show_progress=show_progress)
-        if "model_dir" not in summary:
-            raise UserError(f"fold {k} stopped before its model was saved; run the same command again to continue")
-    else:
-        console.print(f"[bold]fold {k}[/]: kept (trained before with this config and these rows)")
+    console.print(f"[bold]fold {k}[/]: {fold_meta['splits']['train']:,} train rows, "
+                  f"{fold_meta['splits']['test']:,} held out")
+    train_or_keep(fold_cfg, run_dir, f"fold {k}", overwrite, console, show_progress, fold_meta["fingerprint"])
     report = evaluate(model_dir, fold_dir, "test", eval_cfg=EvalConfig(baselines=[], batch_size=cfg.eval.batch_size))
     model_meta = read_meta(model_dir)
     scores = {key: report[key] for key in SCORES[spec.report] if isinstance(report.get(key), (int, float))}
     console.print(f"fold {k}: " + " · ".join(f"{key} {v:.4f}" for key, v in scores.items()))
-    return {"fold": k, "train_rows": load_meta(fold_dir)["splits"]["train"], "held_out_rows": report["n"]
-            if "n" in report else len(load_split(fold_dir, "test")), "scores": scores,
-            "best_step": model_meta.get("best_step"), "validation": model_meta["metrics"]["validation"],
-            "model_dir": str(model_dir), "seconds": round(time.perf_counter() - started, 1)}
-
-
-def _same_config(run_dir: Path, cfg: RunConfig) -> bool:
-    """Whether the run dir `run_dir` was started with `cfg`."""
-    saved = run_dir / "config.yaml"
-    return saved.is_file() and saved.read_text(encoding="utf-8") == dump_config(cfg)
-
-
-def _done(run_dir: Path, cfg: RunConfig, fp: str) -> bool:
-    """Whether `run_dir` holds a model trained with `cfg` on the fold dataset of fingerprint `fp`."""
-    return ((run_dir / "model" / META_FILE).is_file() and _same_config(run_dir, cfg)
-            and read_meta(run_dir / "model")["data"]["fingerprint"] == fp)
+    return {"fold": k, "train_rows": fold_meta["splits"]["train"], "held_out_rows": fold_meta["splits"]["test"],
+            "scores": scores, "best_step": model_meta.get("best_step"),
+            "validation": model_meta["metrics"]["validation"], "model_dir": str(model_dir),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _summary(cfg: RunConfig, folds: int, data_dir: Path, meta: dict, spec, rows: list[dict], multi: int,
