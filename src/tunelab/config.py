@@ -272,12 +272,13 @@ class RegularizeConfig(Section):
 
 class AdversarialConfig(Section):
     """Adversarial training on the input embeddings: each batch's loss is the clean loss plus the loss under a
-    perturbation of the word embeddings that raises it most (an L2 ball of radius `epsilon` per example). FGM
-    (Miyato et al., 2017) takes one normalised gradient step; PGD (Madry et al., 2018) takes `steps` steps of
+    perturbation of the word embeddings that raises it most (an L2 ball of radius `epsilon` over the micro-batch).
+    FGM (Miyato et al., 2017) takes one normalised gradient step; PGD (Madry et al., 2018) takes `steps` steps of
     size `alpha`, each projected back onto the ball."""
 
     method: Literal["fgm", "pgd"]
-    epsilon: float = Field(1.0, gt=0, description="the L2 radius of the perturbation, per example")
+    epsilon: float = Field(1.0, gt=0, description="the L2 radius of the perturbation of a micro-batch's word "
+                           "embeddings")
     steps: int = Field(3, gt=0, le=20, description="pgd: ascent steps (each one forward and backward more)")
     alpha: float = Field(0.3, gt=0, description="pgd: the L2 size of each step")
 

@@ -53,7 +53,7 @@ class _TfidfModel:
 
 
 def tfidf_logreg(train_rows: list[dict], test_rows: list[dict], labels: list[str], seed: int = 0,
-                 validation_rows: list[dict] | None = None, cache: bool = True) -> dict:
+                 validation_rows: list[dict] | None = None, cache: bool = True, predictions: bool = False) -> dict:
     """TF-IDF n-grams + logistic regression, tuned on validation rows, scored on `test_rows`.
 
     The grid FEATURE_SETS x C_GRID (class-balanced logistic regression, saga, seeded) is fit on `train_rows`
@@ -65,7 +65,8 @@ def tfidf_logreg(train_rows: list[dict], test_rows: list[dict], labels: list[str
     `labels`, `seed` and TFIDF_VERSION, so a later call on the same data fits once instead of the grid.
     Returns `classification_metrics` on `test_rows` plus `name`, `train_examples`, `features`, `C`,
     `validation_macro_f1`, `grid` (every config's validation macro-F1), `tuned_on`, `validation_examples`,
-    `tuned_on_evaluated_rows` and `cache_hit`. A row whose label is not in `labels` raises KeyError."""
+    `tuned_on_evaluated_rows` and `cache_hit` (and with `predictions`, each test row's predicted label id under
+    `predictions`). A row whose label is not in `labels` raises KeyError."""
     label2id = {label: i for i, label in enumerate(labels)}
 
     def targets(rows: list[dict]) -> np.ndarray:
@@ -102,6 +103,8 @@ def tfidf_logreg(train_rows: list[dict], test_rows: list[dict], labels: list[str
                validation_macro_f1=choice["validation_macro_f1"], grid=choice["grid"], tuned_on=tuned_on,
                validation_examples=len(val_rows), tuned_on_evaluated_rows=_rows_hash(val_rows) == _rows_hash(test_rows),
                cache_hit=cache_hit)
+    if predictions:
+        out["predictions"] = probs.argmax(1).tolist()
     return out
 
 

@@ -690,7 +690,7 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
             console: Console, fsdp: bool = False) -> tuple[LoopState, dict | None]:
     d, weights, trainer, saved, best = ckpt.load_resume(out, resume, note=lambda msg: console.print(
         f"[bold yellow]{plain(msg)}[/]", highlight=False, soft_wrap=True))
-    diffs = _differences(own_method_sections(saved["config"]), run_record["config"])
+    diffs = _differences(_with_defaults(own_method_sections(saved["config"])), run_record["config"])
     if saved["data_fingerprint"] != run_record["data_fingerprint"]:
         diffs.append("data fingerprint")
     if diffs and not force:
@@ -706,6 +706,15 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
     run_record["resumed_from"] = {"checkpoint": str(d), "forced_changes": diffs}
     best_weights = best or (weights if state.best_step == state.step else None)
     return state, best_weights
+
+
+def _with_defaults(raw: dict) -> dict:
+    """A saved config with the defaults of keys added since it was written (so they do not count as changes); as
+    saved when it no longer validates (its keys then show as changes)."""
+    try:
+        return RunConfig.model_validate(raw).model_dump(mode="json")
+    except ValueError:
+        return raw
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:
