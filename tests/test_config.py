@@ -24,7 +24,7 @@ def test_examples_exist():
     names = {p.name for p in EXAMPLES}
     assert {"tiny.yaml", "tweets-minilm.yaml", "tweets-smollm2-lora.yaml", "finance-ner-minilm.yaml",
             "chatterbot-smollm2-lora.yaml", "pretrain-scratch.yaml", "dapt-minilm.yaml",
-            "dapt-then-classify.yaml"} <= names
+            "dapt-then-classify.yaml", "tweets-best.yaml"} <= names
 
 
 def test_masked_lm_options_are_checked():
@@ -131,3 +131,16 @@ def test_cli_defaults_come_from_the_config_models():
             shown = "none" if default is None else ", ".join(default) if isinstance(default, list) else default
             assert params[flag].default is None, (name, flag)
             assert f"(default: {shown})" in params[flag].help, (name, flag, params[flag].help)
+
+
+def test_remedy_settings_validate():
+    cfg = validate(base() | {"train": {"adversarial": "pgd", "label_smoothing": 0.1},
+                             "model": {"base": "tiny-bert", "hidden_dropout": 0.2}})
+    assert cfg.train.adversarial.method == "pgd" and cfg.train.adversarial.epsilon == 1.0
+    assert validate(apply_overrides(base(), ["train.adversarial=fgm"])).train.adversarial.method == "fgm"
+    with pytest.raises(UserError, match="train.adversarial"):
+        validate(base() | {"train": {"adversarial": "fsgm"}})
+    with pytest.raises(UserError, match="label_smoothing"):
+        validate(base() | {"train": {"label_smoothing": 1.0}})
+    with pytest.raises(UserError, match="ensemble.seeds"):
+        validate(base() | {"ensemble": {"seeds": [3]}})
