@@ -340,9 +340,9 @@ def ensemble_cmd(
 
     record = build_ensemble(model_dirs, out, combine, weights or None, overwrite)
     table = Table("member", "base", "method", "validation")
-    for m, w in zip(record["members"], record["weights"]):
+    for given, m, w in zip(model_dirs, record["members"], record["weights"]):
         score = m["validation"].get("macro_f1", m["validation"].get("entity_f1"))
-        table.add_row(plain(m["source"]), plain(m["base"]), m["method"] + f" · weight {w:.2f}",
+        table.add_row(plain(str(given)), plain(m["base"]), m["method"] + f" · weight {w:.2f}",
                       "—" if score is None else f"{score:.4f}")
     console.print(table)
     console.print(f"[bold green]saved[/] {plain(out)} · {record['task']} · {len(record['members'])} members · "

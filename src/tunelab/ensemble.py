@@ -50,7 +50,7 @@ def build_ensemble(members: list[str | Path], out: str | Path, combine: str = "m
         raise UserError(f"unknown combination '{combine}'; choose {' or '.join(COMBINE)}")
     weights = [1.0] * len(members) if weights is None else [float(w) for w in weights]
     if len(weights) != len(members) or not all(w > 0 for w in weights):
-        raise UserError(f"--weights: one positive number per model dir ({len(members)}), got {weights}")
+        raise UserError(f"weights (--weight): one positive number per model dir ({len(members)}), got {weights}")
     metas = [_member_meta(Path(m)) for m in members]
     first = metas[0]
     for m, meta in zip(members[1:], metas[1:]):
