@@ -34,12 +34,12 @@ def _poison(monkeypatch, bad_calls):
     """The loss of the listed forward calls (1-based) is NaN."""
     calls = {"n": 0}
 
-    def loss_sum(model, batch):
+    def loss_sum(self, model, batch):
         calls["n"] += 1
-        loss = REAL_LOSS(model, batch)
+        loss = REAL_LOSS(self, model, batch)
         return loss * float("nan") if calls["n"] in bad_calls else loss
 
-    monkeypatch.setattr(ClassificationTask, "loss_sum", staticmethod(loss_sum))
+    monkeypatch.setattr(ClassificationTask, "loss_sum", loss_sum)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_checkpoint(tmp_path, small_dataset, monkeypatch):
@@ -63,12 +63,12 @@ def test_nonfinite_skip_counts_and_stops_after_k_in_a_row(tmp_path, small_datase
 
 
 def _fake_oom_above(monkeypatch, limit):
-    def loss_sum(model, batch):
+    def loss_sum(self, model, batch):
         if batch["input_ids"].shape[0] > limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return REAL_LOSS(model, batch)
+        return REAL_LOSS(self, model, batch)
 
-    monkeypatch.setattr(ClassificationTask, "loss_sum", staticmethod(loss_sum))
+    monkeypatch.setattr(ClassificationTask, "loss_sum", loss_sum)
 
 
 def test_out_of_memory_names_the_knobs_and_writes_no_checkpoint(tmp_path, small_dataset, monkeypatch):
