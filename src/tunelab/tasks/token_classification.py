@@ -240,5 +240,5 @@ def build(cfg, meta: dict, train_rows: list[dict]):
     `tunelab.tasks.TaskSpec.build`)."""
     mc = cfg.model
     model, tok, base, new = models.load_token_classifier(mc.base, meta["labels"], mc.trust_remote_code,
-                                                              models.dropout_of(mc))
+                                                         models.dropout_of(mc))
     return model, tok, base, new, TokenClassificationTask(tok, models.labels_of(model), mc.max_length)
