@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import write_result  # noqa: E402
+from _common import RESULTS, write_result  # noqa: E402
 
 from tunelab.config import PrepareOptions  # noqa: E402
 from tunelab.data.dataset import load_split  # noqa: E402
@@ -74,10 +74,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--reuse", action="store_true", help="score models already trained in runs/tweets-best-bench")
     args = ap.parse_args()
-    results = []
+    earlier = RESULTS / "tweets_best.json"  # seeds measured by an earlier run are kept unless measured again
+    kept = {r["seed"]: r for r in (json.loads(earlier.read_text()).get("seeds", []) if earlier.is_file() else [])}
     for seed in args.seeds:
-        results.append(one_seed(seed, args.reuse))
-        print(json.dumps({k: v for k, v in results[-1].items() if k != "paired_bootstrap_macro_f1"}), flush=True)
+        kept[seed] = one_seed(seed, args.reuse)
+        print(json.dumps({k: v for k, v in kept[seed].items() if k != "paired_bootstrap_macro_f1"}), flush=True)
+    results = [kept[s] for s in sorted(kept)]
     path = write_result("tweets_best", {
         "example": "examples/tweets-best.yaml", "config": EXAMPLE.read_text(), "target_gap": TARGET_GAP,
         "budget_s": BUDGET_S, "tuned_on": "split seed 0 (data/tweets)", "seeds": results,
