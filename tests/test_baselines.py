@@ -187,8 +187,17 @@ def test_report_keys_and_table(tmp_path, small_dataset, capsys):
     printed = capsys.readouterr().out
     assert "TF-IDF" in printed and "fine-tuned tiny-bert" in printed and "10 of 30" in printed
     name = re.escape(report["baselines"]["tfidf_logreg"]["name"])
-    assert re.search(rf"fine-tuned model (beats {name} by \+|scores \d\.\d{{4}} below {name} \(|ties with {name} \()",
-                     printed)
+    assert re.search(rf"fine-tuned model (beats {name} by \+|scores \d\.\d{{4}} macro-F1 below {name} \(|shows no "
+                     rf"clear difference from {name}: )", printed)
+    assert "macro-F1 95% CI" in printed and "paired on the rows both scored" in printed
+    # each baseline's interval, and the comparisons on the rows both scored: the zero-shot's seeded sample
+    for m in (report, *report["baselines"].values()):
+        lo, hi = m["intervals"]["macro_f1"]
+        assert lo <= m["macro_f1"] <= hi and "predictions" not in m and "scored_rows" not in m
+    assert report["comparisons"]["zero_shot"]["rows"] == 10
+    assert report["comparisons"]["tfidf_logreg"]["rows"] == report["n"] == 30
+    assert report["statistics"] == {"method": "percentile bootstrap", "level": 0.95, "resamples": 1000, "seed": 0,
+                                    "unit": "row"}
 
 
 def test_eval_reads_the_run_configs_eval_section_and_flags_win(tmp_path, small_dataset):

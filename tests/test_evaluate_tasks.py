@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tunelab.config import EvalConfig
 from tunelab.evaluate.language import exact_match, rouge_l
 from tunelab.evaluate.report import evaluate
@@ -38,6 +40,14 @@ def test_ner_report_has_entity_scores_and_baseline(tmp_path, ner_data):
     assert rep["task"] == "token_classification" and 0 <= rep["entity_f1"] <= 1
     assert 0.2 < rep["baselines"]["lookup"]["entity_f1"] < 0.9  # finds seen names, misses composed new ones
     assert json.loads((tmp_path / "rep.json").read_text())["per_type"]
+    # intervals by sentence, and the paired comparison with the lookup on the same sentences
+    assert rep["statistics"]["unit"] == "sentence" and "predictions" not in rep
+    for m in (rep, rep["baselines"]["lookup"]):
+        lo, hi = m["intervals"]["entity_f1"]
+        assert lo <= m["entity_f1"] <= hi
+    c = rep["comparisons"]["lookup"]
+    assert c["rows"] == rep["n"]
+    assert c["entity_f1"]["difference"] == pytest.approx(rep["entity_f1"] - rep["baselines"]["lookup"]["entity_f1"])
 
 
 def test_sft_report_has_before_after_generation_and_forgetting(tmp_path, chat_data):
@@ -51,6 +61,14 @@ def test_sft_report_has_before_after_generation_and_forgetting(tmp_path, chat_da
     assert rep["after"]["generation"]["n"] == 3 and len(rep["after"]["generation"]["samples"]) == 3
     f = rep["forgetting"]
     assert f["rows"] == 3 and f["perplexity_before"] > 1 and f["perplexity_after"] > 1
+    for side in ("after", "before"):  # per-block values are used, then dropped
+        lo, hi = rep[side]["intervals"]["perplexity"]
+        assert lo <= rep[side]["perplexity"] <= hi and "blocks" not in rep[side]
+        assert len(rep[side]["intervals"]["rouge_l"]) == 2 and "rouge_l_values" not in rep[side]["generation"]
+    c = rep["comparisons"]["before"]
+    assert c["perplexity"]["difference"] == pytest.approx(rep["after"]["perplexity"] - rep["before"]["perplexity"],
+                                                          rel=1e-4)
+    assert c["rouge_l"]["rows"] == 3
 
 
 def test_causal_lm_report(tmp_path, text_data):
@@ -58,8 +76,12 @@ def test_causal_lm_report(tmp_path, text_data):
     general = tmp_path / "general.txt"
     general.write_text("the weather is nice today.\n\nI like tea.")
     rep = evaluate(tmp_path / "run" / "model", eval_cfg=EvalConfig(general_text=str(general)))
-    # trained on this kind of text: lower perplexity than the (random) base
+    # trained on this kind of text: lower perplexity than the (random) base, clearly
     assert rep["after"]["perplexity"] < rep["before"]["perplexity"]
+    assert rep["comparisons"]["before"]["perplexity"]["verdict"] == "better"
+    plain = evaluate(tmp_path / "run" / "model", eval_cfg=EvalConfig(general_text=str(general), bootstrap=0))
+    assert plain["after"]["perplexity"] == pytest.approx(rep["after"]["perplexity"], rel=1e-5)  # per block or not
+    assert "intervals" not in plain["after"] and "comparisons" not in plain
 
 
 def _cli(*args):

@@ -301,6 +301,7 @@ def eval_cmd(
     general_text: Optional[str] = _opt(EvalConfig, "general_text", "--general-text"),
     general_samples: Optional[int] = _opt(EvalConfig, "general_samples", "--general-samples"),
     batch_size: Optional[int] = _opt(EvalConfig, "batch_size", "--batch-size"),
+    bootstrap: Optional[int] = _opt(EvalConfig, "bootstrap", "--bootstrap"),
     strict: bool = typer.Option(False, "--strict", help="refuse to score a split that shares rows with the "
                                 "model's training data (1% or more, or any exact duplicate), or when that data "
                                 "is gone and cannot be checked"),
@@ -313,7 +314,7 @@ def eval_cmd(
     flags = {"baselines": [] if no_baselines else baseline, "zero_shot_model": zero_shot_model,
              "zero_shot_samples": zero_shot_samples, "generation_samples": generation_samples,
              "max_new_tokens": max_new_tokens, "general_text": general_text, "general_samples": general_samples,
-             "batch_size": batch_size}
+             "batch_size": batch_size, "bootstrap": bootstrap}
     overrides = {k: v for k, v in flags.items() if v is not None}
     if zero_shot_samples == 0:
         overrides["zero_shot_samples"] = None  # all rows

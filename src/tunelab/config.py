@@ -349,6 +349,8 @@ class EvalConfig(Section):
                                  "baseline")
     zero_shot_samples: int | None = Field(300, gt=0, description="cap on test rows scored zero-shot (a seeded "
                                           "sample); null = all")
+    bootstrap: int = Field(1000, ge=0, description="resamples behind each 95% interval and paired comparison "
+                           "(percentile bootstrap over rows, sentences or blocks); 0 = none")
 
 
 DEFAULT_RATE_LIMIT = 600  # requests per minute per API key, when keys are set and no limit is given

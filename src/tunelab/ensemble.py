@@ -171,16 +171,19 @@ class Ensemble:
         return text_spans(texts, words, tags, probs, decoder.encode(rows, labelled=False).lengths)
 
     # ---- what the commands call ---------------------------------------------------------------------
-    def evaluate(self, rows: list[dict], batch_size: int = 64) -> dict:
+    def evaluate(self, rows: list[dict], batch_size: int = 64, predictions: bool = False) -> dict:
         """The metrics a single model's evaluation reports on labelled `rows` (an unknown label or tag is a
-        `UserError`)."""
+        `UserError`); with `predictions`, each row's label id or tags under `predictions`."""
         if self.spec.served_as == "classify":
             unknown = sorted({r["label"] for r in rows} - set(self.labels))
             if unknown:
                 raise UserError(f"labels {unknown} are unknown to this ensemble; it knows {self.labels}")
             y = [self.labels.index(r["label"]) for r in rows]
             probs = self.class_probs([r["text"] for r in rows], batch_size)
-            return classification_metrics(y, probs.argmax(-1), self.labels, probs)
+            metrics = classification_metrics(y, probs.argmax(-1), self.labels, probs)
+            if predictions:
+                metrics["predictions"] = probs.argmax(-1).tolist()
+            return metrics
         decoder = self._decoder()
         decoder.encode(rows)  # refuses unknown tags, naming them
         dists = self.word_dists(rows, batch_size)
@@ -189,6 +192,8 @@ class Ensemble:
         gold = [(d[k, self.labels.index(t)]) for d, r in zip(dists, rows) for k, t in enumerate(r["tags"])
                 if not np.isnan(d[k]).any()]
         metrics["loss"] = float(-np.log(np.clip(gold, 1e-12, None)).mean()) if gold else 0.0
+        if predictions:
+            metrics["predictions"] = pred
         return metrics
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:

@@ -215,11 +215,13 @@ def _label_token_ids(tokenizer, label: str) -> set[int]:
 
 @torch.no_grad()
 def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples: int | None = 300,
-              seed: int = 0, batch_size: int = 16) -> dict:
-    """Zero-shot classification by next-token label scores; `samples` caps the rows (seeded sample)."""
+              seed: int = 0, batch_size: int = 16, predictions: bool = False) -> dict:
+    """Zero-shot classification by next-token label scores; `samples` caps the rows (seeded sample). With
+    `predictions`: each scored row's label id under `predictions`, and under `scored_rows` the positions in
+    `test_rows` of the rows scored (None: all of them, in order)."""
     from transformers import AutoModelForCausalLM  # ~1 s over torch; only the zero-shot baseline loads a decoder
 
-    rows = test_rows
+    rows, pick = test_rows, None
     if samples is not None and samples < len(rows):
         pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=samples, replace=False))
         rows = [rows[i] for i in pick]
@@ -250,6 +252,8 @@ def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples:
     out = classification_metrics(y, scores.argmax(1), labels, probs)
     out.update(name=f"zero-shot {model_ref.removeprefix('builtin:')}", sample_size=len(rows), population=len(test_rows),
                prompt=ZERO_SHOT_PROMPT)
+    if predictions:
+        out.update(predictions=scores.argmax(1).tolist(), scored_rows=None if pick is None else pick.tolist())
     return out
 
 

@@ -11,7 +11,8 @@ from collections import Counter, defaultdict
 from tunelab.tasks.token_classification import entity_metrics
 
 
-def lookup_baseline(train: list[dict], rows: list[dict]) -> dict:
+def lookup_baseline(train: list[dict], rows: list[dict], predictions: bool = False) -> dict:
+    """The lookup's entity scores on `rows` (with `predictions`, its tags per row under `predictions`)."""
     seen: dict[str, Counter] = defaultdict(Counter)
     for r in train:
         for w, t in zip(r["tokens"], r["tags"]):
@@ -27,4 +28,6 @@ def lookup_baseline(train: list[dict], rows: list[dict]) -> dict:
         pred.append(tags)
     out = entity_metrics([r["tags"] for r in rows], pred)
     out.update(name="word lookup", train_examples=len(train), n=len(rows))
+    if predictions:
+        out["predictions"] = pred
     return out

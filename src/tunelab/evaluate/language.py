@@ -53,13 +53,15 @@ def exact_match(pred: str, ref: str) -> bool:
     return _norm_tokens(pred) == _norm_tokens(ref)
 
 
-def lm_perplexity(model, tokenizer, rows: list[dict], task: str, block: int, batch_size: int = 8) -> dict:
-    """{"loss", "perplexity", "tokens"} of `rows` ({"text"} or {"messages"}) under `model`."""
+def lm_perplexity(model, tokenizer, rows: list[dict], task: str, block: int, batch_size: int = 8,
+                  per_block: bool = False) -> dict:
+    """{"loss", "perplexity", "tokens"} of `rows` ({"text"} or {"messages"}) under `model` (with `per_block`, each
+    block's (loss sum, tokens) under `blocks`)."""
     from tunelab.tasks.causal_lm import CausalLMTask
     from tunelab.tasks.sft import SFTTask
 
     t = (SFTTask if task_spec(task).conversations else CausalLMTask)(tokenizer, block, packing=True)
-    return t.evaluate(model, t.encode(rows), batch_size)
+    return t.evaluate(model, t.encode(rows), batch_size, per_block=per_block)
 
 
 def generation_scores(gen, rows: list[dict], n: int, max_new_tokens: int, seed: int = 0, show: int = 3) -> dict:
@@ -79,7 +81,7 @@ def generation_scores(gen, rows: list[dict], n: int, max_new_tokens: int, seed: 
         if len(samples) < show:
             samples.append({"prompt": r["messages"][-2]["content"], "reference": ref, "answer": out})
     return {"n": len(pick), "rouge_l": float(np.mean(rl)) if rl else 0.0,
-            "exact_match": float(np.mean(em)) if em else 0.0, "samples": samples}
+            "exact_match": float(np.mean(em)) if em else 0.0, "samples": samples, "rouge_l_values": rl}
 
 
 def general_text(source: str | None, n: int, seed: int = 0) -> tuple[str, list[dict]]:
@@ -107,14 +109,15 @@ def general_text(source: str | None, n: int, seed: int = 0) -> tuple[str, list[d
     return name, [{"text": texts[i]} for i in pick]
 
 
-def evaluate_language(model, tok, meta: dict, rows: list[dict], eval_cfg, device: str = "cpu") -> dict:
+def evaluate_language(model, tok, meta: dict, rows: list[dict], eval_cfg, device: str = "cpu", seed: int = 0) -> dict:
     """The report body for a causal_lm / sft model dir (see the module docstring)."""
     from tunelab.generate import Generator
     from tunelab.models import load_causal_lm
 
     task, block = meta["task"], meta.get("max_length", 512)
     bs = min(eval_cfg.batch_size, 8)  # blocks of up to `block` tokens each
-    report = {"after": lm_perplexity(model, tok, rows, task, block, bs)}
+    per_block = eval_cfg.bootstrap > 0
+    report = {"after": lm_perplexity(model, tok, rows, task, block, bs, per_block)}
     base_ref = meta["base"]["ref"]
     base = None
     if base_ref != "scratch":
@@ -122,7 +125,7 @@ def evaluate_language(model, tok, meta: dict, rows: list[dict], eval_cfg, device
         base.to(device).eval()
         if task_spec(task).conversations and not getattr(base_tok, "chat_template", None):
             base_tok.chat_template = tok.chat_template
-        report["before"] = lm_perplexity(base, base_tok, rows, task, block, bs)
+        report["before"] = lm_perplexity(base, base_tok, rows, task, block, bs, per_block)
     if task_spec(task).conversations and eval_cfg.generation_samples:
         stop = list(meta.get("stop") or [tok.eos_token])
         report["after"]["generation"] = generation_scores(Generator(model, tok, stop, "fine-tuned"), rows,
@@ -136,4 +139,30 @@ def evaluate_language(model, tok, meta: dict, rows: list[dict], eval_cfg, device
         after = lm_perplexity(model, tok, general, "causal_lm", block, bs)["perplexity"]
         report["forgetting"] = {"general_text": name, "rows": len(general), "perplexity_before": before,
                                 "perplexity_after": after, "change": after / before - 1}
+    language_statistics(report, eval_cfg.bootstrap, seed)
     return report
+
+
+def language_statistics(report: dict, resamples: int, seed: int) -> None:
+    """Adds the perplexity's interval (blocks resampled) and ROUGE-L's (answers resampled) to `after` and `before`,
+    and their paired after - before differences under `comparisons["before"]` (see evaluate/significance.py);
+    drops the per-block and per-answer values they are computed from."""
+    from tunelab.evaluate import significance as sg
+
+    sides = {k: report[k] for k in ("after", "before") if report.get(k)}
+    blocks = {k: m.pop("blocks", None) for k, m in sides.items()}
+    rouge = {k: m["generation"].pop("rouge_l_values") for k, m in sides.items() if m.get("generation")}
+    if not resamples:
+        return
+    report["statistics"] = sg.settings(resamples, seed, "block of tokens (ROUGE-L: answer)")
+    for k, m in sides.items():
+        m["intervals"] = {"perplexity": sg.perplexity_interval(blocks[k], resamples, seed)}
+        if k in rouge:
+            m["intervals"]["rouge_l"] = sg.mean_interval(rouge[k], resamples, seed)
+    if "before" not in sides:
+        return
+    paired = sg.compare_perplexity(blocks["after"], blocks["before"], resamples, seed)
+    comparison = paired or {"rows": 0, "perplexity": None}
+    if "after" in rouge and "before" in rouge and len(rouge["after"]) == len(rouge["before"]) and rouge["after"]:
+        comparison["rouge_l"] = sg.compare_means(rouge["after"], rouge["before"], resamples, seed)
+    report["comparisons"] = {"before": comparison}

@@ -58,31 +58,91 @@ def _resampled_scores(metric: str, y_true: np.ndarray, y_pred: np.ndarray, idx: 
     return f1.sum(1) / np.maximum(present.sum(1), 1)
 
 
-def _resamples(y_true, preds: list, n: int, seed: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, int]:
+CHUNK = 4_000_000  # resampled unit draws held at once: 1,000 resamples of 100,000 rows stay under ~100 MB
+
+
+def _draws(units: int, n: int, seed: int):
+    """`n` resamples of `units` positions (seeded), in chunks of at most CHUNK draws."""
+    rng, per = np.random.default_rng(seed), max(1, CHUNK // max(1, units))
+    for start in range(0, n, per):
+        yield rng.integers(0, units, size=(min(per, n - start), units))
+
+
+def _labels(y_true, preds: list) -> tuple[np.ndarray, list[np.ndarray], int]:
     y_true = np.asarray(y_true, dtype=np.int64)
     preds = [np.asarray(p, dtype=np.int64) for p in preds]
     k = int(max([y_true.max(initial=0)] + [p.max(initial=0) for p in preds])) + 1
-    idx = np.random.default_rng(seed).integers(0, len(y_true), size=(n, len(y_true)))
-    return y_true, preds, idx, k
+    return y_true, preds, k
+
+
+def _interval(values: np.ndarray, level: float) -> list[float]:
+    return [float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))]
+
+
+def _difference(point: float, diffs: np.ndarray, level: float, higher_is_better: bool = True) -> dict:
+    """{difference, interval, verdict}: `better` when the interval of a - b lies on the good side of zero
+    (above it when higher is better), `worse` when on the other side, else `no clear difference`."""
+    low, high = _interval(diffs, level)
+    good, bad = (low > 0, high < 0) if higher_is_better else (high < 0, low > 0)
+    return {"difference": float(point), "interval": [low, high],
+            "verdict": "better" if good else "worse" if bad else "no clear difference"}
 
 
 def bootstrap_interval(y_true, y_pred, metric: str = "macro_f1", n: int = 1000, seed: int = 0,
                        level: float = 0.95) -> list[float]:
     """The percentile bootstrap interval of `metric` (accuracy or macro_f1) over resampled rows (seeded)."""
-    y_true, (y_pred,), idx, k = _resamples(y_true, [y_pred], n, seed)
-    values = _resampled_scores(metric, y_true, y_pred, idx, k)
-    return [float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))]
+    y_true, (y_pred,), k = _labels(y_true, [y_pred])
+    return _interval(np.concatenate([_resampled_scores(metric, y_true, y_pred, idx, k)
+                                     for idx in _draws(len(y_true), n, seed)]), level)
 
 
 def paired_bootstrap(y_true, pred_a, pred_b, metric: str = "macro_f1", n: int = 1000, seed: int = 0,
                      level: float = 0.95) -> dict:
     """`metric`(a) - `metric`(b) on the same rows, with its percentile interval over resamples that draw the same
     rows for both; `better` when the interval lies above zero, `worse` below it, else `no clear difference`."""
-    y_true, (pred_a, pred_b), idx, k = _resamples(y_true, [pred_a, pred_b], n, seed)
-    diffs = _resampled_scores(metric, y_true, pred_a, idx, k) - _resampled_scores(metric, y_true, pred_b, idx, k)
-    whole = np.arange(len(y_true))[None]
-    difference = float((_resampled_scores(metric, y_true, pred_a, whole, k)
-                        - _resampled_scores(metric, y_true, pred_b, whole, k))[0])
-    low, high = float(np.quantile(diffs, (1 - level) / 2)), float(np.quantile(diffs, (1 + level) / 2))
-    return {"difference": difference, "interval": [low, high],
-            "verdict": "better" if low > 0 else "worse" if high < 0 else "no clear difference"}
+    y_true, (pred_a, pred_b), k = _labels(y_true, [pred_a, pred_b])
+
+    def diff(idx):
+        return _resampled_scores(metric, y_true, pred_a, idx, k) - _resampled_scores(metric, y_true, pred_b, idx, k)
+
+    diffs = np.concatenate([diff(idx) for idx in _draws(len(y_true), n, seed)])
+    return _difference(diff(np.arange(len(y_true))[None])[0], diffs, level)
+
+
+def _ratios(num, den, idx: np.ndarray, transform) -> np.ndarray:
+    """transform(sum num / sum den) over each resample's units (rows of `idx`)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    a, b = num[idx].sum(1), den[idx].sum(1)
+    ratio = np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+    return transform(ratio) if transform else ratio
+
+
+def ratio_interval(num, den, n: int = 1000, seed: int = 0, level: float = 0.95, transform=None) -> list[float]:
+    """The percentile bootstrap interval of transform(sum(num) / sum(den)) over resampled units (rows, blocks):
+    a mean (den = 1 each), entity F1 (num = 2tp, den = 2tp + fp + fn), perplexity (loss sums over token counts,
+    transform = exp). Units are what is resampled, so they should be independent of each other."""
+    return _interval(np.concatenate([_ratios(num, den, idx, transform) for idx in _draws(len(num), n, seed)]),
+                     level)
+
+
+def paired_ratio(a: tuple, b: tuple, n: int = 1000, seed: int = 0, level: float = 0.95, transform=None,
+                 higher_is_better: bool = True) -> dict:
+    """`ratio_interval`'s statistic of a (num, den) minus b's on the same units (each resample draws the same units
+    for both), as `paired_bootstrap` reports it."""
+    def diff(idx):
+        return _ratios(*a, idx, transform) - _ratios(*b, idx, transform)
+
+    diffs = np.concatenate([diff(idx) for idx in _draws(len(a[0]), n, seed)])
+    return _difference(diff(np.arange(len(a[0]))[None])[0], diffs, level, higher_is_better)
+
+
+def mcnemar(y_true, pred_a, pred_b) -> dict:
+    """McNemar's exact test of equal accuracy on paired rows: of the rows exactly one of a and b gets right
+    (`a_only`, `b_only`), a two-sided binomial test of an even split. `p_value` 1.0 when there are none."""
+    from scipy.stats import binomtest  # scipy.stats takes ~0.3 s to import; only the tests need it
+
+    y_true, pred_a, pred_b = (np.asarray(v) for v in (y_true, pred_a, pred_b))
+    right_a, right_b = pred_a == y_true, pred_b == y_true
+    a_only, b_only = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
+    p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": float(p)}

@@ -32,6 +32,7 @@ from tunelab.evaluate.metrics import classification_metrics
 from tunelab.evaluate.entities import lookup_baseline
 from tunelab.evaluate.language import evaluate_language
 from tunelab.evaluate import base_fit
+from tunelab.evaluate import significance as sg
 from tunelab.evaluate.leakage import check_leakage, describe, row_text, training_data
 from tunelab.evaluate.plots import confusion_matrix_png
 from tunelab.models import load_model_dir
@@ -106,16 +107,18 @@ def _scores(kind: str, model, tok, meta: dict, rows: list[dict], data_dir: Path,
         return _classification(model, tok, meta, rows, data_dir, eval_cfg, seed, same_data)
     if kind == "entities":
         if isinstance(model, Ensemble):
-            report = model.evaluate(rows, eval_cfg.batch_size)
+            report = model.evaluate(rows, eval_cfg.batch_size, predictions=True)
         else:
             task = TokenClassificationTask(tok, meta["labels"], meta.get("max_length", 512))
-            report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size)
-        return {**report, "n": len(rows),
-                "baselines": {"lookup": lookup_baseline(load_split(data_dir, "train"), rows)}}
+            report = task.evaluate(model, task.encode(rows), eval_cfg.batch_size, predictions=True)
+        report = {**report, "n": len(rows),
+                  "baselines": {"lookup": lookup_baseline(load_split(data_dir, "train"), rows, predictions=True)}}
+        _entity_statistics(report, rows, eval_cfg.bootstrap, seed)
+        return report
     if kind == "masked":
         task = MaskedLMTask.from_meta(tok, meta)
         return {**task.evaluate(model, task.encode(rows), eval_cfg.batch_size), "n": len(rows)}
-    return evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device))
+    return evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device), seed)
 
 
 def _split_rows(meta: dict, data_dir: str | Path | None, split: str) -> tuple[Path, dict, list[dict]]:
@@ -161,12 +164,13 @@ def model_train_subset(meta: dict, train_rows: list[dict]) -> list[dict] | None:
 def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed, same_data: bool) -> dict:
     labels = meta["labels"]
     if isinstance(model, Ensemble):
-        report = model.evaluate(rows, eval_cfg.batch_size)
+        report = model.evaluate(rows, eval_cfg.batch_size, predictions=True)
     else:
         task = ClassificationTask(tok, labels, meta.get("max_length", 512))
         enc = task.encode(rows)
         logits = task.logits(model, enc, eval_cfg.batch_size)
         report = classification_metrics(enc.labels, logits.argmax(-1), labels, softmax(logits))
+        report["predictions"] = logits.argmax(-1).tolist()
     report["baselines"] = {}
     train_rows = load_split(data_dir, "train")
     subset = model_train_subset(meta, train_rows) if same_data else None
@@ -174,15 +178,16 @@ def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed
         # tuned on the validation split (a train hold-out when that is empty); the evaluated rows take no part
         validation = load_split(data_dir, "validation")
         report["baselines"]["tfidf_logreg"] = bl.tfidf_logreg(train_rows, rows, labels, seed,
-                                                              validation_rows=validation)
+                                                              validation_rows=validation, predictions=True)
         if subset is not None:  # the rows the model saw: separates what the extra rows are worth from the method
-            same = bl.tfidf_logreg(subset, rows, labels, seed, validation_rows=validation)
+            same = bl.tfidf_logreg(subset, rows, labels, seed, validation_rows=validation, predictions=True)
             same["name"] += f" on the same {len(subset):,} rows"
             same["rows"] = f"the seeded subset the model was trained on (seed {meta['seed']})"
             report["baselines"]["tfidf_logreg_same_rows"] = same
     if "zero_shot" in eval_cfg.baselines:
         report["baselines"]["zero_shot"] = bl.zero_shot(eval_cfg.zero_shot_model, rows, labels,
-                                                        eval_cfg.zero_shot_samples, seed)
+                                                        eval_cfg.zero_shot_samples, seed, predictions=True)
+    _class_statistics(report, rows, labels, eval_cfg.bootstrap, seed)
     n_model = meta["data"]["train_examples"]
     if not same_data:
         seen = "rows of the data it was trained on, not this dataset"
@@ -194,6 +199,38 @@ def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed
                             "baselines": {k: b["train_examples"] for k, b in report["baselines"].items()
                                           if "train_examples" in b}}
     return report
+
+
+def _class_statistics(report: dict, rows: list[dict], labels: list[str], resamples: int, seed: int) -> None:
+    """Adds the intervals of the model's and each baseline's scores and the paired comparisons of the model with
+    each baseline (see evaluate/significance.py), and drops the per-row predictions they are computed from."""
+    pred = report.pop("predictions")
+    preds = {k: (b.pop("predictions"), b.pop("scored_rows", None)) for k, b in report["baselines"].items()}
+    if not resamples:
+        return
+    label2id = {label: i for i, label in enumerate(labels)}
+    y = [label2id[r["label"]] for r in rows]
+    report["statistics"] = sg.settings(resamples, seed, "row")
+    report["intervals"] = sg.class_intervals(y, pred, resamples, seed)
+    report["comparisons"] = {}
+    for k, (base_pred, base_rows) in preds.items():
+        shared = y if base_rows is None else [y[i] for i in base_rows]
+        report["baselines"][k]["intervals"] = sg.class_intervals(shared, base_pred, resamples, seed)
+        report["comparisons"][k] = sg.compare_classes(y, pred, base_pred, base_rows, resamples, seed)
+
+
+def _entity_statistics(report: dict, rows: list[dict], resamples: int, seed: int) -> None:
+    """As `_class_statistics`, for NER: entity scores resampled by sentence."""
+    pred, base = report.pop("predictions"), report["baselines"]["lookup"]
+    base_pred = base.pop("predictions")
+    if not resamples:
+        return
+    gold = [r["tags"] for r in rows]
+    counts, base_counts = sg.entity_counts(gold, pred), sg.entity_counts(gold, base_pred)
+    report["statistics"] = sg.settings(resamples, seed, "sentence")
+    report["intervals"] = sg.entity_intervals(counts, resamples, seed)
+    base["intervals"] = sg.entity_intervals(base_counts, resamples, seed)
+    report["comparisons"] = {"lookup": sg.compare_entities(counts, base_counts, resamples, seed)}
 
 
 def _gain(score: float, base: float, higher_is_better: bool = True) -> float:
@@ -227,15 +264,45 @@ def below_baseline_warnings(report: dict) -> list[str]:
                else "for more epochs, and see the baseline above (it may already be good enough)")]
 
 
-def verdict(score: float, base: float, name: str, metric: str, higher_is_better: bool = True) -> str:
+def verdict(score: float, base: float, name: str, metric: str, higher_is_better: bool = True,
+            comparison: dict | None = None, unit: str = "rows") -> str:
     """One plain line: "fine-tuned model beats NAME by +0.0400 (0.8100 vs 0.7700 macro-F1)", "... scores
-    0.4614 below NAME (0.3100 vs 0.7714 macro-F1)" or "... ties with NAME (0.7700 macro-F1 each)"."""
+    0.4614 below NAME (0.3100 vs 0.7714 macro-F1)" or "... ties with NAME (0.7700 macro-F1 each)". With a paired
+    `comparison` ({difference, interval, verdict, rows}: significance.py) the line states the difference on the
+    rows both scored and its interval, and says "beats" or "below" only when the interval excludes zero."""
+    if comparison:
+        return _paired_verdict(comparison, plain(name), metric, unit)
     gain, name = _gain(score, base, higher_is_better), plain(name)
     if gain > 0:
         return f"fine-tuned model [bold green]beats[/] {name} by {gain:+.4f} ({score:.4f} vs {base:.4f} {metric})"
     if gain < 0:
         return f"fine-tuned model [bold red]scores {-gain:.4f} below[/] {name} ({score:.4f} vs {base:.4f} {metric})"
     return f"fine-tuned model [bold yellow]ties with[/] {name} ({score:.4f} {metric} each)"
+
+
+def _paired_verdict(c: dict, name: str, metric: str, unit: str) -> str:
+    d, (low, high) = c["difference"], c["interval"]
+    where = f"95% interval [{low:+.4f}, {high:+.4f}], paired on {c['rows']:,} {unit}"
+    if c["verdict"] == "better":
+        return f"fine-tuned model [bold green]beats[/] {name} by {d:+.4f} {metric} ({where})"
+    if c["verdict"] == "worse":
+        return f"fine-tuned model [bold red]scores {abs(d):.4f} {metric} below[/] {name} ({where})"
+    return (f"fine-tuned model [bold yellow]shows no clear difference from[/] {name}: {d:+.4f} {metric} ({where}; "
+            "it includes zero)")
+
+
+def _paired(report: dict, key: str, metric: str) -> dict | None:
+    """The paired comparison of the model with baseline `key` on `metric`, with its rows; None without one."""
+    c = (report.get("comparisons") or {}).get(key)
+    return {**c[metric], "rows": c["rows"]} if c and c.get(metric) else None
+
+
+def _ci(intervals: dict | None, metric: str, digits: int = 4) -> str:
+    """An interval as a table cell ("" without one)."""
+    if not intervals or not intervals.get(metric):
+        return ""
+    low, high = intervals[metric]
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
@@ -282,19 +349,23 @@ def _model_name(report: dict) -> str:
 
 def _print_entities(report: dict, console: Console) -> None:
     t = Table(title=f"{plain(report['data']['split'])} split of {plain(report['data']['dir'])}")
-    for col in ("model", "train rows", "test rows", "entity P", "entity R", "entity F1", "token acc"):
+    ci = "intervals" in report
+    for col in ("model", "train rows", "test rows", "entity P", "entity R", "entity F1") + (
+            ("entity F1 95% CI",) if ci else ()) + ("token acc",):
         t.add_column(col, justify="left" if col == "model" else "right")
 
     def add(name, m, style=""):
         t.add_row(name, str(m.get("train_examples", "")), str(m["n"]), f"{m['entity_precision']:.4f}",
-                  f"{m['entity_recall']:.4f}", f"{m['entity_f1']:.4f}", f"{m['token_accuracy']:.4f}", style=style)
+                  f"{m['entity_recall']:.4f}", f"{m['entity_f1']:.4f}",
+                  *([_ci(m.get("intervals"), "entity_f1")] if ci else []), f"{m['token_accuracy']:.4f}", style=style)
 
     base = report["baselines"]["lookup"]
     add(plain(base["name"]), base)
     add(_model_name(report), {**report, "train_examples": report["model"]["train_examples"]}, "bold green")
     console.print(t)
     console.print(_per_group_table("fine-tuned model, per entity type", "type", report["per_type"]))
-    console.print(verdict(report["entity_f1"], base["entity_f1"], "the word-lookup baseline", "entity F1"),
+    console.print(verdict(report["entity_f1"], base["entity_f1"], "the word-lookup baseline", "entity F1",
+                          comparison=_paired(report, "lookup", "entity_f1"), unit="sentences"),
                   soft_wrap=True, highlight=False)
 
 
@@ -302,12 +373,15 @@ def _print_language(report: dict, console: Console) -> None:
     sft = task_spec(report["task"]).conversations
     t = Table(title=f"{plain(report['data']['split'])} split of {plain(report['data']['dir'])}"
               + (" (perplexity on assistant tokens)" if sft else ""))
-    cols = ["model", "tokens", "loss", "perplexity"] + (["ROUGE-L", "exact match", "answers"] if sft else [])
+    ci = "intervals" in report["after"]
+    cols = ["model", "tokens", "loss", "perplexity"] + (["perplexity 95% CI"] if ci else []) + (
+        ["ROUGE-L", "exact match", "answers"] if sft else [])
     for col in cols:
         t.add_column(col, justify="left" if col == "model" else "right")
 
     def add(name, m, style=""):
         cells = [name, f"{m['tokens']:,}", f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"]
+        cells += [_ci(m.get("intervals"), "perplexity", 2)] if ci else []
         if sft:
             g = m.get("generation")
             cells += [f"{g['rouge_l']:.4f}", f"{g['exact_match']:.4f}", str(g["n"])] if g else ["", "", ""]
@@ -317,6 +391,13 @@ def _print_language(report: dict, console: Console) -> None:
         add(plain(f"base {report['model']['base'].removeprefix('builtin:')} (before)"), report["before"])
     add(_model_name(report), report["after"], "bold green")
     console.print(t)
+    styles = {"better": "bold green", "worse": "bold red", "no clear difference": "bold yellow"}
+    for metric, name, unit in (("perplexity", "perplexity", "blocks"), ("rouge_l", "ROUGE-L", "answers")):
+        if c := _paired(report, "before", metric):
+            (low, high), style = c["interval"], styles[c["verdict"]]
+            console.print(f"fine-tuned model vs its base, {name} after - before: {c['difference']:+.4f} (95% interval "
+                          f"[{low:+.4f}, {high:+.4f}], paired on {c['rows']:,} {unit}): [{style}]{c['verdict']}[/]",
+                          soft_wrap=True, highlight=False)
     f = report.get("forgetting")
     if f:
         console.print(f"forgetting probe: perplexity on {f['rows']} rows of {plain(f['general_text'])}: "
@@ -344,14 +425,17 @@ def _print_classification(report: dict, console: Console) -> None:
     """The before/after table: baselines first, the fine-tuned model last; then per-class scores."""
     data = report["data"]
     t = Table(title=f"{plain(data['split'])} split of {plain(data['dir'])}")
-    for col in ("model", "train rows", "test rows", "accuracy", "macro-F1", "recall", "ECE"):
+    ci = "intervals" in report
+    for col in ("model", "train rows", "test rows", "accuracy", "macro-F1") + (("macro-F1 95% CI",) if ci else ()) \
+            + ("recall", "ECE"):
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col != "model",
                      min_width=20 if col == "model" else None)
 
     def add(name: str, train_rows, m: dict, style: str = "") -> None:
         rows = str(m["n"]) + (f" of {m['population']}" if m.get("population", m["n"]) != m["n"] else "")
         t.add_row(name, str(train_rows), rows, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}",
-                  f"{m['macro_recall']:.4f}", f"{m['ece']:.4f}", style=style)
+                  *([_ci(m.get("intervals"), "macro_f1")] if ci else []), f"{m['macro_recall']:.4f}",
+                  f"{m['ece']:.4f}", style=style)
 
     b = report["baselines"]
     shown = [k for k in ("zero_shot", "tfidf_logreg", "tfidf_logreg_same_rows") if k in b]
@@ -361,9 +445,30 @@ def _print_classification(report: dict, console: Console) -> None:
     console.print(t)
     console.print(_per_group_table("fine-tuned model, per class", "label", report["per_class"]))
     _print_train_rows(report, console)
+    _print_comparisons(report, shown, console)
     for k in shown:
-        console.print(verdict(report["macro_f1"], b[k]["macro_f1"], b[k]["name"], "macro-F1"), soft_wrap=True,
-                      highlight=False)
+        console.print(verdict(report["macro_f1"], b[k]["macro_f1"], b[k]["name"], "macro-F1",
+                              comparison=_paired(report, k, "macro_f1")), soft_wrap=True, highlight=False)
+
+
+def _print_comparisons(report: dict, shown: list[str], console: Console) -> None:
+    """The paired differences of the model and each baseline, on the rows both scored."""
+    comparisons = report.get("comparisons") or {}
+    if not any(k in comparisons for k in shown):
+        return
+    t = Table(title="fine-tuned model minus each baseline, paired on the rows both scored (95% bootstrap intervals)")
+    for col in ("baseline", "rows", "Δ macro-F1", "interval", "Δ accuracy", "interval ", "McNemar p", "verdict"):
+        t.add_column(col, justify="left" if col in ("baseline", "verdict") else "right")
+    styles = {"better": "green", "worse": "red", "no clear difference": "yellow"}
+    for k in shown:
+        if (c := comparisons.get(k)) is None:
+            continue
+        f1, acc = c["macro_f1"], c["accuracy"]
+        t.add_row(plain(report["baselines"][k]["name"]), f"{c['rows']:,}", f"{f1['difference']:+.4f}",
+                  "[{:+.4f}, {:+.4f}]".format(*f1["interval"]), f"{acc['difference']:+.4f}",
+                  "[{:+.4f}, {:+.4f}]".format(*acc["interval"]), f"{c['mcnemar']['p_value']:.2g}",
+                  f"[{styles[f1['verdict']]}]{f1['verdict']}[/]")
+    console.print(t)
 
 
 def _print_train_rows(report: dict, console: Console) -> None:

@@ -241,20 +241,30 @@ class CausalLMTask:
         self.through_forward = True
 
     @torch.no_grad()
-    def evaluate(self, model, enc: LMEncoded, batch_size: int) -> dict:
-        """Mean token loss and perplexity over all target tokens."""
+    def evaluate(self, model, enc: LMEncoded, batch_size: int, per_block: bool = False) -> dict:
+        """Mean token loss and perplexity over all target tokens; with `per_block`, each block's (loss sum,
+        tokens) in encoded order under `blocks` (for intervals: one forward per block then)."""
         model.eval()
         device = next(model.parameters()).device
-        total, count = 0.0, 0
+        total, count, blocks = 0.0, 0, {}
         order = np.argsort(enc.lengths, kind="stable")
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size].tolist()
             batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
-            total += float(self.loss_sum(model, batch))
+            if per_block:
+                for j, i in enumerate(idx):
+                    blocks[i] = (float(self.loss_sum(model, {k: v[j:j + 1] for k, v in batch.items()})),
+                                 self.units(enc, [i]))
+                total += sum(blocks[i][0] for i in idx)
+            else:
+                total += float(self.loss_sum(model, batch))
             count += self.units(enc, idx)
         loss = total / max(1, count)
         # math.exp raises OverflowError past ~709: a diverged loss reports a capped perplexity, not a crash
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+        if per_block:
+            out["blocks"] = [blocks[i] for i in range(len(enc.input_ids))]
+        return out
 
 
 def build_lm(cfg, corpus: list[str], task_class):

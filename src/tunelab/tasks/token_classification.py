@@ -172,11 +172,14 @@ class TokenClassificationTask:
     def through_model_forward(self) -> None:
         """Nothing to change: the loss is the model's forward already."""
 
-    def evaluate(self, model, enc: TokenEncoded, batch_size: int) -> dict:
-        """Entity-level P/R/F1 (seqeval), token accuracy, per-type scores and the mean token loss."""
+    def evaluate(self, model, enc: TokenEncoded, batch_size: int, predictions: bool = False) -> dict:
+        """Entity-level P/R/F1 (seqeval), token accuracy, per-type scores and the mean token loss (and with
+        `predictions`, the predicted tags per example under `predictions`)."""
         pred, _, total, count = self._run(model, enc, batch_size)
         metrics = entity_metrics(enc.gold, pred)
         metrics["loss"] = total / max(1, count)
+        if predictions:
+            metrics["predictions"] = pred
         return metrics
 
     def tags(self, model, enc: TokenEncoded, batch_size: int) -> list[list[str]]:
