@@ -350,6 +350,40 @@ def ensemble_cmd(
                   f"{combine}")
 
 
+@app.command("compare")
+def compare_cmd(
+    runs: list[Path] = typer.Argument(..., help="two or more run dirs (from train, tune trials, cv folds) or their "
+                                      "model dirs"),
+    out: Optional[Path] = typer.Option(None, "--out", help="a folder for compare.json and curves.png (train loss "
+                                       "and the validation score of every run, overlaid)"),
+    overwrite: bool = OVERWRITE,
+):
+    """Runs side by side: the config keys that differ, the best validation scores, time and speed, curves."""
+    from tunelab.compare import cell, compare_runs
+
+    summary = compare_runs(runs, out, overwrite)
+    table = Table("", *(f"{i}. {plain(r['name'])}" for i, r in enumerate(summary["runs"], 1)))
+    for key in summary["differing_keys"]:
+        table.add_row(plain(key), *(plain(cell(r["differing"][key])) for r in summary["runs"]))
+    table.add_section()
+    rows = {"validation": lambda r: "-" if r["best"].get(r["metric"]) is None
+            else f"{r['best'][r['metric']]:.4f} {r['metric_name']}",
+            "best step": lambda r: cell(r["best_step"]), "steps": lambda r: cell(r["steps"]),
+            "train time": lambda r: ("-" if r["elapsed_s"] is None else f"{r['elapsed_s'] / 60:.1f} min")
+            + ("" if r["finished"] else " (unfinished)"),
+            "examples/s": lambda r: cell(r["examples_per_s"])}
+    for name, show in rows.items():
+        table.add_row(name, *(show(r) for r in summary["runs"]), style="bold" if name == "validation" else "")
+    console.print(table)
+    n = len(summary["differing_keys"])
+    console.print(f"{n} config key{'s differ' if n != 1 else ' differs'} (above), {summary['same_keys']} are the "
+                  "same", markup=False, highlight=False)
+    for i, r in enumerate(summary["runs"], 1):
+        console.print(f"{i}. {r['dir']}", markup=False, highlight=False, soft_wrap=True)
+    if out:
+        console.print(f"[bold green]saved[/] {plain(out)}: compare.json, curves.png")
+
+
 @app.command("export")
 def export_cmd(
     model_dir: Path = typer.Argument(..., help="a model dir written by `tunelab train`; or a base model as it is "
