@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from tunelab.compare import compare_runs, differing_keys, flatten, read_run
+from tunelab.compare import compare_runs, differing_keys, read_run
+from tunelab.config import flatten
 from tunelab.errors import UserError
 
 from conftest import tiny_config

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from tunelab.artifacts import META_FILE, kind_of, write_folder
+from tunelab.config import flatten
 from tunelab.errors import UserError
 from tunelab.tasks import task_spec
 
@@ -59,18 +60,6 @@ def run_dir_of(path: str | Path) -> Path:
         raise UserError(f"{p} is {found}, not a run dir; give run dirs written by `tunelab train` (or their model "
                         "dirs)")
     return p
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """Nested dicts -> {dotted key: value}; lists and scalars are values."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def read_run(path: str | Path) -> dict:

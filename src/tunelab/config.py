@@ -289,6 +289,15 @@ class AdversarialConfig(Section):
         return {"method": value} if isinstance(value, str) else value
 
 
+class MlflowConfig(Section):
+    """`train.mlflow`: where a run with `mlflow` in `train.tracking` is recorded."""
+
+    tracking_uri: str | None = Field(None, description="sqlite:///PATH.db, an http(s) tracking server, …; none = "
+                                     "$MLFLOW_TRACKING_URI, else a SQLite database in the run dir (mlflow.db)")
+    experiment: str = Field("tunelab", min_length=1, description="the MLflow experiment the run is recorded under")
+    log_model: bool = Field(True, description="upload the finished model dir as the run's `model` artifact")
+
+
 class TrainConfig(Section):
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
@@ -331,6 +340,10 @@ class TrainConfig(Section):
                                    "of its mass uniformly over all labels")
     regularize: RegularizeConfig | None = Field(None, description="an update: pull the weights toward where they "
                                                 "started (ewc, l2sp)")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"], description="where metrics go besides the run dir's metrics.jsonl (always written): "
+        "tensorboard (the run dir's tb/), mlflow (params, metrics and the model dir; see train.mlflow)")
+    mlflow: MlflowConfig = MlflowConfig()
 
 
 class EvalConfig(Section):
@@ -756,3 +769,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None, saved: boo
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config (or any nested dict) -> {dotted key: value}; lists, scalars and empty dicts are values."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

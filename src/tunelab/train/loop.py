@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from tunelab.artifacts import META_FILE, FolderLock, check_target, kind_of, recover, write_folder
-from tunelab.config import RunConfig, dump_config, own_method_sections
+from tunelab.config import RunConfig, dump_config, flatten, own_method_sections
 from tunelab.data.dataset import load_meta, load_split
 from tunelab.data.prepare import PrepareOptions, prepare
 from tunelab.data.split import seeded_subset
@@ -222,16 +222,20 @@ def _train(cfg: RunConfig, out: Path, resume: str | None, force: bool, overwrite
     after epoch, with evaluation, checkpoints and the stop checks after each; then the model dir."""
     run = _Run(cfg, out, resume, force, overwrite, console, show_progress)
     run.on_eval, run.checkpoints = on_eval, checkpoints
-    with run.stop_req:
-        while not run.stop and run.state.step < run.total_steps:
-            windows = run.epoch_windows()
-            for window in windows[run.state.window:]:
-                run.step(window, len(windows))
-                if run.stop or run.state.step >= run.total_steps:
-                    break
-            else:  # the epoch's windows are done: the next epoch reshuffles
-                run.state.epoch, run.state.window = run.state.epoch + 1, 0
-        result = None if run.interrupted or run.pruned else run.finish()
+    try:
+        with run.stop_req:
+            while not run.stop and run.state.step < run.total_steps:
+                windows = run.epoch_windows()
+                for window in windows[run.state.window:]:
+                    run.step(window, len(windows))
+                    if run.stop or run.state.step >= run.total_steps:
+                        break
+                else:  # the epoch's windows are done: the next epoch reshuffles
+                    run.state.epoch, run.state.window = run.state.epoch + 1, 0
+            result = None if run.interrupted or run.pruned else run.finish()
+    except BaseException:
+        run.tracker.close("FAILED")  # the error goes on; the trackers record that the run failed
+        raise
     return run.summary(result)
 
 
@@ -362,7 +366,7 @@ class _Run:
                 "name": cfg.name, "task": spec.name, "base": cfg.model.base,
                 "data": {"dir": str(Path(self.data_dir).resolve()), "fingerprint": self.meta["fingerprint"],
                          **({"prepared_by_this_run": prepared} if prepared else {})}})
-        self.tracker = Tracker(self.out) if dd.main else NullTracker()
+        self.tracker = self._tracker() if dd.main else NullTracker()
         if self.resume:  # the record says where the run continued from, and what --force let through
             self.tracker.log(self.state.step, **self.run_record.get("resumed_from", {}))
         self.fit = base_fit.measure(self.tokenizer, [row_text(r) for r in self.train_rows])
@@ -375,6 +379,15 @@ class _Run:
                       f"trainable {n_train:,} of {n_total:,} ({100 * n_train / n_total:.2f}%) · "
                       f"{len(self.train_rows):,} train / {len(self.val_rows):,} validation examples"
                       + packed + f" · {self.total_steps} steps on {self.device} ({self.precision})")
+
+    def _tracker(self) -> Tracker:
+        """metrics.jsonl, and TensorBoard and/or MLflow as `train.tracking` says (MLflow gets the flat config as
+        params)."""
+        cfg, tc = self.cfg, self.cfg.train
+        ml = tc.mlflow if "mlflow" in tc.tracking else None
+        tags = {"tunelab.task": self.spec.name, "tunelab.base": cfg.model.base, "tunelab.method": cfg.method.name}
+        return Tracker(self.out, "tensorboard" in tc.tracking, ml, flatten(self.run_record["config"]) if ml
+                       else None, tags, bool(self.resume), warn=lambda msg: print_warnings([msg], self.console))
 
     def epoch_windows(self) -> list[list[list[int]]]:
         """This epoch's optimizer steps: length-grouped micro-batches (seeded by the epoch), `grad_accum` each."""
@@ -552,7 +565,7 @@ class _Run:
         rate = (state.examples_seen - self.seen_at_start) / max(train_time, 1e-9)
         if result is None and self.pruned:
             tracker.log(state.step, pruned=True, elapsed_s=elapsed)
-            tracker.close()
+            tracker.close("KILLED")
             self.dd.close()
             return {"pruned": True, "steps": state.step, "total_steps": self.total_steps, "task": self.spec.name,
                     "best_metric": state.best_metric, "epochs_trained": state.step / self.windows_per_epoch,
@@ -560,7 +573,7 @@ class _Run:
         if result is None:
             checkpoint = _last_checkpoint(out)
             tracker.log(state.step, interrupted=self.stop_req.requested, elapsed_s=elapsed)
-            tracker.close()
+            tracker.close("KILLED")
             where = " (the final save was not finished)" if state.done else ""
             self.console.print(f"[bold yellow]stopped[/] by {self.stop_req.requested} at step {state.step} of "
                                f"{self.total_steps}{where}; checkpoint {plain(checkpoint)}; continue with: "
@@ -572,7 +585,7 @@ class _Run:
         tokens_rate = (state.tokens_seen - self.tokens_at_start) / max(train_time, 1e-9)
         tracker.log(state.step, done=True, train_examples_per_s=rate, train_tokens_per_s=tokens_rate,
                     elapsed_s=elapsed, eval_s=self.eval_time)
-        tracker.close()
+        tracker.close("FINISHED", Path(result["model_dir"]))
         metric = METRIC_NAMES.get(self.task.metric, self.task.metric)
         per_unit = f" · {tokens_rate:,.0f} tokens/s" if self.spec.served_as != "classify" else ""
         self.console.print(f"[bold green]saved[/] {plain(result['model_dir'])} · best validation {metric} "
@@ -690,7 +703,8 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
             console: Console, fsdp: bool = False) -> tuple[LoopState, dict | None]:
     d, weights, trainer, saved, best = ckpt.load_resume(out, resume, note=lambda msg: console.print(
         f"[bold yellow]{plain(msg)}[/]", highlight=False, soft_wrap=True))
-    diffs = _differences(_with_defaults(own_method_sections(saved["config"])), run_record["config"])
+    diffs = [k for k in _differences(_with_defaults(own_method_sections(saved["config"])), run_record["config"])
+             if not k.startswith(NOT_RESUME_CHANGES)]
     if saved["data_fingerprint"] != run_record["data_fingerprint"]:
         diffs.append("data fingerprint")
     if diffs and not force:
@@ -706,6 +720,10 @@ def _resume(out: Path, resume: str, force: bool, run_record: dict, model, optimi
     run_record["resumed_from"] = {"checkpoint": str(d), "forced_changes": diffs}
     best_weights = best or (weights if state.best_step == state.step else None)
     return state, best_weights
+
+
+# where metrics are recorded changes nothing the checkpoint holds: not a change that needs --force to resume
+NOT_RESUME_CHANGES = ("train.tracking", "train.mlflow.")
 
 
 def _with_defaults(raw: dict) -> dict:
