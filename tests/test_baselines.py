@@ -220,3 +220,70 @@ def test_eval_reads_the_run_configs_eval_section_and_flags_win(tmp_path, small_d
     assert report["baselines"]["zero_shot"]["sample_size"] == 5 and "tfidf_logreg" in report["baselines"]
     with pytest.raises(UserError, match="invalid eval options: 'zero_shot_samples'"):
         evaluate(summary["model_dir"], overrides={"zero_shot_samples": -1})
+
+
+# ---- few-shot ------------------------------------------------------------------------------------------------
+
+def test_few_shot_prompts_answer_k_examples_before_each_row(monkeypatch, tmp_cache):
+    seen = []
+
+    def fake_scores(model_ref, conversations, labels, batch_size):
+        seen.extend(conversations)
+        return np.log(np.full((len(conversations), len(labels)), 1 / len(labels)))
+
+    monkeypatch.setattr(bl, "_label_scores", fake_scores)
+    train, test = make_rows(60), make_rows(20)
+    out = bl.few_shot("tiny-llama", train, test, LABELS, k=4, selection="random", samples=8, seed=3,
+                      predictions=True)
+    assert out["sample_size"] == 8 and out["population"] == 20 and out["k"] == 4 and len(seen) == 8
+    zero_rows = bl._sample(test, 8, 3)[1].tolist()
+    assert out["scored_rows"] == zero_rows  # the zero-shot baseline's sample: the two compare on the same rows
+    texts = {r["text"]: r["label"] for r in train}
+    for conversation, i in zip(seen, zero_rows):
+        roles = [m["role"] for m in conversation]
+        assert roles == ["user", "assistant"] * 4 + ["user"]
+        assert test[i]["text"] in conversation[-1]["content"]
+        for ask, answer in zip(conversation[:-1:2], conversation[1:-1:2]):
+            shown = next(t for t in texts if t in ask["content"])
+            assert answer["content"] == texts[shown]  # each example answered with its own label
+        assert {m["content"] for m in conversation[1:-1:2]} == set(LABELS)  # k >= 3 labels: all are shown
+    again = bl.few_shot("tiny-llama", train, test, LABELS, k=4, selection="random", samples=8, seed=3)
+    assert again["cache_hit"] and not out["cache_hit"] and len(seen) == 8  # scored once, then read back
+    assert "predictions" not in again and again["macro_f1"] == out["macro_f1"]
+    bl.few_shot("tiny-llama", train, test, LABELS, k=2, selection="random", samples=8, seed=3)
+    assert len(seen) == 16  # another k is another entry
+
+
+def test_random_shots_cover_the_labels_without_repeats():
+    rows = [{"text": str(i), "label": LABELS[i % 3]} for i in range(30)]
+    for chosen in bl._random_shots(rows, 50, 5, seed=0):
+        assert len(chosen) == len(set(chosen)) == 5
+        assert {rows[i]["label"] for i in chosen} == set(LABELS)
+    assert all(len(c) == 2 for c in bl._random_shots(rows, 10, 2, seed=0))
+    assert bl._random_shots(rows, 5, 3, seed=1) == bl._random_shots(rows, 5, 3, seed=1)
+
+
+@pytest.mark.integration
+def test_similar_shots_are_the_nearest_rows_nearest_last():
+    examples = [{"text": t, "label": "x"} for t in (
+        "The central bank raised interest rates again.", "My cat sleeps all day on the sofa.",
+        "Shares fell sharply after the earnings report.", "We baked bread and a chocolate cake.")]
+    query = [{"text": "Stock prices dropped after the company's quarterly results."}]
+    (chosen,) = bl._similar_shots("builtin:minilm-l6", examples, query, k=2)
+    assert chosen == [0, 2]  # both finance rows; the closest (the earnings one) last, nearest the question
+
+
+def test_report_with_the_few_shot_baseline_compares_on_the_zero_shot_rows(tmp_path, small_dataset, tmp_cache):
+    from tunelab.config import validate
+    from tunelab.train.loop import train
+
+    from conftest import tiny_config
+
+    summary = train(validate(tiny_config(small_dataset, max_steps=2)), tmp_path / "run", show_progress=False)
+    report = evaluate(summary["model_dir"], None, "test", None, EvalConfig(
+        baselines=["zero_shot", "few_shot"], zero_shot_model="tiny-llama", zero_shot_samples=12, few_shot_k=2,
+        few_shot_selection="random", bootstrap=200))
+    few, comparisons = report["baselines"]["few_shot"], report["comparisons"]
+    assert few["sample_size"] == 12 and few["name"].startswith("2-shot tiny-llama")
+    assert comparisons["few_shot"]["rows"] == comparisons["zero_shot"]["rows"] == 12
+    assert report["train_rows"]["baselines"]["few_shot"] == few["pool"]

@@ -208,8 +208,13 @@ def test_eval_reports_masked_token_scores(mlm_dir, capsys):
     assert report["perplexity"] > 1 and 0 <= report["accuracy"] <= 1 and report["tokens"] > 0
     assert report["warnings"] == []
     assert evaluate(mlm_dir)["perplexity"] == report["perplexity"]  # fixed masks: the same score twice
+    lo, hi = report["intervals"]["perplexity"]
+    assert lo <= report["perplexity"] <= hi and report["statistics"]["unit"] == "row" and "blocks" not in report
+    batched = evaluate(mlm_dir, overrides={"bootstrap": 0})  # one forward per row or per batch: the same score
+    assert batched["perplexity"] == pytest.approx(report["perplexity"], rel=1e-5) and "intervals" not in batched
     print_report(report)
-    assert "masked tokens" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "masked tokens" in printed and "perplexity 95% CI" in printed
 
 
 def test_serve_predict_generate_export_compress_refuse_a_stage(mlm_dir, tmp_path):

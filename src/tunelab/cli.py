@@ -301,20 +301,24 @@ def eval_cmd(
     general_text: Optional[str] = _opt(EvalConfig, "general_text", "--general-text"),
     general_samples: Optional[int] = _opt(EvalConfig, "general_samples", "--general-samples"),
     batch_size: Optional[int] = _opt(EvalConfig, "batch_size", "--batch-size"),
+    few_shot_k: Optional[int] = _opt(EvalConfig, "few_shot_k", "--few-shot-k"),
+    few_shot_selection: Optional[str] = _opt(EvalConfig, "few_shot_selection", "--few-shot-selection"),
     bootstrap: Optional[int] = _opt(EvalConfig, "bootstrap", "--bootstrap"),
     strict: bool = typer.Option(False, "--strict", help="refuse to score a split that shares rows with the "
                                 "model's training data (1% or more, or any exact duplicate), or when that data "
                                 "is gone and cannot be checked"),
 ):
-    """Evaluate on a split next to the cheap baselines (classification: TF-IDF + LR and zero-shot; NER: word
-    lookup) or, for causal_lm/sft, next to the base model before fine-tuning (perplexity, generation
-    scores, forgetting probe). Options not given come from the `eval` section of the model's run config."""
+    """Evaluate on a split next to the cheap baselines (classification: TF-IDF + LR and zero-shot, few-shot with
+    --baseline few_shot; NER: word lookup) or, for causal_lm/sft, next to the base model before fine-tuning
+    (perplexity, generation scores, forgetting probe), with 95% intervals and paired comparisons. Options not
+    given come from the `eval` section of the model's run config."""
     from tunelab.evaluate.report import evaluate, print_report
 
     flags = {"baselines": [] if no_baselines else baseline, "zero_shot_model": zero_shot_model,
              "zero_shot_samples": zero_shot_samples, "generation_samples": generation_samples,
              "max_new_tokens": max_new_tokens, "general_text": general_text, "general_samples": general_samples,
-             "batch_size": batch_size, "bootstrap": bootstrap}
+             "batch_size": batch_size, "bootstrap": bootstrap, "few_shot_k": few_shot_k,
+             "few_shot_selection": few_shot_selection}
     overrides = {k: v for k, v in flags.items() if v is not None}
     if zero_shot_samples == 0:
         overrides["zero_shot_samples"] = None  # all rows

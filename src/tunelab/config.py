@@ -356,12 +356,20 @@ class EvalConfig(Section):
     general_text: str | None = Field(None, description="forgetting probe: a .txt file (paragraphs) or a dataset "
                                      "dir of general text; none = the built-in tweets' texts")
     general_samples: int = Field(200, gt=0, description="forgetting probe: rows of general text scored")
-    baselines: list[Literal["tfidf", "zero_shot"]] = Field(
-        ["tfidf", "zero_shot"], description="classification baselines scored beside the model")
+    baselines: list[Literal["tfidf", "zero_shot", "few_shot"]] = Field(
+        ["tfidf", "zero_shot"], description="classification baselines scored beside the model (few_shot: opt-in; "
+        "its result is cached by the data and settings)")
     zero_shot_model: str = Field("builtin:smollm2-135m-instruct", description="the instruct model of the zero-shot "
                                  "baseline")
     zero_shot_samples: int | None = Field(300, gt=0, description="cap on test rows scored zero-shot (a seeded "
                                           "sample); null = all")
+    few_shot_k: int = Field(4, gt=0, le=32, description="few_shot: train rows shown (asked and answered) "
+                            "before each scored row")
+    few_shot_selection: Literal["similar", "random"] = Field(
+        "similar", description="few_shot: the examples nearest each row by MiniLM sentence embeddings, or a seeded "
+        "random draw that covers the labels")
+    few_shot_pool: int = Field(2000, gt=0, description="few_shot: the examples come from a seeded stratified "
+                               "sample of this many train rows")
     bootstrap: int = Field(1000, ge=0, description="resamples behind each 95% interval and paired comparison "
                            "(percentile bootstrap over rows, sentences or blocks); 0 = none")
 

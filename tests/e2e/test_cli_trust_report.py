@@ -118,12 +118,14 @@ def test_eval_below_the_baseline_warns_states_both_sizes_and_says_it_plainly(tmp
     entries = {p.name for p in (cache / "baselines").iterdir() if p.is_dir()}
     assert entries == {f"tfidf-{k}" for k in keys} and len(keys) == 2
 
-    # D: the verdicts in plain words, with both scores
-    for b in (whole, same):
+    # D: the verdicts in plain words: the paired difference on the rows both scored, and its interval
+    for key, b in (("tfidf_logreg", whole), ("tfidf_logreg_same_rows", same)):
         gap = round(b["macro_f1"] - report["macro_f1"], 4)
         assert gap > 0.3  # far below: the model saw 2 steps
-        assert (f"fine-tuned model scores {gap:.4f} below {b['name']} ({report['macro_f1']:.4f} vs "
-                f"{b['macro_f1']:.4f} macro-F1)") in out.splitlines(), out
+        c = report["comparisons"][key]["macro_f1"]
+        assert c["verdict"] == "worse" and c["interval"][1] < 0
+        assert (f"fine-tuned model scores {gap:.4f} macro-F1 below {b['name']} (95% interval [{c['interval'][0]:+.4f}, "
+                f"{c['interval'][1]:+.4f}], paired on 30 rows)") in out.splitlines(), out
     assert "does not beat" not in out
 
     # A: one warning line naming both baselines and what to try, the same sentence in the report JSON
@@ -169,6 +171,19 @@ def test_verdict_wording():
         "fine-tuned model beats TF-IDF + LR by +0.0400 (0.8100 vs 0.7700 macro-F1)"
     assert plain(verdict(0.77001, 0.77, "the word-lookup baseline", "entity F1")) == \
         "fine-tuned model ties with the word-lookup baseline (0.7700 entity F1 each)"
+    # with a paired comparison: "beats" / "below" only when its interval excludes zero
+    c = {"difference": 0.004, "interval": [-0.011, 0.019], "verdict": "no clear difference", "rows": 3665}
+    assert plain(verdict(0.7742, 0.77, "TF-IDF + LR", "macro-F1", comparison=c)) == (
+        "fine-tuned model shows no clear difference from TF-IDF + LR: +0.0040 macro-F1 (95% interval [-0.0110, "
+        "+0.0190], paired on 3,665 rows; it includes zero)")
+    c = {"difference": 0.0415, "interval": [0.0281, 0.0552], "verdict": "better", "rows": 3665}
+    assert plain(verdict(0.7835, 0.742, "TF-IDF + LR", "macro-F1", comparison=c)) == (
+        "fine-tuned model beats TF-IDF + LR by +0.0415 macro-F1 (95% interval [+0.0281, +0.0552], paired on 3,665 "
+        "rows)")
+    c = {"difference": -0.02, "interval": [-0.03, -0.01], "verdict": "worse", "rows": 40}
+    assert plain(verdict(0.5, 0.52, "word lookup", "entity F1", comparison=c, unit="sentences")) == (
+        "fine-tuned model scores 0.0200 entity F1 below word lookup (95% interval [-0.0300, -0.0100], paired on 40 "
+        "sentences)")
 
 
 def test_warnings_for_each_task_on_numbers():

@@ -3,7 +3,9 @@
 - TF-IDF + logistic regression, trained on the dataset's train split: word 1-2-grams, character n-grams or
   both, and the regularisation C, chosen on the validation split by macro-F1 (see `tfidf_logreg`);
 - zero-shot prompting of an instruction-tuned decoder: the prompt lists the labels, and each label
-  is scored by the probability of its word as the next token after the assistant turn starts.
+  is scored by the probability of its word as the next token after the assistant turn starts;
+- few-shot prompting (opt-in, cached): the same, after k train rows asked and answered in the same words,
+  chosen by embedding similarity or at random (see `few_shot`).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from sklearn.metrics import f1_score
 from tunelab.assets import cache_dir, cached
 from tunelab.data.split import sample_rows
 from tunelab.evaluate.metrics import classification_metrics
-from tunelab.models import load_pretrained, load_tokenizer, resolve_base
+from tunelab.models import load_pretrained, load_tokenizer, resolve_base, sentence_embeddings
 
 ZERO_SHOT_PROMPT = ("Classify the text into exactly one of these categories: {labels}.\n\n"
                     "Text: {text}\n\nAnswer with the category name only.")
 
 # Bump whenever the features, the grid or the solver change: cached choices made by another version are ignored.
 TFIDF_VERSION = "tfidf-2"
+FEW_SHOT_VERSION = "fewshot-1"  # likewise for the few-shot prompts, example choice and scoring
 FEATURE_SETS = ("word", "char", "word+char")
 C_GRID = (0.5, 2.0, 8.0)
 HOLDOUT_SHARE = 0.1  # of train, to tune on when the dataset has no validation rows
@@ -213,27 +216,42 @@ def _label_token_ids(tokenizer, label: str) -> set[int]:
     return ids
 
 
-@torch.no_grad()
-def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples: int | None = 300,
-              seed: int = 0, batch_size: int = 16, predictions: bool = False) -> dict:
-    """Zero-shot classification by next-token label scores; `samples` caps the rows (seeded sample). With
-    `predictions`: each scored row's label id under `predictions`, and under `scored_rows` the positions in
-    `test_rows` of the rows scored (None: all of them, in order)."""
-    from transformers import AutoModelForCausalLM  # ~1 s over torch; only the zero-shot baseline loads a decoder
+def _sample(test_rows: list[dict], samples: int | None, seed: int) -> tuple[list[dict], np.ndarray | None]:
+    """The rows a prompted baseline scores: a seeded sample of `samples` rows (their positions), or all (None)."""
+    if samples is None or samples >= len(test_rows):
+        return test_rows, None
+    pick = np.sort(np.random.default_rng(seed).choice(len(test_rows), size=samples, replace=False))
+    return [test_rows[i] for i in pick], pick
 
-    rows, pick = test_rows, None
-    if samples is not None and samples < len(rows):
-        pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=samples, replace=False))
-        rows = [rows[i] for i in pick]
+
+def _prompted_result(name: str, scores: np.ndarray, rows: list[dict], pick, test_rows: list[dict],
+                     labels: list[str], predictions: bool, **info) -> dict:
+    """`classification_metrics` of label scores (log-probabilities) on `rows`, with the sample's size."""
+    probs = np.exp(scores - scores.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    label2id = {label: i for i, label in enumerate(labels)}
+    y = np.array([label2id[r["label"]] for r in rows])
+    out = classification_metrics(y, scores.argmax(1), labels, probs)
+    out.update(name=name, sample_size=len(rows), population=len(test_rows), **info)
+    if predictions:
+        out.update(predictions=scores.argmax(1).tolist(), scored_rows=None if pick is None else pick.tolist())
+    return out
+
+
+@torch.no_grad()
+def _label_scores(model_ref: str, conversations: list[list[dict]], labels: list[str], batch_size: int) -> np.ndarray:
+    """Per conversation, each label's log-probability as the first token of the assistant's answer (the first
+    tokens of its likely spellings, pooled; a first token two labels share is not used)."""
+    from transformers import AutoModelForCausalLM  # ~1 s over torch; only the prompted baselines load a decoder
+
     base = resolve_base(model_ref)
     tok = load_tokenizer(base)
     model = load_pretrained(AutoModelForCausalLM, base, dtype=torch.float32).eval()
     label_ids = [_label_token_ids(tok, label) for label in labels]
-    # A first token shared by two labels cannot tell them apart: score each label by its own tokens.
     counts = Counter(t for ids in label_ids for t in ids)
     label_ids = [sorted(t for t in ids if counts[t] == 1) or sorted(ids) for ids in label_ids]
-    prompts = [_prompt(tok, r["text"], labels) for r in rows]
-    scores = np.zeros((len(rows), len(labels)))
+    prompts = [_render(tok, c) for c in conversations]
+    scores = np.zeros((len(prompts), len(labels)))
     order = np.argsort([len(p) for p in prompts])
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -245,21 +263,116 @@ def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples:
         logp = torch.log_softmax(logits.float(), dim=-1)
         for j, ids in enumerate(label_ids):
             scores[idx, j] = torch.logsumexp(logp[:, ids], dim=-1).numpy()
-    probs = np.exp(scores - scores.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    label2id = {label: i for i, label in enumerate(labels)}
-    y = np.array([label2id[r["label"]] for r in rows])
-    out = classification_metrics(y, scores.argmax(1), labels, probs)
-    out.update(name=f"zero-shot {model_ref.removeprefix('builtin:')}", sample_size=len(rows), population=len(test_rows),
-               prompt=ZERO_SHOT_PROMPT)
-    if predictions:
-        out.update(predictions=scores.argmax(1).tolist(), scored_rows=None if pick is None else pick.tolist())
+    return scores
+
+
+def zero_shot(model_ref: str, test_rows: list[dict], labels: list[str], samples: int | None = 300,
+              seed: int = 0, batch_size: int = 16, predictions: bool = False) -> dict:
+    """Zero-shot classification by next-token label scores; `samples` caps the rows (seeded sample). With
+    `predictions`: each scored row's label id under `predictions`, and under `scored_rows` the positions in
+    `test_rows` of the rows scored (None: all of them, in order)."""
+    rows, pick = _sample(test_rows, samples, seed)
+    scores = _label_scores(model_ref, [[_ask(r["text"], labels)] for r in rows], labels, batch_size)
+    return _prompted_result(f"zero-shot {model_ref.removeprefix('builtin:')}", scores, rows, pick, test_rows, labels,
+                            predictions, prompt=ZERO_SHOT_PROMPT)
+
+
+def few_shot(model_ref: str, train_rows: list[dict], test_rows: list[dict], labels: list[str], k: int = 4,
+             selection: str = "similar", samples: int | None = 300, seed: int = 0, pool: int = 2000,
+             embedder: str = "builtin:minilm-l6", batch_size: int = 8, predictions: bool = False,
+             cache: bool = True) -> dict:
+    """k-shot in-context classification: before each scored row, `k` train rows asked and answered in the same
+    words as the zero-shot prompt (as earlier chat turns), then the row's label scored as zero-shot does.
+
+    The examples come from a seeded, label-stratified `pool` of train rows: `similar` takes the `k` most similar by
+    `embedder`'s sentence embeddings (cosine; the most similar last, nearest the question), `random` a seeded draw
+    per row that covers as many labels as `k` allows. The scored rows are the zero-shot baseline's sample (the same
+    `samples` and `seed`), so the two compare on the same rows. `cache`: the result is kept under the tunelab cache
+    dir, keyed by the pool, the scored rows, the labels and every setting, so a report on the same data is fast."""
+    rows, pick = _sample(test_rows, samples, seed)
+    examples = sample_rows(train_rows, pool, "label", seed)[0] if pool < len(train_rows) else train_rows
+    settings = [FEW_SHOT_VERSION, model_ref, embedder if selection == "similar" else None, k, selection, seed,
+                batch_size, labels]
+    key = hashlib.sha256(json.dumps([settings, _rows_hash(examples), _rows_hash(rows)],
+                                    ensure_ascii=False).encode()).hexdigest()[:20]
+
+    def compute() -> dict:
+        shots = _similar_shots(embedder, examples, rows, k) if selection == "similar" else \
+            _random_shots(examples, len(rows), k, seed)
+        conversations = []
+        for r, chosen in zip(rows, shots):
+            turns = []
+            for i in chosen:
+                turns += [_ask(examples[i]["text"], labels), {"role": "assistant", "content": examples[i]["label"]}]
+            conversations.append(turns + [_ask(r["text"], labels)])
+        scores = _label_scores(model_ref, conversations, labels, batch_size)
+        return _prompted_result(f"{k}-shot {model_ref.removeprefix('builtin:')} ({selection} examples)", scores,
+                                rows, pick, test_rows, labels, True, prompt=ZERO_SHOT_PROMPT, k=k,
+                                selection=selection, pool=len(examples), train_examples=len(examples))
+
+    if not cache:
+        out = compute()
+    else:
+        result: list[dict] = []
+
+        def build(tmp: Path) -> None:
+            result.append(compute())
+            (tmp / "result.json").write_text(json.dumps(result[0]), encoding="utf-8")
+
+        folder = cached(cache_dir() / "baselines" / f"fewshot-{key}", build,
+                        lambda d: (d / "result.json").is_file())
+        out = result[0] if result else {**json.loads((folder / "result.json").read_text(encoding="utf-8"))}
+        out["cache_hit"] = not result
+    if not predictions:
+        out.pop("predictions", None)
+        out.pop("scored_rows", None)
     return out
 
 
-def _prompt(tokenizer, text: str, labels: list[str]) -> str:
-    content = ZERO_SHOT_PROMPT.format(labels=", ".join(labels), text=text)
+def _random_shots(examples: list[dict], n: int, k: int, seed: int) -> list[list[int]]:
+    """Per scored row, `k` example positions: one per label first (labels in random order) while k allows, then
+    at random from the rest; in random order."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(examples):
+        by_label.setdefault(r["label"], []).append(i)
+    out = []
+    for _ in range(n):
+        chosen = [int(rng.choice(by_label[label])) for label in rng.permutation(sorted(by_label))[:k]]
+        rest = np.setdiff1d(np.arange(len(examples)), chosen)
+        chosen += rng.choice(rest, size=min(k - len(chosen), len(rest)), replace=False).tolist()
+        out.append([chosen[j] for j in rng.permutation(len(chosen))])
+    return out
+
+
+@torch.no_grad()
+def _similar_shots(embedder: str, examples: list[dict], rows: list[dict], k: int) -> list[list[int]]:
+    """Per scored row, the `k` examples nearest by cosine similarity of sentence embeddings, nearest last."""
+    from transformers import AutoModel  # as above: only this baseline loads an encoder
+
+    base = resolve_base(embedder)
+    tok = load_tokenizer(base)
+    model = load_pretrained(AutoModel, base, dtype=torch.float32).eval()
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), 64):
+            enc = tok(texts[start:start + 64], return_tensors="pt", padding=True, truncation=True, max_length=256)
+            out.append(sentence_embeddings(model(**enc).last_hidden_state.float(), enc["attention_mask"]))
+        return torch.cat(out)
+
+    sims = embed([r["text"] for r in rows]) @ embed([r["text"] for r in examples]).T
+    top = sims.topk(min(k, len(examples)), dim=1).indices  # most similar first
+    return [list(reversed(t)) for t in top.tolist()]
+
+
+def _ask(text: str, labels: list[str]) -> dict:
+    return {"role": "user", "content": ZERO_SHOT_PROMPT.format(labels=", ".join(labels), text=text)}
+
+
+def _render(tokenizer, conversation: list[dict]) -> str:
+    """A conversation ending in a user turn -> the prompt text up to where the assistant's answer starts."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    return content + "\nAnswer:"
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    turns = [m["content"] + ("\nAnswer:" if m["role"] == "user" else "\n\n") for m in conversation]
+    return "".join(t if m["role"] == "user" else " " + t for m, t in zip(conversation, turns))

@@ -117,7 +117,12 @@ def _scores(kind: str, model, tok, meta: dict, rows: list[dict], data_dir: Path,
         return report
     if kind == "masked":
         task = MaskedLMTask.from_meta(tok, meta)
-        return {**task.evaluate(model, task.encode(rows), eval_cfg.batch_size), "n": len(rows)}
+        report = {**task.evaluate(model, task.encode(rows), eval_cfg.batch_size, eval_cfg.bootstrap > 0),
+                  "n": len(rows)}
+        if blocks := report.pop("blocks", None):
+            report["statistics"] = sg.settings(eval_cfg.bootstrap, seed, "row")
+            report["intervals"] = {"perplexity": sg.perplexity_interval(blocks, eval_cfg.bootstrap, seed)}
+        return report
     return evaluate_language(model, tok, meta, rows, eval_cfg, str(next(model.parameters()).device), seed)
 
 
@@ -187,6 +192,10 @@ def _classification(model, tok, meta, rows, data_dir, eval_cfg: EvalConfig, seed
     if "zero_shot" in eval_cfg.baselines:
         report["baselines"]["zero_shot"] = bl.zero_shot(eval_cfg.zero_shot_model, rows, labels,
                                                         eval_cfg.zero_shot_samples, seed, predictions=True)
+    if "few_shot" in eval_cfg.baselines:  # the zero-shot's sample (same size and seed): the two share rows
+        report["baselines"]["few_shot"] = bl.few_shot(
+            eval_cfg.zero_shot_model, train_rows, rows, labels, eval_cfg.few_shot_k, eval_cfg.few_shot_selection,
+            eval_cfg.zero_shot_samples, seed, eval_cfg.few_shot_pool, predictions=True)
     _class_statistics(report, rows, labels, eval_cfg.bootstrap, seed)
     n_model = meta["data"]["train_examples"]
     if not same_data:
@@ -411,10 +420,14 @@ def _print_language(report: dict, console: Console) -> None:
 def _print_masked(report: dict, console: Console) -> None:
     """The masked-token scores, and what the model dir is for."""
     t = Table(title=f"{plain(report['data']['split'])} split of {plain(report['data']['dir'])} (masked tokens)")
-    for col in ("model", "rows", "masked tokens", "loss", "perplexity", "accuracy"):
+    ci = "intervals" in report
+    for col in ("model", "rows", "masked tokens", "loss", "perplexity") + (("perplexity 95% CI",) if ci else ()) + (
+            "accuracy",):
         t.add_column(col, justify="left" if col == "model" else "right")
     t.add_row(_model_name(report).replace("fine-tuned", "continued"), f"{report['n']:,}", f"{report['tokens']:,}",
-              f"{report['loss']:.4f}", f"{report['perplexity']:.2f}", f"{report['accuracy']:.4f}", style="bold green")
+              f"{report['loss']:.4f}", f"{report['perplexity']:.2f}",
+              *([_ci(report["intervals"], "perplexity", 2)] if ci else []), f"{report['accuracy']:.4f}",
+              style="bold green")
     console.print(t)
     console.print(f"a masked-LM model dir is a stage: fine-tune it for a task (model.base: "
                   f"{plain(report['model']['dir'])}) and compare that model with one fine-tuned from the base",
@@ -438,9 +451,10 @@ def _print_classification(report: dict, console: Console) -> None:
                   f"{m['ece']:.4f}", style=style)
 
     b = report["baselines"]
-    shown = [k for k in ("zero_shot", "tfidf_logreg", "tfidf_logreg_same_rows") if k in b]
+    shown = [k for k in ("zero_shot", "few_shot", "tfidf_logreg", "tfidf_logreg_same_rows") if k in b]
+    seen = {"zero_shot": lambda m: 0, "few_shot": lambda m: f"{m['k']} of {m['pool']:,}"}
     for k in shown:
-        add(plain(b[k]["name"]), 0 if k == "zero_shot" else b[k]["train_examples"], b[k])
+        add(plain(b[k]["name"]), seen.get(k, lambda m: m["train_examples"])(b[k]), b[k])
     add(_model_name(report), report["model"]["train_examples"], report, style="bold green")
     console.print(t)
     console.print(_per_group_table("fine-tuned model, per class", "label", report["per_class"]))

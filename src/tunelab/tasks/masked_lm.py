@@ -230,23 +230,32 @@ class MaskedLMTask:
         self.through_forward = True
 
     @torch.no_grad()
-    def evaluate(self, model, enc: MLMEncoded, batch_size: int) -> dict:
-        """Mean masked-token loss, perplexity and top-1 accuracy over the split's fixed masks."""
+    def evaluate(self, model, enc: MLMEncoded, batch_size: int, per_row: bool = False) -> dict:
+        """Mean masked-token loss, perplexity and top-1 accuracy over the split's fixed masks; with `per_row`, each
+        row's (loss sum, masked tokens) in encoded order under `blocks` (for intervals: one forward per row then)."""
         model.eval()
         device = next(model.parameters()).device
         fixed = self.fixed_masks(enc)
-        total, correct, count = 0.0, 0, 0
+        total, correct, count, blocks = 0.0, 0, 0, {}
         order = np.argsort(enc.lengths, kind="stable")
         for start in range(0, len(order), batch_size):
-            rows = [fixed[i] for i in order[start:start + batch_size].tolist()]
-            batch = {k: v.to(device) for k, v in self._batch(rows).items()}
-            loss, right = self._sums(model, batch, count_correct=True)
-            total, correct = total + float(loss), correct + right
-            count += sum(int((t != IGNORE).sum()) for _, t in rows)
+            idx = order[start:start + batch_size].tolist()
+            groups = [[i] for i in idx] if per_row else [idx]
+            for group in groups:
+                rows = [fixed[i] for i in group]
+                batch = {k: v.to(device) for k, v in self._batch(rows).items()}
+                loss, right = self._sums(model, batch, count_correct=True)
+                tokens = sum(int((t != IGNORE).sum()) for _, t in rows)
+                total, correct, count = total + float(loss), correct + right, count + tokens
+                if per_row:
+                    blocks[group[0]] = (float(loss), tokens)
         loss = total / max(1, count)
         # math.exp raises OverflowError past ~709: a diverged loss reports a capped perplexity, not a crash
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(1, count),
-                "tokens": count}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(1, count),
+               "tokens": count}
+        if per_row:
+            out["blocks"] = [blocks[i] for i in range(len(fixed))]
+        return out
 
 
 def mlm_parts(model):
