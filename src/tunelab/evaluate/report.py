@@ -438,17 +438,17 @@ def _print_classification(report: dict, console: Console) -> None:
     """The before/after table: baselines first, the fine-tuned model last; then per-class scores."""
     data = report["data"]
     t = Table(title=f"{plain(data['split'])} split of {plain(data['dir'])}")
-    ci = "intervals" in report
-    for col in ("model", "train rows", "test rows", "accuracy", "macro-F1") + (("macro-F1 95% CI",) if ci else ()) \
-            + ("recall", "ECE"):
+    ci = "intervals" in report  # then the interval takes the place of macro recall (in the JSON and per class)
+    for col in ("model", "train rows", "test rows", "accuracy", "macro-F1") + (
+            ("macro-F1 95% CI",) if ci else ("recall",)) + ("ECE",):
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col != "model",
                      min_width=20 if col == "model" else None)
 
     def add(name: str, train_rows, m: dict, style: str = "") -> None:
         rows = str(m["n"]) + (f" of {m['population']}" if m.get("population", m["n"]) != m["n"] else "")
         t.add_row(name, str(train_rows), rows, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}",
-                  *([_ci(m.get("intervals"), "macro_f1")] if ci else []), f"{m['macro_recall']:.4f}",
-                  f"{m['ece']:.4f}", style=style)
+                  _ci(m.get("intervals"), "macro_f1") if ci else f"{m['macro_recall']:.4f}", f"{m['ece']:.4f}",
+                  style=style)
 
     b = report["baselines"]
     shown = [k for k in ("zero_shot", "few_shot", "tfidf_logreg", "tfidf_logreg_same_rows") if k in b]
