@@ -156,3 +156,19 @@ def test_large_splits_are_resampled_in_chunks(monkeypatch):
     chunked = bootstrap_interval(y, pred, "accuracy", n=300, seed=0)
     assert chunked == pytest.approx(whole, abs=0.01)
     assert paired_ratio((y == pred, np.ones(5000)), (y == pred, np.ones(5000)), n=20, seed=0)["difference"] == 0.0
+
+
+def test_resampled_macro_f1_is_the_reports_over_every_label():
+    rng = np.random.default_rng(7)
+    y = rng.choice(2, size=40)  # label 2 never occurs and is never predicted: it scores 0, as in the table
+    pred = np.where(rng.random(40) < 0.7, y, 1 - y)
+    idx = rng.integers(0, 40, size=(25, 40))
+    fast = metrics._resampled_scores("macro_f1", y, pred, idx, 3)
+    slow = [classification_metrics(y[i], pred[i], list("abc"))["macro_f1"] for i in idx]
+    assert fast == pytest.approx(slow)
+    other = np.where(rng.random(40) < 0.6, y, 1 - y)
+    c = sg.compare_classes(y, pred, other, None, resamples=200, seed=0, n_labels=3)
+    assert c["macro_f1"]["difference"] == pytest.approx(classification_metrics(y, pred, list("abc"))["macro_f1"]
+                                                        - classification_metrics(y, other, list("abc"))["macro_f1"])
+    lo, hi = sg.class_intervals(y, pred, 300, 0, n_labels=3)["macro_f1"]
+    assert hi < 0.7  # two of three labels at most: a mean over three, not over the two present

@@ -50,7 +50,7 @@ def test_an_mlflow_run_holds_params_metrics_and_the_model(tmp_path, small_datase
     assert not (tmp_path / "run" / "tb").exists()  # tensorboard is not in train.tracking here
 
 
-def test_a_shared_store_collects_runs_and_a_stopped_run_is_marked(tmp_path, small_dataset):
+def test_a_shared_store_collects_runs(tmp_path, small_dataset):
     uri = "sqlite:///" + str(tmp_path / "shared.db")
     train(_config(small_dataset, tracking_uri=uri, experiment="tweets"), tmp_path / "a", show_progress=False)
     train(_config(small_dataset, tracking_uri=uri, experiment="tweets", log_model=False), tmp_path / "b",
@@ -81,3 +81,25 @@ def test_tracking_settings_do_not_block_a_resume(tmp_path, small_dataset):
                                                           "tracking": ["mlflow"]}}).model_dump(mode="json")
     diffs = _differences(a, b)
     assert diffs == ["train.tracking"] and all(d.startswith(NOT_RESUME_CHANGES) for d in diffs)
+
+
+def test_a_stopped_run_is_killed_and_a_resume_continues_it(tmp_path):
+    from tunelab.config import MlflowConfig
+    from tunelab.train.tracking import Tracker
+
+    tracker = Tracker(tmp_path, tensorboard=False, mlflow=MlflowConfig(), params={"train.lr": 0.1}, tags={})
+    tracker.log(1, train_loss=2.0)
+    tracker.close("KILLED")
+    tracker.close("KILLED")  # a second close does nothing
+    record = json.loads((tmp_path / "mlflow.json").read_text())
+    client = _client(record["tracking_uri"])
+    assert client.get_run(record["run_id"]).info.status == "KILLED"
+    resumed = Tracker(tmp_path, tensorboard=False, mlflow=MlflowConfig(), params={"train.lr": 0.1}, tags={},
+                      resume=True)
+    assert client.get_run(record["run_id"]).info.status == "RUNNING"
+    resumed.log(2, train_loss=1.0)
+    resumed.close("FINISHED")
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(record["run_id"], "train_loss")] == [2.0, 1.0]
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # the same MLflow run, not a second one

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from tunelab.errors import UserError
 
@@ -371,7 +371,15 @@ class EvalConfig(Section):
     few_shot_pool: int = Field(2000, gt=0, description="few_shot: the examples come from a seeded stratified "
                                "sample of this many train rows")
     bootstrap: int = Field(1000, ge=0, description="resamples behind each 95% interval and paired comparison "
-                           "(percentile bootstrap over rows, sentences or blocks); 0 = none")
+                           "(percentile bootstrap over rows, sentences or blocks; at least 100); 0 = none")
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _enough_resamples(cls, value: int) -> int:
+        if 0 < value < 100:
+            raise ValueError("bootstrap: 0 (no intervals) or at least 100 resamples (a 95% interval from fewer is "
+                             "noise)")
+        return value
 
 
 DEFAULT_RATE_LIMIT = 600  # requests per minute per API key, when keys are set and no limit is given

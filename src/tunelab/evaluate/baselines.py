@@ -33,7 +33,8 @@ ZERO_SHOT_PROMPT = ("Classify the text into exactly one of these categories: {la
 
 # Bump whenever the features, the grid or the solver change: cached choices made by another version are ignored.
 TFIDF_VERSION = "tfidf-2"
-FEW_SHOT_VERSION = "fewshot-1"  # likewise for the few-shot prompts, example choice and scoring
+FEW_SHOT_VERSION = "fewshot-2"  # likewise for the few-shot prompts, example choice and scoring
+SHOT_CHARS = 600  # an example's text is cut to this many characters in a few-shot prompt
 FEATURE_SETS = ("word", "char", "word+char")
 C_GRID = (0.5, 2.0, 8.0)
 HOLDOUT_SHARE = 0.1  # of train, to tune on when the dataset has no validation rows
@@ -302,11 +303,12 @@ def few_shot(model_ref: str, train_rows: list[dict], test_rows: list[dict], labe
         conversations = []
         for r, chosen in zip(rows, shots):
             turns = []
-            for i in chosen:
-                turns += [_ask(examples[i]["text"], labels), {"role": "assistant", "content": examples[i]["label"]}]
+            for i in chosen:  # a long example is cut: k of them must fit the decoder's context with the row
+                turns += [_ask(examples[i]["text"][:SHOT_CHARS], labels),
+                          {"role": "assistant", "content": examples[i]["label"]}]
             conversations.append(turns + [_ask(r["text"], labels)])
         scores = _label_scores(model_ref, conversations, labels, batch_size)
-        return _prompted_result(f"{k}-shot {model_ref.removeprefix('builtin:')} ({selection} examples)", scores,
+        return _prompted_result(f"{k}-shot {model_ref.removeprefix('builtin:')} ({selection})", scores,
                                 rows, pick, test_rows, labels, True, prompt=ZERO_SHOT_PROMPT, k=k,
                                 selection=selection, pool=len(examples), train_examples=len(examples))
 
@@ -322,7 +324,9 @@ def few_shot(model_ref: str, train_rows: list[dict], test_rows: list[dict], labe
         folder = cached(cache_dir() / "baselines" / f"fewshot-{key}", build,
                         lambda d: (d / "result.json").is_file())
         out = result[0] if result else {**json.loads((folder / "result.json").read_text(encoding="utf-8"))}
-        out["cache_hit"] = not result
+        # where the rows sit in this split is this call's own (the entry is keyed by the rows, not their places)
+        out.update(cache_hit=not result, population=len(test_rows),
+                   scored_rows=None if pick is None else pick.tolist())
     if not predictions:
         out.pop("predictions", None)
         out.pop("scored_rows", None)

@@ -42,20 +42,24 @@ def classification_metrics(y_true, y_pred, labels: list[str], probs: np.ndarray 
 
 
 def _resampled_scores(metric: str, y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarray, k: int) -> np.ndarray:
-    """`metric` (accuracy, or macro-F1 over the labels present in either) of each resample `idx[j]` of the rows,
-    from one confusion matrix per resample (vectorised)."""
+    """`metric` of each resample `idx[j]` of the rows (vectorised): accuracy, or macro-F1 over all `k` labels, a
+    label with no true and no predicted row scoring 0 — as `classification_metrics` averages it. Per-label counts
+    only (resamples x k), never a confusion matrix per resample."""
     if metric not in ("accuracy", "macro_f1"):
         raise ValueError(f"unknown metric {metric}")
-    n = len(idx)
-    codes = y_true[idx] * k + y_pred[idx] + (np.arange(n) * k * k)[:, None]
-    cm = np.bincount(codes.ravel(), minlength=n * k * k).reshape(n, k, k).astype(np.float64)
-    tp = np.diagonal(cm, axis1=1, axis2=2)
+    t, p = y_true[idx], y_pred[idx]
+    hit = t == p
     if metric == "accuracy":
-        return tp.sum(1) / idx.shape[1]
-    denom = cm.sum(1) + cm.sum(2)  # 2tp + fp + fn
-    present = denom > 0
-    f1 = np.where(present, 2 * tp / np.where(present, denom, 1), 0.0)
-    return f1.sum(1) / np.maximum(present.sum(1), 1)
+        return hit.mean(1)
+    n = len(idx)
+    offsets = (np.arange(n) * k)[:, None]
+
+    def counts(codes: np.ndarray) -> np.ndarray:
+        return np.bincount(codes, minlength=n * k).reshape(n, k).astype(np.float64)
+
+    tp, denom = counts((t + offsets)[hit]), counts((t + offsets).ravel()) + counts((p + offsets).ravel())
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)  # denom = 2tp + fp + fn
+    return f1.sum(1) / k
 
 
 CHUNK = 4_000_000  # resampled unit draws held at once: 1,000 resamples of 100,000 rows stay under ~100 MB
@@ -68,11 +72,12 @@ def _draws(units: int, n: int, seed: int):
         yield rng.integers(0, units, size=(min(per, n - start), units))
 
 
-def _labels(y_true, preds: list) -> tuple[np.ndarray, list[np.ndarray], int]:
+def _labels(y_true, preds: list, n_labels: int | None) -> tuple[np.ndarray, list[np.ndarray], int]:
+    """Label ids as arrays, and the number of labels (`n_labels`, else the largest id seen + 1)."""
     y_true = np.asarray(y_true, dtype=np.int64)
     preds = [np.asarray(p, dtype=np.int64) for p in preds]
     k = int(max([y_true.max(initial=0)] + [p.max(initial=0) for p in preds])) + 1
-    return y_true, preds, k
+    return y_true, preds, max(k, n_labels or 0)
 
 
 def _interval(values: np.ndarray, level: float) -> list[float]:
@@ -89,18 +94,19 @@ def _difference(point: float, diffs: np.ndarray, level: float, higher_is_better:
 
 
 def bootstrap_interval(y_true, y_pred, metric: str = "macro_f1", n: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> list[float]:
-    """The percentile bootstrap interval of `metric` (accuracy or macro_f1) over resampled rows (seeded)."""
-    y_true, (y_pred,), k = _labels(y_true, [y_pred])
+                       level: float = 0.95, n_labels: int | None = None) -> list[float]:
+    """The percentile bootstrap interval of `metric` (accuracy or macro_f1 over `n_labels` labels, default the
+    largest id + 1) over resampled rows (seeded)."""
+    y_true, (y_pred,), k = _labels(y_true, [y_pred], n_labels)
     return _interval(np.concatenate([_resampled_scores(metric, y_true, y_pred, idx, k)
                                      for idx in _draws(len(y_true), n, seed)]), level)
 
 
 def paired_bootstrap(y_true, pred_a, pred_b, metric: str = "macro_f1", n: int = 1000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+                     level: float = 0.95, n_labels: int | None = None) -> dict:
     """`metric`(a) - `metric`(b) on the same rows, with its percentile interval over resamples that draw the same
     rows for both; `better` when the interval lies above zero, `worse` below it, else `no clear difference`."""
-    y_true, (pred_a, pred_b), k = _labels(y_true, [pred_a, pred_b])
+    y_true, (pred_a, pred_b), k = _labels(y_true, [pred_a, pred_b], n_labels)
 
     def diff(idx):
         return _resampled_scores(metric, y_true, pred_a, idx, k) - _resampled_scores(metric, y_true, pred_b, idx, k)

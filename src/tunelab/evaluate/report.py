@@ -220,12 +220,13 @@ def _class_statistics(report: dict, rows: list[dict], labels: list[str], resampl
     label2id = {label: i for i, label in enumerate(labels)}
     y = [label2id[r["label"]] for r in rows]
     report["statistics"] = sg.settings(resamples, seed, "row")
-    report["intervals"] = sg.class_intervals(y, pred, resamples, seed)
+    k_labels = len(labels)
+    report["intervals"] = sg.class_intervals(y, pred, resamples, seed, k_labels)
     report["comparisons"] = {}
     for k, (base_pred, base_rows) in preds.items():
         shared = y if base_rows is None else [y[i] for i in base_rows]
-        report["baselines"][k]["intervals"] = sg.class_intervals(shared, base_pred, resamples, seed)
-        report["comparisons"][k] = sg.compare_classes(y, pred, base_pred, base_rows, resamples, seed)
+        report["baselines"][k]["intervals"] = sg.class_intervals(shared, base_pred, resamples, seed, k_labels)
+        report["comparisons"][k] = sg.compare_classes(y, pred, base_pred, base_rows, resamples, seed, k_labels)
 
 
 def _entity_statistics(report: dict, rows: list[dict], resamples: int, seed: int) -> None:
@@ -471,16 +472,16 @@ def _print_comparisons(report: dict, shown: list[str], console: Console) -> None
     if not any(k in comparisons for k in shown):
         return
     t = Table(title="fine-tuned model minus each baseline, paired on the rows both scored (95% bootstrap intervals)")
-    for col in ("baseline", "rows", "Δ macro-F1", "interval", "Δ accuracy", "interval ", "McNemar p", "verdict"):
-        t.add_column(col, justify="left" if col in ("baseline", "verdict") else "right")
+    for col in ("baseline", "rows", "Δ macro-F1 [interval]", "Δ accuracy", "McNemar p", "verdict (macro-F1)"):
+        t.add_column(col, justify="left" if col in ("baseline", "verdict (macro-F1)") else "right")
     styles = {"better": "green", "worse": "red", "no clear difference": "yellow"}
     for k in shown:
         if (c := comparisons.get(k)) is None:
             continue
-        f1, acc = c["macro_f1"], c["accuracy"]
-        t.add_row(plain(report["baselines"][k]["name"]), f"{c['rows']:,}", f"{f1['difference']:+.4f}",
-                  "[{:+.4f}, {:+.4f}]".format(*f1["interval"]), f"{acc['difference']:+.4f}",
-                  "[{:+.4f}, {:+.4f}]".format(*acc["interval"]), f"{c['mcnemar']['p_value']:.2g}",
+        f1 = c["macro_f1"]
+        t.add_row(plain(report["baselines"][k]["name"]), f"{c['rows']:,}",
+                  "{:+.4f} [{:+.3f}, {:+.3f}]".format(f1["difference"], *f1["interval"]),
+                  f"{c['accuracy']['difference']:+.4f}", f"{c['mcnemar']['p_value']:.2g}",
                   f"[{styles[f1['verdict']]}]{f1['verdict']}[/]")
     console.print(t)
 

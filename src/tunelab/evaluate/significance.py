@@ -23,22 +23,23 @@ def settings(resamples: int, seed: int, unit: str) -> dict:
     return {"method": "percentile bootstrap", "level": LEVEL, "resamples": resamples, "seed": seed, "unit": unit}
 
 
-def class_intervals(y, pred, resamples: int, seed: int) -> dict:
-    """{accuracy, macro_f1: [low, high]} of label ids `pred` against `y`."""
-    return {m: bootstrap_interval(y, pred, m, resamples, seed, LEVEL) for m in ("accuracy", "macro_f1")}
+def class_intervals(y, pred, resamples: int, seed: int, n_labels: int | None = None) -> dict:
+    """{accuracy, macro_f1: [low, high]} of label ids `pred` against `y` (macro-F1 over `n_labels` labels)."""
+    return {m: bootstrap_interval(y, pred, m, resamples, seed, LEVEL, n_labels) for m in ("accuracy", "macro_f1")}
 
 
-def compare_classes(y, model_pred, base_pred, rows, resamples: int, seed: int) -> dict:
+def compare_classes(y, model_pred, base_pred, rows, resamples: int, seed: int, n_labels: int | None = None) -> dict:
     """The model minus a baseline on the rows the baseline scored (`rows`: their positions in `y`; None = all):
-    paired intervals of the macro-F1 and accuracy differences, and McNemar's test (a = the model)."""
+    paired intervals of the macro-F1 (over `n_labels` labels) and accuracy differences, and McNemar's test (a = the
+    model)."""
     y, model_pred, base_pred = np.asarray(y), np.asarray(model_pred), np.asarray(base_pred)
     if rows is not None:
         y, model_pred = y[np.asarray(rows, dtype=np.int64)], model_pred[np.asarray(rows, dtype=np.int64)]
     if len(y) != len(base_pred):
         raise ValueError(f"{len(base_pred)} baseline predictions for {len(y)} rows")
     return {"rows": int(len(y)),
-            **{m: paired_bootstrap(y, model_pred, base_pred, m, resamples, seed, LEVEL) for m in ("macro_f1",
-                                                                                                  "accuracy")},
+            **{m: paired_bootstrap(y, model_pred, base_pred, m, resamples, seed, LEVEL, n_labels)
+               for m in ("macro_f1", "accuracy")},
             "mcnemar": mcnemar(y, model_pred, base_pred)}
 
 

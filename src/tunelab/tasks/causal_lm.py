@@ -240,10 +240,23 @@ class CausalLMTask:
         decoder body and the head apart, bypassing the root forward where FSDP gathers the weights."""
         self.through_forward = True
 
+    def _block_loss_sums(self, model, batch: dict[str, torch.Tensor]) -> list[float]:
+        """Each row's summed token cross-entropy from one batched forward (what `loss_sum` adds up)."""
+        if self.through_forward:
+            logits = model(**lm_inputs(batch)).logits[:, -batch["input_ids"].shape[1]:]
+            sel = batch["targets"] != IGNORE
+            losses = F.cross_entropy(logits[sel].float(), batch["targets"][sel], reduction="none")
+        else:
+            head = lm_parts(model)[1]
+            hidden, targets = target_hidden(model, batch)
+            losses = torch.cat([F.cross_entropy(head(h).float(), t, reduction="none")
+                                for h, t in zip(hidden.split(1024), targets.split(1024))])
+        return _row_sums(losses, batch["targets"])
+
     @torch.no_grad()
     def evaluate(self, model, enc: LMEncoded, batch_size: int, per_block: bool = False) -> dict:
         """Mean token loss and perplexity over all target tokens; with `per_block`, each block's (loss sum,
-        tokens) in encoded order under `blocks` (for intervals: one forward per block then)."""
+        tokens) in encoded order under `blocks` (for intervals)."""
         model.eval()
         device = next(model.parameters()).device
         total, count, blocks = 0.0, 0, {}
@@ -252,9 +265,8 @@ class CausalLMTask:
             idx = order[start:start + batch_size].tolist()
             batch = {k: v.to(device) for k, v in self.collate(enc, idx).items()}
             if per_block:
-                for j, i in enumerate(idx):
-                    blocks[i] = (float(self.loss_sum(model, {k: v[j:j + 1] for k, v in batch.items()})),
-                                 self.units(enc, [i]))
+                for i, loss in zip(idx, self._block_loss_sums(model, batch)):
+                    blocks[i] = (loss, self.units(enc, [i]))
                 total += sum(blocks[i][0] for i in idx)
             else:
                 total += float(self.loss_sum(model, batch))
@@ -265,6 +277,11 @@ class CausalLMTask:
         if per_block:
             out["blocks"] = [blocks[i] for i in range(len(enc.input_ids))]
         return out
+
+
+def _row_sums(values: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Per-target values (in row-major order of `targets`' non-ignored positions) summed per row."""
+    return [float(part.sum()) for part in values.split((targets != IGNORE).sum(1).tolist())]
 
 
 def build_lm(cfg, corpus: list[str], task_class):

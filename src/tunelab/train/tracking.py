@@ -51,7 +51,10 @@ class Tracker:
             self.ml.log(step, scalars, record["time"])
 
     def close(self, status: str = "FINISHED", model_dir: Path | None = None) -> None:
-        """`status`: FINISHED, KILLED (stopped, to be resumed) or FAILED; `model_dir`: the finished model."""
+        """`status`: FINISHED, KILLED (stopped, to be resumed) or FAILED; `model_dir`: the finished model. A second
+        close does nothing."""
+        if self.file.closed:
+            return
         self.file.close()
         if self.tb:
             self.tb.close()
@@ -89,7 +92,7 @@ class MlflowRun:
         self.uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(run_dir / "mlflow.db")
         self.log_model = cfg.log_model
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = self.owner = MlflowClient(tracking_uri=self.uri)  # `client` is dropped after a failure
             earlier = _read_record(run_dir) if resume else None
             if earlier and earlier.get("tracking_uri") == self.uri:
                 self.run_id = earlier["run_id"]
@@ -134,7 +137,11 @@ class MlflowRun:
         if model_dir is not None and self.log_model:
             self._call("uploading the model dir", lambda: self.client.log_artifacts(self.run_id, str(model_dir),
                                                                                     "model"))
-        self._call("ending the run", lambda: self.client.set_terminated(self.run_id, status))
+        try:  # tried even after a failure above, so the run does not stay RUNNING
+            self.owner.set_terminated(self.run_id, status)
+        except Exception as e:  # noqa: BLE001 - as in `_call`
+            if self.client is not None:
+                self.warn(f"MLflow: ending the run failed at {self.uri}: {e}")
 
 
 def _read_record(run_dir: Path) -> dict | None:
