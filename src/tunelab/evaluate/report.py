@@ -10,7 +10,9 @@ TF-IDF + LR trained on that same subset (`tfidf_logreg_same_rows`). Token classi
 masked_lm: the masked tokens' `loss`, `perplexity` and `accuracy` on the split, its masks drawn as validation's
 were (fixed, seeded with the run's seed); no baseline: the model is a stage, judged by the runs fine-tuned from it.
 Every report has `warnings`: when baselines (or the base model) score better than the fine-tuned model, a
-sentence naming each with both scores and what to try; `print_report` prints them as `warning:` lines.
+sentence naming each with both scores and what to try; `print_report` prints them as `warning:` lines. With
+`eval.bootstrap` resamples (default 1,000), every report also has `statistics`, 95% `intervals` for the model's
+(and each baseline's) scores and paired `comparisons` with each baseline or the base (evaluate/significance.py).
 """
 
 from __future__ import annotations
