@@ -377,7 +377,7 @@ class EvalConfig(Section):
     @classmethod
     def _enough_resamples(cls, value: int) -> int:
         if 0 < value < 100:
-            raise ValueError("bootstrap: 0 (no intervals) or at least 100 resamples (a 95% interval from fewer is "
+            raise ValueError("0 (no intervals) or at least 100 resamples (a 95% interval from fewer is "
                              "noise)")
         return value
 
