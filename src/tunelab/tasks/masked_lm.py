@@ -205,25 +205,30 @@ class MaskedLMTask:
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum (not mean) of the masked tokens' cross-entropies, a float32 scalar; `units` gives the count."""
-        return self._sums(model, batch)[0]
-
-    def _sums(self, model, batch: dict[str, torch.Tensor], count_correct: bool = False
-              ) -> tuple[torch.Tensor, int]:
-        """(summed cross-entropy, correct top-1 predictions when asked) over the batch's targets."""
-        head = None if self.through_forward else mlm_head(model)
-        if head is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits = logits[:, -batch["input_ids"].shape[1]:][batch["targets"] != IGNORE].float()
-            hidden, targets, head = logits, batch["targets"][batch["targets"] != IGNORE], (lambda h: h)
-        else:
-            hidden, targets = target_hidden(model, batch)
-        correct = 0
-        if count_correct:
-            correct = sum(int((head(h).argmax(-1) == t).sum()) for h, t in zip(hidden.split(1024),
-                                                                              targets.split(1024)))
+        hidden, targets, head = self._targets(model, batch)
         if len(targets) == 0:  # no targets (rows without a maskable token): a zero that still back-propagates
-            return hidden.sum().float() * 0.0, correct
-        return chunked_sum(lambda h, t: F.cross_entropy(head(h).float(), t, reduction="sum"), hidden, targets), correct
+            return hidden.sum().float() * 0.0
+        return chunked_sum(lambda h, t: F.cross_entropy(head(h).float(), t, reduction="sum"), hidden, targets)
+
+    def _targets(self, model, batch: dict[str, torch.Tensor]):
+        """(the states at the batch's targets in row-major order, the targets, what maps a state to logits): the
+        encoder's hidden states and the MLM head, or the logits of the model's own forward (FSDP)."""
+        head = None if self.through_forward else mlm_head(model)
+        if head is not None:
+            return (*target_hidden(model, batch), head)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sel = batch["targets"] != IGNORE
+        return logits[:, -batch["input_ids"].shape[1]:][sel].float(), batch["targets"][sel], (lambda h: h)
+
+    def _token_outcomes(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per target (row-major): its cross-entropy and whether the top-1 prediction is right."""
+        hidden, targets, head = self._targets(model, batch)
+        losses, right = [hidden.new_zeros(0, dtype=torch.float32)], [targets.new_zeros(0, dtype=torch.bool)]
+        for h, t in zip(hidden.split(1024), targets.split(1024)):
+            logits = head(h).float()
+            losses.append(F.cross_entropy(logits, t, reduction="none"))
+            right.append(logits.argmax(-1) == t)
+        return torch.cat(losses), torch.cat(right)
 
     def through_model_forward(self) -> None:
         """Compute the loss from the full logits of the model's forward (FSDP gathers the weights there)."""
@@ -232,7 +237,7 @@ class MaskedLMTask:
     @torch.no_grad()
     def evaluate(self, model, enc: MLMEncoded, batch_size: int, per_row: bool = False) -> dict:
         """Mean masked-token loss, perplexity and top-1 accuracy over the split's fixed masks; with `per_row`, each
-        row's (loss sum, masked tokens) in encoded order under `blocks` (for intervals: one forward per row then)."""
+        row's (loss sum, masked tokens) in encoded order under `blocks` (for intervals)."""
         model.eval()
         device = next(model.parameters()).device
         fixed = self.fixed_masks(enc)
@@ -240,15 +245,13 @@ class MaskedLMTask:
         order = np.argsort(enc.lengths, kind="stable")
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size].tolist()
-            groups = [[i] for i in idx] if per_row else [idx]
-            for group in groups:
-                rows = [fixed[i] for i in group]
-                batch = {k: v.to(device) for k, v in self._batch(rows).items()}
-                loss, right = self._sums(model, batch, count_correct=True)
-                tokens = sum(int((t != IGNORE).sum()) for _, t in rows)
-                total, correct, count = total + float(loss), correct + right, count + tokens
-                if per_row:
-                    blocks[group[0]] = (float(loss), tokens)
+            batch = {k: v.to(device) for k, v in self._batch([fixed[i] for i in idx]).items()}
+            losses, right = self._token_outcomes(model, batch)
+            total, correct, count = total + float(losses.sum()), correct + int(right.sum()), count + len(losses)
+            if per_row:
+                per = (batch["targets"] != IGNORE).sum(1).tolist()
+                for i, part, n in zip(idx, losses.split(per), per):
+                    blocks[i] = (float(part.sum()), n)
         loss = total / max(1, count)
         # math.exp raises OverflowError past ~709: a diverged loss reports a capped perplexity, not a crash
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct / max(1, count),
