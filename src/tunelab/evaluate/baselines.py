@@ -95,7 +95,7 @@ def tfidf_logreg(train_rows: list[dict], test_rows: list[dict], labels: list[str
     cache_hit = False
     if cache:
         key = _cache_key(train_rows, validation_rows or [], labels, seed)
-        choice, cache_hit = _cached_choice(key, search)
+        choice, cache_hit = _cached_json(f"tfidf-{key}", "choice.json", search, _valid_choice)
     else:
         choice = search()
     model = fitted.get("model") or _fit(train_rows, targets(train_rows), choice["features"], choice["C"], spaced,
@@ -184,27 +184,36 @@ def _cache_key(train_rows: list[dict], validation_rows: list[dict], labels: list
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
-def _read_choice(folder: Path) -> dict | None:
+def _valid_choice(choice: dict) -> bool:
+    return choice.get("version") == TFIDF_VERSION and choice.get("features") in FEATURE_SETS and \
+        isinstance(choice.get("C"), (int, float)) and isinstance(choice.get("grid"), list)
+
+
+def _read_entry(path: Path, valid) -> dict | None:
     try:
-        choice = json.loads((folder / "choice.json").read_text(encoding="utf-8"))
+        entry = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    ok = isinstance(choice, dict) and choice.get("version") == TFIDF_VERSION and choice.get("features") in \
-        FEATURE_SETS and isinstance(choice.get("C"), (int, float)) and isinstance(choice.get("grid"), list)
-    return choice if ok else None
+    return entry if isinstance(entry, dict) and valid(entry) else None
 
 
-def _cached_choice(key: str, search) -> tuple[dict, bool]:
-    """(the choice, whether it came from the cache): `search()` runs only when no valid entry exists; the entry
-    is written into a fresh folder swapped in whole (`assets.cached`), so readers never see half of it."""
+def _read_choice(folder: Path) -> dict | None:
+    """A cached TF-IDF choice, or None when it is missing, damaged or made by another TFIDF_VERSION."""
+    return _read_entry(folder / "choice.json", _valid_choice)
+
+
+def _cached_json(name: str, file: str, compute, valid=lambda entry: True) -> tuple[dict, bool]:
+    """(the JSON `file` of the baselines cache entry `name`, whether it came from the cache): `compute()` runs only
+    when no entry that `valid` accepts exists; the entry is written into a fresh folder swapped in whole
+    (`assets.cached`), so readers never see half of it."""
     built: list[dict] = []
 
     def build(tmp: Path) -> None:
-        built.append(search())
-        (tmp / "choice.json").write_text(json.dumps(built[0], indent=2), encoding="utf-8")
+        built.append(compute())
+        (tmp / file).write_text(json.dumps(built[0], indent=2), encoding="utf-8")
 
-    folder = cached(cache_dir() / "baselines" / f"tfidf-{key}", build, lambda d: _read_choice(d) is not None)
-    return (built[0], False) if built else (_read_choice(folder), True)
+    folder = cached(cache_dir() / "baselines" / name, build, lambda d: _read_entry(d / file, valid) is not None)
+    return (built[0], False) if built else (_read_entry(folder / file, valid), True)
 
 
 def _label_token_ids(tokenizer, label: str) -> set[int]:
@@ -315,18 +324,9 @@ def few_shot(model_ref: str, train_rows: list[dict], test_rows: list[dict], labe
     if not cache:
         out = compute()
     else:
-        result: list[dict] = []
-
-        def build(tmp: Path) -> None:
-            result.append(compute())
-            (tmp / "result.json").write_text(json.dumps(result[0]), encoding="utf-8")
-
-        folder = cached(cache_dir() / "baselines" / f"fewshot-{key}", build,
-                        lambda d: (d / "result.json").is_file())
-        out = result[0] if result else {**json.loads((folder / "result.json").read_text(encoding="utf-8"))}
+        out, hit = _cached_json(f"fewshot-{key}", "result.json", compute)
         # where the rows sit in this split is this call's own (the entry is keyed by the rows, not their places)
-        out.update(cache_hit=not result, population=len(test_rows),
-                   scored_rows=None if pick is None else pick.tolist())
+        out.update(cache_hit=hit, population=len(test_rows), scored_rows=None if pick is None else pick.tolist())
     if not predictions:
         out.pop("predictions", None)
         out.pop("scored_rows", None)

@@ -45,6 +45,7 @@ from tunelab.tasks.token_classification import TokenClassificationTask
 from tunelab.terminal import make_console, plain, print_warnings
 
 BASELINES = ("tfidf", "zero_shot")
+VERDICT_STYLES = {"better": "green", "worse": "red", "no clear difference": "yellow"}  # a paired comparison's
 
 
 def eval_config_of(meta: dict, overrides: dict | None = None) -> EvalConfig:
@@ -403,10 +404,9 @@ def _print_language(report: dict, console: Console) -> None:
         add(plain(f"base {report['model']['base'].removeprefix('builtin:')} (before)"), report["before"])
     add(_model_name(report), report["after"], "bold green")
     console.print(t)
-    styles = {"better": "bold green", "worse": "bold red", "no clear difference": "bold yellow"}
     for metric, name, unit in (("perplexity", "perplexity", "blocks"), ("rouge_l", "ROUGE-L", "answers")):
         if c := _paired(report, "before", metric):
-            (low, high), style = c["interval"], styles[c["verdict"]]
+            (low, high), style = c["interval"], f"bold {VERDICT_STYLES[c['verdict']]}"
             console.print(f"fine-tuned model vs its base, {name} after - before: {c['difference']:+.4f} (95% interval "
                           f"[{low:+.4f}, {high:+.4f}], paired on {c['rows']:,} {unit}): [{style}]{c['verdict']}[/]",
                           soft_wrap=True, highlight=False)
@@ -476,7 +476,6 @@ def _print_comparisons(report: dict, shown: list[str], console: Console) -> None
     t = Table(title="fine-tuned model minus each baseline, paired on the rows both scored (95% bootstrap intervals)")
     for col in ("baseline", "rows", "Δ macro-F1 [interval]", "Δ accuracy", "McNemar p", "verdict (macro-F1)"):
         t.add_column(col, justify="left" if col in ("baseline", "verdict (macro-F1)") else "right")
-    styles = {"better": "green", "worse": "red", "no clear difference": "yellow"}
     for k in shown:
         if (c := comparisons.get(k)) is None:
             continue
@@ -484,7 +483,7 @@ def _print_comparisons(report: dict, shown: list[str], console: Console) -> None
         t.add_row(plain(report["baselines"][k]["name"]), f"{c['rows']:,}",
                   "{:+.4f} [{:+.3f}, {:+.3f}]".format(f1["difference"], *f1["interval"]),
                   f"{c['accuracy']['difference']:+.4f}", f"{c['mcnemar']['p_value']:.2g}",
-                  f"[{styles[f1['verdict']]}]{f1['verdict']}[/]")
+                  f"[{VERDICT_STYLES[f1['verdict']]}]{f1['verdict']}[/]")
     console.print(t)
 
 
