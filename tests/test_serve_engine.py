@@ -307,3 +307,76 @@ def test_detokenising_waits_for_a_bounded_number_of_tokens(lm):
         pieces.append(eng._detok(s))
     assert any(pieces)  # released after a bounded wait, not held for ever
     assert len(s.tokens) - s._prefix <= 2 * MAX_PENDING_TOKENS  # the re-decoded window stays bounded
+
+
+def _reference(model, ids: list[int]) -> torch.Tensor:
+    """The model's own log-probabilities at every position of `ids`, one unpadded forward."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def _close(got: float, want: float) -> bool:
+    return abs(got - want) <= 2e-3  # fp32, batched and padded vs alone (peaky's log-probabilities are ~ -20)
+
+
+def test_logprobs_of_prompts_and_answers_are_the_models_own_in_any_batch(lm):
+    model, tok = lm
+    prompts = [tok(p)["input_ids"] for p in [*PROMPTS, "今天天气很好，我们去公园散步吧。"]]
+    n = 6
+    answers = [alone(model, tok, p, n) for p in prompts]
+    # a small prefill budget: the prompts that score every position are split over several forwards
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=4, prefill_budget=24)
+    try:
+        run = Run()
+        plain = run.seq(prompts[0], max_tokens=n)
+        scored = [run.seq(p, max_tokens=n, logprobs=3, prompt_logprobs=2) for p in prompts]
+        only_prompt = run.seq(prompts[1], max_tokens=0, prompt_logprobs=0)
+        eng.submit([plain])
+        decoded(plain, 2)  # the rest joins a batch that is already decoding
+        eng.submit(scored[:3])
+        eng.submit(scored[3:] + [only_prompt])
+        run.wait()
+    finally:
+        eng.close()
+    assert plain.tokens == answers[0] and plain.prompt_logprobs is None
+    assert not any(e.logprobs for e in run.events[0] if isinstance(e, TextEvent))
+    for i, (s, p, g) in enumerate(zip(scored, prompts, answers), start=1):
+        assert s.tokens == g  # scoring does not change what is generated
+        ref = _reference(model, p + g)
+        assert s.prompt_logprobs[0] is None and len(s.prompt_logprobs) == len(p)
+        for j, e in enumerate(s.prompt_logprobs[1:], start=1):
+            assert e.token == p[j] and _close(e.logprob, float(ref[j - 1, p[j]]))
+            assert len(e.top) == 2 and e.top[0][1] >= e.top[1][1]  # most likely first
+            assert all(_close(lp, float(ref[j - 1, t])) for t, lp in e.top)
+            assert _close(e.top[0][1], float(ref[j - 1].max()))
+        streamed = [e for ev in run.events[i] if isinstance(ev, TextEvent) for e in ev.logprobs]
+        assert [e.token for e in streamed] == g  # one entry per generated token, in order
+        for j, e in enumerate(streamed):
+            want = ref[len(p) - 1 + j]
+            assert _close(e.logprob, float(want[g[j]]))
+            assert len(e.top) == 3 and e.top[0][0] == g[j]  # greedy: the chosen token is the most likely
+            assert e.top[0][1] == e.logprob  # the same number (lm-eval's greedy check compares them exactly)
+    assert run.end(len(scored) + 1) == DoneEvent("length", len(prompts[1]), 0)
+    assert not [e for e in run.events[len(scored) + 1] if isinstance(e, TextEvent)]  # max_tokens 0: nothing generated
+    assert [e.logprob for e in only_prompt.prompt_logprobs[1:]] == \
+        pytest.approx([e.logprob for e in scored[1].prompt_logprobs[1:]], abs=2e-3)
+    assert all(e.top == () for e in only_prompt.prompt_logprobs[1:])
+
+
+def test_logprobs_cover_tokens_a_stop_string_cuts(lm):
+    model, tok = lm
+    prompt = tok(PROMPTS[0])["input_ids"]
+    full = alone(model, tok, prompt, 16)
+    text = tok.decode(full)
+    cut = tok.decode(full[:4])
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=2)
+    try:
+        run = Run()
+        s = run.seq(prompt, max_tokens=16, stop=[text[len(cut):len(cut) + 3]], logprobs=0)
+        eng.submit([s])
+        run.wait()
+    finally:
+        eng.close()
+    assert run.end(0).finish_reason == "stop" and run.text(0) == text[:len(cut)]
+    entries = [e for ev in run.events[0] if isinstance(ev, TextEvent) for e in ev.logprobs]
+    assert [e.token for e in entries] == s.tokens and all(e.top == () for e in entries)

@@ -178,7 +178,8 @@ def test_bad_bodies_are_400(server, path, body):
                                          ("top_p", 0), ("max_tokens", 0), ("max_tokens", 10 ** 30), ("n", 100),
                                          ("n", 10 ** 40), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]),
                                          ("presence_penalty", 3), ("messages", []), ("seed", 10 ** 30),
-                                         ("messages", [{"role": "wizard", "content": "x"}]), ("logprobs", True)])
+                                         ("messages", [{"role": "wizard", "content": "x"}]), ("top_logprobs", 21),
+                                         ("logprobs", 3)])
 def test_out_of_range_parameters_name_the_parameter(server, field, value):
     err = assert_envelope(post(server, "/v1/chat/completions", {**CHAT, field: value}), 400)
     assert err["param"] and err["param"].split(".")[0] == field

@@ -41,10 +41,23 @@ MAX_PENDING_TOKENS = 8  # tokens detokenising may wait for the rest of a UTF-8 c
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token's log-probability under the model (before penalties, temperature, top-k/top-p), and the `top`
+    alternatives as (token id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TextEvent:
-    """The next piece of a sequence's text (whole characters; never part of a stop string)."""
+    """The next piece of a sequence's text (whole characters; never part of a stop string), with the
+    `logprobs` of the generated tokens not reported before (when the sequence asked for them). A piece may be
+    empty when it carries only log-probabilities (tokens whose text is held back, or was cut by a stop string)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +94,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each generated token's log-probability and k alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first (`Sequence.prompt_logprobs`)
 
 
 @dataclass
@@ -92,12 +107,16 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     finished: bool = False
+    # with params.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it); set by the
+    # engine before the sequence's first event
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     # engine-side state
     _gen: torch.Generator | None = None
     _trim: StopTrimmer | None = None
     _prefix: int = 0
     _read: int = 0
     _counts: dict[int, int] = field(default_factory=dict)
+    _logprobs: list[TokenLogprob] = field(default_factory=list)  # generated, not yet sent
 
     @property
     def greedy(self) -> bool:
@@ -168,6 +187,8 @@ class GenerationEngine(_Worker):
     """Continuous batching over one causal LM (optionally a PEFT model with several LoRA adapters, picked
     per sequence). `submit` and `cancel` are thread-safe; everything else runs on the engine thread."""
 
+    prompt_logprobs = True  # it can score prompt tokens (`SamplingParams.prompt_logprobs`)
+
     def __init__(self, model, tokenizer, stop_ids: list[int], max_batch: int = 16, max_waiting: int = 64,
                  prefill_budget: int = 1024, name: str = "model", metrics=None, multi_adapter: bool = False):
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -178,6 +199,7 @@ class GenerationEngine(_Worker):
         self._generated = metrics.generated_tokens.labels(name) if metrics else None
         self._prompted = metrics.prompt_tokens.labels(name) if metrics else None
         self.device = next(model.parameters()).device
+        self.vocab_size = self._config().vocab_size  # token ids a prompt may hold: [0, vocab_size)
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._prefilling = 0  # taken from the queue, not yet in the batch (still counts against capacity)
@@ -269,21 +291,34 @@ class GenerationEngine(_Worker):
         if self._multi_adapter:
             kwargs["adapter_names"] = adapters
         out = self.model(**kwargs)
-        return out.logits[:, -1, :].float(), out.past_key_values
+        return out.logits, out.past_key_values
 
     def _config(self):
         m = self.model
         return m.get_base_model().config if hasattr(m, "get_base_model") else m.config
 
     def _prefill(self, new: list[Sequence]) -> None:
-        """One left-padded forward over the new prompts; each picks its first token, then the rows that
-        go on join the batch cache."""
+        """Left-padded forwards over the new prompts: one for those that need only the last position's logits,
+        and, for those that score their prompt tokens (logits at every position), as few as keep
+        rows × longest prompt within the prefill budget. Each picks its first token, then the rows that go on
+        join the batch cache."""
         for s in new:
             if s.cancelled:
                 s.finished = True
         new = [s for s in new if not s.cancelled]
-        if not new:
-            return
+        plain = [s for s in new if s.params.prompt_logprobs is None]
+        if plain:
+            self._prefill_group(plain, every_position=False)
+        group: list[Sequence] = []
+        for s in sorted((s for s in new if s.params.prompt_logprobs is not None), key=lambda s: len(s.prompt)):
+            if group and (len(group) + 1) * len(s.prompt) > self.prefill_budget:
+                self._prefill_group(group, every_position=True)
+                group = []
+            group.append(s)
+        if group:
+            self._prefill_group(group, every_position=True)
+
+    def _prefill_group(self, new: list[Sequence], every_position: bool) -> None:
         width = max(len(s.prompt) for s in new)
         ids = torch.zeros(len(new), width, dtype=torch.long, device=self.device)
         mask = torch.zeros_like(ids)
@@ -292,11 +327,22 @@ class GenerationEngine(_Worker):
             mask[i, width - len(s.prompt):] = 1
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: each row counts from its first real token
         # "__base__": peft's name for "no adapter" in a mixed-adapter batch
-        logits, cache = self._forward(ids, mask, positions, None, [s.adapter or "__base__" for s in new],
-                                      keep_last=True)
+        out, cache = self._forward(ids, mask, positions, None, [s.adapter or "__base__" for s in new],
+                                   keep_last=not every_position)
+        logits = out[:, -1, :].float()
         if self._prompted is not None:
             self._prompted.inc(int(mask.sum()))
-        goes_on = [i for i, s in enumerate(new) if not self._step(s, lambda s=s, i=i: self._choose(s, logits[i]))]
+
+        def first(i: int, s: Sequence) -> bool:
+            if every_position:
+                s.prompt_logprobs = _prompt_logprobs(s.prompt, out[i, width - len(s.prompt):],
+                                                     s.params.prompt_logprobs)
+            if s.params.max_tokens == 0:  # scoring the prompt (echo) is all it asked for
+                self._finish(s, "length")
+                return True
+            return self._emit(s, self._choose(s, logits[i]), logits[i])
+
+        goes_on = [i for i, s in enumerate(new) if not self._step(s, lambda i=i, s=s: first(i, s))]
         if not goes_on:
             return
         if len(goes_on) < len(new):
@@ -341,23 +387,25 @@ class GenerationEngine(_Worker):
         ids = torch.tensor([[s.tokens[-1]] for s in run], device=self.device)
         positions = torch.tensor([[s.n_ctx] for s in run], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(run), 1)], dim=1)
-        logits, self._cache = self._forward(ids, mask, positions, self._cache,
-                                            [s.adapter or "__base__" for s in run], keep_last=False)
+        out, self._cache = self._forward(ids, mask, positions, self._cache,
+                                         [s.adapter or "__base__" for s in run], keep_last=False)
+        logits = out[:, -1, :].float()
         self._mask = mask
         fast = [s.greedy and not _penalised(s) for s in run]  # plain greedy rows: one argmax for all
         greedy = logits.argmax(-1).tolist() if any(fast) else None
         done = []
         for i, s in enumerate(run):
-            choose = (lambda i=i: greedy[i]) if fast[i] else (lambda s=s, i=i: self._choose(s, logits[i]))
-            if s.cancelled or self._step(s, choose):
+            token = (lambda i=i: greedy[i]) if fast[i] else (lambda s=s, i=i: self._choose(s, logits[i]))
+            if s.cancelled or self._step(s, lambda s=s, i=i, token=token: self._emit(s, token(), logits[i])):
                 done.append(s)
         self._drop(done)
 
-    def _step(self, s: Sequence, choose: Callable[[], int]) -> bool:
-        """Pick and emit one token of one sequence; True when it is finished. Whatever fails here (sampling,
-        detokenising, a stop check) ends this sequence alone, with an error event; the batch goes on."""
+    def _step(self, s: Sequence, step: Callable[[], bool]) -> bool:
+        """Run one sequence's share of a step (pick and emit a token) -> True when it is finished. Whatever fails
+        here (sampling, log-probabilities, detokenising, a stop check) ends this sequence alone, with an error
+        event; the batch goes on."""
         try:
-            return self._emit(s, choose())
+            return step()
         except Exception:
             log.exception("generation failed on one sequence of %s; ending it alone", self.name)
             if not s.finished:
@@ -390,8 +438,9 @@ class GenerationEngine(_Worker):
             raise FloatingPointError("the model produced non-finite logits")
         return int(torch.multinomial(probs, 1, generator=s._gen))
 
-    def _emit(self, s: Sequence, token: int) -> bool:
-        """Record a generated token and send its text; True when the sequence is finished."""
+    def _emit(self, s: Sequence, token: int, logits: torch.Tensor) -> bool:
+        """Record a generated token (picked from `logits`, the model's for this position) and send its text;
+        True when the sequence is finished."""
         if self._generated is not None:
             self._generated.inc()
         if s._trim is None:  # built here, on the engine thread: a failure is this sequence's alone
@@ -399,14 +448,17 @@ class GenerationEngine(_Worker):
         s.tokens.append(token)
         s._counts[token] = s._counts.get(token, 0) + 1
         if token in self.stop_ids:
-            s.tokens.pop()  # the end-of-turn token is not part of the answer
+            s.tokens.pop()  # the end-of-turn token is not part of the answer (nor of its log-probabilities)
             piece = s._trim.flush()
             self._send(s, piece)
             self._finish(s, "stop", counted=len(s.tokens) + 1)  # it was generated: usage counts it
             return True
+        if s.params.logprobs is not None:
+            s._logprobs.append(_token_logprob(logits, token, s.params.logprobs))
         piece = s._trim.push(self._detok(s))
         self._send(s, piece)
         if s._trim.done:
+            self._send(s, "")  # the log-probabilities of the tokens the stop string cut
             self._finish(s, "stop")
             return True
         if len(s.tokens) >= s.params.max_tokens:
@@ -429,8 +481,10 @@ class GenerationEngine(_Worker):
 
     @staticmethod
     def _send(s: Sequence, piece: str) -> None:
-        if piece and not s.cancelled:
-            s.sink(TextEvent(piece))
+        """Send a piece of text with the log-probabilities not sent yet (nothing when there is neither)."""
+        if (piece or s._logprobs) and not s.cancelled:
+            s.sink(TextEvent(piece, tuple(s._logprobs)))
+        s._logprobs.clear()
 
     def _finish(self, s: Sequence, reason: str | None = None, error: ErrorEvent | None = None,
                 counted: int | None = None) -> None:
@@ -446,6 +500,27 @@ class GenerationEngine(_Worker):
         if self.metrics:
             self.metrics.running.labels(self.name).set(len(self._running))
             self.metrics.queue_depth.labels(self.name).set(len(self._waiting))
+
+
+def _token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+    """`token`'s log-probability under one position's `logits`, with the `k` most likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    top = torch.topk(logprobs, k) if k else None
+    return TokenLogprob(token, float(logprobs[token]),
+                        tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
+
+
+def _prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob | None]:
+    """Each prompt token's log-probability given the tokens before it (and the `k` most likely there), from the
+    logits at the prompt's positions ([len(prompt), vocabulary]); None for the first token."""
+    logprobs = torch.log_softmax(logits[:-1].float(), -1)
+    targets = torch.tensor(prompt[1:], device=logprobs.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    if not k:
+        return [None] + [TokenLogprob(t, lp) for t, lp in zip(prompt[1:], chosen)]
+    top = torch.topk(logprobs, k, dim=-1)
+    return [None] + [TokenLogprob(t, lp, tuple(zip(ti, tv))) for t, lp, ti, tv in
+                     zip(prompt[1:], chosen, top.indices.tolist(), top.values.tolist())]
 
 
 def _penalised(s: Sequence) -> bool:

@@ -11,6 +11,10 @@ llama.cpp to stop at its next token, freeing the slot. llama.cpp holds back text
 and never splits a UTF-8 character; EOS / end-of-turn tokens come from the file's metadata (`tunelab export`
 writes the model's stop tokens there).
 
+Log-probabilities of generated tokens come from llama.cpp (`n_probs`: the model's distribution before sampling),
+one entry per streamed piece: a token whose bytes llama.cpp held back (part of a UTF-8 character) has no entry of
+its own. Prompt tokens are not scored (`prompt_logprobs` is False: the routes refuse echo with logprobs).
+
 The wheel also opens llama.cpp's own HTTP server on a loopback port; it gets a random API key that nothing
 knows, so it answers nobody.
 """
@@ -26,7 +30,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import UserError
-from tunelab.serve.engine import DoneEvent, EngineFull, ErrorEvent, Sequence, TextEvent
+from tunelab.serve.engine import DoneEvent, EngineFull, ErrorEvent, Sequence, TextEvent, TokenLogprob
 
 log = logging.getLogger("tunelab.serve")
 
@@ -47,6 +51,8 @@ def gguf_context(path: Path) -> int:
 class LlamaCppEngine:
     """`slots` sequences decoded together by llama.cpp, up to `max_waiting` more queued; thread-safe `submit`,
     `cancel`, `load`, `close` as `GenerationEngine`'s."""
+
+    prompt_logprobs = False  # llama.cpp does not score prompt tokens
 
     def __init__(self, path: Path, slots: int, context: int, max_waiting: int = 64, name: str = "model",
                  metrics=None, threads: int | None = None):
@@ -114,6 +120,8 @@ class LlamaCppEngine:
                "cache_prompt": True, "min_p": 0.0}  # llama.cpp's default min-p (0.05) cuts a tail OpenAI's keeps
         if p.seed is not None:
             req["seed"] = p.seed % 2**32  # llama.cpp seeds are 32-bit
+        if p.logprobs is not None:
+            req["n_probs"] = max(p.logprobs, 1)  # 0 turns them off in llama.cpp; the alternatives are dropped
         return req
 
     def _run(self, s: Sequence) -> None:
@@ -128,11 +136,12 @@ class LlamaCppEngine:
                     state["error"] = str((chunk["error"] or {}).get("message") or chunk["error"])[:300]
                     return True
                 for choice in chunk.get("choices") or []:
-                    if choice.get("text"):
+                    logprobs = _logprobs(choice, s.params.logprobs)
+                    if choice.get("text") or logprobs:
                         state["streamed"] += 1  # about a token each (a held-back stop candidate comes later)
                         if self._generated:
                             self._generated.inc()
-                        s.sink(TextEvent(choice["text"]))
+                        s.sink(TextEvent(choice.get("text") or "", logprobs))
                     if choice.get("finish_reason"):
                         state["finish"] = choice["finish_reason"]
                 if chunk.get("usage"):
@@ -144,7 +153,9 @@ class LlamaCppEngine:
                 return True
 
         try:
-            if not (self._stopped or s.cancelled):
+            if s.params.max_tokens == 0:  # echo alone: nothing to generate
+                state.update(finish="length", usage=({"completion_tokens": 0}, {"prompt_n": 0}))
+            elif not (self._stopped or s.cancelled):
                 self.server.handle_completions(self._request(s), on_chunk)
         except Exception:
             log.exception("llama.cpp failed on a request")
@@ -175,3 +186,14 @@ class LlamaCppEngine:
         if self.metrics:
             self.metrics.running.labels(self.name).set(min(len(self._held), self.slots))
             self.metrics.queue_depth.labels(self.name).set(max(0, len(self._held) - self.slots))
+
+
+def _logprobs(choice: dict, k: int | None) -> tuple[TokenLogprob, ...]:
+    """The token log-probabilities of one llama.cpp stream choice (`logprobs.content`), with at most `k`
+    alternatives each; () when none were asked for or sent."""
+    if k is None:
+        return ()
+    content = (choice.get("logprobs") or {}).get("content") or []
+    return tuple(TokenLogprob(int(e["id"]), float(e["logprob"]),
+                              tuple((int(t["id"]), float(t["logprob"])) for t in (e.get("top_logprobs") or [])[:k]))
+                 for e in content)

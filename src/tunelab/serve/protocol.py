@@ -3,8 +3,8 @@
 Bodies are parsed here, not by FastAPI, so that every malformed body (not JSON, not an object, wrong
 types, out-of-range values) becomes one 400 in OpenAI's envelope
 `{"error": {"message", "type", "param", "code"}}` naming the offending parameter — never a 422 or a 500.
-Unknown fields are ignored (clients send many); fields we cannot honour (tools, logprobs, a response_format
-other than text) are refused.
+Unknown fields are ignored (clients send many); fields we cannot honour (tools, a response_format other than
+text) are refused.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 from starlette.responses import Response as HTTPResponse
 
 MAX_STOPS = 4
 MAX_STOP_CHARS = 1000  # per stop string (matching is incremental; this bounds memory and what is held back)
+MAX_LOGPROBS = 20  # alternatives per token (`logprobs` of completions, `top_logprobs` of chat), as vLLM's default
 
 
 class APIError(Exception):
@@ -82,7 +84,6 @@ class Sampling(Request):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logprobs: bool | int | None = None
     response_format: dict | None = None
     user: str | None = None
 
@@ -97,13 +98,6 @@ class Sampling(Request):
         if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"each stop sequence is at most {MAX_STOP_CHARS} characters")
         return stops
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
 
     @field_validator("response_format", mode="before")
     @classmethod
@@ -125,6 +119,18 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs set to true")
+        return self
+
+    def token_logprobs(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token): None for no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
     @field_validator("tools")
     @classmethod
@@ -139,17 +145,53 @@ class ChatRequest(Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CompletionRequest(Sampling):
-    prompt: str | list[str] = Field(min_length=1)
-    echo: bool = False
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 
-    def prompts(self) -> list[str]:
-        """`prompt` as a list (a single string becomes one prompt)."""
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (the prompt scored, nothing generated)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"must be {PROMPT_SHAPES} (not empty)")
+        if all(isinstance(p, str) for p in v):
+            return v
+        ids = [v] if all(_is_id(t) for t in v) else v
+        if not all(isinstance(p, list) and p and all(_is_id(t) for t in p) for p in ids):
+            raise ValueError(f"must be {PROMPT_SHAPES} (token ids: integers ≥ 0; no empty lists)")
+        return v
+
+    @model_validator(mode="after")
+    def _zero_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is allowed only with echo (to score the prompt)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """`prompt` as a list of prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return self.prompt
+
+    def token_logprobs(self) -> tuple[int | None, int | None]:
+        """(alternatives per generated token, per prompt token): None for no log-probabilities; prompt tokens
+        are scored when `echo` asks for them back with `logprobs`."""
+        return self.logprobs, self.logprobs if self.echo else None
 
     def limit(self) -> int | None:
-        """`max_tokens`, or None when not given (the route picks one)."""
+        """`max_tokens` (0 with echo), or None when not given (the route picks one)."""
         return self.max_tokens
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 class ClassifyRequest(Request):
@@ -195,6 +237,8 @@ def parse_body(raw: bytes, model: type[Request]) -> Request:
         first = err.errors(include_url=False)[0]
         param = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or None
         msg = first["msg"].removeprefix("Value error, ")
+        if param is None and msg.split(": ", 1)[0] in model.model_fields:  # a check across fields names its field
+            param, msg = msg.split(": ", 1)
         raise bad_request(f"{param}: {msg}" if param else msg, param=param) from None
 
 
@@ -269,10 +313,41 @@ class AssistantMessage(Response):
     content: str
 
 
+class TopLogprob(Response):
+    """A token and its log-probability; `bytes`: its UTF-8 bytes (a token may hold part of a character)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    """A generated token's log-probability in a chat answer, with the most likely alternatives at its place."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Response):
+    """A chat choice's (or chunk's) `logprobs`: one entry per generated token."""
+
+    content: list[TokenLogprobOut]
+
+
+class TextLogprobs(Response):
+    """A text completion's (or chunk's) `logprobs`, OpenAI's legacy shape: per token its text, log-probability
+    (None for the first prompt token), the alternatives (the token itself included) and its character offset in the
+    choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(Response):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -287,7 +362,7 @@ class Delta(Response):
 class ChatChunkChoice(Response):
     index: int
     delta: Delta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -296,7 +371,7 @@ class TextChoice(Response):
 
     index: int
     text: str
-    logprobs: None = None
+    logprobs: TextLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -42,6 +42,7 @@ from tunelab.models import (META_FILE, BaseRef, load_model_dir, load_pretrained,
                             quiet_transformers, read_meta, resolve_base, sentence_embeddings)
 from tunelab.serve.drift import DriftTracker, Observer, RequestLog
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
+from tunelab.serve.logprobs import TokenTexts
 from tunelab.serve.protocol import APIError, ModelCard, bad_request
 from tunelab.tasks import refuse_stage, task_spec, tasks_where
 from tunelab.tasks.token_classification import TokenClassificationTask
@@ -83,6 +84,7 @@ class Served:
     adapter: str | None = None
     context: int = 0  # generation: prompt + max_tokens must fit
     version: str | None = None  # a registry version: NAME:VERSION (12 hex characters)
+    _token_texts: TokenTexts | None = field(default=None, repr=False)
 
     def close(self) -> None:
         """Stop its engine or micro-batcher (queued work still gets its answer or error event)."""
@@ -117,6 +119,22 @@ class Served:
         if not ids:
             raise bad_request("the prompt is empty", param="prompt")
         return ids
+
+    def token_prompt(self, ids: list[int]) -> list[int]:
+        """A prompt given as token ids, used as they are (no special tokens added); a 400 for an id outside the
+        vocabulary (of the tokenizer, and of the model's embeddings when it has fewer)."""
+        size = min(len(self.tokenizer), getattr(self.engine, "vocab_size", None) or len(self.tokenizer))
+        bad = next((t for t in ids if t >= size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary of '{self.id}' (0 to {size - 1})",
+                              param="prompt")
+        return ids
+
+    def token_texts(self) -> TokenTexts:
+        """The text and bytes of each token id, for log-probabilities (built on first use; shared)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.tokenizer)
+        return self._token_texts
 
 
 def parse_spec(item: str, embedding: bool = False, registry=None) -> Spec:

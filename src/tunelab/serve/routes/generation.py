@@ -16,7 +16,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from tunelab.serve.engine import DoneEvent, EngineFull, ErrorEvent, Event, SamplingParams, Sequence, TextEvent
+from tunelab.serve.engine import (DoneEvent, EngineFull, ErrorEvent, Event, SamplingParams, Sequence, TextEvent,
+                                  TokenLogprob)
+from tunelab.serve.logprobs import TextOffsets, chat_logprobs, text_logprobs
 from tunelab.serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatRequest, Completion, CompletionRequest, Delta,
                                     TextChoice, TextCompletion, Usage, bad_request)
@@ -41,27 +43,34 @@ async def chat_completions(request: Request, call: Annotated[Call, Depends(model
 
 @router.post("/v1/completions")
 async def completions(request: Request, call: Annotated[Call, Depends(model_call(CompletionRequest, "generate"))]):
-    """POST /v1/completions, a `CompletionRequest` -> a `TextCompletion` with `n` choices per prompt
-    (prompt-major; `echo` prefixes the decoded prompt), or with `stream` SSE chunks ending `data: [DONE]`.
-    Errors: those of /v1/chat/completions, with 400 for an empty prompt instead of the chat-template ones."""
+    """POST /v1/completions, a `CompletionRequest` (prompts as text or token ids) -> a `TextCompletion` with `n`
+    choices per prompt (prompt-major; `echo` prefixes the decoded prompt and, with `logprobs`, its tokens'
+    log-probabilities), or with `stream` SSE chunks ending `data: [DONE]`.
+    Errors: those of /v1/chat/completions, with 400 for an empty prompt or a token id outside the vocabulary
+    instead of the chat-template ones, and for echo with logprobs on an engine that cannot score prompts."""
     served = call.served
-    prompts = await asyncio.to_thread(lambda: [served.text_prompt(p) for p in call.body.prompts()])
+    prompts = await asyncio.to_thread(lambda: [served.text_prompt(p) if isinstance(p, str) else served.token_prompt(p)
+                                               for p in call.body.prompts()])
     return await _run(request, call, prompts, chat=False)
 
 
 def _params(req, prompt: list[int], served: Served, st: ServerState, seed: int | None) -> SamplingParams:
-    limit, n_prompt = served.context, len(prompt)
+    limit, n_prompt, asked = served.context, len(prompt), req.limit()
     where = "messages" if isinstance(req, ChatRequest) else "prompt"
-    if n_prompt >= limit:
+    if n_prompt > limit or (n_prompt == limit and asked != 0):  # max_tokens 0 (echo): the prompt alone may fill it
         raise bad_request(f"the prompt has {n_prompt} tokens; '{served.id}' reads at most {limit}", param=where,
                           code="context_length_exceeded")
-    max_tokens = req.limit() or min(st.settings.default_max_tokens, limit - n_prompt)
+    max_tokens = asked if asked is not None else min(st.settings.default_max_tokens, limit - n_prompt)
     if n_prompt + max_tokens > limit:
         raise bad_request(f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the context of "
                           f"'{served.id}' ({limit} tokens)", param="max_tokens", code="context_length_exceeded")
+    logprobs, prompt_logprobs = req.token_logprobs()
+    if prompt_logprobs is not None and not served.engine.prompt_logprobs:
+        raise bad_request(f"'{served.id}' runs in {served.runtime}, which does not score prompt tokens: echo with "
+                          "logprobs is not available for it", param="echo")
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                          stop=req.stops(), seed=seed)
+                          stop=req.stops(), seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 @dataclass
@@ -123,29 +132,43 @@ async def _run(request: Request, call: Call, prompts: list[list[int]], chat: boo
         return StreamingResponse(_stream(call, job, meta, chat, route), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no nginx buffer
     try:
-        texts, finish, completion = await _collect(request, call, job)
+        texts, finish, completion, logprobs = await _collect(request, call, job)
     finally:
         job.cancel(served)
     call.observe_latency(route)
     usage = Usage.of(job.prompt_tokens, completion)
-    if chat:
-        answer: Completion = ChatCompletion(
-            **meta, usage=usage, choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f)
-                                          for i, (t, f) in enumerate(zip(texts, finish))])
-    else:
-        if req.echo:
-            prompts = await asyncio.to_thread(lambda: [served.tokenizer.decode(s.prompt) for s in job.seqs])
-            texts = [p + t for p, t in zip(prompts, texts)]
-        answer = TextCompletion(**meta, usage=usage, choices=[TextChoice(index=i, text=t, finish_reason=f)
-                                                              for i, (t, f) in enumerate(zip(texts, finish))])
+    answer = await asyncio.to_thread(_answer, served, req, job, meta, texts, finish, logprobs, usage)  # decodes
     return answer.response()
 
 
-async def _collect(request: Request, call: Call, job: _Job) -> tuple[list[str], list[str | None], int]:
-    """Wait for every choice to finish -> (texts, finish reasons, completion tokens); 499 when the client goes,
-    500 for a failed choice (503 when the engine shut down under it)."""
+def _answer(served: Served, req, job: _Job, meta: dict, texts: list[str], finish: list[str | None],
+            logprobs: list[list[TokenLogprob]], usage: Usage) -> Completion:
+    """The whole (not streamed) answer of a finished job."""
+    if isinstance(req, ChatRequest):
+        return ChatCompletion(**meta, usage=usage, choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f,
+                       logprobs=chat_logprobs(lp, served.token_texts()) if req.logprobs else None)
+            for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))])
+    choices = []
+    for i, (s, text, f, lp) in enumerate(zip(job.seqs, texts, finish, logprobs)):
+        entries, tokens = list(lp), [e.token for e in lp]
+        if req.echo:
+            text = served.tokenizer.decode(s.prompt) + text
+            if req.logprobs is not None:
+                entries, tokens = s.prompt_logprobs + entries, s.prompt + tokens
+        scored = text_logprobs(entries, tokens, served.token_texts()) if req.logprobs is not None else None
+        choices.append(TextChoice(index=i, text=text, finish_reason=f, logprobs=scored))
+    return TextCompletion(**meta, usage=usage, choices=choices)
+
+
+async def _collect(request: Request, call: Call, job: _Job
+                   ) -> tuple[list[str], list[str | None], int, list[list[TokenLogprob]]]:
+    """Wait for every choice to finish -> (texts, finish reasons, completion tokens, generated tokens'
+    log-probabilities when asked); 499 when the client goes, 500 for a failed choice (503 when the engine shut
+    down under it)."""
     n = len(job.seqs)
     texts, finish, completion, first = [""] * n, [None] * n, 0, True
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     gone = asyncio.create_task(disconnected(request))
     try:
         while any(f is None for f in finish):
@@ -156,44 +179,60 @@ async def _collect(request: Request, call: Call, job: _Job) -> tuple[list[str], 
                 raise APIError(499, "client closed the request")
             i, ev = get.result()
             match ev:
-                case TextEvent(text):
+                case TextEvent(text, scored):
                     if first:
                         call.observe_first_token()
                         first = False
                     texts[i] += text
+                    logprobs[i].extend(scored)
                 case DoneEvent(reason, _, tokens):
                     finish[i], completion = reason, completion + tokens
                 case ErrorEvent(message, shutdown):
                     raise APIError(503 if shutdown else 500, message, type="server_error")
     finally:
         gone.cancel()
-    return texts, finish, completion
+    return texts, finish, completion, logprobs
 
 
 async def _stream(call: Call, job: _Job, meta: dict, chat: bool, route: str):
-    """The SSE events of a streamed request: (chat) the role, then one chunk per text piece and one per finished
+    """The SSE events of a streamed request: (chat) the role, (echo) each choice's prompt before its first
+    piece, then one chunk per text piece (with its tokens' log-probabilities when asked) and one per finished
     choice, the usage chunk when asked, `data: [DONE]`; a failed choice sends an error envelope and ends it."""
+    req, served = call.body, call.served
+    texts = served.token_texts() if req.token_logprobs()[0] is not None else None
+    offsets = [TextOffsets() for _ in job.seqs]  # completions: where each choice's text so far ends
 
     def chunk(choices: list, usage: Usage | None = None) -> str:
         return (ChatCompletionChunk if chat else TextCompletion)(**meta, choices=choices, usage=usage).sse()
 
-    def event(i: int, text: str | None, reason: str | None = None) -> str:
+    def event(i: int, text: str | None, reason: str | None = None, scored: tuple[TokenLogprob, ...] = ()) -> str:
         if chat:
-            return chunk([ChatChunkChoice(index=i, delta=Delta(content=text), finish_reason=reason)])
-        return chunk([TextChoice(index=i, text=text or "", finish_reason=reason)])
+            return chunk([ChatChunkChoice(index=i, delta=Delta(content=text), finish_reason=reason,
+                                          logprobs=chat_logprobs(scored, texts) if scored else None)])
+        logprobs = text_logprobs(scored, [e.token for e in scored], texts, offsets[i]) if scored else None
+        return chunk([TextChoice(index=i, text=text or "", finish_reason=reason, logprobs=logprobs)])
+
+    def echo(i: int) -> str:
+        s = job.seqs[i]
+        logprobs = text_logprobs(s.prompt_logprobs, s.prompt, texts, offsets[i]) if req.logprobs is not None else None
+        return chunk([TextChoice(index=i, text=served.tokenizer.decode(s.prompt), logprobs=logprobs)])
 
     n, open_choices, completion, first = len(job.seqs), len(job.seqs), 0, True
+    echoing = set(range(n)) if not chat and req.echo else set()  # choices whose prompt is still to be sent
     try:
         if chat:
             yield chunk([ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)])
         while open_choices:
             i, ev = await job.queue.get()
+            if i in echoing and not isinstance(ev, ErrorEvent):
+                echoing.discard(i)
+                yield echo(i)
             match ev:
-                case TextEvent(text):
+                case TextEvent(text, scored):
                     if first:
                         call.observe_first_token()
                         first = False
-                    yield event(i, text)
+                    yield event(i, text, scored=scored)
                 case DoneEvent(reason, _, tokens):
                     open_choices -= 1
                     completion += tokens
