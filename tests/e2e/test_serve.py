@@ -118,6 +118,51 @@ def test_completions_n_seed_and_stop(client):
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_and_token_id_prompts_through_the_official_client(client, engines):
+    kw = dict(model="peaky", messages=CHAT["messages"], max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    full = client.chat.completions.create(**kw)
+    content = full.choices[0].logprobs.content
+    assert content and all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in content)
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob for e in content)
+    assert all(e.token == e.top_logprobs[0].token for e in content)  # greedy: the most likely token is taken
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    if engines == "pytorch":  # one entry per generated token; their bytes are the answer
+        assert len(content) == full.usage.completion_tokens
+        assert bytes(b for e in content for b in e.bytes).decode() == full.choices[0].message.content
+    else:  # llama.cpp: one entry per streamed piece
+        assert 0 < len(content) <= full.usage.completion_tokens
+
+    ids = [[504, 3575, 282, 4649, 314], [19556, 253, 1012]]  # token ids: two prompts in one request
+    res = client.completions.create(model="peaky", prompt=ids, max_tokens=4, temperature=0, logprobs=2)
+    assert [c.index for c in res.choices] == [0, 1] and res.usage.prompt_tokens == 8
+    for c in res.choices:
+        lp = c.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) > 0
+        assert all(len(top) <= 3 and max(top.values()) == p for top, p in zip(lp.top_logprobs, lp.token_logprobs))
+    prompt_text = "The capital of France is"
+    if engines == "pytorch":  # lm-eval's scoring request: echo, one token, the prompt's log-probabilities
+        echo = client.completions.create(model="peaky", prompt=ids[0], max_tokens=1, temperature=0, logprobs=1,
+                                         echo=True)
+        lp = echo.choices[0].logprobs
+        assert echo.choices[0].text.startswith(prompt_text) and len(lp.tokens) == 6
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[:2] == [0, 3]
+        assert all(p < 0 for p in lp.token_logprobs[1:])
+        scored = client.completions.create(model="peaky", prompt=ids[0], max_tokens=0, logprobs=0, echo=True)
+        assert scored.choices[0].text == prompt_text and scored.usage.completion_tokens == 0
+        assert scored.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:5], abs=1e-3)
+    else:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="peaky", prompt=ids[0], max_tokens=1, logprobs=1, echo=True)
+        assert err.value.param == "echo" and "llama.cpp" in err.value.message
+        echo = client.completions.create(model="peaky", prompt=ids[0], max_tokens=0, echo=True)  # no scores: fine
+        assert echo.choices[0].text == prompt_text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="peaky", prompt=[[1, 2, 10 ** 6]], max_tokens=2)
+    assert err.value.param == "prompt" and "vocabulary" in err.value.message
+
+
 def test_lora_models_share_a_base_and_stop_at_their_end_token(client, server):
     for model in ("chat-a", "chat-b"):
         res = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "what is 2 plus 2?"}],
