@@ -363,20 +363,44 @@ def test_logprobs_of_prompts_and_answers_are_the_models_own_in_any_batch(lm):
     assert all(e.top == () for e in only_prompt.prompt_logprobs[1:])
 
 
-def test_logprobs_cover_tokens_a_stop_string_cuts(lm):
+def test_logprobs_cover_the_stop_token_and_what_a_stop_string_cuts(lm):
     model, tok = lm
     prompt = tok(PROMPTS[0])["input_ids"]
     full = alone(model, tok, prompt, 16)
     text = tok.decode(full)
     cut = tok.decode(full[:4])
-    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=2)
+    eng = GenerationEngine(model, tok, stop_ids=[full[2]], max_batch=2)
+    plain = GenerationEngine(model, tok, stop_ids=[], max_batch=2)
     try:
         run = Run()
-        s = run.seq(prompt, max_tokens=16, stop=[text[len(cut):len(cut) + 3]], logprobs=0)
-        eng.submit([s])
+        by_string = run.seq(prompt, max_tokens=16, stop=[text[len(cut):len(cut) + 3]], logprobs=0)
+        by_token = run.seq(prompt, max_tokens=16, logprobs=1)
+        plain.submit([by_string])
+        eng.submit([by_token])
         run.wait()
     finally:
         eng.close()
+        plain.close()
     assert run.end(0).finish_reason == "stop" and run.text(0) == text[:len(cut)]
     entries = [e for ev in run.events[0] if isinstance(ev, TextEvent) for e in ev.logprobs]
-    assert [e.token for e in entries] == s.tokens and all(e.top == () for e in entries)
+    assert [e.token for e in entries] == by_string.tokens and all(e.top == () for e in entries)
+    # the end-of-turn token is not in the text but is in the log-probabilities (lm-eval's scoring request asks
+    # for one token and drops the last entry: without it, it would drop a prompt token's)
+    stop_at = full.index(full[2])
+    assert by_token.tokens == full[:stop_at] and run.end(1) == DoneEvent("stop", len(prompt), stop_at + 1)
+    entries = [e for ev in run.events[1] if isinstance(ev, TextEvent) for e in ev.logprobs]
+    assert [e.token for e in entries] == full[:stop_at + 1]
+
+
+def test_prompt_logprobs_are_normalised_in_chunks_without_changing_them():
+    from tunelab.serve.engine import _prompt_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(11, 50, generator=gen) * 4
+    prompt = torch.randint(0, 50, (11,), generator=gen).tolist()
+    whole = _prompt_logprobs(prompt, logits, 3, chunk=100)
+    assert whole[0] is None and len(whole) == 11
+    assert _prompt_logprobs(prompt, logits, 3, chunk=3) == whole  # chunk edges: 3, 6, 9 of the 10 scored positions
+    ref = torch.log_softmax(logits, -1)
+    assert [e.logprob for e in whole[1:]] == pytest.approx([float(ref[i, t]) for i, t in enumerate(prompt[1:])])
+    assert [e.top[0][0] for e in whole[1:]] == ref[:-1].argmax(-1).tolist()

@@ -57,7 +57,9 @@ def tasks(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, peaky_llama):
     log = tmp_path_factory.mktemp("lm-eval-serve") / "server.log"
-    srv = ServerProcess([f"peaky={peaky_llama}", "--max-batch", "4"], log, env={"TUNELAB_API_KEYS": KEY})
+    # no rate limit: lm-eval's remote tokenizer sends one request per text
+    srv = ServerProcess([f"peaky={peaky_llama}", "--max-batch", "4", "--rate-limit", "0"], log,
+                        env={"TUNELAB_API_KEYS": KEY})
     yield srv
     assert srv.stop() == 0
     assert "Traceback" not in log.read_text()
@@ -71,8 +73,8 @@ def lm(peaky_llama):
     return model, AutoTokenizer.from_pretrained(peaky_llama)
 
 
-def lm_eval(out: Path, *args: str) -> list[dict]:
-    """Run the lm_eval CLI offline (bounded in time) -> the samples it logged."""
+def lm_eval(out: Path, *args: str) -> tuple[list[dict], str]:
+    """Run the lm_eval CLI offline (bounded in time) -> the samples it logged, and its log."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OPENAI_API_KEY": KEY, "HF_DATASETS_CACHE": str(out / "datasets-cache")}
     run = subprocess.run([sys.executable, "-m", "lm_eval", *args, "--output_path", str(out), "--log_samples"],
@@ -80,15 +82,20 @@ def lm_eval(out: Path, *args: str) -> list[dict]:
     assert run.returncode == 0, run.stderr[-4000:]
     files = sorted(out.rglob("samples_*.jsonl"))
     assert len(files) == 1, files
-    return [json.loads(line) for line in files[0].read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in files[0].read_text(encoding="utf-8").splitlines()], run.stderr
 
 
+@pytest.mark.parametrize("tokenizer", ["model-dir", "server"])
 def test_multiple_choice_through_local_completions_scores_what_the_model_does(server, tasks, lm, peaky_llama,
-                                                                              tmp_path):
-    samples = lm_eval(tmp_path, "--model", "local-completions", "--model_args",
-                      f"model=peaky,base_url={server.url}/v1/completions,tokenizer={peaky_llama},"
-                      "tokenizer_backend=huggingface,num_concurrent=2,max_retries=1",
-                      "--batch_size", "4", "--include_path", str(tasks), "--tasks", "tunelab_mc")
+                                                                              tmp_path, tokenizer):
+    # the model dir's tokenizer files, or the server's /tokenizer_info and /tokenize (lm-eval finds them itself)
+    backend = f"tokenizer={peaky_llama},tokenizer_backend=huggingface" if tokenizer == "model-dir" else \
+        f"auth_token={KEY}"
+    samples, log = lm_eval(tmp_path, "--model", "local-completions", "--model_args",
+                           f"model=peaky,base_url={server.url}/v1/completions,{backend},num_concurrent=2,"
+                           "max_retries=1",
+                           "--batch_size", "4", "--include_path", str(tasks), "--tasks", "tunelab_mc")
+    assert ("Using remote tokenizer" in log) == (tokenizer == "server")
     assert len(samples) == len(MULTIPLE_CHOICE)
     model, tok = lm
 
@@ -118,16 +125,17 @@ def test_multiple_choice_through_local_completions_scores_what_the_model_does(se
 
 
 def test_generation_through_local_chat_completions_is_the_greedy_answer(server, tasks, lm, tmp_path):
-    samples = lm_eval(tmp_path, "--model", "local-chat-completions", "--model_args",
-                      f"model=peaky,base_url={server.url}/v1/chat/completions,max_retries=1", "--apply_chat_template",
-                      "--include_path", str(tasks), "--tasks", "tunelab_gen")
+    samples, _ = lm_eval(tmp_path, "--model", "local-chat-completions", "--model_args",
+                         f"model=peaky,base_url={server.url}/v1/chat/completions,max_retries=1",
+                         "--apply_chat_template", "--include_path", str(tasks), "--tasks", "tunelab_gen")
     assert len(samples) == len(GENERATION)
     model, tok = lm
     stops, answers = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}, []
     for sample in samples:
         messages = json.loads(sample["arguments"]["gen_args_0"]["arg_0"][0])
         assert messages == [{"role": "user", "content": sample["doc"]["question"]}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                  add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=MAX_GEN, do_sample=False,
                                  eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()

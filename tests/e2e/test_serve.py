@@ -128,9 +128,10 @@ def test_logprobs_and_token_id_prompts_through_the_official_client(client, engin
     chunks = list(client.chat.completions.create(**kw, stream=True))
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
-    if engines == "pytorch":  # one entry per generated token; their bytes are the answer
+    if engines == "pytorch":  # one entry per generated token (an end-of-turn token too); their bytes are the answer
         assert len(content) == full.usage.completion_tokens
-        assert bytes(b for e in content for b in e.bytes).decode() == full.choices[0].message.content
+        text = content[:-1] if full.choices[0].finish_reason == "stop" else content
+        assert bytes(b for e in text for b in e.bytes).decode() == full.choices[0].message.content
     else:  # llama.cpp: one entry per streamed piece
         assert 0 < len(content) <= full.usage.completion_tokens
 
@@ -161,6 +162,28 @@ def test_logprobs_and_token_id_prompts_through_the_official_client(client, engin
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="peaky", prompt=[[1, 2, 10 ** 6]], max_tokens=2)
     assert err.value.param == "prompt" and "vocabulary" in err.value.message
+
+
+def test_tokenizer_routes_are_the_served_models(server, client):
+    text = "The café 你好 — words"
+    got = post(server, "/tokenize", {"model": "peaky", "prompt": text, "add_special_tokens": False})
+    assert got.status_code == 200, got.text
+    ids = got.json()["tokens"]
+    assert got.json()["count"] == len(ids) > 0 and got.json()["max_model_len"] == 2048
+    back = post(server, "/detokenize", {"model": "peaky", "tokens": ids})
+    assert back.status_code == 200 and back.json() == {"prompt": text}
+    chat = post(server, "/tokenize", {"model": "peaky", "messages": CHAT["messages"]}).json()
+    answer = client.chat.completions.create(model="peaky", messages=CHAT["messages"], max_tokens=1)
+    assert chat["count"] == answer.usage.prompt_tokens  # the same template and tokenizer as generation
+    info = httpx.get(server.url + "/tokenizer_info", params={"model": "peaky"}, headers=AUTH)
+    assert info.status_code == 200 and info.json()["eos_token"] and "im_start" in info.json()["chat_template"]
+    # several generation models are served here: a request must name one
+    assert_envelope(post(server, "/tokenize", {"prompt": text}), 400, param="model")
+    assert_envelope(httpx.get(server.url + "/tokenizer_info", headers=AUTH), 400, param="model")
+    assert_envelope(post(server, "/tokenize", {"model": "sentiment", "prompt": text}), 400, param="model")
+    assert_envelope(post(server, "/tokenize", {"model": "peaky"}), 400, param="prompt")
+    assert_envelope(post(server, "/detokenize", {"model": "peaky", "tokens": [1, 10 ** 7]}), 400, param="tokens")
+    assert_envelope(post(server, "/detokenize", {"model": "peaky", "tokens": ["a"]}), 400, param="tokens")
 
 
 def test_lora_models_share_a_base_and_stop_at_their_end_token(client, server):
@@ -262,7 +285,8 @@ def test_unknown_model_and_route(server):
 # ---- keys (S7) ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path,body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "peaky"}),
                                        ("/v1/classify", {"model": "sentiment", "input": "x"}),
-                                       ("/v1/embeddings", {"model": "minilm-l6", "input": "x"}), ("/v1/models", None)])
+                                       ("/v1/embeddings", {"model": "minilm-l6", "input": "x"}), ("/v1/models", None),
+                                       ("/tokenize", {"prompt": "x"}), ("/tokenizer_info", None)])
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"},
                                      {"Authorization": f"Bearer {KEY}x"}])
 def test_every_inference_route_needs_a_key(server, path, body, headers):

@@ -23,13 +23,13 @@ from tunelab.config import ServeConfig
 from tunelab.serve.auth import is_loopback_host
 from tunelab.serve.protocol import APIError
 from tunelab.serve.registry import Spec
-from tunelab.serve.routes import encoders, generation, system
+from tunelab.serve.routes import encoders, generation, system, tokenizer
 from tunelab.serve.state import ServerState
 
 log = logging.getLogger("tunelab.serve")
 
 ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/classify", "/v1/entities", "/v1/embeddings",
-          "/health", "/ready", "/metrics", "/", "/admin/reload"}
+          "/tokenize", "/detokenize", "/tokenizer_info", "/health", "/ready", "/metrics", "/", "/admin/reload"}
 ADMIN = "/admin/"  # its routes check the admin keys themselves (the API keys do not open them)
 OPEN_WHILE_DRAINING = {"/health", "/ready", "/metrics"}
 
@@ -48,7 +48,7 @@ def create_app(settings: ServeConfig, specs: list[Spec], keys: list[str], device
 
     app = FastAPI(title="tunelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tunelab = st
-    for module in (generation, encoders, system):
+    for module in (generation, encoders, tokenizer, system):
         app.include_router(module.router)
 
     install_error_handlers(app)

@@ -447,14 +447,14 @@ class GenerationEngine(_Worker):
             s._trim = StopTrimmer(s.params.stop)
         s.tokens.append(token)
         s._counts[token] = s._counts.get(token, 0) + 1
+        if s.params.logprobs is not None:  # the end-of-turn token too: it was generated (lm-eval scores with it)
+            s._logprobs.append(_token_logprob(logits, token, s.params.logprobs))
         if token in self.stop_ids:
-            s.tokens.pop()  # the end-of-turn token is not part of the answer (nor of its log-probabilities)
+            s.tokens.pop()  # the end-of-turn token is not part of the answer's text
             piece = s._trim.flush()
             self._send(s, piece)
             self._finish(s, "stop", counted=len(s.tokens) + 1)  # it was generated: usage counts it
             return True
-        if s.params.logprobs is not None:
-            s._logprobs.append(_token_logprob(logits, token, s.params.logprobs))
         piece = s._trim.push(self._detok(s))
         self._send(s, piece)
         if s._trim.done:
@@ -510,17 +510,23 @@ def _token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
                         tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
 
 
-def _prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob | None]:
+def _prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int,
+                     chunk: int = 256) -> list[TokenLogprob | None]:
     """Each prompt token's log-probability given the tokens before it (and the `k` most likely there), from the
-    logits at the prompt's positions ([len(prompt), vocabulary]); None for the first token."""
-    logprobs = torch.log_softmax(logits[:-1].float(), -1)
-    targets = torch.tensor(prompt[1:], device=logprobs.device)
-    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-    if not k:
-        return [None] + [TokenLogprob(t, lp) for t, lp in zip(prompt[1:], chosen)]
-    top = torch.topk(logprobs, k, dim=-1)
-    return [None] + [TokenLogprob(t, lp, tuple(zip(ti, tv))) for t, lp, ti, tv in
-                     zip(prompt[1:], chosen, top.indices.tolist(), top.values.tolist())]
+    logits at the prompt's positions ([len(prompt), vocabulary]); None for the first token. Normalised `chunk`
+    positions at a time, so that no second prompt-sized copy of the logits is made."""
+    out: list[TokenLogprob | None] = [None]
+    for start in range(0, len(prompt) - 1, chunk):
+        logprobs = torch.log_softmax(logits[start:min(start + chunk, len(prompt) - 1)].float(), -1)
+        targets = prompt[start + 1:start + 1 + len(logprobs)]
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+        if not k:
+            out += [TokenLogprob(t, lp) for t, lp in zip(targets, chosen)]
+            continue
+        top = torch.topk(logprobs, k, dim=-1)
+        out += [TokenLogprob(t, lp, tuple(zip(ti, tv)))
+                for t, lp, ti, tv in zip(targets, chosen, top.indices.tolist(), top.values.tolist())]
+    return out
 
 
 def _penalised(s: Sequence) -> bool:

@@ -194,6 +194,35 @@ def _is_id(t) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
+class TokenizeRequest(Request):
+    """POST /tokenize: `prompt` (special tokens added unless `add_special_tokens` is false), or `messages` rendered
+    by the chat template (ending in the assistant header unless `add_generation_prompt` is false)."""
+
+    model: str | None = Field(None, min_length=1)
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(Request):
+    model: str | None = Field(None, min_length=1)
+    tokens: list[int]
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _ids(cls, v):
+        if not isinstance(v, list) or not all(_is_id(t) for t in v):
+            raise ValueError("must be a list of token ids (integers ≥ 0)")
+        return v
+
+
 class ClassifyRequest(Request):
     model: str = Field(min_length=1)
     input: str | list[str]
@@ -404,6 +433,28 @@ class TextCompletion(Completion):
     object: Literal["text_completion"] = "text_completion"
     choices: list[TextChoice]
     usage: Usage | None = None
+
+
+class Tokenized(Response):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class Detokenized(Response):
+    prompt: str
+
+
+class TokenizerInfo(Response):
+    """GET /tokenizer_info: the special tokens (None when the tokenizer has none), the chat template, the context."""
+
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+    model_max_length: int
 
 
 class InputUsage(Response):

@@ -100,14 +100,14 @@ class Served:
             return any(self.engine.load())
         return False
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` through the model's chat template, ending in the assistant header; a 400 when
-        there is no template or it rejects the messages."""
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` through the model's chat template, ending in the assistant header (unless
+        `add_generation_prompt` is False); a 400 when there is no template or it rejects the messages."""
         tok = self.tokenizer
         if not getattr(tok, "chat_template", None):
             raise bad_request(f"model '{self.id}' has no chat template; use /v1/completions", param="model")
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         except Exception as err:  # jinja: the template rejected this conversation (e.g. role order)
             raise bad_request(f"the chat template of '{self.id}' rejects these messages: "
                               f"{str(err)[:200]}", param="messages") from None
@@ -120,14 +120,14 @@ class Served:
             raise bad_request("the prompt is empty", param="prompt")
         return ids
 
-    def token_prompt(self, ids: list[int]) -> list[int]:
-        """A prompt given as token ids, used as they are (no special tokens added); a 400 for an id outside the
-        vocabulary (of the tokenizer, and of the model's embeddings when it has fewer)."""
+    def token_prompt(self, ids: list[int], param: str = "prompt") -> list[int]:
+        """A prompt given as token ids, used as they are (no special tokens added); a 400 naming `param` for an id
+        outside the vocabulary (of the tokenizer, and of the model's embeddings when it has fewer)."""
         size = min(len(self.tokenizer), getattr(self.engine, "vocab_size", None) or len(self.tokenizer))
         bad = next((t for t in ids if t >= size), None)
         if bad is not None:
             raise bad_request(f"token id {bad} is outside the vocabulary of '{self.id}' (0 to {size - 1})",
-                              param="prompt")
+                              param=param)
         return ids
 
     def token_texts(self) -> TokenTexts:
