@@ -138,3 +138,31 @@ def test_loopback_host_values(value, loopback):
     from tunelab.serve.auth import is_loopback_host
 
     assert is_loopback_host(value) is loopback
+
+
+def test_streamed_echo_with_logprobs_equals_the_whole_answer(peaky_llama):
+    body = {"model": "peaky", "prompt": "The café 今天 is", "max_tokens": 6, "temperature": 0, "logprobs": 2,
+            "echo": True, "n": 2}
+    with TestClient(make_app(peaky_llama), base_url="http://localhost") as client:
+        wait_ready(client)
+        whole = client.post("/v1/completions", json=body)
+        assert whole.status_code == 200, whole.text
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+            events = [json.loads(line[6:]) for line in resp.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+    for choice in whole.json()["choices"]:
+        parts = [c for e in events for c in e["choices"] if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in parts) == choice["text"]
+        assert parts[0]["text"] == "The café 今天 is"  # the prompt comes first, as its own chunk
+        scored = [c["logprobs"] for c in parts if c["logprobs"]]
+        want = choice["logprobs"]
+        for key in ("tokens", "text_offset"):
+            assert [v for s in scored for v in s[key]] == want[key]
+        got = [v for s in scored for v in s["token_logprobs"]]
+        assert got[0] is None and want["token_logprobs"][0] is None
+        assert got[1:] == pytest.approx(want["token_logprobs"][1:], abs=1e-4)
+        assert len(want["tokens"]) == len(whole.json()["choices"][0]["logprobs"]["tokens"])
+        text = choice["text"]
+        for token, at in zip(want["tokens"], want["text_offset"]):
+            if not token.startswith("bytes:"):
+                assert text[at:at + len(token)] == token

@@ -324,11 +324,18 @@ def test_logprobs_of_prompts_and_answers_are_the_models_own_in_any_batch(lm):
     prompts = [tok(p)["input_ids"] for p in [*PROMPTS, "今天天气很好，我们去公园散步吧。"]]
     n = 6
     answers = [alone(model, tok, p, n) for p in prompts]
-    # a small prefill budget: the prompts that score every position are split over several forwards
-    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=4, prefill_budget=24)
+    # a small prefill budget: the short prompts that score every position share forwards within it, the long one
+    # (31 tokens) goes through in chunks of 16
+    eng = GenerationEngine(model, tok, stop_ids=[], max_batch=4, prefill_budget=16)
+    groups, chunked, running = [], [], []
+    real_group, real_long = eng._prefill_group, eng._prefill_long
+    eng._prefill_group = lambda new, every_position: (groups.append((len(new), every_position)),
+                                                      real_group(new, every_position))[1]
+    eng._prefill_long = lambda s: (chunked.append(len(s.prompt)), running.append(len(eng._running)),
+                                   real_long(s))[2]
     try:
         run = Run()
-        plain = run.seq(prompts[0], max_tokens=n)
+        plain = run.seq(prompts[0], max_tokens=60)
         scored = [run.seq(p, max_tokens=n, logprobs=3, prompt_logprobs=2) for p in prompts]
         only_prompt = run.seq(prompts[1], max_tokens=0, prompt_logprobs=0)
         eng.submit([plain])
@@ -338,7 +345,10 @@ def test_logprobs_of_prompts_and_answers_are_the_models_own_in_any_batch(lm):
         run.wait()
     finally:
         eng.close()
-    assert plain.tokens == answers[0] and plain.prompt_logprobs is None
+    assert chunked == [len(p) for p in prompts if len(p) > 16] and len(chunked) == 1
+    assert any(rows >= 2 for rows, every in groups if every)  # scored prompts shared a forward
+    assert any(running)  # a chunked prompt was scored while other sequences were decoding
+    assert plain.tokens == alone(model, tok, prompts[0], 60) and plain.prompt_logprobs is None
     assert not any(e.logprobs for e in run.events[0] if isinstance(e, TextEvent))
     for i, (s, p, g) in enumerate(zip(scored, prompts, answers), start=1):
         assert s.tokens == g  # scoring does not change what is generated
@@ -392,15 +402,15 @@ def test_logprobs_cover_the_stop_token_and_what_a_stop_string_cuts(lm):
     assert [e.token for e in entries] == full[:stop_at + 1]
 
 
-def test_prompt_logprobs_are_normalised_in_chunks_without_changing_them():
-    from tunelab.serve.engine import _prompt_logprobs
+def test_scores_are_normalised_in_chunks_without_changing_them():
+    from tunelab.serve.engine import _scored
 
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(11, 50, generator=gen) * 4
-    prompt = torch.randint(0, 50, (11,), generator=gen).tolist()
-    whole = _prompt_logprobs(prompt, logits, 3, chunk=100)
-    assert whole[0] is None and len(whole) == 11
-    assert _prompt_logprobs(prompt, logits, 3, chunk=3) == whole  # chunk edges: 3, 6, 9 of the 10 scored positions
+    logits = torch.randn(10, 50, generator=gen) * 4
+    targets = torch.randint(0, 50, (10,), generator=gen).tolist()
+    whole = _scored(logits, targets, 3, chunk=100)
+    assert _scored(logits, targets, 3, chunk=3) == whole  # chunk edges at 3, 6, 9
     ref = torch.log_softmax(logits, -1)
-    assert [e.logprob for e in whole[1:]] == pytest.approx([float(ref[i, t]) for i, t in enumerate(prompt[1:])])
-    assert [e.top[0][0] for e in whole[1:]] == ref[:-1].argmax(-1).tolist()
+    assert [e.logprob for e in whole] == pytest.approx([float(ref[i, t]) for i, t in enumerate(targets)])
+    assert [e.top[0][0] for e in whole] == ref.argmax(-1).tolist()
+    assert [e.top for e in _scored(logits, targets, 0, chunk=4)] == [()] * 10

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tunelab.serve.engine import TokenLogprob
-from tunelab.serve.logprobs import LOGPROB_FLOOR, TokenTexts, chat_logprobs, text_logprobs
+from tunelab.serve.logprobs import LOGPROB_FLOOR, TextOffsets, TokenTexts, chat_logprobs, joined, text_logprobs
 
 TEXT = "The café 今天天气很好 — naïve 🙂 words"
 
@@ -54,3 +54,43 @@ def test_chat_logprobs_hold_bytes_and_alternatives(tok):
     assert bytes(b for e in out.content for b in e.bytes).decode() == "你好"
     assert [len(e.top_logprobs) for e in out.content] == [2] * len(ids)
     assert out.content[0].top_logprobs[1].bytes == texts(ids[0])[1]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tok():
+    """A Llama-2-style tokenizer: word starts marked '▁' (dropped where a decoded text starts), byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"] +
+                                  [f"<0x{b:02X}>" for b in range(256)],
+                                  initial_alphabet=list("▁abcdefghijklmnopqrstuvwxyzHTW"))
+    tk.train_from_iterator(["Hello world the cat sat on the mat", "The world is wide and the sea is deep"] * 50,
+                           trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_offsets_follow_the_decoded_text(sentencepiece_tok):
+    tok = sentencepiece_tok
+    texts = TokenTexts(tok)
+    prompt = tok("Hello world 你好 the cat", add_special_tokens=False)["input_ids"]
+    answer = tok("sat on the mat", add_special_tokens=False)["input_ids"]
+    assert any(texts(t)[0].startswith("bytes:") for t in prompt)  # byte-fallback pieces are exercised
+    # an echo: the prompt and the answer are each decoded on their own, then joined
+    text = tok.decode(prompt) + tok.decode(answer)
+    offsets = TextOffsets()
+    out = joined([text_logprobs([None] * len(prompt), prompt, texts, offsets)])
+    offsets.segment()
+    out = joined([out, text_logprobs([TokenLogprob(t, -1.0) for t in answer], answer, texts, offsets)])
+    for i, (token, at) in enumerate(zip(prompt + answer, out.text_offset)):
+        shown = texts(token)[0]
+        if shown.startswith("bytes:"):
+            continue
+        if i in (0, len(prompt)):  # where a decoded text starts, its word-start space is not there
+            shown = shown.removeprefix(" ")
+        assert text[at:at + len(shown)] == shown, (i, shown, at)
+    assert out.text_offset[len(prompt)] == len(tok.decode(prompt))

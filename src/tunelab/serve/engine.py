@@ -199,7 +199,7 @@ class GenerationEngine(_Worker):
         self._generated = metrics.generated_tokens.labels(name) if metrics else None
         self._prompted = metrics.prompt_tokens.labels(name) if metrics else None
         self.device = next(model.parameters()).device
-        self.vocab_size = self._config().vocab_size  # token ids a prompt may hold: [0, vocab_size)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._prefilling = 0  # taken from the queue, not yet in the batch (still counts against capacity)
@@ -300,17 +300,23 @@ class GenerationEngine(_Worker):
     def _prefill(self, new: list[Sequence]) -> None:
         """Left-padded forwards over the new prompts: one for those that need only the last position's logits,
         and, for those that score their prompt tokens (logits at every position), as few as keep
-        rows × longest prompt within the prefill budget. Each picks its first token, then the rows that go on
-        join the batch cache."""
+        rows × longest prompt within the prefill budget; a prompt to score that is longer than the budget goes
+        through in chunks (`_prefill_long`). Each picks its first token, then the rows that go on join the batch
+        cache. A prompt asking for nothing (echo, max_tokens 0, no scores) is answered without a forward."""
         for s in new:
             if s.cancelled:
                 s.finished = True
-        new = [s for s in new if not s.cancelled]
+            elif s.params.max_tokens == 0 and s.params.prompt_logprobs is None:
+                self._finish(s, "length")
+        new = [s for s in new if not s.finished]
         plain = [s for s in new if s.params.prompt_logprobs is None]
         if plain:
             self._prefill_group(plain, every_position=False)
         group: list[Sequence] = []
         for s in sorted((s for s in new if s.params.prompt_logprobs is not None), key=lambda s: len(s.prompt)):
+            if len(s.prompt) > self.prefill_budget:
+                self._step(s, lambda s=s: self._prefill_long(s))
+                continue
             if group and (len(group) + 1) * len(s.prompt) > self.prefill_budget:
                 self._prefill_group(group, every_position=True)
                 group = []
@@ -329,14 +335,41 @@ class GenerationEngine(_Worker):
         # "__base__": peft's name for "no adapter" in a mixed-adapter batch
         out, cache = self._forward(ids, mask, positions, None, [s.adapter or "__base__" for s in new],
                                    keep_last=not every_position)
-        logits = out[:, -1, :].float()
         if self._prompted is not None:
             self._prompted.inc(int(mask.sum()))
+        scores = None
+        if every_position:
+            def scores(i: int) -> list[TokenLogprob | None]:
+                p = new[i].prompt
+                return [None] + _scored(out[i, width - len(p):-1], p[1:], new[i].params.prompt_logprobs)
+        self._begin(new, out[:, -1, :].float(), cache, mask, scores)
+
+    def _prefill_long(self, s: Sequence) -> bool:
+        """Score a prompt longer than the prefill budget: forwarded a budget of tokens at a time through its own
+        cache, so that only one chunk's logits exist at once; then it starts as `_begin` starts any. -> True when
+        it is finished (max_tokens 0)."""
+        n, size, cache, scored = len(s.prompt), self.prefill_budget, None, [None]
+        for start in range(0, n, size):
+            end = min(start + size, n)
+            ids = torch.tensor([s.prompt[start:end]], device=self.device)
+            mask = torch.ones(1, end, dtype=torch.long, device=self.device)
+            positions = torch.arange(start, end, device=self.device)[None]
+            out, cache = self._forward(ids, mask, positions, cache, [s.adapter or "__base__"], keep_last=False)
+            targets = s.prompt[start + 1:end + 1]  # each position scores the next token (the last, none)
+            scored += _scored(out[0, :len(targets)], targets, s.params.prompt_logprobs)
+        if self._prompted is not None:
+            self._prompted.inc(n)
+        self._begin([s], out[:, -1, :].float(), cache, mask, lambda i: scored)
+        return s.finished
+
+    def _begin(self, new: list[Sequence], logits: torch.Tensor, cache, mask: torch.Tensor,
+               scores: Callable[[int], list[TokenLogprob | None]] | None) -> None:
+        """Prefilled sequences (`logits`: each row's last position) take their prompt scores when asked, pick
+        their first token, and those that go on join the batch cache."""
 
         def first(i: int, s: Sequence) -> bool:
-            if every_position:
-                s.prompt_logprobs = _prompt_logprobs(s.prompt, out[i, width - len(s.prompt):],
-                                                     s.params.prompt_logprobs)
+            if scores is not None:
+                s.prompt_logprobs = scores(i)
             if s.params.max_tokens == 0:  # scoring the prompt (echo) is all it asked for
                 self._finish(s, "length")
                 return True
@@ -458,7 +491,6 @@ class GenerationEngine(_Worker):
         piece = s._trim.push(self._detok(s))
         self._send(s, piece)
         if s._trim.done:
-            self._send(s, "")  # the log-probabilities of the tokens the stop string cut
             self._finish(s, "stop")
             return True
         if len(s.tokens) >= s.params.max_tokens:
@@ -510,22 +542,20 @@ def _token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
                         tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
 
 
-def _prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int,
-                     chunk: int = 256) -> list[TokenLogprob | None]:
-    """Each prompt token's log-probability given the tokens before it (and the `k` most likely there), from the
-    logits at the prompt's positions ([len(prompt), vocabulary]); None for the first token. Normalised `chunk`
-    positions at a time, so that no second prompt-sized copy of the logits is made."""
-    out: list[TokenLogprob | None] = [None]
-    for start in range(0, len(prompt) - 1, chunk):
-        logprobs = torch.log_softmax(logits[start:min(start + chunk, len(prompt) - 1)].float(), -1)
-        targets = prompt[start + 1:start + 1 + len(logprobs)]
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+def _scored(logits: torch.Tensor, targets: list[int], k: int, chunk: int = 256) -> list[TokenLogprob]:
+    """Each target token's log-probability under the logits row before it ([len(targets), vocabulary]), with the
+    `k` most likely tokens there; normalised `chunk` rows at a time (no second copy of the logits)."""
+    out: list[TokenLogprob] = []
+    for start in range(0, len(targets), chunk):
+        logprobs = torch.log_softmax(logits[start:start + chunk].float(), -1)
+        part = targets[start:start + chunk]
+        chosen = logprobs.gather(1, torch.tensor(part, device=logprobs.device)[:, None])[:, 0].tolist()
         if not k:
-            out += [TokenLogprob(t, lp) for t, lp in zip(targets, chosen)]
+            out += [TokenLogprob(t, lp) for t, lp in zip(part, chosen)]
             continue
         top = torch.topk(logprobs, k, dim=-1)
         out += [TokenLogprob(t, lp, tuple(zip(ti, tv)))
-                for t, lp, ti, tv in zip(targets, chosen, top.indices.tolist(), top.values.tolist())]
+                for t, lp, ti, tv in zip(part, chosen, top.indices.tolist(), top.values.tolist())]
     return out
 
 

@@ -1,7 +1,8 @@
 """Token log-probabilities as the wire shows them: chat's `logprobs.content` and the completions' legacy
 `tokens` / `token_logprobs` / `top_logprobs` / `text_offset`.
 
-A token's text is what it adds to the decoded text (SentencePiece's word-start marker becomes a space). A
+A token's text is what it adds to the decoded text (SentencePiece's word-start marker becomes a space, which
+the tokenizer drops where a decoded text starts: character offsets account for that). A
 token holding part of a UTF-8 character (byte-level BPE splits many Chinese characters in two or three) has
 no text of its own: its `bytes` are exact, and its text is written `bytes:\\xe4\\xbd` as OpenAI does. Its
 log-probabilities are floored at -9999 (JSON has no -inf).
@@ -41,11 +42,18 @@ class TokenTexts:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._cache: dict[int, tuple[str, list[int], bool]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, token: int) -> tuple[str, list[int]]:
         """(text, UTF-8 bytes) of one token id."""
+        return self._get(token)[:2]
+
+    def starts_word(self, token: int) -> bool:
+        """Whether the token's text begins with a SentencePiece word-start space (dropped at a text's start)."""
+        return self._get(token)[2]
+
+    def _get(self, token: int) -> tuple[str, list[int], bool]:
         got = self._cache.get(token)
         if got is None:
             got = self._compute(token)
@@ -53,14 +61,15 @@ class TokenTexts:
                 self._cache[token] = got
         return got
 
-    def _compute(self, token: int) -> tuple[str, list[int]]:
+    def _compute(self, token: int) -> tuple[str, list[int], bool]:
         tok = self.tokenizer
         text = tok.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         piece = tok.convert_ids_to_tokens(token) or ""
         if "\ufffd" not in text:
-            if piece.startswith("▁") and not text.startswith(" "):  # SentencePiece drops a leading space alone
+            word_start = piece.startswith("▁") and not text.startswith(" ")  # decoded alone, the space is dropped
+            if word_start:
                 text = " " + text
-            return text, list(text.encode())
+            return text, list(text.encode()), word_start
         if m := _BYTE_TOKEN.fullmatch(piece):
             raw = bytes([int(m.group(1), 16)])
         elif piece and all(c in BYTE_LEVEL for c in piece):
@@ -68,9 +77,9 @@ class TokenTexts:
         else:  # a token that really decodes to U+FFFD
             raw = text.encode()
         try:
-            return raw.decode(), list(raw)
+            return raw.decode(), list(raw), False
         except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw), False
 
 
 def _floor(logprob: float) -> float:
@@ -91,16 +100,27 @@ def chat_logprobs(entries: Iterable[TokenLogprob], texts: TokenTexts) -> ChatLog
 
 class TextOffsets:
     """Character offsets of successive tokens in the text they decode to: the characters completed by the bytes
-    of the tokens before (a token inside a character starts where that character does)."""
+    of the tokens before (a token inside a character starts where that character does). A decoded text begins
+    at the start and again where `segment()` says (an echoed prompt, then the answer, each decoded on its own):
+    a word-start space there is not in the text."""
 
     def __init__(self):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.position = 0
+        self._at_start = True
 
-    def advance(self, raw: list[int]) -> int:
+    def segment(self) -> None:
+        """The next token begins a separately decoded text."""
+        self._at_start = True
+
+    def advance(self, raw: list[int], starts_word: bool = False) -> int:
         """The offset of a token with these bytes; then moves past it."""
         at = self.position
-        self.position += len(self._decoder.decode(bytes(raw)))
+        chars = len(self._decoder.decode(bytes(raw)))
+        if self._at_start and starts_word:
+            chars -= 1
+        self._at_start = False
+        self.position += max(chars, 0)
         return at
 
 
@@ -114,7 +134,7 @@ def text_logprobs(entries: Iterable[TokenLogprob | None], tokens: Iterable[int],
     for token, e in zip(tokens, entries):
         text, raw = texts(token)
         out.tokens.append(text)
-        out.text_offset.append(offsets.advance(raw))
+        out.text_offset.append(offsets.advance(raw, texts.starts_word(token)))
         if e is None:
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
@@ -126,3 +146,11 @@ def text_logprobs(entries: Iterable[TokenLogprob | None], tokens: Iterable[int],
             alternatives[key] = max(alternatives.get(key, LOGPROB_FLOOR), _floor(lp))
         out.top_logprobs.append(alternatives)
     return out
+
+
+def joined(parts: list[TextLogprobs]) -> TextLogprobs:
+    """Consecutive `TextLogprobs` (an echoed prompt's, then the answer's) as one."""
+    return TextLogprobs(tokens=[t for p in parts for t in p.tokens],
+                        token_logprobs=[t for p in parts for t in p.token_logprobs],
+                        top_logprobs=[t for p in parts for t in p.top_logprobs],
+                        text_offset=[t for p in parts for t in p.text_offset])

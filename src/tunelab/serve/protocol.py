@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from typing import ClassVar, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator,
+                      model_serializer, model_validator)
 from starlette.responses import Response as HTTPResponse
 
 MAX_STOPS = 4
@@ -119,8 +119,8 @@ class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -151,7 +151,7 @@ PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of l
 class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # how many alternatives (legacy: an integer)
     max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (the prompt scored, nothing generated)
 
     @field_validator("prompt", mode="before")

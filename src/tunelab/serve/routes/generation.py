@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from tunelab.serve.engine import (DoneEvent, EngineFull, ErrorEvent, Event, SamplingParams, Sequence, TextEvent,
                                   TokenLogprob)
-from tunelab.serve.logprobs import TextOffsets, chat_logprobs, text_logprobs
+from tunelab.serve.logprobs import TextOffsets, chat_logprobs, joined, text_logprobs
 from tunelab.serve.protocol import (APIError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                     ChatCompletionChunk, ChatRequest, Completion, CompletionRequest, Delta,
                                     TextChoice, TextCompletion, Usage, bad_request)
@@ -149,15 +149,17 @@ def _answer(served: Served, req, job: _Job, meta: dict, texts: list[str], finish
             ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=f,
                        logprobs=chat_logprobs(lp, served.token_texts()) if req.logprobs else None)
             for i, (t, f, lp) in enumerate(zip(texts, finish, logprobs))])
-    choices = []
+    choices, scoring = [], req.logprobs is not None
     for i, (s, text, f, lp) in enumerate(zip(job.seqs, texts, finish, logprobs)):
-        entries, tokens = list(lp), [e.token for e in lp]
+        offsets, parts = TextOffsets(), []
         if req.echo:
             text = served.tokenizer.decode(s.prompt) + text
-            if req.logprobs is not None:
-                entries, tokens = s.prompt_logprobs + entries, s.prompt + tokens
-        scored = text_logprobs(entries, tokens, served.token_texts()) if req.logprobs is not None else None
-        choices.append(TextChoice(index=i, text=text, finish_reason=f, logprobs=scored))
+            if scoring:
+                parts.append(text_logprobs(s.prompt_logprobs, s.prompt, served.token_texts(), offsets))
+                offsets.segment()  # the answer was decoded on its own
+        if scoring:
+            parts.append(text_logprobs(lp, [e.token for e in lp], served.token_texts(), offsets))
+        choices.append(TextChoice(index=i, text=text, finish_reason=f, logprobs=joined(parts) if scoring else None))
     return TextCompletion(**meta, usage=usage, choices=choices)
 
 
@@ -215,6 +217,7 @@ async def _stream(call: Call, job: _Job, meta: dict, chat: bool, route: str):
     def echo(i: int) -> str:
         s = job.seqs[i]
         logprobs = text_logprobs(s.prompt_logprobs, s.prompt, texts, offsets[i]) if req.logprobs is not None else None
+        offsets[i].segment()  # the answer was decoded on its own
         return chunk([TextChoice(index=i, text=served.tokenizer.decode(s.prompt), logprobs=logprobs)])
 
     n, open_choices, completion, first = len(job.seqs), len(job.seqs), 0, True
@@ -226,7 +229,7 @@ async def _stream(call: Call, job: _Job, meta: dict, chat: bool, route: str):
             i, ev = await job.queue.get()
             if i in echoing and not isinstance(ev, ErrorEvent):
                 echoing.discard(i)
-                yield echo(i)
+                yield await asyncio.to_thread(echo, i)  # decoding a long prompt: off the event loop
             match ev:
                 case TextEvent(text, scored):
                     if first:
