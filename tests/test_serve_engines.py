@@ -171,7 +171,7 @@ def test_close_ends_what_is_in_flight_with_a_shutdown_error(peaky_gguf):
     seqs = [_sequence(e, max_tokens=1500) for e in events]
     engine.submit(seqs)
     deadline = time.time() + 30
-    while not events[0]:
+    while not any(events):  # llama.cpp picks which of the three takes its one slot first
         assert time.time() < deadline
         time.sleep(0.02)
     closer = threading.Thread(target=engine.close)
