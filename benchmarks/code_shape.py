@@ -51,7 +51,7 @@ from _common import RESULTS  # noqa: E402
 TASK_NAMES = frozenset({"classification", "token_classification", "causal_lm", "sft", "text", "ner"})
 AMBIGUOUS = "text"
 LONG = 60
-LOWER_LAYERS = ("tasks", "evaluate", "models", "merge", "data", "assets", "registry", "ensemble")
+LOWER_LAYERS = ("tasks", "evaluate", "models", "merge", "data", "assets", "registry", "ensemble", "rag")
 UPPER_LAYERS = ("train", "serve", "export", "monitor", "tune")
 DOCSTRING_DIRS = ("serve", "tasks", "methods")
 FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)

@@ -26,6 +26,7 @@ from tunelab.data.summary import print_dataset_summary
 from tunelab.errors import UserError
 from tunelab.registry.commands import registry_app
 from tunelab.monitor.commands import monitor_app
+from tunelab.rag.commands import index_app
 from tunelab.terminal import PIPE_WIDTH, make_console, plain
 
 # Each command's stage is imported inside the command: tunelab.data.prepare and tunelab.data.overlap load numpy
@@ -41,6 +42,7 @@ data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, short_help="
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(index_app, name="index")
 console = make_console()
 err_console = make_console(stderr=True)
 
