@@ -158,6 +158,8 @@ def test_hybrid_search_with_minilm_finds_what_each_retriever_finds(tmp_path):
     assert top["hybrid"][0] == "shipping.html"
     hit = idx.search("reset my password", 1)[0]
     assert hit.chunk.doc_id == "sub/faq.csv#1" and hit.dense > 0.5 and hit.source.endswith("faq.csv")
+    given = idx.search("reset my password", 3, vector=idx.encoder(["reset my password"])[0])
+    assert [h.chunk.key for h in given] == [h.chunk.key for h in idx.search("reset my password", 3)]
     assert idx.search("   ", 3) == []
     with pytest.raises(UserError, match="search mode"):
         idx.search("x", 3, "sparse")

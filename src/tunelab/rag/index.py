@@ -174,8 +174,9 @@ class Index:
             self._bm25 = bm25s.BM25.load(str(self.path / "bm25")) if self.chunks else None
         return self._bm25
 
-    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[Hit]:
-        """The `k` best chunks for `query`: `dense`, `bm25`, or both fused by reciprocal rank (`hybrid`)."""
+    def search(self, query: str, k: int = 10, mode: str = "hybrid", vector: np.ndarray | None = None) -> list[Hit]:
+        """The `k` best chunks for `query`: `dense`, `bm25`, or both fused by reciprocal rank (`hybrid`).
+        `vector`: the query's embedding when the caller has it (float32 [dim]; encoded here otherwise)."""
         if mode not in MODES:
             raise UserError(f"search mode {mode!r}: choose one of {', '.join(MODES)}")
         if not self.chunks or not query.strip():
@@ -183,7 +184,8 @@ class Index:
         n = min(len(self.chunks), max(k, CANDIDATES))
         dense: dict[int, float] = {}
         if mode != "bm25":
-            scores, ids = self.dense.search(self.encoder([query]), n)
+            query_vector = self.encoder([query]) if vector is None else np.asarray(vector, np.float32)[None]
+            scores, ids = self.dense.search(query_vector, n)
             dense = {int(i): float(s) for i, s in zip(ids[0], scores[0]) if i >= 0}
         lexical: dict[int, float] = {}
         if mode != "dense":
