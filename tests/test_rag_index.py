@@ -128,6 +128,12 @@ def test_incremental_add_and_remove_equal_a_rebuild(tmp_path, tiny_encoder):
     assert meta["kind"] == "index" and meta["documents"] == 4 and {s["documents"] for s in meta["sources"]} == {1, 2}
     with pytest.raises(UserError, match="has no document 'nope'"):
         changed.remove(["nope"])
+    # a row deleted from a file that is added again leaves the index with it
+    faq = tmp_path / "part" / "sub" / "faq.csv"
+    faq.write_text("question,answer\nCan I change my delivery address?,Yes: on the order page.\n", encoding="utf-8")
+    fewer, _ = changed.add([tmp_path / "part"])
+    assert [i for i in fewer.documents if i.startswith("sub/faq.csv")] == ["sub/faq.csv#1"]
+    assert fewer.documents["sub/faq.csv#1"]["text"].startswith("Can I change")
 
 
 def test_an_index_refuses_another_encoder(tmp_path, tiny_encoder):
@@ -146,6 +152,22 @@ def test_an_index_refuses_another_encoder(tmp_path, tiny_encoder):
 
 def test_lexical_terms_split_chinese_into_characters_and_bigrams():
     assert lexical_tokens("The 运费 is 10元!") == ["运", "费", "运费", "10", "元"]
+    assert lexical_tokens("Windows系统") == ["windows", "系", "统", "系统"]
+
+
+def test_messy_sources_read_as_a_user_means_them(tmp_path):
+    from tunelab.rag.sources import Document
+
+    (tmp_path / "faq.csv").write_bytes("\ufeffQuestion,Answer\nHow?,\"line one\nline two\"\n".encode())
+    (tmp_path / "c.md").write_text("## Using C#\nText [/x] here.\n", encoding="utf-8")
+    docs, _ = read_sources([tmp_path])
+    assert docs[1].text == "How?\nline one\nline two"  # the byte-order mark dropped, the line break kept
+    assert docs[0].headings == [(0, 2, "Using C#")]
+    text = "A" * 40 + ". " + "B" * 40 + ". " + "C" * 90 + "."
+    chunks = chunk_document(Document("d", "/d", "text", text), max_chars=100, overlap=1)
+    assert len(chunks) == 2  # no chunk that only repeats the one before
+    with pytest.raises(UserError, match="max_chars"):
+        chunk_document(docs[0], max_chars=0)
 
 
 def test_hybrid_search_with_minilm_finds_what_each_retriever_finds(tmp_path):
@@ -177,5 +199,10 @@ def test_index_commands(tmp_path):
     assert shown.exit_code == 0 and "sub/faq.csv#2" in shown.output and "tiny-bert" in shown.output
     found = runner.invoke(app, ["index", "search", str(tmp_path / "idx"), "refund", "-k", "2", "--mode", "bm25"])
     assert found.exit_code == 0 and "Refunds" in found.output
+    (kb / "markup.md").write_text("# Brackets\nSee [/x] and [here](https://example.com) for the refund form.\n",
+                                  encoding="utf-8")
+    assert runner.invoke(app, ["index", "add", str(tmp_path / "idx"), str(kb)]).exit_code == 0
+    shown = runner.invoke(app, ["index", "search", str(tmp_path / "idx"), "refund form", "--mode", "bm25"])
+    assert shown.exit_code == 0 and "[/x]" in shown.output  # user text is printed as it is, never as markup
     gone = runner.invoke(app, ["index", "remove", str(tmp_path / "idx"), "sub/faq.csv#2"])
-    assert gone.exit_code == 0 and "3 documents" in gone.output
+    assert gone.exit_code == 0 and "4 documents" in gone.output

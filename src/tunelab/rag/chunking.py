@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tunelab.errors import UserError
 from tunelab.rag.sources import Document
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n[ \t]*\n\s*")
@@ -48,8 +49,13 @@ def sentences(text: str, start: int, end: int, max_chars: int) -> list[tuple[int
             a += 1
         while b > a and text[b - 1].isspace():
             b -= 1
-        while b - a > max_chars:  # a run-on sentence: cut at the last whitespace that fits
-            cut = text.rfind(" ", a + 1, a + max_chars)
+        while b - a > max_chars:  # a run-on sentence: cut at the last whitespace that fits (a newline first)
+            window = text[a + 1:a + max_chars]
+            at = window.rfind("\n")
+            at = at if at >= 0 else max((i for i, c in enumerate(window) if c.isspace()), default=-1)
+            cut = a + 1 + at if at >= 0 else a + max_chars
+            while cut > a and text[cut - 1].isspace():
+                cut -= 1
             cut = cut if cut > a else a + max_chars
             out.append((a, cut))
             a = cut
@@ -62,6 +68,8 @@ def sentences(text: str, start: int, end: int, max_chars: int) -> list[tuple[int
 
 def chunk_document(doc: Document, max_chars: int = 1000, overlap: int = 1) -> list[Chunk]:
     """A document's chunks, in order. Each section (from a heading to the next) is packed on its own."""
+    if max_chars < 1 or overlap < 0:
+        raise UserError(f"chunking: max_chars must be ≥ 1 and overlap ≥ 0 (got {max_chars}, {overlap})")
     bounds = [(0, 0, "")] + [h for h in doc.headings if h[0] > 0] if not doc.headings or doc.headings[0][0] > 0 \
         else list(doc.headings)
     chunks: list[Chunk] = []
@@ -81,5 +89,7 @@ def chunk_document(doc: Document, max_chars: int = 1000, overlap: int = 1) -> li
             chunks.append(Chunk(doc.id, a, b, heads, doc.text[a:b]))
             if last + 1 >= len(sents):
                 break
-            first = max(first + 1, last + 1 - overlap)  # the next one repeats the last `overlap` sentences
+            first = max(first + 1, last + 1 - overlap)  # the next one repeats the last `overlap` sentences,
+            while first <= last and sents[last + 1][1] - sents[first][0] > max_chars:  # as many as leave room
+                first += 1
     return chunks

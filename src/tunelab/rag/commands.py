@@ -74,8 +74,8 @@ def search_cmd(index: Path = typer.Argument(..., help="an index folder"),
         table.add_column(col, overflow="fold")
     for n, h in enumerate(hits, start=1):
         c = h.chunk
-        table.add_row(str(n), f"{h.score:.4f}", c.doc_id, " > ".join(c.headings), f"{c.start}-{c.end}",
-                      " ".join(c.text.split())[:160])
+        table.add_row(str(n), f"{h.score:.4f}", plain(c.doc_id), plain(" > ".join(c.headings)), f"{c.start}-{c.end}",
+                      plain(" ".join(c.text.split())[:160]))  # plain: user text, never rich markup
     console.print(table if hits else "no chunk matches")
 
 
@@ -86,7 +86,8 @@ def show_cmd(index: Path = typer.Argument(..., help="an index folder")):
 
     idx = Index.load(index)
     enc = idx.meta["encoder"]
-    console.print(f"{plain(index)}: {len(idx.documents)} documents, {len(idx.chunks)} chunks · encoder {enc['ref']} "
+    console.print(f"{plain(index)}: {len(idx.documents)} documents, {len(idx.chunks)} chunks · encoder "
+                  f"{plain(enc['ref'])} "
                   f"({enc['dim']} dimensions, fingerprint {enc['fingerprint'][:12]}) · chunks ≤ "
                   f"{idx.meta['chunking']['max_chars']} characters, overlap {idx.meta['chunking']['overlap']}")
     counts: dict[str, int] = {}
@@ -96,5 +97,6 @@ def show_cmd(index: Path = typer.Argument(..., help="an index folder")):
     for col in ("document", "format", "chunks", "characters", "source"):
         table.add_column(col, overflow="fold")
     for d in idx.documents.values():
-        table.add_row(d["id"], d["format"], str(counts.get(d["id"], 0)), f"{len(d['text']):,}", d["source"])
+        table.add_row(plain(d["id"]), d["format"], str(counts.get(d["id"], 0)), f"{len(d['text']):,}",
+                      plain(d["source"]))
     console.print(table)

@@ -44,8 +44,9 @@ DEFAULT_ENCODER = "builtin:minilm-l6"
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al.): score = sum over lists of 1 / (60 + rank)
 CANDIDATES = 50  # per list, before fusion
 MODES = ("hybrid", "dense", "bm25")
-_WORD = re.compile(r"[^\W\d_]+|\d+")
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+# a run of CJK characters, a word of other letters, or a number: "Windows系统" is "windows" and "系统"
+_TERM = re.compile(rf"([{_CJK_CHARS}]+)|((?:(?![{_CJK_CHARS}])[^\W\d_])+)|(\d+)")
 
 
 @functools.cache
@@ -58,22 +59,11 @@ def lexical_tokens(text: str) -> list[str]:
     spaces between words) as single characters and character bigrams."""
     out: list[str] = []
     stop = _stopwords()
-    for word in _WORD.findall(text.lower()):
-        cjk = [bool(_CJK.match(c)) for c in word]
-        if not any(cjk):
-            if word not in stop:
-                out.append(word)
-            continue
-        run = ""
-        for c, is_cjk in zip(word + " ", cjk + [False]):
-            if is_cjk:
-                run += c
-                continue
-            if run:
-                out += list(run) + [run[i:i + 2] for i in range(len(run) - 1)]
-                run = ""
-            if c != " ":
-                out.append(c)
+    for cjk, word, number in _TERM.findall(text.lower()):
+        if cjk:
+            out += list(cjk) + [cjk[i:i + 2] for i in range(len(cjk) - 1)]
+        elif word not in stop:
+            out.append(word or number)
     return out
 
 
@@ -82,8 +72,10 @@ class Encoder:
     tunelab model dir. `fingerprint`: sha256 of its config and weight files (an index refuses another encoder)."""
 
     def __init__(self, ref: str = DEFAULT_ENCODER, max_length: int = 256, batch: int = 64):
-        self.ref, self.max_length, self.batch = ref, max_length, batch
-        base = resolve_base(ref)
+        # a folder is recorded by its absolute path: the index is searched from anywhere
+        self.ref = str(Path(ref).resolve()) if Path(ref).is_dir() else ref
+        self.max_length, self.batch = max_length, batch
+        base = resolve_base(self.ref)
         self.fingerprint = files_fingerprint(Path(base.path))
         self.tokenizer = load_tokenizer(base)
         self.model = load_pretrained(AutoModel, base, dtype=torch.float32).eval()
@@ -219,6 +211,8 @@ class Index:
     def build(cls, sources: list[str | Path], out: str | Path, encoder: str | Encoder = DEFAULT_ENCODER,
               max_chars: int = 1000, overlap: int = 1, overwrite: bool = False) -> tuple[Index, dict]:
         """Read, chunk, embed and index `sources` into the folder `out` -> (the index, a summary)."""
+        if max_chars < 1 or overlap < 0:
+            raise UserError(f"max_chars must be ≥ 1 and overlap ≥ 0 (got {max_chars}, {overlap})")
         enc = encoder if isinstance(encoder, Encoder) else Encoder(encoder)
         docs, report = read_sources(sources)
         if not docs:
@@ -231,8 +225,15 @@ class Index:
         documents keep their chunks and embeddings; only new text is encoded."""
         docs, report = read_sources(sources)
         fresh = [d for d in docs if self.documents.get(d.id, {}).get("fingerprint") != d.fingerprint]
-        replaced = {d.id for d in fresh}
-        return self._rewrite({i: d for i, d in self.documents.items() if i not in replaced}, fresh, report)
+        read = {d.id: d for d in docs}
+        kept = {}
+        for i, d in self.documents.items():
+            if i in read and read[i] not in fresh:  # unchanged: its chunks stay; its source is where it is now
+                kept[i] = {**d, "source": read[i].source}
+            elif i not in read and d["source"] not in report.sources:  # from a file not read again: untouched
+                kept[i] = d
+            # else: replaced, or gone from a file that was read again (a deleted FAQ row, an emptied file)
+        return self._rewrite(kept, fresh, report)
 
     def remove(self, doc_ids: list[str]) -> tuple[Index, dict]:
         """Drop documents by id (an id the index lacks is a `UserError`) -> the rewritten index and a summary."""
@@ -272,6 +273,7 @@ def _write(out: Path, enc: Encoder, kept: dict[str, dict], fresh: list[Document]
     """Write an index folder from kept documents (with their chunks and embeddings) and fresh ones (chunked and
     encoded now); chunks ordered by document id, then offset, whatever was added when."""
     start = time.perf_counter()
+    fresh_sources = {d.source for d in fresh} | (report.sources if report is not None else set())
     new_chunks = [c for d in fresh for c in chunk_document(d, settings["max_chars"], settings["overlap"])]
     new_emb = enc([c.for_encoder() for c in new_chunks]) if new_chunks else np.zeros((0, enc.dim), np.float32)
     rows = old + list(zip(new_chunks, new_emb))
@@ -283,7 +285,7 @@ def _write(out: Path, enc: Encoder, kept: dict[str, dict], fresh: list[Document]
     documents = {i: documents[i] for i in sorted(documents)}
     meta = {"kind": KIND, "encoder": {"ref": enc.ref, "fingerprint": enc.fingerprint, "dim": enc.dim},
             "chunking": settings,
-            "sources": _sources(documents, {p: f for p, f in known.items() if p not in {d.source for d in fresh}}),
+            "sources": _sources(documents, {p: f for p, f in known.items() if p not in fresh_sources}),
             "documents": len(documents), "chunks": len(chunks), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with write_folder(out, KIND, overwrite) as tmp:
         _write_jsonl(tmp / "documents.jsonl", documents.values())

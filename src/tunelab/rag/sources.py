@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ FORMATS = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": 
            ".csv": "faq", ".jsonl": "faq"}
 QUESTION_COLUMNS = ("question", "q", "query", "title")
 ANSWER_COLUMNS = ("answer", "a", "response", "reply")
-_MD_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
+_MD_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$", re.MULTILINE)  # `## C#` keeps its #
 _FENCE = re.compile(r"^(```|~~~)", re.MULTILINE)
 
 
@@ -38,14 +39,16 @@ class Document:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the text: whether a document changed."""
-        return hashlib.sha256(self.text.encode()).hexdigest()
+        """sha256 of the format, text and headings: whether a document changed (a heading added to HTML changes
+        the chunks, not the text)."""
+        return hashlib.sha256(json.dumps([self.format, self.text, self.headings]).encode()).hexdigest()
 
 
 @dataclass
 class ReadReport:
     files: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (rows or files)
+    sources: set[str] = field(default_factory=set)  # absolute paths of the files read (even those giving nothing)
 
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
@@ -68,6 +71,7 @@ def read_sources(paths: list[str | Path]) -> tuple[list[Document], ReadReport]:
                 report.skip(f"not a {'/'.join(sorted(set(FORMATS)))} file")
                 continue
             report.files += 1
+            report.sources.add(str(path.resolve()))
             for doc in read_file(path, rel, report):
                 if doc.id in docs:
                     raise UserError(f"two documents would have the id {doc.id!r} ({docs[doc.id].source} and "
@@ -83,15 +87,19 @@ def read_file(path: Path, doc_id: str, report: ReadReport) -> list[Document]:
         raw = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror}") from None
-    text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not text
+    text = raw.decode("utf-8-sig", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
     if "\ufffd" in text and b"\xef\xbf\xbd" not in raw:
-        report.skip("files with invalid UTF-8 bytes (replaced)")
+        report.skip("files with invalid UTF-8 bytes (replaced, still indexed)")
     source = str(path.resolve())
     if fmt == "faq":
         return _faq(text, path, doc_id, source, report)
     if fmt == "html":
         body, headings = html_text(text)
-        return [Document(doc_id, source, fmt, body, headings)] if body.strip() else []
+        if not body.strip():
+            report.skip("empty files")
+            return []
+        return [Document(doc_id, source, fmt, body, headings)]
     if not text.strip():
         report.skip("empty files")
         return []
@@ -108,7 +116,7 @@ def markdown_headings(text: str) -> list[tuple[int, int, str]]:
 
 class _HTMLText(HTMLParser):
     BLOCKS = {"p", "div", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer", "br", "dt",
-              "dd", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "title"}
+              "dd", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "title", "td", "th"}
     SKIP = {"script", "style", "noscript", "template"}
 
     def __init__(self):
@@ -169,21 +177,26 @@ def html_text(html: str) -> tuple[str, list[tuple[int, int, str]]]:
 
 
 def _faq(text: str, path: Path, doc_id: str, source: str, report: ReadReport) -> list[Document]:
-    rows: list[dict] = []
+    rows: list[dict | None] = []
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:  # newline="": quoted answers keep their line breaks
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as err:
+            raise UserError(f"{path}: not a readable CSV file ({err})") from None
     else:
-        for line in text.splitlines():
+        for line in text.split("\n"):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError:
-                report.skip("FAQ rows that are not JSON")
-                continue
-            rows.append(row if isinstance(row, dict) else {})
+                row = None  # counted all the same, so that row numbers follow the file's lines
+            rows.append(row if isinstance(row, dict) or row is None else {})
     docs = []
     for n, row in enumerate(rows, start=1):
+        if row is None:
+            report.skip("FAQ rows that are not JSON")
+            continue
         lower = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
         q = next((lower[c] for c in QUESTION_COLUMNS if isinstance(lower.get(c), str) and lower[c].strip()), None)
         a = next((lower[c] for c in ANSWER_COLUMNS if isinstance(lower.get(c), str) and lower[c].strip()), None)
