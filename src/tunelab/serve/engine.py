@@ -481,7 +481,7 @@ class GenerationEngine(_Worker):
         s.tokens.append(token)
         s._counts[token] = s._counts.get(token, 0) + 1
         if s.params.logprobs is not None:  # the end-of-turn token too: it was generated (lm-eval scores with it)
-            s._logprobs.append(_token_logprob(logits, token, s.params.logprobs))
+            s._logprobs += _scored(logits[None], [token], s.params.logprobs)
         if token in self.stop_ids:
             s.tokens.pop()  # the end-of-turn token is not part of the answer's text
             piece = s._trim.flush()
@@ -532,14 +532,6 @@ class GenerationEngine(_Worker):
         if self.metrics:
             self.metrics.running.labels(self.name).set(len(self._running))
             self.metrics.queue_depth.labels(self.name).set(len(self._waiting))
-
-
-def _token_logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    """`token`'s log-probability under one position's `logits`, with the `k` most likely tokens'."""
-    logprobs = torch.log_softmax(logits.float(), -1)
-    top = torch.topk(logprobs, k) if k else None
-    return TokenLogprob(token, float(logprobs[token]),
-                        tuple(zip(top.indices.tolist(), top.values.tolist())) if top is not None else ())
 
 
 def _scored(logits: torch.Tensor, targets: list[int], k: int, chunk: int = 256) -> list[TokenLogprob]:
