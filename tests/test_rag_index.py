@@ -206,3 +206,19 @@ def test_index_commands(tmp_path):
     assert shown.exit_code == 0 and "[/x]" in shown.output  # user text is printed as it is, never as markup
     gone = runner.invoke(app, ["index", "remove", str(tmp_path / "idx"), "sub/faq.csv#2"])
     assert gone.exit_code == 0 and "4 documents" in gone.output
+
+
+def test_a_documentation_page_keeps_its_main_content_only():
+    from tunelab.rag.sources import html_text
+
+    page = ("<html><head><title>Site</title></head><body><nav role='navigation'><a>Home</a> menu</nav>"
+            "<div class='sidebar' role='search'><form><input value=q></form>Search</div>"
+            "<div class='body' role='main'><h1>FAQ<a class='headerlink' href='#faq'>¶</a></h1>"
+            "<nav class='contents'><ul><li>Why?</li></ul></nav><h2>Why?<a class='headerlink'>¶</a></h2>"
+            "<p>Because<br>it is.<p>Unclosed paragraph</div><div class='footer'>© 2024</div></body></html>")
+    text, headings = html_text(page)
+    assert text == "FAQ\nWhy?\nBecause\nit is.\nUnclosed paragraph\n"
+    assert [(level, title) for _, level, title in headings] == [(1, "FAQ"), (2, "Why?")]
+    assert all(text[o:o + len(t)] == t for o, _, t in headings)
+    # a page that marks no main content keeps everything but scripts, styles and navigation
+    assert html_text("<p>one</p><nav>menu</nav><aside>ad</aside><p>two</p>")[0] == "one\ntwo\n"

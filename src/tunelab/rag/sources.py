@@ -115,16 +115,26 @@ def markdown_headings(text: str) -> list[tuple[int, int, str]]:
 
 
 class _HTMLText(HTMLParser):
+    """The reader of `html_text`: a stack of the open elements says whether text is inside a skipped element
+    (scripts, styles, navigation, a heading's permalink) and, on a page that marks its main content (`<main>` or
+    `role="main"`), whether it is inside it: a documentation site's menus, sidebars and footers are not its
+    knowledge."""
+
     BLOCKS = {"p", "div", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer", "br", "dt",
               "dd", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "title", "td", "th"}
-    SKIP = {"script", "style", "noscript", "template"}
+    SKIP = {"script", "style", "noscript", "template", "nav", "aside", "button", "form"}
+    SKIP_ROLES = {"navigation", "search", "banner", "contentinfo", "button", "menu"}
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track",
+            "wbr"}
 
-    def __init__(self):
+    def __init__(self, main_only: bool):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self.length = 0
         self.headings: list[tuple[int, int, str]] = []
+        self._open: list[tuple[str, bool, bool]] = []  # (tag, skipped, main) of each open element
         self._skip = 0
+        self._main = 0 if main_only else 1
         self._heading: tuple[int, int] | None = None  # (level, offset) of the heading being read
 
     def _newline(self) -> None:
@@ -136,17 +146,30 @@ class _HTMLText(HTMLParser):
         self.length += len(s)
 
     def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self._skip += 1
-        elif tag in self.BLOCKS:
+        a = {k: (v or "") for k, v in attrs}
+        if tag not in self.VOID:
+            skipped = (tag in self.SKIP or a.get("role", "") in self.SKIP_ROLES or a.get("aria-hidden") == "true"
+                       or "headerlink" in a.get("class", "").split())
+            main = tag == "main" or a.get("role") == "main"
+            self._open.append((tag, skipped, main))
+            self._skip += skipped
+            self._main += main
+        if self._skip or not self._main:
+            return
+        if tag in self.BLOCKS:
             self._newline()
             if len(tag) == 2 and tag[0] == "h" and tag[1].isdigit():
                 self._heading = (int(tag[1]), self.length)
 
     def handle_endtag(self, tag):
-        if tag in self.SKIP:
-            self._skip = max(0, self._skip - 1)
-        elif tag in self.BLOCKS:
+        for i in range(len(self._open) - 1, -1, -1):  # close up to the nearest open `tag` (HTML leaves some open)
+            if self._open[i][0] == tag:
+                for _, skipped, main in self._open[i:]:
+                    self._skip -= skipped
+                    self._main -= main
+                del self._open[i:]
+                break
+        if tag in self.BLOCKS and not self._skip:
             if self._heading and tag == f"h{self._heading[0]}":
                 level, start = self._heading
                 title = "".join(self.parts)[start:].strip()
@@ -156,7 +179,7 @@ class _HTMLText(HTMLParser):
             self._newline()
 
     def handle_data(self, data):
-        if self._skip:
+        if self._skip or not self._main:
             return
         words = " ".join(data.split())
         if words:
@@ -167,10 +190,14 @@ class _HTMLText(HTMLParser):
                 self._put(" ")
 
 
+_MAIN = re.compile(r"<main[\s>]|\brole\s*=\s*[\"']?main\b", re.IGNORECASE)
+
+
 def html_text(html: str) -> tuple[str, list[tuple[int, int, str]]]:
-    """An HTML page's text (scripts and styles dropped, whitespace collapsed, each block on its own line) and its
-    headings (h1-h6) as offsets into that text."""
-    parser = _HTMLText()
+    """An HTML page's text (scripts, styles, navigation and permalinks dropped; only the main content where the
+    page marks it; whitespace collapsed, each block on its own line) and its headings (h1-h6) as offsets into that
+    text."""
+    parser = _HTMLText(main_only=bool(_MAIN.search(html)))
     parser.feed(html)
     parser.close()
     return "".join(parser.parts), parser.headings
