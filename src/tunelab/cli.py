@@ -723,6 +723,10 @@ def serve(
     request_log: Optional[Path] = _opt(ServeConfig, "request_log", "--request-log"),
     request_log_sample: Optional[float] = _opt(ServeConfig, "request_log_sample", "--request-log-sample"),
     request_log_max_mb: Optional[float] = _opt(ServeConfig, "request_log_max_mb", "--request-log-max-mb"),
+    rag: Optional[list[str]] = _opt(ServeConfig, "rag", "--rag"),
+    rag_top_k: Optional[int] = _opt(ServeConfig, "rag_top_k", "--rag-top-k"),
+    rag_min_score: Optional[float] = _opt(ServeConfig, "rag_min_score", "--rag-min-score"),
+    rag_handoff: Optional[str] = _opt(ServeConfig, "rag_handoff", "--rag-handoff"),
 ):
     """An OpenAI-compatible API (chat, completions, classify, entities, embeddings) with a playground page at /."""
     from tunelab.serve.server import serve as run_server
@@ -738,7 +742,8 @@ def serve(
              "drift_window": drift_window, "drift_every": drift_every, "drift_min_window": drift_min_window,
              "drift_alpha": drift_alpha, "drift_permutations": drift_permutations,
              "request_log": request_log, "request_log_sample": request_log_sample,
-             "request_log_max_mb": request_log_max_mb}
+             "request_log_max_mb": request_log_max_mb, "rag": rag, "rag_top_k": rag_top_k,
+             "rag_min_score": rag_min_score, "rag_handoff": rag_handoff}
     raw = {"models": models, **{k: v for k, v in flags.items() if v is not None}}
     if embedding_model is not None and embedding_model.lower() == "none":
         raw["embedding_model"] = None

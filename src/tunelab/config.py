@@ -383,6 +383,12 @@ class EvalConfig(Section):
 
 
 DEFAULT_RATE_LIMIT = 600  # requests per minute per API key, when keys are set and no limit is given
+# knowledge-base answers (`serve --rag`, `eval-rag`): passages in the prompt, the retrieval score under which the
+# assistant hands off, and what it says then
+RAG_TOP_K = 4
+RAG_MIN_SCORE = 0.45
+DEFAULT_HANDOFF = ("I'm sorry, I can't answer that from our documentation. I'm passing your question to a member "
+                   "of our support team, who will get back to you.")
 
 
 class ServeConfig(Section):
@@ -439,6 +445,14 @@ class ServeConfig(Section):
                                      "PII-redacted, size-bounded); none = no log")
     request_log_sample: float = Field(0.1, gt=0, le=1, description="the share of texts logged")
     request_log_max_mb: float = Field(100, gt=0, description="the log folder's size bound; the oldest files go")
+    rag: list[str] = Field([], description="[ID=]INDEX[@MODEL]: serve ID (default: the index folder's name), whose "
+                           "chat completions answer from the index's passages with citations, with MODEL (a served "
+                           "generation model's id; default: the only one) writing the answers")
+    rag_top_k: int = Field(RAG_TOP_K, gt=0, le=20, description="knowledge-base models: passages in the prompt")
+    rag_min_score: float = Field(RAG_MIN_SCORE, ge=-1, le=1, description="knowledge-base models: the best passage's "
+                                 "cosine similarity to the question under which the reply is the hand-off message")
+    rag_handoff: str = Field(DEFAULT_HANDOFF, min_length=1,
+                             description="knowledge-base models: the reply when the documents do not answer")
 
 
 class MonitorSentiment(Section):

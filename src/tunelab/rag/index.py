@@ -44,9 +44,9 @@ DEFAULT_ENCODER = "builtin:minilm-l6"
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al.): score = sum over lists of 1 / (60 + rank)
 CANDIDATES = 50  # per list, before fusion
 MODES = ("hybrid", "dense", "bm25")
-_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 # a run of CJK characters, a word of other letters, or a number: "Windows系统" is "windows" and "系统"
-_TERM = re.compile(rf"([{_CJK_CHARS}]+)|((?:(?![{_CJK_CHARS}])[^\W\d_])+)|(\d+)")
+_TERM = re.compile(rf"([{CJK_CHARS}]+)|((?:(?![{CJK_CHARS}])[^\W\d_])+)|(\d+)")
 
 
 @functools.cache

@@ -413,14 +413,30 @@ class Completion(Response):
     model: str
 
 
-class ChatCompletion(Completion):
+class Grounded(Completion):
+    """A knowledge-base model's extra fields (absent for other models): `citations`, the passages backing the
+    answer (index as in the prompt, document, heading path, start/end offsets, score, source); `handoff`, null or
+    {"reason": no_relevant_passage | unsupported_answer | model_declined} when the reply is the hand-off message."""
+
+    citations: list[dict] | None = None
+    handoff: dict | None = None
+
+    @property
+    def omit_none(self) -> frozenset[str]:  # type: ignore[override]
+        """`usage` when None; `citations` and `handoff` unless this is a knowledge-base answer (citations given:
+        then `handoff` null says it was not handed off)."""
+        return frozenset({"usage", "citations", "handoff"} if self.citations is None else {"usage"})
+
+
+class ChatCompletion(Grounded):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
 
 
-class ChatCompletionChunk(Completion):
-    """One SSE event of a streamed chat completion; the last, with `stream_options.include_usage`, has usage."""
+class ChatCompletionChunk(Grounded):
+    """One SSE event of a streamed chat completion; the last, with `stream_options.include_usage`, has usage; a
+    knowledge-base model's last content chunk has its citations and hand-off flag."""
 
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]

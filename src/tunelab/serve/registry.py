@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,7 @@ class Served:
     adapter: str | None = None
     context: int = 0  # generation: prompt + max_tokens must fit
     version: str | None = None  # a registry version: NAME:VERSION (12 hex characters)
+    rag: object = None  # a knowledge-base model: its `tunelab.rag.answer.Assistant` (retrieval, prompt, check)
     _token_texts: TokenTexts | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -248,6 +249,42 @@ def check_specs(items: list[str], embedding_model: str | None, registry=None) ->
     return specs
 
 
+@dataclass
+class RagSpec:
+    """A `--rag [ID=]INDEX[@MODEL]` argument: the id served, the index folder, the generation model answering."""
+    id: str
+    index: Path
+    model: str
+
+
+def check_rag(items: list[str], specs: list[Spec]) -> list[RagSpec]:
+    """Every `--rag` argument's RagSpec, checked before the server starts: the folder is an index, the model is a
+    served generation model (not a followed registry alias, whose engine is swapped under it), the id is new."""
+    gens = {s.id: s for s in specs if s.kind == "generate"}
+    taken, out = {s.id for s in specs}, []
+    for item in items:
+        name, _, rest = item.partition("=") if "=" in item.split("@")[0] else ("", "", item)
+        where, _, model = rest.rpartition("@") if rest.rpartition("@")[2] in gens else (rest, "", "")
+        if not model:
+            if len(gens) != 1:
+                raise UserError(f"--rag {item}: " + ("name the generation model that answers: INDEX@MODEL, one of "
+                                                     f"{', '.join(gens)}" if gens else "serve a generation model "
+                                                     "(an instruct model) to write the answers"))
+            model = next(iter(gens))
+        if gens[model].follow:
+            raise UserError(f"--rag {item}: '{model}' follows a registry alias; a knowledge-base model needs a fixed "
+                            "version (registry:NAME:VERSION)")
+        index = Path(where)
+        if kind_of(index) != "index":
+            raise UserError(f"--rag {item}: {index} is not a tunelab index (build one with `tunelab index build`)")
+        rid = name or index.resolve().name
+        if rid in taken:
+            raise UserError(f"--rag {item}: a model is already served as '{rid}'; name it with ID=INDEX")
+        taken.add(rid)
+        out.append(RagSpec(rid, index, model))
+    return out
+
+
 class Registry:
     """The server's models: `specs` checked before start, `models` (id -> Served) filled by `load` on a
     background thread; `ready` once every one is loaded."""
@@ -255,6 +292,7 @@ class Registry:
     def __init__(self, specs: list[Spec], settings, metrics, device: str):
         self.specs, self.settings, self.metrics, self.device = specs, settings, metrics, device
         self.models: dict[str, Served] = {}
+        self.rag = check_rag(settings.rag, specs)
         self.ready = False
         self.retiring: list[Served] = []  # replaced versions still finishing their work (`serve.follow`)
         self.request_log = None if settings.request_log is None else RequestLog(
@@ -293,6 +331,8 @@ class Registry:
             else:
                 self.models[s.id] = self.build(s)
         self.models = {s.id: self.models[s.id] for s in self.specs}  # listing in argument order
+        for r in self.rag:
+            self.models[r.id] = self._add_rag(r)
         if self.metrics is not None:
             for model_id in self.models:
                 self.metrics.queue_capacity.labels(model_id).set(self.settings.max_waiting)
@@ -348,6 +388,17 @@ class Registry:
                  "shared base, LoRA per request" if len(specs) > 1 else "one model")
         return [Served(s.id, "generate", int(time.time()), "pytorch", tokenizers[s.id], engine=engine,
                        adapter=adapters[s.id], context=context, version=s.version) for s in specs]
+
+    def _add_rag(self, r: RagSpec) -> Served:
+        """A knowledge-base model: its generation model's engine, with an `Assistant` over the index."""
+        from tunelab.rag.answer import AnswerSettings, Assistant  # FAISS, bm25s: only with --rag
+        from tunelab.rag.index import Index
+
+        st = self.settings
+        assistant = Assistant(Index.load(r.index), AnswerSettings(top_k=st.rag_top_k, min_score=st.rag_min_score,
+                                                                  handoff=st.rag_handoff))
+        log.info("loaded %s: %s answered by %s", r.id, r.index, r.model)
+        return replace(self.models[r.model], id=r.id, created=int(time.time()), rag=assistant, version=None)
 
     def _add_llamacpp(self, s: Spec) -> Served:
         """A GGUF export in llama.cpp: `max_batch` slots of `gguf_context` tokens (at most the file's context)."""

@@ -37,8 +37,53 @@ async def chat_completions(request: Request, call: Annotated[Call, Depends(model
     # `developer` is OpenAI's newer name for `system`, the role chat templates know
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in call.body.messages]
+    if call.served.rag is not None:
+        return await _grounded(request, call, messages)
     prompt = await asyncio.to_thread(call.served.chat_prompt, messages)  # templating + tokenising: off the loop
     return await _run(request, call, [prompt], chat=True)
+
+
+async def _grounded(request: Request, call: Call, messages: list[dict]):
+    """A knowledge-base model's chat completion: retrieve for the conversation, hand off when nothing relevant is
+    found, else generate from the passages and check the answer (`tunelab.rag.answer`). The answer is checked
+    whole before any of it is sent, so a stream carries it in one content chunk, with the citations and the
+    hand-off flag, after the role chunk."""
+    served, req = call.served, call.body
+    if req.n != 1 or req.logprobs:
+        raise bad_request(f"'{served.id}' answers from a knowledge base: one choice (n 1), no logprobs",
+                          param="n" if req.n != 1 else "logprobs")
+    assistant = served.rag
+    retrieval = await asyncio.to_thread(assistant.retrieve, messages)
+    if not assistant.grounded(retrieval):
+        call.start = time.perf_counter()
+        verdict, finish, usage = assistant.handoff("no_relevant_passage"), "stop", Usage.of(0, 0)
+    else:
+        prompt = await asyncio.to_thread(served.chat_prompt, assistant.prompt(messages, retrieval))
+        job = _start(call, [prompt])
+        try:
+            texts, reasons, completion, _ = await _collect(request, call, job)
+        finally:
+            job.cancel(call.served)
+        verdict = await asyncio.to_thread(assistant.check, texts[0], retrieval)
+        finish, usage = reasons[0] if verdict.handoff is None else "stop", Usage.of(job.prompt_tokens, completion)
+    call.observe_latency("/v1/chat/completions")
+    meta = {**_meta(call.served, True), "citations": verdict.citations, "handoff": verdict.flag}
+    if not req.stream:
+        return ChatCompletion(**meta, usage=usage, choices=[ChatChoice(
+            index=0, message=AssistantMessage(content=verdict.text), finish_reason=finish)]).response()
+
+    def events():
+        plain = {k: v for k, v in meta.items() if k not in ("citations", "handoff")}
+        yield ChatCompletionChunk(**plain, choices=[ChatChunkChoice(index=0, delta=Delta(role="assistant",
+                                                                                           content=""))]).sse()
+        yield ChatCompletionChunk(**plain, choices=[ChatChunkChoice(index=0, delta=Delta(content=verdict.text))]).sse()
+        yield ChatCompletionChunk(**meta, choices=[ChatChunkChoice(index=0, delta=Delta(),
+                                                                   finish_reason=finish)]).sse()
+        if req.include_usage():
+            yield ChatCompletionChunk(**plain, choices=[], usage=usage).sse()
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.post("/v1/completions")
@@ -110,24 +155,33 @@ def _submit(st: ServerState, served: Served, req, prompts: list[list[int]]) -> _
     return _Job(seqs, queue, sum(len(p) for p in prompts))
 
 
-async def _run(request: Request, call: Call, prompts: list[list[int]], chat: bool):
-    st, served, req = call.state, call.served, call.body
+def _start(call: Call, prompts: list[list[int]]) -> _Job:
+    """Submit the request's sequences to its model's engine (the clock of its latency starts); 503 when full."""
+    st, req = call.state, call.body
     call.start = time.perf_counter()  # generation's latency and time to first token count from engine submission
     try:
-        job = _submit(st, served, req, prompts)
+        return _submit(st, call.served, req, prompts)
     except EngineFull as err:
         # a registry model swapped since the lookup: its new version (the same line, so the same tokenizer and
         # the same prompt ids) takes the request; otherwise the engine is full
         if not call.swapped():
             raise st.overloaded(err) from None
-        served = call.served
         try:
-            job = _submit(st, served, req, prompts)
+            return _submit(st, call.served, req, prompts)
         except EngineFull as err2:
             raise st.overloaded(err2) from None
-    route = "/v1/chat/completions" if chat else "/v1/completions"
-    meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
+
+
+def _meta(served: Served, chat: bool) -> dict:
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
             "model": served.id}
+
+
+async def _run(request: Request, call: Call, prompts: list[list[int]], chat: bool):
+    job = _start(call, prompts)
+    served, req = call.served, call.body
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    meta = _meta(served, chat)
     if req.stream:
         return StreamingResponse(_stream(call, job, meta, chat, route), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no nginx buffer

@@ -1,0 +1,192 @@
+"""Grounded answers over an index: what to retrieve for a conversation, the prompt that puts the passages in front
+of a chat model with numbered markers, and the check of the model's answer against those passages.
+
+The rules, stated once:
+- **Retrieval query**: the latest user turn; a short follow-up (fewer than `followup_terms` content words) is
+  prefixed with the previous user turn, so "and in a loop?" is searched as what it follows up.
+- **Hand-off before generating**: when the best dense similarity of the query to any chunk is under `min_score`,
+  nothing in the knowledge base is about the question; the model is not asked.
+- **Supported answer**: every answer sentence with at least `min_terms` lexical terms must be backed by one passage
+  of the prompt — the one it cites with [n], or any when it cites none — where backed means both that at least
+  `min_overlap` of the sentence's terms occur in the passage and that their embeddings' cosine similarity is at
+  least `min_similarity` (no NLI model is available offline: lexical overlap alone passes a sentence that negates
+  the passage, similarity alone one that changes its numbers; both together are the check). One unsupported
+  sentence, an answer that is the hand-off message, or an empty answer hands off.
+- **Citations**: the passages that back the answer's sentences, numbered as in the prompt, with their document,
+  heading path, character offsets and retrieval score.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tunelab.config import DEFAULT_HANDOFF, RAG_MIN_SCORE, RAG_TOP_K
+from tunelab.rag.chunking import sentences
+from tunelab.rag.index import CJK_CHARS, Hit, Index, lexical_tokens
+
+_MARKER = re.compile(r"\[(\d{1,2})\]")
+_CJK = re.compile(f"[{CJK_CHARS}]")
+
+
+@dataclass(frozen=True)
+class AnswerSettings:
+    top_k: int = RAG_TOP_K  # passages put into the prompt
+    min_score: float = RAG_MIN_SCORE  # the best chunk's cosine similarity to the query under which it hands off
+    min_overlap: float = 0.5  # share of an answer sentence's terms that its passage must contain
+    min_similarity: float = 0.5  # cosine similarity an answer sentence must have with its passage
+    min_terms: int = 3  # sentences with fewer lexical terms ("Yes.", "See [1].") are not checked
+    followup_terms: int = 6  # a user turn with fewer content words (`words`) is read with the turn before it
+    handoff: str = DEFAULT_HANDOFF
+
+
+@dataclass
+class Retrieval:
+    query: str
+    hits: list[Hit]
+    best: float  # the best dense similarity of the query to any chunk
+
+    def citation(self, n: int) -> dict:
+        """Passage [n] (1-based, as in the prompt) as a response's citation."""
+        h = self.hits[n - 1]
+        return {"index": n, "document": h.chunk.doc_id, "heading": " > ".join(h.chunk.headings),
+                "start": h.chunk.start, "end": h.chunk.end, "score": round(float(h.dense if h.dense is not None
+                                                                                  else h.score), 4),
+                "source": h.source}
+
+
+@dataclass
+class Verdict:
+    """The checked answer: `text` (the model's, or the hand-off message), the citations, and `handoff` (None, or
+    why: `no_relevant_passage`, `unsupported_answer`, `model_declined`)."""
+    text: str
+    citations: list[dict]
+    handoff: str | None
+    sentences: list[dict] = field(default_factory=list)  # per checked sentence: text, passage, overlap, similarity
+
+    @property
+    def flag(self) -> dict | None:
+        return None if self.handoff is None else {"reason": self.handoff}
+
+
+class Assistant:
+    """Retrieval, prompt and check over one index (its encoder embeds queries and answer sentences)."""
+
+    def __init__(self, index: Index, settings: AnswerSettings = AnswerSettings()):
+        self.index, self.settings = index, settings
+        self.encoder = index.encoder  # loaded now, not by the first request
+
+    # ---- retrieval -------------------------------------------------------------------------------
+    def query(self, messages: list[dict]) -> str:
+        """The retrieval query of a conversation (OpenAI-style messages; the last user turn is the question)."""
+        users = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
+        if not users:
+            return ""
+        latest = users[-1]
+        if len(users) > 1 and words(latest) < self.settings.followup_terms:
+            return f"{users[-2]}\n{latest}"
+        return latest
+
+    def retrieve(self, messages: list[dict]) -> Retrieval:
+        query = self.query(messages)
+        if not query:
+            return Retrieval("", [], 0.0)
+        vector = self.encoder([query])[0]
+        top = self.index.search(query, 1, "dense", vector=vector)
+        hits = self.index.search(query, self.settings.top_k, "hybrid", vector=vector)
+        return Retrieval(query, hits, top[0].score if top else 0.0)
+
+    def handoff(self, reason: str) -> Verdict:
+        return Verdict(self.settings.handoff, [], reason)
+
+    def grounded(self, retrieval: Retrieval) -> bool:
+        """Whether the knowledge base has something on the question (else: hand off without asking the model)."""
+        return bool(retrieval.hits) and retrieval.best >= self.settings.min_score
+
+    # ---- prompt ----------------------------------------------------------------------------------
+    def prompt(self, messages: list[dict], retrieval: Retrieval) -> list[dict]:
+        """The conversation for the chat model: a system turn with the instructions and the numbered passages (the
+        caller's own system turns after it), then the conversation as it was."""
+        return [{"role": "system", "content": system_prompt(retrieval.hits, self.settings.handoff)}, *messages]
+
+    # ---- the check -------------------------------------------------------------------------------
+    def check(self, answer: str, retrieval: Retrieval) -> Verdict:
+        s = self.settings
+        text = answer.strip()
+        if not text or _same(text, s.handoff):
+            return self.handoff("model_declined")
+        hits = retrieval.hits
+        spans = [text[a:b] for a, b in sentences(text, 0, len(text), 10_000)]
+        checked = [(t, [int(m) for m in _MARKER.findall(t) if 1 <= int(m) <= len(hits)]) for t in spans]
+        checked = [(t, cited) for t, cited in checked if len(lexical_tokens(_MARKER.sub(" ", t))) >= s.min_terms]
+        if not checked:  # nothing to check ("Yes [1].") : the answer stands on the passages it cites
+            cited = sorted({int(m) for m in _MARKER.findall(text) if 1 <= int(m) <= len(hits)})
+            if not cited:
+                return self.handoff("unsupported_answer")
+            return Verdict(text, [retrieval.citation(n) for n in cited], None)
+        passages = [h.chunk.for_encoder() for h in hits]
+        sims = self._similarities([_MARKER.sub(" ", t) for t, _ in checked], passages)
+        terms = [set(lexical_tokens(p)) for p in passages]
+        report, backing = [], set()
+        for i, (t, cited) in enumerate(checked):
+            words = set(lexical_tokens(_MARKER.sub(" ", t)))
+            best = None
+            for j in [c - 1 for c in cited] or range(len(hits)):
+                overlap = len(words & terms[j]) / len(words)
+                ok = overlap >= s.min_overlap and sims[i, j] >= s.min_similarity
+                score = (ok, overlap + float(sims[i, j]))
+                if best is None or score > best[0]:
+                    best = (score, j, overlap, float(sims[i, j]))
+            (ok, _), j, overlap, sim = best
+            report.append({"sentence": t, "passage": j + 1, "overlap": round(overlap, 3),
+                           "similarity": round(sim, 3), "supported": bool(ok)})
+            if ok:
+                backing.add(j + 1)
+        if not all(r["supported"] for r in report):
+            return Verdict(s.handoff, [], "unsupported_answer", report)
+        return Verdict(text, [retrieval.citation(n) for n in sorted(backing)], None, report)
+
+
+    def _similarities(self, answer: list[str], passages: list[str]) -> np.ndarray:
+        """[answer sentences, passages]: each answer sentence's best cosine similarity with a passage as a whole
+        or with one of its sentences (a one-sentence answer is diluted against a whole passage)."""
+        parts, owner = [], []
+        for j, p in enumerate(passages):
+            for a, b in [(0, len(p))] + sentences(p, 0, len(p), 10_000):
+                parts.append(p[a:b])
+                owner.append(j)
+        vectors = self.encoder(answer + parts)
+        pair = vectors[:len(answer)] @ vectors[len(answer):].T
+        sims = np.full((len(answer), len(passages)), -1.0, dtype=np.float32)
+        for k, j in enumerate(owner):
+            sims[:, j] = np.maximum(sims[:, j], pair[:, k])
+        return sims
+
+
+def words(text: str) -> float:
+    """About how many content words `text` has: its lexical terms (stopwords dropped), a run of Chinese, Japanese
+    or Korean characters counting one word per two characters (they are written without spaces)."""
+    cjk = len(_CJK.findall(text))
+    return sum(1 for t in lexical_tokens(text) if not _CJK.search(t)) + cjk / 2
+
+
+def system_prompt(hits: list[Hit], handoff: str) -> str:
+    """The instructions and the numbered passages ([1] heading path, then the chunk's text)."""
+    blocks = []
+    for n, h in enumerate(hits, start=1):
+        where = " > ".join(h.chunk.headings) or h.chunk.doc_id
+        blocks.append(f"[{n}] {where}\n{' '.join(h.chunk.text.split())}")
+    return ("You are a customer-support assistant. Answer the user's last question using only the numbered "
+            "passages below, in a few sentences, and cite the passage each sentence comes from like [1]. If the "
+            f"passages do not answer the question, reply exactly: {handoff}\n\nPassages:\n\n" + "\n\n".join(blocks))
+
+
+def _same(text: str, handoff: str) -> bool:
+    """Whether an answer is the hand-off message (give or take punctuation and case, or its first sentence)."""
+    def norm(s: str) -> str:
+        return " ".join(lexical_tokens(s))
+    said, whole = norm(text), norm(handoff)
+    first = norm(handoff.split(". ", 1)[0])
+    return bool(said) and (said in (whole, first) or whole in said)

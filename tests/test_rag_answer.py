@@ -1,0 +1,175 @@
+"""Grounded answers: the retrieval query of a conversation, the hand-off below the score threshold, the check of an
+answer against the passages of its prompt, and a knowledge-base model served through the chat API (whole,
+streamed, through the official OpenAI client)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tunelab.config import DEFAULT_HANDOFF, ServeConfig
+from tunelab.errors import UserError
+from tunelab.rag.answer import AnswerSettings, Assistant, words
+from tunelab.rag.index import Index
+from tunelab.serve.app import create_app
+from tunelab.serve.registry import check_rag, check_specs
+
+KB = Path(__file__).resolve().parents[1] / "examples" / "support-kb"
+REFUND = "How many days do I have to ask for a refund of my purchase?"
+REFUND_ANSWER = "You can ask for a refund within 30 days of purchase [1]. Write to support with your order number [1]."
+
+
+@pytest.fixture(scope="module")
+def kb_index(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kb") / "index"
+    Index.build([KB], out)  # MiniLM: real similarities, so the thresholds mean what they say
+    return out
+
+
+@pytest.fixture(scope="module")
+def assistant(kb_index) -> Assistant:
+    return Assistant(Index.load(kb_index))
+
+
+def ask(text: str, *history: str) -> list[dict]:
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(history)]
+    return [*turns, {"role": "user", "content": text}]
+
+
+def test_a_short_follow_up_is_read_with_the_question_before_it(assistant):
+    assert assistant.query(ask(REFUND)) == REFUND
+    follow = ask("and after 40 days?", REFUND, "Within 30 days [1].")
+    assert assistant.query(follow) == f"{REFUND}\nand after 40 days?"
+    assert assistant.retrieve(follow).hits[0].chunk.headings == ("Refunds",)
+    # a follow-up that says enough on its own is searched as it is
+    whole = ask("How do I reset the password of my account?", REFUND, "Within 30 days [1].")
+    assert assistant.query(whole) == "How do I reset the password of my account?"
+    # written without spaces: two characters count as a word
+    assert words("那退款呢？") == 2 and words("发票三个工作日内会发到我的邮箱吗") == 8
+
+
+def test_nothing_relevant_hands_off_before_the_model_is_asked(assistant):
+    weather = assistant.retrieve(ask("What will the weather be like in Lisbon tomorrow?"))
+    assert not assistant.grounded(weather) and weather.best < assistant.settings.min_score
+    refund = assistant.retrieve(ask(REFUND))
+    assert assistant.grounded(refund) and refund.hits[0].chunk.headings == ("Refunds",)
+    assert not assistant.grounded(assistant.retrieve(ask("   ")))
+
+
+def test_an_answer_is_checked_against_the_passages_of_its_prompt(assistant):
+    retrieval = assistant.retrieve(ask(REFUND))
+    prompt = assistant.prompt(ask(REFUND), retrieval)[0]["content"]
+    ok = assistant.check(REFUND_ANSWER, retrieval)
+    assert ok.handoff is None and ok.text == REFUND_ANSWER
+    assert [c["index"] for c in ok.citations] == [1] and all(s["supported"] for s in ok.sentences)
+    for c in ok.citations:  # each citation is a passage that was in the prompt, under its number
+        hit = retrieval.hits[c["index"] - 1]
+        assert (c["document"], c["start"], c["end"]) == (hit.chunk.doc_id, hit.chunk.start, hit.chunk.end)
+        assert f"[{c['index']}] " in prompt and " ".join(hit.chunk.text.split()) in prompt
+        assert c["heading"] == "Refunds" and 0 < c["score"] <= 1
+    # an uncited sentence is checked against every passage and cites the one that backs it
+    uncited = assistant.check("You can ask for a refund within 30 days of purchase.", retrieval)
+    assert uncited.handoff is None and [c["index"] for c in uncited.citations] == [1]
+    # one invented sentence and the whole answer is handed off
+    invented = assistant.check(REFUND_ANSWER + " We also give every customer a free laptop and a cruise ticket.",
+                               retrieval)
+    assert invented.handoff == "unsupported_answer" and invented.text == DEFAULT_HANDOFF and not invented.citations
+    assert invented.sentences[-1]["supported"] is False
+    # a sentence citing the wrong passage is not backed by it
+    wrong = assistant.check("You can ask for a refund within 30 days of purchase [3].", retrieval)
+    assert wrong.handoff == "unsupported_answer"
+    for declined in ("", DEFAULT_HANDOFF, "I'm sorry, I can't answer that from our documentation."):
+        assert assistant.check(declined, retrieval).handoff == "model_declined"
+
+
+def test_rag_arguments_are_checked_before_the_server_starts(kb_index, peaky_llama, tmp_path):
+    specs = check_specs([f"peaky={peaky_llama}", f"other={peaky_llama}"], None)
+    assert [(r.id, r.model) for r in check_rag([f"kb={kb_index}@other", f"{kb_index}@peaky"], specs)] == [
+        ("kb", "other"), ("index", "peaky")]
+    for bad, says in [(str(kb_index), "name the generation model"), (f"{tmp_path}@peaky", "not a tunelab index"),
+                      (f"peaky={kb_index}@peaky", "already served as 'peaky'")]:
+        with pytest.raises(UserError, match=says):
+            check_rag([bad], specs)
+    with pytest.raises(UserError, match="serve a generation model"):
+        check_rag([str(kb_index)], [])
+
+
+@pytest.fixture(scope="module")
+def client(kb_index, peaky_llama):
+    cfg = ServeConfig(models=[f"peaky={peaky_llama}"], embedding_model=None, rag=[f"support={kb_index}"])
+    with TestClient(create_app(cfg, check_specs(cfg.models, None), keys=[]), base_url="http://localhost") as c:
+        for _ in range(600):
+            if c.get("/ready").status_code == 200:
+                break
+            __import__("time").sleep(0.1)
+        yield c
+
+
+def _answer_with(monkeypatch, text: str, prompts: list):
+    """The generation model answers `text` (a tiny random model cannot answer from passages); its prompts kept."""
+    from tunelab.serve.routes import generation
+
+    real = generation._collect
+
+    async def collect(request, call, job):
+        prompts.append(call.served.tokenizer.decode(job.seqs[0].prompt))
+        texts, finish, completion, logprobs = await real(request, call, job)
+        return [text], finish, completion, logprobs
+    monkeypatch.setattr(generation, "_collect", collect)
+
+
+def test_a_knowledge_base_model_answers_with_citations(client, monkeypatch):
+    assert "support" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    prompts: list[str] = []
+    _answer_with(monkeypatch, REFUND_ANSWER, prompts)
+    body = client.post("/v1/chat/completions", json={"model": "support", "messages": ask(REFUND),
+                                                      "max_tokens": 4}).json()
+    assert body["choices"][0]["message"]["content"] == REFUND_ANSWER and body["handoff"] is None
+    (cite,) = body["citations"]
+    assert cite["document"] == "install.md" and cite["heading"] == "Refunds"
+    passage = (KB / "install.md").read_text(encoding="utf-8")[cite["start"]:cite["end"]]
+    assert " ".join(passage.split()) in prompts[0] and "[1] Refunds" in prompts[0]
+
+    import openai  # the official client: the extra fields do not break it and are there to read
+    oa = openai.OpenAI(base_url="http://localhost/v1", api_key="none", http_client=client)
+    done = oa.chat.completions.create(model="support", messages=ask(REFUND), max_tokens=4)
+    assert done.choices[0].message.content == REFUND_ANSWER and done.model_extra["citations"][0]["index"] == 1
+    chunks = list(oa.chat.completions.create(model="support", messages=ask(REFUND), max_tokens=4, stream=True,
+                                             stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REFUND_ANSWER
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason is not None and last.model_extra["citations"] == body["citations"]
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_a_knowledge_base_model_hands_off_instead_of_inventing(client):
+    weather = client.post("/v1/chat/completions", json={"model": "support", "messages": ask(
+        "What will the weather be like in Lisbon tomorrow?")}).json()
+    assert weather["choices"][0]["message"]["content"] == DEFAULT_HANDOFF
+    assert weather["handoff"] == {"reason": "no_relevant_passage"} and weather["citations"] == []
+    assert weather["usage"]["completion_tokens"] == 0  # the model was not asked
+    # a tiny random model's words are not backed by the passages: handed off, not sent
+    refund = client.post("/v1/chat/completions", json={"model": "support", "messages": ask(REFUND),
+                                                       "max_tokens": 12, "temperature": 0}).json()
+    assert refund["choices"][0]["message"]["content"] == DEFAULT_HANDOFF
+    assert refund["handoff"]["reason"] in ("unsupported_answer", "model_declined")
+    streamed = client.post("/v1/chat/completions", json={"model": "support", "stream": True, "messages": ask(
+        "What will the weather be like in Lisbon tomorrow?")})
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if re.match(r"data: \{", line)]
+    assert events[-1]["handoff"] == {"reason": "no_relevant_passage"}
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == DEFAULT_HANDOFF
+    bad = client.post("/v1/chat/completions", json={"model": "support", "messages": ask(REFUND), "n": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+    # the model it answers with is still served as itself, without retrieval
+    plain = client.post("/v1/chat/completions", json={"model": "peaky", "messages": ask(REFUND), "max_tokens": 4})
+    assert "citations" not in plain.json() and "handoff" not in plain.json()
+
+
+def test_settings_reach_the_assistant(kb_index):
+    strict = Assistant(Index.load(kb_index), AnswerSettings(min_score=0.99, handoff="A person will call you."))
+    retrieval = strict.retrieve(ask(REFUND))
+    assert not strict.grounded(retrieval) and strict.handoff("no_relevant_passage").text == "A person will call you."
