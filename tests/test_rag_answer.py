@@ -173,3 +173,46 @@ def test_settings_reach_the_assistant(kb_index):
     strict = Assistant(Index.load(kb_index), AnswerSettings(min_score=0.99, handoff="A person will call you."))
     retrieval = strict.retrieve(ask(REFUND))
     assert not strict.grounded(retrieval) and strict.handoff("no_relevant_passage").text == "A person will call you."
+
+
+def test_eval_rag_scores_retrieval_hand_off_and_answers(kb_index, assistant, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+    from tunelab.rag.evaluate import evaluate_rag, load_questions, prf
+
+    rows = [{"question": REFUND, "in_scope": True, "doc": "install.md", "heading": "Refunds",
+             "answer": "Within 30 days of purchase."},
+            {"question": "how do i get a new password", "in_scope": True, "doc": "faq.csv#1", "heading": "How do I reset my password?", "answer": "Open Settings, choose Account."},
+            {"question": "and on linux?", "in_scope": True, "doc": "install.md", "heading": "Linux",
+             "answer": "Use the package manager.", "history": [
+                 {"role": "user", "content": "How do I install the program on Windows?"},
+                 {"role": "assistant", "content": "Double-click setup.exe [1]."}]},
+            {"question": "What will the weather be like in Lisbon tomorrow?", "in_scope": False},
+            {"question": "Recommend a good lasagna recipe please", "in_scope": False}]
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    questions = load_questions(qfile)
+    answers = {REFUND: REFUND_ANSWER}
+
+    def answer(messages):  # the refund question answered from its passage; the others declined
+        question = messages[-1]["content"]
+        return answers.get(question, DEFAULT_HANDOFF)
+
+    report = evaluate_rag(assistant, questions, answer)
+    assert report["retrieval"]["questions"] == 3 and report["retrieval"]["hybrid"]["recall@10"] == 1.0
+    assert report["handoff_gate"] == prf([False, False, False, True, True], [False, False, False, True, True])
+    a = report["answers"]
+    assert a["supported_answer_rate"] == round(1 / 3, 4) and a["handoff"]["recall"] == 1.0
+    assert a["handoff"]["precision"] == 0.5 and a["handoff_reasons"]["model_declined"] == 2
+    assert report["rows"][0]["citations"][0]["heading"] == "Refunds" and report["rows"][0]["rouge_l"] > 0
+    assert prf([True, False], [False, False]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 1,
+                                                  "fn": 0}
+
+    out = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["eval-rag", str(kb_index), str(qfile), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "MRR@10" in result.output and json.loads(out.read_text())["retrieval"]["questions"] == 3
+    qfile.write_text('{"question": "no scope flag"}\n', encoding="utf-8")
+    bad = CliRunner().invoke(app, ["eval-rag", str(kb_index), str(qfile)])
+    assert isinstance(bad.exception, UserError) and "`in_scope`" in str(bad.exception)

@@ -331,6 +331,69 @@ def eval_cmd(
         console.print(f"report: {plain(out)}" + (f" · confusion matrix: {plain(png)}" if png else ""))
 
 
+@app.command("eval-rag")
+def eval_rag_cmd(
+    index: Path = typer.Argument(..., help="an index folder (`tunelab index build`)"),
+    questions: Path = typer.Argument(..., help="JSONL: question, in_scope, and for in-scope questions the doc and "
+                                     "heading that answer it and a reference answer; optional history"),
+    model: Optional[str] = typer.Option(None, "--model", help="a chat model (model dir or base) answering from "
+                                        "the passages: adds the answer scores (supported-answer rate, ROUGE-L, the "
+                                        "whole assistant's hand-off, latency)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="the report JSON (with one row per answered question)"),
+    overwrite: bool = OVERWRITE,
+    top_k: Optional[int] = _opt(ServeConfig, "rag_top_k", "--top-k"),
+    min_score: Optional[float] = _opt(ServeConfig, "rag_min_score", "--min-score"),
+    max_tokens: int = typer.Option(160, "--max-tokens", help="most new tokens per answer"),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N questions"),
+):
+    """Score retrieval (MRR@10, recall@1/5/10 for BM25, dense and hybrid), the hand-off on out-of-scope questions
+    and, with --model, the answers, on a question set."""
+    from tunelab.rag.answer import AnswerSettings, Assistant  # torch, FAISS, bm25s: start-up
+    from tunelab.rag.evaluate import evaluate_rag, load_questions
+    from tunelab.rag.index import Index
+
+    if out:
+        check_file_target(out, "rag-report", overwrite)
+    rows = load_questions(questions)[:limit]
+    defaults = ServeConfig.model_fields
+    settings = AnswerSettings(top_k=top_k or defaults["rag_top_k"].default,
+                              min_score=defaults["rag_min_score"].default if min_score is None else min_score)
+    assistant = Assistant(Index.load(index), settings)
+    answer = None
+    if model:
+        from tunelab.generate import GenerationParams, generate as run, load_generator
+
+        gen, params = load_generator(model), GenerationParams(max_new_tokens=max_tokens).check()
+        answer = lambda messages: run(gen, messages, params, chat=True)["text"]  # noqa: E731
+    report = evaluate_rag(assistant, rows, answer)
+    _print_rag_report(report)
+    if out:
+        write_file(out, json.dumps(report, ensure_ascii=False, indent=1), "rag-report", overwrite=True,
+                   checked=True)
+        console.print(f"report: {plain(out)}")
+
+
+def _print_rag_report(report: dict) -> None:
+    r = report["retrieval"]
+    table = Table(title=f"retrieval over {r['questions']} in-scope questions")
+    for col in ("mode", "MRR@10", "recall@1", "recall@5", "recall@10", "search p50 ms"):
+        table.add_column(col)
+    for mode in ("bm25", "dense", "hybrid"):
+        m = r[mode]
+        table.add_row(mode, f"{m['mrr@10']:.3f}", f"{m['recall@1']:.3f}", f"{m['recall@5']:.3f}",
+                      f"{m['recall@10']:.3f}", str(m["search_ms_p50"]))
+    console.print(table)
+    g = report["handoff_gate"]
+    console.print(f"hand-off by the retrieval gate (out of scope = positive): precision {g['precision']:.3f} "
+                  f"recall {g['recall']:.3f} F1 {g['f1']:.3f}")
+    a = report.get("answers")
+    if a:
+        h = a["handoff"]
+        console.print(f"answers: supported {a['supported_answer_rate']:.3f} of in-scope questions · ROUGE-L "
+                      f"{a['rouge_l']:.3f} · hand-off precision {h['precision']:.3f} recall {h['recall']:.3f} F1 "
+                      f"{h['f1']:.3f} · answer p50 {a['answer_seconds_p50']} s, p95 {a['answer_seconds_p95']} s")
+
+
 @app.command("ensemble")
 def ensemble_cmd(
     model_dirs: list[Path] = typer.Argument(..., help="two or more model dirs of one task and label set "
