@@ -183,7 +183,8 @@ def test_eval_rag_scores_retrieval_hand_off_and_answers(kb_index, assistant, tmp
 
     rows = [{"question": REFUND, "in_scope": True, "doc": "install.md", "heading": "Refunds",
              "answer": "Within 30 days of purchase."},
-            {"question": "how do i get a new password", "in_scope": True, "doc": "faq.csv#1", "heading": "How do I reset my password?", "answer": "Open Settings, choose Account."},
+            {"question": "how do i get a new password", "in_scope": True, "doc": "faq.csv#1",
+             "heading": "How do I reset my password?", "answer": "Open Settings, choose Account."},
             {"question": "and on linux?", "in_scope": True, "doc": "install.md", "heading": "Linux",
              "answer": "Use the package manager.", "history": [
                  {"role": "user", "content": "How do I install the program on Windows?"},
