@@ -59,12 +59,13 @@ def test_every_task_class_satisfies_the_task_protocol():
     from tunelab.tasks.causal_lm import CausalLMTask
     from tunelab.tasks.classification import ClassificationTask
     from tunelab.tasks.masked_lm import MaskedLMTask
+    from tunelab.tasks.retrieval import RetrievalTask
     from tunelab.tasks.sft import SFTTask
     from tunelab.tasks.token_classification import TokenClassificationTask
 
     bert, llama = load_tokenizer(str(tiny_model_dir("tiny-bert"))), load_tokenizer(str(tiny_model_dir("tiny-llama")))
     tasks = [ClassificationTask(bert, ["a", "b"], 16), TokenClassificationTask(bert, ["O", "B-X", "I-X"], 16),
-             CausalLMTask(llama, 32), SFTTask(llama, 32), MaskedLMTask(bert, 32)]
+             CausalLMTask(llama, 32), SFTTask(llama, 32), MaskedLMTask(bert, 32), RetrievalTask(bert, 32)]
     assert {t.name for t in tasks} == set(TASKS)
     for t in tasks:
         assert isinstance(t, Task), t.name

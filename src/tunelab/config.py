@@ -78,9 +78,11 @@ class AugmentConfig(Section):
 class PrepareOptions(Section):
     """Everything `data prepare` does to a source besides naming it."""
 
-    task: Literal["classification", "text", "sft", "ner"] = Field(
+    task: Literal["classification", "text", "sft", "ner", "retrieval"] = Field(
         "classification", description="classification: text + label; text: documents (pretraining); "
-        "sft: conversations as messages; ner: tokens + BIO tags")
+        "sft: conversations as messages; ner: tokens + BIO tags; retrieval: query + passage pairs (columns "
+        "query/question/anchor and passage/answer/positive, or --text-column / --label-column; hard negatives in "
+        "negative or negatives), a query's pairs kept in one split")
     text_column: str | None = None
     label_column: str | None = None
     seed: int = 0
@@ -151,6 +153,18 @@ class MaskedLMConfig(Section):
                              "masked with it")
 
 
+class RetrievalConfig(Section):
+    """retrieval: the contrastive loss (multiple-negatives ranking / InfoNCE): each query against every passage of
+    its batch (the other pairs' passages and the batch's hard negatives are its negatives)."""
+
+    scale: float = Field(20.0, gt=0, description="cosine similarities are multiplied by this before the softmax "
+                         "(1 / temperature; 20 as sentence-transformers' MultipleNegativesRankingLoss)")
+    hard_negatives: int = Field(0, ge=0, le=32, description="mined before training: for each train query, this "
+                                "many of the train passages the base encoder ranks highest that are not paired with "
+                                "it (nor the same text) join its batches as negatives; 0 = in-batch negatives and "
+                                "the data's own only")
+
+
 class ModelConfig(Section):
     base: str = Field(description="builtin:NAME, tiny-bert, tiny-llama, a local HF model dir, a tunelab model dir "
                       "(continue from it), a hub id, or `scratch` (causal_lm: a new model, see model.scratch)")
@@ -161,6 +175,8 @@ class ModelConfig(Section):
     packing: bool = Field(True, description="causal_lm/sft: pack examples into max_length blocks (no attention "
                           "across examples); masked_lm: documents concatenated and cut into [CLS] … [SEP] blocks")
     mlm: MaskedLMConfig = Field(MaskedLMConfig(), description="masked_lm: which tokens are masked")
+    retrieval: RetrievalConfig = Field(RetrievalConfig(), description="retrieval: the contrastive loss and mined "
+                                       "hard negatives")
     hidden_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the hidden states (BERT's "
                                          "hidden_dropout_prob, GPT-2's resid/embd_pdrop, …); none = the base's own")
     attention_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the attention weights (BERT's "
@@ -620,9 +636,10 @@ class EnsembleConfig(Section):
 
 
 class RunConfig(Section):
-    task: Literal["auto", "classification", "token_classification", "causal_lm", "masked_lm", "sft"] = Field(
-        "auto", description="auto: from the dataset (classification, ner -> token_classification, text -> "
-        "causal_lm, sft); masked_lm: continued pretraining of an encoder on a text dataset, said explicitly")
+    task: Literal["auto", "classification", "token_classification", "causal_lm", "masked_lm", "sft", "retrieval"] = (
+        Field("auto", description="auto: from the dataset (classification, ner -> token_classification, text -> "
+              "causal_lm, sft, retrieval); masked_lm: continued pretraining of an encoder on a text dataset, said "
+              "explicitly"))
     name: str | None = None
     model: ModelConfig
     data: DataConfig

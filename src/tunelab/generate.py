@@ -73,7 +73,9 @@ def load_generator(ref: str, device: str | None = None) -> Generator:
 
 
 MODEL_DIR_USE = {"classify": "label texts with `tunelab predict`, or `tunelab serve` it for /v1/classify",
-                 "entities": "find entities with `tunelab predict`, or `tunelab serve` it for /v1/entities"}
+                 "entities": "find entities with `tunelab predict`, or `tunelab serve` it for /v1/entities",
+                 "embed": "index documents with it (`tunelab index build --encoder DIR`), or `tunelab serve` it for "
+                          "/v1/embeddings"}
 DECODER_HINT = "to generate, use a causal LM (e.g. builtin:smollm2-135m-instruct) or a causal_lm/sft model dir"
 
 

@@ -19,7 +19,8 @@ from tunelab.errors import UserError, read_json_file
 
 DATASET_FILE = "dataset.json"
 SPLITS = ("train", "validation", "test")
-EXTRA_FIELDS = ("category", "augmented")  # kept when present: a dialogue's category, an augmented row's origin
+# kept when present: a dialogue's category, an augmented row's origin, a retrieval pair's hard negatives
+EXTRA_FIELDS = ("category", "augmented", "negatives")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class DatasetKind:
     labelled: bool = False  # one class label per row: class balance, label warnings, augmentation
     tagged: bool = False  # one BIO tag per token; its labels are the tag set
     keeps_newlines: bool = True  # a class label rarely depends on line breaks; text, chat and tokens keep theirs
+    dedup_on: str = "text"  # the row field exact de-duplication compares (a retrieval pair: both of its texts)
+    group_by: str | None = None  # rows sharing this field's text stay in one split (a retrieval query's pairs)
+    # near de-duplication compares this field, with the kind's own `dedup.near_action` if any: a retrieval pair's
+    # query, grouped (a question asked twice in other words stays in one split, and each wording is worth training on)
+    near_on: str = "text"
+    near_action: str | None = None
 
     def label_set(self, rows: list[dict]) -> list[str]:
         """The dataset's labels: the sorted classes, or "O" then the tags grouped by entity type, or []."""
@@ -57,6 +64,8 @@ DATASET_KINDS = {k.name: k for k in (
     DatasetKind("text", ("text",), ("text",)),
     DatasetKind("sft", ("messages",)),
     DatasetKind("ner", ("tokens", "tags"), tagged=True),
+    DatasetKind("retrieval", ("query", "passage"), dedup_on="_pair", group_by="query",
+                near_on="query", near_action="group"),
 )}
 
 
@@ -79,7 +88,8 @@ def fingerprint(splits: dict[str, list[dict]]) -> str:
     h = hashlib.sha256()
     for name in SPLITS:
         for r in splits[name]:
-            h.update(json.dumps([name, r["text"], r["label"], r.get("messages"), r.get("tags")],
+            negatives = [r["negatives"]] if r.get("negatives") else []  # only where rows have them: others' stay
+            h.update(json.dumps([name, r["text"], r["label"], r.get("messages"), r.get("tags"), *negatives],
                                 ensure_ascii=False).encode())
     return h.hexdigest()[:16]
 

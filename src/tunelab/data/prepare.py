@@ -22,7 +22,7 @@ from tunelab.artifacts import FolderLock, check_target, write_folder
 from tunelab.assets import DATASET_COLUMNS, builtin_path, is_builtin
 from tunelab.config import PrepareOptions
 from tunelab.data.augment import augment
-from tunelab.data.clean import Cleaner
+from tunelab.data.clean import Cleaner, dedup_key
 from tunelab.data.dataset import DATASET_FILE, SPLITS, dataset_kind, fingerprint, write_jsonl
 from tunelab.data.dedup import exact_dedup
 from tunelab.data.neardup import near_duplicates
@@ -39,7 +39,12 @@ MALFORMED = {"bad_json", "not_an_object", "bad_csv_row", "wrong_field_count", "t
              "label_wrong_type", "empty_text", "missing_label", "unknown_label", "unknown_split", "too_long",
              "invalid_utf8", "bad_yaml", "not_a_conversation", "no_conversation", "unknown_role",
              "turn_wrong_type", "empty_turn", "no_user_turn", "no_assistant_turn", "bad_conll_line", "no_tokens",
-             "tag_count_mismatch", "bad_tag", "misaligned_span", "bad_entities"}
+             "tag_count_mismatch", "bad_tag", "misaligned_span", "bad_entities", "no_query", "no_passage",
+             "empty_query", "empty_passage", "query_wrong_type", "passage_wrong_type", "negatives_wrong_type"}
+# a retrieval pair's columns by role, the first present in a row taken (`--text-column` / `--label-column` name the
+# query and passage columns instead)
+PAIR_COLUMNS = {"query": ("query", "question", "anchor"), "passage": ("passage", "answer", "positive"),
+                "negatives": ("negatives", "negative")}
 NOT_A_DROP = {"not_sampled"}  # chosen by the user; does not count towards the drop rate
 
 
@@ -231,6 +236,48 @@ class RowFilter:
             example["category"] = self._redact_value(fields["category"])
         return example, None
 
+    def _pair_value(self, fields: dict, role: str):
+        """The value of a retrieval row's `role` column: the named column, else the first alias present."""
+        named = {"query": self.opts.text_column, "passage": self.opts.label_column}.get(role)
+        names = (named,) if named else PAIR_COLUMNS[role]
+        return next((fields[n] for n in names if fields.get(n) is not None), None)
+
+    def _pair_text(self, fields: dict, role: str) -> tuple[str | None, str | None]:
+        """-> (the cleaned text of a pair's query or passage, None) or (None, the reason it is refused)."""
+        raw = self._pair_value(fields, role)
+        if raw is None:
+            return None, f"no_{role}"
+        text = _as_text(raw)
+        if text is None:
+            return None, f"{role}_wrong_type"
+        text = self._clean(text)
+        reason = self.cleaner.length_reason(text)
+        return (None, f"empty_{role}" if reason == "empty_text" else reason) if reason else (text, None)
+
+    def _extract_retrieval(self, fields: dict) -> tuple[dict | None, str | None]:
+        """A (query, passage) pair, with the hard negatives given for it (a string or a list of strings) cleaned,
+        the empty ones and those equal to the passage left out."""
+        query, reason = self._pair_text(fields, "query")
+        passage, reason = (None, reason) if query is None else self._pair_text(fields, "passage")
+        if passage is None:
+            return None, reason
+        raw = self._pair_value(fields, "negatives")
+        raw = [raw] if isinstance(raw, str) else raw if raw is not None else []
+        if not isinstance(raw, list) or any(_as_text(n) is None for n in raw):
+            return None, "negatives_wrong_type"
+        negatives = list(dict.fromkeys(n for n in (self._clean(_as_text(x)) for x in raw) if n and n != passage))
+        example = {"text": f"{query}\n{passage}", "label": None, "query": query, "passage": passage,
+                   "_pair": json.dumps([dedup_key(query), dedup_key(passage)], ensure_ascii=False)}
+        if negatives:
+            example["negatives"] = negatives
+        return example, None
+
+    def excerpt_source(self, fields: dict | None, text_col: str):
+        """The source value a rejected row is recognised by: its text column (a retrieval pair: its query)."""
+        if not fields:
+            return None
+        return self._pair_value(fields, "query") if self.extract == self._extract_retrieval else fields.get(text_col)
+
     def _ner_source(self, fields: dict) -> tuple[list, list, list[bool]] | str:
         """-> (tokens, tags, spaced) as given (tokens + tags) or built from text + entity spans, or a reason."""
         if isinstance(fields.get("tokens"), list):
@@ -311,7 +358,7 @@ def collect_rows(path: Path, text_col: str, label_col: str, opts: PrepareOptions
             continue
         if opts.strict and reason in MALFORMED:
             raise UserError(f"{path}:{row.line}: {reason} (--strict stops at the first malformed row)")
-        raw = _as_text(row.fields.get(text_col)) if row.fields else None
+        raw = _as_text(keep.excerpt_source(row.fields, text_col))
         rejected.append({"line": row.line, "reason": reason, "text": _excerpt(raw, excerpt_pii)})
     counters.update({f"clean.{k}": v for k, v in keep.cleaner.counts.items()})
     if keep.pii is not None:
@@ -354,8 +401,8 @@ def near_dedup(rows: list[dict], opts: PrepareOptions) -> tuple[list[dict], list
     A group whose labels agree keeps its first row (`near_action: drop`) or all rows (`group`); a
     group with conflicting labels keeps all its rows. Kept members of a group share `_group`, so the
     split puts them on the same side."""
-    d = opts.dedup
-    res = near_duplicates([r["text"] for r in rows], d.threshold, d.ngram, d.num_perm, opts.seed + 1)
+    d, kind = opts.dedup, dataset_kind(opts.task)
+    res = near_duplicates([r[kind.near_on] for r in rows], d.threshold, d.ngram, d.num_perm, opts.seed + 1)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(res.group.tolist()):
         members.setdefault(g, []).append(i)
@@ -366,7 +413,7 @@ def near_dedup(rows: list[dict], opts: PrepareOptions) -> tuple[list[dict], list
             continue
         labels = sorted({rows[i]["label"] for i in idx})
         conflict = len(labels) > 1
-        keep_all = conflict or d.near_action == "group"
+        keep_all = conflict or (kind.near_action or d.near_action) == "group"
         kept_idx += idx if keep_all else idx[:1]
         dropped += [] if keep_all else [rows[i] for i in idx[1:]]
         groups.append({"lines": [rows[i]["_line"] for i in idx], "labels": labels,
@@ -376,6 +423,26 @@ def near_dedup(rows: list[dict], opts: PrepareOptions) -> tuple[list[dict], list
         rows[i]["_group"] = int(res.group[i])
         kept.append(rows[i])
     return kept, dropped, groups, res.candidates
+
+
+def join_groups(rows: list[dict], field: str) -> None:
+    """Give rows whose `field` texts are the same (case- and whitespace-insensitive), or that share a near-duplicate
+    `_group`, one `_group` (in place, transitively): the split keeps each group on one side."""
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple, int] = {}
+    for i, r in enumerate(rows):
+        keys = [("field", dedup_key(r[field]))] + ([("near", r["_group"])] if "_group" in r else [])
+        for key in keys:
+            parent[root(i)] = root(first.setdefault(key, i))
+    for i, r in enumerate(rows):
+        r["_group"] = ("joined", root(i))
 
 
 def _check_drop_rate(report: dict, opts: PrepareOptions, path: Path) -> None:
@@ -413,8 +480,9 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
         rows, too_short_or_long = token_length_filter(rows, opts.clean)
         for reason, dropped in too_short_or_long.items():
             reject(dropped, reason)
+    kind = dataset_kind(opts.task)
     if opts.dedup.exact:
-        rows, dup_dropped, conflicts = exact_dedup(rows)
+        rows, dup_dropped, conflicts = exact_dedup(rows, kind.dedup_on)
         for reason, dropped in dup_dropped.items():
             reject(dropped, reason)
     if opts.dedup.near and rows:
@@ -427,7 +495,8 @@ def _prepare(source: str, out: Path, opts: PrepareOptions, overwrite: bool) -> d
         reasons = Counter(r["reason"] for r in rejected).most_common(3)
         raise UserError(f"no usable rows in {path} (read {counters['rows_read']}; dropped: "
                         + ", ".join(f"{k}={v}" for k, v in reasons) + ")")
-    kind = dataset_kind(opts.task)
+    if kind.group_by:
+        join_groups(rows, kind.group_by)
     splits, augmentation = _split(rows, opts)
     labels = kind.label_set(rows)
     report = _report(counters, rows, rejected, conflicts, groups, candidates, augmentation)

@@ -36,11 +36,13 @@ def training_data(meta: dict) -> tuple[Path | None, str]:
 
 
 def row_text(row: dict) -> str:
-    """The text a model reads from a dataset row: `text`, an NER row's words joined by spaces, or the contents of
-    a conversation's messages, one per line."""
+    """The text a model reads from a dataset row: `text`, an NER row's words joined by spaces, the contents of
+    a conversation's messages, one per line, or a retrieval pair's query and passage on two lines."""
     text, tokens, messages = row.get("text"), row.get("tokens"), row.get("messages")
     if isinstance(text, str):
         return text
+    if isinstance(row.get("query"), str) and isinstance(row.get("passage"), str):
+        return f"{row['query']}\n{row['passage']}"
     if isinstance(tokens, list):
         return " ".join(map(str, tokens))
     if isinstance(messages, list):

@@ -152,3 +152,33 @@ def mcnemar(y_true, pred_a, pred_b) -> dict:
     a_only, b_only = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
     p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
     return {"a_only": a_only, "b_only": b_only, "p_value": float(p)}
+
+
+RANK_CUTOFFS = (1, 5, 10)  # recall@k of a retrieval report
+MRR_DEPTH = 10  # a relevant passage ranked below this counts as not found (reciprocal rank 0)
+
+
+def top_indices(scores: np.ndarray, k: int) -> list[int]:
+    """The indices of the `k` highest `scores`, best first; ties in index order (deterministic)."""
+    k = min(k, len(scores))
+    if k <= 0:
+        return []
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return sorted(top.tolist(), key=lambda j: (-scores[j], j))
+
+
+def ranking_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict:
+    """Retrieval scores of a [queries, passages] score matrix, `relevant[i]` the passages (columns) relevant to
+    query i -> {"scores": {"mrr@10", "recall@1", "recall@5", "recall@10"}, "reciprocal_ranks": per query}.
+    recall@k: the share of a query's relevant passages among its top k, averaged over queries."""
+    depth = max(MRR_DEPTH, *RANK_CUTOFFS)
+    rr, hits = [], {k: [] for k in RANK_CUTOFFS}
+    for row, rel in zip(scores, relevant):
+        top = top_indices(row, depth)
+        first = next((rank for rank, j in enumerate(top[:MRR_DEPTH]) if j in rel), None)
+        rr.append(0.0 if first is None else 1.0 / (first + 1))
+        for k in RANK_CUTOFFS:
+            hits[k].append(len(rel.intersection(top[:k])) / max(1, len(rel)))
+    mean = (lambda v: float(np.mean(v)) if v else 0.0)
+    return {"scores": {f"mrr@{MRR_DEPTH}": mean(rr), **{f"recall@{k}": mean(hits[k]) for k in RANK_CUTOFFS}},
+            "reciprocal_ranks": rr}

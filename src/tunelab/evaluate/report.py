@@ -9,6 +9,8 @@ TF-IDF + LR trained on that same subset (`tfidf_logreg_same_rows`). Token classi
 `before` (the base) and `after` perplexity, sft generation scores, and `forgetting` (see evaluate/language.py).
 masked_lm: the masked tokens' `loss`, `perplexity` and `accuracy` on the split, its masks drawn as validation's
 were (fixed, seeded with the run's seed); no baseline: the model is a stage, judged by the runs fine-tuned from it.
+retrieval: `mrr@10`, `recall@1/5/10` over the split's distinct queries ranking its distinct passages, beside the
+base encoder (before tuning) and BM25 (evaluate/retrieval.py).
 Every report has `warnings`: when baselines (or the base model) score better than the fine-tuned model, a
 sentence naming each with both scores and what to try; `print_report` prints them as `warning:` lines. With
 `eval.bootstrap` resamples (default 1,000), every report also has `statistics`, 95% `intervals` for the model's
@@ -118,6 +120,10 @@ def _scores(kind: str, model, tok, meta: dict, rows: list[dict], data_dir: Path,
                   "baselines": {"lookup": lookup_baseline(load_split(data_dir, "train"), rows, predictions=True)}}
         _entity_statistics(report, rows, eval_cfg.bootstrap, seed)
         return report
+    if kind == "retrieval":
+        from tunelab.evaluate.retrieval import retrieval_report  # bm25s (start-up): loaded by this report only
+
+        return retrieval_report(model, tok, meta, rows, eval_cfg, seed)
     if kind == "masked":
         task = MaskedLMTask.from_meta(tok, meta)
         report = {**task.evaluate(model, task.encode(rows), eval_cfg.batch_size, eval_cfg.bootstrap > 0),
@@ -322,7 +328,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
     """The before/after table of the report's task."""
     console = console or make_console()
     printers = {"classes": _print_classification, "entities": _print_entities, "language": _print_language,
-                "masked": _print_masked}
+                "masked": _print_masked, "retrieval": _print_retrieval}
     printers[task_spec(report["task"]).report](report, console)
     _print_leakage(report, console)
     if report.get("base_fit") and (warning := base_fit.advice(report["base_fit"], report["model"]["base"])):
@@ -435,6 +441,29 @@ def _print_masked(report: dict, console: Console) -> None:
     console.print(f"a masked-LM model dir is a stage: fine-tune it for a task (model.base: "
                   f"{plain(report['model']['dir'])}) and compare that model with one fine-tuned from the base",
                   soft_wrap=True, highlight=False)
+
+
+def _print_retrieval(report: dict, console: Console) -> None:
+    """BM25, the base encoder and the fine-tuned one ranking the split's passages; then a verdict per baseline."""
+    t = Table(title=f"{plain(report['data']['split'])} split of {plain(report['data']['dir'])}: "
+                    f"{report['n']:,} queries over {report['passages']:,} passages")
+    ci = "intervals" in report
+    for col in ("model", "MRR@10") + (("MRR@10 95% CI",) if ci else ()) + ("recall@1", "recall@5", "recall@10"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+
+    def add(name: str, m: dict, style: str = "") -> None:
+        t.add_row(name, f"{m['mrr@10']:.4f}", *([_ci(m.get("intervals"), "mrr@10")] if ci else []),
+                  *(f"{m[f'recall@{k}']:.4f}" for k in (1, 5, 10)), style=style)
+
+    b = report["baselines"]
+    for k in ("bm25", "base"):
+        add(plain(b[k]["name"]), b[k])
+    add(_model_name(report), report, "bold green")
+    console.print(t)
+    for k in ("bm25", "base"):
+        console.print(verdict(report["mrr@10"], b[k]["mrr@10"], b[k]["name"], "MRR@10",
+                              comparison=_paired(report, k, "mrr@10"), unit="queries"), soft_wrap=True,
+                      highlight=False)
 
 
 def _print_classification(report: dict, console: Console) -> None:

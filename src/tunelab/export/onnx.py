@@ -91,6 +91,9 @@ def write_onnx(d: Path, meta: dict, out: Path, rows: list[dict], quantize: str |
         if spec.generates:
             raise UserError(f"{d} holds a '{spec.name}' model; --format onnx exports encoders (classification, "
                             "NER, embeddings). Export a decoder with --format gguf or hf")
+        if spec.served_as == "embed":  # its graph would need the pooling and its parity rows are pairs: not yet
+            raise UserError(f"{d} holds a '{spec.name}' encoder, which --format onnx does not export yet; export it "
+                            "with --format hf (a plain encoder folder), or use the model dir itself")
         method = check_mergeable(meta, d)
         model, tok, meta = load_model_dir(d)
         graph, output = _Logits(merged(model).eval()).eval(), "logits"

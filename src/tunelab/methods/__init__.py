@@ -35,6 +35,8 @@ def head_module_names(model: nn.Module, new_params: list[str]) -> list[str]:
     """Top-level modules outside the pretrained body, plus modules with newly initialised weights."""
     body = getattr(model, "base_model_prefix", "")
     names = {n for n, m in model.named_children() if n != body and any(True for _ in m.parameters())}
+    if body and not hasattr(model, body):  # a bare body (AutoModel, a sentence encoder): its children are the body
+        names = set()
     names |= {p.rsplit(".", 1)[0] for p in new_params}
     return sorted(names)
 

@@ -75,8 +75,9 @@ class TaskSpec:
     labelled: bool  # a label set and a classification head (sequence or token level)
     generates: bool  # a causal LM: perplexity reports, generation, chat, the forgetting probe
     conversations: bool  # chat SFT: chat template, loss on the assistant's tokens only
-    served_as: Literal["classify", "entities", "generate"] | None  # what `tunelab serve` exposes; None: a stage
-    report: Literal["classes", "entities", "language", "masked"]  # which report `tunelab eval` writes
+    # what `tunelab serve` exposes (embed: /v1/embeddings, mean-pooled); None: a stage
+    served_as: Literal["classify", "entities", "generate", "embed"] | None
+    report: Literal["classes", "entities", "language", "masked", "retrieval"]  # which report `tunelab eval` writes
     score: tuple[str, str, bool]  # the report's headline score: (key, name, higher is better)
     stratify: str | None  # the row field a seeded subset keeps balanced (`data.split.seeded_subset`)
     module: str  # the module holding its `build(cfg, meta, train_rows)`
@@ -106,6 +107,11 @@ TASKS = {spec.name: spec for spec in (
     TaskSpec("masked_lm", "text", "AutoModelForMaskedLM", "FEATURE_EXTRACTION", labelled=False, generates=False,
              conversations=False, served_as=None, report="masked", score=("perplexity", "perplexity", False),
              stratify=None, module="tunelab.tasks.masked_lm", dataset_default=False),
+    # contrastive fine-tuning of a sentence encoder on (query, passage) pairs: its model dir is a plain encoder that
+    # `tunelab index build --encoder` and `tunelab serve` (/v1/embeddings) use as they use a base encoder
+    TaskSpec("retrieval", "retrieval", "AutoModel", "FEATURE_EXTRACTION", labelled=False, generates=False,
+             conversations=False, served_as="embed", report="retrieval", score=("mrr@10", "MRR@10", True),
+             stratify=None, module="tunelab.tasks.retrieval"),
 )}
 # dataset task (`data prepare --task`) -> the training task `task: auto` picks for it
 DATASET_TASKS = {spec.dataset: spec.name for spec in TASKS.values() if spec.dataset_default}

@@ -129,7 +129,8 @@ class MlflowRun:
         from mlflow.entities import Metric
 
         ms = int(timestamp * 1000)
-        metrics = [Metric(k, float(v), ms, step) for k, v in scalars.items()]
+        # MLflow refuses "@" in a name (retrieval's eval_mrr@10 is logged as eval_mrr_at_10)
+        metrics = [Metric(k.replace("@", "_at_"), float(v), ms, step) for k, v in scalars.items()]
         if metrics:
             self._call("logging metrics", lambda: self.client.log_batch(self.run_id, metrics=metrics))
 
