@@ -217,3 +217,30 @@ def test_eval_rag_scores_retrieval_hand_off_and_answers(kb_index, assistant, tmp
     qfile.write_text('{"question": "no scope flag"}\n', encoding="utf-8")
     bad = CliRunner().invoke(app, ["eval-rag", str(kb_index), str(qfile)])
     assert isinstance(bad.exception, UserError) and "`in_scope`" in str(bad.exception)
+
+
+def test_training_data_comes_from_the_knowledge_base_questions(assistant, kb_index, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+    from tunelab.rag.training import cited_answer, retrieval_pairs, sft_conversations
+
+    pairs = retrieval_pairs(assistant.index.chunks)
+    questions = {p["query"] for p in pairs}
+    assert "How do I reset my password?" in questions and "Refunds" not in questions  # only question headings
+    assert all(p["query"] not in p["passage"] for p in pairs)  # the heading is not its own answer
+    assert cited_answer("One thing. Two things! Three", 2) == "One thing [2]. Two things [2]! Three [2]"
+    rows = sft_conversations(assistant, handoff_share=0.5, seed=1)
+    assert rows and all([m["role"] for m in r["messages"]] == ["system", "user", "assistant"] for r in rows)
+    for r in rows:
+        system, reply = r["messages"][0]["content"], r["messages"][-1]["content"]
+        if reply == DEFAULT_HANDOFF:
+            continue
+        n = int(re.search(r"\[(\d)\]", reply).group(1))  # the cited passage is in the prompt and says the answer
+        passage = system.split(f"[{n}] ", 1)[1].split("\n\n[", 1)[0]
+        assert reply.split(" [")[0] in passage
+    assert {r["messages"][-1]["content"] == DEFAULT_HANDOFF for r in rows} == {True, False}
+    result = CliRunner().invoke(app, ["index", "training-data", str(kb_index), "--out", str(tmp_path / "td")])
+    assert result.exit_code == 0, result.output
+    written = (tmp_path / "td" / "retrieval.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(written) == len(pairs) and json.loads(written[0])["query"] in questions

@@ -11,7 +11,7 @@ from rich.table import Table
 from tunelab.terminal import make_console, plain
 
 index_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                        short_help="index build | add | remove | search | show",
+                        short_help="index build | add | remove | search | show | training-data",
                         help="a retrieval index over a knowledge base (Markdown, text, HTML, FAQ CSV/JSONL): dense "
                              "embeddings and BM25, fused")
 console = make_console()
@@ -100,3 +100,30 @@ def show_cmd(index: Path = typer.Argument(..., help="an index folder")):
         table.add_row(plain(d["id"]), d["format"], str(counts.get(d["id"], 0)), f"{len(d['text']):,}",
                       plain(d["source"]))
     console.print(table)
+
+
+@index_app.command("training-data")
+def training_data_cmd(index: Path = typer.Argument(..., help="an index folder"),
+                      out: Path = typer.Option(..., "--out", help="a folder for retrieval.jsonl and sft.jsonl"),
+                      handoff_share: float = typer.Option(0.25, "--handoff-share", min=0.0, max=1.0,
+                                                          help="SFT conversations whose passages lack the answer "
+                                                          "and whose reply is the hand-off message"),
+                      seed: int = typer.Option(0, "--seed"),
+                      overwrite: bool = typer.Option(False, "--overwrite", help="replace files written before")):
+    """Training data from the knowledge base's question headings: retrieval pairs (question, answering passage)
+    for `data prepare --task retrieval`, and grounded SFT conversations (passages in the prompt, cited answers,
+    hand-offs) for `data prepare --task sft`."""
+    import json
+
+    from tunelab.artifacts import write_file
+    from tunelab.rag.answer import Assistant  # torch, FAISS, bm25s: start-up
+    from tunelab.rag.index import Index
+    from tunelab.rag.training import retrieval_pairs, sft_conversations
+
+    assistant = Assistant(Index.load(index))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("retrieval.jsonl", retrieval_pairs(assistant.index.chunks)),
+                       ("sft.jsonl", sft_conversations(assistant, handoff_share, seed))):
+        write_file(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "training-data",
+                   overwrite=overwrite)
+        console.print(f"wrote {plain(out / name)}: {len(rows)} rows")
