@@ -244,3 +244,11 @@ def test_training_data_comes_from_the_knowledge_base_questions(assistant, kb_ind
     assert result.exit_code == 0, result.output
     written = (tmp_path / "td" / "retrieval.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(written) == len(pairs) and json.loads(written[0])["query"] in questions
+    again = CliRunner().invoke(app, ["index", "training-data", str(kb_index), "--out", str(tmp_path / "td")])
+    assert isinstance(again.exception, UserError) and "--overwrite" in str(again.exception)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "sft.jsonl").write_text("my notes\n", encoding="utf-8")
+    theirs = CliRunner().invoke(app, ["index", "training-data", str(kb_index), "--out", str(tmp_path / "mine"),
+                                      "--overwrite"])
+    assert isinstance(theirs.exception, UserError) and "not written by tunelab" in str(theirs.exception)
+    assert not (tmp_path / "mine" / "retrieval.jsonl").exists()  # nothing written when one target is refused

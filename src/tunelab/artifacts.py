@@ -349,8 +349,20 @@ def _is_plot(path: Path) -> bool:
     return head.startswith(b"\x89PNG") and b"Software\x00tunelab" in head
 
 
+def _is_rag_report(path: Path) -> bool:
+    obj = _json_head(path)
+    return isinstance(obj, dict) and obj.get("kind") == "rag-report"
+
+
+def _is_training_data(path: Path) -> bool:
+    """`tunelab index training-data`'s JSONL: retrieval pairs or SFT conversations (the first line says which)."""
+    obj = _json_head(path)
+    return isinstance(obj, dict) and ({"query", "passage"} <= set(obj) or set(obj) == {"messages"})
+
+
 FILE_KINDS: dict[str, Callable[[Path], bool]] = {"report": _is_report, "predictions": _is_predictions,
-                                                 "overlap": _is_overlap, "plot": _is_plot}
+                                                 "overlap": _is_overlap, "plot": _is_plot,
+                                                 "rag-report": _is_rag_report, "training-data": _is_training_data}
 
 
 def check_file_target(path: Path, kind: str, overwrite: bool) -> None:

@@ -115,15 +115,17 @@ def training_data_cmd(index: Path = typer.Argument(..., help="an index folder"),
     hand-offs) for `data prepare --task sft`."""
     import json
 
-    from tunelab.artifacts import write_file
+    from tunelab.artifacts import check_file_target, write_file
     from tunelab.rag.answer import Assistant  # torch, FAISS, bm25s: start-up
     from tunelab.rag.index import Index
     from tunelab.rag.training import retrieval_pairs, sft_conversations
 
+    names = ("retrieval.jsonl", "sft.jsonl")
+    for name in names:  # both checked before either is written
+        check_file_target(out / name, "training-data", overwrite)
     assistant = Assistant(Index.load(index))
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("retrieval.jsonl", retrieval_pairs(assistant.index.chunks)),
-                       ("sft.jsonl", sft_conversations(assistant, handoff_share, seed))):
+    for name, rows in zip(names, (retrieval_pairs(assistant.index.chunks),
+                                  sft_conversations(assistant, handoff_share, seed))):
         write_file(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "training-data",
-                   overwrite=overwrite)
+                   checked=True)
         console.print(f"wrote {plain(out / name)}: {len(rows)} rows")

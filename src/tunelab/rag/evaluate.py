@@ -136,7 +136,7 @@ def evaluate_rag(assistant: Assistant, questions: list[dict],
                  answer: Callable[[list[dict]], str] | None = None) -> dict:
     """The report: retrieval per mode, the retrieval gate's hand-off, and with `answer` the whole assistant."""
     gate = [not assistant.grounded(assistant.retrieve(messages_of(q))) for q in questions]
-    report = {"questions": len(questions), "in_scope": sum(q["in_scope"] for q in questions),
+    report = {"kind": "rag-report", "questions": len(questions), "in_scope": sum(q["in_scope"] for q in questions),
               "settings": {k: v for k, v in vars(assistant.settings).items() if k != "handoff"},
               "retrieval": retrieval_scores(assistant, questions),
               "handoff_gate": prf(gate, [not q["in_scope"] for q in questions])}
