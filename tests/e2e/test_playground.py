@@ -3,8 +3,10 @@ streamed tokens, classify a text and see its label."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
@@ -29,7 +31,12 @@ def site(request, tmp_path_factory):
     peaky_llama = request.getfixturevalue("peaky_llama")
     tiny_classifier = request.getfixturevalue("tiny_classifier")
     tiny_ner = request.getfixturevalue("tiny_ner")
-    srv = ServerProcess([f"peaky={peaky_llama}", str(tiny_classifier), f"ner={tiny_ner}", "--embedding-model", "none"],
+    from tunelab.rag.index import Index
+
+    index = tmp_path_factory.mktemp("kb") / "index"
+    Index.build([Path(__file__).resolve().parents[2] / "examples" / "support-kb"], index)
+    srv = ServerProcess([f"peaky={peaky_llama}", str(tiny_classifier), f"ner={tiny_ner}", "--embedding-model", "none",
+                         "--rag", f"support={index}@peaky"],
                         tmp_path_factory.mktemp("pg") / "server.log", env={"TUNELAB_API_KEYS": KEY})
     yield srv
     srv.stop()
@@ -48,8 +55,8 @@ def test_playground_chat_streams_and_classify_labels(site):
         sync_api.expect(page.locator("#conn")).to_contain_text("401")
         page.fill("#key", KEY)
         page.click("#refresh")
-        sync_api.expect(page.locator("#conn")).to_have_text("3 model(s)")
-        assert page.locator("#chat-model option").all_inner_texts() == ["peaky"]
+        sync_api.expect(page.locator("#conn")).to_have_text("4 model(s)")
+        assert page.locator("#chat-model option").all_inner_texts() == ["peaky", "support"]
 
         # count DOM updates of the answer: streamed tokens arrive one after another
         page.evaluate("""() => { window.updates = 0; new MutationObserver(() => window.updates++)
@@ -89,5 +96,53 @@ def test_playground_chat_streams_and_classify_labels(site):
             c.querySelectorAll('sub').forEach((s) => s.remove());
             return c.textContent; })""")
         assert shown == texts and page.locator("#entities-marked b").count() == 0  # text, never markup
+        assert not errors
+        browser.close()
+
+
+CITATIONS = [{"index": 1, "document": "install.md", "heading": "Refunds <b>now</b>", "start": 270, "end": 380,
+              "score": 0.78, "source": "install.md"},
+             {"index": 3, "document": "faq.csv#1", "heading": "How do I reset my password?", "start": 0, "end": 90,
+              "score": 0.51, "source": "faq.csv"}]
+
+
+def _sse(*events: dict) -> str:
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+
+def test_playground_shows_the_sources_of_an_answer_and_a_hand_off(site):
+    sync_api = _browser_or_skip()
+    meta = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "support"}
+    grounded = _sse({**meta, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+                    {**meta, "choices": [{"index": 0, "delta": {"content": "Within 30 days [1]."}}]},
+                    {**meta, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                     "citations": CITATIONS, "handoff": None})
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(site.url + "/")
+        page.fill("#key", KEY)
+        page.click("#refresh")
+        sync_api.expect(page.locator("#conn")).to_have_text("4 model(s)")
+        page.select_option("#chat-model", "support")
+        # the server's own answer for a question the knowledge base does not cover: a hand-off, no sources
+        page.fill("#message", "What will the weather be like in Lisbon tomorrow?")
+        page.click("#send")
+        sync_api.expect(page.locator(".turn.assistant .handoff")).to_contain_text("no relevant passage",
+                                                                                  timeout=60_000)
+        assert "support team" in page.locator(".turn.assistant .answer").inner_text()
+        assert page.locator(".sources").count() == 0
+        # a grounded answer (served here by the page's network layer: the tiny model cannot write one)
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, headers={"Content-Type": "text/event-stream"}, body=grounded))
+        page.fill("#message", "How long do I have to ask for a refund?")
+        page.click("#send")
+        sync_api.expect(page.locator(".sources li")).to_have_count(2, timeout=30_000)
+        items = page.locator(".sources li").all_inner_texts()
+        assert items[0] == "install.md › Refunds <b>now</b> (characters 270–380, score 0.78)"  # text, not markup
+        assert page.locator(".sources b").count() == 0
+        assert page.evaluate("[...document.querySelectorAll('.sources li')].map((li) => li.value)") == [1, 3]
         assert not errors
         browser.close()
