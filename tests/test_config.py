@@ -6,7 +6,8 @@ import yaml
 from tunelab.config import apply_overrides, load_config, validate
 from tunelab.errors import UserError
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent / "examples"
+EXAMPLES = sorted(ROOT.glob("*.yaml")) + sorted((ROOT / "python-faq").glob("*.yaml"))
 
 
 def base() -> dict:
@@ -16,7 +17,8 @@ def base() -> dict:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_validates(path):
     cfg = load_config(path)
-    assert cfg.task in ("auto", "classification", "masked_lm")  # masked_lm is never auto (text means causal_lm)
+    # masked_lm is never auto (text means causal_lm); retrieval and sft say theirs
+    assert cfg.task in ("auto", "classification", "masked_lm", "retrieval", "sft")
     assert cfg.data.prepare is not None or Path(cfg.data.dir).exists(), "an example must name its data"
 
 
@@ -24,7 +26,8 @@ def test_examples_exist():
     names = {p.name for p in EXAMPLES}
     assert {"tiny.yaml", "tweets-minilm.yaml", "tweets-smollm2-lora.yaml", "finance-ner-minilm.yaml",
             "chatterbot-smollm2-lora.yaml", "pretrain-scratch.yaml", "dapt-minilm.yaml",
-            "dapt-then-classify.yaml", "tweets-best.yaml"} <= names
+            "dapt-then-classify.yaml", "tweets-best.yaml", "retriever-minilm.yaml",
+            "assistant-smollm2-lora.yaml"} <= names
 
 
 def test_masked_lm_options_are_checked():

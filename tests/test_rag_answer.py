@@ -43,7 +43,7 @@ def ask(text: str, *history: str) -> list[dict]:
 def test_a_short_follow_up_is_read_with_the_question_before_it(assistant):
     assert assistant.query(ask(REFUND)) == REFUND
     follow = ask("and after 40 days?", REFUND, "Within 30 days [1].")
-    assert assistant.query(follow) == f"{REFUND}\nand after 40 days?"
+    assert assistant.query(follow) == f"and after 40 days?\n{REFUND}"
     assert assistant.retrieve(follow).hits[0].chunk.headings == ("Refunds",)
     # a follow-up that says enough on its own is searched as it is
     whole = ask("How do I reset the password of my account?", REFUND, "Within 30 days [1].")
@@ -96,6 +96,8 @@ def test_rag_arguments_are_checked_before_the_server_starts(kb_index, peaky_llam
             check_rag([bad], specs)
     with pytest.raises(UserError, match="serve a generation model"):
         check_rag([str(kb_index)], [])
+    with pytest.raises(UserError, match="'typo' is not a served generation model"):
+        check_rag([f"{kb_index}@typo"], specs)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +166,8 @@ def test_a_knowledge_base_model_hands_off_instead_of_inventing(client):
     assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == DEFAULT_HANDOFF
     bad = client.post("/v1/chat/completions", json={"model": "support", "messages": ask(REFUND), "n": 2})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+    raw = client.post("/v1/completions", json={"model": "support", "prompt": REFUND})  # no way around the check
+    assert raw.status_code == 400 and raw.json()["error"]["code"] == "wrong_model_kind"
     # the model it answers with is still served as itself, without retrieval
     plain = client.post("/v1/chat/completions", json={"model": "peaky", "messages": ask(REFUND), "max_tokens": 4})
     assert "citations" not in plain.json() and "handoff" not in plain.json()
@@ -214,9 +218,13 @@ def test_eval_rag_scores_retrieval_hand_off_and_answers(kb_index, assistant, tmp
     result = CliRunner().invoke(app, ["eval-rag", str(kb_index), str(qfile), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "MRR@10" in result.output and json.loads(out.read_text())["retrieval"]["questions"] == 3
-    qfile.write_text('{"question": "no scope flag"}\n', encoding="utf-8")
-    bad = CliRunner().invoke(app, ["eval-rag", str(kb_index), str(qfile)])
-    assert isinstance(bad.exception, UserError) and "`in_scope`" in str(bad.exception)
+    for line, says in (('{"question": "no scope flag"}', "`in_scope`"),
+                       ('{"question": "q", "in_scope": true, "doc": "d", "heading": "h"}', "reference `answer`"),
+                       ('{"question": "q", "in_scope": false, "history": "hi"}', "`history`")):
+        qfile.write_text(line + "\n", encoding="utf-8")
+        bad = CliRunner().invoke(app, ["eval-rag", str(kb_index), str(qfile)])
+        assert isinstance(bad.exception, UserError) and says in str(bad.exception)
+    assert CliRunner().invoke(app, ["eval-rag", str(kb_index), str(qfile), "--top-k", "0"]).exit_code == 2
 
 
 def test_training_data_comes_from_the_knowledge_base_questions(assistant, kb_index, tmp_path):
@@ -252,3 +260,26 @@ def test_training_data_comes_from_the_knowledge_base_questions(assistant, kb_ind
                                       "--overwrite"])
     assert isinstance(theirs.exception, UserError) and "not written by tunelab" in str(theirs.exception)
     assert not (tmp_path / "mine" / "retrieval.jsonl").exists()  # nothing written when one target is refused
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.md").write_text("# Notes\n\nNo questions here.\n", encoding="utf-8")
+    Index.build([plain], tmp_path / "plain-index")
+    none = CliRunner().invoke(app, ["index", "training-data", str(tmp_path / "plain-index"), "--out",
+                                    str(tmp_path / "none")])
+    assert isinstance(none.exception, UserError) and "no heading" in str(none.exception)
+
+
+def test_markers_after_the_full_stop_numbers_and_unknown_sources(assistant):
+    retrieval = assistant.retrieve(ask(REFUND))
+    after = assistant.check("You can ask for a refund within 30 days of purchase. [1] Write to support with your "
+                            "order number. [1]", retrieval)
+    assert after.handoff is None and [c["index"] for c in after.citations] == [1]
+    assert [r["sentence"] for r in after.sentences][0].endswith("purchase [1].")
+    changed = assistant.check("You can ask for a refund within 40 days of purchase [1].", retrieval)
+    assert changed.handoff == "unsupported_answer" and changed.sentences[0]["numbers"] is False
+    unknown = assistant.check("You can ask for a refund within 30 days of purchase [7].", retrieval)
+    assert unknown.handoff == "unsupported_answer"
+    short = assistant.check("Yes [1].", retrieval)
+    assert short.handoff is None and [c["index"] for c in short.citations] == [1]
+    from tunelab.rag.answer import Retrieval
+    assert assistant.check(REFUND_ANSWER, Retrieval(REFUND, [], 0.0)).handoff == "unsupported_answer"

@@ -222,3 +222,8 @@ def test_a_documentation_page_keeps_its_main_content_only():
     assert all(text[o:o + len(t)] == t for o, _, t in headings)
     # a page that marks no main content keeps everything but scripts, styles and navigation
     assert html_text("<p>one</p><nav>menu</nav><aside>ad</aside><p>two</p>")[0] == "one\ntwo\n"
+    # "main" that is not an element, or an empty main element, does not hide the page
+    for page in ('<div data-role="main"><p>one</p></div>', '<p>write role="main" to mark it</p>',
+                 "<!-- <main> --><p>one</p>", "<script>x = '<main>'</script><p>one</p>", "<main></main><p>one</p>",
+                 '<form action="/"><p>one</p></form>'):
+        assert html_text(page)[0].strip(), page

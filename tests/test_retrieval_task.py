@@ -126,6 +126,11 @@ def test_duplicate_and_co_relevant_passages_are_no_negatives():
     assert torch.allclose(loss, manual, atol=1e-5)
     unmasked = contrastive_loss(q, p, torch.zeros_like(expected), 20.0)
     assert unmasked > loss  # the duplicate competed with the positive
+    # two wordings of one question (case, spacing) share their relevant passages
+    enc = task.encode([{"query": "How do I X?", "passage": "one way"}, {"query": "how do i  x?", "passage": "another"},
+                       {"query": "Why?", "passage": "because"}])
+    assert torch.equal(task.collate(enc, [0, 1, 2])["exclude"],
+                       torch.tensor([[False, True, False], [True, False, False], [False, False, False]]))
 
 
 def test_mined_hard_negatives_are_not_the_positive_and_are_deterministic():

@@ -341,9 +341,9 @@ def eval_rag_cmd(
                                         "whole assistant's hand-off, latency)"),
     out: Optional[Path] = typer.Option(None, "--out", help="the report JSON (with one row per answered question)"),
     overwrite: bool = OVERWRITE,
-    top_k: Optional[int] = _opt(ServeConfig, "rag_top_k", "--top-k"),
-    min_score: Optional[float] = _opt(ServeConfig, "rag_min_score", "--min-score"),
-    max_tokens: int = typer.Option(160, "--max-tokens", help="most new tokens per answer"),
+    top_k: Optional[int] = _opt(ServeConfig, "rag_top_k", "--top-k", min=1, max=20),
+    min_score: Optional[float] = _opt(ServeConfig, "rag_min_score", "--min-score", min=-1.0, max=1.0),
+    max_tokens: int = typer.Option(160, "--max-tokens", min=1, help="most new tokens per answer"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N questions"),
 ):
     """Score retrieval (MRR@10, recall@1/5/10 for BM25, dense and hybrid), the hand-off on out-of-scope questions
@@ -356,7 +356,7 @@ def eval_rag_cmd(
         check_file_target(out, "rag-report", overwrite)
     rows = load_questions(questions)[:limit]
     defaults = ServeConfig.model_fields
-    settings = AnswerSettings(top_k=top_k or defaults["rag_top_k"].default,
+    settings = AnswerSettings(top_k=defaults["rag_top_k"].default if top_k is None else top_k,
                               min_score=defaults["rag_min_score"].default if min_score is None else min_score)
     assistant = Assistant(Index.load(index), settings)
     answer = None

@@ -3,17 +3,18 @@ of a chat model with numbered markers, and the check of the model's answer again
 
 The rules, stated once:
 - **Retrieval query**: the latest user turn; a short follow-up (fewer than `followup_terms` content words) is
-  prefixed with the previous user turn, so "and in a loop?" is searched as what it follows up.
+  followed by the previous user turn, so "and in a loop?" is searched as what it follows up.
 - **Hand-off before generating**: when the best dense similarity of the query to any chunk is under `min_score`,
   nothing in the knowledge base is about the question; the model is not asked.
 - **Supported answer**: every answer sentence with at least `min_terms` lexical terms must be backed by one passage
-  of the prompt — the one it cites with [n], or any when it cites none — where backed means both that at least
-  `min_overlap` of the sentence's terms occur in the passage and that their embeddings' cosine similarity is at
-  least `min_similarity` (no NLI model is available offline: lexical overlap alone passes a sentence that negates
-  the passage, similarity alone one that changes its numbers; both together are the check). One unsupported
-  sentence, an answer that is the hand-off message, or an empty answer hands off.
-- **Citations**: the passages that back the answer's sentences, numbered as in the prompt, with their document,
-  heading path, character offsets and retrieval score.
+  of the prompt — one it cites with [n] (a marker after the sentence's full stop counts for it), or any when it
+  cites none — where backed means that at least `min_overlap` of the sentence's terms occur in the passage, that
+  their embeddings' cosine similarity is at least `min_similarity`, and that every number the sentence states is in
+  the passage. One unsupported sentence, a marker naming a passage that was not in the prompt, an answer that is
+  the hand-off message, or an empty answer hands off. No NLI model is available offline: a sentence that keeps the
+  passage's words and numbers but negates it ("you can not ask for a refund") passes this check.
+- **Citations**: the passages the answer's sentences cite and are backed by, numbered as in the prompt, with their
+  document, heading path, character offsets and score (the dense similarity to the query).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from tunelab.rag.index import CJK_CHARS, Hit, Index, lexical_tokens
 
 _MARKER = re.compile(r"\[(\d{1,2})\]")
 _CJK = re.compile(f"[{CJK_CHARS}]")
+_TRAILING_MARKERS = re.compile(r"([.!?。！？])((?:\s*\[\d{1,2}\])+)")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class Assistant:
             return ""
         latest = users[-1]
         if len(users) > 1 and words(latest) < self.settings.followup_terms:
-            return f"{users[-2]}\n{latest}"
+            return f"{latest}\n{users[-2]}"  # latest first: the encoder truncates a long earlier turn, not it
         return latest
 
     def retrieve(self, messages: list[dict]) -> Retrieval:
@@ -113,41 +116,37 @@ class Assistant:
 
     # ---- the check -------------------------------------------------------------------------------
     def check(self, answer: str, retrieval: Retrieval) -> Verdict:
-        s = self.settings
+        s, hits = self.settings, retrieval.hits
         text = answer.strip()
         if not text or _same(text, s.handoff):
             return self.handoff("model_declined")
-        hits = retrieval.hits
-        spans = [text[a:b] for a, b in sentences(text, 0, len(text), 10_000)]
-        checked = [(t, [int(m) for m in _MARKER.findall(t) if 1 <= int(m) <= len(hits)]) for t in spans]
-        checked = [(t, cited) for t, cited in checked if len(lexical_tokens(_MARKER.sub(" ", t))) >= s.min_terms]
-        if not checked:  # nothing to check ("Yes [1].") : the answer stands on the passages it cites
-            cited = sorted({int(m) for m in _MARKER.findall(text) if 1 <= int(m) <= len(hits)})
-            if not cited:
-                return self.handoff("unsupported_answer")
-            return Verdict(text, [retrieval.citation(n) for n in cited], None)
+        if not hits:
+            return self.handoff("unsupported_answer")
+        units = []  # (sentence, its markers, its text without them)
+        text = _markers_inside(text)
+        for a, b in sentences(text, 0, len(text), 10_000):
+            t = text[a:b]
+            marks = sorted({int(m) for m in _MARKER.findall(t)})
+            if any(not 1 <= m <= len(hits) for m in marks):  # a source that was not in the prompt
+                return Verdict(s.handoff, [], "unsupported_answer", [{"sentence": t, "supported": False}])
+            units.append((t, marks, _MARKER.sub(" ", t)))
+        checked = [u for u in units if len(lexical_tokens(u[2])) >= s.min_terms]
+        # a sentence too short to check ("Yes [1].") stands on the passages it cites
+        backing = {m for u in units if u not in checked for m in u[1]}
+        if not checked:
+            return Verdict(text, [retrieval.citation(n) for n in sorted(backing)], None) if backing else \
+                self.handoff("unsupported_answer")
         passages = [h.chunk.for_encoder() for h in hits]
-        sims = self._similarities([_MARKER.sub(" ", t) for t, _ in checked], passages)
-        terms = [set(lexical_tokens(p)) for p in passages]
-        report, backing = [], set()
-        for i, (t, cited) in enumerate(checked):
-            words = set(lexical_tokens(_MARKER.sub(" ", t)))
-            best = None
-            for j in [c - 1 for c in cited] or range(len(hits)):
-                overlap = len(words & terms[j]) / len(words)
-                ok = overlap >= s.min_overlap and sims[i, j] >= s.min_similarity
-                score = (ok, overlap + float(sims[i, j]))
-                if best is None or score > best[0]:
-                    best = (score, j, overlap, float(sims[i, j]))
-            (ok, _), j, overlap, sim = best
-            report.append({"sentence": t, "passage": j + 1, "overlap": round(overlap, 3),
-                           "similarity": round(sim, 3), "supported": bool(ok)})
-            if ok:
-                backing.add(j + 1)
+        sims = self._similarities([plain for _, _, plain in checked], passages)
+        report = []
+        for i, (t, marks, plain) in enumerate(checked):
+            row = max((_backing(plain, passages[j], float(sims[i, j]), j + 1, s) for j in
+                       ([m - 1 for m in marks] or range(len(hits)))), key=lambda r: (r["supported"], r["score"]))
+            report.append({"sentence": t, **row})
+            backing |= set(marks) if marks else {row["passage"]}
         if not all(r["supported"] for r in report):
             return Verdict(s.handoff, [], "unsupported_answer", report)
         return Verdict(text, [retrieval.citation(n) for n in sorted(backing)], None, report)
-
 
     def _similarities(self, answer: list[str], passages: list[str]) -> np.ndarray:
         """[answer sentences, passages]: each answer sentence's best cosine similarity with a passage as a whole
@@ -163,6 +162,23 @@ class Assistant:
         for k, j in enumerate(owner):
             sims[:, j] = np.maximum(sims[:, j], pair[:, k])
         return sims
+
+
+def _markers_inside(text: str) -> str:
+    """Markers written after a sentence's closing punctuation moved before it ("… 30 days. [1] Write …" → "… 30
+    days [1]. Write …"): the sentence splitter would give them to the next sentence."""
+    return _TRAILING_MARKERS.sub(lambda m: f" {' '.join(m.group(2).split())}{m.group(1)}", text)
+
+
+def _backing(sentence: str, passage: str, similarity: float, n: int, s: AnswerSettings) -> dict:
+    """How passage [n] backs an answer sentence: the share of the sentence's terms it holds, their similarity,
+    whether it holds every number the sentence states, and so whether it supports it."""
+    terms = set(lexical_tokens(sentence))
+    overlap = len(terms & set(lexical_tokens(passage))) / max(len(terms), 1)
+    numbers = set(_NUMBER.findall(sentence)) <= set(_NUMBER.findall(passage))
+    ok = overlap >= s.min_overlap and similarity >= s.min_similarity and numbers
+    return {"passage": n, "overlap": round(overlap, 3), "similarity": round(similarity, 3), "numbers": numbers,
+            "supported": ok, "score": overlap + similarity}
 
 
 def words(text: str) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from tunelab.errors import UserError
 from tunelab.terminal import make_console, plain
 
 index_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
@@ -124,8 +125,11 @@ def training_data_cmd(index: Path = typer.Argument(..., help="an index folder"),
     for name in names:  # both checked before either is written
         check_file_target(out / name, "training-data", overwrite)
     assistant = Assistant(Index.load(index))
-    for name, rows in zip(names, (retrieval_pairs(assistant.index.chunks),
-                                  sft_conversations(assistant, handoff_share, seed))):
+    pairs = retrieval_pairs(assistant.index.chunks)
+    if not pairs:
+        raise UserError(f"{index}: no heading of the knowledge base is a question (ending in ? or ？), so there is "
+                        "nothing to build training data from")
+    for name, rows in zip(names, (pairs, sft_conversations(assistant, handoff_share, seed))):
         write_file(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "training-data",
                    checked=True)
         console.print(f"wrote {plain(out / name)}: {len(rows)} rows")

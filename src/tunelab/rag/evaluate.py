@@ -49,8 +49,15 @@ def load_questions(path: str | Path) -> list[dict]:
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) or \
                 not isinstance(row.get("in_scope"), bool):
             raise UserError(f"{path}:{n}: a question needs `question` (text) and `in_scope` (true or false)")
-        if row["in_scope"] and not (isinstance(row.get("doc"), str) and isinstance(row.get("heading"), str)):
-            raise UserError(f"{path}:{n}: an in-scope question needs the `doc` and `heading` that answer it")
+        if row["in_scope"] and not all(isinstance(row.get(k), str) for k in ("doc", "heading", "answer")):
+            raise UserError(f"{path}:{n}: an in-scope question needs the `doc` and `heading` that answer it and a "
+                            "reference `answer`")
+        history = row.get("history") or []
+        if not isinstance(history, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant", "system")
+                and isinstance(m.get("content"), str) for m in history):
+            raise UserError(f"{path}:{n}: `history` is a list of messages ({{\"role\": \"user\" or \"assistant\", "
+                            "\"content\": text}})")
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: no questions")

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,12 +81,13 @@ class Encoder:
         self.tokenizer = load_tokenizer(base)
         self.model = load_pretrained(AutoModel, base, dtype=torch.float32).eval()
         self.dim = int(self.model.config.hidden_size)
+        self._lock = threading.Lock()  # one call at a time: a server's request threads share it (tokenizer state)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         """float32 [len(texts), dim], unit rows; batched by length (less padding), returned in input order."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             for s in range(0, len(order), self.batch):
                 idx = order[s:s + self.batch]
                 enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,

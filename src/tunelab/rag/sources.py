@@ -122,7 +122,7 @@ class _HTMLText(HTMLParser):
 
     BLOCKS = {"p", "div", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer", "br", "dt",
               "dd", "pre", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "title", "td", "th"}
-    SKIP = {"script", "style", "noscript", "template", "nav", "aside", "button", "form"}
+    SKIP = {"script", "style", "noscript", "template", "nav", "aside", "button"}
     SKIP_ROLES = {"navigation", "search", "banner", "contentinfo", "button", "menu"}
     VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track",
             "wbr"}
@@ -135,6 +135,7 @@ class _HTMLText(HTMLParser):
         self._open: list[tuple[str, bool, bool]] = []  # (tag, skipped, main) of each open element
         self._skip = 0
         self._main = 0 if main_only else 1
+        self.saw_main = False  # a main element (`<main>`, role="main") was opened
         self._heading: tuple[int, int] | None = None  # (level, offset) of the heading being read
 
     def _newline(self) -> None:
@@ -154,6 +155,7 @@ class _HTMLText(HTMLParser):
             self._open.append((tag, skipped, main))
             self._skip += skipped
             self._main += main
+            self.saw_main |= main and not self._skip
         if self._skip or not self._main:
             return
         if tag in self.BLOCKS:
@@ -190,16 +192,19 @@ class _HTMLText(HTMLParser):
                 self._put(" ")
 
 
-_MAIN = re.compile(r"<main[\s>]|\brole\s*=\s*[\"']?main\b", re.IGNORECASE)
-
-
 def html_text(html: str) -> tuple[str, list[tuple[int, int, str]]]:
     """An HTML page's text (scripts, styles, navigation and permalinks dropped; only the main content where the
-    page marks it; whitespace collapsed, each block on its own line) and its headings (h1-h6) as offsets into that
-    text."""
-    parser = _HTMLText(main_only=bool(_MAIN.search(html)))
-    parser.feed(html)
-    parser.close()
+    page marks it and it has text; whitespace collapsed, each block on its own line) and its headings (h1-h6) as
+    offsets into that text."""
+    def parse(main_only: bool) -> _HTMLText:
+        parser = _HTMLText(main_only)
+        parser.feed(html)
+        parser.close()
+        return parser
+
+    parser = parse(main_only=True)
+    if not (parser.saw_main and "".join(parser.parts).strip()):  # no main element, or an empty one: the whole page
+        parser = parse(main_only=False)
     return "".join(parser.parts), parser.headings
 
 

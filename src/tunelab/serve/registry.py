@@ -264,7 +264,11 @@ def check_rag(items: list[str], specs: list[Spec]) -> list[RagSpec]:
     taken, out = {s.id for s in specs}, []
     for item in items:
         name, _, rest = item.partition("=") if "=" in item.split("@")[0] else ("", "", item)
-        where, _, model = rest.rpartition("@") if rest.rpartition("@")[2] in gens else (rest, "", "")
+        head, at, tail = rest.rpartition("@")
+        if at and tail not in gens and kind_of(Path(head)) == "index":
+            raise UserError(f"--rag {item}: '{tail}' is not a served generation model (served: "
+                            f"{', '.join(gens) or 'none'})")
+        where, model = (head, tail) if at and tail in gens else (rest, "")
         if not model:
             if len(gens) != 1:
                 raise UserError(f"--rag {item}: " + ("name the generation model that answers: INDEX@MODEL, one of "
@@ -397,6 +401,7 @@ class Registry:
         st = self.settings
         assistant = Assistant(Index.load(r.index), AnswerSettings(top_k=st.rag_top_k, min_score=st.rag_min_score,
                                                                   handoff=st.rag_handoff))
+        assistant.retrieve([{"role": "user", "content": "warm-up"}])  # tokenizer state, BM25 loaded: before requests
         log.info("loaded %s: %s answered by %s", r.id, r.index, r.model)
         return replace(self.models[r.model], id=r.id, created=int(time.time()), rag=assistant, version=None)
 

@@ -79,6 +79,9 @@ class RetrievalTask:
     def encode(self, rows: list[dict]) -> PairsEncoded:
         """Tokenise each distinct text once (truncated to `max_length`); mined negatives join their query's pairs."""
         enc, ids = PairsEncoded(), {}
+        # one relevant set per question: wordings that differ only in case or spacing (kept apart by data prepare,
+        # as they are worth training on) share it, so neither's passage is a negative of the other
+        groups: dict[str, set[int]] = {}
 
         def text_id(text: str) -> int:
             return ids.setdefault(text, len(ids))
@@ -89,7 +92,8 @@ class RetrievalTask:
             enc.query.append(q)
             enc.passage.append(p)
             enc.negatives.append(list(dict.fromkeys(text_id(n) for n in negatives if n != r["passage"])))
-            enc.relevant.setdefault(q, set()).add(p)
+            enc.relevant[q] = groups.setdefault(dedup_key(r["query"]), set())
+            enc.relevant[q].add(p)
         enc.texts = list(ids)
         enc.tokens = (self.tokenizer(enc.texts, truncation=True, max_length=self.max_length)["input_ids"]
                       if enc.texts else [])

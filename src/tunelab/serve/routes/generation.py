@@ -94,6 +94,9 @@ async def completions(request: Request, call: Annotated[Call, Depends(model_call
     Errors: those of /v1/chat/completions, with 400 for an empty prompt or a token id outside the vocabulary
     instead of the chat-template ones, and for echo with logprobs on an engine that cannot score prompts."""
     served = call.served
+    if served.rag is not None:  # its answers are retrieved, checked and cited: chat only
+        raise bad_request(f"'{served.id}' answers from a knowledge base at /v1/chat/completions", param="model",
+                          code="wrong_model_kind")
     prompts = await asyncio.to_thread(lambda: [served.text_prompt(p) if isinstance(p, str) else served.token_prompt(p)
                                                for p in call.body.prompts()])
     return await _run(request, call, prompts, chat=False)
