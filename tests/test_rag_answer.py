@@ -63,6 +63,8 @@ def test_nothing_relevant_hands_off_before_the_model_is_asked(assistant):
 def test_an_answer_is_checked_against_the_passages_of_its_prompt(assistant):
     retrieval = assistant.retrieve(ask(REFUND))
     prompt = assistant.prompt(ask(REFUND), retrieval)[0]["content"]
+    own = assistant.prompt([{"role": "system", "content": "Be brief."}, *ask(REFUND)], retrieval)
+    assert [m["role"] for m in own] == ["system", "user"] and own[0]["content"] == prompt + "\n\nBe brief."
     ok = assistant.check(REFUND_ANSWER, retrieval)
     assert ok.handoff is None and ok.text == REFUND_ANSWER
     assert [c["index"] for c in ok.citations] == [1] and all(s["supported"] for s in ok.sentences)

@@ -27,7 +27,7 @@ KEY = "mrr@10"
 def retrieval_report(model, tok, meta: dict, rows: list[dict], eval_cfg: EvalConfig, seed: int) -> dict:
     """The model's scores on `rows` and `baselines` {"base", "bm25"} (name and the same scores each); with
     `eval_cfg.bootstrap`, `statistics`, `intervals` and paired `comparisons` on MRR@10."""
-    task = RetrievalTask(tok, max_length_of(meta))
+    task = RetrievalTask(tok, max_length_of(meta), scale=(meta.get("retrieval") or {}).get("scale", 20.0))
     enc = task.encode(rows)
     report = {**task.evaluate(model, enc, eval_cfg.batch_size, per_query=True), "n": len(enc.relevant)}
     rr = {"model": report.pop("reciprocal_ranks")}

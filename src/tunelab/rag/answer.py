@@ -55,9 +55,9 @@ class Retrieval:
         """Passage [n] (1-based, as in the prompt) as a response's citation."""
         h = self.hits[n - 1]
         return {"index": n, "document": h.chunk.doc_id, "heading": " > ".join(h.chunk.headings),
-                "start": h.chunk.start, "end": h.chunk.end, "score": round(float(h.dense if h.dense is not None
-                                                                                  else h.score), 4),
-                "source": h.source}
+                "start": h.chunk.start, "end": h.chunk.end,
+                # the dense similarity to the question; None for a passage only BM25 found
+                "score": None if h.dense is None else round(float(h.dense), 4), "source": h.source}
 
 
 @dataclass
@@ -110,9 +110,12 @@ class Assistant:
 
     # ---- prompt ----------------------------------------------------------------------------------
     def prompt(self, messages: list[dict], retrieval: Retrieval) -> list[dict]:
-        """The conversation for the chat model: a system turn with the instructions and the numbered passages (the
-        caller's own system turns after it), then the conversation as it was."""
-        return [{"role": "system", "content": system_prompt(retrieval.hits, self.settings.handoff)}, *messages]
+        """The conversation for the chat model: a system turn with the instructions and the numbered passages (a
+        caller's own leading system turn appended to it), then the conversation as it was."""
+        ours = system_prompt(retrieval.hits, self.settings.handoff)
+        if messages and messages[0]["role"] == "system":  # one system turn (some chat templates allow no second)
+            return [{"role": "system", "content": f"{ours}\n\n{messages[0]['content']}"}, *messages[1:]]
+        return [{"role": "system", "content": ours}, *messages]
 
     # ---- the check -------------------------------------------------------------------------------
     def check(self, answer: str, retrieval: Retrieval) -> Verdict:
@@ -162,6 +165,11 @@ class Assistant:
         for k, j in enumerate(owner):
             sims[:, j] = np.maximum(sims[:, j], pair[:, k])
         return sims
+
+
+def without_markers(text: str) -> str:
+    """`text` with its citation markers ([n]) taken out."""
+    return " ".join(_MARKER.sub(" ", text).split())
 
 
 def _markers_inside(text: str) -> str:

@@ -11,8 +11,8 @@ Scores:
 - hand-off, out-of-scope questions being the positive class: precision, recall and F1 of the retrieval gate alone
   (the best dense score under the threshold) and, with a model, of the whole assistant (gate, then the check);
 - answers (with a model): the supported-answer rate (in-scope questions answered, not handed off, every checked
-  sentence backed by a cited passage), ROUGE-L of the answers against the references (handed-off questions score
-  0), and the latency of retrieval and of a whole answer (p50 / p95).
+  sentence backed by a cited passage), ROUGE-L of the answers (citation markers taken out) against the
+  references (handed-off questions score 0), and the latency of retrieval and of a whole answer (p50 / p95).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 from tunelab.errors import UserError
 from tunelab.evaluate.language import rouge_l
-from tunelab.rag.answer import Assistant
+from tunelab.rag.answer import Assistant, without_markers
 from tunelab.rag.index import MODES
 
 K = 10
@@ -125,7 +125,7 @@ def answer_scores(assistant: Assistant, questions: list[dict], answer: Callable[
             verdict = assistant.check(raw, retrieval)
         rows.append({"id": q.get("id"), "in_scope": q["in_scope"], "question": q["question"], "model_answer": raw,
                      "reply": verdict.text, "handoff": verdict.handoff, "citations": verdict.citations,
-                     "rouge_l": round(rouge_l(verdict.text, q["answer"]), 4)
+                     "rouge_l": round(rouge_l(without_markers(verdict.text), q["answer"]), 4)
                      if q["in_scope"] and verdict.handoff is None else 0.0,
                      "seconds": round(time.perf_counter() - t, 3)})
     inside = [r for r in rows if r["in_scope"]]

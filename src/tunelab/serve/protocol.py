@@ -415,7 +415,8 @@ class Completion(Response):
 
 class Grounded(Completion):
     """A knowledge-base model's extra fields (absent for other models): `citations`, the passages backing the
-    answer (index as in the prompt, document, heading path, start/end offsets, score, source); `handoff`, null or
+    answer (index as in the prompt, document, heading path, start/end offsets, score: the dense similarity to the
+    question or null for a passage BM25 alone found, source); `handoff`, null or
     {"reason": no_relevant_passage | unsupported_answer | model_declined} when the reply is the hand-off message."""
 
     citations: list[dict] | None = None

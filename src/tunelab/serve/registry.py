@@ -403,7 +403,7 @@ class Registry:
                                                                   handoff=st.rag_handoff))
         assistant.retrieve([{"role": "user", "content": "warm-up"}])  # tokenizer state, BM25 loaded: before requests
         log.info("loaded %s: %s answered by %s", r.id, r.index, r.model)
-        return replace(self.models[r.model], id=r.id, created=int(time.time()), rag=assistant, version=None)
+        return replace(self.models[r.model], id=r.id, created=int(time.time()), rag=assistant)
 
     def _add_llamacpp(self, s: Spec) -> Served:
         """A GGUF export in llama.cpp: `max_batch` slots of `gguf_context` tokens (at most the file's context)."""
