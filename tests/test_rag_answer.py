@@ -119,9 +119,9 @@ def _answer_with(monkeypatch, text: str, prompts: list):
 
     real = generation._collect
 
-    async def collect(request, call, job):
+    async def collect(request, call, job, **kw):
         prompts.append(call.served.tokenizer.decode(job.seqs[0].prompt))
-        texts, finish, completion, logprobs = await real(request, call, job)
+        texts, finish, completion, logprobs = await real(request, call, job, **kw)
         return [text], finish, completion, logprobs
     monkeypatch.setattr(generation, "_collect", collect)
 

@@ -47,25 +47,28 @@ async def _grounded(request: Request, call: Call, messages: list[dict]):
     """A knowledge-base model's chat completion: retrieve for the conversation, hand off when nothing relevant is
     found, else generate from the passages and check the answer (`tunelab.rag.answer`). The answer is checked
     whole before any of it is sent, so a stream carries it in one content chunk, with the citations and the
-    hand-off flag, after the role chunk."""
-    served, req = call.served, call.body
+    hand-off flag, after the role chunk; its latency and time to first token both count from the request's
+    arrival to that answer (retrieval and the check included). A failed generation is a 500/503 JSON error, streamed
+    or not (nothing was sent yet)."""
+    began, served, req = time.perf_counter(), call.served, call.body
     if req.n != 1 or req.logprobs:
         raise bad_request(f"'{served.id}' answers from a knowledge base: one choice (n 1), no logprobs",
                           param="n" if req.n != 1 else "logprobs")
     assistant = served.rag
     retrieval = await asyncio.to_thread(assistant.retrieve, messages)
     if not assistant.grounded(retrieval):
-        call.start = time.perf_counter()
         verdict, finish, usage = assistant.handoff("no_relevant_passage"), "stop", Usage.of(0, 0)
     else:
         prompt = await asyncio.to_thread(served.chat_prompt, assistant.prompt(messages, retrieval))
         job = _start(call, [prompt])
         try:
-            texts, reasons, completion, _ = await _collect(request, call, job)
+            texts, reasons, completion, _ = await _collect(request, call, job, first_token=False)
         finally:
             job.cancel(call.served)
         verdict = await asyncio.to_thread(assistant.check, texts[0], retrieval)
         finish, usage = reasons[0] if verdict.handoff is None else "stop", Usage.of(job.prompt_tokens, completion)
+    call.start = began
+    call.observe_first_token()
     call.observe_latency("/v1/chat/completions")
     meta = {**_meta(call.served, True), "citations": verdict.citations, "handoff": verdict.flag}
     if not req.stream:
@@ -220,13 +223,13 @@ def _answer(served: Served, req, job: _Job, meta: dict, texts: list[str], finish
     return TextCompletion(**meta, usage=usage, choices=choices)
 
 
-async def _collect(request: Request, call: Call, job: _Job
+async def _collect(request: Request, call: Call, job: _Job, first_token: bool = True
                    ) -> tuple[list[str], list[str | None], int, list[list[TokenLogprob]]]:
     """Wait for every choice to finish -> (texts, finish reasons, completion tokens, generated tokens'
     log-probabilities when asked); 499 when the client goes, 500 for a failed choice (503 when the engine shut
-    down under it)."""
+    down under it). `first_token`: record the time to the first generated text (else the caller does)."""
     n = len(job.seqs)
-    texts, finish, completion, first = [""] * n, [None] * n, 0, True
+    texts, finish, completion, first = [""] * n, [None] * n, 0, first_token
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     gone = asyncio.create_task(disconnected(request))
     try:
