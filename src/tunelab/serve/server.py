@@ -144,6 +144,8 @@ def serve(cfg: ServeConfig, out=print) -> int:
         for s in specs:
             where = f"{s.version}, following registry:{s.follow}" if s.follow else (s.version or s.ref)
             out(f"  model {s.id:<28} {s.kind:<9} {s.engine:<12} {where}")
+        for r in guard.state.registry.rag:
+            out(f"  model {r.id:<28} {'generate':<9} {'knowledge':<12} {r.index}, answered by {r.model}")
         auth = '-H "Authorization: Bearer $KEY" ' if keys else ""
         if gen:
             out("try:")
