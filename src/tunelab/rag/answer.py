@@ -67,7 +67,8 @@ class Verdict:
     text: str
     citations: list[dict]
     handoff: str | None
-    sentences: list[dict] = field(default_factory=list)  # per checked sentence: text, passage, overlap, similarity
+    # per checked sentence: the sentence, its best passage, overlap, similarity, numbers held, supported
+    sentences: list[dict] = field(default_factory=list)
 
     @property
     def flag(self) -> dict | None:
