@@ -290,7 +290,8 @@ def test_markers_after_the_full_stop_numbers_and_unknown_sources(assistant):
 def test_a_chinese_question_is_answered_and_checked(assistant):
     retrieval = assistant.retrieve(ask("我想开发票，怎么操作？"))
     assert assistant.grounded(retrieval) and retrieval.hits[0].chunk.doc_id == "faq.csv#3"
-    ok = assistant.check("在订单页面点击“申请发票”，填写抬头和税号 [1]。发票会在三个工作日内发到你的邮箱 [1]。", retrieval)
+    ok = assistant.check("在订单页面点击“申请发票”，填写抬头和税号 [1]。发票会在三个工作日内发到你的邮箱 [1]。",
+                         retrieval)
     assert ok.handoff is None and [c["document"] for c in ok.citations] == ["faq.csv#3"]
     assert len(ok.sentences) == 2  # split at 。 without spaces
     changed = assistant.check("发票会在5个工作日内发到你的邮箱 [1]。", retrieval)  # a number the passage does not state
