@@ -151,27 +151,36 @@ def quantize(data: np.ndarray, kind, hessian: np.ndarray | None = None, compensa
 
 
 def _search(b: np.ndarray, w: np.ndarray, kind) -> tuple[np.ndarray, np.ndarray]:
-    """The best (float16 scale, levels) of each block in `b` among the candidate divisors."""
+    """The best (float16 scale, levels) of each block in `b` among the candidate divisors. The candidates' errors
+    are computed in one reused buffer (no array per candidate), the best scale kept, its levels rounded once."""
     lo, hi = LEVELS[kind]
     amax = np.abs(b).max(1, keepdims=True)
     if kind == Q4_0:  # the reference scales by the signed value of largest magnitude
         amax = np.take_along_axis(b, np.abs(b).argmax(1)[:, None], 1)
-    best_d = best_q = best_err = None
+    best_d = best_err = None
+    buf = np.empty_like(b)
     for t in DIVISORS[kind]:
         d = (amax / t).astype(np.float16)
         d32 = d.astype(np.float32)
-        safe = np.where(d32 == 0, 1.0, d32)
-        q = np.clip(np.round(b / safe), lo, hi)
-        q[(d32 == 0)[:, 0]] = 0
-        err = (w * (q * d32 - b) ** 2).sum(1)
+        np.divide(b, np.where(d32 == 0, 1.0, d32), out=buf)
+        np.round(buf, out=buf)
+        np.clip(buf, lo, hi, out=buf)
+        buf[(d32 == 0)[:, 0]] = 0
+        buf *= d32
+        buf -= b
+        np.square(buf, out=buf)
+        buf *= w
+        err = buf.sum(1)
         if best_err is None:
-            best_d, best_q, best_err = d, q, err
+            best_d, best_err = d, err
             continue
         better = err < best_err
         best_d = np.where(better[:, None], d, best_d)
-        best_q = np.where(better[:, None], q, best_q)
         best_err = np.minimum(err, best_err)
-    return best_d[:, 0], best_q.astype(np.int8)
+    d32 = best_d.astype(np.float32)
+    q = np.clip(np.round(b / np.where(d32 == 0, 1.0, d32)), lo, hi)
+    q[(d32 == 0)[:, 0]] = 0
+    return best_d[:, 0], q.astype(np.int8)
 
 
 def _compensated(data: np.ndarray, hessian: np.ndarray, scales: np.ndarray, kind) -> np.ndarray:
