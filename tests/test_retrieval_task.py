@@ -172,7 +172,8 @@ def test_training_beats_the_base_and_the_model_dir_is_an_index_encoder(trained, 
     before = task.evaluate(base, task.encode(load_split(pets, "validation")), 64)["mrr@10"]
     assert meta["metrics"]["validation"]["mrr@10"] > before + 0.15
     # the index's encoder embeds as training did: the same pooling, the same vectors
-    encoder = Encoder(str(trained), max_length=32)
+    encoder = Encoder(str(trained))
+    assert encoder.max_length == meta["max_length"] == 32  # as the model was trained
     model, tok, _ = load_model_dir(trained)
     texts = ["alice keeps a tiger.", "which pet does chen keep who eats mango?"]
     ours = RetrievalTask(tok, 32).embed_tokens(model, tok(texts)["input_ids"], 8).numpy()

@@ -36,7 +36,8 @@ from transformers import AutoModel
 
 from tunelab.artifacts import META_FILE, kind_of, write_folder
 from tunelab.errors import UserError
-from tunelab.models import load_pretrained, load_tokenizer, resolve_base, sentence_embeddings
+from tunelab.models import (load_pretrained, load_tokenizer, max_length_of, read_meta, resolve_base,
+                            sentence_embeddings)
 from tunelab.rag.chunking import Chunk, chunk_document
 from tunelab.rag.sources import Document, read_sources
 
@@ -72,9 +73,12 @@ class Encoder:
     """Sentence embeddings (mean-pooled, unit length) from an encoder: a built-in, a Hugging Face folder or a
     tunelab model dir. `fingerprint`: sha256 of its config and weight files (an index refuses another encoder)."""
 
-    def __init__(self, ref: str = DEFAULT_ENCODER, max_length: int = 256, batch: int = 64):
+    def __init__(self, ref: str = DEFAULT_ENCODER, max_length: int | None = None, batch: int = 64):
         # a folder is recorded by its absolute path: the index is searched from anywhere
         self.ref = str(Path(ref).resolve()) if Path(ref).is_dir() else ref
+        if max_length is None:  # a tunelab model dir embeds as it was trained; others as MiniLM's 256 tokens
+            trained = Path(self.ref) / META_FILE
+            max_length = max_length_of(read_meta(self.ref)) if trained.is_file() else 256
         self.max_length, self.batch = max_length, batch
         base = resolve_base(self.ref)
         self.fingerprint = files_fingerprint(Path(base.path))
