@@ -223,3 +223,21 @@ def test_lora_trains_only_adapters_and_loads_as_an_encoder(tmp_path):
     assert json.loads((model_dir / "tunelab.json").read_text())["retrieval"]["mined"] > 0
     vectors = Encoder(str(model_dir), max_length=16)(["alice eats banana"])
     assert vectors.shape[0] == 1 and abs(float(np.linalg.norm(vectors[0])) - 1) < 1e-5
+
+
+def test_evaluation_in_blocks_of_queries_equals_the_whole_matrix(monkeypatch):
+    from transformers import AutoModel
+
+    import tunelab.tasks.retrieval as retrieval
+    from tunelab.models import load_pretrained, resolve_base
+
+    task = retrieval.RetrievalTask(load_tokenizer(str(tiny_model_dir("tiny-bert"))), 32)
+    enc = task.encode([{"query": f"q{i} alpha {i % 7}", "passage": f"p{i} beta {i % 5} gamma"} for i in range(60)])
+    model = load_pretrained(AutoModel, resolve_base("tiny-bert"))
+    whole = task.evaluate(model, enc, 16, per_query=True)
+    monkeypatch.setattr(retrieval, "EVAL_CELLS", 60 * 7)  # blocks of 7 queries against the 60 passages
+    blocks = task.evaluate(model, enc, 16, per_query=True)
+    assert blocks["reciprocal_ranks"] == whole["reciprocal_ranks"] and blocks["queries"] == 60
+    for key in ("mrr@10", "recall@1", "recall@5", "recall@10", "loss"):
+        assert blocks[key] == pytest.approx(whole[key], abs=1e-6)
+    assert task.evaluate(model, task.encode([]), 16)["mrr@10"] == 0.0

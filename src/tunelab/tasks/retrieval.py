@@ -34,6 +34,7 @@ from tunelab.tasks.batch import pad_batch
 from tunelab.tasks.causal_lm import PROMPT_LEARNING
 
 MINE_CHUNK = 1024  # queries scored against the corpus at once while mining (bounds the [queries, passages] matrix)
+EVAL_CELLS = 1 << 25  # query-passage scores held at once while evaluating (128 MB of float32)
 
 
 @dataclass
@@ -182,29 +183,41 @@ class RetrievalTask:
         self.model_meta["retrieval"]["mined"] = count = sum(map(len, self.mined.values()))
         return count
 
-    def scores(self, model, enc: PairsEncoded, batch_size: int) -> tuple[np.ndarray, list[int], list[int]]:
-        """Cosine similarities [distinct queries, distinct passages] of the split, with the query and passage
-        text ids of its rows and columns."""
+    def vectors(self, model, enc: PairsEncoded, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int],
+                                                                             list[int]]:
+        """Unit embeddings of the split's distinct queries and passages, with their text ids."""
         queries, corpus = sorted(enc.relevant), sorted(set(enc.passage))
         q_vec = self.embed_tokens(model, [enc.tokens[q] for q in queries], batch_size)
         p_vec = self.embed_tokens(model, [enc.tokens[p] for p in corpus], batch_size)
-        return (q_vec @ p_vec.T).numpy(), queries, corpus
+        return q_vec, p_vec, queries, corpus
 
     def evaluate(self, model, enc: PairsEncoded, batch_size: int, per_query: bool = False) -> dict:
         """MRR@10, recall@1/5/10 and the corpus-wide contrastive `loss` over the split's distinct queries; with
-        `per_query`, each query's reciprocal rank (within 10) under `reciprocal_ranks` (for intervals)."""
-        scores, queries, corpus = self.scores(model, enc, batch_size)
+        `per_query`, each query's reciprocal rank (within 10) under `reciprocal_ranks` (for intervals). Scored a
+        block of queries at a time: the [queries, passages] matrix is never whole (a large split stays in RAM)."""
+        q_vec, p_vec, queries, corpus = self.vectors(model, enc, batch_size)
         column = {p: j for j, p in enumerate(corpus)}
         relevant = [{column[p] for p in enc.relevant[q]} for q in queries]
-        out = ranking_metrics(scores, relevant)
-        logits = torch.from_numpy(scores) * self.scale
-        wanted = torch.zeros_like(logits, dtype=torch.bool)
-        for row, cols in enumerate(relevant):
-            wanted[row, list(cols)] = True
-        loss = torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~wanted, -torch.inf), 1)
-        metrics = {**out["scores"], "loss": float(loss.mean()), "queries": len(queries), "passages": len(corpus)}
+        rows = max(1, EVAL_CELLS // max(1, len(corpus)))
+        rr, loss = [], 0.0
+        sums = dict.fromkeys(ranking_metrics(np.zeros((0, 1)), [])["scores"], 0.0)  # an empty split scores 0
+        for a in range(0, len(queries), rows):
+            scores = (q_vec[a:a + rows] @ p_vec.T).numpy()
+            out = ranking_metrics(scores, relevant[a:a + rows])
+            rr += out["reciprocal_ranks"]
+            for k, v in out["scores"].items():
+                sums[k] += v * len(scores)
+            logits = torch.from_numpy(scores) * self.scale
+            wanted = torch.zeros_like(logits, dtype=torch.bool)
+            for row, cols in enumerate(relevant[a:a + rows]):
+                wanted[row, list(cols)] = True
+            loss += float((torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~wanted, -torch.inf),
+                                                                         1)).sum())
+        n = max(1, len(queries))
+        metrics = {**{k: v / n for k, v in sums.items()}, "loss": loss / n, "queries": len(queries),
+                   "passages": len(corpus)}
         if per_query:
-            metrics["reciprocal_ranks"] = out["reciprocal_ranks"]
+            metrics["reciprocal_ranks"] = rr
         return metrics
 
 
