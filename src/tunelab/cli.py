@@ -27,6 +27,7 @@ from tunelab.errors import UserError
 from tunelab.registry.commands import registry_app
 from tunelab.monitor.commands import monitor_app
 from tunelab.rag.commands import index_app
+from tunelab.recommend.commands import recommend_app
 from tunelab.terminal import PIPE_WIDTH, make_console, plain
 
 # Each command's stage is imported inside the command: tunelab.data.prepare and tunelab.data.overlap load numpy
@@ -43,6 +44,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(index_app, name="index")
+app.add_typer(recommend_app, name="recommend")
 console = make_console()
 err_console = make_console(stderr=True)
 

@@ -73,6 +73,14 @@ def read_rows(path: str | Path) -> tuple[list[str], Iterator[Row]]:
     return _read_parquet(path)
 
 
+def read_delimited(path: str | Path, delimiter: str) -> tuple[list[str], Iterator[Row]]:
+    """A delimited text file whatever its suffix (e.g. RecBole's `.inter` / `.item` atomic files): (columns, rows)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    return _read_csv(path, delimiter)
+
+
 def _text_stream(path: Path) -> io.TextIOWrapper:
     return io.TextIOWrapper(open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
 

@@ -23,7 +23,7 @@ from tunelab.config import ServeConfig
 from tunelab.serve.auth import is_loopback_host
 from tunelab.serve.protocol import APIError
 from tunelab.serve.registry import Spec
-from tunelab.serve.routes import encoders, generation, system, tokenizer
+from tunelab.serve.routes import encoders, generation, recommend, system, tokenizer
 from tunelab.serve.state import ServerState
 
 log = logging.getLogger("tunelab.serve")
@@ -48,7 +48,7 @@ def create_app(settings: ServeConfig, specs: list[Spec], keys: list[str], device
 
     app = FastAPI(title="tunelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tunelab = st
-    for module in (generation, encoders, tokenizer, system):
+    for module in (generation, encoders, recommend, tokenizer, system):
         app.include_router(module.router)
 
     install_error_handlers(app)

@@ -519,6 +519,50 @@ class EncoderResults(Response):
     data: list[Classification] | list[TextEntities] | list[Embedding]
 
 
+class RecommendRequest(Request):
+    """POST /v1/recommend: a `user` of the model's data, and/or a `history` of item ids (oldest first), or
+    `history_texts` (items described in words, for a text profile); `k` items; `exclude_seen` drops the history."""
+
+    model: str = Field(min_length=1)
+    user: str | None = Field(None, max_length=1000)
+    history: list[str] | None = Field(None, max_length=10_000)
+    history_texts: list[str] | None = Field(None, max_length=1000)
+    k: int = Field(10, ge=1, le=1000)
+    exclude_seen: bool = True
+
+    @field_validator("user", mode="before")
+    @classmethod
+    def _user_id(cls, v):
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("history", mode="before")
+    @classmethod
+    def _item_ids(cls, v):
+        if isinstance(v, list):
+            return [str(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in v]
+        return v
+
+
+class RecommendedItem(Response):
+    rank: int
+    item: str
+    title: str
+    score: float
+
+
+class Recommendation(Response):
+    """The answer of /v1/recommend: the items best first; `strategy` says what answered (the model, `text-profile`
+    or `popularity`), `unknown_items` the history ids the catalogue lacks, `latency_ms` the scoring time."""
+
+    object: Literal["recommendation"] = "recommendation"
+    model: str
+    data: list[RecommendedItem]
+    strategy: str
+    user_known: bool
+    unknown_items: list[str]
+    latency_ms: float
+
+
 class ModelCard(Response):
     """One served model as /v1/models lists it; `tunelab_kind` says which endpoints answer for it, `tunelab_engine`
     what runs it (pytorch, onnxruntime, llama.cpp), `tunelab_version` which registry version (None: not from a

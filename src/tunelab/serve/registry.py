@@ -40,6 +40,7 @@ from tunelab.generate import base_kind, load_generator
 from tunelab.model_files import check_model_folder, check_tokenizer_folder
 from tunelab.models import (META_FILE, BaseRef, load_model_dir, load_pretrained, load_tokenizer, max_length_of,
                             quiet_transformers, read_meta, resolve_base, sentence_embeddings)
+from tunelab.recommend.serving import Recommendations
 from tunelab.serve.drift import DriftTracker, Observer, RequestLog
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.logprobs import TokenTexts
@@ -53,7 +54,7 @@ log = logging.getLogger("tunelab.serve")
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
 ENCODER_CHUNK = 16  # texts per forward inside a micro-batch (length-sorted)
 ROUTE_OF_KIND = {"generate": "/v1/chat/completions or /v1/completions", "classify": "/v1/classify",
-                 "entities": "/v1/entities", "embed": "/v1/embeddings"}
+                 "entities": "/v1/entities", "embed": "/v1/embeddings", "recommend": "/v1/recommend"}
 
 
 @dataclass
@@ -61,8 +62,8 @@ class Spec:
     """A MODEL argument, checked before the server starts (loading happens later, in the background)."""
     id: str
     ref: str
-    kind: str  # generate | classify | entities | embed
-    engine: str = "pytorch"  # pytorch | onnxruntime | llama.cpp
+    kind: str  # generate | classify | entities | embed | recommend
+    engine: str = "pytorch"  # pytorch | onnxruntime | llama.cpp | ensemble | recommender
     base: str | None = None  # for LoRA model dirs: the base they share
     meta: dict = field(default_factory=dict)
     follow: str | None = None  # a registry alias (NAME@ALIAS) whose moves the server follows
@@ -85,6 +86,7 @@ class Served:
     context: int = 0  # generation: prompt + max_tokens must fit
     version: str | None = None  # a registry version: NAME:VERSION (12 hex characters)
     rag: object = None  # a knowledge-base model: its `tunelab.rag.answer.Assistant` (retrieval, prompt, check)
+    recommender: object = None  # a recommender dir: its `tunelab.recommend.serving.Recommendations`
     _token_texts: TokenTexts | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -159,6 +161,8 @@ def parse_spec(item: str, embedding: bool = False, registry=None) -> Spec:
         meta = read_ensemble(d)
         return Spec(name or d.name, ref, refuse_stage(meta.get("task"), str(d), "serve").served_as, "ensemble",
                     meta=meta)
+    if folder == "recommender":
+        return Spec(name or d.name, ref, "recommend", "recommender", meta=read_json_file(d / META_FILE, ref))
     if folder not in (None, "model", "unknown"):
         raise UserError(f"{ref} is a tunelab {folder}, not a model")
     if (d / META_FILE).is_file():
@@ -348,6 +352,8 @@ class Registry:
             served = self._add_llamacpp(s)
         elif s.engine == "ensemble":
             served = self._add_ensemble(s)
+        elif s.engine == "recommender":
+            served = Served(s.id, "recommend", int(time.time()), runtime="tunelab", recommender=Recommendations(s.ref))
         elif s.kind == "classify":
             served = self._add_classifier(s)
         elif s.kind == "entities":

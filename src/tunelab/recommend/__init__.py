@@ -1,0 +1,1 @@
+"""Recommendation: interactions dirs, recommenders (kind "recommender"), their evaluation and serving."""

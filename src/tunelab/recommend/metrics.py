@@ -1,0 +1,105 @@
+"""Top-k ranking metrics over the full candidate set, per user (no sampled negatives).
+
+A user's candidates are the split's catalogue (warm items for the warm splits, cold items for `cold_test`) minus
+the items in the history the model saw. Per user: precision@k (hits / k), recall@k (hits / relevant), NDCG@k
+(binary gains, ideal = min(relevant, k) hits on top), reciprocal rank of the first relevant item over the whole
+ranking (MRR). Coverage: distinct items in all top-k lists / candidate items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tunelab.evaluate.metrics import paired_ratio, ratio_interval
+
+METRICS = ("precision", "recall", "ndcg", "mrr")
+
+
+@dataclass
+class UserScores:
+    """Per evaluated user, each metric; `top` = the union of top-k lists (for coverage)."""
+
+    values: dict[str, np.ndarray]
+    covered: int
+    candidates: int
+
+    def summary(self, k: int, n_boot: int = 1000, seed: int = 0) -> dict:
+        out = {}
+        for m in METRICS:
+            v = self.values[m]
+            name = m if m == "mrr" else f"{m}@{k}"
+            out[name] = {"value": float(v.mean()) if len(v) else 0.0,
+                         "interval": ratio_interval(v, np.ones_like(v), n=n_boot, seed=seed) if len(v) else [0, 0]}
+        out["coverage"] = self.covered / max(1, self.candidates)
+        out["users"] = int(len(self.values["ndcg"]))
+        return out
+
+
+def rank_metrics(scores: np.ndarray, allowed: np.ndarray, relevant: list[np.ndarray], k: int) -> dict[str, np.ndarray]:
+    """Per row of `scores` [users, items]: the metrics of ranking the `allowed` items by score against `relevant`
+    item indices (those not allowed are ignored; a row with none scores 0). Equal scores rank in item order."""
+    order = ranking(scores, allowed)
+    rel = np.zeros(allowed.shape, bool)
+    for row, items in enumerate(relevant):
+        rel[row, items] = True
+    rel &= allowed
+    n_rel = rel.sum(1)
+    ranked = np.take_along_axis(rel, order, 1)
+    hits = ranked[:, :k]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal = np.cumsum(discounts)[np.clip(np.minimum(n_rel, k) - 1, 0, None)]
+    some = n_rel > 0
+    first = ranked.argmax(1)
+    return {"precision": hits.sum(1) / k,
+            "recall": np.divide(hits.sum(1), n_rel, out=np.zeros(len(rel)), where=some),
+            "ndcg": np.where(some, (hits * discounts[:hits.shape[1]]).sum(1) / ideal, 0.0),
+            "mrr": np.where(some, 1.0 / (first + 1), 0.0)}
+
+
+def ranking(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """[users, items] item indices, best first: allowed items by score (equal scores in item order), then the rest."""
+    s = np.where(allowed, -scores.astype(np.float64), np.inf)
+    return np.argsort(s, axis=1, kind="stable")
+
+
+def top_k(scores: np.ndarray, allowed: np.ndarray, k: int) -> np.ndarray:
+    """[users, k] item indices, best first; -1 where a user has fewer than k allowed items."""
+    order = ranking(scores, allowed)[:, :k]
+    return np.where(np.take_along_axis(allowed, order, 1), order, -1)
+
+
+def compare(a: UserScores, b: UserScores, metric: str = "ndcg", n_boot: int = 1000, seed: int = 0) -> dict:
+    """a − b on the same users, with the paired bootstrap interval and verdict."""
+    va, vb = a.values[metric], b.values[metric]
+    ones = np.ones_like(va)
+    return paired_ratio((va, ones), (vb, ones), n=n_boot, seed=seed)
+
+
+def history_splits(split: str) -> tuple[str, ...]:
+    """What a model has seen when `split` is scored: train for validation; train and validation for the tests."""
+    return ("train",) if split == "validation" else ("train", "validation")
+
+
+def evaluate(model, data, split: str, k: int = 10, batch: int = 256) -> UserScores:
+    """`model` (fitted on `history_splits(split)` of `data`) on `split`: every user with a target there, over the
+    full candidate set (warm items, or cold items for `cold_test`) minus their history."""
+    histories, targets = data.histories(*history_splits(split)), data.targets(split)
+    users = np.array(sorted(targets), dtype=np.int64)
+    pool = data.cold if split == "cold_test" else ~data.cold
+    values = {m: [] for m in METRICS}
+    covered = np.zeros(data.n_items, bool)
+    for start in range(0, len(users), batch):
+        chunk = users[start:start + batch]
+        hist = [histories[u] for u in chunk]
+        allowed = np.tile(pool, (len(chunk), 1))
+        for row, h in enumerate(hist):
+            allowed[row, h] = False
+        scores = model.score(hist, chunk, allowed)
+        for m, v in rank_metrics(scores, allowed, [targets[u] for u in chunk], k).items():
+            values[m].append(v)
+        top = top_k(scores, allowed, k)
+        covered[top[top >= 0]] = True
+    return UserScores({m: np.concatenate(v) if v else np.zeros(0) for m, v in values.items()},
+                      int(covered.sum()), int(pool.sum()))

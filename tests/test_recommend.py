@@ -1,0 +1,267 @@
+"""Recommendation: interactions dirs (reading with accounting, time splits that never leak the future, cold items),
+the ranking metrics against hand-computed values, every recommender's save → load round trip, the two-stage
+ranker through the training loop, and serving (a user with no history answered, never an error)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tunelab.config import ServeConfig
+from tunelab.errors import UserError
+from tunelab.recommend import store
+from tunelab.recommend.data import PrepareSpec, load, prepare
+from tunelab.recommend.fit import train_recommender
+from tunelab.recommend.hybrid import choose_weights, standardise
+from tunelab.recommend.metrics import evaluate, rank_metrics, top_k
+from tunelab.recommend.models import Catalogue
+from tunelab.recommend.serving import Recommendations
+from tunelab.serve.app import create_app
+from tunelab.serve.registry import check_specs
+
+GENRES = ["Drama", "Comedy", "Action", "Horror"]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> tuple[Path, Path]:
+    """40 users, 60 items in 4 genres; each user mostly picks one genre, in time order (some timestamps tied);
+    plus bad rows of each kind."""
+    d = tmp_path_factory.mktemp("rec-raw")
+    rng = np.random.default_rng(0)
+    items = [{"item_id": f"m{i}", "title": f"Film {i} 電影", "genres": GENRES[i % 4] + ("|Drama" if i % 7 == 0 else "")}
+             for i in range(60)]
+    rows = []
+    for u in range(40):
+        taste = u % 4
+        picks = [i for i in rng.permutation(60) if i % 4 == taste][:8] + list(rng.choice(60, 3, replace=False))
+        t = 1_000_000 + 1000 * u
+        for n, i in enumerate(dict.fromkeys(int(x) for x in picks)):
+            t += 0 if n % 5 == 4 else int(rng.integers(1, 500))  # every fifth one tied with the one before
+            rows.append({"user": f"u{u}", "item": f"m{i}", "rating": str(int(rng.integers(1, 6))), "timestamp": str(t)})
+    rows += [{"user": "", "item": "m1", "rating": "3", "timestamp": "5"},
+             {"user": "u1", "item": "m2", "rating": "x", "timestamp": "5"},
+             {"user": "u1", "item": "m3", "rating": "4", "timestamp": "yesterday"},
+             {"user": rows[0]["user"], "item": rows[0]["item"], "rating": "4", "timestamp": "7"}]
+    return _write(d / "interactions.csv", rows), _write(d / "items.csv", items)
+
+
+@pytest.fixture(scope="module")
+def data_dir(raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rec") / "data"
+    prepare(PrepareSpec(str(raw[0]), str(raw[1]), cold_items=0.15), out)
+    return out
+
+
+def test_prepare_counts_every_bad_row_by_reason(data_dir):
+    meta = json.loads((data_dir / "tunelab.json").read_text())
+    assert meta["kind"] == "interactions"
+    assert meta["counts"]["rejected"] == {"bad_rating": 1, "bad_timestamp": 1, "missing_user": 1,
+                                          "repeated_interaction": 1}
+    rejected = [json.loads(line) for line in (data_dir / "rejected.jsonl").read_text().splitlines()]
+    assert sorted(r["reason"] for r in rejected) == sorted(meta["counts"]["rejected"])
+    c = meta["counts"]
+    assert c["train_rows"] + c["validation_rows"] + c["test_rows"] + c["cold_test_rows"] == c["interactions"]
+    data = load(data_dir)
+    assert data.cold.sum() == c["cold_items"] == 9
+    for split in ("train", "validation", "test"):  # cold items appear only in cold_test
+        assert not data.cold[data.splits[split]["item"]].any()
+    assert data.cold[data.splits["cold_test"]["item"]].all()
+    assert data.items[0]["categories"] and "電影" in data.items[0]["text"]
+
+
+def test_leave_last_out_never_trains_on_a_later_interaction(data_dir):
+    data = load(data_dir)
+    ts = {s: {} for s in ("train", "validation", "test")}
+    for s in ts:
+        part = data.splits[s]
+        for u, t in zip(part["user"].tolist(), part["timestamp"].tolist()):
+            ts[s].setdefault(u, []).append(t)
+    assert len(ts["test"]) == data.n_users and all(len(v) == 1 for v in ts["test"].values())
+    for u, (t_test,) in ts["test"].items():
+        (t_val,) = ts["validation"][u]
+        assert max(ts["train"][u]) <= t_val <= t_test
+    # ties: the order is the file's, the same on every run
+    again = load(data_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(data.histories("train"), again.histories("train")))
+
+
+def test_global_time_cut_puts_every_test_row_after_every_train_row(raw, tmp_path):
+    meta = prepare(PrepareSpec(str(raw[0]), str(raw[1]), split="time", cold_items=0.0), tmp_path / "t")
+    data = load(tmp_path / "t")
+    train, val, test = (data.splits[s]["timestamp"] for s in ("train", "validation", "test"))
+    assert train.max() <= val.min() <= val.max() <= test.min()
+    assert meta["counts"]["test_rows"] + meta["counts"]["test_items_unseen_before"] > 0
+
+
+def test_builtin_movielens_reads_as_data(tmp_path):
+    meta = prepare(PrepareSpec("builtin:movielens-100k", cold_items=0.1), tmp_path / "ml")
+    c = meta["counts"]
+    assert (c["interactions"], c["users"], c["items"], c["cold_items"]) == (100_000, 943, 1682, 168)
+    assert c["test_rows"] == c["validation_rows"] == 943 and c["rejected"] == {}
+
+
+def test_a_missing_column_is_one_clear_error(raw, tmp_path):
+    result = _cli("recommend", "prepare", str(raw[1]), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "error: " in result.stderr and "no user column" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_metrics_equal_hand_computed_values():
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    allowed = np.array([[True, False, True, True, True], [True] * 5])
+    relevant = [np.array([2, 4]), np.array([0])]
+    m = rank_metrics(scores, allowed, relevant, k=2)
+    # user 0: ranking 0, 2, 3, 4 (1 not allowed): top-2 = [0, 2] → 1 hit at rank 2
+    assert m["precision"][0] == pytest.approx(0.5) and m["recall"][0] == pytest.approx(0.5)
+    assert m["ndcg"][0] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    assert m["mrr"][0] == pytest.approx(0.5)
+    # user 1: ranking 4, 3, 2, 1, 0: the relevant item is last
+    assert (m["precision"][1], m["recall"][1], m["ndcg"][1]) == (0, 0, 0)
+    assert m["mrr"][1] == pytest.approx(1 / 5)
+    ties = top_k(np.zeros((1, 4)), np.array([[True, False, True, True]]), 3)
+    assert ties.tolist() == [[0, 2, 3]]  # equal scores rank in item order
+    z = standardise(np.array([[1.0, 2.0, 3.0, 100.0]]), np.array([[True, True, True, False]]))
+    assert z[0, :3] == pytest.approx([-1.2247, 0, 1.2247], abs=1e-3)
+
+
+def test_hybrid_weights_pick_the_informative_member():
+    rng = np.random.default_rng(0)
+    relevant = [np.array([i % 10]) for i in range(30)]
+    good = rng.random((30, 10))
+    for row, r in enumerate(relevant):
+        good[row, r] += 1
+    weights, ndcg = choose_weights([rng.random((30, 10)), good], np.ones((30, 10), bool), relevant, 3)
+    assert weights[1] > weights[0] and ndcg == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("recs")
+    out = {}
+    for name in ("popularity", "genre-popularity", "itemknn", "als", "bpr"):
+        train_recommender(data_dir, name, root / name, trials=2, log=lambda _: None)
+        out[name] = root / name
+    train_recommender(data_dir, "text", root / "text", trials=1, log=lambda _: None)
+    out["text"] = root / "text"
+    train_recommender(data_dir, "hybrid", root / "hybrid", members=[str(out["itemknn"]), str(out["text"])],
+                      log=lambda _: None)
+    out["hybrid"] = root / "hybrid"
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_text_encoder():
+    from tunelab.recommend import models
+
+    old = models.Text.defaults["encoder"]
+    models.Text.defaults["encoder"] = "tiny-bert"
+    yield
+    models.Text.defaults["encoder"] = old
+
+
+def test_every_recommender_round_trips_with_identical_scores(trained, data_dir):
+    data = load(data_dir)
+    hist = data.histories("train", "validation")
+    users = np.arange(data.n_users)
+    for name, path in trained.items():
+        loaded = store.load(path)
+        refit = store.build(loaded.meta["model"], loaded.meta["params"])
+        refit.fit(hist, Catalogue.of(data.items))
+        a = loaded.model.score(hist, users)
+        b = refit.score(hist, users)
+        assert np.allclose(a, b, atol=1e-5), name
+        again = store.load(path).model.score(hist, users)
+        assert np.array_equal(a, again), name
+
+
+def test_collaborative_models_beat_random_and_text_scores_cold_items(trained, data_dir):
+    data = load(data_dir)
+    knn = evaluate(store.load(trained["itemknn"]).model, data, "test").values["ndcg"].mean()
+    pop = evaluate(store.load(trained["popularity"]).model, data, "test").values["ndcg"].mean()
+    assert knn > 0 and pop > 0
+    cold = evaluate(store.load(trained["genre-popularity"]).model, data, "cold_test")
+    assert len(cold.values["ndcg"]) > 0 and cold.candidates == data.cold.sum()
+    report = _cli("recommend", "eval", str(data_dir), str(trained["itemknn"]), str(trained["als"]),
+                  str(trained["hybrid"]))
+    assert report.returncode == 0, report.stderr
+    assert "cold_test" in report.stdout and "NDCG@10" in report.stdout
+
+
+def test_a_model_of_other_data_is_refused(trained, raw, tmp_path):
+    prepare(PrepareSpec(str(raw[0]), str(raw[1]), cold_items=0.3, seed=5), tmp_path / "other")
+    from tunelab.recommend.evaluate import evaluate_models
+
+    with pytest.raises(UserError, match="fitted on other data"):
+        evaluate_models(tmp_path / "other", [trained["itemknn"]])
+
+
+def test_serving_answers_known_unknown_and_historyless_users(trained):
+    rec = Recommendations(trained["hybrid"])
+    known = rec.recommend(user="u3", k=5)
+    assert known["strategy"] == "hybrid" and known["user_known"] and len(known["items"]) == 5
+    seen = {rec.loaded.items[i]["item"] for i in rec.loaded.histories[rec.loaded.user_index["u3"]]}
+    assert not seen & {row["item"] for row in known["items"]}
+    nobody = rec.recommend(user="nobody", k=5)
+    assert nobody["strategy"] == "popularity" and len(nobody["items"]) == 5
+    ids = rec.recommend(items=["m1", "m5", "no-such-item"], k=3)
+    assert ids["strategy"] == "hybrid" and ids["unknown_items"] == ["no-such-item"]
+    words = rec.recommend(texts=["Film 4 · Action"], k=3)
+    assert words["strategy"] == "text-profile" and len(words["items"]) == 3
+
+
+def test_recommend_endpoint(trained):
+    cfg = ServeConfig(models=[f"films={trained['itemknn']}"], embedding_model=None)
+    guard = create_app(cfg, check_specs(cfg.models, None), keys=[])
+    with TestClient(guard, base_url="http://localhost") as client:
+        for _ in range(600):
+            if client.get("/ready").status_code == 200:
+                break
+            import time
+
+            time.sleep(0.05)
+        ok = client.post("/v1/recommend", json={"model": "films", "user": "u0", "k": 4})
+        assert ok.status_code == 200, ok.text
+        body = ok.json()
+        assert body["object"] == "recommendation" and [r["rank"] for r in body["data"]] == [1, 2, 3, 4]
+        empty = client.post("/v1/recommend", json={"model": "films", "k": 3})
+        assert empty.status_code == 200 and empty.json()["strategy"] == "popularity"
+        bad = client.post("/v1/recommend", json={"model": "films", "k": 0})
+        assert bad.status_code == 400
+        wrong = client.post("/v1/classify", json={"model": "films", "input": "x"})
+        assert wrong.status_code == 400 and "/v1/recommend" in wrong.json()["error"]["message"]
+        models = client.get("/v1/models").json()["data"]
+        assert models[0]["tunelab_kind"] == "recommend"
+
+
+def test_two_stage_ranker_trains_through_the_loop_and_round_trips(data_dir, trained, tmp_path):
+    meta = train_recommender(data_dir, "ranker", tmp_path / "ranker",
+                             ranker={"stage1": str(trained["itemknn"]), "base": "tiny-bert", "layers": 0,
+                                     "epochs": 1, "candidates": 8}, log=lambda _: None)
+    assert meta["model"] == "ranker" and set(meta["blend_search"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}
+    assert (tmp_path / "ranker" / "ranker" / "tunelab.json").is_file()
+    data = load(data_dir)
+    a = evaluate(store.load(tmp_path / "ranker").model, data, "test")
+    b = evaluate(store.load(tmp_path / "ranker").model, data, "test")
+    assert np.array_equal(a.values["ndcg"], b.values["ndcg"])
+    answer = Recommendations(tmp_path / "ranker").recommend(user="u1", k=3)
+    assert answer["strategy"] == "ranker" and len(answer["items"]) == 3
