@@ -41,14 +41,16 @@ def prepare_cmd(interactions: str = typer.Argument(..., help="CSV/TSV/JSONL/Parq
                 text_columns: str | None = typer.Option(None, "--text-columns", help="item text: these columns, "
                                                         "comma-separated (default: all but the id)"),
                 category_column: str | None = typer.Option(None, "--category-column"),
+                item_id_column: str | None = typer.Option(None, "--item-id-column", help="the id column of --items"),
+                max_drop_rate: float = typer.Option(0.2, "--max-drop-rate", help="fail when more rows are unusable"),
                 seed: int = typer.Option(0, "--seed"),
                 overwrite: bool = typer.Option(False, "--overwrite")):
     """Read, clean and split interactions by time; hold out cold items."""
     from tunelab.recommend.data import PrepareSpec, prepare  # imported inside: numpy, kept off start-up
 
-    spec = PrepareSpec(interactions, items, user_column, item_column, rating_column, time_column, None,
+    spec = PrepareSpec(interactions, items, user_column, item_column, rating_column, time_column, item_id_column,
                        text_columns.split(",") if text_columns else None, category_column, split,
-                       validation_fraction, test_fraction, cold_items, min_rating, seed)
+                       validation_fraction, test_fraction, cold_items, min_rating, seed, max_drop_rate)
     meta = prepare(spec, out, overwrite)
     c = meta["counts"]
     rejected = ", ".join(f"{n} {why}" for why, n in c["rejected"].items()) or "none"

@@ -9,8 +9,9 @@ Splits never leak the future. `leave-last-out`: each user's interactions ordered
 order, so the order is the same on every run) — the last one is the test row, the one before it the validation
 row, the rest train; a user with fewer than three stays whole in train. `time`: one global cut — the latest
 `test_fraction` of interactions are test, the `validation_fraction` before them validation; a test or validation
-row whose item never appears earlier is dropped from the warm splits (counted). Cold items (a seeded random
-`cold_items` share of the catalogue's interacted items) are removed from every warm split before it is made.
+row whose item never appears earlier is rejected (its reason in `rejected.jsonl`). Cold items (a seeded random
+`cold_items` share of the catalogue's interacted items) are removed from every warm split before it is made; the
+cold-start evaluation reads each user's history only up to their cold targets (`Interactions.cold_cases`).
 
 `Interactions` is what the models and the evaluation read: integer user and item indices, each user's history
 as an array ordered by time.
@@ -22,7 +23,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ class PrepareSpec:
     cold_items: float = 0.1
     min_rating: float | None = None  # interactions rated below it are not positives (dropped, counted)
     seed: int = 0
+    max_drop_rate: float = 0.2  # fail when more rows than this are bad (below min_rating is chosen, not bad)
 
 
 def _builtin_files(ref: str) -> tuple[Path, Path]:
@@ -111,7 +113,7 @@ def _time_value(value) -> float | None:
         stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return stamp.timestamp() if stamp.tzinfo else stamp.replace(tzinfo=None).timestamp()
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()  # naive = UTC, everywhere
 
 
 def _key(value) -> str | None:
@@ -131,6 +133,7 @@ class _Read:
     rows: list[tuple[str, str, float | None, float, int]] = field(default_factory=list)  # user, item, rating, t, line
     rejected: list[dict] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    read: int = 0  # source rows seen, counted apart from what was kept or rejected
 
     def reject(self, line: int, reason: str, excerpt: str = "") -> None:
         self.rejected.append({"line": line, "reason": reason, "row": excerpt[:200]})
@@ -143,8 +146,9 @@ def _read_interactions(path, spec: PrepareSpec) -> _Read:
     item_col = _column(columns, spec.item_col, ITEM_COLUMNS, "item", path, True)
     rating_col = _column(columns, spec.rating_col, RATING_COLUMNS, "rating", path, False)
     time_col = _column(columns, spec.time_col, TIME_COLUMNS, "time", path, False)
-    out, seen = _Read(), set()
+    out = _Read()
     for row in rows:
+        out.read += 1
         line, fields = row["line"], row["fields"]
         if row["error"]:
             out.reject(line, row["error"])
@@ -169,11 +173,15 @@ def _read_interactions(path, spec: PrepareSpec) -> _Read:
             if t is None:
                 out.reject(line, "bad_timestamp", excerpt)
                 continue
-        if (user, item) in seen:
-            out.reject(line, "repeated_interaction", excerpt)  # implicit feedback: the first one counts
-            continue
-        seen.add((user, item))
         out.rows.append((user, item, rating, t, line))
+    out.rows.sort(key=lambda r: (r[3], r[4]))
+    first = {}
+    for r in out.rows:  # implicit feedback: a user-item pair counts once, at its earliest time
+        if (r[0], r[1]) in first:
+            out.reject(r[4], "repeated_interaction", json.dumps({"user": r[0], "item": r[1], "time": r[3]}))
+        else:
+            first[(r[0], r[1])] = r
+    out.rows = list(first.values())
     if not out.rows:
         raise UserError(f"{path}: no usable interactions ({', '.join(f'{k}: {v}' for k, v in out.counts.items())})")
     return out
@@ -243,17 +251,24 @@ def _leave_last_out(rows: list[tuple]) -> tuple[dict[str, list[tuple]], dict[str
     return splits, {"users_too_short_for_test": short}
 
 
-def _time_cut(rows: list[tuple], spec: PrepareSpec) -> tuple[dict[str, list[tuple]], dict[str, int]]:
+def _time_cut(rows: list[tuple], spec: PrepareSpec, read: _Read) -> tuple[dict[str, list[tuple]], dict[str, int]]:
+    """One global cut; a validation or test row whose item nobody picked before it is rejected (a cold item
+    outside the cold split), with its reason in `rejected.jsonl`."""
     ordered = sorted(rows, key=lambda r: (r[3], r[4]))
     n = len(ordered)
     n_test, n_val = int(round(n * spec.test_fraction)), int(round(n * spec.validation_fraction))
     train, val, test = ordered[:n - n_test - n_val], ordered[n - n_test - n_val:n - n_test], ordered[n - n_test:]
-    known = {r[1] for r in train}
-    counts = {"validation_items_unseen_before": sum(r[1] not in known for r in val)}
-    val = [r for r in val if r[1] in known]
-    known |= {r[1] for r in val}
-    counts["test_items_unseen_before"] = sum(r[1] not in known for r in test)
-    return {"train": train, "validation": val, "test": [r for r in test if r[1] in known]}, counts
+    known, counts, kept = {r[1] for r in train}, {}, {}
+    for name, part in (("validation", val), ("test", test)):
+        reason = f"{name}_item_unseen_before"
+        counts[reason] = 0
+        for r in part:
+            if r[1] not in known:
+                read.rejected.append({"line": r[4], "reason": reason, "row": json.dumps({"user": r[0], "item": r[1]})})
+                counts[reason] += 1
+        kept[name] = [r for r in part if r[1] in known]
+        known |= {r[1] for r in kept[name]}
+    return {"train": train, **kept}, counts
 
 
 def prepare(spec: PrepareSpec, out: str | Path, overwrite: bool = False) -> dict:
@@ -267,7 +282,15 @@ def prepare(spec: PrepareSpec, out: str | Path, overwrite: bool = False) -> dict
     for name in ("validation_fraction", "test_fraction", "cold_items"):
         if not 0 <= getattr(spec, name) < 0.5:
             raise UserError(f"{name.replace('_', '-')} must be in [0, 0.5), not {getattr(spec, name)}")
+    if spec.split == "time" and min(spec.validation_fraction, spec.test_fraction) <= 0:
+        raise UserError("--split time needs a validation and a test share above 0 (models are chosen on "
+                        "validation and scored on test)")
     read = _read_interactions(inter_path, spec)
+    bad = sum(v for k, v in read.counts.items() if k != "below_min_rating")
+    if bad > spec.max_drop_rate * max(1, read.read):
+        top = ", ".join(f"{k}={v:,}" for k, v in sorted(read.counts.items(), key=lambda kv: -kv[1])[:3])
+        raise UserError(f"{inter_path}: {bad / read.read:.1%} of {read.read:,} rows are unusable (limit "
+                        f"{spec.max_drop_rate:.0%}; raise it with --max-drop-rate); top reasons: {top}")
     items, item_skips = _read_items(items_path, spec) if items_path else ({}, {})
     interacted = sorted({r[1] for r in read.rows})
     rng = np.random.default_rng(spec.seed)
@@ -275,14 +298,14 @@ def prepare(spec: PrepareSpec, out: str | Path, overwrite: bool = False) -> dict
     cold = set(rng.choice(np.array(interacted, dtype=object), size=n_cold, replace=False).tolist()) if n_cold else set()
     warm_rows = [r for r in read.rows if r[1] not in cold]
     splits, split_counts = (_leave_last_out(warm_rows) if spec.split == "leave-last-out"
-                            else _time_cut(warm_rows, spec))
+                            else _time_cut(warm_rows, spec, read))
     splits["cold_test"] = sorted((r for r in read.rows if r[1] in cold), key=lambda r: (r[0], r[3], r[4]))
     catalogue = interacted + sorted(set(items) - set(interacted))
     meta = {"kind": KIND, "source": {"interactions": str(spec.interactions), "items": str(items_path or "")},
             "split": spec.split, "seed": spec.seed, "cold_items": spec.cold_items,
             "validation_fraction": spec.validation_fraction, "test_fraction": spec.test_fraction,
             "min_rating": spec.min_rating,
-            "counts": {"rows_read": len(read.rows) + len(read.rejected), "interactions": len(read.rows),
+            "counts": {"rows_read": read.read, "interactions": len(read.rows),
                        "rejected": dict(sorted(read.counts.items())), "users": len({r[0] for r in read.rows}),
                        "items": len(catalogue), "items_interacted": len(interacted), "cold_items": len(cold),
                        "items_without_metadata": sum(i not in items for i in interacted) if items_path else None,
@@ -336,15 +359,38 @@ class Interactions:
 
     def histories(self, *names: str) -> list[np.ndarray]:
         """Per user index: the item indices of these splits' interactions, ordered by time (then split order)."""
+        return [items for items, _ in self.events(*names)]
+
+    def events(self, *names: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per user index: (item indices, timestamps) of these splits' interactions, by time (then split order)."""
         parts = [self.splits[n] for n in names]
         user = np.concatenate([p["user"] for p in parts])
         item = np.concatenate([p["item"] for p in parts])
         ts = np.concatenate([p["timestamp"] for p in parts])
         rank = np.concatenate([np.full(len(p["user"]), k) for k, p in enumerate(parts)])
         order = np.lexsort((np.arange(len(user)), rank, ts, user))
-        user, item = user[order], item[order]
+        user, item, ts = user[order], item[order], ts[order]
         bounds = np.searchsorted(user, np.arange(self.n_users + 1))
-        return [item[bounds[u]:bounds[u + 1]] for u in range(self.n_users)]
+        return [(item[bounds[u]:bounds[u + 1]], ts[bounds[u]:bounds[u + 1]]) for u in range(self.n_users)]
+
+    def cold_cases(self) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+        """The cold-start split without the future: per user, the targets are the cold items picked after the
+        middle of their warm history (train + validation, by time) and the history is the warm items picked
+        strictly before the first of those targets. Returns (histories per user index, user → targets)."""
+        warm = self.events("train", "validation")
+        cold = self.splits["cold_test"]
+        histories = [np.zeros(0, np.int64)] * self.n_users
+        targets: dict[int, np.ndarray] = {}
+        for u in np.unique(cold["user"]).tolist():
+            items, ts = warm[u]
+            if not len(items):
+                continue
+            mine = cold["user"] == u
+            later = ts[len(ts) // 2] < cold["timestamp"][mine]
+            if later.any():
+                targets[u] = cold["item"][mine][later]
+                histories[u] = items[ts < cold["timestamp"][mine][later].min()]
+        return histories, targets
 
     def targets(self, name: str) -> dict[int, np.ndarray]:
         """user index → the item indices that user interacted with in split `name`."""

@@ -29,7 +29,9 @@ def evaluate_models(data_dir: str | Path, model_dirs: list[str | Path], splits: 
                             "interactions dir, or train it on this one")
         loaded.append(rec)
     names = _names(loaded)
-    ref = names.index(against) if against in names else 0
+    if against is not None and against not in names:
+        raise UserError(f"--against {against}: no such model; the models are {', '.join(names)}")
+    ref = names.index(against) if against is not None else 0
     report = {"kind": "recommend-report", "data": str(Path(data_dir).resolve()), "k": k, "splits": {}}
     for split in splits:
         if not len(data.splits[split]["user"]):

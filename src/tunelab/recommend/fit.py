@@ -9,12 +9,14 @@ with the chosen settings on train + validation, which is what the tests are scor
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tunelab.artifacts import kind_of
+from tunelab.artifacts import check_target, kind_of
 from tunelab.errors import UserError
 from tunelab.recommend import store
 from tunelab.recommend.data import Interactions
@@ -79,8 +81,11 @@ def _short(params: dict) -> str:
 
 
 def member(ref: str, data: Interactions, trials: int, seed: int, log) -> tuple[Recommender, list[dict]]:
+    """A hybrid member or a ranker's first stage: a recommender dir's settings, or a model name searched."""
     if kind_of(Path(ref)) == store.KIND:
         meta = store.load(ref).meta
+        if meta["model"] == "ranker":
+            raise UserError(f"{ref} is a two-stage ranker; use its first stage or another model here")
         return store.build(meta["model"], meta["params"]), []
     if ref not in SIMPLE:
         raise UserError(f"hybrid member '{ref}' is neither a model name ({', '.join(SIMPLE)}) nor a recommender dir")
@@ -117,21 +122,31 @@ def train_recommender(data_dir: str | Path, name: str, out: str | Path, trials: 
                       log=print) -> dict:
     """Search, refit on train + validation, save. Returns the recommender dir's `tunelab.json`."""
     data = load_data(data_dir)
+    check_target(Path(os.path.abspath(out)), store.KIND, overwrite)  # before the work, not after it
+    if name not in SIMPLE and name not in ("hybrid", "ranker"):
+        raise UserError(f"unknown recommender '{name}'; choose one of {', '.join(SIMPLE)}, hybrid, ranker")
+    if not data.targets("validation"):
+        raise UserError(f"{data_dir} has no validation interactions to choose settings on (every user has fewer "
+                        "than three warm interactions, or the validation share is 0); prepare it again")
     start = time.perf_counter()
-    extra = None
-    if name == "hybrid":
-        model, record = fit_hybrid(data, members or ["itemknn", "als", "text"], trials, seed, log)
-    elif name == "ranker":
-        from tunelab.recommend.ranker import fit_ranker  # imported inside: it loads torch and the training loop
+    extra, work = None, None
+    try:
+        if name == "hybrid":
+            model, record = fit_hybrid(data, members or ["itemknn", "als", "text"], trials, seed, log)
+        elif name == "ranker":
+            from tunelab.recommend.ranker import fit_ranker  # imported inside: it loads torch and the training loop
 
-        opts = ranker or {}
-        stage1, tried = member(str(opts.get("stage1") or "itemknn"), data, trials, seed, log)
-        model, record, extra = fit_ranker(data, opts, stage1, seed, log)
-        record["searches"] = {stage1.name: tried}
-    else:
-        params, tried = search(name, data, trials, seed, log)
-        model, record = simple(name, params), {"searches": {name: tried},
-                                               "validation_ndcg@10": max(t["ndcg@10"] for t in tried)}
-    model.fit(data.histories(*FINAL), Catalogue.of(data.items))
-    record["seconds"] = round(time.perf_counter() - start, 1)
-    return store.save(model, out, data, FINAL, record, overwrite, extra)
+            opts = ranker or {}
+            stage1, tried = member(str(opts.get("stage1") or "itemknn"), data, trials, seed, log)
+            model, record, extra, work = fit_ranker(data, opts, stage1, seed, log)
+            record["searches"] = {stage1.name: tried}
+        else:
+            params, tried = search(name, data, trials, seed, log)
+            model, record = simple(name, params), {"searches": {name: tried},
+                                                   "validation_ndcg@10": max(t["ndcg@10"] for t in tried)}
+        model.fit(data.histories(*FINAL), Catalogue.of(data.items))
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        return store.save(model, out, data, FINAL, record, overwrite, extra)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)

@@ -41,6 +41,10 @@ class Hybrid(Recommender):
                 total = part if total.shape[1] == 0 else total + part
         return total if total.shape[1] else np.zeros((len(histories), 1), np.float32)
 
+    def warm(self):
+        for m in self.members:
+            m.warm()
+
     def arrays(self):
         return {f"{k}.{name}": arr for k, m in enumerate(self.members) for name, arr in m.arrays().items()}
 

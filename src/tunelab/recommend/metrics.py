@@ -39,23 +39,29 @@ class UserScores:
 
 def rank_metrics(scores: np.ndarray, allowed: np.ndarray, relevant: list[np.ndarray], k: int) -> dict[str, np.ndarray]:
     """Per row of `scores` [users, items]: the metrics of ranking the `allowed` items by score against `relevant`
-    item indices (those not allowed are ignored; a row with none scores 0). Equal scores rank in item order."""
-    order = ranking(scores, allowed)
-    rel = np.zeros(allowed.shape, bool)
-    for row, items in enumerate(relevant):
-        rel[row, items] = True
-    rel &= allowed
-    n_rel = rel.sum(1)
-    ranked = np.take_along_axis(rel, order, 1)
-    hits = ranked[:, :k]
+    item indices (those not allowed are ignored; a row with none scores 0). Ties count against the model: a
+    relevant item ranks after every non-relevant item with an equal score (a constant scorer gets no credit for
+    the catalogue's order), and after the relevant items scored higher."""
+    n = len(scores)
+    out = {m: np.zeros(n) for m in METRICS}
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    ideal = np.cumsum(discounts)[np.clip(np.minimum(n_rel, k) - 1, 0, None)]
-    some = n_rel > 0
-    first = ranked.argmax(1)
-    return {"precision": hits.sum(1) / k,
-            "recall": np.divide(hits.sum(1), n_rel, out=np.zeros(len(rel)), where=some),
-            "ndcg": np.where(some, (hits * discounts[:hits.shape[1]]).sum(1) / ideal, 0.0),
-            "mrr": np.where(some, 1.0 / (first + 1), 0.0)}
+    for row in range(n):
+        ok = allowed[row]
+        rel = np.unique(relevant[row][ok[relevant[row]]])
+        if len(rel) == 0:
+            continue
+        s = scores[row].astype(np.float64)
+        other = np.where(ok, s, np.nan)  # NaN compares false: neither counted ahead nor behind
+        other[rel] = np.nan
+        rs = s[rel]
+        # 1 + non-relevant allowed items scored ≥ it + relevant items scored above it
+        ranks = 1 + (other[None, :] >= rs[:, None]).sum(1) + (rs[None, :] > rs[:, None]).sum(1)
+        top = ranks[ranks <= k]
+        out["precision"][row] = len(top) / k
+        out["recall"][row] = len(top) / len(rel)
+        out["ndcg"][row] = (1.0 / np.log2(top + 1)).sum() / discounts[:min(len(rel), k)].sum()
+        out["mrr"][row] = 1.0 / ranks.min()
+    return out
 
 
 def ranking(scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -84,9 +90,15 @@ def history_splits(split: str) -> tuple[str, ...]:
 
 def evaluate(model, data, split: str, k: int = 10, batch: int = 256) -> UserScores:
     """`model` (fitted on `history_splits(split)` of `data`) on `split`: every user with a target there, over the
-    full candidate set (warm items, or cold items for `cold_test`) minus their history."""
-    histories, targets = data.histories(*history_splits(split)), data.targets(split)
+    full candidate set (warm items, or cold items for `cold_test`) minus their history. `cold_test` is scored
+    from each user's history before their targets (`Interactions.cold_cases`), as a new history: no model state
+    learnt from later events is used."""
+    if split == "cold_test":
+        histories, targets = data.cold_cases()
+    else:
+        histories, targets = data.histories(*history_splits(split)), data.targets(split)
     users = np.array(sorted(targets), dtype=np.int64)
+    known = split != "cold_test"
     pool = data.cold if split == "cold_test" else ~data.cold
     values = {m: [] for m in METRICS}
     covered = np.zeros(data.n_items, bool)
@@ -96,7 +108,7 @@ def evaluate(model, data, split: str, k: int = 10, batch: int = 256) -> UserScor
         allowed = np.tile(pool, (len(chunk), 1))
         for row, h in enumerate(hist):
             allowed[row, h] = False
-        scores = model.score(hist, chunk, allowed)
+        scores = model.score(hist, chunk if known else np.full(len(chunk), -1), allowed)
         for m, v in rank_metrics(scores, allowed, [targets[u] for u in chunk], k).items():
             values[m].append(v)
         top = top_k(scores, allowed, k)

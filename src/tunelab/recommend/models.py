@@ -19,8 +19,10 @@ returns `arrays()` (what it saves) and is rebuilt by `build(name, params, arrays
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -88,6 +90,9 @@ class Recommender:
 
     def arrays(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def warm(self) -> None:
+        """Load now whatever scoring loads lazily (a server warms a model before it says it is ready)."""
 
     def load_arrays(self, arrays: dict[str, np.ndarray], catalogue: Catalogue) -> None:
         raise NotImplementedError
@@ -216,14 +221,15 @@ class _Factors(Recommender):
         return u @ self.item_factors.T
 
     def fold_in(self, history: np.ndarray) -> np.ndarray:
-        """The user factors that best explain `history` given the item factors (ALS's user step)."""
+        """The user factors that best explain `history` given the item factors: implicit's ALS user step
+        (confidence alpha on each history item, 1 elsewhere): (YᵀY + reg·I + (alpha − 1)·YₕᵀYₕ) x = alpha·Σ yₕ."""
         y = self.item_factors.astype(np.float64)
         alpha, reg = float(self.params.get("alpha", 1.0)), float(self.params.get("regularization", 0.01))
         if len(history) == 0:
             return np.zeros(y.shape[1], np.float32)
         yh = y[np.unique(history)]
-        a = y.T @ y + alpha * yh.T @ yh + reg * np.eye(y.shape[1])
-        return np.linalg.solve(a, (1 + alpha) * yh.sum(0)).astype(np.float32)
+        a = y.T @ y + reg * np.eye(y.shape[1]) + (alpha - 1) * yh.T @ yh
+        return np.linalg.solve(a, alpha * yh.sum(0)).astype(np.float32)
 
     def arrays(self):
         return {"user_factors": self.user_factors, "item_factors": self.item_factors}
@@ -267,13 +273,17 @@ class Text(Recommender):
 
     def __init__(self, params: dict | None = None):
         self.params = {**self.defaults, **(params or {})}
+        if Path(self.params["encoder"]).is_dir():  # a folder is recorded absolute: the model dir loads anywhere
+            self.params["encoder"] = str(Path(self.params["encoder"]).resolve())
         self._encoder = None
+        self._lock = threading.Lock()  # one load, however many request threads ask at once
 
     def encoder(self):
-        if self._encoder is None:
-            from tunelab.rag.index import Encoder  # imported inside: loads torch and transformers
+        with self._lock:
+            if self._encoder is None:
+                from tunelab.rag.index import Encoder  # imported inside: loads torch and transformers
 
-            self._encoder = Encoder(self.params["encoder"], max_length=int(self.params["max_length"]))
+                self._encoder = Encoder(self.params["encoder"], max_length=int(self.params["max_length"]))
         return self._encoder
 
     def fit(self, histories, catalogue):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,15 @@ class TwoStage(Recommender):
                                                                              "params": stage1.params}}
         self.folder = folder
         self._classifier = None
+        self._lock = threading.Lock()  # request threads share the classifier and its tokenizer
 
     def fit(self, histories, catalogue):
         self.stage1.fit(histories, catalogue)
         self.catalogue = catalogue
 
     def classifier(self):
+        if self.folder is None or not (Path(self.folder) / "ranker").is_dir():
+            raise UserError(f"the ranker's classifier is missing ({self.folder}/ranker); train it again")
         if self._classifier is None:
             from tunelab.models import load_model_dir  # imported inside: loads torch and transformers
             from tunelab.tasks.classification import ClassificationTask  # imported inside: loads torch
@@ -71,14 +75,24 @@ class TwoStage(Recommender):
         """p(yes) per rendered text."""
         from tunelab.tasks.classification import softmax  # imported inside: loads torch
 
-        model, task = self.classifier()
-        enc = task.encode([{"text": t} for t in texts], labelled=False)
-        return softmax(task.logits(model, enc, batch_size=64))[:, task.labels.index("yes")]
+        with self._lock:
+            model, task = self.classifier()
+            enc = task.encode([{"text": t} for t in texts], labelled=False)
+            logits = task.logits(model, enc, batch_size=64)
+        return softmax(logits)[:, task.labels.index("yes")]
+
+    def warm(self) -> None:
+        """Load the classifier now (a server loads before it is ready, not on the first request)."""
+        with self._lock:
+            self.classifier()
 
     def score(self, histories, users, allowed=None):
         first = self.stage1.score(histories, users, allowed)
         ok = np.ones_like(first, bool) if allowed is None else allowed
         out = standardise(first, ok)
+        w = float(self.params.get("blend", 1.0))
+        if w == 0:  # validation chose the first stage alone: no classifier call
+            return out
         cands = top_k(first, ok, int(self.params["candidates"]))
         texts, where = [], []
         titles, full = self.catalogue.titles, self.catalogue.texts
@@ -95,7 +109,6 @@ class TwoStage(Recommender):
         interest = np.full(first.shape, np.nan, np.float32)
         interest[rows, cols] = p
         mask = ~np.isnan(interest)
-        w = float(self.params.get("blend", 1.0))
         blend = w * standardise(np.nan_to_num(interest), mask) + (1 - w) * standardise(first, mask)
         out[mask] = 100.0 + blend[mask]  # the candidates above everything else
         return out
@@ -163,7 +176,8 @@ def _truncated_base(ref: str, layers: int, out: Path) -> str:
 
 def fit_ranker(data: Interactions, opts: dict, stage1: Recommender, seed: int, log=print):
     """The classifier's data from `stage1` (its settings chosen), its training through the loop, the blend.
-    Returns (model, record, extra) where `extra(tmp)` copies the classifier's model dir into the recommender dir."""
+    Returns (model, record, extra, work): `extra(tmp)` copies the classifier's model dir into the recommender dir;
+    `work` is the scratch folder, which the caller removes."""
     from tunelab.train.loop import train as train_loop  # imported inside: loads torch and transformers
 
     opts = {**DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
@@ -200,20 +214,10 @@ def fit_ranker(data: Interactions, opts: dict, stage1: Recommender, seed: int, l
         def extra(tmp: Path):
             shutil.copytree(work / "ranker", tmp / "ranker")
 
-        return model, record, _after(extra, work)
+        return model, record, extra, work
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-
-
-def _after(extra, work: Path):
-    """`extra`, then the scratch folder removed."""
-    def run(tmp: Path):
-        try:
-            extra(tmp)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return run
 
 
 def _choose_blend(model: TwoStage, data: Interactions) -> tuple[float, dict[float, float]]:

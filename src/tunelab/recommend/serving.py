@@ -26,6 +26,7 @@ class Recommendations:
         for h in self.loaded.histories:
             np.add.at(self.popularity, h, 1.0)
         self.text = _text_model(self.loaded.model)
+        self.loaded.model.warm()
 
     @property
     def model_name(self) -> str:
