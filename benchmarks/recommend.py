@@ -38,8 +38,11 @@ BASELINES = ("popularity", "genre-popularity", "random")
 
 
 def _latency(path: Path, candidates: int, users: list[str], repeats: int = 1) -> dict:
+    """Per request, one user at a time; the classifier always runs (a blend of 0 chosen on validation would skip
+    it: then the model is its first stage, whose latency is not the two-stage cost)."""
     rec = Recommendations(path)
     rec.loaded.model.params["candidates"] = candidates
+    rec.loaded.model.params["blend"] = rec.loaded.model.params.get("blend") or 0.25
     rec.recommend(user=users[0], k=10)  # warm-up: the classifier loads
     times = []
     for _ in range(repeats):
@@ -99,7 +102,8 @@ def main() -> None:
     for t in targets.values():
         if "ratio" in t:
             t["met"] = t["ratio"] >= t["target"]
-    targets["two_stage_p50_ms"]["met_at"] = [r["candidates"] for r in latency if r["p50_ms"] <= 50]
+    met = [r["candidates"] for r in latency if r["p50_ms"] <= 50]
+    targets["two_stage_p50_ms"]["met_at"] = met
     result = {"benchmark": "recommend", "data": "MovieLens-100K (builtin:movielens-100k), leave-last-out, 10% cold items",
               "trials_per_searched_model": args.trials, "machine": {"cpus": os.cpu_count(),
                                                                     "processor": platform.processor()},

@@ -22,12 +22,13 @@ def evaluate_models(data_dir: str | Path, model_dirs: list[str | Path], splits: 
                     k: int = 10, n_boot: int = 1000, seed: int = 0, against: str | None = None) -> dict:
     data = load_data(data_dir)
     loaded = []
-    for d in model_dirs:
-        rec = store.load(d)
-        if rec.meta["data"]["fingerprint"] != data.meta.get("fingerprint"):
-            raise UserError(f"{d} was fitted on other data ({rec.meta['data']['path']}); evaluate it on that "
+    for d in model_dirs:  # every model checked before any is loaded
+        meta = store.read_meta(d)
+        if meta["data"]["fingerprint"] != data.meta.get("fingerprint"):
+            raise UserError(f"{d} was fitted on other data ({meta['data']['path']}); evaluate it on that "
                             "interactions dir, or train it on this one")
-        loaded.append(rec)
+    for d in model_dirs:
+        loaded.append(store.load(d))
     names = _names(loaded)
     if against is not None and against not in names:
         raise UserError(f"--against {against}: no such model; the models are {', '.join(names)}")

@@ -36,7 +36,8 @@ SPACES: dict[str, dict[str, tuple]] = {
             "alpha": ("choice", [0.5, 1.0, 2.0, 5.0, 10.0, 20.0]), "iterations": ("choice", [10, 15, 30])},
     "bpr": {"factors": ("choice", [16, 32, 64, 128]), "learning_rate": ("log", 3e-3, 0.1),
             "regularization": ("log", 1e-4, 0.1), "iterations": ("choice", [50, 100, 200])},
-    "text": {"decay": ("choice", [0.0, 0.05, 0.1, 0.2, 0.3, 0.5])},
+    "text": {"decay": ("choice", [0.0, 0.05, 0.1, 0.2, 0.3, 0.5]), "prior": ("choice", [0.0, 0.5, 1.0, 2.0]),
+             "prior_l2": ("choice", [1.0, 10.0])},
 }
 
 
@@ -83,7 +84,7 @@ def _short(params: dict) -> str:
 def member(ref: str, data: Interactions, trials: int, seed: int, log) -> tuple[Recommender, list[dict]]:
     """A hybrid member or a ranker's first stage: a recommender dir's settings, or a model name searched."""
     if kind_of(Path(ref)) == store.KIND:
-        meta = store.load(ref).meta
+        meta = store.read_meta(ref)
         if meta["model"] == "ranker":
             raise UserError(f"{ref} is a two-stage ranker; use its first stage or another model here")
         return store.build(meta["model"], meta["params"]), []

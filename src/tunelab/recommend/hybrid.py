@@ -8,18 +8,7 @@ import itertools
 import numpy as np
 
 from tunelab.recommend.metrics import rank_metrics
-from tunelab.recommend.models import Recommender
-
-
-def standardise(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
-    """Per row, (s − mean) / std over the allowed entries (all when None); a constant row becomes 0."""
-    s = scores.astype(np.float32)
-    mask = np.ones_like(s, bool) if allowed is None else allowed
-    n = np.maximum(mask.sum(1, keepdims=True), 1)
-    mean = np.where(mask, s, 0).sum(1, keepdims=True) / n
-    var = np.where(mask, (s - mean) ** 2, 0).sum(1, keepdims=True) / n
-    std = np.sqrt(var)
-    return np.divide(s - mean, std, out=np.zeros_like(s), where=std > 1e-12)
+from tunelab.recommend.models import Recommender, standardise
 
 
 class Hybrid(Recommender):

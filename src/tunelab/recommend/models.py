@@ -2,8 +2,8 @@
 time order, most recent last); higher is better. The evaluation and the server then drop what is not a candidate.
 
 - `popularity`: interactions per item in the data it was fitted on.
-- `genre-popularity`: an item scored by the mean share of training interactions of its categories (it scores items
-  nobody has seen, so it is the cold-start baseline).
+- `genre-popularity`: an item scored by how much the user picks its categories (smoothed by their overall
+  popularity); it scores items nobody has seen, so it is the cold-start baseline.
 - `random`: seeded random scores (the floor).
 - `itemknn`: item-item cosine over co-interactions (shrunk, each item's `neighbors` best kept), a user's score the
   sum of the similarities of their history items, the most recent ones weighted most (`decay` per step back).
@@ -11,10 +11,11 @@ time order, most recent last); higher is better. The evaluation and the server t
   is scored with the factors learnt for them; a new history is folded in by one least-squares solve against the
   item factors (exact for ALS, an approximation for BPR).
 - `text`: item embeddings from a sentence encoder over the item text (MiniLM or a fine-tuned retrieval model dir);
-  a user is the recency-weighted mean of their history's embeddings, scored by cosine. It scores cold items.
+  a user is the recency-weighted mean of their history's embeddings, scored by cosine, plus (weight `prior`) the
+  popularity a ridge regression reads from an item's embedding. It scores cold items.
 
 `hybrid.py` blends them; `ranker.py` re-ranks one's top candidates with a fine-tuned language model. Every model
-returns `arrays()` (what it saves) and is rebuilt by `build(name, params, arrays, catalogue)` with identical scores.
+returns `arrays()` (what it saves); `store.build(name, params)` + `load_arrays` rebuild it with identical scores.
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ def recency_weights(histories: list[np.ndarray], n_items: int, decay: float) -> 
                          shape=(len(histories), n_items))
 
 
+def standardise(scores: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """Per row, (s − mean) / std over the allowed entries (all when None); a constant row becomes 0."""
+    s = scores.astype(np.float32)
+    mask = np.ones_like(s, bool) if allowed is None else allowed
+    n = np.maximum(mask.sum(1, keepdims=True), 1)
+    mean = np.where(mask, s, 0).sum(1, keepdims=True) / n
+    var = np.where(mask, (s - mean) ** 2, 0).sum(1, keepdims=True) / n
+    std = np.sqrt(var)
+    return np.divide(s - mean, std, out=np.zeros_like(s), where=std > 1e-12)
+
+
 class Recommender:
     """The interface. `users`: the index of each history's user in the data the model was fitted on, -1 for a
     history given explicitly (a model with per-user state falls back to the history)."""
@@ -117,18 +129,42 @@ class Popularity(Recommender):
         self.counts = arrays["counts"]
 
 
-class GenrePopularity(Popularity):
+class GenrePopularity(Recommender):
+    """How much a user picks an item's categories: the mean, over the item's categories, of their share in the
+    user's history, smoothed by their share of all training interactions (one pseudo-interaction spread by it; a
+    user with no history gets the global shares). Items with the same categories tie: a fixed seeded jitter far
+    below any share difference breaks the ties at random (the metrics would otherwise count each tie against it)."""
+
     name = "genre-popularity"
 
+    def __init__(self, params: dict | None = None):
+        self.params = {"seed": 0, **(params or {})}
+
     def fit(self, histories, catalogue):
+        names = sorted({g for cats in catalogue.categories for g in cats})
+        index = {g: k for k, g in enumerate(names)}
+        member = np.zeros((catalogue.n_items, max(1, len(names))), np.float32)
+        for i, cats in enumerate(catalogue.categories):
+            for g in set(cats):
+                member[i, index[g]] = 1.0
         counts = np.asarray(interaction_matrix(histories, catalogue.n_items).sum(0)).ravel()
-        share: dict[str, float] = {}
-        for c, cats in zip(counts, catalogue.categories):
-            for g in cats:
-                share[g] = share.get(g, 0.0) + float(c)
-        total = sum(share.values()) or 1.0
-        self.counts = np.array([np.mean([share[g] / total for g in cats]) if cats else 0.0
-                                for cats in catalogue.categories], dtype=np.float32)
+        total = counts @ member
+        self.member = member
+        self.global_share = (total / max(total.sum(), 1e-12)).astype(np.float32)
+        self.jitter = (np.random.default_rng(int(self.params["seed"])).random(catalogue.n_items) * 1e-6
+                       ).astype(np.float32)
+
+    def score(self, histories, users, allowed=None):
+        picked = interaction_matrix(histories, len(self.member)) @ self.member  # users × categories
+        share = (picked + self.global_share) / (picked.sum(1, keepdims=True) + 1.0)
+        per_item = np.maximum(self.member.sum(1), 1.0)
+        return (share @ self.member.T / per_item + self.jitter).astype(np.float32)
+
+    def arrays(self):
+        return {"member": self.member, "global_share": self.global_share, "jitter": self.jitter}
+
+    def load_arrays(self, arrays, catalogue):
+        self.member, self.global_share, self.jitter = arrays["member"], arrays["global_share"], arrays["jitter"]
 
 
 class Random(Popularity):
@@ -268,8 +304,12 @@ _EMBEDDED: dict[tuple, np.ndarray] = {}  # the last catalogue's embeddings
 
 
 class Text(Recommender):
+    """Content-based: the user's recency-weighted mean embedding, by cosine; plus, with weight `prior`, how popular
+    an item's text says it is (a ridge regression from the embeddings of the items with interactions to their
+    log count, `prior_l2` its penalty), which ranks items nobody has picked yet (each part standardised)."""
+
     name = "text"
-    defaults = {"encoder": "builtin:minilm-l6", "decay": 0.1, "max_length": 64}
+    defaults = {"encoder": "builtin:minilm-l6", "decay": 0.1, "max_length": 64, "prior": 0.0, "prior_l2": 1.0}
 
     def __init__(self, params: dict | None = None):
         self.params = {**self.defaults, **(params or {})}
@@ -292,6 +332,13 @@ class Text(Recommender):
             _EMBEDDED.clear()
             _EMBEDDED[key] = self.encoder()(catalogue.texts)
         self.embeddings = _EMBEDDED[key]
+        counts = np.asarray(interaction_matrix(histories, catalogue.n_items).sum(0)).ravel()
+        seen = counts > 0  # an item nobody picked is unknown, not unpopular: it stays out of the fit
+        x, y = self.embeddings[seen].astype(np.float64), np.log1p(counts[seen])
+        self.prior_scores = np.zeros(catalogue.n_items, np.float32)
+        if seen.sum() > 1:
+            a = x.T @ x + float(self.params["prior_l2"]) * np.eye(x.shape[1])
+            self.prior_scores = (self.embeddings @ np.linalg.solve(a, x.T @ (y - y.mean()))).astype(np.float32)
 
     def profiles(self, histories: list[np.ndarray]) -> np.ndarray:
         w = recency_weights(histories, len(self.embeddings), float(self.params["decay"]))
@@ -300,20 +347,27 @@ class Text(Recommender):
         return np.divide(prof, norm, out=np.zeros_like(prof), where=norm > 0)
 
     def score(self, histories, users, allowed=None):
-        return self.profiles(histories) @ self.embeddings.T
+        return self._with_prior(self.profiles(histories) @ self.embeddings.T, allowed)
+
+    def _with_prior(self, cosine: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+        w = float(self.params["prior"])
+        if not w:
+            return cosine
+        prior = np.broadcast_to(self.prior_scores, cosine.shape)
+        return standardise(cosine, allowed) + w * standardise(prior, allowed)
 
     def score_texts(self, texts: list[str]) -> np.ndarray:
         """A history given as texts (items the catalogue may not have), the latest last → scores [n_items]."""
         emb = self.encoder()(texts)
         w = np.exp(-float(self.params["decay"]) * np.arange(len(texts))[::-1]).astype(np.float32)
         prof = w @ emb
-        return self.embeddings @ (prof / max(float(np.linalg.norm(prof)), 1e-12))
+        return self._with_prior((self.embeddings @ (prof / max(float(np.linalg.norm(prof)), 1e-12)))[None], None)[0]
 
     def arrays(self):
-        return {"embeddings": self.embeddings}
+        return {"embeddings": self.embeddings, "prior_scores": self.prior_scores}
 
     def load_arrays(self, arrays, catalogue):
-        self.embeddings = arrays["embeddings"]
+        self.embeddings, self.prior_scores = arrays["embeddings"], arrays["prior_scores"]
 
 
 SIMPLE = {cls.name: cls for cls in (Popularity, GenrePopularity, Random, ItemKNN, ALS, BPR, Text)}

@@ -1,17 +1,18 @@
 """`ranker`: two stages, as production recommenders do. A first-stage recommender (item-kNN by default, or any
 model, a hybrid included) retrieves each user's top `candidates`; a language model fine-tuned through the
-training loop as a classifier reads (candidate item text, the user's recent history as text) and says how likely
-the user is to pick the candidate next: its probability of `yes` is the interest score.
+training loop as a classifier reads "#RANK candidate item text || recently: the user's last titles" (RANK: the
+candidate's place in the first stage's list) and says how likely the user is to pick the candidate next: its
+probability of `yes` is the interest score.
 
-The classifier's data comes from the train split only: for each user, the last `positions` items of their train
-history are positives (the history before each one is what the ranker reads), and `negatives` of the first stage's
-top candidates for that history that the user never chose are the negatives (hard ones: what the first stage
-would have shown). Its validation rows come from the validation split. The ranker's base is MiniLM cut to its
-first `layers` layers (fast enough to re-rank per request on a CPU), or any classifier base.
+The classifier's data comes from the train split only: each user's train history is replayed at its last
+`positions` steps; where the first stage, reading the history before that step, lists the item the user picked
+next, that item is a positive, and `negatives` other items of the same list are the negatives (hard ones: what the
+first stage would have shown). Its validation rows come from the validation split the same way. The ranker's base
+is MiniLM cut to its first `layers` layers (fast enough to re-rank per request on a CPU), or any classifier base.
 
 The final order: the candidates first, by `blend` × standardised interest + (1 − `blend`) × standardised
-first-stage score (`blend` chosen on validation; 0 would be the first stage alone), then every other item by its
-first-stage score.
+first-stage score (`blend` chosen on validation; 0 is the first stage alone, and then the classifier is not
+called), then every other item by its first-stage score.
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ from tunelab.recommend.metrics import rank_metrics, top_k
 from tunelab.recommend.models import Catalogue, Recommender
 from tunelab.terminal import make_console
 
-DEFAULTS = {"stage1": "itemknn", "candidates": 20, "negatives": 4, "positions": 2, "history": 5,
+DEFAULTS = {"stage1": "itemknn", "candidates": 20, "negatives": 4, "positions": 10, "history": 5,
             "base": "builtin:minilm-l6", "layers": 2, "max_length": 80, "epochs": 2.0, "batch_size": 32,
             "lr": 1e-4, "seed": 0}
 BLENDS = (0.0, 0.25, 0.5, 0.75, 1.0)
 LABELS = ("no", "yes")
 
 
-def render(candidate: str, recent: list[str]) -> str:
-    """The classifier's input: the candidate first (truncation cuts the oldest history, never the candidate)."""
-    return f"{candidate} || recently: " + "; ".join(recent) if recent else f"{candidate} || recently: nothing yet"
+def render(candidate: str, recent: list[str], rank: int) -> str:
+    """The classifier's input: the candidate's place in the first stage's list, the candidate, then the recent
+    history, latest first (truncation cuts the oldest history, never the candidate)."""
+    return f"#{rank} {candidate} || recently: " + ("; ".join(recent) if recent else "nothing yet")
 
 
 class TwoStage(Recommender):
@@ -72,13 +74,15 @@ class TwoStage(Recommender):
         return self._classifier
 
     def interest(self, texts: list[str]) -> np.ndarray:
-        """p(yes) per rendered text."""
+        """p(yes) per rendered text; bf16 autocast where the CPU computes bf16 natively (as the server's encoders)."""
         from tunelab.tasks.classification import softmax  # imported inside: loads torch
+        from tunelab.train.precision import autocast, resolve_precision  # imported inside: loads torch
 
         with self._lock:
             model, task = self.classifier()
             enc = task.encode([{"text": t} for t in texts], labelled=False)
-            logits = task.logits(model, enc, batch_size=64)
+            with autocast(resolve_precision("auto", "cpu"), "cpu"):
+                logits = task.logits(model, enc, batch_size=64)
         return softmax(logits)[:, task.labels.index("yes")]
 
     def warm(self) -> None:
@@ -99,8 +103,8 @@ class TwoStage(Recommender):
         n_hist = int(self.params["history"])
         for row, (h, cs) in enumerate(zip(histories, cands)):
             recent = [titles[i] for i in h[::-1][:n_hist]]
-            for c in cs[cs >= 0]:
-                texts.append(render(full[c], recent))
+            for rank, c in enumerate(cs[cs >= 0], 1):
+                texts.append(render(full[c], recent, rank))
                 where.append((row, c))
         if not texts:
             return out
@@ -131,11 +135,13 @@ def _examples(data: Interactions, stage1: Recommender, opts: dict, rng: np.rando
 
     def add(split: str, history: np.ndarray, chosen: np.ndarray, cands: np.ndarray):
         recent = [titles[i] for i in history[::-1][:n_hist]]
+        place = {int(c): r for r, c in enumerate(cands.tolist(), 1) if c >= 0}
+        chosen = [i for i in chosen.tolist() if i in place]  # what the ranker will see: the first stage's list
         for i in chosen:
-            rows[split].append({"text": render(texts[i], recent), "label": "yes", "split": split})
-        pool = [c for c in cands if c >= 0 and c not in set(chosen.tolist())]
-        for c in rng.permutation(pool)[:n_neg * len(chosen)]:
-            rows[split].append({"text": render(texts[c], recent), "label": "no", "split": split})
+            rows[split].append({"text": render(texts[i], recent, place[i]), "label": "yes", "split": split})
+        pool = [c for c in place if c not in set(chosen)]
+        for c in rng.permutation(pool)[:n_neg * len(chosen)].tolist():
+            rows[split].append({"text": render(texts[c], recent, place[c]), "label": "no", "split": split})
 
     cases = [(h[:len(h) - back], h[len(h) - back:len(h) - back + 1], "train", h)
              for h in train for back in range(1, int(opts["positions"]) + 1) if len(h) > back]

@@ -76,11 +76,17 @@ class Loaded:
         return np.array([bool(row.get("cold")) for row in self.items])
 
 
-def load(path: str | Path) -> Loaded:
+def read_meta(path: str | Path) -> dict:
+    """A recommender dir's `tunelab.json`; another folder is a `UserError`."""
     path = Path(path)
     if kind_of(path) != KIND:
         raise UserError(f"{path} is not a recommender dir; create one with `tunelab recommend train`")
-    meta = read_json_file(path / META_FILE, f"{path} has no {META_FILE}")
+    return read_json_file(path / META_FILE, f"{path} has no {META_FILE}")
+
+
+def load(path: str | Path) -> Loaded:
+    path = Path(path)
+    meta = read_meta(path)
     items = [json.loads(line) for line in (path / "items.jsonl").read_text(encoding="utf-8").splitlines()]
     users = json.loads((path / "users.json").read_text(encoding="utf-8"))
     with np.load(path / "history.npz") as h:

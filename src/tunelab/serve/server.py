@@ -147,8 +147,13 @@ def serve(cfg: ServeConfig, out=print) -> int:
         for r in guard.state.registry.rag:
             out(f"  model {r.id:<28} {'generate':<9} {'knowledge':<12} {r.index}, answered by {r.model}")
         auth = '-H "Authorization: Bearer $KEY" ' if keys else ""
-        if gen:
+        rec = next((s.id for s in specs if s.kind == "recommend"), None)
+        if gen or rec:
             out("try:")
+        if rec:
+            out(f"  curl {url}/v1/recommend {auth}-H 'Content-Type: application/json' "
+                f"-d '{{\"model\": \"{rec}\", \"user\": \"USER ID\", \"k\": 10}}'")
+        if gen:
             out(f"  curl {url}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
                 f"-d '{{\"model\": \"{gen}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'")
             key = 'os.environ["KEY"]' if keys else '"none"'
