@@ -153,17 +153,23 @@ def test_a_missing_column_is_one_clear_error(raw, tmp_path):
 
 def test_cold_cases_read_only_the_past(data_dir):
     data = load(data_dir)
-    histories, targets = data.cold_cases()
+    histories, targets, earlier = data.cold_cases()
     assert targets
-    events = data.events("train", "validation")
     cold = data.splits["cold_test"]
-    for u, items in targets.items():
-        when = {i: t for uu, i, t in zip(cold["user"].tolist(), cold["item"].tolist(), cold["timestamp"].tolist())
-                if uu == u}
-        first = min(when[i] for i in items.tolist())
-        seen, ts = events[u]
-        assert len(histories[u]) and ts[:len(histories[u])].max() < first
-        assert np.array_equal(histories[u], seen[ts < first])
+    for u in range(data.n_users):
+        picks = sorted((t, i) for uu, i, t in zip(cold["user"].tolist(), cold["item"].tolist(),
+                                                 cold["timestamp"].tolist()) if uu == u)
+        warm = sorted((t, n, i) for n, (uu, i, t) in enumerate(
+            zip(*(np.concatenate([data.splits[s][c] for s in ("train", "validation")]).tolist()
+                  for c in ("user", "item", "timestamp")))) if uu == u)
+        middle = warm[len(warm) // 2][0] if warm else None
+        after = [i for t, i in picks if middle is not None and t > middle]
+        assert sorted(targets.get(u, np.array([], int)).tolist()) == sorted(after)
+        assert sorted(earlier.get(u, np.array([], int)).tolist()) == sorted(i for t, i in picks if i not in after) \
+            or u not in targets
+        if after:
+            first = min(t for t, i in picks if i in after)
+            assert sorted(histories[u].tolist()) == sorted(i for t, _, i in warm if t < first)
 
 
 def test_metrics_equal_hand_computed_values():
@@ -182,6 +188,10 @@ def test_metrics_equal_hand_computed_values():
     assert ties.tolist() == [[0, 2, 3]]  # a list shows equal scores in item order…
     flat = rank_metrics(np.zeros((1, 4)), np.ones((1, 4), bool), [np.array([0])], k=2)
     assert flat["ndcg"][0] == 0 and flat["mrr"][0] == pytest.approx(1 / 4)  # …but a tie earns a model nothing
+    pair = rank_metrics(np.array([[1.0, 1.0, 0.0]]), np.ones((1, 3), bool), [np.array([0, 1])], k=2)
+    assert pair["ndcg"][0] == pytest.approx(1.0) and pair["precision"][0] == 1.0  # tied relevant: places 1 and 2
+    nan = rank_metrics(np.array([[np.nan, 0.5, 0.9]]), np.ones((1, 3), bool), [np.array([0])], k=2)
+    assert nan["ndcg"][0] == 0 and nan["mrr"][0] == pytest.approx(1 / 3)  # a NaN score ranks last
     z = standardise(np.array([[1.0, 2.0, 3.0, 100.0]]), np.array([[True, True, True, False]]))
     assert z[0, :3] == pytest.approx([-1.2247, 0, 1.2247], abs=1e-3)
 
@@ -243,14 +253,15 @@ def test_collaborative_models_beat_random_and_only_content_scores_cold_items(tra
     assert ndcg["itemknn"] > ndcg["random"] + 0.1  # users keep to one genre: item-kNN finds it
     cold = evaluate(store.load(trained["itemknn"]).model, data, "cold_test")
     assert cold.candidates == data.cold.sum() and len(cold.values["ndcg"]) > 0
-    # it cannot tell cold items apart (all score 0): each relevant one ranks behind every other candidate
-    _, targets = data.cold_cases()
+    # it cannot tell cold items apart (all score 0): the relevant ones take the last places
+    _, targets, earlier = data.cold_cases()
     expected = []
     for u in sorted(targets):
         n_rel = len(set(targets[u].tolist()))
-        rank = 1 + cold.candidates - n_rel
+        pool = cold.candidates - len(set(earlier[u].tolist()))
+        ranks = [pool - n_rel + 1 + p for p in range(n_rel)]
         ideal = sum(1 / math.log2(r + 2) for r in range(min(n_rel, 10)))
-        expected.append(n_rel / math.log2(rank + 1) / ideal if rank <= 10 else 0.0)
+        expected.append(sum(1 / math.log2(r + 1) for r in ranks if r <= 10) / ideal)
     assert cold.values["ndcg"] == pytest.approx(expected)
     report = _cli("recommend", "eval", str(data_dir), str(trained["itemknn"]), str(trained["als"]),
                   str(trained["hybrid"]))
@@ -315,25 +326,33 @@ def test_two_stage_ranker_trains_through_the_loop_and_round_trips(data_dir, trai
     assert np.array_equal(a.values["ndcg"], b.values["ndcg"])
     answer = Recommendations(tmp_path / "ranker").recommend(user="u1", k=3)
     assert answer["strategy"] == "ranker" and len(answer["items"]) == 3
+    with pytest.raises(UserError, match="two-stage ranker"):
+        train_recommender(data_dir, "hybrid", tmp_path / "h", members=[str(tmp_path / "ranker"), "popularity"],
+                          log=lambda _: None)
 
 
-def test_als_fold_in_matches_the_learnt_user_factors(trained, data_dir):
-    """A known user's history folded in against the item factors gives (nearly) the factors ALS learnt for them."""
+def test_als_fold_in_is_implicits_user_step(trained, data_dir):
+    """A history folded in equals implicit's own exact least-squares user step on the same item factors."""
+    from implicit.cpu.als import user_linear_equation
+
+    from tunelab.recommend.models import interaction_matrix
+
     model = store.load(trained["als"]).model
-    hist = load(data_dir).histories("train", "validation")
-    learnt = model.user_factors[:10]
-    folded = np.stack([model.fold_in(h) for h in hist[:10]])
-    cos = (learnt * folded).sum(1) / (np.linalg.norm(learnt, axis=1) * np.linalg.norm(folded, axis=1))
-    assert cos.min() > 0.9
+    hist = load(data_dir).histories("train", "validation")[:10]
+    y = model.item_factors.astype(np.float64)
+    alpha, reg = float(model.params["alpha"]), float(model.params["regularization"])
+    cui = (alpha * interaction_matrix(hist, len(y))).tocsr()
+    for u, h in enumerate(hist):
+        a, b = user_linear_equation(y, y.T @ y, cui, u, reg, y.shape[1])
+        assert np.allclose(model.fold_in(h), np.linalg.solve(a, b), atol=1e-4)
 
 
-def test_training_needs_validation_rows_and_a_free_target(raw, data_dir, trained, tmp_path):
-    prepare(PrepareSpec(str(raw[0]), str(raw[1])), tmp_path / "d")
+def test_training_needs_validation_rows_and_a_free_target(data_dir, trained, tmp_path):
     with pytest.raises(UserError, match="already holds"):
         train_recommender(data_dir, "itemknn", trained["itemknn"], trials=1, log=lambda _: None)
     short = [{"user": f"u{n % 30}", "item": f"i{n}", "timestamp": str(n)} for n in range(50)]
     prepare(PrepareSpec(str(_write(tmp_path / "short.csv", short)), cold_items=0.0), tmp_path / "short")
     with pytest.raises(UserError, match="no validation interactions"):
         train_recommender(tmp_path / "short", "itemknn", tmp_path / "m", trials=1, log=lambda _: None)
-    with pytest.raises(UserError, match="two-stage ranker|unknown recommender"):
+    with pytest.raises(UserError, match="unknown recommender"):
         train_recommender(data_dir, "nonsense", tmp_path / "m2", trials=1, log=lambda _: None)

@@ -286,7 +286,7 @@ def prepare(spec: PrepareSpec, out: str | Path, overwrite: bool = False) -> dict
         raise UserError("--split time needs a validation and a test share above 0 (models are chosen on "
                         "validation and scored on test)")
     read = _read_interactions(inter_path, spec)
-    bad = sum(v for k, v in read.counts.items() if k != "below_min_rating")
+    bad = sum(v for k, v in read.counts.items() if k not in ("below_min_rating", "repeated_interaction"))
     if bad > spec.max_drop_rate * max(1, read.read):
         top = ", ".join(f"{k}={v:,}" for k, v in sorted(read.counts.items(), key=lambda kv: -kv[1])[:3])
         raise UserError(f"{inter_path}: {bad / read.read:.1%} of {read.read:,} rows are unusable (limit "
@@ -373,14 +373,16 @@ class Interactions:
         bounds = np.searchsorted(user, np.arange(self.n_users + 1))
         return [(item[bounds[u]:bounds[u + 1]], ts[bounds[u]:bounds[u + 1]]) for u in range(self.n_users)]
 
-    def cold_cases(self) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
-        """The cold-start split without the future: per user, the targets are the cold items picked after the
-        middle of their warm history (train + validation, by time) and the history is the warm items picked
-        strictly before the first of those targets. Returns (histories per user index, user → targets)."""
+    def cold_cases(self) -> tuple[list[np.ndarray], dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """The cold-start split without the user's future: per user, the targets are the cold items picked after
+        the middle of their warm history (train + validation, by time) and the history is the warm items picked
+        strictly before the first of those targets. Returns (histories per user index, user → targets, user → the
+        cold items they picked earlier, which are neither)."""
         warm = self.events("train", "validation")
         cold = self.splits["cold_test"]
         histories = [np.zeros(0, np.int64)] * self.n_users
         targets: dict[int, np.ndarray] = {}
+        earlier: dict[int, np.ndarray] = {}
         for u in np.unique(cold["user"]).tolist():
             items, ts = warm[u]
             if not len(items):
@@ -389,8 +391,9 @@ class Interactions:
             later = ts[len(ts) // 2] < cold["timestamp"][mine]
             if later.any():
                 targets[u] = cold["item"][mine][later]
+                earlier[u] = cold["item"][mine][~later]
                 histories[u] = items[ts < cold["timestamp"][mine][later].min()]
-        return histories, targets
+        return histories, targets, earlier
 
     def targets(self, name: str) -> dict[int, np.ndarray]:
         """user index → the item indices that user interacted with in split `name`."""

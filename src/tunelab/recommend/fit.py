@@ -139,7 +139,8 @@ def train_recommender(data_dir: str | Path, name: str, out: str | Path, trials: 
 
             opts = ranker or {}
             stage1, tried = member(str(opts.get("stage1") or "itemknn"), data, trials, seed, log)
-            model, record, extra, work = fit_ranker(data, opts, stage1, seed, log)
+            model, record, extra, work = fit_ranker(data, opts, lambda: store.build(stage1.name, stage1.params),
+                                                    seed, log)
             record["searches"] = {stage1.name: tried}
         else:
             params, tried = search(name, data, trials, seed, log)

@@ -41,7 +41,7 @@ def rank_metrics(scores: np.ndarray, allowed: np.ndarray, relevant: list[np.ndar
     """Per row of `scores` [users, items]: the metrics of ranking the `allowed` items by score against `relevant`
     item indices (those not allowed are ignored; a row with none scores 0). Ties count against the model: a
     relevant item ranks after every non-relevant item with an equal score (a constant scorer gets no credit for
-    the catalogue's order), and after the relevant items scored higher."""
+    the catalogue's order); relevant items with equal scores take consecutive places; a NaN score ranks last."""
     n = len(scores)
     out = {m: np.zeros(n) for m in METRICS}
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
@@ -50,12 +50,14 @@ def rank_metrics(scores: np.ndarray, allowed: np.ndarray, relevant: list[np.ndar
         rel = np.unique(relevant[row][ok[relevant[row]]])
         if len(rel) == 0:
             continue
-        s = scores[row].astype(np.float64)
+        s = np.nan_to_num(scores[row].astype(np.float64), nan=-np.inf)
         other = np.where(ok, s, np.nan)  # NaN compares false: neither counted ahead nor behind
         other[rel] = np.nan
         rs = s[rel]
-        # 1 + non-relevant allowed items scored ≥ it + relevant items scored above it
-        ranks = 1 + (other[None, :] >= rs[:, None]).sum(1) + (rs[None, :] > rs[:, None]).sum(1)
+        place = np.empty(len(rs), np.int64)  # among the relevant: by score, ties in item order
+        place[np.argsort(-rs, kind="stable")] = np.arange(len(rs))
+        # 1 + non-relevant allowed items scored ≥ it + relevant items placed before it
+        ranks = 1 + (other[None, :] >= rs[:, None]).sum(1) + place
         top = ranks[ranks <= k]
         out["precision"][row] = len(top) / k
         out["recall"][row] = len(top) / len(rel)
@@ -91,11 +93,12 @@ def history_splits(split: str) -> tuple[str, ...]:
 def evaluate(model, data, split: str, k: int = 10, batch: int = 256) -> UserScores:
     """`model` (fitted on `history_splits(split)` of `data`) on `split`: every user with a target there, over the
     full candidate set (warm items, or cold items for `cold_test`) minus their history. `cold_test` is scored
-    from each user's history before their targets (`Interactions.cold_cases`), as a new history: no model state
-    learnt from later events is used."""
+    from each user's history before their targets (`Interactions.cold_cases`), as a new history (no per-user state
+    is used; what a model learnt about items from train + validation still is: the cold items are in neither)."""
     if split == "cold_test":
-        histories, targets = data.cold_cases()
+        histories, targets, earlier = data.cold_cases()
     else:
+        earlier = {}
         histories, targets = data.histories(*history_splits(split)), data.targets(split)
     users = np.array(sorted(targets), dtype=np.int64)
     known = split != "cold_test"
@@ -106,8 +109,9 @@ def evaluate(model, data, split: str, k: int = 10, batch: int = 256) -> UserScor
         chunk = users[start:start + batch]
         hist = [histories[u] for u in chunk]
         allowed = np.tile(pool, (len(chunk), 1))
-        for row, h in enumerate(hist):
+        for row, (u, h) in enumerate(zip(chunk.tolist(), hist)):
             allowed[row, h] = False
+            allowed[row, earlier.get(u, [])] = False  # cold items picked before: neither a target nor a miss
         scores = model.score(hist, chunk if known else np.full(len(chunk), -1), allowed)
         for m, v in rank_metrics(scores, allowed, [targets[u] for u in chunk], k).items():
             values[m].append(v)

@@ -132,8 +132,9 @@ class Popularity(Recommender):
 class GenrePopularity(Recommender):
     """How much a user picks an item's categories: the mean, over the item's categories, of their share in the
     user's history, smoothed by their share of all training interactions (one pseudo-interaction spread by it; a
-    user with no history gets the global shares). Items with the same categories tie: a fixed seeded jitter far
-    below any share difference breaks the ties at random (the metrics would otherwise count each tie against it)."""
+    user with no history gets the global shares). Items with the same categories tie: a fixed seeded jitter, below
+    half the row's smallest score gap, breaks the ties at random (the metrics would otherwise count each tie
+    against it) and reorders nothing else."""
 
     name = "genre-popularity"
 
@@ -151,14 +152,18 @@ class GenrePopularity(Recommender):
         total = counts @ member
         self.member = member
         self.global_share = (total / max(total.sum(), 1e-12)).astype(np.float32)
-        self.jitter = (np.random.default_rng(int(self.params["seed"])).random(catalogue.n_items) * 1e-6
-                       ).astype(np.float32)
+        self.jitter = np.random.default_rng(int(self.params["seed"])).random(catalogue.n_items).astype(np.float32)
 
     def score(self, histories, users, allowed=None):
         picked = interaction_matrix(histories, len(self.member)) @ self.member  # users × categories
         share = (picked + self.global_share) / (picked.sum(1, keepdims=True) + 1.0)
         per_item = np.maximum(self.member.sum(1), 1.0)
-        return (share @ self.member.T / per_item + self.jitter).astype(np.float32)
+        s = (share @ self.member.T / per_item).astype(np.float64)
+        for row in s:
+            levels = np.unique(row)
+            gap = np.diff(levels).min() if len(levels) > 1 else 1.0
+            row += 0.5 * gap * self.jitter
+        return s
 
     def arrays(self):
         return {"member": self.member, "global_share": self.global_share, "jitter": self.jitter}
@@ -367,7 +372,11 @@ class Text(Recommender):
         return {"embeddings": self.embeddings, "prior_scores": self.prior_scores}
 
     def load_arrays(self, arrays, catalogue):
-        self.embeddings, self.prior_scores = arrays["embeddings"], arrays["prior_scores"]
+        self.embeddings = arrays["embeddings"]
+        self.prior_scores = arrays.get("prior_scores", np.zeros(len(self.embeddings), np.float32))
+
+    def warm(self):
+        self.encoder()
 
 
 SIMPLE = {cls.name: cls for cls in (Popularity, GenrePopularity, Random, ItemKNN, ALS, BPR, Text)}

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -114,8 +115,11 @@ class TwoStage(Recommender):
         interest[rows, cols] = p
         mask = ~np.isnan(interest)
         blend = w * standardise(np.nan_to_num(interest), mask) + (1 - w) * standardise(first, mask)
-        out[mask] = 100.0 + blend[mask]  # the candidates above everything else
-        return out
+        # the candidates above everything else: shifted past the row's best non-candidate
+        top_rest = np.where(mask, -np.inf, out).max(1)
+        low_cand = np.where(mask, blend, np.inf).min(1)
+        shift = np.where(np.isfinite(top_rest) & np.isfinite(low_cand), top_rest - low_cand + 1.0, 0.0)
+        return np.where(mask, blend + shift[:, None], out).astype(np.float32)
 
     def arrays(self):
         return self.stage1.arrays()
@@ -125,37 +129,44 @@ class TwoStage(Recommender):
         self.catalogue = catalogue
 
 
-def _examples(data: Interactions, stage1: Recommender, opts: dict, rng: np.random.Generator) -> dict[str, list]:
-    """Classifier rows {text, label, split} (see the module docstring)."""
+def _examples(data: Interactions, stage1: Recommender, early: Recommender, opts: dict,
+              rng: np.random.Generator) -> dict[str, list]:
+    """Classifier rows {text, label, split}. Train rows: each user's last `positions` train picks replayed through
+    `early` (the first stage fitted without those picks, so they and what follows are unknown to it, as the
+    validation pick is to `stage1`), the history before each pick read as a new history. Validation / test rows
+    (alternate users): the validation pick through `stage1` (fitted on train) with the user's learnt state, as
+    scoring does. A later pick of the user is never a negative."""
     catalogue = Catalogue.of(data.items)
     titles, texts = catalogue.titles, catalogue.texts
     train, targets = data.histories("train"), data.targets("validation")
     rows = {"train": [], "validation": [], "test": []}
     n_hist, n_neg, n_cand = int(opts["history"]), int(opts["negatives"]), int(opts["candidates"])
 
-    def add(split: str, history: np.ndarray, chosen: np.ndarray, cands: np.ndarray):
+    def add(split: str, history: np.ndarray, chosen: np.ndarray, cands: np.ndarray, picks: set):
         recent = [titles[i] for i in history[::-1][:n_hist]]
         place = {int(c): r for r, c in enumerate(cands.tolist(), 1) if c >= 0}
         chosen = [i for i in chosen.tolist() if i in place]  # what the ranker will see: the first stage's list
         for i in chosen:
             rows[split].append({"text": render(texts[i], recent, place[i]), "label": "yes", "split": split})
-        pool = [c for c in place if c not in set(chosen)]
+        pool = [c for c in place if c not in picks]
         for c in rng.permutation(pool)[:n_neg * len(chosen)].tolist():
             rows[split].append({"text": render(texts[c], recent, place[c]), "label": "no", "split": split})
 
-    cases = [(h[:len(h) - back], h[len(h) - back:len(h) - back + 1], "train", h)
-             for h in train for back in range(1, int(opts["positions"]) + 1) if len(h) > back]
+    last = int(opts["positions"])
+    cases = [(early, h[:s], h[s:s + 1], "train", -1, h) for h in train for s in range(max(1, len(h) - last), len(h))]
     users = sorted(targets)
-    cases += [(train[u], targets[u], "validation" if k % 2 == 0 else "test", train[u]) for k, u in enumerate(users)]
-    for start in range(0, len(cases), 256):
-        chunk = cases[start:start + 256]
-        allowed = np.tile(~data.cold, (len(chunk), 1))
-        for row, (_, _, _, seen) in enumerate(chunk):
-            allowed[row, seen] = False
-            allowed[row, chunk[row][1]] = True
-        scores = stage1.score([c[0] for c in chunk], np.full(len(chunk), -1), allowed)
-        for (history, chosen, split, _), cands in zip(chunk, top_k(scores, allowed, n_cand)):
-            add(split, history, chosen, cands)
+    cases += [(stage1, train[u], targets[u], "validation" if k % 2 == 0 else "test", u,
+               np.concatenate([train[u], targets[u]])) for k, u in enumerate(users)]
+    for model in (early, stage1):
+        mine = [c for c in cases if c[0] is model]
+        for start in range(0, len(mine), 256):
+            chunk = mine[start:start + 256]
+            allowed = np.tile(~data.cold, (len(chunk), 1))
+            for row, case in enumerate(chunk):
+                allowed[row, case[1]] = False  # the history so far; later picks stay candidates
+            scores = model.score([c[1] for c in chunk], np.array([c[4] for c in chunk]), allowed)
+            for (_, history, chosen, split, _, picks), cands in zip(chunk, top_k(scores, allowed, n_cand)):
+                add(split, history, chosen, cands, set(picks.tolist()))
     return rows
 
 
@@ -180,18 +191,22 @@ def _truncated_base(ref: str, layers: int, out: Path) -> str:
     return str(out)
 
 
-def fit_ranker(data: Interactions, opts: dict, stage1: Recommender, seed: int, log=print):
-    """The classifier's data from `stage1` (its settings chosen), its training through the loop, the blend.
+def fit_ranker(data: Interactions, opts: dict, make_stage1: Callable[[], Recommender], seed: int, log=print):
+    """The classifier's data from the first stage (`make_stage1()`: unfitted, its settings chosen), its training
+    through the loop, the blend.
     Returns (model, record, extra, work): `extra(tmp)` copies the classifier's model dir into the recommender dir;
     `work` is the scratch folder, which the caller removes."""
     from tunelab.train.loop import train as train_loop  # imported inside: loads torch and transformers
 
     opts = {**DEFAULTS, **{k: v for k, v in opts.items() if v is not None}}
     catalogue = Catalogue.of(data.items)
-    stage1.fit(data.histories("train"), catalogue)
+    train = data.histories("train")
+    stage1, early = make_stage1(), make_stage1()
+    stage1.fit(train, catalogue)
+    early.fit([h[:max(1, len(h) - int(opts["positions"]))] for h in train], catalogue)
     work = Path(tempfile.mkdtemp(prefix=f"{TMP_TAG}ranker-"))
     try:
-        rows = _examples(data, stage1, opts, np.random.default_rng(seed))
+        rows = _examples(data, stage1, early, opts, np.random.default_rng(seed))
         log(f"  ranker rows: train {len(rows['train'])}, validation {len(rows['validation'])}, "
             f"test {len(rows['test'])}")
         source = work / "rows.jsonl"
@@ -227,9 +242,10 @@ def fit_ranker(data: Interactions, opts: dict, stage1: Recommender, seed: int, l
 
 
 def _choose_blend(model: TwoStage, data: Interactions) -> tuple[float, dict[float, float]]:
-    """The blend weight with the best validation NDCG@10 (the classifier scored once)."""
+    """The blend weight with the best validation NDCG@10 (the classifier scored once) on the validation users
+    whose rows the training loop did not select its checkpoint on (the odd ones, see `_examples`)."""
     train, targets = data.histories("train"), data.targets("validation")
-    users = np.array(sorted(targets), dtype=np.int64)
+    users = np.array(sorted(targets), dtype=np.int64)[1::2]
     allowed = np.tile(~data.cold, (len(users), 1))
     for row, u in enumerate(users):
         allowed[row, train[u]] = False
