@@ -22,7 +22,7 @@ from tunelab.recommend import store
 from tunelab.recommend.data import Interactions
 from tunelab.recommend.data import load as load_data
 from tunelab.recommend.hybrid import Hybrid, choose_weights
-from tunelab.recommend.metrics import evaluate, history_splits
+from tunelab.recommend.metrics import candidates, evaluate, history_splits
 from tunelab.recommend.models import SIMPLE, Catalogue, Recommender, simple
 
 K = 10
@@ -106,9 +106,7 @@ def fit_hybrid(data: Interactions, members: list[str], trials: int, seed: int, l
     catalogue = Catalogue.of(data.items)
     train, targets = data.histories("train"), data.targets("validation")
     users = np.array(sorted(targets), dtype=np.int64)
-    allowed = np.tile(~data.cold, (len(users), 1))
-    for row, u in enumerate(users):
-        allowed[row, train[u]] = False
+    allowed = candidates(~data.cold, [train[u] for u in users])
     scores = []
     for model in chosen:
         model.fit(train, catalogue)

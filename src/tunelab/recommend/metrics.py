@@ -85,6 +85,14 @@ def compare(a: UserScores, b: UserScores, metric: str = "ndcg", n_boot: int = 10
     return paired_ratio((va, ones), (vb, ones), n=n_boot, seed=seed)
 
 
+def candidates(pool: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+    """[len(histories), items] bool: the `pool` items (warm or cold) minus each history's items."""
+    allowed = np.tile(pool, (len(histories), 1))
+    for row, h in enumerate(histories):
+        allowed[row, h] = False
+    return allowed
+
+
 def history_splits(split: str) -> tuple[str, ...]:
     """What a model has seen when `split` is scored: train for validation; train and validation for the tests."""
     return ("train",) if split == "validation" else ("train", "validation")
@@ -108,9 +116,8 @@ def evaluate(model, data, split: str, k: int = 10, batch: int = 256) -> UserScor
     for start in range(0, len(users), batch):
         chunk = users[start:start + batch]
         hist = [histories[u] for u in chunk]
-        allowed = np.tile(pool, (len(chunk), 1))
-        for row, (u, h) in enumerate(zip(chunk.tolist(), hist)):
-            allowed[row, h] = False
+        allowed = candidates(pool, hist)
+        for row, u in enumerate(chunk.tolist()):
             allowed[row, earlier.get(u, [])] = False  # cold items picked before: neither a target nor a miss
         scores = model.score(hist, chunk if known else np.full(len(chunk), -1), allowed)
         for m, v in rank_metrics(scores, allowed, [targets[u] for u in chunk], k).items():

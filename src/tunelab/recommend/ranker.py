@@ -32,7 +32,7 @@ from tunelab.data.prepare import prepare as prepare_dataset
 from tunelab.errors import UserError
 from tunelab.recommend.data import Interactions
 from tunelab.recommend.hybrid import standardise
-from tunelab.recommend.metrics import rank_metrics, top_k
+from tunelab.recommend.metrics import candidates, rank_metrics, top_k
 from tunelab.recommend.models import Catalogue, Recommender
 from tunelab.terminal import make_console
 
@@ -161,9 +161,7 @@ def _examples(data: Interactions, stage1: Recommender, early: Recommender, opts:
         mine = [c for c in cases if c[0] is model]
         for start in range(0, len(mine), 256):
             chunk = mine[start:start + 256]
-            allowed = np.tile(~data.cold, (len(chunk), 1))
-            for row, case in enumerate(chunk):
-                allowed[row, case[1]] = False  # the history so far; later picks stay candidates
+            allowed = candidates(~data.cold, [c[1] for c in chunk])  # the history so far; later picks stay in
             scores = model.score([c[1] for c in chunk], np.array([c[4] for c in chunk]), allowed)
             for (_, history, chosen, split, _, picks), cands in zip(chunk, top_k(scores, allowed, n_cand)):
                 add(split, history, chosen, cands, set(picks.tolist()))
@@ -246,9 +244,7 @@ def _choose_blend(model: TwoStage, data: Interactions) -> tuple[float, dict[floa
     whose rows the training loop did not select its checkpoint on (the odd ones, see `_examples`)."""
     train, targets = data.histories("train"), data.targets("validation")
     users = np.array(sorted(targets), dtype=np.int64)[1::2]
-    allowed = np.tile(~data.cold, (len(users), 1))
-    for row, u in enumerate(users):
-        allowed[row, train[u]] = False
+    allowed = candidates(~data.cold, [train[u] for u in users])
     relevant = [targets[u] for u in users]
     interest = model.interest
     cache: dict[str, float] = {}
