@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunelab.data.prepare import to_bio
+from tunelab.data.rows import to_bio
 from tunelab.data.words import split_words
 from tunelab.errors import UserError
 from tunelab.predict import predict_file, predict_texts

@@ -8,7 +8,7 @@ import transformers
 
 from tunelab.config import PrepareOptions, RunConfig
 from tunelab.data.dataset import DATASET_KINDS, dataset_kind
-from tunelab.data.prepare import RowFilter
+from tunelab.data.rows import RowFilter
 from tunelab.errors import UserError
 from tunelab.tasks import DATASET_TASKS, TASKS
 

@@ -283,6 +283,21 @@ def new_sibling(dest: Path) -> Path:
 
 
 @contextmanager
+def scratch_sibling(dest: str | Path):
+    """Yield a new hidden sibling of `dest` for a writer's temporary files (`.NAME.tunelab-scratch-PID`), removed
+    afterwards. Call holding `dest`'s lock: a scratch sibling found then is a crashed writer's, and is removed."""
+    dest = Path(os.path.abspath(dest))
+    for stale in _siblings(dest, "scratch"):
+        _remove(stale)
+    path = dest.parent / f".{dest.name}{TMP_TAG}scratch-{os.getpid()}"
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        _remove(path)
+
+
+@contextmanager
 def write_folder(dest: str | Path, kind: str, overwrite: bool = False, wait: bool = False,
                  flag: str = "--overwrite", check: Callable[[Path], None] | None = None):
     """Yield an empty hidden sibling of `dest` to write the new artifact into; on success it replaces

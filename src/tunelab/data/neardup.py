@@ -1,16 +1,18 @@
 """Near-duplicate detection: MinHash signatures + LSH banding, vectorised with NumPy, verified exactly.
 
 Shingles are the word unigrams and word n-grams (default n=2) of the case-folded text, so case and
-punctuation changes do not matter and a one-word edit changes few shingles. Words are mapped to ids
-in order of first appearance (deterministic for the same input), shingle ids are mixed to 32 bits,
-and `num_perm` multiply-add hash functions give the MinHash signature. LSH with `bands` x `rows`
-proposes candidate pairs; each is kept only if the *exact* Jaccard similarity of the two shingle
+punctuation changes do not matter and a one-word edit changes few shingles. Each word is hashed by its
+content (blake2b, 64 bits), so a document's shingles do not depend on the other documents: batches of
+documents can be shingled apart, in worker processes, and agree with the whole corpus shingled at once.
+Shingle ids are mixed to 32 bits, and `num_perm` multiply-add hash functions give the MinHash signature.
+LSH with `bands` x `rows` proposes candidate pairs; each is kept only if the *exact* Jaccard similarity of the two shingle
 sets reaches the threshold, so precision does not rest on the estimate. Connected components of the
 kept pairs are the near-duplicate groups.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -32,14 +34,23 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(32)).astype(np.uint32)
 
 
+def _word_hash(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+
+
 def shingles(texts: list[str], ngram: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """-> (shingle hashes uint32, offsets int64 of length len(texts)+1); doc d owns h[off[d]:off[d+1]]."""
-    vocab: dict[str, int] = {}
+    """-> (shingle hashes uint32, offsets int64 of length len(texts)+1); doc d owns h[off[d]:off[d+1]].
+    A document's shingles depend on its own text only."""
+    vocab: dict[str, int] = {}  # word -> its content hash, computed once per call
     ids: list[int] = []
     counts = np.zeros(len(texts), dtype=np.int64)
     for d, t in enumerate(texts):
         words = _WORD.findall(t.casefold())
-        ids.extend(vocab.setdefault(w, len(vocab)) for w in words)
+        for w in words:
+            v = vocab.get(w)
+            if v is None:
+                v = vocab[w] = _word_hash(w)
+            ids.append(v)
         counts[d] = len(words)
     word_ids = np.asarray(ids, dtype=np.uint64)
     doc_of_word = np.repeat(np.arange(len(texts)), counts)
@@ -89,28 +100,44 @@ def lsh_params(threshold: float, num_perm: int, recall_at_threshold: float = 0.9
     return num_perm, 1
 
 
-def candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """Pairs [m, 2] (i < j) of documents sharing at least one LSH bucket (star pairs per bucket)."""
-    n = sig.shape[0]
-    valid = sig[:, 0] != _EMPTY
-    out = []
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """The LSH bucket key of each document in each band -> [n_docs, bands] uint64; a document's keys depend on its
+    own signature only."""
+    keys = np.zeros((sig.shape[0], bands), dtype=np.uint64)
     for band in range(bands):
         cols = sig[:, band * rows:(band + 1) * rows].astype(np.uint64)
-        key = np.zeros(n, dtype=np.uint64)
+        key = keys[:, band]
         for c in range(rows):
             key = _mix(key * np.uint64(0x100000001B3) + cols[:, c]).astype(np.uint64) | (key << np.uint64(32))
-        idx = np.flatnonzero(valid)
-        order = idx[np.argsort(key[idx], kind="stable")]
-        k = key[order]
-        new_run = np.concatenate([[True], k[1:] != k[:-1]])
-        first = order[np.maximum.accumulate(np.where(new_run, np.arange(len(order)), 0))]
-        member = ~new_run
-        out.append(np.stack([first[member], order[member]], axis=1))
-    if not out:
+        keys[:, band] = key
+    return keys
+
+
+def band_pairs(key: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Pairs [m, 2] of valid documents sharing a bucket key in one band: each bucket's later members paired with
+    its first (star pairs)."""
+    idx = np.flatnonzero(valid)
+    order = idx[np.argsort(key[idx], kind="stable")]
+    k = key[order]
+    new_run = np.concatenate([[True], k[1:] != k[:-1]])
+    first = order[np.maximum.accumulate(np.where(new_run, np.arange(len(order)), 0))]
+    member = ~new_run
+    return np.stack([first[member], order[member]], axis=1)
+
+
+def unique_pairs(parts: list[np.ndarray]) -> np.ndarray:
+    """Pairs from every band -> the distinct pairs (i < j), sorted."""
+    if not parts:
         return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.concatenate(out)
-    pairs = np.sort(pairs, axis=1)
+    pairs = np.sort(np.concatenate(parts), axis=1)
     return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+def candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Pairs [m, 2] (i < j) of documents sharing at least one LSH bucket (star pairs per bucket)."""
+    valid = sig[:, 0] != _EMPTY
+    keys = band_keys(sig, bands, rows)
+    return unique_pairs([band_pairs(keys[:, band], valid) for band in range(bands)])
 
 
 def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, chunk: int = 200_000) -> np.ndarray:
@@ -147,23 +174,29 @@ class NearDupResult:
 def near_duplicates(texts: list[str], threshold: float = 0.7, ngram: int = 2, num_perm: int = 64,
                     seed: int = 1) -> NearDupResult:
     """Group documents whose shingle sets have Jaccard similarity >= threshold (transitively)."""
+    h, offsets = shingles(texts, ngram)
+    sig = minhash(h, offsets, num_perm, seed)
+    cand = candidate_pairs(sig, *lsh_params(threshold, num_perm))
+    plausible = cand[plausible_mask(sig, cand, threshold, num_perm)]
+    sims = exact_jaccard(h, offsets, plausible) if len(plausible) else np.zeros(0)
+    kept = plausible[sims >= threshold]
+    return NearDupResult(group=groups_of(len(texts), kept), pairs=kept, candidates=len(cand))
+
+
+def plausible_mask(sig: np.ndarray, pairs: np.ndarray, threshold: float, num_perm: int) -> np.ndarray:
+    """The candidate pairs worth an exact check. The MinHash estimate (share of equal signature slots,
+    std <= 0.5/sqrt(num_perm)) rules out pairs far below the threshold cheaply; the exact Jaccard decides the rest."""
+    return estimated_jaccard(sig, pairs) >= threshold - max(0.15, 2.5 / np.sqrt(num_perm))
+
+
+def groups_of(n: int, pairs: np.ndarray) -> np.ndarray:
+    """The connected components of `n` documents joined by `pairs`, each named by its smallest member."""
     # scipy: ~0.3 s to import, paid only when near-duplicate groups are computed
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = len(texts)
-    h, offsets = shingles(texts, ngram)
-    sig = minhash(h, offsets, num_perm, seed)
-    bands, rows = lsh_params(threshold, num_perm)
-    cand = candidate_pairs(sig, bands, rows)
-    # The MinHash estimate (share of equal signature slots, std <= 0.5/sqrt(num_perm)) rules out pairs far
-    # below the threshold cheaply; the exact Jaccard decides the rest.
-    plausible = cand[estimated_jaccard(sig, cand) >= threshold - max(0.15, 2.5 / np.sqrt(num_perm))]
-    sims = exact_jaccard(h, offsets, plausible) if len(plausible) else np.zeros(0)
-    kept = plausible[sims >= threshold]
-    graph = coo_matrix((np.ones(len(kept)), (kept[:, 0], kept[:, 1])), shape=(n, n))
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, comp = connected_components(graph, directed=False)
-    # Name each group by its smallest member, so group ids are stable document indices.
     first = np.full(comp.max() + 1 if n else 0, n, dtype=np.int64)
     np.minimum.at(first, comp, np.arange(n))
-    return NearDupResult(group=first[comp], pairs=kept, candidates=len(cand))
+    return first[comp]

@@ -7,40 +7,49 @@ from collections import defaultdict
 import numpy as np
 
 
+SPLIT_ORDER = ("train", "validation", "test")
+
+
 def group_split(rows: list[dict], label_field: str, val_ratio: float, test_ratio: float,
                 seed: int) -> dict[str, list[dict]]:
-    """Seeded stratified split that never separates rows sharing a `_group` value.
+    """Seeded stratified split that never separates rows sharing a `_group` value (`split_units` on rows)."""
+    units: dict[object, int] = {}
+    unit = np.fromiter((units.setdefault(r.get("_group", ("row", i)), len(units)) for i, r in enumerate(rows)),
+                       dtype=np.int64, count=len(rows))
+    firsts = np.unique(unit, return_index=True)[1]
+    names = sorted({rows[i][label_field] or "" for i in firsts.tolist()})
+    code = {name: c for c, name in enumerate(names)}
+    unit_label = np.array([code[rows[i][label_field] or ""] for i in firsts.tolist()], dtype=np.int64)
+    order = split_units(unit, unit_label, val_ratio, test_ratio, seed)
+    return {name: [rows[i] for i in order[name].tolist()] for name in SPLIT_ORDER}
 
-    Units are groups (rows without `_group` are their own unit), stratified by the label of their first
-    row; each label's units are shuffled and cut by the ratios (rounded per label). Labels too rare for
-    every split keep their units in train first, then test. The same rows, ratios and seed always give
-    the same split.
-    """
+
+def split_units(unit: np.ndarray, unit_label: np.ndarray, val_ratio: float, test_ratio: float,
+                seed: int) -> dict[str, np.ndarray]:
+    """Row indices of each split, in the order the split is written.
+
+    `unit[i]` is row i's unit (a near-duplicate group, or the row alone), units numbered 0.. in order of first
+    appearance; `unit_label[u]` the label of unit u's first row, as its rank among the sorted label names. Each
+    label's units are shuffled and cut by the ratios (rounded per label); labels too rare for every split keep their
+    units in train first, then test. Rows keep the source order in their split, then each split is shuffled, so
+    files are not ordered by label. The same units, ratios and seed always give the same split."""
     rng = np.random.default_rng(seed)
-    units: dict[object, list[int]] = {}
-    for i, r in enumerate(rows):
-        units.setdefault(r.get("_group", ("row", i)), []).append(i)
-    by_label: dict[str, list[object]] = defaultdict(list)
-    for key, members in units.items():
-        by_label[rows[members[0]][label_field] or ""].append(key)
-    assign: dict[int, str] = {}
-    for label in sorted(by_label):
-        keys = by_label[label]
-        order = rng.permutation(len(keys))
+    unit_split = np.zeros(len(unit_label), dtype=np.int8)  # 0 train, 1 validation, 2 test
+    for label in range(int(unit_label.max()) + 1 if len(unit_label) else 0):
+        keys = np.flatnonzero(unit_label == label)
         n = len(keys)
+        if n == 0:
+            continue
+        order = rng.permutation(n)
         n_test = int(round(n * test_ratio)) if n >= 3 else (1 if n == 2 and test_ratio > 0 else 0)
         n_val = int(round(n * val_ratio)) if n >= 3 else 0
-        for j, k in enumerate(order):
-            split = "test" if j < n_test else "validation" if j < n_test + n_val else "train"
-            for i in units[keys[k]]:
-                assign[i] = split
-    out = {"train": [], "validation": [], "test": []}
-    for i, r in enumerate(rows):
-        out[assign[i]].append(r)
-    # Shuffle within each split so files are not ordered by label.
-    for name in out:
-        order = rng.permutation(len(out[name]))
-        out[name] = [out[name][k] for k in order]
+        position = np.arange(n)
+        unit_split[keys[order]] = np.where(position < n_test, 2, np.where(position < n_test + n_val, 1, 0))
+    row_split = unit_split[unit]
+    out = {}
+    for code, name in enumerate(SPLIT_ORDER):
+        idx = np.flatnonzero(row_split == code)
+        out[name] = idx[rng.permutation(len(idx))]
     return out
 
 

@@ -1,5 +1,5 @@
 """Raw text -> words with character offsets: the one rule NER uses both to build BIO rows from text + spans
-(`data.prepare.to_bio`) and to split the texts a trained model is applied to (`tunelab predict`, /v1/entities).
+(`data.rows.to_bio`) and to split the texts a trained model is applied to (`tunelab predict`, /v1/entities).
 
 A word is a run of word characters (`\\w`), or one character that is neither a word character nor
 whitespace (punctuation, symbols: "$", "%", "."), or one character of a script written without spaces

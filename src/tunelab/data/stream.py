@@ -1,0 +1,470 @@
+"""Streaming, parallel `data prepare`: the dataset dir the in-memory pipeline writes, byte for byte, in bounded memory.
+
+Pass 1, in worker processes: the parent reads the source in batches of rows; each worker cleans, redacts and checks
+a batch (`RowFilter`) and computes, for every kept row, what de-duplication needs: a 128-bit hash of its de-dup
+key, its shingles, its MinHash signature and LSH band keys, plus its written forms (split-file line, fingerprint
+entry, text). The parent appends those to files in a scratch folder beside the output (one per kind of record, one
+per LSH band) and keeps only fixed-size arrays per row (source line, label, key hash, file offsets): tens of bytes
+a row, whatever the text length.
+Pass 2, in the parent: exact de-duplication by sorting the key hashes; near de-duplication band by band from the
+band files, the candidate pairs checked against signatures and shingles read back for those rows only; the split
+(`split_units`, as the in-memory path); the split files and `rejected.jsonl` copied from the spilled lines.
+
+Kinds whose decisions need every row in memory (ner's tag set, retrieval's query groups) and options that do (a
+token-length filter, sampling, augmentation) keep the in-memory pipeline (`prepare.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tunelab.data.clean import dedup_key
+from tunelab.data.dataset import SPLITS, dataset_kind
+from tunelab.data.neardup import (band_keys, band_pairs, exact_jaccard, groups_of, lsh_params, minhash,
+                                  plausible_mask, shingles, unique_pairs)
+from tunelab.data.pii import PiiRedactor
+from tunelab.data.rows import MALFORMED, RowFilter, _as_text, _excerpt
+from tunelab.data.split import split_units
+from tunelab.errors import UserError
+
+BATCH_ROWS = 4096
+STREAM_KINDS = ("classification", "text", "sft")
+
+
+def streamable(opts) -> bool:
+    """Whether `opts` can be prepared by streaming (else the in-memory pipeline)."""
+    return (opts.task in STREAM_KINDS and not (opts.clean.min_tokens or opts.clean.max_tokens)
+            and not opts.max_rows and not opts.augment.enabled)
+
+
+def auto_workers(path: Path) -> int:
+    """Worker processes for a source: one (in-process) below 16 MB, else up to the CPUs there are (at most 8)."""
+    try:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    except OSError:
+        size = 0
+    return 1 if size < 16 << 20 else max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                 else os.cpu_count() or 1))
+
+
+# ---- pass 1: one batch of source rows -> a Chunk (in a worker) ------------------------------------------------
+
+@dataclass
+class Chunk:
+    """What a worker returns for one batch: counters, rejected rows' records, and per kept row its arrays and
+    spilled bytes (`blob` holds each kept row's split line, fingerprint entry and text JSON; `seg` their lengths)."""
+
+    counters: Counter
+    reasons: list[str] = field(default_factory=list)
+    rejected_lines: list[int] = field(default_factory=list)
+    rejected_blob: bytes = b""
+    rejected_len: list[int] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    splits: list = field(default_factory=list)
+    blob: bytes = b""
+    seg: np.ndarray | None = None
+    key: np.ndarray | None = None
+    sig: np.ndarray | None = None
+    bands: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    shingle_counts: np.ndarray | None = None
+    shingles: np.ndarray | None = None
+
+
+class BatchWorker:
+    """Turns batches of `Row`s into `Chunk`s: the in-memory pipeline's row filter, plus the per-row work of
+    de-duplication. One per worker process (or one in the parent with a single worker)."""
+
+    def __init__(self, path: str, text_col: str, label_col: str, opts):
+        self.path, self.text_col, self.opts = path, text_col, opts
+        self.kind = dataset_kind(opts.task)
+        self.keep = RowFilter(opts, text_col, label_col)
+        self.excerpt_pii = PiiRedactor(opts.pii.types) if opts.pii.enabled else None
+        self.lsh = lsh_params(opts.dedup.threshold, opts.dedup.num_perm)
+
+    def __call__(self, rows: list) -> Chunk:
+        chunk, kept = Chunk(Counter()), []
+        rejected = []
+        for row in rows:
+            chunk.counters["rows_read"] += 1
+            chunk.counters["invalid_utf8_replaced"] += row.invalid_utf8
+            example, reason = self.keep(row)
+            if example is not None:
+                kept.append(example)
+                continue
+            if self.opts.strict and reason in MALFORMED:
+                raise UserError(f"{self.path}:{row.line}: {reason} (--strict stops at the first malformed row)")
+            raw = _as_text(self.keep.excerpt_source(row.fields, self.text_col))
+            record = {"line": row.line, "reason": reason, "text": _excerpt(raw, self.excerpt_pii)}
+            rejected.append(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+            chunk.reasons.append(reason)
+            chunk.rejected_lines.append(row.line)
+        chunk.rejected_blob = b"".join(rejected)
+        chunk.rejected_len = [len(r) for r in rejected]
+        chunk.counters.update({f"clean.{k}": v for k, v in self.keep.cleaner.counts.items()})
+        self.keep.cleaner.counts.clear()
+        if self.keep.pii is not None:
+            chunk.counters.update({f"pii.{k}": v for k, v in self.keep.pii.counts.items()})
+            self.keep.pii.counts.clear()
+        self._kept(chunk, kept)
+        return chunk
+
+    def _kept(self, chunk: Chunk, kept: list[dict]) -> None:
+        kind, d = self.kind, self.opts.dedup
+        parts, seg = [], np.zeros((len(kept), 3), dtype=np.int64)
+        for i, r in enumerate(kept):
+            negatives = [r["negatives"]] if r.get("negatives") else []
+            pieces = (json.dumps(kind.output_row(r), ensure_ascii=False).encode() + b"\n",
+                      json.dumps([r["text"], r["label"], r.get("messages"), r.get("tags"), *negatives],
+                                 ensure_ascii=False).encode(),
+                      json.dumps(r["text"], ensure_ascii=False).encode())
+            parts.extend(pieces)
+            seg[i] = [len(p) for p in pieces]
+        chunk.blob, chunk.seg = b"".join(parts), seg
+        chunk.lines = [r["_line"] for r in kept]
+        chunk.labels = [r["label"] for r in kept]
+        chunk.splits = [r.get("_split") for r in kept] if self.opts.split_column else []
+        if d.exact:
+            digests = b"".join(hashlib.blake2b(dedup_key(r[kind.dedup_on]).encode(), digest_size=16).digest()
+                               for r in kept)
+            chunk.key = np.frombuffer(digests, dtype=np.uint64).reshape(-1, 2)
+        if d.near:
+            h, offsets = shingles([r[kind.near_on] for r in kept], d.ngram)
+            sig = minhash(h, offsets, d.num_perm, self.opts.seed + 1)
+            chunk.sig, chunk.bands = sig, band_keys(sig, *self.lsh)
+            chunk.valid = offsets[1:] > offsets[:-1]
+            chunk.shingle_counts, chunk.shingles = np.diff(offsets), h
+
+
+_WORKER: BatchWorker | None = None
+
+
+def _init_worker(args: tuple) -> None:
+    global _WORKER
+    _WORKER = BatchWorker(*args)
+
+
+def _run_batch(rows: list) -> Chunk:
+    return _WORKER(rows)
+
+
+def _batches(rows: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def chunks(rows: Iterator, worker_args: tuple, workers: int, batch_rows: int = BATCH_ROWS) -> Iterator[Chunk]:
+    """The `Chunk` of each batch of `rows`, in source order. With `workers` > 1, batches run in that many processes,
+    at most two batches each in flight (the source is never read far ahead of the work)."""
+    if workers <= 1:
+        worker = BatchWorker(*worker_args)
+        for batch in _batches(rows, batch_rows):
+            yield worker(batch)
+        return
+    method = "fork" if sys.platform == "linux" else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (worker_args,)) as pool:
+        pending: deque = deque()
+        for batch in _batches(rows, batch_rows):
+            pending.append(pool.apply_async(_run_batch, (batch,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---- the parent's side: spill files and per-row arrays --------------------------------------------------------
+
+class Spill:
+    """Pass 1's results: per-row arrays in memory, bytes in files under `folder`."""
+
+    def __init__(self, folder: Path, bands: int):
+        self.folder = folder
+        self.files = {name: open(folder / name, "wb") for name in ("rows", "rejected", "sig", "shingles")}
+        self.band_files = [open(folder / f"band{b}", "wb") for b in range(bands)]
+        self.counters: Counter = Counter()
+        self.reasons: Counter = Counter()  # rejection reasons in order of first appearance (the report's order)
+        self.label_names: list = []
+        self._label_code: dict = {}
+        self._lists: dict[str, list] = {k: [] for k in ("lines", "labels", "splits", "seg", "key", "valid",
+                                                        "shingle_counts", "rej_lines", "rej_len")}
+
+    def add(self, chunk: Chunk) -> None:
+        self.counters.update(chunk.counters)
+        self.reasons.update(chunk.reasons)
+        lists = self._lists
+        lists["rej_lines"].append(np.asarray(chunk.rejected_lines, dtype=np.int64))
+        lists["rej_len"].append(np.asarray(chunk.rejected_len, dtype=np.int64))
+        self.files["rejected"].write(chunk.rejected_blob)
+        if not chunk.lines:
+            return
+        code = self._label_code
+        for label in set(chunk.labels) - code.keys():
+            code[label] = len(self.label_names)
+            self.label_names.append(label)
+        lists["labels"].append(np.fromiter((code[x] for x in chunk.labels), np.int32, len(chunk.labels)))
+        lists["lines"].append(np.asarray(chunk.lines, dtype=np.int64))
+        lists["seg"].append(chunk.seg)
+        if chunk.splits:
+            lists["splits"].append(np.array([SPLITS.index(s) for s in chunk.splits], dtype=np.int8))
+        self.files["rows"].write(chunk.blob)
+        if chunk.key is not None:
+            lists["key"].append(chunk.key)
+        if chunk.sig is not None:
+            lists["valid"].append(chunk.valid)
+            lists["shingle_counts"].append(chunk.shingle_counts)
+            self.files["sig"].write(chunk.sig.tobytes())
+            self.files["shingles"].write(chunk.shingles.tobytes())
+            for b, f in enumerate(self.band_files):
+                f.write(np.ascontiguousarray(chunk.bands[:, b]).tobytes())
+
+    def close(self) -> None:
+        """Flush the files and turn the per-chunk lists into arrays (offsets into the files included)."""
+        for f in [*self.files.values(), *self.band_files]:
+            f.close()
+
+        def joined(name: str, dtype, shape=(0,)) -> np.ndarray:
+            parts = self._lists.pop(name)
+            return np.concatenate(parts) if parts else np.zeros(shape, dtype=dtype)
+
+        self.lines, self.labels = joined("lines", np.int64), joined("labels", np.int32)
+        self.splits, self.key = joined("splits", np.int8), joined("key", np.uint64, (0, 2))
+        self.valid, self.seg = joined("valid", bool), joined("seg", np.int64, (0, 3))
+        self.row_offset = np.concatenate([[0], np.cumsum(self.seg.sum(axis=1))]).astype(np.int64)
+        self.shingle_offset = np.concatenate([[0], np.cumsum(joined("shingle_counts", np.int64))]).astype(np.int64)
+        self.rej_lines = joined("rej_lines", np.int64)
+        self.rej_offset = np.concatenate([[0], np.cumsum(joined("rej_len", np.int64))]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def reader(self, name: str) -> "_Reader":
+        return _Reader(self.folder / name)
+
+    def text(self, i: int, reader: "_Reader") -> str:
+        """Kept row i's text (cleaned), read back from the rows file."""
+        start = self.row_offset[i] + self.seg[i, 0] + self.seg[i, 1]
+        return json.loads(reader.read(int(start), int(self.seg[i, 2])))
+
+    def band(self, b: int) -> np.ndarray:
+        return np.fromfile(self.folder / f"band{b}", dtype=np.uint64)
+
+    def signatures(self, rows: np.ndarray, num_perm: int, block: int = 1 << 16) -> np.ndarray:
+        """The MinHash signatures of kept rows `rows` (sorted), read from the signature file block by block."""
+        out = np.empty((len(rows), num_perm), dtype=np.uint32)
+        with open(self.folder / "sig", "rb") as f:
+            for start in range(0, len(self), block):
+                lo, hi = np.searchsorted(rows, [start, start + block])
+                if lo == hi:
+                    continue
+                f.seek(start * num_perm * 4)
+                count = min(block, len(self) - start)
+                data = np.fromfile(f, dtype=np.uint32, count=count * num_perm).reshape(count, num_perm)
+                out[lo:hi] = data[rows[lo:hi] - start]
+        return out
+
+    def shingle_sets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shingle hashes of kept rows `rows` -> (hashes, offsets), as `neardup.shingles` returns them."""
+        reader = self.reader("shingles")
+        with reader:
+            parts = [np.frombuffer(reader.read(int(self.shingle_offset[i]) * 4,
+                                               int(self.shingle_offset[i + 1] - self.shingle_offset[i]) * 4),
+                                   dtype=np.uint32) for i in rows.tolist()]
+        counts = np.array([len(p) for p in parts], dtype=np.int64)
+        h = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+        return h, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+class _Reader:
+    """Positioned reads from one spill file (os.pread: the page cache is not this process's memory)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+# ---- pass 2: de-duplication and the split, on arrays -----------------------------------------------------------
+
+@dataclass
+class Decisions:
+    """Pass 2's outcome over the kept rows of pass 1 (indices into `Spill`)."""
+
+    final: np.ndarray  # rows kept, ascending
+    unit: np.ndarray  # per final row: its split unit (near-duplicate group), numbered by first appearance
+    dropped: list[tuple[str, np.ndarray]]  # (reason, rows), in the order the in-memory pipeline rejects them
+    conflicts: list[dict]
+    groups: list[dict]
+    candidates: int
+
+
+def exact_duplicates(spill: Spill) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """-> (kept mask, duplicate rows, conflicting-label rows, conflicting groups' members), as `dedup.exact_dedup`:
+    in a group of equal keys the first row stays when labels agree, the whole group goes when they do not."""
+    n = len(spill)
+    keep = np.ones(n, dtype=bool)
+    if n == 0:
+        return keep, np.zeros(0, np.int64), np.zeros(0, np.int64), []
+    order = np.lexsort((np.arange(n), spill.key[:, 1], spill.key[:, 0]))
+    k = spill.key[order]
+    start = np.flatnonzero(np.concatenate([[True], (k[1:] != k[:-1]).any(axis=1)]))
+    size = np.diff(np.concatenate([start, [n]]))
+    labels = spill.labels[order]
+    lo, hi = np.minimum.reduceat(labels, start), np.maximum.reduceat(labels, start)
+    group_of = np.repeat(np.arange(len(start)), size)
+    multi = size[group_of] > 1
+    conflict = (lo != hi)[group_of] & multi
+    later = multi & ~conflict & (np.arange(n) != start[group_of])
+    keep[order[later | conflict]] = False
+    conflict_groups = [np.sort(order[s:s + z]) for s, z, c in zip(start, size, lo != hi) if c and z > 1]
+    conflict_groups.sort(key=lambda m: m[0])
+    return keep, np.sort(order[later]), np.sort(order[conflict]), conflict_groups
+
+
+def near_groups(spill: Spill, rows: np.ndarray, opts) -> tuple[np.ndarray, int]:
+    """The near-duplicate group of each of `rows` (named by its smallest member's position in `rows`) and the
+    number of LSH candidate pairs, as `neardup.near_duplicates` finds them on those rows' texts."""
+    d = opts.dedup
+    bands, _ = lsh_params(d.threshold, d.num_perm)
+    valid = spill.valid[rows]
+    cand = unique_pairs([band_pairs(spill.band(b)[rows], valid) for b in range(bands)])
+    docs = np.unique(cand)
+    sig = spill.signatures(rows[docs], d.num_perm)
+    plausible = cand[plausible_mask(sig, np.searchsorted(docs, cand), d.threshold, d.num_perm)]
+    docs = np.unique(plausible)
+    h, offsets = spill.shingle_sets(rows[docs])
+    sims = exact_jaccard(h, offsets, np.searchsorted(docs, plausible)) if len(plausible) else np.zeros(0)
+    return groups_of(len(rows), plausible[sims >= d.threshold]), len(cand)
+
+
+def decide(spill: Spill, opts) -> Decisions:
+    """Exact and near de-duplication and the split units, over pass 1's arrays."""
+    kind, d = dataset_kind(opts.task), opts.dedup
+    rows = np.arange(len(spill))
+    dropped, conflicts, groups, candidates = [], [], [], 0
+    with spill.reader("rows") as reader:
+        if d.exact:
+            keep, dups, conflicting, conflict_groups = exact_duplicates(spill)
+            dropped += [("duplicate", dups), ("conflicting_label_duplicate", conflicting)]
+            for members in conflict_groups:
+                conflicts.append({"text": spill.text(int(members[0]), reader),
+                                  "labels": sorted({spill.label_names[c] for c in spill.labels[members].tolist()}),
+                                  "lines": spill.lines[members].tolist()})
+            rows = rows[keep]
+        if not (d.near and len(rows)):
+            return Decisions(rows, np.arange(len(rows)), dropped, conflicts, groups, candidates)
+        group, candidates = near_groups(spill, rows, opts)
+    keep_all_action = (kind.near_action or d.near_action) == "group"
+    multi = np.flatnonzero(np.bincount(group, minlength=len(rows))[group] > 1)
+    multi = multi[np.argsort(group[multi], kind="stable")]
+    starts = np.flatnonzero(np.concatenate([[True], group[multi][1:] != group[multi][:-1]])) if len(multi) else []
+    keep = np.ones(len(rows), dtype=bool)
+    for members in np.split(multi, starts[1:]) if len(multi) else []:
+        labels = sorted({spill.label_names[c] for c in spill.labels[rows[members]].tolist()},
+                        key=lambda x: (x is not None, x or ""))
+        conflict = len(labels) > 1
+        keep_all = conflict or keep_all_action
+        if not keep_all:
+            keep[members[1:]] = False
+        lines = spill.lines[rows[members]].tolist()
+        groups.append({"lines": lines, "labels": labels, "conflicting_labels": conflict,
+                       "kept": "all" if keep_all else lines[0]})
+    dropped.append(("near_duplicate", rows[~keep]))
+    unit = np.unique(group[keep], return_inverse=True)[1].astype(np.int64)
+    return Decisions(rows[keep], unit, dropped, conflicts, groups, candidates)
+
+
+def split_order(spill: Spill, dec: Decisions, opts) -> dict[str, np.ndarray]:
+    """Each split's rows (indices into `Spill`) in written order: an existing split column's rows in source order,
+    else `split_units` on the near-duplicate groups, stratified by label."""
+    if opts.split_column:
+        code = spill.splits[dec.final]
+        return {name: dec.final[code == c] for c, name in enumerate(SPLITS)}
+    firsts = np.unique(dec.unit, return_index=True)[1]
+    names = [spill.label_names[c] or "" for c in range(len(spill.label_names))]
+    rank = {name: r for r, name in enumerate(sorted(set(names)))}
+    code_rank = np.array([rank[name] for name in names], dtype=np.int64)
+    unit_label = code_rank[spill.labels[dec.final[firsts]]] if len(firsts) else np.zeros(0, np.int64)
+    order = split_units(dec.unit, unit_label, opts.val_ratio, opts.test_ratio, opts.seed)
+    return {name: dec.final[order[name]] for name in SPLITS}
+
+
+def label_counts(spill: Spill, rows: np.ndarray) -> Counter:
+    """The labels of `rows` counted (None for unlabelled kinds)."""
+    counts = np.bincount(spill.labels[rows], minlength=len(spill.label_names))
+    return Counter({spill.label_names[c]: int(n) for c, n in enumerate(counts.tolist()) if n})
+
+
+# ---- writing: split files and rejected.jsonl from the spilled lines ---------------------------------------------
+
+def write_splits(spill: Spill, order: dict[str, np.ndarray], folder: Path, buffer_rows: int = 4096) -> str:
+    """Write `NAME.jsonl` of each split from the spilled lines -> the dataset fingerprint
+    (`dataset.fingerprint`'s sha256 over the same entries)."""
+    digest = hashlib.sha256()
+    with spill.reader("rows") as reader:
+        for name in SPLITS:
+            rows = order[name]
+            offsets, line_len, entry_len = (spill.row_offset[rows].tolist(), spill.seg[rows, 0].tolist(),
+                                            spill.seg[rows, 1].tolist())
+            prefix = json.dumps([name]).encode()[:-1] + b", "  # an entry is [name, text, label, ...]
+            with open(folder / f"{name}.jsonl", "wb") as f:
+                buffer = []
+                for offset, a, b in zip(offsets, line_len, entry_len):
+                    data = reader.read(offset, a + b)
+                    buffer.append(data[:a])
+                    digest.update(prefix)
+                    digest.update(data[a + 1:])  # the spilled entry without its name: drop its "["
+                    if len(buffer) >= buffer_rows:
+                        f.write(b"".join(buffer))
+                        buffer.clear()
+                f.write(b"".join(buffer))
+    return digest.hexdigest()[:16]
+
+
+def write_rejected(spill: Spill, dec: Decisions, path: Path) -> None:
+    """`rejected.jsonl`: the rows the filter rejected (spilled records) and those de-duplication dropped (records
+    built from their spilled text), by source line."""
+    dropped = [(reason, rows) for reason, rows in dec.dropped if len(rows)]
+    dedup_rows = np.concatenate([rows for _, rows in dropped]) if dropped else np.zeros(0, np.int64)
+    dedup_reason = np.repeat(np.arange(len(dropped)), [len(rows) for _, rows in dropped]).tolist()
+    n_filtered = len(spill.rej_lines)
+    lines = np.concatenate([spill.rej_lines, spill.lines[dedup_rows]])
+    with spill.reader("rejected") as rejected, spill.reader("rows") as rows, open(path, "wb") as f:
+        buffer = []
+        for k in np.argsort(lines, kind="stable").tolist():
+            if k < n_filtered:
+                start = int(spill.rej_offset[k])
+                buffer.append(rejected.read(start, int(spill.rej_offset[k + 1]) - start))
+            else:
+                i = int(dedup_rows[k - n_filtered])
+                start = spill.row_offset[i] + spill.seg[i, 0] + spill.seg[i, 1]
+                text = rows.read(int(start), int(spill.seg[i, 2]))
+                reason = dropped[dedup_reason[k - n_filtered]][0]
+                buffer.append(b'{"line": %d, "reason": "%s", "text": %s}\n' % (int(lines[k]), reason.encode(), text))
+            if len(buffer) >= 4096:
+                f.write(b"".join(buffer))
+                buffer.clear()
+        f.write(b"".join(buffer))
