@@ -100,6 +100,8 @@ def data_prepare(
     near_threshold: Optional[float] = _opt(DedupConfig, "threshold", "--near-threshold", note="near duplicates"),
     no_near_dedup: bool = typer.Option(False, "--no-near-dedup", help="exact de-duplication only"),
     no_pii: bool = typer.Option(False, "--no-pii", help="do not redact PII"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="processes that clean, redact and shingle rows "
+                                          "(default: 1 below 16 MB of source, else one per CPU, at most 8)"),
     overwrite: bool = OVERWRITE,
 ):
     """Read, clean, redact, de-duplicate and split a labelled text file into a dataset dir."""
@@ -113,7 +115,7 @@ def data_prepare(
              "dedup.near": False if no_near_dedup else None, "pii.enabled": False if no_pii else None}
     apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None])
     opts = section(PrepareOptions, raw, "prepare options")
-    meta = prepare(source, out, opts, overwrite=overwrite)
+    meta = prepare(source, out, opts, overwrite=overwrite, workers=workers)
     print_dataset_summary(meta, out, console)
 
 

@@ -170,9 +170,11 @@ def _batches(rows: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def chunks(rows: Iterator, worker_args: tuple, workers: int, batch_rows: int = BATCH_ROWS) -> Iterator[Chunk]:
-    """The `Chunk` of each batch of `rows`, in source order. With `workers` > 1, batches run in that many processes,
-    at most two batches each in flight (the source is never read far ahead of the work)."""
+def chunks(rows: Iterator, worker_args: tuple, workers: int, batch_rows: int | None = None) -> Iterator[Chunk]:
+    """The `Chunk` of each batch of `rows` (`batch_rows`, default BATCH_ROWS), in source order. With `workers` > 1,
+    batches run in that many processes, at most two batches each in flight (the source is never read far ahead of
+    the work)."""
+    batch_rows = batch_rows or BATCH_ROWS
     if workers <= 1:
         worker = BatchWorker(*worker_args)
         for batch in _batches(rows, batch_rows):

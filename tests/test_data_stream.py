@@ -1,0 +1,105 @@
+"""The streaming, parallel preparation writes the in-memory pipeline's dataset dir byte for byte."""
+
+import filecmp
+import json
+import random
+
+import pytest
+
+from tunelab.config import PrepareOptions
+from tunelab.data import stream
+from tunelab.data.prepare import prepare
+from tunelab.errors import UserError
+
+from conftest import make_rows, write_csv
+
+FILES = ("dataset.json", "train.jsonl", "validation.jsonl", "test.jsonl", "rejected.jsonl", "near_duplicates.jsonl",
+         "conflicts.json")
+
+
+def messy_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows with everything the pipeline decides on: exact and near duplicates (some with other labels), PII,
+    mojibake, full-width text, empty texts and labels, Chinese text."""
+    rng = random.Random(seed)
+    rows = make_rows(n, seed=seed)
+    extra = []
+    for r in rng.sample(rows, n // 10):  # exact duplicates, a third with another label
+        label = r["label"] if rng.random() < 0.67 else rng.choice(["positive", "negative", "neutral"])
+        extra.append({"text": "  " + r["text"].upper() + " ", "label": label})
+    for r in rng.sample(rows, n // 10):  # near duplicates: one word changed, a few with another label
+        words = r["text"].split()
+        words[rng.randrange(len(words))] = rng.choice(["great", "awful", "fine", "而且"])
+        label = r["label"] if rng.random() < 0.8 else rng.choice(["positive", "negative"])
+        extra.append({"text": " ".join(words) + "!", "label": label})
+    extra += [{"text": "call me at +1 415 555 0133 or mail a.b@example.com", "label": "neutral"},
+              {"text": "Ã©tÃ© was great", "label": "positive"}, {"text": "ＡＢＣ full width ！", "label": "neutral"},
+              {"text": "质量很好，物流也快！ 推荐购买", "label": "positive"}, {"text": "", "label": "positive"},
+              {"text": "no label", "label": ""}, {"text": "质量很好，物流也快！ 推荐购买。", "label": "negative"}]
+    rows += extra
+    rng.shuffle(rows)
+    return rows
+
+
+def assert_same_dirs(a, b) -> None:
+    for name in FILES:
+        assert filecmp.cmp(a / name, b / name, shallow=False), f"{name} differs"
+
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    monkeypatch.setattr(stream, "BATCH_ROWS", 37)  # many batches, each through the pool
+
+
+@pytest.mark.parametrize("opts", [{}, {"seed": 5, "dedup": {"near_action": "group"}, "pii": {"enabled": False}},
+                                  {"task": "text", "dedup": {"near": False}}], ids=["default", "group", "text"])
+def test_streaming_with_workers_equals_in_memory(tmp_path, small_batches, opts):
+    src = write_csv(tmp_path / "in.csv", messy_rows(400))
+    a = prepare(str(src), tmp_path / "a", PrepareOptions(**opts), streaming=False)
+    b = prepare(str(src), tmp_path / "b", PrepareOptions(**opts), streaming=True, workers=2)
+    assert a == b
+    duplicates = a["report"]["duplicates"]
+    assert duplicates["exact_dropped"] and (opts or duplicates["exact_conflicting_groups"])
+    assert duplicates["near_groups"] or opts.get("task") == "text"
+    assert_same_dirs(tmp_path / "a", tmp_path / "b")
+    assert not list(tmp_path.glob(".b.tunelab-scratch-*"))  # the scratch folder is gone
+
+
+def test_streaming_equals_in_memory_on_chat_and_a_split_column(tmp_path, small_batches):
+    opts = PrepareOptions(task="sft", max_drop_rate=1)
+    prepare("builtin:chatterbot", tmp_path / "a", opts, streaming=False)
+    prepare("builtin:chatterbot", tmp_path / "b", opts, streaming=True, workers=2)
+    assert_same_dirs(tmp_path / "a", tmp_path / "b")
+    rows = [{**r, "split": random.Random(i).choice(["train", "dev", "test", "??"])}
+            for i, r in enumerate(messy_rows(200, seed=1))]
+    src = write_csv(tmp_path / "split.csv", rows, columns=("text", "label", "split"))
+    opts = PrepareOptions(split_column="split", max_drop_rate=1)
+    prepare(str(src), tmp_path / "c", opts, streaming=False)
+    meta = prepare(str(src), tmp_path / "d", opts, streaming=True, workers=1)
+    assert meta["report"]["dropped"]["unknown_split"] > 10
+    assert_same_dirs(tmp_path / "c", tmp_path / "d")
+
+
+def test_streaming_stops_at_the_first_malformed_row_like_in_memory(tmp_path, small_batches):
+    lines = ["text,label"] + [f"row number {i} is fine,positive" for i in range(200)]
+    lines[150] = "a,b,c"  # line 151: wrong field count
+    lines[180] = "x,y,z"
+    src = tmp_path / "in.csv"
+    src.write_text("\n".join(lines) + "\n")
+    messages = []
+    for streaming in (False, True):
+        with pytest.raises(UserError) as err:
+            prepare(str(src), tmp_path / f"o{streaming}", PrepareOptions(strict=True), streaming=streaming, workers=2)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and ":151: wrong_field_count" in messages[0]
+    assert not list(tmp_path.glob(".*tunelab-scratch-*"))
+
+
+def test_streaming_refusals(tmp_path):
+    src = write_csv(tmp_path / "in.csv", make_rows(50))
+    with pytest.raises(UserError, match="at least 1"):
+        prepare(str(src), tmp_path / "o", workers=0)
+    with pytest.raises(UserError, match="streaming preparation covers"):
+        prepare(str(src), tmp_path / "o", PrepareOptions(max_rows=10), streaming=True)
+    meta = prepare(str(src), tmp_path / "o", PrepareOptions(max_rows=10))  # the in-memory pipeline takes it
+    assert meta["report"]["rows_kept"] == 10
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["report"]["rows_read"] == 50
