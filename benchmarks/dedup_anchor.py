@@ -44,7 +44,7 @@ def run(shards: Path, work: Path, workers: int) -> float:
     tasks = len(list(shards.glob("*.jsonl")))
     cfg = MinhashConfig(n_grams=2, num_buckets=16, hashes_per_bucket=4)
     sigs, buckets, remove, out = (work / n for n in ("sigs", "buckets", "remove", "out"))
-    common = {"logging_dir": None, "skip_completed": False}
+    common = {"logging_dir": str(work / "logs"), "skip_completed": False}
     stages = [
         LocalPipelineExecutor(pipeline=[JsonlReader(str(shards)),
                                         MinhashDedupSignature(str(sigs), config=cfg, language=Words())],

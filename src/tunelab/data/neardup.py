@@ -5,9 +5,9 @@ punctuation changes do not matter and a one-word edit changes few shingles. Each
 content (blake2b, 64 bits), so a document's shingles do not depend on the other documents: batches of
 documents can be shingled apart, in worker processes, and agree with the whole corpus shingled at once.
 Shingle ids are mixed to 32 bits, and `num_perm` multiply-add hash functions give the MinHash signature.
-LSH with `bands` x `rows` proposes candidate pairs; each is kept only if the *exact* Jaccard similarity of the two shingle
-sets reaches the threshold, so precision does not rest on the estimate. Connected components of the
-kept pairs are the near-duplicate groups.
+LSH with `bands` x `rows` proposes candidate pairs; each is kept only if the *exact* Jaccard similarity of the
+two shingle sets reaches the threshold, so precision does not rest on the estimate. Connected components of
+the kept pairs are the near-duplicate groups.
 """
 
 from __future__ import annotations
