@@ -114,23 +114,27 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def band_pairs(key: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Pairs [m, 2] of valid documents sharing a bucket key in one band: each bucket's later members paired with
-    its first (star pairs)."""
+    """Pairs [m, 2] of valid documents sharing a bucket key in one band: each bucket's other members paired with
+    its smallest index (star pairs)."""
     idx = np.flatnonzero(valid)
-    order = idx[np.argsort(key[idx], kind="stable")]
+    if not len(idx):
+        return np.zeros((0, 2), dtype=np.int64)
+    order = idx[np.argsort(key[idx])]
     k = key[order]
     new_run = np.concatenate([[True], k[1:] != k[:-1]])
-    first = order[np.maximum.accumulate(np.where(new_run, np.arange(len(order)), 0))]
-    member = ~new_run
+    first = np.minimum.reduceat(order, np.flatnonzero(new_run))[np.cumsum(new_run) - 1]
+    member = order != first
     return np.stack([first[member], order[member]], axis=1)
 
 
 def unique_pairs(parts: list[np.ndarray]) -> np.ndarray:
     """Pairs from every band -> the distinct pairs (i < j), sorted."""
-    if not parts:
-        return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.sort(np.concatenate(parts), axis=1)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
+    pairs = np.sort(np.concatenate(parts), axis=1) if parts else np.zeros((0, 2), dtype=np.int64)
+    if not len(pairs):
+        return pairs.astype(np.int64)
+    n = np.int64(pairs.max()) + 1  # one int64 per pair (n < 2**31 documents), sorted and de-duplicated as numbers
+    codes = np.unique(pairs[:, 0].astype(np.int64) * n + pairs[:, 1])
+    return np.stack([codes // n, codes % n], axis=1)
 
 
 def candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:

@@ -248,14 +248,14 @@ def _prepare_streaming(source: str, resolved: tuple[Path, str, str], source_rows
     on hashes and spilled signatures; the same dataset dir."""
     path, text_col, label_col = resolved
     kind = dataset_kind(opts.task)
-    with scratch_sibling(out) as scratch:
+    with scratch_sibling(out) as scratch, stream.Workers(workers, (str(path), text_col, label_col, opts)) as pool:
         spill = stream.Spill(scratch, lsh_params(opts.dedup.threshold, opts.dedup.num_perm)[0])
         try:
-            for chunk in stream.chunks(source_rows, (str(path), text_col, label_col, opts), workers):
+            for chunk in pool.chunks(source_rows):
                 spill.add(chunk)
         finally:
             spill.close()
-        dec = stream.decide(spill, opts)
+        dec = stream.decide(spill, opts, pool)
         reasons = spill.reasons.copy()
         for reason, idx in dec.dropped:
             if len(idx):

@@ -34,6 +34,9 @@ class Row:
     error: str | None = None  # a reason code when the line could not be parsed
     invalid_utf8: bool = False
 
+    def __reduce__(self):  # pickled as a tuple: batches of rows go to worker processes
+        return Row, (self.line, self.fields, self.error, self.invalid_utf8)
+
 
 def detect_format(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())

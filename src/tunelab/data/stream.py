@@ -170,25 +170,43 @@ def _batches(rows: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def chunks(rows: Iterator, worker_args: tuple, workers: int, batch_rows: int | None = None) -> Iterator[Chunk]:
-    """The `Chunk` of each batch of `rows` (`batch_rows`, default BATCH_ROWS), in source order. With `workers` > 1,
-    batches run in that many processes, at most two batches each in flight (the source is never read far ahead of
-    the work)."""
-    batch_rows = batch_rows or BATCH_ROWS
-    if workers <= 1:
-        worker = BatchWorker(*worker_args)
-        for batch in _batches(rows, batch_rows):
-            yield worker(batch)
-        return
-    method = "fork" if sys.platform == "linux" else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (worker_args,)) as pool:
+class Workers:
+    """`n` worker processes, each holding a `BatchWorker(*worker_args)`, for both passes; with n == 1 everything runs
+    in the calling process."""
+
+    def __init__(self, n: int, worker_args: tuple):
+        self.n, self.worker_args, self.pool = n, worker_args, None
+
+    def __enter__(self) -> "Workers":
+        if self.n > 1:
+            method = "fork" if sys.platform == "linux" else "spawn"
+            self.pool = multiprocessing.get_context(method).Pool(self.n, _init_worker, (self.worker_args,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+    def chunks(self, rows: Iterator, batch_rows: int | None = None) -> Iterator[Chunk]:
+        """The `Chunk` of each batch of `rows` (`batch_rows`, default BATCH_ROWS), in source order; at most two
+        batches per worker in flight (the source is never read far ahead of the work)."""
+        batches = _batches(rows, batch_rows or BATCH_ROWS)
+        if self.pool is None:
+            worker = BatchWorker(*self.worker_args)
+            yield from map(worker, batches)
+            return
         pending: deque = deque()
-        for batch in _batches(rows, batch_rows):
-            pending.append(pool.apply_async(_run_batch, (batch,)))
-            if len(pending) >= 2 * workers:
+        for batch in batches:
+            pending.append(self.pool.apply_async(_run_batch, (batch,)))
+            if len(pending) >= 2 * self.n:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+    def map(self, fn, items: list) -> list:
+        """`[fn(x) for x in items]`, spread over the workers (`fn` a module-level function)."""
+        return self.pool.map(fn, items, chunksize=1) if self.pool is not None else [fn(x) for x in items]
 
 
 # ---- the parent's side: spill files and per-row arrays --------------------------------------------------------
@@ -346,23 +364,40 @@ def exact_duplicates(spill: Spill) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return keep, np.sort(order[later]), np.sort(order[conflict]), conflict_groups
 
 
-def near_groups(spill: Spill, rows: np.ndarray, opts) -> tuple[np.ndarray, int]:
+def _band_task(args: tuple) -> np.ndarray:
+    folder, band, rows_file = args
+    rows = np.load(rows_file)
+    valid = np.load(folder / "valid.npy")[rows]
+    return band_pairs(np.fromfile(folder / f"band{band}", dtype=np.uint64)[rows], valid)
+
+
+def _jaccard_task(args: tuple) -> np.ndarray:
+    return exact_jaccard(*args)
+
+
+def near_groups(spill: Spill, rows: np.ndarray, opts, workers: Workers) -> tuple[np.ndarray, int]:
     """The near-duplicate group of each of `rows` (named by its smallest member's position in `rows`) and the
-    number of LSH candidate pairs, as `neardup.near_duplicates` finds them on those rows' texts."""
+    number of LSH candidate pairs, as `neardup.near_duplicates` finds them on those rows' texts. The bands' pairs
+    and the exact Jaccard checks run in the workers."""
     d = opts.dedup
     bands, _ = lsh_params(d.threshold, d.num_perm)
-    valid = spill.valid[rows]
-    cand = unique_pairs([band_pairs(spill.band(b)[rows], valid) for b in range(bands)])
+    np.save(spill.folder / "near_rows.npy", rows)
+    np.save(spill.folder / "valid.npy", spill.valid)
+    cand = unique_pairs(workers.map(_band_task, [(spill.folder, b, spill.folder / "near_rows.npy")
+                                                 for b in range(bands)]))
     docs = np.unique(cand)
     sig = spill.signatures(rows[docs], d.num_perm)
     plausible = cand[plausible_mask(sig, np.searchsorted(docs, cand), d.threshold, d.num_perm)]
-    docs = np.unique(plausible)
-    h, offsets = spill.shingle_sets(rows[docs])
-    sims = exact_jaccard(h, offsets, np.searchsorted(docs, plausible)) if len(plausible) else np.zeros(0)
+    tasks = []
+    for part in np.array_split(plausible, 2 * workers.n):
+        docs = np.unique(part)
+        h, offsets = spill.shingle_sets(rows[docs])
+        tasks.append((h, offsets, np.searchsorted(docs, part)))
+    sims = np.concatenate(workers.map(_jaccard_task, tasks)) if len(plausible) else np.zeros(0)
     return groups_of(len(rows), plausible[sims >= d.threshold]), len(cand)
 
 
-def decide(spill: Spill, opts) -> Decisions:
+def decide(spill: Spill, opts, workers: Workers) -> Decisions:
     """Exact and near de-duplication and the split units, over pass 1's arrays."""
     kind, d = dataset_kind(opts.task), opts.dedup
     rows = np.arange(len(spill))
@@ -378,7 +413,7 @@ def decide(spill: Spill, opts) -> Decisions:
             rows = rows[keep]
         if not (d.near and len(rows)):
             return Decisions(rows, np.arange(len(rows)), dropped, conflicts, groups, candidates)
-        group, candidates = near_groups(spill, rows, opts)
+        group, candidates = near_groups(spill, rows, opts, workers)
     keep_all_action = (kind.near_action or d.near_action) == "group"
     multi = np.flatnonzero(np.bincount(group, minlength=len(rows))[group] > 1)
     multi = multi[np.argsort(group[multi], kind="stable")]
