@@ -2,6 +2,7 @@
 
 import filecmp
 import json
+import os
 import random
 
 import pytest
@@ -103,3 +104,20 @@ def test_streaming_refusals(tmp_path):
     meta = prepare(str(src), tmp_path / "o", PrepareOptions(max_rows=10))  # the in-memory pipeline takes it
     assert meta["report"]["rows_kept"] == 10
     assert json.loads((tmp_path / "o" / "dataset.json").read_text())["report"]["rows_read"] == 50
+
+
+def test_a_worker_that_dies_fails_the_run_with_one_message(tmp_path, small_batches, monkeypatch):
+    rows = make_rows(300)
+    rows[200]["text"] = "this row kills its worker"
+    src = write_csv(tmp_path / "in.csv", rows)
+    call = stream.BatchWorker.__call__
+
+    def dying(self, batch):  # inherited by the forked workers
+        if any("kills its worker" in str(r.fields.get("text")) for r in batch):
+            os._exit(1)
+        return call(self, batch)
+
+    monkeypatch.setattr(stream.BatchWorker, "__call__", dying)
+    with pytest.raises(UserError, match="worker process died"):
+        prepare(str(src), tmp_path / "o", streaming=True, workers=2)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tunelab-*"))

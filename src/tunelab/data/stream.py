@@ -23,6 +23,9 @@ import os
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,21 +175,21 @@ def _batches(rows: Iterator, size: int) -> Iterator[list]:
 
 class Workers:
     """`n` worker processes, each holding a `BatchWorker(*worker_args)`, for both passes; with n == 1 everything runs
-    in the calling process."""
+    in the calling process. A worker that dies (killed, out of memory) fails the run with one message, never a hang."""
 
     def __init__(self, n: int, worker_args: tuple):
         self.n, self.worker_args, self.pool = n, worker_args, None
 
     def __enter__(self) -> "Workers":
         if self.n > 1:
-            method = "fork" if sys.platform == "linux" else "spawn"
-            self.pool = multiprocessing.get_context(method).Pool(self.n, _init_worker, (self.worker_args,))
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            self.pool = ProcessPoolExecutor(self.n, mp_context=context, initializer=_init_worker,
+                                            initargs=(self.worker_args,))
         return self
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def chunks(self, rows: Iterator, batch_rows: int | None = None) -> Iterator[Chunk]:
         """The `Chunk` of each batch of `rows` (`batch_rows`, default BATCH_ROWS), in source order; at most two
@@ -197,16 +200,28 @@ class Workers:
             yield from map(worker, batches)
             return
         pending: deque = deque()
-        for batch in batches:
-            pending.append(self.pool.apply_async(_run_batch, (batch,)))
-            if len(pending) >= 2 * self.n:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        with self._died():
+            for batch in batches:
+                pending.append(self.pool.submit(_run_batch, batch))
+                if len(pending) >= 2 * self.n:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def map(self, fn, items: list) -> list:
         """`[fn(x) for x in items]`, spread over the workers (`fn` a module-level function)."""
-        return self.pool.map(fn, items, chunksize=1) if self.pool is not None else [fn(x) for x in items]
+        if self.pool is None:
+            return [fn(x) for x in items]
+        with self._died():
+            return list(self.pool.map(fn, items))
+
+    @contextmanager
+    def _died(self):
+        try:
+            yield
+        except BrokenProcessPool:
+            raise UserError(f"a data preparation worker process died (killed, or out of memory?); run again, with "
+                            f"fewer --workers than {self.n} if memory is short") from None
 
 
 # ---- the parent's side: spill files and per-row arrays --------------------------------------------------------
