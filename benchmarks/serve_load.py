@@ -18,15 +18,32 @@ Classification (MiniLM-L6 with a 3-label head, real tweets, one text per request
 (`--encoder-batch 1 --encoder-wait-ms 0`, one forward per request), and the model's int8 ONNX export served by
 ONNX Runtime behind the same micro-batching. Reported: requests/s, p50/p99 latency.
 
-Writes benchmarks/results/serve_load.json.
+Precision (SmolLM2, greedy, 64 new tokens): `tunelab serve --precision fp32` vs `--precision bf16`, one client at a
+time (single-stream tokens/s) and 16 concurrent clients, how many greedy answers are the same; and how far bf16
+moves the model from fp32, teacher-forced on real English and Chinese sentences (`serve.precision.bf16_agreement`: top-1
+agreement, max and mean |Δlogprob| of the target token). The generation and engines parts above pin
+`--precision fp32`: their anchors (`model.generate`, the answers compared word for word) are fp32.
 
-    python benchmarks/serve_load.py [--clients 16] [--tokens 64] [--rounds 2] [--only generation|engines|classification]
+Batching (SmolLM2 in this process, the server's default precision in both arms, `max_batch` 16): continuous vs
+static batching (`GenerationEngine(batching=…)`) on the same seeded mixed trace (`_trace.py`: Poisson arrivals,
+log-uniform prompt lengths 16–512 and output lengths 8–256 tokens, prompts cut from real tweets; 48 requests at 3
+per second, faster than either arm answers them, so a queue builds), the engine driven directly. Reported per
+arm: output tokens/s, TTFT and end-to-end p50/p99; the ratios, and whether both arms gave every request the same
+greedy tokens. Targets: continuous ≥ 1.3× static throughput, lower p99 end-to-end.
+
+Writes benchmarks/results/serve_load.json (`--quick`: a tiny run of the precision and batching parts, a few
+requests and tokens, printed and not written; about a minute).
+
+    python benchmarks/serve_load.py [--clients 16] [--tokens 64] [--rounds 2] [--quick]
+        [--only generation|engines|classification|precision|batching]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import functools
 import json
 import os
 import re
@@ -41,6 +58,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, write_result  # noqa: E402
+from _trace import mixed_trace, run_trace, summary, trace_prompts  # noqa: E402
 
 BASE = "builtin:smollm2-135m-instruct"
 TOPICS = ["a dragon who learns to bake", "the history of the printing press", "a lighthouse keeper's winter",
@@ -53,15 +71,6 @@ TOPICS = ["a dragon who learns to bake", "the history of the printing press", "a
 def prompts(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": f"Write a detailed story about {TOPICS[i % len(TOPICS)]}."}]
             for i in range(n)]
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
-
-
-def summary(values: list[float]) -> dict:
-    return {"p50": round(pct(values, 50), 3), "p99": round(pct(values, 99), 3), "max": round(max(values), 3)}
 
 
 # ---- the server in a subprocess -------------------------------------------------------------------------
@@ -166,7 +175,8 @@ async def fixed_rate(url: str, convs: list[list[dict]], tokens: int, rate: float
 
 
 def served_generation(convs, tokens: int, rounds: int, rate: float, rate_requests: int, tmp: Path) -> dict:
-    srv = Server([BASE, "--embedding-model", "none", "--max-batch", str(max(16, len(convs)))], tmp / "gen.log")
+    srv = Server([BASE, "--embedding-model", "none", "--max-batch", str(max(16, len(convs))), "--precision", "fp32"],
+                 tmp / "gen.log")  # fp32, as the anchor its answers are compared with
     try:
         asyncio.run(concurrent_round(srv.url, convs[:2], 8))  # warm-up
         results, walls = [], []
@@ -267,7 +277,8 @@ def engines(args, tmp: Path) -> dict:
         export_model(args.model, gguf, "gguf", quantize="q8_0")
     convs = prompts(args.clients)
     print("engines: PyTorch, llama.cpp behind tunelab, bare llama.cpp …", flush=True)
-    arms = {"pytorch": served_engine([f"m={args.model}"], "m", convs, args.tokens, args.single, tmp / "pt.log"),
+    arms = {"pytorch": served_engine([f"m={args.model}", "--precision", "fp32"], "m", convs, args.tokens, args.single,
+                                     tmp / "pt.log"),
             "llama_cpp_engine": served_engine([f"m={gguf}"], "m", convs, args.tokens, args.single,
                                               tmp / "llama.log"),
             "bare_llama_cpp": in_fresh_process(bare_llama_cpp, gguf / "model.gguf", convs, args.tokens, args.single)}
@@ -390,9 +401,120 @@ def classification(args, tmp: Path) -> dict:
                                                         / default_rps, 2)}
 
 
+# ---- precision: bf16 vs fp32 ----------------------------------------------------------------------------
+@functools.cache
+def smollm2():
+    """SmolLM2 in fp32 in this process, loaded once (the precision and batching parts share it)."""
+    from tunelab.generate import load_generator
+
+    return load_generator(BASE, "cpu")
+
+
+def precision(args, tmp: Path) -> dict:
+    from tunelab.serve.precision import AGREEMENT_TEXTS, bf16_agreement
+    from tunelab.train.precision import bf16_supported
+
+    convs = prompts(args.clients)
+    print("precision: tunelab serve in fp32 and in bf16 …", flush=True)
+    arms = {p: served_engine([BASE, "--precision", p], "smollm2-135m-instruct", convs, args.tokens, args.single,
+                             tmp / f"{p}.log") for p in ("fp32", "bf16")}
+    same = sum(a == b for a, b in zip(arms["fp32"].pop("_texts"), arms["bf16"].pop("_texts")))
+    print("precision: bf16 vs fp32 teacher-forced …", flush=True)
+    agreement = {k: round(v, 4) for k, v in bf16_agreement(smollm2().model, smollm2().tokenizer).items()}
+    fp32, bf16 = arms["fp32"], arms["bf16"]
+    return {"model": BASE, "native_bf16": bf16_supported("cpu"), "max_tokens": args.tokens, "clients": args.clients,
+            "single_stream_requests": args.single, **arms,
+            "single_stream_ratio_bf16_vs_fp32": round(bf16["single_stream_tokens_per_s"]
+                                                      / fp32["single_stream_tokens_per_s"], 2),
+            "concurrent_ratio_bf16_vs_fp32": round(bf16["concurrent_tokens_per_s"]
+                                                   / fp32["concurrent_tokens_per_s"], 2),
+            "greedy_answers_equal_bf16_vs_fp32": f"{same}/{len(convs)}",
+            "agreement_teacher_forced": {"texts": f"{len(AGREEMENT_TEXTS)} real sentences (English, Chinese), "
+                                                  "prompt + continuation", **agreement}}
+
+
+# ---- batching: continuous vs static on a mixed trace ------------------------------------------------------
+def batching(args, tmp: Path) -> dict:
+    from tunelab.serve.precision import decoding_precision
+    from tunelab.serve.engine import GenerationEngine
+
+    model, tok = copy.deepcopy(smollm2().model), smollm2().tokenizer
+    dtype = decoding_precision(model, "auto", "cpu")  # the server's default, the same in both arms
+    bounds = dict(prompt=(16, 64), output=(8, 32)) if args.quick else {}
+    trace = mixed_trace(args.trace_requests, args.trace_rate, seed=0, **bounds)
+    stream = tok("\n".join(tweets(4000)), add_special_tokens=False)["input_ids"]
+    prompts_ = trace_prompts(trace, stream)
+    warm = mixed_trace(2, 100.0, seed=1, prompt=(16, 32), output=(4, 8))
+    arms = {}
+    for arm in ("static", "continuous"):
+        print(f"batching: {arm}, {len(trace)} requests at {args.trace_rate}/s …", flush=True)
+        engine = GenerationEngine(model, tok, stop_ids=[], max_batch=args.clients, max_waiting=len(trace),
+                                  name=arm, batching=arm)
+        try:
+            run_trace(engine, warm, trace_prompts(warm, stream))
+            arms[arm] = run_trace(engine, trace, prompts_)
+        finally:
+            engine.close()
+    same = sum(a == b for a, b in zip(arms["static"].pop("_tokens"), arms["continuous"].pop("_tokens")))
+    cont, stat = arms["continuous"], arms["static"]
+    lengths = {k: summary([getattr(r, k) for r in trace]) for k in ("prompt_tokens", "output_tokens")}
+    return {"model": BASE, "precision": dtype, "max_batch": args.clients,
+            "trace": {"requests": len(trace), "rate_per_s": args.trace_rate, "seed": 0,
+                      "arrivals": "Poisson (exponential gaps)",
+                      "prompt_tokens": f"log-uniform {bounds.get('prompt', (16, 512))}, real tweets",
+                      "output_tokens": f"log-uniform {bounds.get('output', (8, 256))}, no stop token",
+                      "last_arrival_s": trace[-1].arrival_s, **lengths},
+            "static": stat, "continuous": cont,
+            "throughput_ratio_continuous_vs_static": round(cont["output_tokens_per_s"]
+                                                           / stat["output_tokens_per_s"], 2),
+            "p99_e2e_ratio_static_vs_continuous": round(stat["e2e_s"]["p99"] / cont["e2e_s"]["p99"], 2),
+            "p99_ttft_ratio_static_vs_continuous": round(stat["ttft_s"]["p99"] / cont["ttft_s"]["p99"], 2),
+            "greedy_answers_equal_static_vs_continuous": f"{same}/{len(trace)}"}
+
+
+def targets_met(result: dict) -> dict:
+    """The targets of the parts in `result` -> {target: met}."""
+    gen, clf, eng = result.get("generation"), result.get("classification"), result.get("engines")
+    prec, bat = result.get("precision"), result.get("batching")
+    targets, failures = {}, []
+    if gen:
+        conc, fixed = gen["tunelab"]["concurrent"], gen["tunelab"]["fixed_rate"]
+        targets.update({"generation_throughput_ratio>=4": gen["throughput_ratio"] >= 4,
+                        "p99<=3xp50": gen["p99_over_p50_e2e"] <= 3})
+        failures += [conc["failed"], fixed["failed"]]
+    if clf:
+        arms = [v for v in clf.values() if isinstance(v, dict)]
+        targets["classification_ratio>=5"] = clf["ratio_micro_batched_default"] >= 5
+        if "ratio_onnx_int8_vs_pytorch_default" in clf:
+            targets["onnx_int8_vs_pytorch_classification>=2"] = clf["ratio_onnx_int8_vs_pytorch_default"] >= 2
+        failures += [a["failed"] for a in arms]
+    if eng:
+        targets.update({"llama_cpp_single_stream>=5x_pytorch": eng["single_stream_ratio_llama_cpp_vs_pytorch"] >= 5,
+                        "llama_cpp_16_clients>=1.3x_pytorch": eng["concurrent_ratio_llama_cpp_vs_pytorch"] >= 1.3,
+                        "engine_within_10%_of_bare_llama_cpp": min(eng["single_stream_engine_vs_bare"],
+                                                                   eng["concurrent_engine_vs_bare"]) >= 0.9})
+    if prec:
+        targets["bf16_top1_agreement>=0.9"] = prec["agreement_teacher_forced"]["top1_agreement"] >= 0.9
+        if prec["native_bf16"]:  # emulated bf16 is slower than fp32: no speed target there
+            targets.update({"bf16_single_stream>fp32": prec["single_stream_ratio_bf16_vs_fp32"] > 1,
+                            "bf16_16_clients>fp32": prec["concurrent_ratio_bf16_vs_fp32"] > 1})
+        failures += [prec["fp32"]["failed"], prec["bf16"]["failed"]]
+    if bat:
+        targets.update({"continuous>=1.3x_static_throughput": bat["throughput_ratio_continuous_vs_static"] >= 1.3,
+                        "continuous_p99_e2e<static": bat["p99_e2e_ratio_static_vs_continuous"] > 1})
+    targets["zero_failures"] = not any(failures)
+    return targets
+
+
+PARTS = {"generation": generation, "engines": engines, "classification": classification, "precision": precision,
+         "batching": batching}
+QUICK = {"clients": 4, "tokens": 16, "rounds": 1, "single": 2, "rate_requests": 4, "classify_requests": 64,
+         "classify_clients": 8, "trace_requests": 8, "trace_rate": 4.0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients; batching: the engine's max_batch")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rate", type=float, default=1.0, help="fixed-rate run: requests per second")
@@ -401,33 +523,29 @@ def main() -> None:
     ap.add_argument("--classify-clients", type=int, default=32)
     ap.add_argument("--model", default=BASE, help="engines: the decoder (a model dir or base) and its GGUF export")
     ap.add_argument("--gguf", help="engines: an existing GGUF export dir of --model (skips the export)")
-    ap.add_argument("--single", type=int, default=4, help="engines: requests sent one at a time")
-    ap.add_argument("--only", choices=["generation", "engines", "classification"],
+    ap.add_argument("--single", type=int, default=4, help="engines, precision: requests sent one at a time")
+    ap.add_argument("--trace-requests", type=int, default=48, help="batching: requests in the mixed trace")
+    ap.add_argument("--trace-rate", type=float, default=3.0, help="batching: mean arrivals per second")
+    ap.add_argument("--only", choices=list(PARTS),
                     help="run one part; the others are kept from the previous results file")
+    ap.add_argument("--quick", action="store_true", help="a tiny run (precision and batching unless --only) to "
+                    f"check the script works: {QUICK}; printed, not written")
     args = ap.parse_args()
+    if args.quick:
+        vars(args).update(QUICK)
     previous = RESULTS / "serve_load.json"
-    result = json.loads(previous.read_text()) if args.only and previous.exists() else {}
+    result = json.loads(previous.read_text()) if args.only and not args.quick and previous.exists() else {}
+    result = {part: result.get(part) for part in PARTS}
+    run = [args.only] if args.only else (["precision", "batching"] if args.quick else list(PARTS))
     with tempfile.TemporaryDirectory() as d:
-        for part, fn in (("generation", generation), ("engines", engines), ("classification", classification)):
-            if args.only in (None, part):
-                result[part] = fn(args, Path(d))
-                print(json.dumps(result[part], indent=1), flush=True)
-    gen, clf, eng = result["generation"], result["classification"], result.get("engines")
-    conc, fixed = gen["tunelab"]["concurrent"], gen["tunelab"]["fixed_rate"]
-    arms = [v for v in clf.values() if isinstance(v, dict)]
-    targets = {"generation_throughput_ratio>=4": gen["throughput_ratio"] >= 4,
-               "p99<=3xp50": gen["p99_over_p50_e2e"] <= 3,
-               "classification_ratio>=5": clf["ratio_micro_batched_default"] >= 5,
-               "zero_failures": conc["failed"] == 0 and fixed["failed"] == 0 and all(a["failed"] == 0 for a in arms)}
-    if "ratio_onnx_int8_vs_pytorch_default" in clf:
-        targets["onnx_int8_vs_pytorch_classification>=2"] = clf["ratio_onnx_int8_vs_pytorch_default"] >= 2
-    if eng:
-        targets.update({"llama_cpp_single_stream>=5x_pytorch": eng["single_stream_ratio_llama_cpp_vs_pytorch"] >= 5,
-                        "llama_cpp_16_clients>=1.3x_pytorch": eng["concurrent_ratio_llama_cpp_vs_pytorch"] >= 1.3,
-                        "engine_within_10%_of_bare_llama_cpp": min(eng["single_stream_engine_vs_bare"],
-                                                                   eng["concurrent_engine_vs_bare"]) >= 0.9})
-    path = write_result("serve_load", {"generation": gen, "engines": eng, "classification": clf,
-                                       "targets_met": targets})
+        for part in run:
+            result[part] = PARTS[part](args, Path(d))
+            print(json.dumps(result[part], indent=1), flush=True)
+    targets = targets_met(result)
+    if args.quick:
+        print(json.dumps(targets), "\n(--quick: nothing written)")
+        return
+    path = write_result("serve_load", {**result, "targets_met": targets})
     print(json.dumps(targets), f"\nwrote {path}")
 
 

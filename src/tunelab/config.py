@@ -422,8 +422,9 @@ class ServeConfig(Section):
     encoder_batch: int = Field(64, gt=0, description="texts per classify/embeddings forward; also the most "
                                "texts one request may send")
     encoder_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="classify/embeddings: bf16 autocast "
-                                                       "where native (auto); generation always runs in fp32")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 where the hardware has it "
+                                                       "natively, else fp32 (classify/embeddings: bf16 autocast; "
+                                                       "generation: bf16 weights and KV cache, logits read in fp32)")
     rate_limit: float | None = Field(None, ge=0, description="requests per minute per key, bursts of a sixth of "
                                      f"it; none = {DEFAULT_RATE_LIMIT} per key with keys, unlimited without (a keyless "
                                      "server answers loopback only); a number also applies per client address "

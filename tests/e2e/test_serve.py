@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 
+from tunelab.train.precision import resolve_precision
+
 from conftest import make_rows
 from serve_process import KEY, OTHER_KEY, THIRD_KEY, ServerProcess
 
@@ -88,6 +90,10 @@ def test_models_lists_everything_served(client, engines):
     assert client.models.retrieve("peaky").id == "peaky"
     assert {k: ids[k].tunelab_engine for k in ENGINES[engines]} == ENGINES[engines]
     assert ids["chat-a"].tunelab_engine == "pytorch"  # LoRA adapters sharing a base stay on the PyTorch engine
+    native = resolve_precision("auto", "cpu")  # bf16 where this CPU has it natively, else fp32
+    assert ids["chat-a"].tunelab_precision == native
+    assert {k: ids[k].tunelab_precision for k in ENGINES[engines]} == {
+        k: native if engine == "pytorch" else None for k, engine in ENGINES[engines].items()}
 
 
 def test_chat_non_streaming_and_streaming_agree(client):

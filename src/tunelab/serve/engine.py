@@ -6,7 +6,12 @@ longest of them), then their cache rows join the running batch between two decod
 cancelled sequence leaves its row at once and the all-padding columns it leaves behind are trimmed.
 Each decode step feeds every running sequence its last token, at its own position, under one attention
 mask. Prefill per iteration is bounded by a token budget so that a burst of new prompts cannot stall the
-sequences already decoding.
+sequences already decoding. `batching="static"` is the classic alternative, kept to measure against: a batch is
+formed from the waiting requests only when nothing runs, and none joins it until all of its sequences are done.
+
+A model in bf16 decodes batch-invariantly (`serve.batch_invariant`): each row attends over its own tokens only and
+a lone row's matrix products run as a batch's do, so a greedy answer is the same whichever requests share its
+batch. Logits are read in fp32 (`.float()`) for sampling and log-probabilities whatever the model's dtype.
 
 Results go to each sequence's `sink` (called on the engine thread) as events: `TextEvent`s, then one `DoneEvent`
 (finish reason and token counts) or one `ErrorEvent`. Text is detokenised
@@ -183,15 +188,22 @@ class _Worker:
         self._thread.join(timeout)
 
 
+BATCHING = ("continuous", "static")
+
+
 class GenerationEngine(_Worker):
     """Continuous batching over one causal LM (optionally a PEFT model with several LoRA adapters, picked
-    per sequence). `submit` and `cancel` are thread-safe; everything else runs on the engine thread."""
+    per sequence), or static batching (`batching="static"`). `submit` and `cancel` are thread-safe; everything
+    else runs on the engine thread."""
 
     prompt_logprobs = True  # it can score prompt tokens (`SamplingParams.prompt_logprobs`)
 
     def __init__(self, model, tokenizer, stop_ids: list[int], max_batch: int = 16, max_waiting: int = 64,
-                 prefill_budget: int = 1024, name: str = "model", metrics=None, multi_adapter: bool = False):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+                 prefill_budget: int = 1024, name: str = "model", metrics=None, multi_adapter: bool = False,
+                 batching: str = "continuous"):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, not {batching!r}")
+        self.model, self.tokenizer, self.name, self.batching = model, tokenizer, name, batching
         self.stop_ids = set(stop_ids)
         self.max_batch, self.max_waiting, self.prefill_budget = max_batch, max_waiting, prefill_budget
         self.metrics = metrics
@@ -199,6 +211,13 @@ class GenerationEngine(_Worker):
         self._generated = metrics.generated_tokens.labels(name) if metrics else None
         self._prompted = metrics.prompt_tokens.labels(name) if metrics else None
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        if self.dtype == torch.bfloat16:
+            from tunelab.serve.batch_invariant import make_batch_invariant  # imports transformers: with the model
+
+            if not make_batch_invariant(model):
+                log.warning("%s decodes in bf16 with its own attention: a greedy answer may change with the "
+                            "requests batched with it", name)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -268,6 +287,11 @@ class GenerationEngine(_Worker):
             self._report()
 
     def _take_waiting(self) -> list[Sequence]:
+        """The waiting sequences that start now: continuous, as many as fit the batch and the prefill budget;
+        static, a whole batch, and only when nothing runs."""
+        static = self.batching == "static"
+        if static and self._running:
+            return []
         new, budget = [], self.prefill_budget
         while self._waiting and len(self._running) + len(new) < self.max_batch:
             s = self._waiting[0]
@@ -275,7 +299,7 @@ class GenerationEngine(_Worker):
                 self._waiting.popleft()
                 s.finished = True
                 continue
-            if new and len(s.prompt) > budget:  # a prompt over the whole budget still goes in alone: no starving
+            if new and len(s.prompt) > budget and not static:  # one over the whole budget still goes in alone
                 break
             budget -= len(s.prompt)
             new.append(self._waiting.popleft())
@@ -298,8 +322,9 @@ class GenerationEngine(_Worker):
         return m.get_base_model().config if hasattr(m, "get_base_model") else m.config
 
     def _prefill(self, new: list[Sequence]) -> None:
-        """Left-padded forwards over the new prompts: one for those that need only the last position's logits,
-        and, for those that score their prompt tokens (logits at every position), as few as keep
+        """Left-padded forwards over the new prompts: for those that need only the last position's logits, as few
+        as keep their tokens within the prefill budget (one, under continuous batching: it took no more), and,
+        for those that score their prompt tokens (logits at every position), as few as keep
         rows × longest prompt within the prefill budget; a prompt to score that is longer than the budget goes
         through in chunks (`_prefill_long`). Each picks its first token, then the rows that go on join the batch
         cache. A prompt asking for nothing (echo, max_tokens 0, no scores) is answered without a forward."""
@@ -309,7 +334,12 @@ class GenerationEngine(_Worker):
             elif s.params.max_tokens == 0 and s.params.prompt_logprobs is None:
                 self._finish(s, "length")
         new = [s for s in new if not s.finished]
-        plain = [s for s in new if s.params.prompt_logprobs is None]
+        plain: list[Sequence] = []
+        for s in (s for s in new if s.params.prompt_logprobs is None):  # one forward per prefill budget
+            if plain and sum(len(p.prompt) for p in plain) + len(s.prompt) > self.prefill_budget:
+                self._prefill_group(plain, every_position=False)
+                plain = []
+            plain.append(s)
         if plain:
             self._prefill_group(plain, every_position=False)
         group: list[Sequence] = []

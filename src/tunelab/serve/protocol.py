@@ -565,8 +565,8 @@ class Recommendation(Response):
 
 class ModelCard(Response):
     """One served model as /v1/models lists it; `tunelab_kind` says which endpoints answer for it, `tunelab_engine`
-    what runs it (pytorch, onnxruntime, llama.cpp), `tunelab_version` which registry version (None: not from a
-    registry)."""
+    what runs it (pytorch, onnxruntime, llama.cpp), `tunelab_precision` what a PyTorch model computes in (bf16 or
+    fp32; None for the other engines), `tunelab_version` which registry version (None: not from a registry)."""
 
     id: str
     object: Literal["model"] = "model"
@@ -574,6 +574,7 @@ class ModelCard(Response):
     owned_by: str = "tunelab"
     tunelab_kind: str
     tunelab_engine: str = "pytorch"
+    tunelab_precision: str | None = None
     tunelab_version: str | None = None  # a registry model: NAME:VERSION (12 hex characters) now answering
 
 

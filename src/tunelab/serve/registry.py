@@ -10,7 +10,9 @@ before the server starts. `NAME=PATH` sets the id; otherwise a model dir is name
 
 The engine follows the model: model dirs and base models run in PyTorch; an ONNX export (fp32 or int8) runs in
 ONNX Runtime behind the same micro-batching (`export.onnx.OnnxEncoder`); a GGUF export runs in llama.cpp
-(`serve.llamacpp`), its prompts rendered and tokenised by the tokenizer the model was trained with.
+(`serve.llamacpp`), its prompts rendered and tokenised by the tokenizer the model was trained with. In PyTorch,
+`precision` (auto: bf16 where the hardware has it natively) is an autocast for encoders and the dtype of a
+generator's weights, cast once its adapters are loaded (`serve.precision`).
 
 LoRA model dirs on the same base share one copy of the base and one engine: each sequence in a batch
 runs through its own adapter (peft's mixed-adapter batches).
@@ -44,6 +46,7 @@ from tunelab.recommend.serving import Recommendations
 from tunelab.serve.drift import DriftTracker, Observer, RequestLog
 from tunelab.serve.engine import GenerationEngine, MicroBatcher
 from tunelab.serve.logprobs import TokenTexts
+from tunelab.serve.precision import decoding_precision
 from tunelab.serve.protocol import APIError, ModelCard, bad_request
 from tunelab.tasks import refuse_stage, task_spec, tasks_where
 from tunelab.tasks.token_classification import TokenClassificationTask
@@ -53,6 +56,7 @@ log = logging.getLogger("tunelab.serve")
 
 PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
 ENCODER_CHUNK = 16  # texts per forward inside a micro-batch (length-sorted)
+TORCH_ENGINES = ("pytorch", "ensemble")  # encoders computed in PyTorch, under bf16 autocast where native
 ROUTE_OF_KIND = {"generate": "/v1/chat/completions or /v1/completions", "classify": "/v1/classify",
                  "entities": "/v1/entities", "embed": "/v1/embeddings", "recommend": "/v1/recommend"}
 
@@ -87,6 +91,7 @@ class Served:
     version: str | None = None  # a registry version: NAME:VERSION (12 hex characters)
     rag: object = None  # a knowledge-base model: its `tunelab.rag.answer.Assistant` (retrieval, prompt, check)
     recommender: object = None  # a recommender dir: its `tunelab.recommend.serving.Recommendations`
+    precision: str | None = None  # PyTorch models: bf16 or fp32 (what generation decodes in, encoders autocast to)
     _token_texts: TokenTexts | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -321,7 +326,7 @@ class Registry:
     def listing(self) -> list[ModelCard]:
         """The loaded models as /v1/models lists them; in argument order once `ready`."""
         return [ModelCard(id=s.id, created=s.created, tunelab_kind=s.kind, tunelab_engine=s.runtime,
-                          tunelab_version=s.version) for s in self.models.values()]
+                          tunelab_precision=s.precision, tunelab_version=s.version) for s in self.models.values()]
 
     # ---- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -385,6 +390,7 @@ class Registry:
             tokenizers[s.id] = AutoTokenizer.from_pretrained(s.ref)
             stops += list(s.meta.get("stop") or [])
         model.eval()
+        precision = decoding_precision(model, self.settings.precision, self.device)  # adapters included
         for t in tokenizers.values():  # the first call resets truncation/padding state (a write): do it now, once,
             t("warm-up")               # not in the worker threads that tokenise prompts concurrently
         vocab = tok.get_vocab()
@@ -394,10 +400,11 @@ class Registry:
                                   max_waiting=self.settings.max_waiting, name=first.id, metrics=self.metrics,
                                   multi_adapter=len(specs) > 1)
         context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-        log.info("loaded %s for generation (%s)", ", ".join(s.id for s in specs),
-                 "shared base, LoRA per request" if len(specs) > 1 else "one model")
+        log.info("loaded %s for generation (%s, %s)", ", ".join(s.id for s in specs),
+                 "shared base, LoRA per request" if len(specs) > 1 else "one model", precision)
         return [Served(s.id, "generate", int(time.time()), "pytorch", tokenizers[s.id], engine=engine,
-                       adapter=adapters[s.id], context=context, version=s.version) for s in specs]
+                       adapter=adapters[s.id], context=context, version=s.version, precision=precision)
+                for s in specs]
 
     def _add_rag(self, r: RagSpec) -> Served:
         """A knowledge-base model: its generation model's engine, with an `Assistant` over the index."""
@@ -543,6 +550,7 @@ class Registry:
         batcher = MicroBatcher(run, max_batch=self.settings.encoder_batch,
                                max_wait_ms=self.settings.encoder_wait_ms, max_waiting=self.settings.max_waiting,
                                name=s.id, metrics=self.metrics)
-        log.info("loaded %s for %s (%s)", s.id, ROUTE_OF_KIND[kind], s.engine)
-        return Served(s.id, kind, int(time.time()), s.engine, tok, batcher=batcher)
+        precision = resolve_precision(self.settings.precision, self.device) if s.engine in TORCH_ENGINES else None
+        log.info("loaded %s for %s (%s%s)", s.id, ROUTE_OF_KIND[kind], s.engine, f", {precision}" if precision else "")
+        return Served(s.id, kind, int(time.time()), s.engine, tok, batcher=batcher, precision=precision)
 
