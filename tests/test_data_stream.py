@@ -5,6 +5,7 @@ import json
 import os
 import random
 
+import numpy as np
 import pytest
 
 from tunelab.config import PrepareOptions
@@ -52,14 +53,16 @@ def small_batches(monkeypatch):
 
 
 @pytest.mark.parametrize("opts", [{}, {"seed": 5, "dedup": {"near_action": "group"}, "pii": {"enabled": False}},
-                                  {"task": "text", "dedup": {"near": False}}], ids=["default", "group", "text"])
+                                  {"task": "text", "dedup": {"near": False}}, {"dedup": {"exact": False}}],
+                         ids=["default", "group", "text", "near-only"])
 def test_streaming_with_workers_equals_in_memory(tmp_path, small_batches, opts):
     src = write_csv(tmp_path / "in.csv", messy_rows(400))
     a = prepare(str(src), tmp_path / "a", PrepareOptions(**opts), streaming=False)
     b = prepare(str(src), tmp_path / "b", PrepareOptions(**opts), streaming=True, workers=2)
     assert a == b
     duplicates = a["report"]["duplicates"]
-    assert duplicates["exact_dropped"] and (opts or duplicates["exact_conflicting_groups"])
+    assert duplicates["exact_dropped"] or not PrepareOptions(**opts).dedup.exact
+    assert opts or duplicates["exact_conflicting_groups"]
     assert duplicates["near_groups"] or opts.get("task") == "text"
     assert_same_dirs(tmp_path / "a", tmp_path / "b")
     assert not list(tmp_path.glob(".b.tunelab-scratch-*"))  # the scratch folder is gone
@@ -121,3 +124,44 @@ def test_a_worker_that_dies_fails_the_run_with_one_message(tmp_path, small_batch
     with pytest.raises(UserError, match="worker process died"):
         prepare(str(src), tmp_path / "o", streaming=True, workers=2)
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tunelab-*"))
+
+
+def test_streaming_refuses_an_input_without_usable_rows_like_in_memory(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("text,label\n,positive\nno label,\n")
+    messages = []
+    for streaming in (False, True):
+        with pytest.raises(UserError) as err:
+            prepare(str(src), tmp_path / f"o{streaming}", streaming=streaming, workers=2)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] and "no usable rows" in messages[0]
+
+
+# Pinned outputs of the dict-based split and the stable-sort band pairs these replaced (the equality tests above run
+# the same code on both sides, so they would not notice a change here).
+SPLIT_ROWS = [["c", None], [None, None], ["a", None], ["a", 0], ["b", 6], [None, 1], [None, 9], ["a", None],
+              ["a", None], [None, 3], ["a", None], ["b", 2], ["a", None], ["b", 9], ["b", 8], ["a", None], ["b", None],
+              [None, None], [None, None], [None, 3], ["b", None], ["b", 4], [None, None], [None, 1], ["a", None],
+              ["b", None], ["b", None], [None, 10], ["a", None], ["c", 5], [None, None], [None, 1], ["c", None],
+              ["a", 11], ["c", None], [None, 6], ["c", 7], ["c", 1], [None, 4], ["b", None]]
+SPLIT_EXPECTED = {"train": [39, 28, 0, 22, 33, 35, 30, 14, 9, 7, 34, 18, 15, 19, 4, 11, 36, 24, 3, 26, 17],
+                  "validation": [37, 2, 13, 6, 23, 8, 31, 5, 16, 20, 32], "test": [27, 12, 29, 10, 38, 1, 25, 21]}
+PAIRS_EXPECTED = [[0, 11], [0, 19], [0, 28], [1, 2], [1, 4], [1, 9], [1, 10], [1, 17], [1, 21], [1, 24], [2, 6],
+                  [2, 10], [2, 12], [2, 13], [2, 24], [2, 27], [2, 29], [4, 8], [4, 18], [4, 22], [5, 11], [5, 13],
+                  [5, 15], [5, 24], [5, 27], [6, 7], [6, 16], [6, 17], [6, 21], [6, 23], [7, 8], [7, 9], [7, 10],
+                  [7, 16], [7, 27], [8, 23], [9, 18], [9, 23], [9, 28], [10, 20], [11, 12], [11, 14], [11, 16],
+                  [11, 18], [11, 19], [11, 26], [12, 22], [13, 20], [13, 26], [13, 29], [15, 16], [17, 21], [17, 25],
+                  [18, 19], [20, 25], [20, 26], [21, 26], [22, 25], [25, 28], [25, 29]]
+
+
+def test_split_and_band_pairs_give_what_the_earlier_implementations_gave():
+    from tunelab.data.neardup import candidate_pairs
+    from tunelab.data.split import group_split
+
+    rows = [{"label": label, **({"_group": g} if g is not None else {}), "i": i}
+            for i, (label, g) in enumerate(SPLIT_ROWS)]
+    out = group_split(rows, "label", 0.2, 0.2, 3)
+    assert {name: [r["i"] for r in part] for name, part in out.items()} == SPLIT_EXPECTED
+    sig = np.random.default_rng(0).integers(0, 4, size=(30, 8)).astype(np.uint32)
+    sig[3] = 0xFFFFFFFF  # no shingles: left out
+    assert candidate_pairs(sig, 4, 2).tolist() == PAIRS_EXPECTED

@@ -111,11 +111,12 @@ def test_static_batching_makes_a_short_request_wait_continuous_does_not(lm):
     model, tok = lm
     long_prompt, short_prompt = tok(PROMPTS[5])["input_ids"], tok(PROMPTS[0])["input_ids"]
     tokens, first_token_at = {}, {}
+    LONG = 400  # the short request's 4 steps fit in the long one's, however late this thread runs
     for batching in ("continuous", "static"):
         eng = GenerationEngine(model, tok, stop_ids=[], max_batch=4, batching=batching)
         try:
             run = Run()
-            long = run.seq(long_prompt, max_tokens=80)
+            long = run.seq(long_prompt, max_tokens=LONG)
             short = run.seq(short_prompt, max_tokens=4)
             eng.submit([long])
             decoded(long, 2)  # the short request arrives while the long one decodes
@@ -126,11 +127,11 @@ def test_static_batching_makes_a_short_request_wait_continuous_does_not(lm):
         finally:
             eng.close()
         tokens[batching] = (long.tokens, short.tokens)
-        assert len(long.tokens) == 80 and len(short.tokens) == 4
+        assert len(long.tokens) == LONG and len(short.tokens) == 4
         assert run.finished == ([1, 0] if batching == "continuous" else [0, 1])
-    assert first_token_at["continuous"] < 80 and first_token_at["static"] == 80  # static: after the whole batch
+    assert first_token_at["continuous"] < LONG and first_token_at["static"] == LONG  # static: after the whole batch
     assert tokens["continuous"] == tokens["static"]  # the same greedy answers either way
-    assert tokens["static"] == (alone(model, tok, long_prompt, 80), alone(model, tok, short_prompt, 4))
+    assert tokens["static"] == (alone(model, tok, long_prompt, LONG), alone(model, tok, short_prompt, 4))
 
 
 def test_static_batches_start_together_within_the_prefill_budget(lm):

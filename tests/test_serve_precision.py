@@ -20,9 +20,9 @@ pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16 (AVX512-BF16/AMX): "
                                  "the server decodes in fp32 here, and emulated bf16 is not what users get")]
 
-# measured on AVX512-BF16 (torch 2.13, oneDNN 3.12): 162 positions, top-1 agreement 0.938, max |Δlogprob| 0.243,
-# mean 0.040; the bound is three times the measured maximum
-MAX_DLOGPROB = 0.75
+# measured on AVX512-BF16 (torch 2.13, oneDNN 3.12): 162 positions, top-1 agreement 0.944, max |Δlogprob| 0.262,
+# mean 0.044; the bound is three times the measured maximum
+MAX_DLOGPROB = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,8 @@ def _answers(engine, prompts: list[list[int]], groups: list[list[int]], n: int) 
 def test_bf16_greedy_answers_are_the_same_alone_and_in_any_batch(smollm2):
     model = copy.deepcopy(smollm2.model)
     assert decoding_precision(model, "auto", "cpu") == "bf16" and next(model.parameters()).dtype == torch.bfloat16
+    frequencies = [b for name, b in model.named_buffers() if name.endswith("inv_freq")]
+    assert frequencies and all(b.dtype == torch.float32 for b in frequencies)  # rotary angles are not rounded
     tok = smollm2.tokenizer
     questions = ["What is the capital of France?", "Name a primary color.", "Explain why the sky is blue.",
                  "今天天气怎么样？"]

@@ -180,6 +180,15 @@ class FolderLock:
             os.close(entry[0])  # closing the descriptor releases the lock
 
 
+def release_inherited_locks() -> None:
+    """In a forked child: close its copies of the parent's lock descriptors, so that a child outliving its parent
+    does not keep the parent's folders locked (the parent's own descriptors keep them locked while it runs)."""
+    with _held_guard:
+        for fd, _ in _held.values():
+            os.close(fd)
+        _held.clear()
+
+
 # ---- durable writes and the swap -------------------------------------------------------------------
 
 def fsync_path(path: Path) -> None:
@@ -255,6 +264,10 @@ def recover(dest: Path) -> list[str]:
     for new in _siblings(dest, "new"):
         _remove(new)
         done.append(f"removed {new.name}")
+    for scratch in _siblings(dest, "scratch"):  # a crashed writer's temporary files (this process's are in use)
+        if not scratch.name.endswith(f"-{os.getpid()}"):
+            _remove(scratch)
+            done.append(f"removed {scratch.name}")
     return done
 
 

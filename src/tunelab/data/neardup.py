@@ -127,29 +127,47 @@ def band_pairs(key: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.stack([first[member], order[member]], axis=1)
 
 
-def unique_pairs(parts: list[np.ndarray]) -> np.ndarray:
-    """Pairs from every band -> the distinct pairs (i < j), sorted."""
-    pairs = np.sort(np.concatenate(parts), axis=1) if parts else np.zeros((0, 2), dtype=np.int64)
-    if not len(pairs):
-        return pairs.astype(np.int64)
-    n = np.int64(pairs.max()) + 1  # one int64 per pair (n < 2**31 documents), sorted and de-duplicated as numbers
-    codes = np.unique(pairs[:, 0].astype(np.int64) * n + pairs[:, 1])
-    return np.stack([codes // n, codes % n], axis=1)
+def pair_codes(pairs: np.ndarray, n: int) -> np.ndarray:
+    """Pairs (i < j < n, n < 2**31) as one int64 each, ordered as the pairs are (by i, then j)."""
+    return pairs[:, 0].astype(np.int64) * np.int64(n) + pairs[:, 1]
+
+
+def code_pairs(codes: np.ndarray, n: int) -> np.ndarray:
+    return np.stack([codes // np.int64(n), codes % np.int64(n)], axis=1)
+
+
+def unique_pairs(parts: list[np.ndarray], n: int) -> np.ndarray:
+    """Star pairs of every band (i < j < n) -> the distinct pairs, sorted."""
+    codes = [pair_codes(p, n) for p in parts]
+    return code_pairs(np.unique(np.concatenate(codes)) if codes else np.zeros(0, np.int64), n)
+
+
+def has_shingles(sig: np.ndarray) -> np.ndarray:
+    """Which documents have shingles (an empty one's signature is all 0xFFFFFFFF; LSH leaves it out)."""
+    return (sig != _EMPTY).any(axis=1)
 
 
 def candidate_pairs(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """Pairs [m, 2] (i < j) of documents sharing at least one LSH bucket (star pairs per bucket)."""
-    valid = sig[:, 0] != _EMPTY
+    valid = has_shingles(sig)
     keys = band_keys(sig, bands, rows)
-    return unique_pairs([band_pairs(keys[:, band], valid) for band in range(bands)])
+    return unique_pairs([band_pairs(keys[:, band], valid) for band in range(bands)], len(sig))
 
 
-def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray, chunk: int = 200_000) -> np.ndarray:
+def bbit(sig: np.ndarray) -> np.ndarray:
+    """The low 8 bits of each MinHash value (b-bit minwise hashing, Li & König 2010): a quarter of the memory, enough
+    to estimate a similarity; two unrelated values agree 1 time in 256, which `estimated_jaccard` corrects for."""
+    return sig.astype(np.uint8)
+
+
+def estimated_jaccard(sig8: np.ndarray, pairs: np.ndarray, chunk: int = 200_000) -> np.ndarray:
+    """The Jaccard similarity of each pair estimated from 8-bit signatures (`bbit`): the share of equal slots, less
+    the share that agrees by chance."""
     out = np.empty(len(pairs))
     for start in range(0, len(pairs), chunk):
         p = pairs[start:start + chunk]
-        out[start:start + chunk] = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
-    return out
+        out[start:start + chunk] = (sig8[p[:, 0]] == sig8[p[:, 1]]).mean(axis=1)
+    return (out - 1 / 256) / (1 - 1 / 256)
 
 
 def exact_jaccard(h: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -181,16 +199,16 @@ def near_duplicates(texts: list[str], threshold: float = 0.7, ngram: int = 2, nu
     h, offsets = shingles(texts, ngram)
     sig = minhash(h, offsets, num_perm, seed)
     cand = candidate_pairs(sig, *lsh_params(threshold, num_perm))
-    plausible = cand[plausible_mask(sig, cand, threshold, num_perm)]
+    plausible = cand[plausible_mask(bbit(sig), cand, threshold, num_perm)]
     sims = exact_jaccard(h, offsets, plausible) if len(plausible) else np.zeros(0)
     kept = plausible[sims >= threshold]
     return NearDupResult(group=groups_of(len(texts), kept), pairs=kept, candidates=len(cand))
 
 
-def plausible_mask(sig: np.ndarray, pairs: np.ndarray, threshold: float, num_perm: int) -> np.ndarray:
-    """The candidate pairs worth an exact check. The MinHash estimate (share of equal signature slots,
-    std <= 0.5/sqrt(num_perm)) rules out pairs far below the threshold cheaply; the exact Jaccard decides the rest."""
-    return estimated_jaccard(sig, pairs) >= threshold - max(0.15, 2.5 / np.sqrt(num_perm))
+def plausible_mask(sig8: np.ndarray, pairs: np.ndarray, threshold: float, num_perm: int) -> np.ndarray:
+    """The candidate pairs worth an exact check. The estimate from 8-bit signatures (std <= 0.51/sqrt(num_perm))
+    rules out pairs far below the threshold cheaply; the exact Jaccard decides the rest."""
+    return estimated_jaccard(sig8, pairs) >= threshold - max(0.15, 2.5 / np.sqrt(num_perm))
 
 
 def groups_of(n: int, pairs: np.ndarray) -> np.ndarray:

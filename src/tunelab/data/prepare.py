@@ -25,7 +25,7 @@ from tunelab.data.clean import dedup_key
 from tunelab.data.dataset import DATASET_FILE, SPLITS, dataset_kind, fingerprint, write_jsonl
 from tunelab.data import stream
 from tunelab.data.dedup import exact_dedup
-from tunelab.data.neardup import lsh_params, near_duplicates
+from tunelab.data.neardup import near_duplicates
 from tunelab.data.pii import PiiRedactor
 from tunelab.data.read import read_rows
 from tunelab.data.rows import MALFORMED, RowFilter, _as_text, _excerpt
@@ -249,7 +249,7 @@ def _prepare_streaming(source: str, resolved: tuple[Path, str, str], source_rows
     path, text_col, label_col = resolved
     kind = dataset_kind(opts.task)
     with scratch_sibling(out) as scratch, stream.Workers(workers, (str(path), text_col, label_col, opts)) as pool:
-        spill = stream.Spill(scratch, lsh_params(opts.dedup.threshold, opts.dedup.num_perm)[0])
+        spill = stream.Spill(scratch)
         try:
             for chunk in pool.chunks(source_rows):
                 spill.add(chunk)

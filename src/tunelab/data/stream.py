@@ -16,10 +16,12 @@ token-length filter, sampling, augmentation) keep the in-memory pipeline (`prepa
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -31,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tunelab.artifacts import release_inherited_locks
 from tunelab.data.clean import dedup_key
 from tunelab.data.dataset import SPLITS, dataset_kind
-from tunelab.data.neardup import (band_keys, band_pairs, exact_jaccard, groups_of, lsh_params, minhash,
-                                  plausible_mask, shingles, unique_pairs)
+from tunelab.data.neardup import (band_keys, band_pairs, bbit, code_pairs, exact_jaccard, groups_of, has_shingles,
+                                  lsh_params, minhash, pair_codes, plausible_mask, shingles)
 from tunelab.data.pii import PiiRedactor
 from tunelab.data.rows import MALFORMED, RowFilter, _as_text, _excerpt
 from tunelab.data.split import split_units
@@ -78,7 +81,7 @@ class Chunk:
     blob: bytes = b""
     seg: np.ndarray | None = None
     key: np.ndarray | None = None
-    sig: np.ndarray | None = None
+    sig: np.ndarray | None = None  # 8-bit MinHash signatures (`neardup.bbit`)
     bands: np.ndarray | None = None
     valid: np.ndarray | None = None
     shingle_counts: np.ndarray | None = None
@@ -125,7 +128,7 @@ class BatchWorker:
 
     def _kept(self, chunk: Chunk, kept: list[dict]) -> None:
         kind, d = self.kind, self.opts.dedup
-        parts, seg = [], np.zeros((len(kept), 3), dtype=np.int64)
+        parts, seg = [], np.zeros((len(kept), 3), dtype=np.int32)
         for i, r in enumerate(kept):
             negatives = [r["negatives"]] if r.get("negatives") else []
             pieces = (json.dumps(kind.output_row(r), ensure_ascii=False).encode() + b"\n",
@@ -145,16 +148,24 @@ class BatchWorker:
         if d.near:
             h, offsets = shingles([r[kind.near_on] for r in kept], d.ngram)
             sig = minhash(h, offsets, d.num_perm, self.opts.seed + 1)
-            chunk.sig, chunk.bands = sig, band_keys(sig, *self.lsh)
-            chunk.valid = offsets[1:] > offsets[:-1]
+            chunk.sig, chunk.bands = bbit(sig), band_keys(sig, *self.lsh)
+            chunk.valid = has_shingles(sig)
             chunk.shingle_counts, chunk.shingles = np.diff(offsets), h
 
 
 _WORKER: BatchWorker | None = None
 
 
-def _init_worker(args: tuple) -> None:
+def _init_worker(args: tuple, parent: int) -> None:
+    """A worker process starts: it dies with its parent (Linux), leaves Ctrl-C to the parent, and holds none of the
+    parent's folder locks."""
     global _WORKER
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans when the parent is killed
+        if os.getppid() != parent:  # the parent died before that
+            os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    release_inherited_locks()
     _WORKER = BatchWorker(*args)
 
 
@@ -181,10 +192,11 @@ class Workers:
         self.n, self.worker_args, self.pool = n, worker_args, None
 
     def __enter__(self) -> "Workers":
+        self.local = BatchWorker(*self.worker_args)  # here first: a configuration error is reported as itself
         if self.n > 1:
             context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
             self.pool = ProcessPoolExecutor(self.n, mp_context=context, initializer=_init_worker,
-                                            initargs=(self.worker_args,))
+                                            initargs=(self.worker_args, os.getpid()))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -196,8 +208,7 @@ class Workers:
         batches per worker in flight (the source is never read far ahead of the work)."""
         batches = _batches(rows, batch_rows or BATCH_ROWS)
         if self.pool is None:
-            worker = BatchWorker(*self.worker_args)
-            yield from map(worker, batches)
+            yield from map(self.local, batches)
             return
         pending: deque = deque()
         with self._died():
@@ -229,10 +240,9 @@ class Workers:
 class Spill:
     """Pass 1's results: per-row arrays in memory, bytes in files under `folder`."""
 
-    def __init__(self, folder: Path, bands: int):
+    def __init__(self, folder: Path):
         self.folder = folder
         self.files = {name: open(folder / name, "wb") for name in ("rows", "rejected", "sig", "shingles")}
-        self.band_files = [open(folder / f"band{b}", "wb") for b in range(bands)]
         self.counters: Counter = Counter()
         self.reasons: Counter = Counter()  # rejection reasons in order of first appearance (the report's order)
         self.label_names: list = []
@@ -266,12 +276,13 @@ class Spill:
             lists["shingle_counts"].append(chunk.shingle_counts)
             self.files["sig"].write(chunk.sig.tobytes())
             self.files["shingles"].write(chunk.shingles.tobytes())
-            for b, f in enumerate(self.band_files):
-                f.write(np.ascontiguousarray(chunk.bands[:, b]).tobytes())
+            for b in range(chunk.bands.shape[1]):  # one file per band (opened per batch: there may be hundreds)
+                with open(self.folder / f"band{b}", "ab") as f:
+                    f.write(np.ascontiguousarray(chunk.bands[:, b]).tobytes())
 
     def close(self) -> None:
         """Flush the files and turn the per-chunk lists into arrays (offsets into the files included)."""
-        for f in [*self.files.values(), *self.band_files]:
+        for f in self.files.values():
             f.close()
 
         def joined(name: str, dtype, shape=(0,)) -> np.ndarray:
@@ -280,8 +291,8 @@ class Spill:
 
         self.lines, self.labels = joined("lines", np.int64), joined("labels", np.int32)
         self.splits, self.key = joined("splits", np.int8), joined("key", np.uint64, (0, 2))
-        self.valid, self.seg = joined("valid", bool), joined("seg", np.int64, (0, 3))
-        self.row_offset = np.concatenate([[0], np.cumsum(self.seg.sum(axis=1))]).astype(np.int64)
+        self.valid, self.seg = joined("valid", bool), joined("seg", np.int32, (0, 3))
+        self.row_offset = np.concatenate([[0], np.cumsum(self.seg.sum(axis=1, dtype=np.int64))]).astype(np.int64)
         self.shingle_offset = np.concatenate([[0], np.cumsum(joined("shingle_counts", np.int64))]).astype(np.int64)
         self.rej_lines = joined("rej_lines", np.int64)
         self.rej_offset = np.concatenate([[0], np.cumsum(joined("rej_len", np.int64))]).astype(np.int64)
@@ -299,31 +310,6 @@ class Spill:
 
     def band(self, b: int) -> np.ndarray:
         return np.fromfile(self.folder / f"band{b}", dtype=np.uint64)
-
-    def signatures(self, rows: np.ndarray, num_perm: int, block: int = 1 << 16) -> np.ndarray:
-        """The MinHash signatures of kept rows `rows` (sorted), read from the signature file block by block."""
-        out = np.empty((len(rows), num_perm), dtype=np.uint32)
-        with open(self.folder / "sig", "rb") as f:
-            for start in range(0, len(self), block):
-                lo, hi = np.searchsorted(rows, [start, start + block])
-                if lo == hi:
-                    continue
-                f.seek(start * num_perm * 4)
-                count = min(block, len(self) - start)
-                data = np.fromfile(f, dtype=np.uint32, count=count * num_perm).reshape(count, num_perm)
-                out[lo:hi] = data[rows[lo:hi] - start]
-        return out
-
-    def shingle_sets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The shingle hashes of kept rows `rows` -> (hashes, offsets), as `neardup.shingles` returns them."""
-        reader = self.reader("shingles")
-        with reader:
-            parts = [np.frombuffer(reader.read(int(self.shingle_offset[i]) * 4,
-                                               int(self.shingle_offset[i + 1] - self.shingle_offset[i]) * 4),
-                                   dtype=np.uint32) for i in rows.tolist()]
-        counts = np.array([len(p) for p in parts], dtype=np.int64)
-        h = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-        return h, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 class _Reader:
@@ -374,42 +360,105 @@ def exact_duplicates(spill: Spill) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     conflict = (lo != hi)[group_of] & multi
     later = multi & ~conflict & (np.arange(n) != start[group_of])
     keep[order[later | conflict]] = False
-    conflict_groups = [np.sort(order[s:s + z]) for s, z, c in zip(start, size, lo != hi) if c and z > 1]
-    conflict_groups.sort(key=lambda m: m[0])
+    conflicting = np.flatnonzero((lo != hi) & (size > 1))
+    conflict_groups = sorted((np.sort(order[start[g]:start[g] + size[g]]) for g in conflicting.tolist()),
+                             key=lambda m: m[0])
     return keep, np.sort(order[later]), np.sort(order[conflict]), conflict_groups
 
 
-def _band_task(args: tuple) -> np.ndarray:
-    folder, band, rows_file = args
-    rows = np.load(rows_file)
-    valid = np.load(folder / "valid.npy")[rows]
-    return band_pairs(np.fromfile(folder / f"band{band}", dtype=np.uint64)[rows], valid)
+PARTITIONS = 8  # candidate pairs are de-duplicated and checked in this many ranges of their first row
+TASK_PAIRS = 1 << 21  # pairs per check task: bounds a worker's signatures and shingles in memory
 
 
-def _jaccard_task(args: tuple) -> np.ndarray:
-    return exact_jaccard(*args)
+@dataclass(frozen=True)
+class NearJob:
+    """What pass 2's near-duplicate tasks read: the scratch folder (band keys, 8-bit signatures, shingles and
+    `near_rows.npy`, the kept rows being grouped, `valid.npy`, `shingle_offset.npy`) and the settings."""
+
+    folder: Path
+    n: int  # rows being grouped; a pair (i, j) of them is coded i * n + j
+    num_perm: int
+    threshold: float
+
+
+def _band_task(args: tuple) -> None:
+    """One band's star pairs -> `pair_codes` written, sorted, to one file per partition of first rows."""
+    job, band = args
+    rows = np.load(job.folder / "near_rows.npy")
+    valid = np.load(job.folder / "valid.npy")[rows]
+    codes = pair_codes(band_pairs(np.fromfile(job.folder / f"band{band}", dtype=np.uint64)[rows], valid), job.n)
+    codes.sort()
+    edges = np.searchsorted(codes, np.linspace(0, job.n, PARTITIONS + 1).astype(np.int64) * job.n)
+    for part in range(PARTITIONS):
+        np.save(job.folder / f"pairs-{band}-{part}.npy", codes[edges[part]:edges[part + 1]])
+
+
+def read_signatures(folder: Path, rows: np.ndarray, num_perm: int, block: int = 1 << 16) -> np.ndarray:
+    """The 8-bit MinHash signatures of kept rows `rows` (sorted), read from the signature file block by block."""
+    out = np.empty((len(rows), num_perm), dtype=np.uint8)
+    total = (folder / "sig").stat().st_size // num_perm
+    with open(folder / "sig", "rb") as f:
+        for start in range(0, total, block):
+            lo, hi = np.searchsorted(rows, [start, start + block])
+            if lo == hi:
+                continue
+            f.seek(start * num_perm)
+            count = min(block, total - start)
+            data = np.fromfile(f, dtype=np.uint8, count=count * num_perm).reshape(count, num_perm)
+            out[lo:hi] = data[rows[lo:hi] - start]
+    return out
+
+
+def read_shingles(folder: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The shingle hashes of kept rows `rows` -> (hashes, offsets), as `neardup.shingles` returns them."""
+    offsets = np.load(folder / "shingle_offset.npy", mmap_mode="r")
+    with _Reader(folder / "shingles") as reader:
+        parts = [np.frombuffer(reader.read(int(offsets[i]) * 4, int(offsets[i + 1] - offsets[i]) * 4), dtype=np.uint32)
+                 for i in rows.tolist()]
+    counts = np.array([len(p) for p in parts], dtype=np.int64)
+    h = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    return h, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def _check_task(args: tuple) -> np.ndarray:
+    """Candidate pair codes -> those that are near-duplicates: the estimate from signatures rules out the far ones,
+    the exact Jaccard of the shingle sets decides the rest (as `neardup.near_duplicates`)."""
+    job, codes = args
+    rows = np.load(job.folder / "near_rows.npy", mmap_mode="r")
+    pairs = code_pairs(codes, job.n)
+    docs = np.unique(pairs)
+    sig = read_signatures(job.folder, np.asarray(rows[docs]), job.num_perm)
+    keep = plausible_mask(sig, np.searchsorted(docs, pairs), job.threshold, job.num_perm)
+    codes, pairs = codes[keep], pairs[keep]
+    if not len(codes):
+        return codes
+    docs = np.unique(pairs)
+    h, offsets = read_shingles(job.folder, np.asarray(rows[docs]))
+    return codes[exact_jaccard(h, offsets, np.searchsorted(docs, pairs)) >= job.threshold]
 
 
 def near_groups(spill: Spill, rows: np.ndarray, opts, workers: Workers) -> tuple[np.ndarray, int]:
     """The near-duplicate group of each of `rows` (named by its smallest member's position in `rows`) and the
-    number of LSH candidate pairs, as `neardup.near_duplicates` finds them on those rows' texts. The bands' pairs
-    and the exact Jaccard checks run in the workers."""
+    number of LSH candidate pairs, as `neardup.near_duplicates` finds them on those rows' texts. Bands, then
+    candidates by ranges of their first row, go through the workers; the parent holds one range's pairs at a time."""
     d = opts.dedup
     bands, _ = lsh_params(d.threshold, d.num_perm)
-    np.save(spill.folder / "near_rows.npy", rows)
-    np.save(spill.folder / "valid.npy", spill.valid)
-    cand = unique_pairs(workers.map(_band_task, [(spill.folder, b, spill.folder / "near_rows.npy")
-                                                 for b in range(bands)]))
-    docs = np.unique(cand)
-    sig = spill.signatures(rows[docs], d.num_perm)
-    plausible = cand[plausible_mask(sig, np.searchsorted(docs, cand), d.threshold, d.num_perm)]
-    tasks = []
-    for part in np.array_split(plausible, 2 * workers.n):
-        docs = np.unique(part)
-        h, offsets = spill.shingle_sets(rows[docs])
-        tasks.append((h, offsets, np.searchsorted(docs, part)))
-    sims = np.concatenate(workers.map(_jaccard_task, tasks)) if len(plausible) else np.zeros(0)
-    return groups_of(len(rows), plausible[sims >= d.threshold]), len(cand)
+    job = NearJob(spill.folder, len(rows), d.num_perm, d.threshold)
+    np.save(job.folder / "near_rows.npy", rows)
+    np.save(job.folder / "valid.npy", spill.valid)
+    np.save(job.folder / "shingle_offset.npy", spill.shingle_offset)
+    workers.map(_band_task, [(job, b) for b in range(bands)])
+    candidates, kept = 0, []
+    for part in range(PARTITIONS):
+        files = [job.folder / f"pairs-{b}-{part}.npy" for b in range(bands)]
+        codes = np.unique(np.concatenate([np.load(f) for f in files]))
+        for f in files:
+            f.unlink()
+        candidates += len(codes)
+        tasks = [(job, codes[k:k + TASK_PAIRS]) for k in range(0, len(codes), TASK_PAIRS)]
+        kept += workers.map(_check_task, tasks)
+    kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    return groups_of(len(rows), code_pairs(kept, len(rows))), candidates
 
 
 def decide(spill: Spill, opts, workers: Workers) -> Decisions:
@@ -478,45 +527,41 @@ def write_splits(spill: Spill, order: dict[str, np.ndarray], folder: Path, buffe
     digest = hashlib.sha256()
     with spill.reader("rows") as reader:
         for name in SPLITS:
-            rows = order[name]
-            offsets, line_len, entry_len = (spill.row_offset[rows].tolist(), spill.seg[rows, 0].tolist(),
-                                            spill.seg[rows, 1].tolist())
             prefix = json.dumps([name]).encode()[:-1] + b", "  # an entry is [name, text, label, ...]
             with open(folder / f"{name}.jsonl", "wb") as f:
-                buffer = []
-                for offset, a, b in zip(offsets, line_len, entry_len):
-                    data = reader.read(offset, a + b)
-                    buffer.append(data[:a])
-                    digest.update(prefix)
-                    digest.update(data[a + 1:])  # the spilled entry without its name: drop its "["
-                    if len(buffer) >= buffer_rows:
-                        f.write(b"".join(buffer))
-                        buffer.clear()
-                f.write(b"".join(buffer))
+                for start in range(0, len(order[name]), buffer_rows):
+                    rows = order[name][start:start + buffer_rows]
+                    buffer = []
+                    for offset, a, b in zip(spill.row_offset[rows].tolist(), spill.seg[rows, 0].tolist(),
+                                            spill.seg[rows, 1].tolist()):
+                        data = reader.read(offset, a + b)
+                        buffer.append(data[:a])
+                        digest.update(prefix)
+                        digest.update(data[a + 1:])  # the spilled entry without its name: drop its "["
+                    f.write(b"".join(buffer))
     return digest.hexdigest()[:16]
 
 
-def write_rejected(spill: Spill, dec: Decisions, path: Path) -> None:
+def write_rejected(spill: Spill, dec: Decisions, path: Path, buffer_rows: int = 4096) -> None:
     """`rejected.jsonl`: the rows the filter rejected (spilled records) and those de-duplication dropped (records
     built from their spilled text), by source line."""
     dropped = [(reason, rows) for reason, rows in dec.dropped if len(rows)]
     dedup_rows = np.concatenate([rows for _, rows in dropped]) if dropped else np.zeros(0, np.int64)
-    dedup_reason = np.repeat(np.arange(len(dropped)), [len(rows) for _, rows in dropped]).tolist()
+    dedup_reason = np.repeat(np.arange(len(dropped)), [len(rows) for _, rows in dropped])
     n_filtered = len(spill.rej_lines)
     lines = np.concatenate([spill.rej_lines, spill.lines[dedup_rows]])
+    order = np.argsort(lines, kind="stable")
     with spill.reader("rejected") as rejected, spill.reader("rows") as rows, open(path, "wb") as f:
-        buffer = []
-        for k in np.argsort(lines, kind="stable").tolist():
-            if k < n_filtered:
-                start = int(spill.rej_offset[k])
-                buffer.append(rejected.read(start, int(spill.rej_offset[k + 1]) - start))
-            else:
+        for start in range(0, len(order), buffer_rows):
+            buffer = []
+            for k in order[start:start + buffer_rows].tolist():
+                if k < n_filtered:
+                    begin = int(spill.rej_offset[k])
+                    buffer.append(rejected.read(begin, int(spill.rej_offset[k + 1]) - begin))
+                    continue
                 i = int(dedup_rows[k - n_filtered])
-                start = spill.row_offset[i] + spill.seg[i, 0] + spill.seg[i, 1]
-                text = rows.read(int(start), int(spill.seg[i, 2]))
+                begin = spill.row_offset[i] + spill.seg[i, 0] + spill.seg[i, 1]
+                text = rows.read(int(begin), int(spill.seg[i, 2]))
                 reason = dropped[dedup_reason[k - n_filtered]][0]
                 buffer.append(b'{"line": %d, "reason": "%s", "text": %s}\n' % (int(lines[k]), reason.encode(), text))
-            if len(buffer) >= 4096:
-                f.write(b"".join(buffer))
-                buffer.clear()
-        f.write(b"".join(buffer))
+            f.write(b"".join(buffer))

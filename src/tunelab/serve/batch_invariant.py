@@ -39,7 +39,7 @@ def row_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.T
     rows, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
     # a row's first real key: the one its last query sees first (left padding only)
     starts = [0] * rows if attention_mask is None else attention_mask[:, 0, -1, :].long().argmax(-1).tolist()
-    out = query.new_zeros(rows, q_len, query.shape[1], query.shape[3])
+    out = query.new_zeros(rows, q_len, query.shape[1], value.shape[3])
     for row, start in enumerate(starts):
         first = max(0, q_len - (kv_len - start))
         out[row, first:] = _one_row(query[row, :, first:], key[row, :, start:], value[row, :, start:], scaling)
@@ -82,7 +82,7 @@ def _linear_as_batch(layer: torch.nn.Linear):
             return torch.nn.functional.linear(x, weight, bias)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return product(x) if x.numel() != x.shape[-1] else product(torch.cat([x, x]))[:1]
+        return product(x) if x.numel() != x.shape[-1] else product(torch.stack([x, x]))[0]
 
     return forward
 

@@ -23,8 +23,20 @@ def decoding_precision(model: torch.nn.Module, precision: str, device: str) -> s
     quantised = any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
     if quantised or resolve_precision(precision, device) != "bf16":
         return "fp32"
-    model.to(torch.bfloat16)
+    to_bf16(model)
     return "bf16"
+
+
+def to_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast `model` to bf16 in place, but for its rotary embeddings' frequencies (`inv_freq` buffers): rounded to
+    bf16 they would turn positions by up to radians at a few thousand tokens; transformers reads them in fp32."""
+    keep = {name: b.detach().clone() for name, b in model.named_buffers()
+            if name.rsplit(".", 1)[-1].endswith("inv_freq")}
+    model.to(torch.bfloat16)
+    for name, b in keep.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(attr, b, persistent=False)
+    return model
 
 
 # Real sentences (prompt, continuation), English and Chinese, on which `bf16_agreement` scores a model.
@@ -54,7 +66,7 @@ def bf16_agreement(model: torch.nn.Module, tokenizer, texts: list[tuple[str, str
     continuation token's log-probability)}."""
     from tunelab.serve.batch_invariant import make_batch_invariant  # imports transformers: with the model
 
-    low = copy.deepcopy(model).to(torch.bfloat16)
+    low = to_bf16(copy.deepcopy(model))
     make_batch_invariant(low)
     same, deltas = [], []
     for prompt, continuation in texts:
