@@ -2,13 +2,14 @@
 
 Pass 1, in worker processes: the parent reads the source in batches of rows; each worker cleans, redacts and checks
 a batch (`RowFilter`) and computes, for every kept row, what de-duplication needs: a 128-bit hash of its de-dup
-key, its shingles, its MinHash signature and LSH band keys, plus its written forms (split-file line, fingerprint
-entry, text). The parent appends those to files in a scratch folder beside the output (one per kind of record, one
-per LSH band) and keeps only fixed-size arrays per row (source line, label, key hash, file offsets): tens of bytes
-a row, whatever the text length.
-Pass 2, in the parent: exact de-duplication by sorting the key hashes; near de-duplication band by band from the
-band files, the candidate pairs checked against signatures and shingles read back for those rows only; the split
-(`split_units`, as the in-memory path); the split files and `rejected.jsonl` copied from the spilled lines.
+key, its MinHash signature (8-bit, `neardup.bbit`) and LSH band keys, plus its written forms (split-file line,
+fingerprint entry, text). The parent appends those to files in a scratch folder beside the output (one per kind of
+record, one per LSH band) and keeps only fixed-size arrays per row (source line, label, key hash, file offsets):
+tens of bytes a row, whatever the text length.
+Pass 2: exact de-duplication in the parent, by sorting the key hashes; near de-duplication in the workers, band by
+band from the band files, then the candidate pairs by ranges of their first row, checked against signatures read
+back and shingles recomputed from the spilled texts of those rows only; the split (`split_units`, as the in-memory
+path); the split files and `rejected.jsonl` copied from the spilled lines.
 
 Kinds whose decisions need every row in memory (ner's tag set, retrieval's query groups) and options that do (a
 token-length filter, sampling, augmentation) keep the in-memory pipeline (`prepare.py`).
@@ -84,8 +85,6 @@ class Chunk:
     sig: np.ndarray | None = None  # 8-bit MinHash signatures (`neardup.bbit`)
     bands: np.ndarray | None = None
     valid: np.ndarray | None = None
-    shingle_counts: np.ndarray | None = None
-    shingles: np.ndarray | None = None
 
 
 class BatchWorker:
@@ -150,7 +149,6 @@ class BatchWorker:
             sig = minhash(h, offsets, d.num_perm, self.opts.seed + 1)
             chunk.sig, chunk.bands = bbit(sig), band_keys(sig, *self.lsh)
             chunk.valid = has_shingles(sig)
-            chunk.shingle_counts, chunk.shingles = np.diff(offsets), h
 
 
 _WORKER: BatchWorker | None = None
@@ -242,13 +240,13 @@ class Spill:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.files = {name: open(folder / name, "wb") for name in ("rows", "rejected", "sig", "shingles")}
+        self.files = {name: open(folder / name, "wb") for name in ("rows", "rejected", "sig")}
         self.counters: Counter = Counter()
         self.reasons: Counter = Counter()  # rejection reasons in order of first appearance (the report's order)
         self.label_names: list = []
         self._label_code: dict = {}
         self._lists: dict[str, list] = {k: [] for k in ("lines", "labels", "splits", "seg", "key", "valid",
-                                                        "shingle_counts", "rej_lines", "rej_len")}
+                                                        "rej_lines", "rej_len")}
 
     def add(self, chunk: Chunk) -> None:
         self.counters.update(chunk.counters)
@@ -273,9 +271,7 @@ class Spill:
             lists["key"].append(chunk.key)
         if chunk.sig is not None:
             lists["valid"].append(chunk.valid)
-            lists["shingle_counts"].append(chunk.shingle_counts)
             self.files["sig"].write(chunk.sig.tobytes())
-            self.files["shingles"].write(chunk.shingles.tobytes())
             for b in range(chunk.bands.shape[1]):  # one file per band (opened per batch: there may be hundreds)
                 with open(self.folder / f"band{b}", "ab") as f:
                     f.write(np.ascontiguousarray(chunk.bands[:, b]).tobytes())
@@ -293,7 +289,6 @@ class Spill:
         self.splits, self.key = joined("splits", np.int8), joined("key", np.uint64, (0, 2))
         self.valid, self.seg = joined("valid", bool), joined("seg", np.int32, (0, 3))
         self.row_offset = np.concatenate([[0], np.cumsum(self.seg.sum(axis=1, dtype=np.int64))]).astype(np.int64)
-        self.shingle_offset = np.concatenate([[0], np.cumsum(joined("shingle_counts", np.int64))]).astype(np.int64)
         self.rej_lines = joined("rej_lines", np.int64)
         self.rej_offset = np.concatenate([[0], np.cumsum(joined("rej_len", np.int64))]).astype(np.int64)
 
@@ -366,19 +361,22 @@ def exact_duplicates(spill: Spill) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return keep, np.sort(order[later]), np.sort(order[conflict]), conflict_groups
 
 
-PARTITIONS = 8  # candidate pairs are de-duplicated and checked in this many ranges of their first row
-TASK_PAIRS = 1 << 21  # pairs per check task: bounds a worker's signatures and shingles in memory
+PARTITION_ROWS = 2_000_000  # candidate pairs are de-duplicated and checked by ranges of this many first rows
+TASK_PAIRS = 1 << 21  # pairs per check task at most: bounds a worker's signatures and shingles in memory
 
 
 @dataclass(frozen=True)
 class NearJob:
-    """What pass 2's near-duplicate tasks read: the scratch folder (band keys, 8-bit signatures, shingles and
-    `near_rows.npy`, the kept rows being grouped, `valid.npy`, `shingle_offset.npy`) and the settings."""
+    """What pass 2's near-duplicate tasks read: the scratch folder (band keys, 8-bit signatures, the rows file with
+    `row_offset.npy` and `seg.npy` to find texts in it, `near_rows.npy`: the kept rows being grouped, `valid.npy`)
+    and the settings."""
 
     folder: Path
     n: int  # rows being grouped; a pair (i, j) of them is coded i * n + j
     num_perm: int
     threshold: float
+    ngram: int
+    partitions: int  # ranges of first rows the candidate pairs are handled by, one at a time
 
 
 def _band_task(args: tuple) -> None:
@@ -388,8 +386,8 @@ def _band_task(args: tuple) -> None:
     valid = np.load(job.folder / "valid.npy")[rows]
     codes = pair_codes(band_pairs(np.fromfile(job.folder / f"band{band}", dtype=np.uint64)[rows], valid), job.n)
     codes.sort()
-    edges = np.searchsorted(codes, np.linspace(0, job.n, PARTITIONS + 1).astype(np.int64) * job.n)
-    for part in range(PARTITIONS):
+    edges = np.searchsorted(codes, np.linspace(0, job.n, job.partitions + 1).astype(np.int64) * job.n)
+    for part in range(job.partitions):
         np.save(job.folder / f"pairs-{band}-{part}.npy", codes[edges[part]:edges[part + 1]])
 
 
@@ -409,15 +407,15 @@ def read_signatures(folder: Path, rows: np.ndarray, num_perm: int, block: int = 
     return out
 
 
-def read_shingles(folder: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The shingle hashes of kept rows `rows` -> (hashes, offsets), as `neardup.shingles` returns them."""
-    offsets = np.load(folder / "shingle_offset.npy", mmap_mode="r")
-    with _Reader(folder / "shingles") as reader:
-        parts = [np.frombuffer(reader.read(int(offsets[i]) * 4, int(offsets[i + 1] - offsets[i]) * 4), dtype=np.uint32)
+def read_shingles(folder: Path, rows: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shingles of kept rows `rows` -> (hashes, offsets), as `neardup.shingles` returns them, recomputed from
+    their spilled texts (the field near de-duplication compares is `text` for every kind that streams: a
+    document's shingles depend on its own text only)."""
+    row_offset, seg = (np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("row_offset", "seg"))
+    with _Reader(folder / "rows") as reader:
+        texts = [json.loads(reader.read(int(row_offset[i] + seg[i, 0] + seg[i, 1]), int(seg[i, 2])))
                  for i in rows.tolist()]
-    counts = np.array([len(p) for p in parts], dtype=np.int64)
-    h = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-    return h, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return shingles(texts, ngram)
 
 
 def _check_task(args: tuple) -> np.ndarray:
@@ -433,7 +431,7 @@ def _check_task(args: tuple) -> np.ndarray:
     if not len(codes):
         return codes
     docs = np.unique(pairs)
-    h, offsets = read_shingles(job.folder, np.asarray(rows[docs]))
+    h, offsets = read_shingles(job.folder, np.asarray(rows[docs]), job.ngram)
     return codes[exact_jaccard(h, offsets, np.searchsorted(docs, pairs)) >= job.threshold]
 
 
@@ -443,20 +441,21 @@ def near_groups(spill: Spill, rows: np.ndarray, opts, workers: Workers) -> tuple
     candidates by ranges of their first row, go through the workers; the parent holds one range's pairs at a time."""
     d = opts.dedup
     bands, _ = lsh_params(d.threshold, d.num_perm)
-    job = NearJob(spill.folder, len(rows), d.num_perm, d.threshold)
+    job = NearJob(spill.folder, len(rows), d.num_perm, d.threshold, d.ngram, -(-len(rows) // PARTITION_ROWS))
     np.save(job.folder / "near_rows.npy", rows)
     np.save(job.folder / "valid.npy", spill.valid)
-    np.save(job.folder / "shingle_offset.npy", spill.shingle_offset)
+    np.save(job.folder / "row_offset.npy", spill.row_offset)
+    np.save(job.folder / "seg.npy", spill.seg)
     workers.map(_band_task, [(job, b) for b in range(bands)])
     candidates, kept = 0, []
-    for part in range(PARTITIONS):
+    for part in range(job.partitions):
         files = [job.folder / f"pairs-{b}-{part}.npy" for b in range(bands)]
         codes = np.unique(np.concatenate([np.load(f) for f in files]))
         for f in files:
             f.unlink()
         candidates += len(codes)
-        tasks = [(job, codes[k:k + TASK_PAIRS]) for k in range(0, len(codes), TASK_PAIRS)]
-        kept += workers.map(_check_task, tasks)
+        tasks = max(2 * workers.n, -(-len(codes) // TASK_PAIRS))
+        kept += workers.map(_check_task, [(job, part) for part in np.array_split(codes, tasks)])
     kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
     return groups_of(len(rows), code_pairs(kept, len(rows))), candidates
 
@@ -531,14 +530,15 @@ def write_splits(spill: Spill, order: dict[str, np.ndarray], folder: Path, buffe
             with open(folder / f"{name}.jsonl", "wb") as f:
                 for start in range(0, len(order[name]), buffer_rows):
                     rows = order[name][start:start + buffer_rows]
-                    buffer = []
+                    lines, entries = [], []
                     for offset, a, b in zip(spill.row_offset[rows].tolist(), spill.seg[rows, 0].tolist(),
                                             spill.seg[rows, 1].tolist()):
                         data = reader.read(offset, a + b)
-                        buffer.append(data[:a])
-                        digest.update(prefix)
-                        digest.update(data[a + 1:])  # the spilled entry without its name: drop its "["
-                    f.write(b"".join(buffer))
+                        lines.append(data[:a])
+                        entries.append(data[a + 1:])  # the spilled entry without its "[": the name goes first
+                    f.write(b"".join(lines))
+                    if entries:
+                        digest.update(prefix + prefix.join(entries))
     return digest.hexdigest()[:16]
 
 
