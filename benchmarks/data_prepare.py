@@ -249,10 +249,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--big-rows", type=int, default=10_000_000, help="0: skip the large run")
     ap.add_argument("--no-anchor", action="store_true", help="skip datatrove")
+    ap.add_argument("--only-big", action="store_true", help="run the large run only; the rest is kept from the "
+                    "previous results file")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tunelab-prep-"))
     try:
-        payload = measure_1m(args, tmp)
+        previous = Path(__file__).parent / "results" / "data_prepare.json"
+        payload = json.loads(previous.read_text()) if args.only_big else measure_1m(args, tmp)
+        for key in ("benchmark", "machine", "targets"):
+            payload.pop(key, None)
         shutil.rmtree(tmp / "shards", ignore_errors=True)
         shutil.rmtree(tmp / "work", ignore_errors=True)
         payload["big"] = measure_big(args, tmp) if args.big_rows else None

@@ -244,11 +244,15 @@ class Spill:
         self.counters: Counter = Counter()
         self.reasons: Counter = Counter()  # rejection reasons in order of first appearance (the report's order)
         self.label_names: list = []
+        self._added = 0
         self._label_code: dict = {}
         self._lists: dict[str, list] = {k: [] for k in ("lines", "labels", "splits", "seg", "key", "valid",
                                                         "rej_lines", "rej_len")}
 
     def add(self, chunk: Chunk) -> None:
+        self._added += 1
+        if self._added % 64 == 0:
+            release_free_memory()
         self.counters.update(chunk.counters)
         self.reasons.update(chunk.reasons)
         lists = self._lists
@@ -323,6 +327,16 @@ class _Reader:
         os.close(self.fd)
 
 
+def release_free_memory() -> None:
+    """Hand freed heap back to the OS (glibc): results unpickled on the pool's thread leave freed blocks in that
+    thread's arena, which would otherwise count as this process's memory for the whole run."""
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 # ---- pass 2: de-duplication and the split, on arrays -----------------------------------------------------------
 
 @dataclass
@@ -339,29 +353,42 @@ class Decisions:
 
 def exact_duplicates(spill: Spill) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     """-> (kept mask, duplicate rows, conflicting-label rows, conflicting groups' members), as `dedup.exact_dedup`:
-    in a group of equal keys the first row stays when labels agree, the whole group goes when they do not."""
+    in a group of equal keys the first row stays when labels agree, the whole group goes when they do not. Rows
+    whose key's first half is unique are set aside first (one sort of 8 bytes a row); the rest are grouped."""
     n = len(spill)
     keep = np.ones(n, dtype=bool)
+    none = np.zeros(0, np.int64)
     if n == 0:
-        return keep, np.zeros(0, np.int64), np.zeros(0, np.int64), []
-    order = np.lexsort((np.arange(n), spill.key[:, 1], spill.key[:, 0]))
-    k = spill.key[order]
+        return keep, none, none, []
+    first = spill.key[:, 0]
+    order = np.argsort(first, kind="stable")
+    same = first[order][1:] == first[order][:-1]
+    shared = np.zeros(n, dtype=bool)
+    shared[1:] |= same
+    shared[:-1] |= same
+    rows = np.sort(order[shared])
+    del order, same, shared
+    if not len(rows):
+        return keep, none, none, []
+    key = spill.key[rows]
+    order = np.lexsort((np.arange(len(rows)), key[:, 1], key[:, 0]))
+    k = key[order]
     start = np.flatnonzero(np.concatenate([[True], (k[1:] != k[:-1]).any(axis=1)]))
-    size = np.diff(np.concatenate([start, [n]]))
-    labels = spill.labels[order]
+    size = np.diff(np.concatenate([start, [len(rows)]]))
+    labels = spill.labels[rows[order]]
     lo, hi = np.minimum.reduceat(labels, start), np.maximum.reduceat(labels, start)
     group_of = np.repeat(np.arange(len(start)), size)
     multi = size[group_of] > 1
     conflict = (lo != hi)[group_of] & multi
-    later = multi & ~conflict & (np.arange(n) != start[group_of])
-    keep[order[later | conflict]] = False
+    later = multi & ~conflict & (np.arange(len(rows)) != start[group_of])
+    keep[rows[order[later | conflict]]] = False
     conflicting = np.flatnonzero((lo != hi) & (size > 1))
-    conflict_groups = sorted((np.sort(order[start[g]:start[g] + size[g]]) for g in conflicting.tolist()),
+    conflict_groups = sorted((np.sort(rows[order[start[g]:start[g] + size[g]]]) for g in conflicting.tolist()),
                              key=lambda m: m[0])
-    return keep, np.sort(order[later]), np.sort(order[conflict]), conflict_groups
+    return keep, np.sort(rows[order[later]]), np.sort(rows[order[conflict]]), conflict_groups
 
 
-PARTITION_ROWS = 2_000_000  # candidate pairs are de-duplicated and checked by ranges of this many first rows
+PARTITION_ROWS = 1_000_000  # one partition of candidate pairs (by pair code modulo) per this many rows
 TASK_PAIRS = 1 << 21  # pairs per check task at most: bounds a worker's signatures and shingles in memory
 
 
@@ -376,19 +403,19 @@ class NearJob:
     num_perm: int
     threshold: float
     ngram: int
-    partitions: int  # ranges of first rows the candidate pairs are handled by, one at a time
+    partitions: int  # the candidate pairs are handled in this many parts (code modulo), one at a time
 
 
 def _band_task(args: tuple) -> None:
-    """One band's star pairs -> `pair_codes` written, sorted, to one file per partition of first rows."""
+    """One band's star pairs -> their `pair_codes`, written to one file per partition (code modulo partitions:
+    a bucket's pairs all share its smallest row, so ranges of first rows would be uneven)."""
     job, band = args
     rows = np.load(job.folder / "near_rows.npy")
     valid = np.load(job.folder / "valid.npy")[rows]
     codes = pair_codes(band_pairs(np.fromfile(job.folder / f"band{band}", dtype=np.uint64)[rows], valid), job.n)
-    codes.sort()
-    edges = np.searchsorted(codes, np.linspace(0, job.n, job.partitions + 1).astype(np.int64) * job.n)
+    part_of = codes % job.partitions
     for part in range(job.partitions):
-        np.save(job.folder / f"pairs-{band}-{part}.npy", codes[edges[part]:edges[part + 1]])
+        np.save(job.folder / f"pairs-{band}-{part}.npy", codes[part_of == part])
 
 
 def read_signatures(folder: Path, rows: np.ndarray, num_perm: int, block: int = 1 << 16) -> np.ndarray:
@@ -435,10 +462,26 @@ def _check_task(args: tuple) -> np.ndarray:
     return codes[exact_jaccard(h, offsets, np.searchsorted(docs, pairs)) >= job.threshold]
 
 
+def _distinct_codes(files: list[Path]) -> np.ndarray:
+    """The distinct pair codes in `files` (removed once read), sorted: one buffer, sorted in place."""
+    sizes = [np.load(f, mmap_mode="r").shape[0] for f in files]
+    codes = np.empty(sum(sizes), dtype=np.int64)
+    at = 0
+    for f, size in zip(files, sizes):
+        codes[at:at + size] = np.load(f)
+        at += size
+        f.unlink()
+    codes.sort()
+    new = np.empty(len(codes), dtype=bool)
+    new[:1] = True
+    np.not_equal(codes[1:], codes[:-1], out=new[1:])
+    return codes[new]
+
+
 def near_groups(spill: Spill, rows: np.ndarray, opts, workers: Workers) -> tuple[np.ndarray, int]:
     """The near-duplicate group of each of `rows` (named by its smallest member's position in `rows`) and the
-    number of LSH candidate pairs, as `neardup.near_duplicates` finds them on those rows' texts. Bands, then
-    candidates by ranges of their first row, go through the workers; the parent holds one range's pairs at a time."""
+    number of LSH candidate pairs, as `neardup.near_duplicates` finds them on those rows' texts. Bands, then the
+    candidates part by part, go through the workers; the parent holds one part's pairs at a time."""
     d = opts.dedup
     bands, _ = lsh_params(d.threshold, d.num_perm)
     job = NearJob(spill.folder, len(rows), d.num_perm, d.threshold, d.ngram, -(-len(rows) // PARTITION_ROWS))
@@ -449,10 +492,7 @@ def near_groups(spill: Spill, rows: np.ndarray, opts, workers: Workers) -> tuple
     workers.map(_band_task, [(job, b) for b in range(bands)])
     candidates, kept = 0, []
     for part in range(job.partitions):
-        files = [job.folder / f"pairs-{b}-{part}.npy" for b in range(bands)]
-        codes = np.unique(np.concatenate([np.load(f) for f in files]))
-        for f in files:
-            f.unlink()
+        codes = _distinct_codes([job.folder / f"pairs-{b}-{part}.npy" for b in range(bands)])
         candidates += len(codes)
         tasks = max(2 * workers.n, -(-len(codes) // TASK_PAIRS))
         kept += workers.map(_check_task, [(job, part) for part in np.array_split(codes, tasks)])
@@ -493,8 +533,12 @@ def decide(spill: Spill, opts, workers: Workers) -> Decisions:
         groups.append({"lines": lines, "labels": labels, "conflicting_labels": conflict,
                        "kept": "all" if keep_all else lines[0]})
     dropped.append(("near_duplicate", rows[~keep]))
-    unit = np.unique(group[keep], return_inverse=True)[1].astype(np.int64)
-    return Decisions(rows[keep], unit, dropped, conflicts, groups, candidates)
+    kept = np.flatnonzero(keep)
+    group = group[kept]
+    first = group == kept  # a group's smallest member is always kept: units in order of first appearance
+    unit_of = np.zeros(len(rows), dtype=np.int64)
+    unit_of[kept[first]] = np.arange(int(first.sum()))
+    return Decisions(rows[keep], unit_of[group], dropped, conflicts, groups, candidates)
 
 
 def split_order(spill: Spill, dec: Decisions, opts) -> dict[str, np.ndarray]:
@@ -503,7 +547,8 @@ def split_order(spill: Spill, dec: Decisions, opts) -> dict[str, np.ndarray]:
     if opts.split_column:
         code = spill.splits[dec.final]
         return {name: dec.final[code == c] for c, name in enumerate(SPLITS)}
-    firsts = np.unique(dec.unit, return_index=True)[1]
+    # units are numbered by first appearance: a unit's first row is where the running maximum grows
+    firsts = np.flatnonzero(np.diff(np.maximum.accumulate(dec.unit), prepend=-1) > 0)
     names = [spill.label_names[c] or "" for c in range(len(spill.label_names))]
     rank = {name: r for r, name in enumerate(sorted(set(names)))}
     code_rank = np.array([rank[name] for name in names], dtype=np.int64)
