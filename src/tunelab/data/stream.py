@@ -302,13 +302,12 @@ class Spill:
     def reader(self, name: str) -> "_Reader":
         return _Reader(self.folder / name)
 
-    def text(self, i: int, reader: "_Reader") -> str:
-        """Kept row i's text (cleaned), read back from the rows file."""
-        start = self.row_offset[i] + self.seg[i, 0] + self.seg[i, 1]
-        return json.loads(reader.read(int(start), int(self.seg[i, 2])))
+    def text_json(self, i: int, reader: "_Reader") -> bytes:
+        """Kept row i's text (cleaned) as the JSON string spilled in the rows file."""
+        return reader.read(int(self.row_offset[i] + self.seg[i, 0] + self.seg[i, 1]), int(self.seg[i, 2]))
 
-    def band(self, b: int) -> np.ndarray:
-        return np.fromfile(self.folder / f"band{b}", dtype=np.uint64)
+    def text(self, i: int, reader: "_Reader") -> str:
+        return json.loads(self.text_json(i, reader))
 
 
 class _Reader:
@@ -604,9 +603,7 @@ def write_rejected(spill: Spill, dec: Decisions, path: Path, buffer_rows: int = 
                     begin = int(spill.rej_offset[k])
                     buffer.append(rejected.read(begin, int(spill.rej_offset[k + 1]) - begin))
                     continue
-                i = int(dedup_rows[k - n_filtered])
-                begin = spill.row_offset[i] + spill.seg[i, 0] + spill.seg[i, 1]
-                text = rows.read(int(begin), int(spill.seg[i, 2]))
+                text = spill.text_json(int(dedup_rows[k - n_filtered]), rows)
                 reason = dropped[dedup_reason[k - n_filtered]][0]
                 buffer.append(b'{"line": %d, "reason": "%s", "text": %s}\n' % (int(lines[k]), reason.encode(), text))
             f.write(b"".join(buffer))
